@@ -1,0 +1,246 @@
+"""Update codecs: float32, int8/int4 stochastic quantization, top-k sparsification.
+
+A codec is named by a spec string: ``float32``, ``int8``, ``int4``, or
+``topk:FRACTION+QUANT`` (for example ``topk:0.05+int4``): keep the largest FRACTION of
+coordinates by magnitude and quantize their values with QUANT. Encoding is pure: the
+caller passes the random generator; error feedback for the lossy part lives on the agent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocol.errors import ProtocolError
+
+QUANT_LEVELS = {"int8": 127, "int4": 7}
+QUANTIZERS = ("float32", "int8", "int4")
+# Index encodings for top-k: explicit little-endian integers or a bitmap over all n.
+_INDEX_KINDS = ("u16", "u32", "bits")
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """A parsed codec name: the value quantizer and an optional top-k fraction."""
+
+    quant: str = "int8"
+    topk: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "CodecSpec":
+        text = text.strip()
+        topk = None
+        if text.startswith("topk:"):
+            frac, _, quant = text[5:].partition("+")
+            try:
+                topk = float(frac)
+            except ValueError:
+                raise ValueError(f"codec {text!r}: top-k fraction {frac!r} is not a number") from None
+            if not 0.0 < topk <= 1.0:
+                raise ValueError(f"codec {text!r}: top-k fraction must be in (0, 1]")
+            text = quant or "float32"
+        if text not in QUANTIZERS:
+            raise ValueError(
+                f"unknown codec {text!r}: use float32, int8, int4 or topk:FRACTION+QUANT"
+            )
+        return cls(quant=text, topk=topk)
+
+    def __str__(self) -> str:
+        return self.quant if self.topk is None else f"topk:{self.topk:g}+{self.quant}"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An encoded vector as it travels: what `decode` needs and nothing else."""
+
+    quant: str
+    n: int  # length of the full (dense) vector
+    data: bytes  # quantized values (k of them when sparse)
+    scale: float = 1.0
+    index: bytes | None = None  # top-k only
+    index_kind: str | None = None
+    k: int | None = None
+
+    def to_wire(self) -> dict:
+        wire = {"quant": self.quant, "n": self.n, "scale": self.scale, "data": self.data}
+        if self.index is not None:
+            wire.update(index=self.index, index_kind=self.index_kind, k=self.k)
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: object, *, max_n: int = 50_000_000) -> "Encoded":
+        """Check the types and sizes of a wire dict and build an `Encoded` (no decoding yet)."""
+        if not isinstance(wire, dict):
+            raise ProtocolError("schema", "delta must be a map")
+        quant = wire.get("quant")
+        if quant not in QUANTIZERS:
+            raise ProtocolError("codec", f"unknown quantizer {quant!r}")
+        n = _int_field(wire, "n", 1, max_n)
+        scale = wire.get("scale")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise ProtocolError("schema", "delta.scale must be a number")
+        if not math.isfinite(scale) or scale < 0:
+            raise ProtocolError("non_finite", f"delta.scale {scale!r} is not a finite non-negative number")
+        data = wire.get("data")
+        if not isinstance(data, bytes):
+            raise ProtocolError("schema", "delta.data must be bytes")
+        index = wire.get("index")
+        if index is None:
+            k = None
+            kind = None
+        else:
+            if not isinstance(index, bytes):
+                raise ProtocolError("schema", "delta.index must be bytes")
+            kind = wire.get("index_kind")
+            if kind not in _INDEX_KINDS:
+                raise ProtocolError("codec", f"unknown index kind {kind!r}")
+            k = _int_field(wire, "k", 0, n)
+        count = n if k is None else k
+        if len(data) != _data_bytes(quant, count):
+            raise ProtocolError(
+                "shape", f"delta.data has {len(data)} bytes, {quant} x {count} needs {_data_bytes(quant, count)}"
+            )
+        if index is not None and len(index) != _index_bytes(kind, n, count):
+            raise ProtocolError(
+                "shape", f"delta.index has {len(index)} bytes, {kind} for k={count} of n={n} needs {_index_bytes(kind, n, count)}"
+            )
+        return cls(quant=quant, n=n, data=data, scale=float(scale), index=index, index_kind=kind, k=k)
+
+
+def _int_field(wire: dict, key: str, low: int, high: int) -> int:
+    value = wire.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError("schema", f"delta.{key} must be an integer")
+    if not low <= value <= high:
+        raise ProtocolError("shape", f"delta.{key}={value} outside [{low}, {high}]")
+    return value
+
+
+def _data_bytes(quant: str, count: int) -> int:
+    return {"float32": 4 * count, "int8": count, "int4": (count + 1) // 2}[quant]
+
+
+def _index_bytes(kind: str, n: int, k: int) -> int:
+    return {"u16": 2 * k, "u32": 4 * k, "bits": (n + 7) // 8}[kind]
+
+
+# --- quantization -------------------------------------------------------------------
+
+
+def stochastic_round(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Round each element down or up at random so that E[result] == x (unbiased)."""
+    return np.floor(x + rng.random(x.shape, dtype=np.float32 if x.dtype == np.float32 else np.float64))
+
+
+def quantize(values: np.ndarray, quant: str, rng: np.random.Generator) -> tuple[bytes, float]:
+    """Encode `values` with one quantizer; returns (bytes, scale)."""
+    if quant == "float32":
+        return np.ascontiguousarray(values, dtype="<f4").tobytes(), 1.0
+    levels = QUANT_LEVELS[quant]
+    peak = float(np.max(np.abs(values))) if values.size else 0.0
+    scale = peak / levels if peak > 0 else 1.0
+    q = np.clip(stochastic_round(values / scale, rng), -levels, levels).astype(np.int8)
+    if quant == "int8":
+        return q.tobytes(), scale
+    return pack_int4(q), scale
+
+
+def dequantize(data: bytes, quant: str, count: int, scale: float) -> np.ndarray:
+    """Inverse of `quantize`; returns float32 values (sizes were checked by `Encoded.from_wire`)."""
+    if quant == "float32":
+        return np.frombuffer(data, dtype="<f4", count=count).astype(np.float32)
+    if quant == "int8":
+        q = np.frombuffer(data, dtype=np.int8, count=count)
+    else:
+        q = unpack_int4(data, count)
+    return q.astype(np.float32) * np.float32(scale)
+
+
+def pack_int4(q: np.ndarray) -> bytes:
+    """Pack values in [-8, 7] two per byte: element 2i in the low nibble, 2i+1 in the high."""
+    u = (q.astype(np.int16) + 8).astype(np.uint8)
+    if u.size % 2:
+        u = np.append(u, np.uint8(8))  # pad with a zero
+    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_int4(data: bytes, count: int) -> np.ndarray:
+    """Inverse of `pack_int4`: `count` int8 values."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(b.size * 2, dtype=np.int8)
+    out[0::2] = (b & 0x0F).astype(np.int8) - 8
+    out[1::2] = (b >> 4).astype(np.int8) - 8
+    return out[:count]
+
+
+# --- top-k ----------------------------------------------------------------------------
+
+
+def top_k_indices(x: np.ndarray, fraction: float) -> np.ndarray:
+    """Sorted indices of the ceil(fraction * n) largest-magnitude entries of x."""
+    k = max(1, min(x.size, math.ceil(fraction * x.size)))
+    if k == x.size:
+        return np.arange(x.size)
+    return np.sort(np.argpartition(np.abs(x), x.size - k)[x.size - k:])
+
+
+def encode_index(idx: np.ndarray, n: int) -> tuple[bytes, str]:
+    """Smallest encoding of sorted indices: u16/u32 list or a bitmap over n."""
+    kind = "u16" if n <= 1 << 16 else "u32"
+    listed = _index_bytes(kind, n, idx.size)
+    if _index_bytes("bits", n, idx.size) < listed:
+        mask = np.zeros(n, dtype=bool)
+        mask[idx] = True
+        return np.packbits(mask, bitorder="little").tobytes(), "bits"
+    dtype = "<u2" if kind == "u16" else "<u4"
+    return idx.astype(dtype).tobytes(), kind
+
+
+def decode_index(index: bytes, kind: str, n: int, k: int) -> np.ndarray:
+    """Inverse of `encode_index`; refuses out-of-range, unsorted or repeated indices."""
+    if kind == "bits":
+        mask = np.unpackbits(np.frombuffer(index, dtype=np.uint8), bitorder="little")
+        if mask[n:].any():
+            raise ProtocolError("shape", "index bitmap has bits past n")
+        idx = np.flatnonzero(mask[:n])
+        if idx.size != k:
+            raise ProtocolError("shape", f"index bitmap has {idx.size} bits set, k={k}")
+        return idx
+    idx = np.frombuffer(index, dtype="<u2" if kind == "u16" else "<u4").astype(np.int64)
+    if idx.size and (idx[-1] >= n or np.any(np.diff(idx) <= 0)):
+        raise ProtocolError("shape", "indices must be strictly increasing and below n")
+    return idx
+
+
+# --- public API -------------------------------------------------------------------------
+
+
+def encode(x: np.ndarray, spec: CodecSpec | str, rng: np.random.Generator) -> Encoded:
+    """Encode a flat vector with codec `spec`."""
+    if isinstance(spec, str):
+        spec = CodecSpec.parse(spec)
+    x = np.asarray(x, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(x)):
+        raise ValueError("cannot encode a vector with NaN or Inf")
+    if spec.topk is None:
+        data, scale = quantize(x, spec.quant, rng)
+        return Encoded(quant=spec.quant, n=x.size, data=data, scale=scale)
+    idx = top_k_indices(x, spec.topk)
+    data, scale = quantize(x[idx], spec.quant, rng)
+    index, kind = encode_index(idx, x.size)
+    return Encoded(quant=spec.quant, n=x.size, data=data, scale=scale, index=index, index_kind=kind, k=idx.size)
+
+
+def decode(enc: Encoded) -> np.ndarray:
+    """Dense float32 vector of length `enc.n`; raises ProtocolError on anything inconsistent."""
+    if enc.index is None:
+        out = dequantize(enc.data, enc.quant, enc.n, enc.scale)
+    else:
+        idx = decode_index(enc.index, enc.index_kind, enc.n, enc.k)
+        out = np.zeros(enc.n, dtype=np.float32)
+        out[idx] = dequantize(enc.data, enc.quant, enc.k, enc.scale)
+    if not np.isfinite(out).all():
+        raise ProtocolError("non_finite", "delta contains NaN or Inf")
+    return out

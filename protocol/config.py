@@ -1,0 +1,97 @@
+"""Layered configuration for fedmq's command-line tools.
+
+Each option is taken from, in order: the command line, the environment variable
+``FEDMQ_<DEST>`` (``--batch-size`` -> ``FEDMQ_BATCH_SIZE``), the TOML file given by
+``--config`` (keys as the flag without dashes: ``batch_size = 32`` or ``batch-size = 32``),
+and finally the parser's default. Errors go through ``parser.error``: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_UNSET = object()
+ENV_PREFIX = "FEDMQ_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="TOML file with defaults for any option below (keys as the flag names); "
+        "command-line flags and FEDMQ_* environment variables override it",
+    )
+
+
+def parse_layered(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` and fill each option not given there from the environment, then the TOML file."""
+    actions = [a for a in parser._actions if a.dest != "help" and a.default is not argparse.SUPPRESS]
+    defaults = {a.dest: a.default for a in actions}
+    for action in actions:
+        action.default = _UNSET
+    try:
+        ns = parser.parse_args(argv)
+    finally:
+        for action in actions:
+            action.default = defaults[action.dest]
+    file_values = _read_toml(parser, ns.config) if getattr(ns, "config", _UNSET) not in (_UNSET, None) else {}
+    known = {a.dest for a in actions}
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        parser.error(f"{ns.config}: unknown option(s) {', '.join(unknown)}")
+    for action in actions:
+        if getattr(ns, action.dest) is not _UNSET:
+            continue
+        env_name = ENV_PREFIX + action.dest.upper()
+        if env_name in os.environ:
+            value = _convert(parser, action, os.environ[env_name], env_name)
+        elif action.dest in file_values:
+            value = _convert(parser, action, file_values[action.dest], f"{ns.config}: {action.dest}")
+        else:
+            value = defaults[action.dest]
+        setattr(ns, action.dest, value)
+    return ns
+
+
+def _read_toml(parser: argparse.ArgumentParser, path: str) -> dict:
+    try:
+        with Path(path).open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        parser.error(f"config file not found: {path}")
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        parser.error(f"cannot read config file {path}: {exc}")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def _convert(parser: argparse.ArgumentParser, action: argparse.Action, value: object, source: str):
+    """Convert an environment string or TOML value the way argparse would convert the flag."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        parser.error(f"{source}: expected true or false, got {value!r}")
+    if isinstance(value, (list, dict)):
+        parser.error(f"{source}: expected a single value, got {type(value).__name__}")
+    if action.type is not None:
+        try:
+            value = action.type(value if not isinstance(value, bool) else str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"{source}: {exc}")
+    elif not isinstance(value, str):
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        parser.error(f"{source}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value

@@ -1,0 +1,133 @@
+"""Model spec <-> scikit-learn estimator, and the estimator's parameters as one flat vector.
+
+The coordinator owns the spec (estimator kind, hyperparameters, classes, feature count)
+and ships it inside every model message, so an agent can build a ready-to-train
+estimator from the global model without having seen any data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.linear_model import SGDClassifier, SGDRegressor
+
+from protocol.errors import ProtocolError
+
+ESTIMATORS = {"sgd-classifier": SGDClassifier, "sgd-regressor": SGDRegressor}
+
+# The hyperparameters a spec may set, with the types the wire may carry for them.
+# Anything else (random_state, n_jobs, warm_start...) is the device's business.
+HYPERPARAMETERS: dict[str, tuple[type, ...]] = {
+    "loss": (str,),
+    "penalty": (str, type(None)),
+    "alpha": (float, int),
+    "l1_ratio": (float, int),
+    "fit_intercept": (bool,),
+    "learning_rate": (str,),
+    "eta0": (float, int),
+    "power_t": (float, int),
+    "epsilon": (float, int),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What model the fleet trains: enough to build the estimator anywhere."""
+
+    estimator: str
+    n_features: int
+    classes: tuple = ()
+    hyperparameters: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}: use one of {sorted(ESTIMATORS)}")
+        if not isinstance(self.n_features, int) or isinstance(self.n_features, bool) or not 1 <= self.n_features <= 10_000_000:
+            raise ValueError(f"n_features must be an integer in [1, 1e7], got {self.n_features!r}")
+        if self.is_classifier:
+            if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+                raise ValueError("a classifier needs at least two distinct classes")
+            if not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in self.classes):
+                raise ValueError("classes must be integers or strings")
+        elif self.classes:
+            raise ValueError("a regressor has no classes")
+        for name, value in self.hyperparameters.items():
+            allowed = HYPERPARAMETERS.get(name)
+            if allowed is None:
+                raise ValueError(f"hyperparameter {name!r} is not settable by a spec: use {sorted(HYPERPARAMETERS)}")
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise ValueError(f"hyperparameter {name}={value!r} has the wrong type")
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.estimator == "sgd-classifier"
+
+    @property
+    def coef_shape(self) -> tuple[int, ...]:
+        if not self.is_classifier:
+            return (self.n_features,)
+        rows = 1 if len(self.classes) == 2 else len(self.classes)
+        return (rows, self.n_features)
+
+    @property
+    def n_params(self) -> int:
+        """Length of the flat parameter vector: coef_ then intercept_."""
+        rows = self.coef_shape[0] if self.is_classifier else 1
+        return rows * self.n_features + rows
+
+    def to_wire(self) -> dict:
+        return {
+            "estimator": self.estimator,
+            "n_features": self.n_features,
+            "classes": list(self.classes),
+            "hyperparameters": dict(self.hyperparameters),
+        }
+
+    @classmethod
+    def from_wire(cls, wire: object) -> "ModelSpec":
+        """Strictly build a spec from its wire dict; ProtocolError if anything is off."""
+        if not isinstance(wire, dict):
+            raise ProtocolError("schema", "spec must be a map")
+        try:
+            classes = wire.get("classes", [])
+            hyper = wire.get("hyperparameters", {})
+            if not isinstance(classes, list) or not isinstance(hyper, dict):
+                raise ValueError("spec.classes must be a list and spec.hyperparameters a map")
+            return cls(
+                estimator=wire.get("estimator"),
+                n_features=wire.get("n_features"),
+                classes=tuple(classes),
+                hyperparameters=hyper,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError("schema", f"bad model spec: {exc}") from None
+
+
+def build_estimator(spec: ModelSpec, params: np.ndarray | None = None, *, random_state: int | None = None):
+    """A ready-to-use estimator for `spec` holding `params` (zeros when None).
+
+    The estimator can `predict` at once and continues with `partial_fit` from these
+    parameters: scikit-learn keeps existing `coef_`/`intercept_` on later partial fits.
+    """
+    est = ESTIMATORS[spec.estimator](random_state=random_state, **spec.hyperparameters)
+    if spec.is_classifier:
+        est.classes_ = np.asarray(spec.classes)
+    est.n_features_in_ = spec.n_features
+    set_flat_params(est, spec, np.zeros(spec.n_params) if params is None else params)
+    return est
+
+
+def get_flat_params(est, spec: ModelSpec) -> np.ndarray:
+    """The estimator's coef_ and intercept_ as one float64 vector of length spec.n_params."""
+    return np.concatenate([np.ravel(est.coef_), np.ravel(est.intercept_)]).astype(np.float64)
+
+
+def set_flat_params(est, spec: ModelSpec, flat: np.ndarray) -> None:
+    """Load a flat vector (as from `get_flat_params`) into the estimator in place."""
+    flat = np.asarray(flat, dtype=np.float64)
+    if flat.shape != (spec.n_params,):
+        raise ValueError(f"expected {spec.n_params} parameters for this spec, got shape {flat.shape}")
+    n_coef = int(np.prod(spec.coef_shape))
+    est.coef_ = flat[:n_coef].reshape(spec.coef_shape).copy()
+    est.intercept_ = flat[n_coef:].copy()

@@ -1,0 +1,86 @@
+"""Every MQTT topic name fedmq uses, built in one place."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Return `value` if it is a valid fleet or agent id, else raise ValueError.
+
+    Ids become topic levels, so MQTT wildcards and separators are refused.
+    """
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(
+            f"invalid {kind} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ . -"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic tree of one fleet: ``<prefix>/<fleet>/...``."""
+
+    fleet: str
+    prefix: str = "fedmq"
+
+    def __post_init__(self) -> None:
+        check_name("fleet", self.fleet)
+        if not self.prefix or any(c in self.prefix for c in "+#") or self.prefix.endswith("/"):
+            raise ValueError(f"invalid topic prefix {self.prefix!r}")
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.fleet}"
+
+    @property
+    def model(self) -> str:
+        """Global model, published retained by the coordinator (msgpack)."""
+        return f"{self.base}/model"
+
+    @property
+    def coordinator_status(self) -> str:
+        """Coordinator status, retained JSON."""
+        return f"{self.base}/coordinator/status"
+
+    @property
+    def all_updates(self) -> str:
+        """Subscription filter for every agent's updates."""
+        return f"{self.base}/update/+"
+
+    @property
+    def all_agent_statuses(self) -> str:
+        return f"{self.base}/agent/+/status"
+
+    @property
+    def everything(self) -> str:
+        return f"{self.base}/#"
+
+    def update(self, agent_id: str) -> str:
+        """Where agent `agent_id` publishes its model updates (msgpack)."""
+        return f"{self.base}/update/{check_name('agent id', agent_id)}"
+
+    def agent_status(self, agent_id: str) -> str:
+        """Retained JSON status of one agent; its last will says offline."""
+        return f"{self.base}/agent/{check_name('agent id', agent_id)}/status"
+
+    def agent_of_update(self, topic: str) -> str | None:
+        """The agent id an update topic belongs to, or None if `topic` is not one."""
+        head = f"{self.base}/update/"
+        if topic.startswith(head):
+            agent = topic[len(head):]
+            if _NAME.match(agent):
+                return agent
+        return None
+
+    def agent_of_status(self, topic: str) -> str | None:
+        """The agent id of an agent status topic, or None."""
+        head, tail = f"{self.base}/agent/", "/status"
+        if topic.startswith(head) and topic.endswith(tail):
+            agent = topic[len(head):-len(tail)]
+            if _NAME.match(agent):
+                return agent
+        return None

@@ -1,0 +1,216 @@
+"""How both sides reach the broker: URL parsing, TLS, credentials and the paho client life cycle.
+
+Kept in `protocol` because agent and coordinator must speak to the broker the same way
+and may not import each other (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: keep a persistent session a week
+
+
+class BrokerError(RuntimeError):
+    """The broker cannot be reached or refused us; the message is one readable line."""
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Everything needed to open an MQTT connection."""
+
+    host: str
+    port: int
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    mqtt_version: str = "3.1.1"
+    keepalive: int = 30
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        username: str | None = None,
+        password_file: str | None = None,
+        mqtt_version: str = "3.1.1",
+        keepalive: int = 30,
+    ) -> "BrokerSettings":
+        """Build settings from ``mqtt://host[:port]`` or ``mqtts://host[:port]``.
+
+        The password comes from `password_file` or the FEDMQ_PASSWORD environment
+        variable, never from the URL or a flag (it would show in `ps`).
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"broker URL {url!r} must look like mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        if parts.password:
+            raise ValueError("put the broker password in --password-file or FEDMQ_PASSWORD, not in the URL")
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise ValueError(f"broker URL {url!r}: {exc}") from None
+        if mqtt_version not in ("3.1.1", "5"):
+            raise ValueError(f"MQTT version must be 3.1.1 or 5, got {mqtt_version!r}")
+        for label, path in (("CA file", ca_file), ("client certificate", cert_file), ("client key", key_file)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{label} not found: {path}")
+        if bool(cert_file) != bool(key_file):
+            raise ValueError("a client certificate needs its key and the other way round")
+        password = None
+        if password_file:
+            try:
+                password = Path(password_file).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read password file {password_file}: {exc.strerror}") from None
+        elif os.environ.get("FEDMQ_PASSWORD"):
+            password = os.environ["FEDMQ_PASSWORD"]
+        return cls(
+            host=parts.hostname,
+            port=port,
+            tls=tls,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            username=username or parts.username,
+            password=password,
+            mqtt_version=mqtt_version,
+            keepalive=keepalive,
+        )
+
+
+def add_broker_options(parser) -> None:
+    """The connection flags both CLIs share."""
+    group = parser.add_argument_group("broker connection")
+    group.add_argument("--broker", metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)")
+    group.add_argument("--ca-file", metavar="PEM", help="CA certificate that signed the broker's (mqtts://)")
+    group.add_argument("--cert-file", metavar="PEM", help="client certificate for mutual TLS")
+    group.add_argument("--key-file", metavar="PEM", help="client private key for mutual TLS")
+    group.add_argument("--username", help="broker username (agents: usually their id)")
+    group.add_argument(
+        "--password-file", metavar="FILE", help="file holding the broker password (or set FEDMQ_PASSWORD)"
+    )
+    group.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="3.1.1", help="MQTT protocol version")
+    group.add_argument("--keepalive", type=int, default=30, help="MQTT keepalive in seconds")
+    group.add_argument(
+        "--connect-timeout", type=float, default=10.0, help="seconds to wait for the first connection before giving up"
+    )
+
+
+def settings_from_args(args) -> BrokerSettings:
+    return BrokerSettings.from_url(
+        args.broker,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        username=args.username,
+        password_file=args.password_file,
+        mqtt_version=args.mqtt_version,
+        keepalive=args.keepalive,
+    )
+
+
+def make_client(
+    settings: BrokerSettings,
+    client_id: str,
+    *,
+    persistent: bool = True,
+    will: tuple[str, bytes] | None = None,
+) -> mqtt.Client:
+    """A paho client configured for `settings`; not yet connected.
+
+    `persistent` asks the broker to keep the session (subscriptions and queued QoS 1
+    messages) across disconnects. `will` is (topic, payload), sent QoS 1 retained.
+    """
+    v5 = settings.mqtt_version == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else not persistent,
+    )
+    if settings.tls:
+        client.tls_set(
+            ca_certs=settings.ca_file,
+            certfile=settings.cert_file,
+            keyfile=settings.key_file,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password)
+    if will:
+        client.will_set(will[0], will[1], qos=1, retain=True)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client._fedmq_persistent = persistent  # read by connect()
+    return client
+
+
+def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 10.0, start_loop: bool = True) -> None:
+    """Connect and wait for the broker's CONNACK; raise BrokerError with one clear line.
+
+    With `start_loop` paho's network thread is started and reconnects with backoff
+    on its own afterwards.
+    """
+    connected = threading.Event()
+    outcome: dict = {}
+    previous = client.on_connect
+
+    def on_connect(c, userdata, flags, reason_code, properties):
+        outcome["rc"] = reason_code
+        connected.set()
+        if previous:
+            previous(c, userdata, flags, reason_code, properties)
+
+    client.on_connect = on_connect
+    kwargs = {}
+    if settings.mqtt_version == "5":
+        persistent = getattr(client, "_fedmq_persistent", True)
+        kwargs["clean_start"] = not persistent
+        if persistent:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            kwargs["properties"] = props
+    try:
+        client.connect(settings.host, settings.port, settings.keepalive, **kwargs)
+    except ssl.SSLError as exc:
+        raise BrokerError(f"TLS handshake with {settings.url} failed: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise BrokerError(f"cannot reach broker at {settings.url}: {exc.strerror or exc}") from None
+    if start_loop:
+        client.loop_start()
+    else:
+        return
+    try:
+        if not connected.wait(timeout):
+            raise BrokerError(f"no answer from broker at {settings.url} within {timeout:g} s")
+        rc = outcome["rc"]
+        if rc.is_failure:
+            raise BrokerError(f"broker at {settings.url} refused the connection: {rc}")
+    except BrokerError:
+        client.loop_stop()
+        client.disconnect()
+        raise
+    finally:
+        client.on_connect = previous
