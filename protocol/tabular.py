@@ -1,0 +1,71 @@
+"""Reading labelled numeric CSV files, as agents (training data) and the coordinator (eval set) do."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and what is wrong."""
+
+
+def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) from a CSV with a header row: every column but `label_column` is a feature.
+
+    Labels that are all integral become int64 (class labels), others float64 (targets).
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    if not rows:
+        raise DataError(f"{path}: empty file, expected a header row")
+    return parse_rows(rows[0], rows[1:], label_column, source=str(path))
+
+
+def parse_rows(header: list[str], rows: list[list[str]], label_column: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) from string rows under `header`; DataError names the first bad cell."""
+    header = [h.strip() for h in header]
+    if label_column not in header:
+        raise DataError(f"{source}: no column {label_column!r} (columns: {', '.join(header)})")
+    if len(header) < 2:
+        raise DataError(f"{source}: needs at least one feature column besides {label_column!r}")
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        raise DataError(f"{source}: no data rows")
+    label_at = header.index(label_column)
+    values = np.empty((len(rows), len(header)), dtype=np.float64)
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise DataError(f"{source}: line {i + 2} has {len(row)} cells, header has {len(header)}")
+        for j, cell in enumerate(row):
+            try:
+                values[i, j] = float(cell)
+            except ValueError:
+                raise DataError(f"{source}: line {i + 2}, column {header[j]!r}: {cell!r} is not a number") from None
+    if not np.isfinite(values).all():
+        i, j = np.argwhere(~np.isfinite(values))[0]
+        raise DataError(f"{source}: line {i + 2}, column {header[j]!r}: value is not finite")
+    y = values[:, label_at]
+    X = np.delete(values, label_at, axis=1)
+    if np.all(y == np.round(y)):
+        y = y.astype(np.int64)
+    return X, y
+
+
+def write_csv(path: str | Path, X: np.ndarray, y: np.ndarray, label_column: str = "label") -> None:
+    """Write (X, y) in the format `load_csv` reads (features f0..fN-1, then the label)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([f"f{i}" for i in range(X.shape[1])] + [label_column])
+        for xi, yi in zip(X, y):
+            writer.writerow([repr(float(v)) for v in xi] + [yi.item() if hasattr(yi, "item") else yi])
