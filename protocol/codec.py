@@ -19,6 +19,7 @@ QUANT_LEVELS = {"int8": 127, "int4": 7}
 QUANTIZERS = ("float32", "int8", "int4")
 # Index encodings for top-k: explicit little-endian integers or a bitmap over all n.
 _INDEX_KINDS = ("u16", "u32", "bits")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,8 @@ class Encoded:
         scale = wire.get("scale")
         if not isinstance(scale, (int, float)) or isinstance(scale, bool):
             raise ProtocolError("schema", "delta.scale must be a number")
-        if not math.isfinite(scale) or scale < 0:
-            raise ProtocolError("non_finite", f"delta.scale {scale!r} is not a finite non-negative number")
+        if not math.isfinite(scale) or not 0 <= scale <= _FLOAT32_MAX:
+            raise ProtocolError("non_finite", f"delta.scale {scale!r} is not a finite non-negative float32")
         data = wire.get("data")
         if not isinstance(data, bytes):
             raise ProtocolError("schema", "delta.data must be bytes")
@@ -155,7 +156,8 @@ def dequantize(data: bytes, quant: str, count: int, scale: float) -> np.ndarray:
         q = np.frombuffer(data, dtype=np.int8, count=count)
     else:
         q = unpack_int4(data, count)
-    return q.astype(np.float32) * np.float32(scale)
+    with np.errstate(over="ignore"):  # overflow becomes Inf, which decode() refuses
+        return q.astype(np.float32) * np.float32(scale)
 
 
 def pack_int4(q: np.ndarray) -> bytes:

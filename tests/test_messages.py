@@ -1,0 +1,105 @@
+"""Model and update messages: round trips and strict rejection of anything malformed."""
+
+import msgpack
+import numpy as np
+import pytest
+
+from protocol import codec, messages
+from protocol.errors import ProtocolError
+from protocol.model_spec import ModelSpec
+from protocol.topics import Topics
+
+SPEC = ModelSpec("sgd-classifier", n_features=4, classes=(0, 1, 2))
+
+
+def _update(**over):
+    enc = codec.encode(np.arange(SPEC.n_params, dtype=float), "int8", np.random.default_rng(0))
+    fields = dict(fleet="f", agent_id="a1", seq=7, base_version=3, n_samples=20, delta=enc, metrics={"eval_accuracy": 0.5})
+    fields.update(over)
+    return messages.UpdateMessage(**fields)
+
+
+def _raw_update(**over):
+    wire = msgpack.unpackb(messages.encode_update(_update()), raw=False)
+    wire.update(over)
+    return msgpack.packb(wire, use_bin_type=True)
+
+
+def test_model_round_trip():
+    params = np.linspace(-1, 1, SPEC.n_params)
+    msg = messages.ModelMessage("f", 12, SPEC, params)
+    back = messages.decode_model(messages.encode_model(msg), fleet="f")
+    assert back.version == 12 and back.spec == SPEC
+    np.testing.assert_allclose(back.params, params, rtol=1e-6)
+
+
+def test_update_round_trip():
+    msg = _update()
+    back = messages.decode_update(messages.encode_update(msg), fleet="f")
+    assert (back.agent_id, back.seq, back.base_version, back.n_samples) == ("a1", 7, 3, 20)
+    assert back.metrics == {"eval_accuracy": 0.5}
+    np.testing.assert_allclose(codec.decode(back.delta), codec.decode(msg.delta))
+
+
+def test_int8_update_fits_the_wire_budget():
+    """Issue 2: an int8 update is at most 1/7 of the float64 parameters plus 200 bytes."""
+    spec = ModelSpec("sgd-classifier", n_features=64, classes=tuple(range(10)))
+    enc = codec.encode(np.random.default_rng(0).normal(size=spec.n_params), "int8", np.random.default_rng(0))
+    size = len(messages.encode_update(_update(delta=enc, seq=2**40, agent_id="agent-0042")))
+    assert size <= spec.n_params * 8 / 7 + 200
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"", "decode"),
+        (b"\xc1", "decode"),
+        (b"\x92\x01\x02", "schema"),  # an array, not a map
+        (messages.encode_update(_update())[:-5], "decode"),  # truncated
+        (_raw_update(format=2), "format"),
+        (_raw_update(type="model"), "schema"),
+        (_raw_update(fleet="other"), "fleet"),
+        (_raw_update(agent="a/b"), "schema"),
+        (_raw_update(seq=-1), "schema"),
+        (_raw_update(seq="1"), "schema"),
+        (_raw_update(samples=0), "schema"),
+        (_raw_update(base=1.5), "schema"),
+        (_raw_update(time=float("nan")), "schema"),
+        (_raw_update(metrics={"loss": float("inf")}), "non_finite"),
+        (_raw_update(metrics=[1]), "schema"),
+        (_raw_update(delta={"quant": "int8"}), "schema"),
+        (b"\x00" * (messages.MAX_MESSAGE_BYTES + 1), "oversize"),
+    ],
+)
+def test_malformed_updates_raise_typed_error(payload, reason):
+    with pytest.raises(ProtocolError) as info:
+        messages.decode_update(payload, fleet="f")
+    assert info.value.reason == reason
+    assert str(info.value)  # a readable message
+
+
+def test_malformed_model_raises_typed_error():
+    good = msgpack.unpackb(messages.encode_model(messages.ModelMessage("f", 1, SPEC, np.zeros(SPEC.n_params))), raw=False)
+    for over, reason in [
+        ({"params": b"\x00" * 4}, "shape"),
+        ({"params": np.full(SPEC.n_params, np.nan, "<f4").tobytes()}, "non_finite"),
+        ({"spec": {"estimator": "svm", "n_features": 4}}, "schema"),
+        ({"version": -3}, "schema"),
+    ]:
+        with pytest.raises(ProtocolError) as info:
+            messages.decode_model(msgpack.packb({**good, **over}, use_bin_type=True))
+        assert info.value.reason == reason
+
+
+def test_topics():
+    t = Topics("plant-1")
+    assert t.model == "fedmq/plant-1/model"
+    assert t.update("a1") == "fedmq/plant-1/update/a1"
+    assert t.agent_status("a1") == "fedmq/plant-1/agent/a1/status"
+    assert t.coordinator_status == "fedmq/plant-1/coordinator/status"
+    assert t.agent_of_update("fedmq/plant-1/update/a1") == "a1"
+    assert t.agent_of_update("fedmq/other/update/a1") is None
+    assert t.agent_of_status("fedmq/plant-1/agent/a1/status") == "a1"
+    for bad in ("a/b", "+", "#", "", "x" * 65):
+        with pytest.raises(ValueError):
+            t.update(bad)

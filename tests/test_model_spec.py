@@ -1,0 +1,64 @@
+"""Model spec <-> scikit-learn estimator round trips."""
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from protocol.errors import ProtocolError
+from protocol.model_spec import ModelSpec, build_estimator, get_flat_params, set_flat_params
+
+SPECS = [
+    ModelSpec("sgd-classifier", 64, tuple(range(10))),
+    ModelSpec("sgd-classifier", 64, (0, 1), {"loss": "log_loss", "alpha": 1e-3}),
+    ModelSpec("sgd-regressor", 64, (), {"learning_rate": "invscaling", "eta0": 1e-4}),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_params_round_trip_and_shapes(spec):
+    flat = np.random.default_rng(0).normal(size=spec.n_params)
+    est = build_estimator(spec, flat)
+    np.testing.assert_array_equal(get_flat_params(est, spec), flat)
+    assert est.coef_.shape == spec.coef_shape
+    assert ModelSpec.from_wire(spec.to_wire()) == spec
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_estimator_trains_from_any_global_model_without_prior_data(spec):
+    X, y = load_digits(return_X_y=True)
+    if spec.is_classifier:
+        mask = np.isin(y, spec.classes)
+        X, y = X[mask], y[mask]
+    else:
+        y = y.astype(float)
+    start = np.random.default_rng(1).normal(scale=0.01, size=spec.n_params)
+    est = build_estimator(spec, start, random_state=0)
+    est.predict(X[:2])  # usable at once
+    est.partial_fit(X, y)
+    after = get_flat_params(est, spec)
+    assert after.shape == start.shape and not np.allclose(after, start)
+    if spec.is_classifier:
+        assert est.score(X, y) > 0.8
+
+
+def test_set_flat_params_rejects_wrong_length():
+    spec = SPECS[0]
+    with pytest.raises(ValueError, match="expected 650"):
+        set_flat_params(build_estimator(spec), spec, np.zeros(10))
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        {"estimator": "svm", "n_features": 3},
+        {"estimator": "sgd-classifier", "n_features": 3, "classes": [1]},
+        {"estimator": "sgd-classifier", "n_features": 0, "classes": [0, 1]},
+        {"estimator": "sgd-classifier", "n_features": 3, "classes": [0, 1], "hyperparameters": {"n_jobs": 8}},
+        {"estimator": "sgd-regressor", "n_features": 3, "hyperparameters": {"alpha": "big"}},
+        {"estimator": "sgd-regressor", "n_features": 3, "classes": [0, 1]},
+        "spec",
+    ],
+)
+def test_bad_specs_raise_typed_error(wire):
+    with pytest.raises(ProtocolError):
+        ModelSpec.from_wire(wire)
