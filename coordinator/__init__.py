@@ -1,0 +1,1 @@
+"""The fedmq coordinator: validates, aggregates and republishes the global model."""

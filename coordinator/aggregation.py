@@ -1,0 +1,46 @@
+"""Combining a buffer of updates into one step: weighted mean and the robust rules.
+
+Pure functions over a (K, n) matrix of deltas, each row already staleness-weighted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def weighted_mean(deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Sum of weights[i] * deltas[i] over sum(weights) (sample-count weights)."""
+    return weights @ deltas / weights.sum()
+
+
+def coordinate_median(deltas: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Coordinate-wise median: each coordinate ignores the extreme half (Yin et al., 2018)."""
+    return np.median(deltas, axis=0)
+
+
+def trimmed_mean(deltas: np.ndarray, fraction: float) -> np.ndarray:
+    """Coordinate-wise mean after dropping the `fraction` largest and smallest values."""
+    k = len(deltas)
+    cut = int(np.floor(fraction * k))
+    if 2 * cut >= k:
+        cut = (k - 1) // 2
+    ordered = np.sort(deltas, axis=0)
+    return ordered[cut:k - cut].mean(axis=0)
+
+
+def parse_aggregate(text: str):
+    """``mean``, ``median`` or ``trimmed-mean:FRACTION`` -> f(deltas, weights) -> step."""
+    name, _, arg = text.strip().partition(":")
+    if name == "mean" and not arg:
+        return weighted_mean
+    if name == "median" and not arg:
+        return coordinate_median
+    if name == "trimmed-mean":
+        try:
+            fraction = float(arg or 0.1)
+        except ValueError:
+            raise ValueError(f"aggregate {text!r}: fraction must be a number") from None
+        if not 0 <= fraction < 0.5:
+            raise ValueError(f"aggregate {text!r}: fraction must be in [0, 0.5)")
+        return lambda deltas, weights: trimmed_mean(deltas, fraction)
+    raise ValueError(f"unknown aggregate {text!r}: use mean, median or trimmed-mean:FRACTION")

@@ -1,0 +1,160 @@
+"""`fedmq-coordinator`: owns the model spec, aggregates updates, republishes the global model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from coordinator.server import Coordinator
+from coordinator.session import CoordinatorSession
+from coordinator.staleness import parse_staleness
+from coordinator.store import CheckpointError, load_checkpoint
+from coordinator.strategies import make_strategy
+from coordinator.validation import NormBound, UpdateValidator
+from protocol.config import add_config_option, parse_layered
+from protocol.model_spec import ESTIMATORS, ModelSpec
+from protocol.tabular import DataError, load_csv
+from protocol.topics import Topics
+from protocol.transport import BrokerError, add_broker_options, settings_from_args
+
+log = logging.getLogger("coordinator")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedmq-coordinator",
+        description="Aggregate model updates from a fleet of fedmq agents over MQTT and republish the global model. "
+        "Every option can also be set as FEDMQ_<OPTION> in the environment or in a --config TOML file.",
+    )
+    add_config_option(p)
+    add_broker_options(p)
+    p.add_argument("--fleet", help="fleet name: topics live under fedmq/<fleet>/ (required)")
+    p.add_argument("--topic-prefix", default="fedmq", help="first topic level")
+
+    m = p.add_argument_group("model (the coordinator owns the spec; agents learn it from the model topic)")
+    m.add_argument("--model", choices=sorted(ESTIMATORS), help="estimator kind (required)")
+    m.add_argument("--n-features", type=int, help="number of input features (required)")
+    m.add_argument("--classes", help="comma-separated class labels, e.g. 0,1,2 (classifiers)")
+    m.add_argument(
+        "--hyperparameters", default="{}",
+        help='JSON object of SGD hyperparameters, e.g. \'{"alpha": 1e-4, "loss": "log_loss"}\'',
+    )
+
+    a = p.add_argument_group("aggregation")
+    a.add_argument("--strategy", choices=("fedasync", "fedbuff", "fedavg"), default="fedasync",
+                   help="fedasync: mix each update as it arrives; fedbuff: buffer K then step; fedavg: synchronous rounds of K")
+    a.add_argument("--alpha", type=float, default=0.6, help="fedasync mixing weight in (0, 1]")
+    a.add_argument("--staleness", default="polynomial:0.5", help="staleness weight: constant, polynomial:A or hinge:A,B")
+    a.add_argument("--buffer-size", type=int, default=5, help="K: updates per step (fedbuff) or per round (fedavg)")
+    a.add_argument("--server-lr", type=float, default=1.0, help="server learning rate for fedbuff/fedavg steps")
+    a.add_argument("--aggregate", default="mean", help="buffered rule: mean, median or trimmed-mean:FRACTION (robust to poisoning)")
+    a.add_argument("--max-staleness", type=int, default=1000, help="drop updates whose base is more than this many versions old")
+
+    v = p.add_argument_group("validation")
+    v.add_argument("--max-update-norm", type=float, help="absolute L2 bound on a decoded update")
+    v.add_argument("--norm-factor", type=float, help="relative bound: this many times the median norm of recent accepted updates")
+    v.add_argument("--norm-action", choices=("reject", "clip"), default="reject", help="what to do with an update above the bound")
+    v.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024, help="refuse larger update payloads")
+
+    o = p.add_argument_group("publishing, durability, evaluation")
+    o.add_argument("--publish-interval", type=float, default=1.0, help="publish the model at most once per this many seconds")
+    o.add_argument("--checkpoint-dir", help="checkpoint the model here after each publish and resume from it on start")
+    o.add_argument("--eval-csv", help="held-out CSV scored at each publish (accuracy or r2 in the status)")
+    o.add_argument("--label-column", default="label", help="label column of --eval-csv")
+    o.add_argument("--metrics-log", metavar="FILE.jsonl", help="append every published status as a JSON line (see fedmq-report)")
+    o.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (needs prometheus-client)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Layered arguments with the cross-field checks; exits 2 with one line on bad config."""
+    parser = build_parser()
+    args = parse_layered(parser, argv)
+    for name in ("broker", "fleet", "model", "n_features"):
+        if getattr(args, name) in (None, ""):
+            parser.error(f"--{name.replace('_', '-')} is required (or FEDMQ_{name.upper()} / {name} in --config)")
+    try:
+        args.topics = Topics(args.fleet, args.topic_prefix)
+        args.spec = ModelSpec(args.model, args.n_features, _parse_classes(args.classes), _parse_hyper(args.hyperparameters))
+        args.staleness_fn = parse_staleness(args.staleness)
+        args.strategy_obj = make_strategy(
+            args.strategy, alpha=args.alpha, staleness=args.staleness_fn,
+            buffer_size=args.buffer_size, server_lr=args.server_lr, aggregate=args.aggregate,
+        )
+        args.settings = settings_from_args(args)
+        for name in ("publish_interval", "max_message_bytes"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def _parse_classes(text: str | None) -> tuple:
+    if not text:
+        return ()
+    labels = [c.strip() for c in text.split(",") if c.strip()]
+    try:
+        return tuple(int(c) for c in labels)
+    except ValueError:
+        return tuple(labels)
+
+
+def _parse_hyper(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--hyperparameters is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("--hyperparameters must be a JSON object")
+    return value
+
+
+def build_coordinator(args: argparse.Namespace) -> Coordinator:
+    eval_data = load_csv(args.eval_csv, args.label_column) if args.eval_csv else None
+    if eval_data is not None and eval_data[0].shape[1] != args.n_features:
+        raise DataError(f"{args.eval_csv}: {eval_data[0].shape[1]} features, --n-features is {args.n_features}")
+    resume = load_checkpoint(args.checkpoint_dir) if args.checkpoint_dir else None
+    validator = UpdateValidator(
+        args.topics, args.spec.n_params, max_staleness=args.max_staleness,
+        norm=NormBound(args.max_update_norm, args.norm_factor), norm_action=args.norm_action,
+        max_bytes=args.max_message_bytes,
+    )
+    return Coordinator(
+        args.topics, args.spec, args.strategy_obj, validator, publish_interval=args.publish_interval,
+        eval_data=eval_data, checkpoint_dir=args.checkpoint_dir, resume=resume,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        core = build_coordinator(args)
+    except (DataError, CheckpointError, ValueError) as exc:
+        print(f"fedmq-coordinator: error: {exc}", file=sys.stderr)
+        return 2
+    on_publish = None
+    if args.metrics_port:
+        from coordinator.metrics import start_metrics_server
+
+        on_publish = start_metrics_server(args.metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    session = CoordinatorSession(core, args.settings, connect_timeout=args.connect_timeout,
+                                 metrics_log=args.metrics_log, on_publish=on_publish)
+    log.info("fleet %s: %s with %d parameters, strategy %s, version %d",
+             args.fleet, args.model, args.spec.n_params, args.strategy, core.version_)
+    try:
+        session.run(stop)
+    except BrokerError as exc:
+        print(f"fedmq-coordinator: error: {exc}", file=sys.stderr)
+        return 1
+    log.info("stopped at version %d", core.version_)
+    return 0

@@ -1,0 +1,45 @@
+"""Scoring the global model on a held-out set, and the fleet's own federated evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, r2_score
+
+from protocol.model_spec import ModelSpec, build_estimator
+
+
+def score(spec: ModelSpec, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """{"accuracy": ...} for a classifier, {"r2": ...} for a regressor."""
+    predicted = build_estimator(spec, params).predict(X)
+    if spec.is_classifier:
+        return {"accuracy": float(accuracy_score(y, predicted))}
+    return {"r2": float(r2_score(y, predicted))}
+
+
+class FleetEvaluation:
+    """Sample-weighted mean of what agents report about the global model on their own data.
+
+    Agents evaluate the model they received before training and send `eval_*` metrics with
+    their update; the newest report of each agent counts (bounded by `max_agents`).
+    """
+
+    def __init__(self, max_agents: int = 100_000) -> None:
+        self.max_agents = max_agents
+        self._latest: dict[str, tuple[int, dict[str, float]]] = {}
+
+    def report(self, agent: str, n_samples: int, metrics: dict[str, float]) -> None:
+        evals = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+        if not evals:
+            return
+        if agent not in self._latest and len(self._latest) >= self.max_agents:
+            self._latest.pop(next(iter(self._latest)))
+        self._latest[agent] = (n_samples, evals)
+
+    def summary(self) -> dict[str, float]:
+        totals: dict[str, list[float]] = {}
+        for n, evals in self._latest.values():
+            for key, value in evals.items():
+                acc = totals.setdefault(key[len("eval_"):], [0.0, 0.0])
+                acc[0] += n * value
+                acc[1] += n
+        return {key: s / n for key, (s, n) in totals.items() if n}

@@ -1,0 +1,157 @@
+"""The coordinator's core, free of MQTT: validate, aggregate, version, publish, checkpoint.
+
+`Coordinator` is driven by the MQTT session (coordinator/session.py), by tests and by the
+simulator alike. It is not thread-safe; the session serialises calls with one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import numpy as np
+
+from coordinator.evaluation import FleetEvaluation, score
+from coordinator.store import save_checkpoint
+from coordinator.strategies import Strategy
+from coordinator.validation import UpdateValidator
+from protocol.messages import ModelMessage, encode_model
+from protocol.model_spec import ModelSpec
+from protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """Holds the global model (`params_`, `version_`) and everything counted about it."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        spec: ModelSpec,
+        strategy: Strategy,
+        validator: UpdateValidator,
+        *,
+        publish_interval: float = 1.0,
+        eval_data: tuple[np.ndarray, np.ndarray] | None = None,
+        checkpoint_dir: str | None = None,
+        resume: dict | None = None,
+    ) -> None:
+        self.topics = topics
+        self.spec = spec
+        self.strategy = strategy
+        self.validator = validator
+        self.publish_interval = publish_interval
+        self.eval_data = eval_data
+        self.checkpoint_dir = checkpoint_dir
+        self.started_at = time.time()
+        self.params_ = np.zeros(spec.n_params)
+        self.version_ = 0
+        self.handled_ = 0  # payloads seen, accepted or not
+        self.accepted_ = 0
+        self.rejected_: Counter[str] = Counter()
+        self.clipped_ = 0
+        self.staleness_sum_ = 0
+        self.staleness_max_ = 0
+        self.published_version_ = -1
+        self.last_publish_ = 0.0
+        self.scores_: dict[str, float] = {}
+        self.fleet_eval = FleetEvaluation()
+        if resume:
+            self._restore(resume)
+
+    # --- updates ---------------------------------------------------------------------
+
+    def handle_update(self, topic: str, payload: bytes) -> str | None:
+        """Validate and fold in one payload; returns None if accepted, else the reason."""
+        self.handled_ += 1
+        verdict = self.validator.check(topic, payload, self.version_, self.strategy.admit)
+        if verdict.reason is not None:
+            self.rejected_[verdict.reason] += 1
+            return verdict.reason
+        update = verdict.update
+        new = self.strategy.add(self.params_, verdict.delta, update.n_samples, verdict.staleness)
+        if new is not None and not np.isfinite(new).all():  # overflow: never publish it
+            self.rejected_["non_finite_model"] += 1
+            return "non_finite_model"
+        self.accepted_ += 1
+        self.clipped_ += verdict.clipped
+        self.staleness_sum_ += verdict.staleness
+        self.staleness_max_ = max(self.staleness_max_, verdict.staleness)
+        self.fleet_eval.report(update.agent_id, update.n_samples, update.metrics)
+        if new is not None:
+            self.params_ = new
+            self.version_ += 1
+        return None
+
+    # --- publishing ------------------------------------------------------------------
+
+    def publish_due(self, now: float | None = None, *, ignore_version: bool = False) -> bool:
+        """The model changed since the last publish and the coalescing interval has passed."""
+        now = time.monotonic() if now is None else now
+        changed = ignore_version or self.version_ != self.published_version_
+        return changed and now - self.last_publish_ >= self.publish_interval
+
+    def model_payload(self, now: float | None = None) -> bytes:
+        """Encode the model for publishing and mark it published (scores it on the eval set)."""
+        self.published_version_ = self.version_
+        self.last_publish_ = time.monotonic() if now is None else now
+        if self.eval_data is not None:
+            self.scores_ = score(self.spec, self.params_, *self.eval_data)
+        return encode_model(ModelMessage(self.topics.fleet, self.version_, self.spec, self.params_))
+
+    def status(self) -> dict:
+        """The retained JSON status: readable with mosquitto_sub."""
+        now = time.time()
+        return {
+            "fleet": self.topics.fleet,
+            "version": self.version_,
+            "published_version": self.published_version_,
+            "accepted": self.accepted_,
+            "rejected": dict(self.rejected_),
+            "clipped": self.clipped_,
+            "pending": self.strategy.pending,
+            "staleness": {
+                "mean": self.staleness_sum_ / self.accepted_ if self.accepted_ else 0.0,
+                "max": self.staleness_max_,
+            },
+            "accuracy": self.scores_.get("accuracy") if self.spec.is_classifier else None,
+            "r2": self.scores_.get("r2") if not self.spec.is_classifier else None,
+            "fleet_eval": self.fleet_eval.summary(),
+            "agents": len(self.validator.highest_seq),
+            "strategy": self.strategy.name,
+            "started_at": self.started_at,
+            "uptime_s": now - self.started_at,
+            "updated_at": now,
+        }
+
+    # --- durability --------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "fleet": self.topics.fleet,
+            "spec": self.spec,
+            "version": self.version_,
+            "params": self.params_,
+            "highest_seq": dict(self.validator.highest_seq),
+            "accepted": self.accepted_,
+            "rejected": dict(self.rejected_),
+        }
+
+    def checkpoint(self) -> None:
+        if self.checkpoint_dir:
+            save_checkpoint(self.checkpoint_dir, self.state())
+
+    def _restore(self, state: dict) -> None:
+        if state["fleet"] != self.topics.fleet or state["spec"] != self.spec:
+            raise ValueError(
+                f"checkpoint is for fleet {state['fleet']!r} with spec {state['spec'].to_wire()}, "
+                f"not fleet {self.topics.fleet!r} with {self.spec.to_wire()}: use another --checkpoint-dir"
+            )
+        self.params_ = state["params"].copy()
+        self.version_ = state["version"]
+        self.validator.highest_seq.update(state.get("highest_seq", {}))
+        self.accepted_ = int(state.get("accepted", 0))
+        self.rejected_.update(state.get("rejected", {}))
+        log.info("resumed from checkpoint at version %d", self.version_)

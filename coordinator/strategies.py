@@ -1,0 +1,130 @@
+"""Aggregation strategies: how accepted updates change the global parameters.
+
+One small class per rule behind one interface, as Flower does. A strategy receives the
+current float64 parameters and one decoded delta at a time; it returns the new
+parameters when the model changes (the coordinator then bumps the version) or None while
+it is still collecting.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from coordinator.aggregation import parse_aggregate
+from coordinator.staleness import Constant, StalenessFn
+
+
+class Strategy(ABC):
+    """Interface every aggregation rule implements."""
+
+    name: str
+
+    def admit(self, staleness: int) -> str | None:
+        """A rejection reason for an update this strategy will not take, else None."""
+        return None
+
+    @abstractmethod
+    def add(self, params: np.ndarray, delta: np.ndarray, n_samples: int, staleness: int) -> np.ndarray | None:
+        """Fold in one accepted update; new parameters if the model changed, else None."""
+
+    @property
+    def pending(self) -> int:
+        """Updates received but not yet applied."""
+        return 0
+
+
+class FedAsync(Strategy):
+    """Mix each update as it arrives: x <- x + alpha * w(s) * delta (Xie et al., 2019).
+
+    The delta form of FedAsync's (1 - a) x + a x_new; see docs/architecture.md.
+    """
+
+    name = "fedasync"
+
+    def __init__(self, alpha: float = 0.6, staleness: StalenessFn = Constant()) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"fedasync alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self.staleness = staleness
+
+    def add(self, params, delta, n_samples, staleness):
+        return params + (self.alpha * self.staleness(staleness)) * delta
+
+
+class FedBuff(Strategy):
+    """Buffer K updates, then step by the server learning rate times their aggregate.
+
+    x <- x + eta * sum(n_i w(s_i) delta_i) / sum(n_i)  (Nguyen et al., 2022, sample-weighted),
+    or a robust coordinate-wise median / trimmed mean of the w(s_i) delta_i.
+    """
+
+    name = "fedbuff"
+
+    def __init__(
+        self,
+        buffer_size: int = 5,
+        server_lr: float = 1.0,
+        staleness: StalenessFn = Constant(),
+        aggregate: str = "mean",
+    ) -> None:
+        if buffer_size < 1:
+            raise ValueError(f"buffer size must be >= 1, got {buffer_size}")
+        if server_lr <= 0:
+            raise ValueError(f"server learning rate must be > 0, got {server_lr}")
+        self.buffer_size = buffer_size
+        self.server_lr = server_lr
+        self.staleness = staleness
+        self.aggregate_name = aggregate
+        self._aggregate = parse_aggregate(aggregate)
+        self._deltas: list[np.ndarray] = []
+        self._samples: list[float] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self._deltas)
+
+    def add(self, params, delta, n_samples, staleness):
+        self._deltas.append(self.staleness(staleness) * np.asarray(delta, dtype=np.float64))
+        self._samples.append(float(n_samples))
+        if len(self._deltas) < self.buffer_size:
+            return None
+        step = self._aggregate(np.stack(self._deltas), np.asarray(self._samples))
+        self._deltas.clear()
+        self._samples.clear()
+        return params + self.server_lr * step
+
+
+class FedAvg(FedBuff):
+    """Synchronous rounds (McMahan et al., 2017), the baseline async is measured against.
+
+    Only updates computed from the current model count; a round closes after K of them.
+    """
+
+    name = "fedavg"
+
+    def __init__(self, clients_per_round: int = 5, server_lr: float = 1.0, aggregate: str = "mean") -> None:
+        super().__init__(buffer_size=clients_per_round, server_lr=server_lr, staleness=Constant(), aggregate=aggregate)
+
+    def admit(self, staleness: int) -> str | None:
+        return None if staleness == 0 else "stale_round"
+
+
+def make_strategy(
+    name: str,
+    *,
+    alpha: float = 0.6,
+    staleness: StalenessFn = Constant(),
+    buffer_size: int = 5,
+    server_lr: float = 1.0,
+    aggregate: str = "mean",
+) -> Strategy:
+    """Build a strategy by its CLI name."""
+    if name == "fedasync":
+        return FedAsync(alpha, staleness)
+    if name == "fedbuff":
+        return FedBuff(buffer_size, server_lr, staleness, aggregate)
+    if name == "fedavg":
+        return FedAvg(buffer_size, server_lr, aggregate)
+    raise ValueError(f"unknown strategy {name!r}: use fedasync, fedbuff or fedavg")

@@ -1,0 +1,125 @@
+"""Deciding whether an update may touch the global model, with a counted reason when not.
+
+Checks run cheapest first: decoding, topic/agent agreement, shape, base version,
+replay (highest seq per agent), staleness, finiteness, and the norm bound. Nothing in a
+payload can raise out of `UpdateValidator.check`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocol import codec
+from protocol.errors import ProtocolError
+from protocol.messages import MAX_MESSAGE_BYTES, UpdateMessage, decode_update
+from protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Verdict:
+    """The outcome for one payload: `reason` is None when accepted."""
+
+    reason: str | None
+    update: UpdateMessage | None = None
+    delta: np.ndarray | None = None
+    staleness: int = 0
+    clipped: bool = False
+
+
+class NormBound:
+    """Norm limit: an absolute cap and/or `factor` x the median of recent accepted norms."""
+
+    def __init__(self, max_norm: float | None = None, factor: float | None = None, window: int = 50, warmup: int = 10) -> None:
+        self.max_norm = max_norm
+        self.factor = factor
+        self.warmup = warmup
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def limit(self) -> float:
+        bound = self.max_norm if self.max_norm is not None else np.inf
+        if self.factor is not None and len(self.recent) >= self.warmup:
+            bound = min(bound, self.factor * float(np.median(self.recent)))
+        return bound
+
+    def accepted(self, norm: float) -> None:
+        self.recent.append(norm)
+
+
+class UpdateValidator:
+    """Stateful checks: remembers the highest sequence number of each agent (bounded)."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        n_params: int,
+        *,
+        max_staleness: int = 1000,
+        norm: NormBound | None = None,
+        norm_action: str = "reject",
+        max_agents: int = 100_000,
+        max_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
+        if norm_action not in ("reject", "clip"):
+            raise ValueError(f"norm action must be reject or clip, got {norm_action!r}")
+        self.topics = topics
+        self.n_params = n_params
+        self.max_staleness = max_staleness
+        self.norm = norm or NormBound()
+        self.norm_action = norm_action
+        self.max_agents = max_agents
+        self.max_bytes = max_bytes
+        self.highest_seq: OrderedDict[str, int] = OrderedDict()
+
+    def check(self, topic: str, payload: bytes, version: int, admit=None) -> Verdict:
+        """Validate one payload against the model at `version`.
+
+        `admit(staleness) -> reason | None` lets the strategy refuse (e.g. fedavg rounds).
+        """
+        try:
+            return self._check(topic, payload, version, admit)
+        except ProtocolError as exc:
+            return Verdict(exc.reason)
+        except Exception:  # a bug of ours must not take the coordinator down
+            log.exception("unexpected error validating an update on %s", topic)
+            return Verdict("internal")
+
+    def _check(self, topic, payload, version, admit) -> Verdict:
+        msg = decode_update(payload, fleet=self.topics.fleet, max_bytes=self.max_bytes)
+        if self.topics.agent_of_update(topic) != msg.agent_id:
+            return Verdict("agent_mismatch", msg)
+        if msg.delta.n != self.n_params:
+            return Verdict("shape", msg)
+        if msg.base_version > version:
+            return Verdict("future_base", msg)
+        last = self.highest_seq.get(msg.agent_id)
+        if last is not None and msg.seq <= last:
+            return Verdict("replay", msg)
+        self._remember(msg.agent_id, msg.seq)
+        staleness = version - msg.base_version
+        if staleness > self.max_staleness:
+            return Verdict("too_stale", msg, staleness=staleness)
+        if admit is not None and (reason := admit(staleness)):
+            return Verdict(reason, msg, staleness=staleness)
+        delta = codec.decode(msg.delta)
+        norm = float(np.linalg.norm(delta))
+        bound = self.norm.limit()
+        clipped = False
+        if norm > bound:
+            if self.norm_action == "reject":
+                return Verdict("norm", msg, staleness=staleness)
+            delta *= np.float32(bound / norm)
+            norm, clipped = bound, True
+        self.norm.accepted(norm)
+        return Verdict(None, msg, delta, staleness, clipped)
+
+    def _remember(self, agent: str, seq: int) -> None:
+        self.highest_seq[agent] = seq
+        self.highest_seq.move_to_end(agent)
+        while len(self.highest_seq) > self.max_agents:
+            self.highest_seq.popitem(last=False)
