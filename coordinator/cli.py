@@ -132,6 +132,9 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -144,9 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         from coordinator.metrics import start_metrics_server
 
         on_publish = start_metrics_server(args.metrics_port)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     session = CoordinatorSession(core, args.settings, connect_timeout=args.connect_timeout,
                                  metrics_log=args.metrics_log, on_publish=on_publish)
     log.info("fleet %s: %s with %d parameters, strategy %s, version %d",
