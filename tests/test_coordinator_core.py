@@ -1,0 +1,146 @@
+"""The coordinator core without MQTT: validation reasons, versions, checkpoints, status."""
+
+import json
+
+import numpy as np
+import pytest
+
+from coordinator.server import Coordinator
+from coordinator.store import CheckpointError, load_checkpoint, save_checkpoint
+from coordinator.strategies import FedAsync, FedAvg
+from coordinator.validation import NormBound, UpdateValidator
+from protocol import codec
+from protocol.messages import UpdateMessage, decode_model, encode_update
+from protocol.model_spec import ModelSpec
+from protocol.topics import Topics
+
+TOPICS = Topics("f")
+SPEC = ModelSpec("sgd-classifier", 3, (0, 1, 2))
+
+
+def make_core(strategy=None, *, max_staleness=5, norm=None, action="reject", **kw):
+    validator = UpdateValidator(TOPICS, SPEC.n_params, max_staleness=max_staleness, norm=norm, norm_action=action)
+    return Coordinator(TOPICS, SPEC, strategy or FedAsync(alpha=1.0), validator, **kw)
+
+
+def update(agent="a1", seq=1, base=0, delta=None, n=10, quant="float32", metrics=None):
+    delta = np.full(SPEC.n_params, 0.1) if delta is None else delta
+    enc = codec.encode(delta, quant, np.random.default_rng(0))
+    payload = encode_update(UpdateMessage("f", agent, seq, base, n, enc, metrics or {}))
+    return TOPICS.update(agent), payload
+
+
+def test_accept_bumps_version_and_moves_params():
+    core = make_core()
+    assert core.handle_update(*update()) is None
+    assert core.version_ == 1
+    np.testing.assert_allclose(core.params_, 0.1, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda: (TOPICS.update("a1"), b"\x00junk"), "decode"),
+        (lambda: (TOPICS.update("a2"), update("a1")[1]), "agent_mismatch"),
+        (lambda: update(delta=np.ones(5)), "shape"),
+        (lambda: update(base=99), "future_base"),
+    ],
+)
+def test_rejections_are_counted(make, reason):
+    core = make_core()
+    assert core.handle_update(*make()) == reason
+    assert core.rejected_[reason] == 1 and core.version_ == 0 and core.accepted_ == 0
+
+
+def test_replay_and_staleness():
+    core = make_core(max_staleness=2)
+    first = update(seq=5)
+    assert core.handle_update(*first) is None
+    assert core.handle_update(*first) == "replay"  # QoS 1 redelivery
+    assert core.handle_update(*update(seq=4)) == "replay"
+    for seq in (6, 7):
+        assert core.handle_update(*update("b", seq=seq, base=core.version_)) is None
+    assert core.version_ == 3
+    assert core.handle_update(*update(seq=9, base=0)) == "too_stale"  # staleness 3 > 2
+    assert core.handle_update(*update(seq=10, base=1)) is None  # staleness 2
+    assert core.status()["staleness"]["max"] == 2
+
+
+def test_norm_bound_reject_and_clip():
+    bound = NormBound(max_norm=1.0)
+    core = make_core(norm=bound)
+    assert core.handle_update(*update(delta=np.full(SPEC.n_params, 10.0))) == "norm"
+    clip = make_core(norm=NormBound(max_norm=1.0), action="clip")
+    assert clip.handle_update(*update(delta=np.full(SPEC.n_params, 10.0))) is None
+    assert np.linalg.norm(clip.params_) == pytest.approx(1.0, rel=1e-5)
+    assert clip.clipped_ == 1
+
+
+def test_relative_norm_bound_after_warmup():
+    bound = NormBound(factor=3.0, warmup=3)
+    core = make_core(norm=bound)
+    for seq in range(1, 4):
+        assert core.handle_update(*update(seq=seq, base=core.version_)) is None
+    assert bound.limit() == pytest.approx(3 * 0.1 * np.sqrt(SPEC.n_params), rel=1e-5)
+    assert core.handle_update(*update(seq=4, base=core.version_, delta=np.full(SPEC.n_params, 5.0))) == "norm"
+
+
+def test_fedavg_rejects_stale_round_updates():
+    core = make_core(FedAvg(clients_per_round=2))
+    assert core.handle_update(*update("a", 1)) is None
+    assert core.handle_update(*update("b", 1)) is None
+    assert core.version_ == 1
+    assert core.handle_update(*update("c", 1, base=0)) == "stale_round"
+
+
+def test_status_is_json_with_the_documented_fields():
+    core = make_core(eval_data=(np.eye(3), np.array([0, 1, 2])))
+    core.handle_update(*update(metrics={"eval_accuracy": 0.5, "eval_loss": 1.0}, n=10))
+    core.handle_update(*update("b", 1, base=1, metrics={"eval_accuracy": 1.0, "eval_loss": 0.0}, n=30))
+    core.model_payload()
+    status = json.loads(json.dumps(core.status()))
+    for key in ("version", "accepted", "rejected", "staleness", "accuracy", "r2", "fleet_eval", "agents"):
+        assert key in status
+    assert status["fleet_eval"]["accuracy"] == pytest.approx((0.5 * 10 + 1.0 * 30) / 40)
+    assert 0 <= status["accuracy"] <= 1 and status["r2"] is None
+
+
+def test_publish_is_coalesced():
+    core = make_core(publish_interval=10.0)
+    core.model_payload(now=100.0)
+    core.handle_update(*update())
+    assert not core.publish_due(now=105.0)
+    assert core.publish_due(now=110.0)
+    model = decode_model(core.model_payload(now=110.0))
+    assert model.version == 1
+    assert not core.publish_due(now=200.0)  # nothing new
+
+
+def test_checkpoint_round_trip_and_resume(tmp_path):
+    core = make_core(checkpoint_dir=str(tmp_path))
+    core.handle_update(*update(seq=41))
+    core.checkpoint()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.msgpack"]  # no temp files left
+    state = load_checkpoint(tmp_path)
+    resumed = make_core(resume=state)
+    assert resumed.version_ == 1
+    np.testing.assert_array_equal(resumed.params_, core.params_)
+    assert resumed.handle_update(*update(seq=41)) == "replay"  # dedup survives restarts
+    with pytest.raises(ValueError, match="checkpoint is for fleet"):
+        Coordinator(Topics("other"), SPEC, FedAsync(), UpdateValidator(Topics("other"), SPEC.n_params), resume=state)
+
+
+def test_corrupt_or_missing_checkpoint(tmp_path):
+    assert load_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoint.msgpack").write_bytes(b"\x93garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_save_checkpoint_replaces_atomically(tmp_path):
+    state = make_core().state()
+    save_checkpoint(tmp_path, state)
+    state["version"] = 7
+    save_checkpoint(tmp_path, state)
+    assert load_checkpoint(tmp_path)["version"] == 7
+    assert len(list(tmp_path.iterdir())) == 1

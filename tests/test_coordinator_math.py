@@ -1,0 +1,81 @@
+"""Staleness weights, aggregation rules and strategies against hand-computed values."""
+
+import numpy as np
+import pytest
+
+from coordinator.aggregation import coordinate_median, parse_aggregate, trimmed_mean, weighted_mean
+from coordinator.staleness import Constant, Hinge, Polynomial, parse_staleness
+from coordinator.strategies import FedAsync, FedAvg, FedBuff, make_strategy
+
+
+def test_staleness_functions():
+    assert Constant()(7) == 1.0
+    assert Polynomial(0.5)(3) == pytest.approx(0.5)  # (1+3)^-0.5
+    assert Polynomial(1.0)(0) == 1.0
+    hinge = Hinge(a=10, b=4)
+    assert hinge(4) == 1.0
+    assert hinge(5) == pytest.approx(1 / 11)  # 1/(10*(5-4)+1)
+    assert hinge(6) == pytest.approx(1 / 21)
+    assert parse_staleness("hinge:10,4") == hinge
+    assert parse_staleness("polynomial:0.5") == Polynomial(0.5)
+    assert parse_staleness("constant") == Constant()
+    for bad in ("poly:1", "hinge:1", "polynomial:-1", "polynomial:x", "constant:2"):
+        with pytest.raises(ValueError):
+            parse_staleness(bad)
+
+
+def test_aggregation_rules():
+    d = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, -30.0], [100.0, 40.0]])
+    np.testing.assert_allclose(weighted_mean(d[:2], np.array([1.0, 3.0])), [1.75, 17.5])
+    np.testing.assert_allclose(coordinate_median(d), [2.5, 15.0])
+    np.testing.assert_allclose(trimmed_mean(d, 0.25), [2.5, 15.0])  # drops 1 low + 1 high per coordinate
+    np.testing.assert_allclose(trimmed_mean(d, 0.0), d.mean(axis=0))
+    with pytest.raises(ValueError):
+        parse_aggregate("trimmed-mean:0.5")
+    with pytest.raises(ValueError):
+        parse_aggregate("mode")
+
+
+def test_fedasync_single_step():
+    s = FedAsync(alpha=0.5, staleness=Polynomial(1.0))
+    x = np.array([1.0, 2.0])
+    out = s.add(x, np.array([4.0, -4.0]), n_samples=10, staleness=1)
+    np.testing.assert_allclose(out, [1.0 + 0.5 * 0.5 * 4, 2.0 - 0.5 * 0.5 * 4])
+    np.testing.assert_array_equal(x, [1.0, 2.0])  # not modified in place
+
+
+def test_fedbuff_waits_for_k_then_steps():
+    s = FedBuff(buffer_size=3, server_lr=0.5, staleness=Polynomial(1.0))
+    x = np.zeros(2)
+    assert s.add(x, np.array([2.0, 0.0]), n_samples=1, staleness=0) is None
+    assert s.add(x, np.array([0.0, 4.0]), n_samples=2, staleness=1) is None  # weight 1/2
+    assert s.pending == 2
+    out = s.add(x, np.array([6.0, 6.0]), n_samples=1, staleness=2)  # weight 1/3
+    # sum n_i w_i d_i / sum n_i = ([2,0]*1 + [0,2]*2 + [2,2]*1) / 4 = [1, 1.5]; times lr 0.5
+    np.testing.assert_allclose(out, [0.5, 0.75])
+    assert s.pending == 0
+
+
+def test_fedbuff_median_ignores_an_outlier():
+    s = FedBuff(buffer_size=3, aggregate="median")
+    x = np.zeros(1)
+    s.add(x, np.array([1.0]), 1, 0)
+    s.add(x, np.array([1.2]), 1, 0)
+    np.testing.assert_allclose(s.add(x, np.array([-1000.0]), 1, 0), [1.0])
+
+
+def test_fedavg_round_takes_only_fresh_updates():
+    s = FedAvg(clients_per_round=2)
+    assert s.admit(1) == "stale_round"
+    assert s.admit(0) is None
+    x = np.zeros(1)
+    assert s.add(x, np.array([1.0]), 1, 0) is None
+    np.testing.assert_allclose(s.add(x, np.array([3.0]), 3, 0), [2.5])
+
+
+def test_make_strategy():
+    assert isinstance(make_strategy("fedbuff", buffer_size=2), FedBuff)
+    with pytest.raises(ValueError):
+        make_strategy("fedprox")
+    with pytest.raises(ValueError):
+        FedAsync(alpha=0)
