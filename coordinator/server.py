@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import numpy as np
 
@@ -34,6 +34,7 @@ class Coordinator:
         validator: UpdateValidator,
         *,
         publish_interval: float = 1.0,
+        history: int = 32,
         eval_data: tuple[np.ndarray, np.ndarray] | None = None,
         checkpoint_dir: str | None = None,
         resume: dict | None = None,
@@ -55,6 +56,8 @@ class Coordinator:
         self.staleness_sum_ = 0
         self.staleness_max_ = 0
         self.published_version_ = -1
+        self.history = history
+        self.published_: OrderedDict[int, np.ndarray] = OrderedDict()  # version -> what agents received
         self.last_publish_ = 0.0
         self.scores_: dict[str, float] = {}
         self.fleet_eval = FleetEvaluation()
@@ -71,7 +74,8 @@ class Coordinator:
             self.rejected_[verdict.reason] += 1
             return verdict.reason
         update = verdict.update
-        new = self.strategy.add(self.params_, verdict.delta, update.n_samples, verdict.staleness)
+        base = self.published_.get(update.base_version)
+        new = self.strategy.add(self.params_, verdict.delta, update.n_samples, verdict.staleness, base)
         if new is not None and not np.isfinite(new).all():  # overflow: never publish it
             self.rejected_["non_finite_model"] += 1
             return "non_finite_model"
@@ -99,6 +103,10 @@ class Coordinator:
         self.last_publish_ = time.monotonic() if now is None else now
         if self.eval_data is not None:
             self.scores_ = score(self.spec, self.params_, *self.eval_data)
+        # agents receive float32: remember exactly that as the base of their updates
+        self.published_[self.version_] = self.params_.astype(np.float32).astype(np.float64)
+        while len(self.published_) > self.history:
+            self.published_.popitem(last=False)
         return encode_model(ModelMessage(self.topics.fleet, self.version_, self.spec, self.params_))
 
     def status(self) -> dict:

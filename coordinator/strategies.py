@@ -26,8 +26,13 @@ class Strategy(ABC):
         return None
 
     @abstractmethod
-    def add(self, params: np.ndarray, delta: np.ndarray, n_samples: int, staleness: int) -> np.ndarray | None:
-        """Fold in one accepted update; new parameters if the model changed, else None."""
+    def add(
+        self, params: np.ndarray, delta: np.ndarray, n_samples: int, staleness: int, base: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """Fold in one accepted update; new parameters if the model changed, else None.
+
+        `base` is the published model the update was computed from, when still known.
+        """
 
     @property
     def pending(self) -> int:
@@ -36,9 +41,11 @@ class Strategy(ABC):
 
 
 class FedAsync(Strategy):
-    """Mix each update as it arrives: x <- x + alpha * w(s) * delta (Xie et al., 2019).
+    """Mix each update as it arrives (Xie et al., 2019): x <- (1 - a) x + a (base + delta),
+    a = alpha * w(s), where base + delta is the agent's local model.
 
-    The delta form of FedAsync's (1 - a) x + a x_new; see docs/architecture.md.
+    Mixing is convex, so many updates computed from the same base cannot overshoot the way
+    summing their deltas would. When the base is no longer known, base = x (delta form).
     """
 
     name = "fedasync"
@@ -49,8 +56,10 @@ class FedAsync(Strategy):
         self.alpha = alpha
         self.staleness = staleness
 
-    def add(self, params, delta, n_samples, staleness):
-        return params + (self.alpha * self.staleness(staleness)) * delta
+    def add(self, params, delta, n_samples, staleness, base=None):
+        a = self.alpha * self.staleness(staleness)
+        local = (params if base is None else base) + delta
+        return (1.0 - a) * params + a * local
 
 
 class FedBuff(Strategy):
@@ -85,7 +94,7 @@ class FedBuff(Strategy):
     def pending(self) -> int:
         return len(self._deltas)
 
-    def add(self, params, delta, n_samples, staleness):
+    def add(self, params, delta, n_samples, staleness, base=None):
         self._deltas.append(self.staleness(staleness) * np.asarray(delta, dtype=np.float64))
         self._samples.append(float(n_samples))
         if len(self._deltas) < self.buffer_size:

@@ -149,3 +149,18 @@ def load_callable(target: str) -> Callable:
     if not callable(function):
         raise DataError(f"{target!r} is not a callable")
     return function
+
+
+class ArraySource(DataSource):
+    """Rows already in memory (the simulator's virtual devices, notebooks)."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, window: int | None = None) -> None:
+        super().__init__(window)
+        self._new = (np.asarray(X, dtype=np.float64), np.asarray(y))
+
+    def poll(self) -> int:
+        if self._new is None:
+            return 0
+        X, y = self._new
+        self._new = None
+        return self._append(X, y)

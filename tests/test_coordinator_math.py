@@ -36,12 +36,25 @@ def test_aggregation_rules():
         parse_aggregate("mode")
 
 
-def test_fedasync_single_step():
+def test_fedasync_mixes_with_the_local_model():
     s = FedAsync(alpha=0.5, staleness=Polynomial(1.0))
     x = np.array([1.0, 2.0])
-    out = s.add(x, np.array([4.0, -4.0]), n_samples=10, staleness=1)
-    np.testing.assert_allclose(out, [1.0 + 0.5 * 0.5 * 4, 2.0 - 0.5 * 0.5 * 4])
+    base = np.array([0.0, 0.0])
+    out = s.add(x, np.array([4.0, -4.0]), n_samples=10, staleness=1, base=base)
+    a = 0.5 * 0.5  # alpha * (1 + 1)^-1
+    np.testing.assert_allclose(out, (1 - a) * x + a * np.array([4.0, -4.0]))
     np.testing.assert_array_equal(x, [1.0, 2.0])  # not modified in place
+    # without a known base it is the delta form
+    np.testing.assert_allclose(s.add(x, np.array([4.0, -4.0]), 10, 1), x + a * np.array([4.0, -4.0]))
+
+
+def test_fedasync_cannot_overshoot_with_many_updates_from_one_base():
+    s = FedAsync(alpha=0.6)
+    base = np.zeros(1)
+    x = base.copy()
+    for _ in range(20):
+        x = s.add(x, np.array([1.0]), 1, 0, base=base)
+    assert 0.99 < x[0] <= 1.0  # converges to the local model, never past it
 
 
 def test_fedbuff_waits_for_k_then_steps():

@@ -1,0 +1,143 @@
+"""`fedmq-sim`: many virtual agents and a coordinator through a broker on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from protocol.codec import CodecSpec
+from protocol.config import add_config_option, parse_layered
+from protocol.transport import BrokerSettings
+from simulation.datasets import DATASETS, centralized_baseline, load_dataset
+from simulation.fleet import SimConfig, Simulation
+from simulation.partition import parse_scheme
+from simulation.report import plot, summary_rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SimConfig()
+    p = argparse.ArgumentParser(
+        prog="fedmq-sim",
+        description="Simulate a fedmq fleet on one machine: the real agents, codec, coordinator and MQTT, "
+        "on an embedded broker unless --broker names one.",
+    )
+    add_config_option(p)
+    p.add_argument("--broker", metavar="URL", help="mqtt://HOST:PORT of a broker to use (default: start an embedded one)")
+    p.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="3.1.1", help="MQTT protocol version of all clients")
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="training data (sklearn bundled, or synthetic linear)")
+    p.add_argument("--agents", type=int, default=d.agents, help="number of virtual agents")
+    p.add_argument("--partition", default=d.partition, help="how data is split: iid, dirichlet:ALPHA or shards:K")
+    p.add_argument("--strategy", choices=("fedasync", "fedbuff", "fedavg"), default=d.strategy, help="aggregation strategy")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="fedasync mixing weight")
+    p.add_argument("--staleness", default=d.staleness, help="constant, polynomial:A or hinge:A,B")
+    p.add_argument("--buffer-size", type=int, default=d.buffer_size, help="fedbuff K / fedavg clients per round")
+    p.add_argument("--server-lr", type=float, default=d.server_lr, help="fedbuff/fedavg server learning rate")
+    p.add_argument("--aggregate", default=d.aggregate, help="mean, median or trimmed-mean:FRACTION")
+    p.add_argument("--codec", default=d.codec, help="float32, int8, int4 or topk:FRACTION+QUANT")
+    p.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local passes per round")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per partial_fit call")
+    p.add_argument("--duration", type=float, default=d.duration, help="seconds to run")
+    p.add_argument("--target", type=float, help="accuracy (or r2) whose time to reach is reported")
+    p.add_argument("--stop-at-target", action="store_true", help="stop as soon as --target is reached")
+    p.add_argument("--round-time", type=float, default=d.round_time, help="simulated seconds of compute per local round")
+    p.add_argument("--stragglers", type=float, default=d.stragglers, help="fraction of agents that are slow")
+    p.add_argument("--straggler-factor", type=float, default=d.straggler_factor, help="how many times slower a straggler is")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="chance an agent drops off after a round")
+    p.add_argument("--dropout-time", type=float, default=d.dropout_time, help="seconds a dropped agent stays away")
+    p.add_argument("--network-delay", type=float, default=d.network_delay, help="extra seconds before each update is sent")
+    p.add_argument("--publish-interval", type=float, default=d.publish_interval, help="coordinator's minimum seconds between models")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for data split, stragglers and training")
+    p.add_argument("--json", metavar="FILE", help="write the full results (with the timeline) as JSON")
+    p.add_argument("--plot", metavar="FILE.png", default="out/fedmq-sim.png", help="where to draw accuracy vs time and version")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
+    p.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_layered(parser, argv)
+    try:
+        parse_scheme(args.partition)
+        CodecSpec.parse(args.codec)
+        if args.agents < 1 or args.duration <= 0:
+            raise ValueError("--agents must be >= 1 and --duration > 0")
+        if not 0 <= args.stragglers <= 1 or not 0 <= args.dropout <= 1:
+            raise ValueError("--stragglers and --dropout are fractions in [0, 1]")
+        if args.broker:
+            BrokerSettings.from_url(args.broker)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    fields = SimConfig.__dataclass_fields__
+    return SimConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    console = Console(stderr=not sys.stdout.isatty())
+    config = config_from_args(args)
+    try:
+        dataset = load_dataset(config.dataset, seed=config.seed)
+    except ValueError as exc:
+        print(f"fedmq-sim: error: {exc}", file=sys.stderr)
+        return 2
+    broker = None
+    if args.broker:
+        url = args.broker
+    else:
+        from simulation.embedded_broker import EmbeddedBroker
+
+        broker = EmbeddedBroker()
+        broker.start()
+        url = broker.url
+    settings = BrokerSettings.from_url(url, mqtt_version=args.mqtt_version)
+    console.print(f"fedmq-sim: {config.agents} agents on {config.dataset} ({config.partition}), "
+                  f"{config.strategy}, codec {config.codec}, broker {url}{' (embedded)' if broker else ''}")
+    sim = Simulation(config, dataset, settings)
+    try:
+        if args.no_progress:
+            result = sim.run()
+        else:
+            with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
+                task = bar.add_task("starting", total=config.duration)
+
+                def show(s: Simulation) -> None:
+                    last = s.timeline[-1] if s.timeline else None
+                    text = "waiting for updates" if not last else (
+                        f"version {last['version']:>5}  {dataset.task == 'classification' and 'accuracy' or 'r2'} "
+                        f"{(last['score'] or 0):.3f}  updates {s.traffic.updates_sent}")
+                    bar.update(task, completed=min(config.duration, last["t"] if last else 0), description=text)
+
+                result = sim.run(progress=show)
+    except Exception as exc:  # broker unreachable, etc.: one line
+        print(f"fedmq-sim: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if broker:
+            broker.stop()
+    result["baseline"] = centralized_baseline(dataset, seed=config.seed, hyperparameters=config.hyperparameters)
+    table = Table(title="fedmq simulation")
+    table.add_column("")
+    table.add_column("", justify="right")
+    for label, value in summary_rows(result):
+        table.add_row(label, value)
+    console.print(table)
+    if args.plot:
+        console.print(f"plot: {plot(result, args.plot)}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1, default=float))
+        console.print(f"results: {args.json}")
+    return 0

@@ -1,0 +1,283 @@
+"""A simulated fleet: N virtual agents (the real `edge_agent.Agent`, codec and MQTT client
+each) and the real coordinator, through a real broker, on one machine.
+
+Agents share one selector thread for their MQTT clients (`ClientLoop`) and a small
+thread pool for training, so a thousand of them cost memory, not threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coordinator.server import Coordinator
+from coordinator.session import CoordinatorSession
+from coordinator.staleness import parse_staleness
+from coordinator.strategies import make_strategy
+from coordinator.validation import NormBound, UpdateValidator
+from edge_agent.agent import Agent
+from edge_agent.data import ArraySource
+from edge_agent.trainer import LocalTrainer
+from protocol.model_spec import ModelSpec
+from protocol.topics import Topics
+from protocol.transport import BrokerSettings, make_client
+from simulation.client_loop import ClientLoop
+from simulation.datasets import Dataset
+from simulation.partition import partition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SimConfig:
+    """Everything one simulation run needs; the CLI flags map onto these fields."""
+
+    dataset: str = "digits"
+    agents: int = 20
+    partition: str = "dirichlet:0.5"
+    strategy: str = "fedasync"
+    alpha: float = 0.6
+    staleness: str = "polynomial:0.5"
+    buffer_size: int = 5
+    server_lr: float = 1.0
+    aggregate: str = "mean"
+    max_staleness: int = 1000
+    max_update_norm: float | None = None
+    codec: str = "int8"
+    local_epochs: int = 1
+    batch_size: int = 32
+    hyperparameters: dict = field(default_factory=dict)
+    duration: float = 30.0
+    target: float | None = None
+    stop_at_target: bool = False
+    round_time: float = 0.05
+    stragglers: float = 0.0
+    straggler_factor: float = 10.0
+    dropout: float = 0.0
+    dropout_time: float = 5.0
+    network_delay: float = 0.0
+    publish_interval: float = 0.5
+    fleet: str = "sim"
+    seed: int = 0
+    train_workers: int = 2
+
+
+@dataclass
+class Traffic:
+    """Counters shared by all virtual agents (updated on the loop thread)."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    updates_sent: int = 0
+    models_received: int = 0
+    connected: int = 0
+
+
+class VirtualAgent:
+    """One simulated device: an `Agent` plus its own MQTT client and a behaviour profile."""
+
+    def __init__(self, agent: Agent, settings: BrokerSettings, loop: ClientLoop, pool: ThreadPoolExecutor,
+                 traffic: Traffic, *, slowdown: float, round_time: float, network_delay: float,
+                 dropout: float, dropout_time: float, rng: np.random.Generator) -> None:
+        self.agent = agent
+        self.loop = loop
+        self.pool = pool
+        self.traffic = traffic
+        self.settings = settings
+        self.slowdown = slowdown
+        self.round_time = round_time
+        self.network_delay = network_delay
+        self.dropout = dropout
+        self.dropout_time = dropout_time
+        self.rng = rng
+        self.busy = False
+        self.offline = False
+        self.held: bytes | None = None
+        topics = agent.topics
+        self.client = make_client(settings, f"fedmq-sim-{topics.fleet}-{agent.agent_id}", persistent=False)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+        loop.attach(self.client)
+
+    def connect(self) -> None:
+        """Open the connection (on the loop thread)."""
+        self.client.connect(self.settings.host, self.settings.port, self.settings.keepalive)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            log.error("%s refused: %s", self.agent.agent_id, reason_code)
+            return
+        self.traffic.connected += 1
+        client.subscribe(self.agent.topics.model, qos=1)
+        if self.held is not None:  # the newest update made before dropping out
+            payload, self.held = self.held, None
+            self._publish(payload)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.traffic.connected -= 1
+        if not self.offline:  # not a simulated dropout: come back like paho's loop would
+            self.loop.call_later(1.0, self._reconnect)
+
+    def _reconnect(self) -> None:
+        self.offline = False
+        try:
+            self.client.reconnect()
+        except OSError:
+            self.loop.call_later(2.0, self._reconnect)
+
+    def _on_message(self, client, userdata, msg):
+        self.traffic.bytes_down += len(msg.payload)
+        self.traffic.models_received += 1
+        if self.agent.on_model(msg.payload):
+            self._maybe_train()
+
+    def _maybe_train(self) -> None:
+        if not self.busy and not self.offline:
+            self.busy = True
+            self.pool.submit(self._train)
+
+    def _train(self) -> None:
+        """On a worker thread: train, then hand the publish back to the loop after the simulated delay."""
+        started = time.monotonic()
+        payload = None
+        try:
+            if self.agent.due():
+                payload = self.agent.make_update()
+        except Exception:
+            log.exception("agent %s failed to train", self.agent.agent_id)
+        spent = time.monotonic() - started
+        delay = max(0.0, self.round_time * self.slowdown - spent) + self.network_delay
+        self.loop.call_later(delay, lambda: self._finish(payload))
+
+    def _finish(self, payload: bytes | None) -> None:
+        self.busy = False
+        if payload is None:
+            return
+        if self.dropout and self.rng.random() < self.dropout:
+            self.held, self.offline = payload, True
+            self.client.disconnect()
+            self.loop.call_later(self.dropout_time, self._reconnect)
+            return
+        self._publish(payload)
+        if self.agent.model_ and self.agent.model_.version > self.agent.trained_version_:
+            self._maybe_train()  # a newer model arrived while we trained
+
+    def _publish(self, payload: bytes) -> None:
+        self.client.publish(self.agent.topics.update(self.agent.agent_id), payload, qos=1)
+        self.traffic.bytes_up += len(payload)
+        self.traffic.updates_sent += 1
+
+
+class Simulation:
+    """Sets up the coordinator and the virtual agents, runs them, collects the results."""
+
+    def __init__(self, config: SimConfig, dataset: Dataset, settings: BrokerSettings) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.settings = settings
+        self.topics = Topics(config.fleet)
+        self.spec = ModelSpec(dataset.model, dataset.n_features, dataset.classes, dict(config.hyperparameters))
+        self.traffic = Traffic()
+        self.timeline: list[dict] = []  # one coordinator status per publish
+        self._timeline_lock = threading.Lock()
+        self.started_at = 0.0
+        self.target_reached_at: float | None = None
+        self.reached = threading.Event()
+
+    def _on_publish(self, status: dict) -> None:
+        score = status.get("accuracy") if status.get("accuracy") is not None else status.get("r2")
+        entry = {"t": time.monotonic() - self.started_at, "version": status["version"], "score": score,
+                 "accepted": status["accepted"], "rejected": sum(status["rejected"].values()),
+                 "staleness_mean": status["staleness"]["mean"]}
+        with self._timeline_lock:
+            self.timeline.append(entry)
+        if self.config.target is not None and score is not None and score >= self.config.target and self.target_reached_at is None:
+            self.target_reached_at = entry["t"]
+            self.reached.set()
+
+    def build_coordinator(self) -> Coordinator:
+        c = self.config
+        strategy = make_strategy(c.strategy, alpha=c.alpha, staleness=parse_staleness(c.staleness),
+                                 buffer_size=c.buffer_size, server_lr=c.server_lr, aggregate=c.aggregate)
+        validator = UpdateValidator(self.topics, self.spec.n_params, max_staleness=c.max_staleness,
+                                    norm=NormBound(c.max_update_norm))
+        return Coordinator(self.topics, self.spec, strategy, validator, publish_interval=c.publish_interval,
+                           eval_data=(self.dataset.X_test, self.dataset.y_test))
+
+    def build_agents(self, loop: ClientLoop, pool: ThreadPoolExecutor) -> list[VirtualAgent]:
+        c = self.config
+        rng = np.random.default_rng(c.seed)
+        parts = partition(self.dataset.y_train, c.agents, c.partition, seed=c.seed)
+        n_slow = int(round(c.stragglers * c.agents))
+        slow = set(rng.choice(c.agents, size=n_slow, replace=False).tolist()) if n_slow else set()
+        agents = []
+        for i, rows in enumerate(parts):
+            source = ArraySource(self.dataset.X_train[rows], self.dataset.y_train[rows])
+            agent = Agent(f"agent-{i:04d}", self.topics, source,
+                          LocalTrainer(c.local_epochs, c.batch_size, random_state=c.seed + i),
+                          c.codec, seed=c.seed + i)
+            agents.append(VirtualAgent(
+                agent, self.settings, loop, pool, self.traffic,
+                slowdown=c.straggler_factor if i in slow else 1.0, round_time=c.round_time,
+                network_delay=c.network_delay, dropout=c.dropout, dropout_time=c.dropout_time,
+                rng=np.random.default_rng(c.seed * 7919 + i),
+            ))
+        return agents
+
+    def run(self, progress=None) -> dict:
+        """Run for `duration` seconds (or until the target when `stop_at_target`); return results."""
+        c = self.config
+        core = self.build_coordinator()
+        session = CoordinatorSession(core, self.settings, on_publish=self._on_publish)
+        stop = threading.Event()
+        loop = ClientLoop()
+        pool = ThreadPoolExecutor(max_workers=c.train_workers, thread_name_prefix="train")
+        agents = self.build_agents(loop, pool)
+        self.started_at = time.monotonic()
+        coordinator_thread = threading.Thread(target=session.run, args=(stop,), name="coordinator", daemon=True)
+        coordinator_thread.start()
+        loop.start()
+        for va in agents:
+            loop.call_soon(va.connect)
+        deadline = self.started_at + c.duration
+        try:
+            while time.monotonic() < deadline:
+                if c.stop_at_target and self.reached.is_set():
+                    break
+                self.reached.wait(min(0.25, max(0.0, deadline - time.monotonic())))
+                if progress:
+                    progress(self)
+        finally:
+            wall = time.monotonic() - self.started_at
+            stop.set()
+            coordinator_thread.join(30)
+            loop.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
+            for va in agents:
+                va.client.disconnect()
+        status = core.status()
+        return {
+            "config": vars(c),
+            "dataset": self.dataset.name,
+            "n_params": self.spec.n_params,
+            "final_score": status["accuracy"] if self.spec.is_classifier else status["r2"],
+            "metric": "accuracy" if self.spec.is_classifier else "r2",
+            "version": status["version"],
+            "accepted": status["accepted"],
+            "rejected": status["rejected"],
+            "staleness": status["staleness"],
+            "fleet_eval": status["fleet_eval"],
+            "updates_sent": self.traffic.updates_sent,
+            "bytes_up": self.traffic.bytes_up,
+            "bytes_down": self.traffic.bytes_down,
+            "bytes_per_update": self.traffic.bytes_up / max(1, self.traffic.updates_sent),
+            "wall_time_s": wall,
+            "time_to_target_s": self.target_reached_at,
+            "timeline": list(self.timeline),
+        }
