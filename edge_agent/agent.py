@@ -118,7 +118,8 @@ class Agent:
                 base_version=model.version,
                 n_samples=result.n_samples,
                 delta=self.feedback.encode(result.delta),
-                metrics=result.metrics,
+                # only the federated evaluation travels; train_* stays in the status
+                metrics={k: v for k, v in result.metrics.items() if k.startswith("eval_")},
             )
         )
 

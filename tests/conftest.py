@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mosquitto import Mosquitto  # noqa: E402
+from simulation.mosquitto import Mosquitto  # noqa: E402
 
 
 @pytest.fixture

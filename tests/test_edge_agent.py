@@ -12,7 +12,7 @@ from edge_agent.data import CallableSource, CSVDirectory, CSVFile
 from edge_agent.error_feedback import ErrorFeedback
 from edge_agent.trainer import LocalTrainer
 from fleet import TopicWatcher, spawn, stop
-from mosquitto import free_port
+from simulation.mosquitto import free_port
 from protocol import codec
 from protocol.messages import ModelMessage, decode_update, encode_model
 from protocol.model_spec import ModelSpec

@@ -1,7 +1,8 @@
-"""A real mosquitto on a free loopback port, with its own config, for tests and benchmarks."""
+"""A real mosquitto (Debian package) on a free loopback port with its own config: tests and benchmarks."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -46,8 +47,12 @@ class Mosquitto:
             "log_type error",
             "log_type warning",
             "log_type notice",
-            "max_queued_messages 10000",
+            "max_queued_messages 200000",
+            "max_inflight_messages 100",
         ]
+        if os.geteuid() == 0:
+            # as root mosquitto would switch to user "mosquitto", which cannot read our temp files
+            lines.append("user root")
         if self.persistence:
             lines += ["persistence true", f"persistence_location {self.workdir}/", "autosave_interval 1"]
         conf = self.workdir / "mosquitto.conf"

@@ -1,0 +1,158 @@
+"""Throughput benchmark: updates per second the coordinator decodes, validates and
+aggregates end to end through mosquitto, beside the raw paho publish -> consume rate for
+payloads of the same size measured in the same run. Prints JSON.
+
+    python bench/throughput.py [--sizes 1000,10000,100000] [--messages 20000]
+
+A separate publisher process sends pre-encoded int8 updates (QoS 1) as fast as paho can;
+the consumer is paho + `CoordinatorSession` in this process, exactly as in production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from coordinator.server import Coordinator  # noqa: E402
+from coordinator.session import CoordinatorSession  # noqa: E402
+from coordinator.strategies import make_strategy  # noqa: E402
+from coordinator.validation import UpdateValidator  # noqa: E402
+from protocol import codec  # noqa: E402
+from protocol.messages import UpdateMessage, encode_update  # noqa: E402
+from protocol.model_spec import ModelSpec  # noqa: E402
+from protocol.topics import Topics  # noqa: E402
+from protocol.transport import BrokerSettings  # noqa: E402
+from simulation.mosquitto import Mosquitto  # noqa: E402
+
+TOPICS = Topics("bench")
+N_AGENTS = 100
+
+
+def spec_with(n_params: int) -> ModelSpec:
+    """A regressor spec with exactly `n_params` parameters (n_features + 1)."""
+    return ModelSpec("sgd-regressor", n_params - 1)
+
+
+def make_payloads(n_params: int, count: int) -> list[tuple[str, bytes]]:
+    rng = np.random.default_rng(0)
+    base = [codec.encode(rng.normal(scale=0.01, size=n_params), "int8", rng) for _ in range(8)]
+    return [
+        (TOPICS.update(f"a{i % N_AGENTS}"),
+         encode_update(UpdateMessage("bench", f"a{i % N_AGENTS}", i // N_AGENTS + 1, 0, 100, base[i % 8], {"eval_loss": 1.0})))
+        for i in range(count)
+    ]
+
+
+def publisher(port: int, n_params: int, count: int, topic: str | None, start: mp.Event) -> None:
+    """Publish `count` messages QoS 1 as fast as paho allows (raw topic when `topic` is given)."""
+    payloads = make_payloads(n_params, count)
+    if topic:
+        payloads = [(topic, p) for _, p in payloads]
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{time.time_ns()}")
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    start.wait(30)
+    infos = [client.publish(t, p, qos=1) for t, p in payloads]
+    for info in infos:
+        info.wait_for_publish(60)
+    client.disconnect()
+    client.loop_stop()
+
+
+def measure_raw(port: int, n_params: int, count: int) -> dict:
+    topic = "bench/raw"
+    done = threading.Event()
+    seen = {"n": 0, "first": 0.0, "last": 0.0}
+    subscribed = threading.Event()
+
+    def on_message(c, u, msg):
+        if seen["n"] == 0:
+            seen["first"] = time.perf_counter()
+        seen["n"] += 1
+        if seen["n"] == count:
+            seen["last"] = time.perf_counter()
+            done.set()
+
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-sub")
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    subscribed.wait(10)
+    go = mp.Event()
+    proc = mp.Process(target=publisher, args=(port, n_params, count, topic, go))
+    proc.start()
+    t0 = time.perf_counter()
+    go.set()
+    finished = done.wait(300)
+    elapsed = (seen["last"] if finished else time.perf_counter()) - t0
+    proc.join(60)
+    sub.disconnect()
+    sub.loop_stop()
+    return {"messages": seen["n"], "seconds": round(elapsed, 3), "per_s": round(seen["n"] / elapsed, 1)}
+
+
+def measure_fedmq(port: int, n_params: int, count: int) -> dict:
+    spec = spec_with(n_params)
+    validator = UpdateValidator(TOPICS, spec.n_params, max_staleness=10**9)
+    core = Coordinator(TOPICS, spec, make_strategy("fedasync", alpha=0.1), validator, publish_interval=1.0)
+    session = CoordinatorSession(core, BrokerSettings.from_url(f"mqtt://127.0.0.1:{port}"))
+    stop = threading.Event()
+    runner = threading.Thread(target=session.run, args=(stop,), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 10
+    while not session.client.is_connected() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the subscription settle (no event for SUBACK in the session)
+    go = mp.Event()
+    proc = mp.Process(target=publisher, args=(port, n_params, count, None, go))
+    proc.start()
+    t0 = time.perf_counter()
+    go.set()
+    deadline = time.monotonic() + 300
+    while core.handled_ < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - t0
+    proc.join(60)
+    stop.set()
+    runner.join(30)
+    return {"messages": core.handled_, "accepted": core.accepted_, "rejected": dict(core.rejected_),
+            "seconds": round(elapsed, 3), "per_s": round(core.handled_ / elapsed, 1), "versions": core.version_}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="1000,10000,100000")
+    p.add_argument("--messages", type=int, default=20000)
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp)) as broker:
+        for n in map(int, args.sizes.split(",")):
+            count = args.messages if n <= 10_000 else max(2000, args.messages // 5)
+            payload_bytes = len(make_payloads(n, 1)[0][1])
+            raw = measure_raw(broker.port, n, count)
+            fed = measure_fedmq(broker.port, n, count)
+            rows.append({"n_params": n, "payload_bytes": payload_bytes, "raw_paho": raw, "fedmq_coordinator": fed,
+                         "ratio": round(fed["per_s"] / raw["per_s"], 3)})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    print(json.dumps({"benchmark": "throughput", "codec": "int8", "qos": 1, "results": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The broker/ config against a real mosquitto: credentials, ACL, TLS, and fedmq through all three."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from sklearn.datasets import load_digits
+
+from fleet import TopicWatcher, spawn, stop
+from protocol.tabular import write_csv
+from protocol.topics import Topics
+from protocol.transport import BrokerError, BrokerSettings, connect, make_client
+from simulation.mosquitto import Mosquitto, free_port
+
+BROKER_DIR = Path(__file__).resolve().parent.parent / "broker"
+T = Topics("sec")
+
+
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("creds")
+    subprocess.run([str(BROKER_DIR / "make-credentials.sh"), str(out), "a1", "a2"], check=True, capture_output=True)
+    other = tmp_path_factory.mktemp("other-ca")
+    subprocess.run([str(BROKER_DIR / "make-credentials.sh"), str(other)], check=True, capture_output=True)
+    return out, other
+
+
+@pytest.fixture(scope="module")
+def secure_broker(creds, tmp_path_factory):
+    out, _ = creds
+    tls_port = free_port()
+    conf = "\n".join([
+        f"password_file {out}/passwd",
+        f"acl_file {BROKER_DIR}/acl",
+        f"listener {tls_port} 127.0.0.1",
+        f"cafile {out}/certs/ca.crt",
+        f"certfile {out}/certs/server.crt",
+        f"keyfile {out}/certs/server.key",
+    ])
+    broker = Mosquitto(tmp_path_factory.mktemp("secure"), extra_conf=conf, allow_anonymous=False)
+    broker.start()
+    broker.tls_port = tls_port
+    yield broker
+    broker.stop()
+
+
+def client_for(broker, creds, user, *, tls=False, ca=None):
+    out, _ = creds
+    url = f"mqtts://127.0.0.1:{broker.tls_port}" if tls else broker.url
+    settings = BrokerSettings.from_url(url, username=user, password_file=str(out / "secrets" / f"{user}.password"),
+                                       ca_file=ca or (str(out / "certs" / "ca.crt") if tls else None))
+    client = make_client(settings, f"test-{user}-{tls}", persistent=False)
+    return client, settings
+
+
+class Inbox:
+    def __init__(self, client, topic_filter):
+        self.messages: list[tuple[str, bytes]] = []
+        self.cond = threading.Condition()
+        self.subscribed = threading.Event()
+        client.on_message = self._on_message
+        client.on_subscribe = lambda *a: self.subscribed.set()
+        client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=1)
+
+    def _on_message(self, client, userdata, msg):
+        with self.cond:
+            self.messages.append((msg.topic, msg.payload))
+            self.cond.notify_all()
+
+    def wait_for(self, topic, payload, timeout=10):
+        with self.cond:
+            assert self.cond.wait_for(lambda: (topic, payload) in self.messages, timeout), f"{topic} {payload} not received"
+
+
+def connected(broker, creds, user, topic_filter=None, **kw):
+    client, settings = client_for(broker, creds, user, **kw)
+    inbox = Inbox(client, topic_filter) if topic_filter else None
+    connect(client, settings, timeout=10)
+    if inbox:
+        assert inbox.subscribed.wait(10)
+    return client, inbox
+
+
+def test_anonymous_and_wrong_password_are_refused(secure_broker, tmp_path):
+    settings = BrokerSettings.from_url(secure_broker.url)
+    with pytest.raises(BrokerError, match="refused"):
+        connect(make_client(settings, "anon", persistent=False), settings, timeout=10)
+    (tmp_path / "pw").write_text("wrong")
+    bad = BrokerSettings.from_url(secure_broker.url, username="a1", password_file=str(tmp_path / "pw"))
+    with pytest.raises(BrokerError, match="refused"):
+        connect(make_client(bad, "bad", persistent=False), bad, timeout=10)
+
+
+def test_acl_confines_each_agent_to_its_own_topics(secure_broker, creds):
+    coordinator, updates = connected(secure_broker, creds, "coordinator", "fedmq/+/update/+")
+    monitor, everything = connected(secure_broker, creds, "monitor", "fedmq/#")
+    a1, models = connected(secure_broker, creds, "a1", T.model)
+    try:
+        a1.publish(T.update("a2"), b"forged", qos=1).wait_for_publish(5)
+        a1.publish(T.model, b"forged-model", qos=1, retain=True).wait_for_publish(5)
+        a1.publish(T.coordinator_status, b"forged-status", qos=1).wait_for_publish(5)
+        a1.publish(T.update("a1"), b"marker", qos=1).wait_for_publish(5)
+        updates.wait_for(T.update("a1"), b"marker")
+        everything.wait_for(T.update("a1"), b"marker")
+        assert (T.update("a2"), b"forged") not in updates.messages
+        assert all(p not in (b"forged", b"forged-model", b"forged-status") for _, p in everything.messages)
+        # the coordinator may publish the model, and agents receive it
+        coordinator.publish(T.model, b"real-model", qos=1).wait_for_publish(5)
+        models.wait_for(T.model, b"real-model")
+        assert (T.model, b"forged-model") not in models.messages
+    finally:
+        for c in (coordinator, monitor, a1):
+            c.disconnect()
+            c.loop_stop()
+
+
+def test_tls_with_the_dev_ca_and_refused_with_another(secure_broker, creds):
+    client, _ = connected(secure_broker, creds, "a1", tls=True)
+    assert client.is_connected()
+    client.disconnect()
+    client.loop_stop()
+    _, other = creds
+    with pytest.raises(BrokerError, match="TLS"):
+        connected(secure_broker, creds, "a1", tls=True, ca=str(other / "certs" / "ca.crt"))
+
+
+def test_fleet_runs_over_tls_with_credentials(secure_broker, creds, tmp_path):
+    out, _ = creds
+    X, y = load_digits(return_X_y=True)
+    write_csv(tmp_path / "a1.csv", X[:300], y[:300])
+    tls = ["--broker", f"mqtts://127.0.0.1:{secure_broker.tls_port}", "--ca-file", out / "certs" / "ca.crt", "--fleet", "sec"]
+    coordinator = spawn("coordinator", *tls, "--username", "coordinator", "--password-file", out / "secrets" / "coordinator.password",
+                        "--model", "sgd-classifier", "--n-features", 64, "--classes", "0,1,2,3,4,5,6,7,8,9",
+                        "--publish-interval", "0.3", log=tmp_path / "coordinator.log")
+    agent = spawn("edge_agent", *tls, "--id", "a1", "--username", "a1", "--password-file", out / "secrets" / "a1.password",
+                  "--data", tmp_path / "a1.csv", log=tmp_path / "agent.log")
+    monitor, statuses = connected(secure_broker, creds, "monitor", T.coordinator_status)
+    try:
+        with statuses.cond:
+            assert statuses.cond.wait_for(
+                lambda: any(b'"accepted": ' in p and b'"accepted": 0,' not in p for _, p in statuses.messages), 30
+            ), "no update accepted over TLS"
+    finally:
+        monitor.disconnect()
+        monitor.loop_stop()
+        assert stop(agent) == 0
+        assert stop(coordinator) == 0
