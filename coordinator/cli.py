@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--eval-csv", help="held-out CSV scored at each publish (accuracy or r2 in the status)")
     o.add_argument("--label-column", default="label", help="label column of --eval-csv")
     o.add_argument("--metrics-log", metavar="FILE.jsonl", help="append every published status as a JSON line (see fedmq-report)")
+    o.add_argument("--audit-log", metavar="FILE.jsonl", help="append one line per received update: agent, seq and accepted or the rejection reason")
     o.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (needs prometheus-client)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
     return p
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
         on_publish = start_metrics_server(args.metrics_port)
     session = CoordinatorSession(core, args.settings, connect_timeout=args.connect_timeout,
-                                 metrics_log=args.metrics_log, on_publish=on_publish)
+                                 metrics_log=args.metrics_log, audit_log=args.audit_log, on_publish=on_publish)
     log.info("fleet %s: %s with %d parameters, strategy %s, version %d",
              args.fleet, args.model, args.spec.n_params, args.strategy, core.version_)
     try:

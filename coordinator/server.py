@@ -61,6 +61,8 @@ class Coordinator:
         self.last_publish_ = 0.0
         self.scores_: dict[str, float] = {}
         self.fleet_eval = FleetEvaluation()
+        # audit(topic, update or None, reason or None, staleness) after every payload
+        self.audit = None
         if resume:
             self._restore(resume)
 
@@ -70,14 +72,18 @@ class Coordinator:
         """Validate and fold in one payload; returns None if accepted, else the reason."""
         self.handled_ += 1
         verdict = self.validator.check(topic, payload, self.version_, self.strategy.admit)
-        if verdict.reason is not None:
-            self.rejected_[verdict.reason] += 1
-            return verdict.reason
+        reason = verdict.reason or self._apply(verdict)
+        if reason is not None:
+            self.rejected_[reason] += 1
+        if self.audit is not None:
+            self.audit(topic, verdict.update, reason, verdict.staleness)
+        return reason
+
+    def _apply(self, verdict) -> str | None:
         update = verdict.update
         base = self.published_.get(update.base_version)
         new = self.strategy.add(self.params_, verdict.delta, update.n_samples, verdict.staleness, base)
         if new is not None and not np.isfinite(new).all():  # overflow: never publish it
-            self.rejected_["non_finite_model"] += 1
             return "non_finite_model"
         self.accepted_ += 1
         self.clipped_ += verdict.clipped

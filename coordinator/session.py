@@ -39,6 +39,22 @@ class RejectionLog:
             self._since[reason] = 0
 
 
+class AuditLog:
+    """One JSON line per payload: which (agent, seq) was accepted or why it was refused."""
+
+    def __init__(self, path: str) -> None:
+        self.file = open(path, "a", buffering=1 << 16)
+
+    def __call__(self, topic, update, reason, staleness) -> None:
+        record = {"t": round(time.time(), 3), "topic": topic, "outcome": reason or "accepted"}
+        if update is not None:
+            record.update(agent=update.agent_id, seq=update.seq, base=update.base_version, staleness=staleness)
+        self.file.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 class CoordinatorSession:
     """Connects a `Coordinator` to the broker and runs until `stop` is set."""
 
@@ -49,6 +65,7 @@ class CoordinatorSession:
         *,
         connect_timeout: float = 10.0,
         metrics_log: str | None = None,
+        audit_log: str | None = None,
         on_publish=None,
     ) -> None:
         self.core = core
@@ -57,6 +74,8 @@ class CoordinatorSession:
         self.metrics_log = Path(metrics_log) if metrics_log else None
         self.on_publish = on_publish  # callback(status) after each model publish, e.g. metrics
         self.lock = threading.Lock()
+        self.audit = AuditLog(audit_log) if audit_log else None
+        core.audit = self.audit
         self.rejections = RejectionLog()
         self._status_handled = -1
         self.client = make_client(settings, f"fedmq-coordinator-{core.topics.fleet}", persistent=True)
@@ -112,6 +131,8 @@ class CoordinatorSession:
                 return False
             payload = self.core.model_payload()
             self.core.checkpoint()
+            if self.audit:
+                self.audit.flush()
             status = self.core.status()
             self._status_handled = self.core.handled_
         self.client.publish(topics.model, payload, qos=1, retain=True)

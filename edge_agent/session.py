@@ -26,7 +26,7 @@ class AgentSession:
         self.connect_timeout = connect_timeout
         self.poll_interval = poll_interval
         self.wake = threading.Event()
-        self._pending: bytes | None = None
+        self._pending: tuple[bytes, int] | None = None
         self._lock = threading.Lock()
         topics = agent.topics
         self.client = make_client(
@@ -48,8 +48,7 @@ class AgentSession:
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is not None:
-            log.info("reconnected: sending the update held while offline")
-            self._send(pending)
+            self._send(*pending)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
@@ -64,12 +63,16 @@ class AgentSession:
             self.agent.topics.agent_status(self.agent.agent_id), json.dumps(self.agent.status(state)), qos=1, retain=True
         )
 
-    def _send(self, payload: bytes) -> None:
+    def _send(self, payload: bytes, seq: int) -> None:
         if not self.client.is_connected():
             with self._lock:
-                self._pending = payload  # only the newest is worth sending later
+                if self._pending is not None:
+                    log.info("offline: update seq %d superseded by seq %d", self._pending[1], seq)
+                self._pending = (payload, seq)  # only the newest is worth sending later
+            log.info("offline: holding update seq %d until the broker is back", seq)
             return
         self.client.publish(self.agent.topics.update(self.agent.agent_id), payload, qos=1)
+        log.info("sent update seq %d", seq)
 
     def run(self, stop: threading.Event) -> None:
         """Connect, then train whenever the agent is due, until `stop` is set."""
@@ -83,13 +86,13 @@ class AgentSession:
                 payload = self.agent.make_update()
                 if payload is None:
                     continue
-                self._send(payload)
                 metrics = self.agent.last_metrics_
                 log.info(
-                    "sent update seq %d from version %d: %d bytes, eval accuracy %s loss %s",
+                    "trained update seq %d from version %d: %d bytes, eval accuracy %s loss %s",
                     self.agent.seq_, self.agent.trained_version_, len(payload),
                     _fmt(metrics.get("eval_accuracy", metrics.get("eval_r2"))), _fmt(metrics.get("eval_loss")),
                 )
+                self._send(payload, self.agent.seq_)
                 self.publish_status()
         finally:
             info = self.publish_status("offline")
