@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+from coordinator.aggregation import parse_aggregate
 from coordinator.server import Coordinator
 from coordinator.session import CoordinatorSession
 from coordinator.staleness import parse_staleness
@@ -16,7 +17,7 @@ from coordinator.store import CheckpointError, load_checkpoint
 from coordinator.strategies import make_strategy
 from coordinator.validation import NormBound, UpdateValidator
 from protocol.config import add_config_option, parse_layered
-from protocol.model_spec import ESTIMATORS, ModelSpec
+from protocol.model_spec import ESTIMATORS, HYPERPARAMETERS, ModelSpec, build_estimator
 from protocol.tabular import DataError, load_csv
 from protocol.topics import Topics
 from protocol.transport import BrokerError, add_broker_options, settings_from_args
@@ -41,33 +42,39 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--classes", help="comma-separated class labels, e.g. 0,1,2 (classifiers)")
     m.add_argument(
         "--hyperparameters", default="{}",
-        help='JSON object of SGD hyperparameters, e.g. \'{"alpha": 1e-4, "loss": "log_loss"}\'',
+        help='SGD hyperparameters as a JSON object (\'{"alpha": 1e-4, "loss": "log_loss"}\') or as '
+        "k=v pairs (alpha=1e-4,loss=log_loss); settable: " + ", ".join(sorted(HYPERPARAMETERS)),
     )
 
     a = p.add_argument_group("aggregation")
     a.add_argument("--strategy", choices=("fedasync", "fedbuff", "fedavg"), default="fedasync",
                    help="fedasync: mix each update as it arrives; fedbuff: buffer K then step; fedavg: synchronous rounds of K")
-    a.add_argument("--alpha", type=float, default=0.6, help="fedasync mixing weight in (0, 1]")
+    a.add_argument("--alpha", type=float, default=0.6, help="fedasync mixing weight in (0, 1], scaled by the staleness weight")
     a.add_argument("--staleness", default="polynomial:0.5", help="staleness weight: constant, polynomial:A or hinge:A,B")
     a.add_argument("--buffer-size", type=int, default=5, help="K: updates per step (fedbuff) or per round (fedavg)")
     a.add_argument("--server-lr", type=float, default=1.0, help="server learning rate for fedbuff/fedavg steps")
     a.add_argument("--aggregate", default="mean", help="buffered rule: mean, median or trimmed-mean:FRACTION (robust to poisoning)")
-    a.add_argument("--max-staleness", type=int, default=1000, help="drop updates whose base is more than this many versions old")
+    a.add_argument("--max-staleness", type=int, default=1000, help="reject (too_stale) updates whose base is more than this many versions old")
 
     v = p.add_argument_group("validation")
-    v.add_argument("--max-update-norm", type=float, help="absolute L2 bound on a decoded update")
-    v.add_argument("--norm-factor", type=float, help="relative bound: this many times the median norm of recent accepted updates")
+    v.add_argument("--max-update-norm", type=float, help="absolute L2 bound on a decoded update (default: none)")
+    v.add_argument("--norm-factor", type=float,
+                   help="relative L2 bound: this many times the median norm of the last 50 accepted updates, "
+                   "once 10 were accepted (default: none)")
     v.add_argument("--norm-action", choices=("reject", "clip"), default="reject", help="what to do with an update above the bound")
     v.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024, help="refuse larger update payloads")
 
     o = p.add_argument_group("publishing, durability, evaluation")
     o.add_argument("--publish-interval", type=float, default=1.0, help="publish the model at most once per this many seconds")
-    o.add_argument("--checkpoint-dir", help="checkpoint the model here after each publish and resume from it on start")
+    o.add_argument("--checkpoint-dir",
+                   help="checkpoint the model, its version and the replay state here before each publish and resume "
+                   "from it on start (a newer retained model of the same spec on the broker wins: versions never go back)")
     o.add_argument("--eval-csv", help="held-out CSV scored at each publish (accuracy or r2 in the status)")
     o.add_argument("--label-column", default="label", help="label column of --eval-csv")
-    o.add_argument("--metrics-log", metavar="FILE.jsonl", help="append every published status as a JSON line (see fedmq-report)")
+    o.add_argument("--metrics-log", metavar="FILE.jsonl", help="append every published status as a JSON line")
     o.add_argument("--audit-log", metavar="FILE.jsonl", help="append one line per received update: agent, seq and accepted or the rejection reason")
-    o.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (needs prometheus-client)")
+    o.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this port at /metrics (needs prometheus-client: pip install 'fedmq[coordinator]')")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
     return p
 
@@ -81,22 +88,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} is required (or FEDMQ_{name.upper()} / {name} in --config)")
     try:
         args.topics = Topics(args.fleet, args.topic_prefix)
-        args.spec = ModelSpec(args.model, args.n_features, _parse_classes(args.classes), _parse_hyper(args.hyperparameters))
+        args.spec = ModelSpec(args.model, args.n_features, parse_classes(args.classes),
+                              parse_hyperparameters(args.hyperparameters))
+        check_hyperparameters(args.spec)
         args.staleness_fn = parse_staleness(args.staleness)
+        parse_aggregate(args.aggregate)  # checked whatever the strategy, so a typo never waits
+        if args.buffer_size < 1 or not args.server_lr > 0:
+            raise ValueError("--buffer-size must be >= 1 and --server-lr > 0")
         args.strategy_obj = make_strategy(
             args.strategy, alpha=args.alpha, staleness=args.staleness_fn,
             buffer_size=args.buffer_size, server_lr=args.server_lr, aggregate=args.aggregate,
         )
+        args.norm = NormBound(args.max_update_norm, args.norm_factor)
         args.settings = settings_from_args(args)
-        for name in ("publish_interval", "max_message_bytes"):
-            if getattr(args, name) <= 0:
+        for name in ("publish_interval", "max_message_bytes", "connect_timeout"):
+            if not getattr(args, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        if args.max_staleness < 0:
+            raise ValueError("--max-staleness must be >= 0")
+        if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+            raise ValueError("--metrics-port must be in 1..65535")
     except ValueError as exc:
         parser.error(str(exc))
     return args
 
 
-def _parse_classes(text: str | None) -> tuple:
+def parse_classes(text: str | None) -> tuple:
+    """``0,1,2`` -> (0, 1, 2); labels that are not all integers stay strings."""
     if not text:
         return ()
     labels = [c.strip() for c in text.split(",") if c.strip()]
@@ -106,33 +124,63 @@ def _parse_classes(text: str | None) -> tuple:
         return tuple(labels)
 
 
-def _parse_hyper(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--hyperparameters is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError("--hyperparameters must be a JSON object")
+def parse_hyperparameters(text: str) -> dict:
+    """A JSON object, or ``k=v,k=v`` where each v is read as JSON if it can be (1e-4, true, null)."""
+    text = text.strip()
+    if not text or text.startswith("{"):
+        try:
+            value = json.loads(text or "{}")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--hyperparameters is not a JSON object: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError("--hyperparameters must be a JSON object or k=v,... pairs")
+        return value
+    value = {}
+    for pair in text.split(","):
+        key, sep, raw = (part.strip() for part in pair.partition("="))
+        if not sep or not key:
+            raise ValueError(f"--hyperparameters: {pair.strip()!r} is not k=v")
+        try:
+            value[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            value[key] = raw
     return value
 
 
+def check_hyperparameters(spec: ModelSpec) -> None:
+    """Let scikit-learn judge the values now, rather than every agent at its first fit."""
+    estimator = build_estimator(spec)
+    for check in ("_validate_params", "_more_validate_params"):  # scikit-learn >= 1.2
+        if hasattr(estimator, check):
+            getattr(estimator, check)()
+
+
 def build_coordinator(args: argparse.Namespace) -> Coordinator:
+    """The core from parsed arguments; DataError, CheckpointError or ValueError with one line."""
     eval_data = load_csv(args.eval_csv, args.label_column) if args.eval_csv else None
-    if eval_data is not None and eval_data[0].shape[1] != args.n_features:
-        raise DataError(f"{args.eval_csv}: {eval_data[0].shape[1]} features, --n-features is {args.n_features}")
+    if eval_data is not None:
+        X, y = eval_data
+        if X.shape[1] != args.n_features:
+            raise DataError(f"{args.eval_csv}: {X.shape[1]} features, --n-features is {args.n_features}")
+        if args.spec.is_classifier:
+            unknown = sorted(set(y.tolist()) - set(args.spec.classes), key=str)
+            if unknown:
+                raise DataError(f"{args.eval_csv}: labels {unknown[:5]} are not among --classes")
     resume = load_checkpoint(args.checkpoint_dir) if args.checkpoint_dir else None
     validator = UpdateValidator(
         args.topics, args.spec.n_params, max_staleness=args.max_staleness,
-        norm=NormBound(args.max_update_norm, args.norm_factor), norm_action=args.norm_action,
-        max_bytes=args.max_message_bytes,
+        norm=args.norm, norm_action=args.norm_action, max_bytes=args.max_message_bytes,
     )
-    return Coordinator(
+    core = Coordinator(
         args.topics, args.spec, args.strategy_obj, validator, publish_interval=args.publish_interval,
         eval_data=eval_data, checkpoint_dir=args.checkpoint_dir, resume=resume,
     )
+    core.checkpoint()  # an unwritable --checkpoint-dir is a configuration error, found now
+    return core
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the coordinator until SIGINT/SIGTERM; 0 on a clean stop, 1 broker error, 2 bad config."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -140,16 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         core = build_coordinator(args)
-    except (DataError, CheckpointError, ValueError) as exc:
-        print(f"fedmq-coordinator: error: {exc}", file=sys.stderr)
+        on_publish = start_metrics(args.metrics_port) if args.metrics_port else None
+        session = CoordinatorSession(core, args.settings, connect_timeout=args.connect_timeout,
+                                     metrics_log=args.metrics_log, audit_log=args.audit_log, on_publish=on_publish)
+    except (DataError, CheckpointError, ValueError, OSError) as exc:  # OSError: TLS files, ports
+        print(f"fedmq-coordinator: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    on_publish = None
-    if args.metrics_port:
-        from coordinator.metrics import start_metrics_server
-
-        on_publish = start_metrics_server(args.metrics_port)
-    session = CoordinatorSession(core, args.settings, connect_timeout=args.connect_timeout,
-                                 metrics_log=args.metrics_log, audit_log=args.audit_log, on_publish=on_publish)
     log.info("fleet %s: %s with %d parameters, strategy %s, version %d",
              args.fleet, args.model, args.spec.n_params, args.strategy, core.version_)
     try:
@@ -159,3 +203,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("stopped at version %d", core.version_)
     return 0
+
+
+def start_metrics(port: int):
+    """The Prometheus exporter's publish callback; ValueError if it cannot be started."""
+    try:
+        from coordinator.metrics import start_metrics_server
+    except ImportError:
+        raise ValueError("--metrics-port needs prometheus-client: pip install 'fedmq[coordinator]'") from None
+    try:
+        return start_metrics_server(port)
+    except OSError as exc:
+        raise ValueError(f"--metrics-port {port}: {exc.strerror or exc}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 from sklearn.metrics import accuracy_score, r2_score
 
@@ -20,22 +22,25 @@ class FleetEvaluation:
     """Sample-weighted mean of what agents report about the global model on their own data.
 
     Agents evaluate the model they received before training and send `eval_*` metrics with
-    their update; the newest report of each agent counts (bounded by `max_agents`).
+    their update; the newest report of each of the `max_agents` most recently reporting
+    agents counts, so agents that left long ago drop out.
     """
 
-    def __init__(self, max_agents: int = 100_000) -> None:
+    def __init__(self, max_agents: int = 10_000) -> None:
         self.max_agents = max_agents
-        self._latest: dict[str, tuple[int, dict[str, float]]] = {}
+        self._latest: OrderedDict[str, tuple[int, dict[str, float]]] = OrderedDict()
 
     def report(self, agent: str, n_samples: int, metrics: dict[str, float]) -> None:
         evals = {k: v for k, v in metrics.items() if k.startswith("eval_")}
         if not evals:
             return
-        if agent not in self._latest and len(self._latest) >= self.max_agents:
-            self._latest.pop(next(iter(self._latest)))
         self._latest[agent] = (n_samples, evals)
+        self._latest.move_to_end(agent)
+        while len(self._latest) > self.max_agents:
+            self._latest.popitem(last=False)
 
     def summary(self) -> dict[str, float]:
+        """{"loss": ..., "accuracy" or "r2": ...}: each metric's sample-weighted mean."""
         totals: dict[str, list[float]] = {}
         for n, evals in self._latest.values():
             for key, value in evals.items():

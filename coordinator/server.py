@@ -2,6 +2,8 @@
 
 `Coordinator` is driven by the MQTT session (coordinator/session.py), by tests and by the
 simulator alike. It is not thread-safe; the session serialises calls with one lock.
+Nothing a payload contains can raise out of `handle_update`: every payload is either
+accepted or counted under a rejection reason.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections import Counter, OrderedDict
 import numpy as np
 
 from coordinator.evaluation import FleetEvaluation, score
+from coordinator.status import build_status
 from coordinator.store import save_checkpoint
 from coordinator.strategies import Strategy
-from coordinator.validation import UpdateValidator
+from coordinator.validation import UpdateValidator, Verdict
 from protocol.messages import ModelMessage, encode_model
 from protocol.model_spec import ModelSpec
 from protocol.topics import Topics
@@ -71,15 +74,19 @@ class Coordinator:
     def handle_update(self, topic: str, payload: bytes) -> str | None:
         """Validate and fold in one payload; returns None if accepted, else the reason."""
         self.handled_ += 1
-        verdict = self.validator.check(topic, payload, self.version_, self.strategy.admit)
-        reason = verdict.reason or self._apply(verdict)
+        try:
+            verdict = self.validator.check(topic, payload, self.version_, self.strategy.admit)
+            reason = verdict.reason or self._apply(verdict)
+        except Exception:  # a bug of ours must not stop the network thread
+            log.exception("unexpected error handling an update on %s", topic)
+            verdict, reason = Verdict("internal"), "internal"
         if reason is not None:
             self.rejected_[reason] += 1
         if self.audit is not None:
             self.audit(topic, verdict.update, reason, verdict.staleness)
         return reason
 
-    def _apply(self, verdict) -> str | None:
+    def _apply(self, verdict: Verdict) -> str | None:
         update = verdict.update
         base = self.published_.get(update.base_version)
         new = self.strategy.add(self.params_, verdict.delta, update.n_samples, verdict.staleness, base)
@@ -108,41 +115,56 @@ class Coordinator:
         self.published_version_ = self.version_
         self.last_publish_ = time.monotonic() if now is None else now
         if self.eval_data is not None:
-            self.scores_ = score(self.spec, self.params_, *self.eval_data)
+            try:
+                self.scores_ = score(self.spec, self.params_, *self.eval_data)
+            except Exception:  # a score is worth a log line, not the coordinator
+                log.exception("cannot score version %d on the eval set", self.version_)
+                self.scores_ = {}
         # agents receive float32: remember exactly that as the base of their updates
         self.published_[self.version_] = self.params_.astype(np.float32).astype(np.float64)
         while len(self.published_) > self.history:
             self.published_.popitem(last=False)
         return encode_model(ModelMessage(self.topics.fleet, self.version_, self.spec, self.params_))
 
-    def status(self) -> dict:
-        """The retained JSON status: readable with mosquitto_sub."""
-        now = time.time()
-        return {
-            "fleet": self.topics.fleet,
-            "version": self.version_,
-            "published_version": self.published_version_,
-            "accepted": self.accepted_,
-            "rejected": dict(self.rejected_),
-            "clipped": self.clipped_,
-            "pending": self.strategy.pending,
-            "staleness": {
-                "mean": self.staleness_sum_ / self.accepted_ if self.accepted_ else 0.0,
-                "max": self.staleness_max_,
-            },
-            "accuracy": self.scores_.get("accuracy") if self.spec.is_classifier else None,
-            "r2": self.scores_.get("r2") if not self.spec.is_classifier else None,
-            "fleet_eval": self.fleet_eval.summary(),
-            "agents": len(self.validator.highest_seq),
-            "strategy": self.strategy.name,
-            "started_at": self.started_at,
-            "uptime_s": now - self.started_at,
-            "updated_at": now,
-        }
+    def adopt(self, model: ModelMessage) -> bool:
+        """Continue from a newer model of this fleet and spec (the broker's retained one).
+
+        Versions never go backwards: if the broker holds a later version than the
+        checkpoint (or there is no checkpoint), agents would ignore anything older.
+        """
+        if model.fleet != self.topics.fleet or model.spec != self.spec or model.version <= self.version_:
+            return False
+        log.info("continuing from the retained model at version %d (this coordinator was at %d)",
+                 model.version, self.version_)
+        self.params_ = np.asarray(model.params, dtype=np.float64).copy()
+        self.version_ = model.version
+        return True
+
+    def status(self, now: float | None = None) -> dict:
+        """The retained JSON status (see coordinator.status)."""
+        return build_status(
+            fleet=self.topics.fleet,
+            strategy=self.strategy.name,
+            version=self.version_,
+            published_version=self.published_version_,
+            accepted=self.accepted_,
+            rejected=self.rejected_,
+            clipped=self.clipped_,
+            pending=self.strategy.pending,
+            staleness_sum=self.staleness_sum_,
+            staleness_max=self.staleness_max_,
+            is_classifier=self.spec.is_classifier,
+            scores=self.scores_,
+            fleet_eval=self.fleet_eval.summary(),
+            agents=len(self.validator.highest_seq),
+            started_at=self.started_at,
+            now=time.time() if now is None else now,
+        )
 
     # --- durability --------------------------------------------------------------------
 
     def state(self) -> dict:
+        """What a checkpoint holds: the model, its version, the dedup state, the counters."""
         return {
             "fleet": self.topics.fleet,
             "spec": self.spec,
@@ -151,9 +173,13 @@ class Coordinator:
             "highest_seq": dict(self.validator.highest_seq),
             "accepted": self.accepted_,
             "rejected": dict(self.rejected_),
+            "clipped": self.clipped_,
+            "staleness_sum": self.staleness_sum_,
+            "staleness_max": self.staleness_max_,
         }
 
     def checkpoint(self) -> None:
+        """Save `state()` atomically to `checkpoint_dir` (if any); CheckpointError on failure."""
         if self.checkpoint_dir:
             save_checkpoint(self.checkpoint_dir, self.state())
 
@@ -165,7 +191,10 @@ class Coordinator:
             )
         self.params_ = state["params"].copy()
         self.version_ = state["version"]
-        self.validator.highest_seq.update(state.get("highest_seq", {}))
-        self.accepted_ = int(state.get("accepted", 0))
+        self.validator.restore(state.get("highest_seq", {}))
+        self.accepted_ = state.get("accepted", 0)
         self.rejected_.update(state.get("rejected", {}))
+        self.clipped_ = state.get("clipped", 0)
+        self.staleness_sum_ = state.get("staleness_sum", 0)
+        self.staleness_max_ = state.get("staleness_max", 0)
         log.info("resumed from checkpoint at version %d", self.version_)

@@ -33,9 +33,16 @@ class Verdict:
 
 
 class NormBound:
-    """Norm limit: an absolute cap and/or `factor` x the median of recent accepted norms."""
+    """Norm limit: an absolute cap and/or `factor` x the median of recent accepted norms.
+
+    The relative bound starts once `warmup` norms were seen and follows the last `window`.
+    """
 
     def __init__(self, max_norm: float | None = None, factor: float | None = None, window: int = 50, warmup: int = 10) -> None:
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"--max-update-norm must be > 0, got {max_norm}")
+        if factor is not None and not factor > 0:
+            raise ValueError(f"--norm-factor must be > 0, got {factor}")
         self.max_norm = max_norm
         self.factor = factor
         self.warmup = warmup
@@ -44,7 +51,9 @@ class NormBound:
     def limit(self) -> float:
         bound = self.max_norm if self.max_norm is not None else np.inf
         if self.factor is not None and len(self.recent) >= self.warmup:
-            bound = min(bound, self.factor * float(np.median(self.recent)))
+            median = float(np.median(self.recent))
+            if median > 0:  # a fleet of zero updates must not lock out every later one
+                bound = min(bound, self.factor * median)
         return bound
 
     def accepted(self, norm: float) -> None:
@@ -106,17 +115,22 @@ class UpdateValidator:
             return Verdict("too_stale", msg, staleness=staleness)
         if admit is not None and (reason := admit(staleness)):
             return Verdict(reason, msg, staleness=staleness)
-        delta = codec.decode(msg.delta)
-        norm = float(np.linalg.norm(delta))
+        delta = codec.decode(msg.delta).astype(np.float64)
+        norm = float(np.linalg.norm(delta))  # float64: float32 squares of wire values can overflow
         bound = self.norm.limit()
         clipped = False
         if norm > bound:
             if self.norm_action == "reject":
                 return Verdict("norm", msg, staleness=staleness)
-            delta *= np.float32(bound / norm)
+            delta *= bound / norm
             norm, clipped = bound, True
         self.norm.accepted(norm)
         return Verdict(None, msg, delta, staleness, clipped)
+
+    def restore(self, highest_seq: dict[str, int]) -> None:
+        """Take over the per-agent sequence numbers of a checkpoint."""
+        for agent, seq in highest_seq.items():
+            self._remember(agent, seq)
 
     def _remember(self, agent: str, seq: int) -> None:
         self.highest_seq[agent] = seq

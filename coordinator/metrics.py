@@ -1,0 +1,77 @@
+"""Prometheus exposition of the coordinator status (``--metrics-port``).
+
+The exporter reports the latest published status document, so Prometheus and
+``mosquitto_sub`` always agree. Needs the optional prometheus-client package.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class StatusCollector:
+    """A Prometheus collector over the newest status dict (see coordinator.status)."""
+
+    def __init__(self) -> None:
+        self._status: dict | None = None
+        self._lock = threading.Lock()
+
+    def update(self, status: dict) -> None:
+        with self._lock:
+            self._status = status
+
+    def collect(self):
+        with self._lock:
+            status = self._status
+        if status is None:
+            return
+        labels = ["fleet"]
+        fleet = [status["fleet"]]
+
+        def gauge(name, doc, value):
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            family.add_metric(fleet, value)
+            return family
+
+        def counter(name, doc, value):
+            family = CounterMetricFamily(name, doc, labels=labels)
+            family.add_metric(fleet, value)
+            return family
+
+        yield gauge("fedmq_model_version", "Version of the global model", status["version"])
+        yield counter("fedmq_updates_accepted", "Updates folded into the global model", status["accepted"])
+        yield counter("fedmq_updates_clipped", "Accepted updates clipped to the norm bound", status["clipped"])
+        rejected = CounterMetricFamily("fedmq_updates_rejected", "Updates refused, by reason", labels=["fleet", "reason"])
+        for reason, count in status["rejected"].items():
+            rejected.add_metric([status["fleet"], reason], count)
+        yield rejected
+        yield gauge("fedmq_updates_pending", "Accepted updates waiting in the buffer", status["pending"])
+        yield gauge("fedmq_staleness_mean", "Mean staleness of accepted updates", status["staleness"]["mean"])
+        yield gauge("fedmq_staleness_max", "Largest staleness of an accepted update", status["staleness"]["max"])
+        yield gauge("fedmq_agents", "Agents whose updates were seen", status["agents"])
+        yield gauge("fedmq_uptime_seconds", "Seconds since the coordinator started", status["uptime_s"])
+        score = GaugeMetricFamily("fedmq_eval_score", "Global model on --eval-csv", labels=["fleet", "metric"])
+        for metric in ("accuracy", "r2"):
+            if status.get(metric) is not None:
+                score.add_metric([status["fleet"], metric], status[metric])
+        yield score
+        fleet_eval = GaugeMetricFamily(
+            "fedmq_fleet_eval", "Sample-weighted metrics the agents report of the global model", labels=["fleet", "metric"]
+        )
+        for metric, value in status["fleet_eval"].items():
+            if value is not None:
+                fleet_eval.add_metric([status["fleet"], metric], value)
+        yield fleet_eval
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> Callable[[dict], None]:
+    """Serve /metrics on `port` in a daemon thread; returns the callback to feed it statuses."""
+    collector = StatusCollector()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    start_http_server(port, addr=addr, registry=registry)
+    return collector.update
