@@ -139,7 +139,7 @@ def parse_hyperparameters(text: str) -> dict:
     for pair in text.split(","):
         key, sep, raw = (part.strip() for part in pair.partition("="))
         if not sep or not key:
-            raise ValueError(f"--hyperparameters: {pair.strip()!r} is not k=v")
+            raise ValueError(f"--hyperparameters: {pair.strip()!r} is not k=v (give k=v,k=v or a JSON object)")
         try:
             value[key] = json.loads(raw)
         except json.JSONDecodeError:

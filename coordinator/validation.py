@@ -1,7 +1,8 @@
 """Deciding whether an update may touch the global model, with a counted reason when not.
 
 Checks run cheapest first: decoding, topic/agent agreement, shape, base version,
-replay (highest seq per agent), staleness, finiteness, and the norm bound. Nothing in a
+replay (highest seq per agent), staleness, the strategy's own admission (fedavg rounds),
+decoding the delta (finiteness), and the norm bound (reject or clip). Nothing in a
 payload can raise out of `UpdateValidator.check`.
 """
 
@@ -115,7 +116,10 @@ class UpdateValidator:
             return Verdict("too_stale", msg, staleness=staleness)
         if admit is not None and (reason := admit(staleness)):
             return Verdict(reason, msg, staleness=staleness)
-        delta = codec.decode(msg.delta).astype(np.float64)
+        try:
+            delta = codec.decode(msg.delta).astype(np.float64)
+        except ProtocolError as exc:  # keep the update: the audit log names its agent and seq
+            return Verdict(exc.reason, msg, staleness=staleness)
         norm = float(np.linalg.norm(delta))  # float64: float32 squares of wire values can overflow
         bound = self.norm.limit()
         clipped = False

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from coordinator.server import Coordinator
+from coordinator.status import FIELDS, build_status, encode_status
 from coordinator.store import CheckpointError, load_checkpoint, save_checkpoint
 from coordinator.strategies import FedAsync, FedAvg
 from coordinator.validation import NormBound, UpdateValidator
 from protocol import codec
-from protocol.messages import UpdateMessage, decode_model, encode_update
+from protocol.messages import ModelMessage, UpdateMessage, decode_model, encode_update
 from protocol.model_spec import ModelSpec
 from protocol.topics import Topics
 
@@ -144,3 +145,155 @@ def test_save_checkpoint_replaces_atomically(tmp_path):
     save_checkpoint(tmp_path, state)
     assert load_checkpoint(tmp_path)["version"] == 7
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def raw_update(enc, agent="a1", seq=1, base=0, fleet="f"):
+    return TOPICS.update(agent), encode_update(UpdateMessage(fleet, agent, seq, base, 10, enc))
+
+
+def float32_delta(values):
+    return codec.Encoded("float32", len(values), np.asarray(values, dtype="<f4").tobytes())
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda: raw_update(float32_delta([np.nan] + [0.0] * (SPEC.n_params - 1))), "non_finite"),
+        (lambda: raw_update(float32_delta([0.0] * SPEC.n_params), fleet="other"), "fleet"),
+        (lambda: (TOPICS.update("a1"), b"\x81\xa6format\x02"), "format"),
+        (lambda: (TOPICS.update("a1"), b"\x92\x01\x02"), "schema"),
+        (lambda: (TOPICS.update("a1"), b"\x00" * (5 * 1024 * 1024)), "oversize"),
+        (lambda: raw_update(codec.Encoded("int3", SPEC.n_params, b"")), "codec"),
+    ],
+)
+def test_decode_errors_are_counted_by_their_reason(make, reason):
+    core = make_core()
+    validator = core.validator
+    validator.max_bytes = 4 * 1024 * 1024
+    assert core.handle_update(*make()) == reason
+    assert core.rejected_ == {reason: 1} and core.version_ == 0 and core.accepted_ == 0
+
+
+def test_unexpected_errors_are_counted_as_internal_and_the_core_carries_on(monkeypatch, caplog):
+    core = make_core()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(core.strategy, "add", broken)
+    assert core.handle_update(*update(seq=1)) == "internal"
+    monkeypatch.setattr(codec, "decode", broken)
+    assert core.handle_update(*update(seq=2)) == "internal"
+    assert core.rejected_["internal"] == 2 and "RuntimeError: a bug" in caplog.text
+    monkeypatch.undo()
+    assert core.handle_update(*update(seq=3)) is None and core.version_ == 1
+
+
+def test_replay_memory_is_bounded_least_recently_seen_first():
+    validator = UpdateValidator(TOPICS, SPEC.n_params, max_agents=2)
+    core = Coordinator(TOPICS, SPEC, FedAsync(alpha=0.5), validator)
+    for agent in ("a", "b"):
+        assert core.handle_update(*update(agent, seq=1, base=core.version_)) is None
+    assert core.handle_update(*update("a", seq=2, base=core.version_)) is None  # a is now the most recent
+    assert core.handle_update(*update("c", seq=1, base=core.version_)) is None  # evicts b
+    assert list(validator.highest_seq) == ["a", "c"]
+    assert core.handle_update(*update("a", seq=2, base=core.version_)) == "replay"
+
+
+def test_clip_uses_a_float64_norm_and_is_counted():
+    core = make_core(norm=NormBound(max_norm=2.0), action="clip")
+    huge = np.full(SPEC.n_params, 1e30)  # float32 squares of this overflow to inf
+    assert core.handle_update(*raw_update(float32_delta(huge))) is None
+    assert np.linalg.norm(core.params_) == pytest.approx(2.0, rel=1e-6)
+    np.testing.assert_allclose(core.params_, core.params_[0])  # direction kept
+    status = core.status()
+    assert status["clipped"] == 1 and status["accepted"] == 1 and status["rejected"] == {}
+
+
+def test_relative_norm_bound_ignores_a_zero_median():
+    bound = NormBound(factor=2.0, warmup=2)
+    for _ in range(3):
+        bound.accepted(0.0)
+    assert bound.limit() == np.inf
+    with pytest.raises(ValueError, match="--norm-factor"):
+        NormBound(factor=0)
+
+
+def test_adopt_only_a_newer_model_of_the_same_fleet_and_spec():
+    core = make_core(resume=dict(make_core().state(), version=5))
+    newer = ModelMessage("f", 9, SPEC, np.full(SPEC.n_params, 0.25))
+    assert not core.adopt(ModelMessage("f", 5, SPEC, newer.params))
+    assert not core.adopt(ModelMessage("f", 9, ModelSpec("sgd-classifier", 3, (0, 1)), np.zeros(4)))
+    assert not core.adopt(ModelMessage("g", 9, SPEC, newer.params))
+    assert core.version_ == 5
+    assert core.adopt(newer)
+    assert core.version_ == 9 and decode_model(core.model_payload()).version == 9
+    np.testing.assert_array_equal(core.params_, 0.25)
+
+
+def test_counters_survive_a_checkpoint(tmp_path):
+    core = make_core(checkpoint_dir=str(tmp_path), norm=NormBound(max_norm=1.0), action="clip")
+    core.handle_update(*update(seq=1))
+    core.handle_update(*update(seq=2, base=0))  # staleness 1
+    core.handle_update(*update(seq=3, delta=np.full(SPEC.n_params, 9.0), base=2))  # clipped
+    core.handle_update(*update(seq=3, base=3))  # replay
+    core.checkpoint()
+    before = core.status(now=0.0)
+    resumed = make_core(resume=load_checkpoint(tmp_path)).status(now=0.0)
+    for key in ("version", "accepted", "rejected", "clipped", "staleness", "agents"):
+        assert resumed[key] == before[key], key
+    assert before["staleness"] == {"mean": pytest.approx(1 / 3), "max": 1} and before["clipped"] == 1
+
+
+def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
+    state = make_core().state()
+    save_checkpoint(tmp_path, state)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("coordinator.store.os.replace", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_checkpoint(tmp_path, dict(state, version=3))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path)["version"] == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.msgpack"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"params": b"\x00" * 8},
+        {"highest_seq": {"a": "one"}},
+        {"version": -1},
+        {"format": 99},
+        {"spec": {"estimator": "svm"}},
+    ],
+)
+def test_checkpoint_with_bad_fields_is_corrupt(tmp_path, change):
+    import msgpack
+
+    save_checkpoint(tmp_path, make_core().state())
+    path = tmp_path / "checkpoint.msgpack"
+    record = msgpack.unpackb(path.read_bytes())
+    path.write_bytes(msgpack.packb({**record, **change}))
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_status_document_fields_and_strict_json():
+    core = make_core()
+    core.handle_update(*update())
+    status = core.status(now=core.started_at + 2.0)
+    assert tuple(status) == FIELDS
+    assert status["fleet"] == "f" and status["strategy"] == "fedasync" and status["uptime_s"] == 2.0
+    assert status["accuracy"] is None and status["r2"] is None and status["fleet_eval"] == {}
+    regressor = build_status(**{**_status_args(), "is_classifier": False, "scores": {"r2": float("nan")}})
+    assert regressor["r2"] is None  # r2 of a constant target is undefined, JSON has no NaN
+    assert json.loads(encode_status(regressor)) == regressor
+
+
+def _status_args():
+    return dict(fleet="f", strategy="fedbuff", version=1, published_version=1, accepted=0, rejected={}, clipped=0,
+                pending=0, staleness_sum=0, staleness_max=0, is_classifier=True, scores={}, fleet_eval={},
+                agents=0, started_at=0.0, now=1.0)

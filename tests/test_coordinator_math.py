@@ -92,3 +92,30 @@ def test_make_strategy():
         make_strategy("fedprox")
     with pytest.raises(ValueError):
         FedAsync(alpha=0)
+
+
+def test_fedasync_with_current_base_is_the_paper_rule():
+    # s = 0: x <- (1 - a) x + a x_new with x_new = x + delta, i.e. x + a * delta
+    s = FedAsync(alpha=0.5, staleness=Hinge(10, 4))
+    x = np.array([1.0, -1.0, 0.5])
+    delta = np.array([0.2, 0.4, -1.0])
+    np.testing.assert_allclose(s.add(x, delta, 5, 0, base=x), [1.1, -0.8, 0.0])
+
+
+def test_fedbuff_trimmed_mean_of_staleness_weighted_deltas_with_server_lr():
+    s = FedBuff(buffer_size=4, server_lr=2.0, staleness=Hinge(a=1, b=0), aggregate="trimmed-mean:0.25")
+    x = np.array([10.0])
+    # weights w(s) = 1/(s+1) for s = 0, 1, 3, 0: rows 4, 4, 2, 100 -> drop 2 and 100 -> mean 4
+    for delta, staleness in (([4.0], 0), ([8.0], 1), ([8.0], 3)):
+        assert s.add(x, np.array(delta), 1, staleness) is None
+    np.testing.assert_allclose(s.add(x, np.array([100.0]), 1, 0), [10.0 + 2.0 * 4.0])
+
+
+def test_parse_staleness_says_what_is_wrong():
+    with pytest.raises(ValueError, match="must be numbers"):
+        parse_staleness("hinge:a,4")
+    with pytest.raises(ValueError, match=">= 0"):
+        parse_staleness("polynomial:-0.5")
+    with pytest.raises(ValueError, match="use constant, polynomial:A or hinge:A,B"):
+        parse_staleness("exponential:2")
+    assert str(parse_staleness("hinge:10,4")) == "hinge:10,4"
