@@ -47,36 +47,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     a = p.add_argument_group("aggregation")
-    a.add_argument("--strategy", choices=("fedasync", "fedbuff", "fedavg"), default="fedasync",
-                   help="fedasync: mix each update as it arrives; fedbuff: buffer K then step; fedavg: synchronous rounds of K")
-    a.add_argument("--alpha", type=float, default=0.6, help="fedasync mixing weight in (0, 1], scaled by the staleness weight")
-    a.add_argument("--staleness", default="polynomial:0.5", help="staleness weight: constant, polynomial:A or hinge:A,B")
-    a.add_argument("--buffer-size", type=int, default=5, help="K: updates per step (fedbuff) or per round (fedavg)")
-    a.add_argument("--server-lr", type=float, default=1.0, help="server learning rate for fedbuff/fedavg steps")
-    a.add_argument("--aggregate", default="mean", help="buffered rule: mean, median or trimmed-mean:FRACTION (robust to poisoning)")
-    a.add_argument("--max-staleness", type=int, default=1000, help="reject (too_stale) updates whose base is more than this many versions old")
+    _defaulted(a, "--strategy", choices=("fedasync", "fedbuff", "fedavg"), default="fedasync",
+               help="fedasync: mix each update as it arrives; fedbuff: buffer K, then step; fedavg: synchronous rounds of K")
+    _defaulted(a, "--alpha", type=float, default=0.6, help="fedasync mixing weight in (0, 1], times the staleness weight")
+    _defaulted(a, "--staleness", default="polynomial:0.5",
+               help="staleness weight w(s): constant, polynomial:A = (1+s)^-A, or hinge:A,B = 1 up to s=B, then 1/(A(s-B)+1)")
+    _defaulted(a, "--buffer-size", type=int, default=5, help="K: updates per step (fedbuff) or per round (fedavg)")
+    _defaulted(a, "--server-lr", type=float, default=1.0, help="server learning rate of fedbuff/fedavg steps")
+    _defaulted(a, "--aggregate", default="mean",
+               help="buffered rule: mean (sample-weighted), or the coordinate-wise median or trimmed-mean:FRACTION "
+               "that resist poisoned updates")
+    _defaulted(a, "--max-staleness", type=int, default=1000,
+               help="reject (too_stale) updates whose base is more than this many versions old")
 
     v = p.add_argument_group("validation")
     v.add_argument("--max-update-norm", type=float, help="absolute L2 bound on a decoded update (default: none)")
     v.add_argument("--norm-factor", type=float,
                    help="relative L2 bound: this many times the median norm of the last 50 accepted updates, "
                    "once 10 were accepted (default: none)")
-    v.add_argument("--norm-action", choices=("reject", "clip"), default="reject", help="what to do with an update above the bound")
-    v.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024, help="refuse larger update payloads")
+    _defaulted(v, "--norm-action", choices=("reject", "clip"), default="reject",
+               help="an update above the bound is rejected (norm) or scaled down to it (counted as clipped)")
+    _defaulted(v, "--max-message-bytes", type=int, default=4 * 1024 * 1024, help="refuse larger update payloads (oversize)")
 
     o = p.add_argument_group("publishing, durability, evaluation")
-    o.add_argument("--publish-interval", type=float, default=1.0, help="publish the model at most once per this many seconds")
+    _defaulted(o, "--publish-interval", type=float, default=1.0,
+               help="publish the model at most once per this many seconds, so bursts of updates are coalesced")
     o.add_argument("--checkpoint-dir",
                    help="checkpoint the model, its version and the replay state here before each publish and resume "
                    "from it on start (a newer retained model of the same spec on the broker wins: versions never go back)")
     o.add_argument("--eval-csv", help="held-out CSV scored at each publish (accuracy or r2 in the status)")
-    o.add_argument("--label-column", default="label", help="label column of --eval-csv")
+    _defaulted(o, "--label-column", default="label", help="label column of --eval-csv")
     o.add_argument("--metrics-log", metavar="FILE.jsonl", help="append every published status as a JSON line")
-    o.add_argument("--audit-log", metavar="FILE.jsonl", help="append one line per received update: agent, seq and accepted or the rejection reason")
+    o.add_argument("--audit-log", metavar="FILE.jsonl",
+                   help="append one line per received update: agent, seq and accepted or the rejection reason")
     o.add_argument("--metrics-port", type=int,
                    help="serve Prometheus metrics on this port at /metrics (needs prometheus-client: pip install 'fedmq[coordinator]')")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
     return p
+
+
+def _defaulted(group, *flags: str, **kwargs) -> None:
+    """add_argument with the default written into the help text.
+
+    (argparse's %(default)s would show the placeholder that protocol.config.parse_layered
+    puts in place of defaults while parsing.)
+    """
+    kwargs["help"] = f"{kwargs['help']} (default {kwargs['default']})"
+    group.add_argument(*flags, **kwargs)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,8 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_hyperparameters(args.spec)
         args.staleness_fn = parse_staleness(args.staleness)
         parse_aggregate(args.aggregate)  # checked whatever the strategy, so a typo never waits
-        if args.buffer_size < 1 or not args.server_lr > 0:
-            raise ValueError("--buffer-size must be >= 1 and --server-lr > 0")
+        if args.buffer_size < 1 or not args.server_lr > 0 or not 0 < args.alpha <= 1:
+            raise ValueError("--buffer-size must be >= 1, --server-lr > 0 and --alpha in (0, 1]")
         args.strategy_obj = make_strategy(
             args.strategy, alpha=args.alpha, staleness=args.staleness_fn,
             buffer_size=args.buffer_size, server_lr=args.server_lr, aggregate=args.aggregate,

@@ -159,6 +159,7 @@ def test_unreachable_broker_exits_1_with_one_line():
         (["--norm-factor", "-1"], "--norm-factor must be > 0"),
         (["--publish-interval", "0"], "--publish-interval must be > 0"),
         (["--buffer-size", "0"], "--buffer-size must be >= 1"),
+        (["--strategy", "fedbuff", "--alpha", "2"], "--alpha in (0, 1]"),
     ],
 )
 def test_bad_configuration_exits_2(extra, message):
