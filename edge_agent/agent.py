@@ -21,13 +21,21 @@ from protocol.topics import Topics, check_name
 
 log = logging.getLogger(__name__)
 
+# Values of the "state" field of the retained agent status.
+ONLINE = "online"  # connected; no model yet, or a newer model waiting to be trained on
+TRAINING = "training"  # a local round is running
+IDLE = "idle"  # has sent its update for the newest model it holds; waits for a newer one
+OFFLINE = "offline"  # stopped cleanly, or the broker published the last will
+
 
 class Agent:
     """One device: newest global model in, encoded delta out.
 
-    Sequence numbers start at the start time in microseconds and add one per update, so
-    they keep increasing across restarts without a state file (the coordinator keeps the
-    highest seq per agent and refuses anything at or below it as a replay).
+    Sequence numbers start at the agent's start time in microseconds and add one per
+    update. The coordinator deduplicates QoS 1 redeliveries by (agent, seq) and keeps only
+    the highest seq per agent, refusing anything at or below it as a replay; starting from
+    the clock keeps seq increasing across restarts without a state file on the device
+    (an agent would have to send a million updates a second to overtake its own restart).
     """
 
     def __init__(
@@ -49,32 +57,42 @@ class Agent:
         self.feedback = ErrorFeedback(codec, np.random.default_rng(seed))
         self.min_new_samples = min_new_samples
         self.train_every = train_every
-        self.model_: ModelMessage | None = None
-        self.trained_version_ = -1
-        self.last_train_at_ = 0.0
+        self.model_: ModelMessage | None = None  # the newest global model received
+        self.trained_version_ = -1  # the model version last trained on (sent or not)
+        self.base_version_: int | None = None  # base version of the last update made
+        self.last_train_at_ = 0.0  # monotonic
+        self.last_update_time_: float | None = None  # wall clock of the last update made
         self.new_samples_ = 0
         self.seq_ = time.time_ns() // 1000
         self.updates_sent_ = 0
         self.last_metrics_: dict[str, float] = {}
-        self.state_ = "online"
+        self.training_ = False
 
     def on_model(self, payload: bytes) -> bool:
-        """Take a model payload; True when it is newer than what we hold."""
+        """Take a model payload; True when it is newer than the one held (training is due).
+
+        Garbage, another fleet's model and versions at or below the held one are logged
+        and ignored: nothing on the model topic can crash the agent.
+        """
         try:
             model = decode_model(payload, fleet=self.topics.fleet)
         except ProtocolError as exc:
             log.warning("ignoring an unusable model message: %s", exc)
             return False
-        if self.model_ is not None and model.version <= self.model_.version and model.spec == self.model_.spec:
+        held = self.model_
+        if held is not None and model.version <= held.version:
+            log.debug("ignoring model version %d: holding version %d", model.version, held.version)
             return False
-        if self.model_ is not None and model.spec != self.model_.spec:
+        if held is not None and model.spec != held.spec:
+            log.info("the fleet's model spec changed at version %d; starting error feedback afresh", model.version)
             self.feedback.reset()
         self.model_ = model
+        log.debug("global model version %d received", model.version)
         return True
 
     def due(self, now: float | None = None) -> bool:
         """Train now? A newer model than the last trained one, and enough new samples;
-        or, with `train_every`, that many seconds since the last round."""
+        or, with `train_every`, that many seconds since the last round. Reads new data."""
         if self.model_ is None:
             return False
         now = time.monotonic() if now is None else now
@@ -91,17 +109,20 @@ class Agent:
     def make_update(self) -> bytes | None:
         """Train on the newest model and return the encoded update (None if nothing to send)."""
         model = self.model_
-        X, y = self.source.data()
-        if model is None or len(y) == 0:
+        if model is None:
             return None
-        self.state_ = "training"
+        X, y = self.source.data()
+        if len(y) == 0:
+            return None
+        self.training_ = True
         try:
             result = self.trainer.train(model, X, y)
+            encoded = self.feedback.encode(result.delta) if result is not None else None
         except ValueError as exc:  # e.g. the fleet's model expects other features
             log.error("cannot train on the model at version %d: %s", model.version, exc)
-            result = None
+            result = encoded = None
         finally:
-            self.state_ = "online"
+            self.training_ = False
         self.trained_version_ = model.version
         self.last_train_at_ = time.monotonic()
         self.new_samples_ = 0
@@ -109,6 +130,8 @@ class Agent:
             return None
         self.seq_ += 1
         self.updates_sent_ += 1
+        self.base_version_ = model.version
+        self.last_update_time_ = time.time()
         self.last_metrics_ = result.metrics
         return encode_update(
             UpdateMessage(
@@ -117,29 +140,38 @@ class Agent:
                 seq=self.seq_,
                 base_version=model.version,
                 n_samples=result.n_samples,
-                delta=self.feedback.encode(result.delta),
-                # only the federated evaluation travels; train_* stays in the status
+                delta=encoded,
+                # only the federated evaluation travels (bytes on the wire); train_* is in the status
                 metrics={k: v for k, v in result.metrics.items() if k.startswith("eval_")},
             )
         )
 
+    @property
+    def state(self) -> str:
+        """online, training or idle (see the constants above); offline is the session's to say."""
+        if self.training_:
+            return TRAINING
+        if self.model_ is not None and self.trained_version_ >= self.model_.version:
+            return IDLE
+        return ONLINE
+
     def status(self, state: str | None = None) -> dict:
-        """Retained JSON status for `agent/<id>/status`."""
+        """The retained JSON status for `agent/<id>/status` (`state` overrides the agent's own)."""
         return {
             "agent": self.agent_id,
-            "state": state or self.state_,
-            "version": self.trained_version_ if self.trained_version_ >= 0 else None,
+            "state": state or self.state,
+            "version": self.base_version_,
             "model_version": self.model_.version if self.model_ else None,
             "seq": self.seq_,
             "updates_sent": self.updates_sent_,
-            "samples": len(self.source.data()[1]),
+            "samples": len(self.source),
             "codec": str(self.feedback.spec),
-            "metrics": self.last_metrics_,
+            "last_update_time": self.last_update_time_,
+            "metrics": dict(self.last_metrics_),
             "time": time.time(),
         }
 
 
 def offline_status(agent_id: str) -> dict:
     """The last will: what the broker publishes when the agent vanishes."""
-    return {"agent": agent_id, "state": "offline"}
-
+    return {"agent": agent_id, "state": OFFLINE}

@@ -2,6 +2,8 @@
 
 Every source keeps a bounded window of the newest rows and says how many rows arrived
 since the last `poll()`, so the agent can wait for enough new samples before training.
+The first poll is strict (bad data at start is the operator's to fix: DataError); later
+polls skip unreadable appended rows with a warning, so the good rows around them are kept.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import csv
 import importlib
 import io
+import logging
 from collections import deque
 from pathlib import Path
 from typing import Callable
@@ -16,6 +19,8 @@ from typing import Callable
 import numpy as np
 
 from protocol.tabular import DataError, parse_rows
+
+log = logging.getLogger(__name__)
 
 
 class DataSource:
@@ -30,6 +35,10 @@ class DataSource:
     def poll(self) -> int:
         """Read what is new; returns the number of new rows."""
         raise NotImplementedError
+
+    def __len__(self) -> int:
+        """Rows in the window."""
+        return len(self._y)
 
     def data(self) -> tuple[np.ndarray, np.ndarray]:
         """The current window as (X, y)."""
@@ -55,21 +64,27 @@ class CSVFile(DataSource):
         self.path = Path(path)
         self.label_column = label_column
         self._offset = 0
+        self._lines = 0  # lines consumed, for the line numbers in warnings
         self._header: list[str] | None = None
+        self._polled = False
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such file")
 
     def poll(self) -> int:
-        X, y = self.read_new()
+        X, y = self.read_new(strict=not self._polled)
+        self._polled = True
         return self._append(X, y) if len(y) else 0
 
-    def read_new(self) -> tuple[np.ndarray, np.ndarray]:
-        """The complete rows appended since the last read (empty arrays when none)."""
+    def read_new(self, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """The complete rows appended since the last read (empty arrays when none).
+
+        `strict`: raise DataError on the first bad cell; else skip bad rows with a warning.
+        """
         empty = np.empty((0, 0)), np.empty(0)
         try:
             size = self.path.stat().st_size
             if size < self._offset:
-                self._offset, self._header = 0, None
+                self._offset, self._lines, self._header = 0, 0, None
             with self.path.open("rb") as fh:
                 fh.seek(self._offset)
                 chunk = fh.read()
@@ -79,6 +94,8 @@ class CSVFile(DataSource):
         if end == 0:
             return empty
         self._offset += end
+        first_line = self._lines + 1
+        self._lines += chunk.count(b"\n", 0, end)
         try:
             rows = list(csv.reader(io.StringIO(chunk[:end].decode())))
         except UnicodeDecodeError:
@@ -86,10 +103,36 @@ class CSVFile(DataSource):
         if self._header is None:
             if not rows:
                 return empty
-            self._header, rows = rows[0], rows[1:]
-        if not any(any(c.strip() for c in r) for r in rows):
+            self._header, rows = [h.strip() for h in rows[0]], rows[1:]
+            first_line += 1
+            if self.label_column not in self._header:
+                raise DataError(f"{self.path}: no column {self.label_column!r} (columns: {', '.join(self._header)})")
+        numbered = [(first_line + i, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
+        if not numbered:
             return empty
-        return parse_rows(self._header, rows, self.label_column, source=str(self.path))
+        try:
+            return parse_rows(self._header, [r for _, r in numbered], self.label_column, source=str(self.path))
+        except DataError:
+            if strict:
+                raise
+        return self._salvage(numbered)
+
+    def _salvage(self, numbered: list[tuple[int, list[str]]]) -> tuple[np.ndarray, np.ndarray]:
+        """The readable rows of `numbered` (line, cells); the others are logged and dropped."""
+        X, y, bad = [], [], []
+        for line, row in numbered:
+            try:
+                xi, yi = parse_rows(self._header, [row], self.label_column, source=str(self.path))
+            except DataError:
+                bad.append(line)
+                continue
+            X.append(xi[0])
+            y.append(yi[0])
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        log.warning("%s: skipped %d unreadable row(s) at line %s", self.path, len(bad), shown)
+        if not y:
+            return np.empty((0, 0)), np.empty(0)
+        return np.asarray(X), np.asarray(y)
 
 
 class CSVDirectory(DataSource):
@@ -100,15 +143,17 @@ class CSVDirectory(DataSource):
         self.directory = Path(directory)
         self.label_column = label_column
         self._files: dict[Path, CSVFile] = {}
+        self._polled = False
         if not self.directory.is_dir():
             raise DataError(f"{self.directory}: no such directory")
 
     def poll(self) -> int:
         new = 0
         for path in sorted(self.directory.glob("*.csv")):
-            X, y = self._files.setdefault(path, CSVFile(path, self.label_column)).read_new()
+            X, y = self._files.setdefault(path, CSVFile(path, self.label_column)).read_new(strict=not self._polled)
             if len(y):
                 new += self._append(X, y)
+        self._polled = True
         return new
 
 
@@ -152,15 +197,15 @@ def load_callable(target: str) -> Callable:
 
 
 class ArraySource(DataSource):
-    """Rows already in memory (the simulator's virtual devices, notebooks)."""
+    """Rows already in memory (the simulator's virtual devices, notebooks).
+
+    The rows are in the window at once; the first poll reports them as new.
+    """
 
     def __init__(self, X: np.ndarray, y: np.ndarray, window: int | None = None) -> None:
         super().__init__(window)
-        self._new = (np.asarray(X, dtype=np.float64), np.asarray(y))
+        self._unpolled = self._append(np.asarray(X, dtype=np.float64), np.asarray(y))
 
     def poll(self) -> int:
-        if self._new is None:
-            return 0
-        X, y = self._new
-        self._new = None
-        return self._append(X, y)
+        new, self._unpolled = self._unpolled, 0
+        return new

@@ -1,8 +1,9 @@
 """One agent process's MQTT session, after paho-mqtt's own client life-cycle examples.
 
-paho's network thread receives models and reconnects with backoff; the main thread
-trains and publishes. Training never waits on the broker: an update made while
-disconnected is held (only the newest) and sent on reconnection.
+paho's network thread (loop_start) receives models and reconnects with backoff; the main
+thread trains and publishes. The paho callbacks stay thin: the protocol is in `Agent`.
+Training never waits on the broker: an update made while disconnected is held (only the
+newest) and sent on reconnection.
 """
 
 from __future__ import annotations
@@ -10,24 +11,51 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+from dataclasses import dataclass
 
-from edge_agent.agent import Agent, offline_status
+import paho.mqtt.client as mqtt
+
+from edge_agent.agent import OFFLINE, TRAINING, Agent, offline_status
 from protocol.transport import BrokerSettings, connect, make_client
 
 log = logging.getLogger(__name__)
 
 
-class AgentSession:
-    """Runs an `Agent` against a broker until `stop` is set."""
+@dataclass(frozen=True)
+class Outgoing:
+    """An update payload and what the log line about it says."""
 
-    def __init__(self, agent: Agent, settings: BrokerSettings, *, connect_timeout: float = 10.0, poll_interval: float = 1.0) -> None:
+    payload: bytes
+    seq: int
+    version: int
+    metrics: dict
+
+
+class AgentSession:
+    """Runs an `Agent` against a broker until `stop` is set.
+
+    `status_interval` (seconds, 0 = never) republishes the retained status as a heartbeat
+    between rounds; it is also published on every (re)connection and after every round.
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        settings: BrokerSettings,
+        *,
+        connect_timeout: float = 10.0,
+        poll_interval: float = 1.0,
+        status_interval: float = 60.0,
+    ) -> None:
         self.agent = agent
         self.settings = settings
         self.connect_timeout = connect_timeout
         self.poll_interval = poll_interval
-        self.wake = threading.Event()
-        self._pending: tuple[bytes, int] | None = None
-        self._lock = threading.Lock()
+        self.status_interval = status_interval
+        self.wake = threading.Event()  # set by the network thread when a newer model arrived
+        self._pending: Outgoing | None = None
+        self._lock = threading.Lock()  # guards _pending against on_connect's flush
         topics = agent.topics
         self.client = make_client(
             settings,
@@ -39,7 +67,9 @@ class AgentSession:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
+    # --- paho callbacks (network thread) ---------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
             return
@@ -48,59 +78,108 @@ class AgentSession:
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is not None:
-            self._send(*pending)
+            self._publish_update(pending, held=True)
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
 
-    def _on_message(self, client, userdata, msg):
-        if self.agent.on_model(msg.payload):
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            newer = self.agent.on_model(msg.payload)
+        except Exception:  # an exception here would end paho's network thread
+            log.exception("failed to take a model message")
+            return
+        if newer:
             self.wake.set()
 
-    def publish_status(self, state: str | None = None):
+    # --- publishing --------------------------------------------------------------------
+
+    def publish_status(self, state: str | None = None) -> mqtt.MQTTMessageInfo | None:
+        """Publish the agent's retained JSON status (QoS 1); None while disconnected
+        (paho would queue it, but on_connect publishes a fresh one anyway)."""
+        if not self.client.is_connected():
+            return None
         return self.client.publish(
             self.agent.topics.agent_status(self.agent.agent_id), json.dumps(self.agent.status(state)), qos=1, retain=True
         )
 
-    def _send(self, payload: bytes, seq: int) -> None:
-        if not self.client.is_connected():
-            with self._lock:
+    def send(self, out: Outgoing) -> None:
+        """Publish an update now, or hold it (replacing an older held one) until reconnection."""
+        with self._lock:
+            # checked under the lock: on_connect flushes under it right after paho marks us connected
+            if not self.client.is_connected():
                 if self._pending is not None:
-                    log.info("offline: update seq %d superseded by seq %d", self._pending[1], seq)
-                self._pending = (payload, seq)  # only the newest is worth sending later
-            log.info("offline: holding update seq %d until the broker is back", seq)
-            return
-        self.client.publish(self.agent.topics.update(self.agent.agent_id), payload, qos=1)
-        log.info("sent update seq %d", seq)
+                    log.info("offline: held update seq %d superseded by seq %d", self._pending.seq, out.seq)
+                else:
+                    log.info("offline: holding update seq %d until the broker is back", out.seq)
+                self._pending = out
+                return
+        self._publish_update(out)
+
+    def _publish_update(self, out: Outgoing, held: bool = False) -> None:
+        self.client.publish(self.agent.topics.update(self.agent.agent_id), out.payload, qos=1)
+        log.info("sent %supdate: version %d, seq %d, %d bytes, %s", "held " if held else "",
+                 out.version, out.seq, len(out.payload), format_metrics(out.metrics))
+
+    # --- main thread ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect and start paho's network thread; BrokerError (one line) if the broker
+        cannot be reached within `connect_timeout`. Reconnection after that is paho's."""
+        connect(self.client, self.settings, timeout=self.connect_timeout)
+        log.info("agent %s connected to %s; %d rows, codec %s; waiting for the global model",
+                 self.agent.agent_id, self.settings.url, len(self.agent.source), self.agent.feedback.spec)
 
     def run(self, stop: threading.Event) -> None:
-        """Connect, then train whenever the agent is due, until `stop` is set."""
-        connect(self.client, self.settings, timeout=self.connect_timeout)
+        """Start, then train whenever the agent is due until `stop` is set; then close."""
+        self.start()
+        last_status = time.monotonic()
         try:
             while not stop.is_set():
                 self.wake.wait(self.poll_interval)
                 self.wake.clear()
-                if stop.is_set() or not self.agent.due():
-                    continue
-                payload = self.agent.make_update()
-                if payload is None:
-                    continue
-                metrics = self.agent.last_metrics_
-                log.info(
-                    "trained update seq %d from version %d: %d bytes, eval accuracy %s loss %s",
-                    self.agent.seq_, self.agent.trained_version_, len(payload),
-                    _fmt(metrics.get("eval_accuracy", metrics.get("eval_r2"))), _fmt(metrics.get("eval_loss")),
-                )
-                self._send(payload, self.agent.seq_)
-                self.publish_status()
+                if stop.is_set():
+                    break
+                if self.agent.due():
+                    self.train_and_send()
+                    last_status = time.monotonic()
+                elif self.status_interval and time.monotonic() - last_status >= self.status_interval:
+                    self.publish_status()
+                    last_status = time.monotonic()
         finally:
-            info = self.publish_status("offline")
-            if self.client.is_connected():
+            self.close()
+
+    def train_and_send(self) -> None:
+        """One round: train on the newest model, send the update, publish the status."""
+        self.publish_status(TRAINING)
+        payload = self.agent.make_update()
+        if payload is not None:
+            self.send(Outgoing(payload, self.agent.seq_, self.agent.base_version_, self.agent.last_metrics_))
+        self.publish_status()
+
+    @property
+    def pending(self) -> Outgoing | None:
+        """The update held while disconnected, if any."""
+        with self._lock:
+            return self._pending
+
+    def close(self) -> None:
+        """Say offline (retained; bounded wait), disconnect cleanly, stop the network thread."""
+        with self._lock:
+            if self._pending is not None:
+                log.warning("stopping with update seq %d unsent (the broker was unreachable)", self._pending.seq)
+        info = self.publish_status(OFFLINE)
+        if info is not None and info.rc == mqtt.MQTT_ERR_SUCCESS:
+            try:
                 info.wait_for_publish(timeout=5)
-            self.client.disconnect()
-            self.client.loop_stop()
+            except RuntimeError:  # the connection dropped meanwhile; the last will says offline
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def format_metrics(metrics: dict) -> str:
+    """The federated evaluation for a log line: `eval_loss 0.412, eval_accuracy 0.870`."""
+    shown = [f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("eval_")]
+    return ", ".join(shown) or "no eval metrics"

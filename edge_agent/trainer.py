@@ -1,8 +1,13 @@
-"""Local training: evaluate the received global model, continue it with partial_fit, return the delta."""
+"""Local training: evaluate the received global model, continue it with partial_fit, return the delta.
+
+Pure: no MQTT, no files. The agent hands in a model message and (X, y); it gets back the
+delta to send, or None when there is nothing worth sending.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,14 +18,20 @@ from protocol.model_spec import ModelSpec, build_estimator, get_flat_params, set
 
 log = logging.getLogger(__name__)
 
+# SGDClassifier losses that define predict_proba, so the evaluation can report log loss.
 _PROBABILISTIC_LOSSES = ("log_loss", "modified_huber")
+# Parameters must survive the float32 wire format; beyond this they are Inf there.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
 class TrainResult:
+    """What one local round produced."""
+
     delta: np.ndarray  # local - global, float64
-    metrics: dict[str, float]
-    n_samples: int
+    metrics: dict[str, float]  # eval_* (global model on local data) and train_* (after training)
+    n_samples: int  # rows trained on
+    n_skipped: int = 0  # rows whose label is not one of the model's classes
 
 
 class LocalTrainer:
@@ -35,22 +46,33 @@ class LocalTrainer:
             raise ValueError("local epochs and batch size must be >= 1")
         self.local_epochs = local_epochs
         self.batch_size = batch_size
-        self.rng = np.random.default_rng(random_state)
         self.random_state = random_state
+        self.rng = np.random.default_rng(random_state)
         self.estimator_ = None
         self.spec_: ModelSpec | None = None
 
     def train(self, model: ModelMessage, X: np.ndarray, y: np.ndarray) -> TrainResult | None:
-        """Train from `model` on (X, y); None when no usable rows or training diverged."""
+        """Evaluate `model` on (X, y), train from it, return the delta.
+
+        None when no row is usable or training diverged (logged; the next model starts
+        afresh). ValueError when the data does not fit the model (feature count).
+        """
         spec = model.spec
-        if X.shape[1] != spec.n_features:
-            raise ValueError(f"local data has {X.shape[1]} features, the fleet's model expects {spec.n_features}")
+        X = np.asarray(X, dtype=np.float64)
+        y = np.asarray(y)
+        if X.ndim != 2 or X.shape[1] != spec.n_features:
+            got = X.shape[1] if X.ndim == 2 else "?"
+            raise ValueError(f"local data has {got} features, the fleet's model expects {spec.n_features}")
+        skipped = 0
         if spec.is_classifier:
             known = np.isin(y, np.asarray(spec.classes))
-            if not known.all():
-                log.warning("skipping %d rows whose label is not one of the model's classes", int((~known).sum()))
+            skipped = int((~known).sum())
+            if skipped:
+                log.warning("skipping %d of %d rows whose label is not one of the model's classes %s",
+                            skipped, len(y), list(spec.classes))
                 X, y = X[known], y[known]
         if len(y) == 0:
+            log.warning("no usable rows to train on")
             return None
         if self.spec_ != spec or self.estimator_ is None:
             self.estimator_ = build_estimator(spec, model.params, random_state=self.random_state)
@@ -58,34 +80,47 @@ class LocalTrainer:
         else:
             set_flat_params(self.estimator_, spec, model.params)
         metrics = evaluate(self.estimator_, spec, X, y, prefix="eval_")
+        try:
+            with np.errstate(all="ignore"):
+                self._fit_epochs(X, y)
+        except ValueError as exc:  # scikit-learn's "Floating-point under-/overflow occurred"
+            return self._diverged(str(exc))
+        local = get_flat_params(self.estimator_, spec)
+        if not np.isfinite(local).all() or np.abs(local).max(initial=0.0) > _FLOAT32_MAX:
+            return self._diverged("non-finite parameters")
+        metrics.update(evaluate(self.estimator_, spec, X, y, prefix="train_"))
+        return TrainResult(local - model.params, metrics, int(len(y)), skipped)
+
+    def _fit_epochs(self, X: np.ndarray, y: np.ndarray) -> None:
         for _ in range(self.local_epochs):
             order = self.rng.permutation(len(y))
             for start in range(0, len(y), self.batch_size):
                 batch = order[start:start + self.batch_size]
                 self.estimator_.partial_fit(X[batch], y[batch])
-        local = get_flat_params(self.estimator_, spec)
-        if not np.isfinite(local).all():
-            log.error("local training diverged (non-finite parameters); not sending this round")
-            self.estimator_ = None
-            return None
-        metrics.update(evaluate(self.estimator_, spec, X, y, prefix="train_"))
-        return TrainResult(local - model.params, metrics, int(len(y)))
+
+    def _diverged(self, why: str) -> None:
+        log.error("local training diverged (%s); not sending this round", why)
+        self.estimator_ = None  # the next round rebuilds it from the global model
+        return None
 
 
 def evaluate(est, spec: ModelSpec, X: np.ndarray, y: np.ndarray, prefix: str) -> dict[str, float]:
-    """Loss and accuracy (classifier) or r2 (regressor) of `est` on (X, y)."""
+    """Loss and accuracy (classifier) or squared error and r2 (regressor) of `est` on (X, y).
+
+    Classifier loss is log loss when the estimator's loss gives probabilities, else hinge
+    loss. Metrics that come out non-finite are left out (they could not travel as JSON).
+    """
     with np.errstate(all="ignore"):
-        if not spec.is_classifier:
-            predicted = est.predict(X)
-            if not np.isfinite(predicted).all():
-                return {}
-            out = {f"{prefix}loss": float(mean_squared_error(y, predicted))}
-            if len(y) > 1:
-                out[f"{prefix}r2"] = float(r2_score(y, predicted))
-            return out
-        labels = list(spec.classes)
-        if est.loss in _PROBABILISTIC_LOSSES:
-            loss = log_loss(y, est.predict_proba(X), labels=labels)
+        if spec.is_classifier:
+            labels = list(spec.classes)
+            if est.loss in _PROBABILISTIC_LOSSES:
+                loss = log_loss(y, est.predict_proba(X), labels=labels)
+            else:
+                loss = hinge_loss(y, est.decision_function(X), labels=labels)
+            out = {"loss": loss, "accuracy": accuracy_score(y, est.predict(X))}
         else:
-            loss = hinge_loss(y, est.decision_function(X), labels=labels)
-        return {f"{prefix}loss": float(loss), f"{prefix}accuracy": float(accuracy_score(y, est.predict(X)))}
+            predicted = est.predict(X)
+            out = {"loss": mean_squared_error(y, predicted) if np.isfinite(predicted).all() else math.nan}
+            if len(y) > 1 and np.isfinite(predicted).all():
+                out["r2"] = r2_score(y, predicted)
+    return {prefix + k: float(v) for k, v in out.items() if math.isfinite(v)}

@@ -1,0 +1,106 @@
+"""edge_agent.trainer: federated evaluation, partial_fit from the global model, delta = local - global."""
+
+import logging
+import math
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from edge_agent.trainer import LocalTrainer
+from protocol.messages import ModelMessage
+from protocol.model_spec import ModelSpec, get_flat_params
+
+X, Y = load_digits(return_X_y=True)
+MULTI = ModelSpec("sgd-classifier", 64, tuple(range(10)))
+BINARY = ModelSpec("sgd-classifier", 64, (0, 1), {"loss": "log_loss"})
+REGRESSOR = ModelSpec("sgd-regressor", 64, (), {"eta0": 1e-4})
+CASES = [(MULTI, Y), (BINARY, np.where(Y < 5, 0, 1)), (REGRESSOR, Y.astype(float))]
+
+
+def model(spec, version=1, params=None):
+    return ModelMessage("t", version, spec, np.zeros(spec.n_params) if params is None else np.asarray(params, float))
+
+
+@pytest.mark.parametrize("spec, y", CASES, ids=["multiclass", "binary", "regressor"])
+def test_delta_is_local_minus_global_and_training_helps(spec, y):
+    start = np.random.default_rng(0).normal(scale=0.01, size=spec.n_params)
+    trainer = LocalTrainer(local_epochs=2, batch_size=64, random_state=0)
+    result = trainer.train(model(spec, params=start), X, y)
+    assert result.delta.dtype == np.float64 and result.delta.shape == (spec.n_params,)
+    np.testing.assert_allclose(start + result.delta, get_flat_params(trainer.estimator_, spec))
+    assert result.n_samples == len(y) and result.n_skipped == 0
+    m = result.metrics
+    assert all(math.isfinite(v) for v in m.values())
+    if spec.is_classifier:
+        assert 0 <= m["eval_accuracy"] <= 1 and m["train_accuracy"] > 0.8
+        assert m["train_accuracy"] > m["eval_accuracy"]
+    else:
+        assert m["train_loss"] < m["eval_loss"]
+        assert m["train_r2"] > 0.3 > m["eval_r2"]  # a linear fit of digit labels is weak
+
+
+@pytest.mark.parametrize(
+    "spec, y, expected",
+    [
+        (BINARY, np.where(Y < 5, 0, 1), math.log(2)),  # log loss of p = 0.5
+        (ModelSpec("sgd-classifier", 64, (0, 1)), np.where(Y < 5, 0, 1), 1.0),  # hinge: no probabilities
+        (REGRESSOR, Y.astype(float), float(np.mean(Y.astype(float) ** 2))),  # squared error of predicting 0
+    ],
+    ids=["log-loss", "hinge", "squared-error"],
+)
+def test_federated_evaluation_scores_the_received_model(spec, y, expected):
+    """A model from nothing but the spec (all zeros) trains at once, and is evaluated first."""
+    result = LocalTrainer(random_state=0).train(model(spec), X, y)
+    assert result.metrics["eval_loss"] == pytest.approx(expected)
+
+
+def test_evaluation_is_of_the_model_received_not_the_estimator_held():
+    trainer = LocalTrainer(random_state=0)
+    first = trainer.train(model(MULTI), X, Y)
+    again = trainer.train(model(MULTI, 2, first.delta), X, Y)  # the global model is now round 1's result
+    assert again.metrics["eval_accuracy"] == pytest.approx(first.metrics["train_accuracy"])
+    assert again.metrics["eval_loss"] == pytest.approx(first.metrics["train_loss"])
+
+
+def test_one_estimator_per_spec_so_the_learning_rate_keeps_decaying():
+    trainer = LocalTrainer(batch_size=100, random_state=0)
+    trainer.train(model(MULTI), X[:300], Y[:300])
+    est, t1 = trainer.estimator_, trainer.estimator_.t_
+    trainer.train(model(MULTI, 2), X[:300], Y[:300])
+    assert trainer.estimator_ is est and trainer.estimator_.t_ > t1
+    trainer.train(model(BINARY, 3), X[:300], np.where(Y[:300] < 5, 0, 1))
+    assert trainer.estimator_ is not est  # a new spec starts afresh
+
+
+def test_unknown_labels_are_skipped_and_counted(caplog):
+    spec = ModelSpec("sgd-classifier", 64, (0, 1))
+    with caplog.at_level(logging.WARNING, logger="edge_agent.trainer"):
+        result = LocalTrainer(random_state=0).train(model(spec), X, Y)
+    known = int(np.isin(Y, (0, 1)).sum())
+    assert (result.n_samples, result.n_skipped) == (known, len(Y) - known)
+    assert f"skipping {len(Y) - known} of {len(Y)} rows" in caplog.text
+    assert LocalTrainer().train(model(spec), X[Y > 1], Y[Y > 1]) is None  # nothing usable
+
+
+def test_features_must_match_the_spec():
+    with pytest.raises(ValueError, match="10 features, the fleet's model expects 64"):
+        LocalTrainer().train(model(MULTI), X[:, :10], Y)
+
+
+def test_divergence_sends_nothing_and_the_next_round_starts_afresh(caplog):
+    spec = ModelSpec("sgd-regressor", 3, (), {"eta0": 0.01, "learning_rate": "constant"})
+    rng = np.random.default_rng(0)
+    huge_X, huge_y = rng.random((50, 3)) * 1e200, rng.random(50) * 1e200
+    trainer = LocalTrainer(random_state=0)
+    with caplog.at_level(logging.ERROR, logger="edge_agent.trainer"):
+        assert trainer.train(model(spec), huge_X, huge_y) is None
+    assert "diverged" in caplog.text and trainer.estimator_ is None
+    result = trainer.train(model(spec, 2), rng.random((50, 3)), rng.random(50))
+    assert result is not None and np.isfinite(result.delta).all()
+
+
+def test_metrics_never_carry_nan():
+    """A constant target makes r2 undefined: scikit-learn reports 0, never NaN."""
+    result = LocalTrainer(random_state=0).train(model(REGRESSOR), X, np.ones(len(X)))
+    assert all(math.isfinite(v) for v in result.metrics.values())
