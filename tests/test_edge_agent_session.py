@@ -1,0 +1,174 @@
+"""edge_agent.session against a real mosquitto: the agent process, and updates held while offline."""
+
+import json
+import threading
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from sklearn.datasets import load_digits
+
+from edge_agent.agent import Agent
+from edge_agent.data import ArraySource
+from edge_agent.session import AgentSession
+from edge_agent.trainer import LocalTrainer
+from fleet import TopicWatcher, spawn, stop
+from protocol.messages import ModelMessage, decode_update, encode_model
+from protocol.model_spec import ModelSpec
+from protocol.tabular import write_csv
+from protocol.topics import Topics
+from protocol.transport import BrokerSettings
+from simulation.mosquitto import Mosquitto
+
+X, Y = load_digits(return_X_y=True)
+TOPICS = Topics("t")
+SPEC = ModelSpec("sgd-classifier", 64, tuple(range(10)))
+
+
+def model_bytes(version: int) -> bytes:
+    return encode_model(ModelMessage("t", version, SPEC, np.zeros(SPEC.n_params)))
+
+
+def statuses(watcher: TopicWatcher, agent_id: str) -> list[dict]:
+    topic = TOPICS.agent_status(agent_id)
+    return [json.loads(p) for t, p in watcher.history if t == topic and p]
+
+
+def test_agent_process_sends_an_update_and_goes_offline_on_sigterm(tmp_path, mosquitto):
+    write_csv(tmp_path / "d.csv", X[:100], Y[:100])
+    watcher = TopicWatcher(mosquitto.port, TOPICS.everything)
+    watcher.client.publish(TOPICS.model, model_bytes(5), qos=1, retain=True).wait_for_publish(5)
+    log = tmp_path / "agent.log"
+    proc = spawn("edge_agent", "--broker", mosquitto.url, "--fleet", "t", "--id", "pi-1", "--data", tmp_path / "d.csv",
+                 "--codec", "int4", "--seed", "1", log=log)
+    try:
+        payload = watcher.wait_for(lambda: watcher.latest.get(TOPICS.update("pi-1")), timeout=30, what="an update")
+        update = decode_update(payload, fleet="t")
+        assert (update.agent_id, update.base_version, update.n_samples) == ("pi-1", 5, 100)
+        assert update.delta.quant == "int4" and set(update.metrics) == {"eval_loss", "eval_accuracy"}
+        watcher.wait_for(lambda: any(s.get("updates_sent") == 1 for s in statuses(watcher, "pi-1")),
+                         timeout=10, what="the status after the update")
+        states = [s["state"] for s in statuses(watcher, "pi-1")]
+        assert states[0] == "online" and "training" in states and states[-1] == "idle"
+        online = statuses(watcher, "pi-1")[0]
+        assert online["agent"] == "pi-1" and online["codec"] == "int4" and online["samples"] == 100
+    finally:
+        code = stop(proc)
+    assert code == 0, log.read_text()
+    watcher.wait_for(lambda: watcher.json(TOPICS.agent_status("pi-1"))["state"] == "offline", timeout=10,
+                     what="the offline status")
+    final = watcher.json(TOPICS.agent_status("pi-1"))
+    assert final["updates_sent"] == 1 and final["version"] == 5  # a clean goodbye, not the bare last will
+    watcher.close()
+    text = log.read_text()
+    assert f"sent update: version 5, seq {update.seq}, {len(payload)} bytes, eval_accuracy" in text
+    assert "Traceback" not in text
+
+
+def test_agent_process_ignores_garbage_on_the_model_topic(tmp_path, mosquitto):
+    write_csv(tmp_path / "d.csv", X[:50], Y[:50])
+    watcher = TopicWatcher(mosquitto.port, TOPICS.everything)
+    watcher.client.publish(TOPICS.model, b"\xc1 not msgpack", qos=1, retain=True).wait_for_publish(5)
+    log = tmp_path / "agent.log"
+    proc = spawn("edge_agent", "--broker", mosquitto.url, "--fleet", "t", "--id", "pi-2", "--data", tmp_path / "d.csv",
+                 log=log)
+    try:
+        watcher.wait_for(lambda: statuses(watcher, "pi-2"), timeout=30, what="the agent to come online")
+        watcher.client.publish(TOPICS.model, model_bytes(2), qos=1, retain=True).wait_for_publish(5)
+        update = decode_update(watcher.wait_for(lambda: watcher.latest.get(TOPICS.update("pi-2")), 30, "an update"))
+        assert update.base_version == 2
+    finally:
+        assert stop(proc) == 0
+        watcher.close()
+    assert "ignoring an unusable model message" in log.read_text()
+
+
+class Recorder:
+    """A subscriber with a persistent session, so it misses nothing across a broker restart."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.payloads: list[bytes] = []
+        self._cond = threading.Condition()
+        subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="recorder", clean_session=False)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert subscribed.wait(10), "recorder could not subscribe"
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._cond:
+            self.payloads.append(msg.payload)
+            self._cond.notify_all()
+
+    def wait_for_count(self, n: int, timeout: float) -> list[bytes]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.payloads) >= n, timeout), f"got {len(self.payloads)} of {n}"
+            return list(self.payloads)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_only_the_newest_update_made_offline_is_sent_on_reconnection(tmp_path):
+    broker = Mosquitto(tmp_path / "broker", persistence=True)  # keeps the recorder's session over the restart
+    broker.start()
+    recorder = session = None
+    try:
+        recorder = Recorder(broker.port, TOPICS.update("a1"))
+        agent = Agent("a1", TOPICS, ArraySource(X[:100], Y[:100]), LocalTrainer(random_state=0), "int8", seed=0)
+        session = AgentSession(agent, BrokerSettings.from_url(broker.url), connect_timeout=5)
+        lost, back = threading.Event(), threading.Event()
+        session.client.on_disconnect = lambda *a: (lost.set(), session._on_disconnect(*a))
+        session.start()
+        reconnected = session.client.on_connect
+        session.client.on_connect = lambda *a: (reconnected(*a), back.set())
+
+        agent.on_model(model_bytes(1))
+        session.train_and_send()
+        first = decode_update(recorder.wait_for_count(1, 10)[0])
+        assert first.base_version == 1
+
+        broker.stop()
+        assert lost.wait(10), "the session did not notice the broker going away"
+        for version in (2, 3):  # two rounds while offline: the second supersedes the first
+            agent.on_model(model_bytes(version))
+            session.train_and_send()
+        assert session.pending.seq == agent.seq_ == first.seq + 2
+
+        broker.start()
+        assert back.wait(30), "the session did not reconnect"
+        payloads = recorder.wait_for_count(2, 10)
+        held = decode_update(payloads[1])
+        assert (held.base_version, held.seq) == (3, first.seq + 2)
+        assert session.pending is None
+        session.close()
+        session = None
+        assert len(recorder.payloads) == 2  # the superseded update never went out
+    finally:
+        if session is not None:
+            session.close()
+        if recorder is not None:
+            recorder.close()
+        broker.stop()
+
+
+def test_closing_while_the_broker_is_down_does_not_hang(tmp_path, mosquitto):
+    agent = Agent("a1", TOPICS, ArraySource(X[:20], Y[:20]), LocalTrainer())
+    session = AgentSession(agent, BrokerSettings.from_url(mosquitto.url), connect_timeout=5)
+    lost = threading.Event()
+    session.client.on_disconnect = lambda *a: lost.set()
+    session.start()
+    mosquitto.kill()
+    assert lost.wait(10)
+    agent.on_model(model_bytes(1))
+    session.train_and_send()
+    assert session.pending is not None
+    done = threading.Thread(target=session.close)
+    done.start()
+    done.join(15)
+    assert not done.is_alive(), "close() blocked on a broker that is gone"
