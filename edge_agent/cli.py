@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give exactly one of --data, --data-dir or --data-source")
     try:
         args.topics = Topics(args.fleet, args.topic_prefix)
-        Topics(args.fleet).update(args.id)  # validates the id
+        args.topics.update(args.id)  # validates the id
         CodecSpec.parse(args.codec)
         args.settings = settings_from_args(args)
         if args.local_epochs < 1 or args.batch_size < 1:
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def open_source(args: argparse.Namespace) -> DataSource:
-    """The data source the flags name, with its first rows read (so bad data fails at start)."""
+    """The data source the flags name (DataError if it does not exist); not read yet."""
     if args.data:
         source = CSVFile(args.data, args.label_column, args.window)
     elif args.data_dir:
