@@ -1,0 +1,50 @@
+# syntax=docker/dockerfile:1
+# fedmq-coordinator: aggregate the fleet's updates and republish the global model.
+# Multi-arch: docker buildx build --platform linux/amd64,linux/arm64,linux/arm/v7 \
+#               -f docker/coordinator.Dockerfile -t REGISTRY/fedmq-coordinator:TAG --push .
+# No step depends on the architecture; see docker/agent.Dockerfile for why piwheels and
+# the runtime libraries are there (linux/arm/v7 has no numpy/scipy/scikit-learn on PyPI).
+FROM python:3.11-slim
+
+# The container user's uid/gid (docker-compose.yml: the host user's, for the secret files).
+ARG FEDMQ_UID=10001
+ARG FEDMQ_GID=10001
+ARG PIP_EXTRA_INDEX_URL=https://www.piwheels.org/simple
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libopenblas0 libgfortran5 libgomp1 \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /src
+# setuptools needs every package listed in pyproject.toml to build, so all four are copied.
+COPY pyproject.toml README.md ./
+COPY protocol/ protocol/
+COPY coordinator/ coordinator/
+COPY edge_agent/ edge_agent/
+COPY simulation/ simulation/
+RUN pip install --no-cache-dir ".[coordinator]" \
+ && rm -rf /src
+
+RUN groupadd --non-unique --gid "${FEDMQ_GID}" fedmq \
+ && useradd --non-unique --uid "${FEDMQ_UID}" --gid "${FEDMQ_GID}" --home-dir /data --no-create-home \
+      --shell /usr/sbin/nologin fedmq \
+ && mkdir -p /data/checkpoints && chown -R fedmq:fedmq /data
+USER fedmq
+WORKDIR /data
+
+# Default checkpoint directory (the same as --checkpoint-dir; a flag overrides it). Mount a
+# volume on /data so the model, its version and the replay state survive the container.
+ENV FEDMQ_CHECKPOINT_DIR=/data/checkpoints
+EXPOSE 9100
+
+# Healthy: PID 1 is still the coordinator and its checkpoint (written at start-up and before
+# every publish) exists and loads. Not a freshness check: an idle fleet publishes nothing.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import os, sys; from coordinator.store import load_checkpoint; sys.exit(0 if b'fedmq-coordinator' in open('/proc/1/cmdline', 'rb').read() and load_checkpoint(os.environ.get('FEDMQ_CHECKPOINT_DIR', '/data/checkpoints')) else 1)"]
+
+ENTRYPOINT ["fedmq-coordinator"]
