@@ -87,6 +87,8 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout)
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
 
     def kill(self) -> None:
         """kill -9: no chance to save anything."""
