@@ -1,7 +1,6 @@
 """Datasets the simulator trains on: scikit-learn's bundled sets and a synthetic regression.
 
-All load offline. Features of breast_cancer and wine are standardised with statistics of
-the train split; in a real fleet such scaling would be agreed before training starts.
+All load offline, with a seeded split stratified by class (by decile of y for `linear`).
 """
 
 from __future__ import annotations
@@ -14,19 +13,22 @@ from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.model_selection import train_test_split
 
 DATASETS = ("digits", "breast_cancer", "wine", "linear")
+_BUNDLED = {"digits": skdata.load_digits, "breast_cancer": skdata.load_breast_cancer, "wine": skdata.load_wine}
 
 
 @dataclass
 class Dataset:
+    """A train/test split and what a model spec needs to know about it."""
+
     name: str
     task: str  # "classification" or "regression"
     X_train: np.ndarray
     y_train: np.ndarray
     X_test: np.ndarray
     y_test: np.ndarray
-    classes: tuple = ()
-    true_coef: np.ndarray | None = field(default=None, repr=False)
-    true_intercept: float | None = None
+    classes: tuple = ()  # empty for regression
+    true_coef: np.ndarray | None = field(default=None, repr=False)  # `linear` only
+    true_intercept: float | None = None  # `linear` only
 
     @property
     def n_features(self) -> int:
@@ -34,44 +36,66 @@ class Dataset:
 
     @property
     def model(self) -> str:
+        """The fedmq estimator name for this task."""
         return "sgd-classifier" if self.task == "classification" else "sgd-regressor"
 
 
 def load_dataset(name: str, *, test_size: float = 0.25, seed: int = 0) -> Dataset:
-    """A seeded, stratified train/test split of dataset `name`."""
+    """Dataset `name` (one of DATASETS), split into train and test with `seed`.
+
+    digits keeps its raw 0..16 pixel values. breast_cancer and wine are standardised
+    with the mean and deviation of the train split only, so the test split stays
+    unseen; a real fleet would agree such scaling before training starts, since no
+    one sees all devices' data.
+    """
     if name == "linear":
-        return make_linear(seed=seed, test_size=test_size)
-    loaders = {"digits": skdata.load_digits, "breast_cancer": skdata.load_breast_cancer, "wine": skdata.load_wine}
-    if name not in loaders:
+        return make_linear(test_size=test_size, seed=seed)
+    if name not in _BUNDLED:
         raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
-    X, y = loaders[name](return_X_y=True)
+    X, y = _BUNDLED[name](return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
     if name != "digits":
-        mean, std = X_train.mean(axis=0), X_train.std(axis=0) + 1e-12
-        X_train, X_test = (X_train - mean) / std, (X_test - mean) / std
-    return Dataset(name, "classification", X_train, y_train, X_test, y_test, tuple(int(c) for c in np.unique(y)))
+        X_train, X_test = standardise(X_train, X_test)
+    classes = tuple(int(c) for c in np.unique(y))
+    return Dataset(name, "classification", X_train, y_train, X_test, y_test, classes)
 
 
-def make_linear(n_samples: int = 2000, n_features: int = 10, noise: float = 0.1, *, seed: int = 0, test_size: float = 0.25) -> Dataset:
-    """y = X w + b + noise with standard-normal features and known w, b."""
+def make_linear(
+    n_samples: int = 2000, n_features: int = 10, noise: float = 0.1, *, test_size: float = 0.25, seed: int = 0
+) -> Dataset:
+    """y = X w + b + noise, with w and b returned so tests can check a model recovers them.
+
+    Features are drawn standard normal, so they are standardised as generated and w, b
+    are the coefficients of the features exactly as given.
+    """
     rng = np.random.default_rng(seed)
     coef = rng.uniform(-2, 2, n_features)
     intercept = float(rng.uniform(-1, 1))
     X = rng.standard_normal((n_samples, n_features))
     y = X @ coef + intercept + noise * rng.standard_normal(n_samples)
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed)
+    deciles = np.digitize(y, np.quantile(y, np.linspace(0, 1, 11)[1:-1]))
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=deciles)
     return Dataset("linear", "regression", X_train, y_train, X_test, y_test, (), coef, intercept)
 
 
+def standardise(X_train: np.ndarray, X_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale both splits by the train split's mean and deviation (constant columns: by 1)."""
+    mean, std = X_train.mean(axis=0), X_train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return (X_train - mean) / std, (X_test - mean) / std
+
+
 def centralized_baseline(ds: Dataset, *, epochs: int = 20, seed: int = 0, hyperparameters: dict | None = None) -> float:
-    """Test accuracy (or r2) of the same SGD model trained on the pooled train data."""
-    hyper = hyperparameters or {}
-    if ds.task == "classification":
-        est = SGDClassifier(random_state=seed, **hyper)
-        for _ in range(epochs):
-            est.partial_fit(ds.X_train, ds.y_train, classes=np.asarray(ds.classes))
-    else:
-        est = SGDRegressor(random_state=seed, **hyper)
-        for _ in range(epochs):
-            est.partial_fit(ds.X_train, ds.y_train)
+    """Test accuracy (or r2) of the same SGD model trained on all train data in one place.
+
+    The reference a federated run is compared to: `epochs` shuffled passes of
+    `partial_fit`, the way agents train locally.
+    """
+    rng = np.random.default_rng(seed)
+    classification = ds.task == "classification"
+    est = (SGDClassifier if classification else SGDRegressor)(random_state=seed, **(hyperparameters or {}))
+    classes = {"classes": np.asarray(ds.classes)} if classification else {}
+    for _ in range(epochs):
+        order = rng.permutation(len(ds.y_train))
+        est.partial_fit(ds.X_train[order], ds.y_train[order], **classes)
     return float(est.score(ds.X_test, ds.y_test))
