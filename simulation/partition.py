@@ -37,7 +37,9 @@ def parse_scheme(text: str) -> tuple[str, float | int | None]:
     return name, int(value)
 
 
-def partition(y: np.ndarray, n_parts: int, scheme: str = "iid", *, seed: int = 0, min_size: int = 2) -> list[np.ndarray]:
+def partition(
+    y: np.ndarray, n_parts: int, scheme: str = "iid", *, seed: int = 0, min_size: int = 2
+) -> list[np.ndarray]:
     """Sorted, disjoint index arrays, one per part, together covering every row of `y`.
 
     Every part gets at least `min_size` rows. The same (y, n_parts, scheme, seed)

@@ -50,7 +50,9 @@ def test_iid_sizes_differ_by_at_most_one_and_keep_every_label():
 
 
 def test_smaller_dirichlet_alpha_means_more_label_skew():
-    entropy = {a: mean_label_entropy(DIGITS_Y, partition(DIGITS_Y, 20, f"dirichlet:{a}", seed=0)) for a in (0.05, 0.5, 100)}
+    entropy = {
+        a: mean_label_entropy(DIGITS_Y, partition(DIGITS_Y, 20, f"dirichlet:{a}", seed=0)) for a in (0.05, 0.5, 100)
+    }
     assert entropy[0.05] < entropy[0.5] < entropy[100]
     assert entropy[0.05] < 0.4 * np.log(10)
     assert entropy[100] > 0.95 * np.log(10)
