@@ -1,54 +1,101 @@
 #!/usr/bin/env bash
-# Create broker credentials for a fedmq fleet:
-#   OUTDIR/passwd                       mosquitto password file (coordinator, monitor, each agent)
-#   OUTDIR/secrets/<user>.password      each user's random password (mode 600), for --password-file
-#   OUTDIR/certs/ca.{crt,key}           a development CA
-#   OUTDIR/certs/server.{crt,key}       the broker's certificate (localhost, broker, 127.0.0.1)
-#   OUTDIR/certs/client-<user>.{crt,key} client certificates for optional mutual TLS
-# Usage: make-credentials.sh OUTDIR AGENT_ID [AGENT_ID ...]
-# Existing passwords and certificates are kept; run again to add agents.
+# Create the broker credentials of a fedmq fleet. See README.md in this directory.
 set -euo pipefail
 
+usage() {
+  cat <<'EOF'
+Usage: make-credentials.sh OUTDIR [AGENT_ID ...]
+
+Creates, for the users coordinator, monitor and each AGENT_ID (username = agent id):
+  OUTDIR/passwd                          mosquitto password file, rebuilt from secrets/ on every run
+  OUTDIR/secrets/<user>.password         each user's random password, mode 600; clients read it
+                                         with --password-file, never from a command-line flag
+  OUTDIR/certs/ca.crt, ca.key            a development CA (10 years)
+  OUTDIR/certs/server.crt, server.key    the broker's certificate: DNS:localhost, DNS:broker, IP:127.0.0.1
+  OUTDIR/certs/client-<user>.crt, .key   a client certificate per user, for optional mutual TLS
+
+Existing passwords and certificates are kept: run it again with new ids to add agents.
+To revoke an agent or change a password, delete OUTDIR/secrets/<user>.password and run it again
+(then reload the broker: kill -HUP). Delete OUTDIR/certs to make a new CA.
+Agent ids: 1-64 characters from A-Z a-z 0-9 _ . - ; "coordinator" and "monitor" are reserved.
+EOF
+}
+
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
-  exit 0
+  usage
+  [[ $# -ge 1 ]] && exit 0 || exit 2
 fi
 out=$1; shift
 command -v mosquitto_passwd >/dev/null || { echo "mosquitto_passwd not found (apt-get install mosquitto)" >&2; exit 2; }
 command -v openssl >/dev/null || { echo "openssl not found (apt-get install openssl)" >&2; exit 2; }
+
+for agent in "$@"; do
+  [[ "$agent" =~ ^[A-Za-z0-9_.-]{1,64}$ ]] || { echo "invalid agent id: '$agent' (1-64 of A-Z a-z 0-9 _ . -)" >&2; exit 2; }
+  # the ACL gives these two names their own rights: an agent must never share them
+  [[ "$agent" != coordinator && "$agent" != monitor ]] || { echo "agent id '$agent' is reserved" >&2; exit 2; }
+done
 mkdir -p "$out/secrets" "$out/certs"
 chmod 700 "$out/secrets"
-umask 077
+umask 077  # keys and secrets readable by their owner only; certificates are opened up below
 
-users=(coordinator monitor "$@")
-for user in "${users[@]}"; do
-  [[ "$user" =~ ^[A-Za-z0-9_.-]{1,64}$ ]] || { echo "invalid user/agent id: $user" >&2; exit 2; }
+# Passwords: random, one file each, for coordinator, monitor and the agents named now.
+for user in coordinator monitor "$@"; do
   secret="$out/secrets/$user.password"
   [[ -s "$secret" ]] || openssl rand -hex 24 > "$secret"
 done
-rm -f "$out/passwd"
-touch "$out/passwd"
-for user in "${users[@]}"; do
-  mosquitto_passwd -b "$out/passwd" "$user" "$(cat "$out/secrets/$user.password")"
+# secrets/ is the list of users: agents added by earlier runs stay in passwd.
+users=()
+for secret in "$out"/secrets/*.password; do
+  user=$(basename "$secret" .password)
+  [[ "$user" =~ ^[A-Za-z0-9_.-]{1,64}$ ]] || { echo "unexpected file $secret" >&2; exit 2; }
+  users+=("$user")
 done
-chmod 644 "$out/passwd"
+# mosquitto_passwd -b takes the password as an argument, so it is visible in `ps` on this
+# machine while the script runs: run it somewhere trusted.
+passwd="$out/passwd.tmp"
+rm -f "$passwd"
+first=-c
+for user in "${users[@]}"; do
+  mosquitto_passwd $first -b "$passwd" "$user" "$(cat "$out/secrets/$user.password")"
+  first=
+done
+# mode 600: mosquitto >= 2.0.18 warns about a password file others can read, and about one it
+# does not own (in the docker image it runs as uid 1883: see README.md)
+chmod 600 "$passwd"
+mv -f "$passwd" "$out/passwd"
 
+# Development CA. keyUsage and basicConstraints are required by strict X.509 verification
+# (OpenSSL -x509_strict, Python 3.13's default SSL context).
 certs="$out/certs"
-if [[ ! -s "$certs/ca.crt" ]]; then
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=fedmq dev CA" \
+if [[ ! -s "$certs/ca.crt" || ! -s "$certs/ca.key" ]]; then
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=fedmq development CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
     -keyout "$certs/ca.key" -out "$certs/ca.crt" 2>/dev/null
 fi
-sign() {  # sign NAME SUBJECT [SAN]
-  local name=$1 subject=$2 san=${3:-}
-  [[ -s "$certs/$name.crt" ]] && return
-  openssl req -newkey rsa:2048 -nodes -subj "$subject" -keyout "$certs/$name.key" -out "$certs/$name.csr" 2>/dev/null
-  local ext; ext=$(mktemp)
-  if [[ -n "$san" ]]; then printf 'subjectAltName=%s\n' "$san" > "$ext"; else : > "$ext"; fi
+
+sign() {  # sign NAME SUBJECT USAGE [SAN]: a key and a certificate signed by the CA, unless present
+  local name=$1 subject=$2 usage=$3 san=${4:-} ext
+  [[ -s "$certs/$name.crt" && -s "$certs/$name.key" ]] && return 0
+  ext=$(mktemp)
+  {
+    echo "basicConstraints=critical,CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    echo "extendedKeyUsage=$usage"
+    echo "subjectKeyIdentifier=hash"
+    echo "authorityKeyIdentifier=keyid"
+    [[ -z "$san" ]] || echo "subjectAltName=$san"
+  } > "$ext"
+  openssl req -newkey rsa:2048 -nodes -subj "$subject" \
+    -keyout "$certs/$name.key" -out "$certs/$name.csr" 2>/dev/null
   openssl x509 -req -in "$certs/$name.csr" -CA "$certs/ca.crt" -CAkey "$certs/ca.key" -CAcreateserial \
     -days 825 -extfile "$ext" -out "$certs/$name.crt" 2>/dev/null
   rm -f "$certs/$name.csr" "$ext"
 }
-sign server "/CN=broker" "DNS:localhost,DNS:broker,IP:127.0.0.1"
-for user in "${users[@]}"; do sign "client-$user" "/CN=$user"; done
+sign server "/CN=broker" serverAuth "DNS:localhost,DNS:broker,IP:127.0.0.1"
+for user in "${users[@]}"; do
+  sign "client-$user" "/CN=$user" clientAuth
+done
+chmod 755 "$certs"
 chmod 644 "$certs"/*.crt
-echo "credentials for ${#users[@]} users in $out (passwords in $out/secrets/)"
+
+echo "credentials for ${#users[@]} users in $out: passwd, secrets/<user>.password, certs/"

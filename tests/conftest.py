@@ -3,9 +3,19 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
+# tests/ for `from mosquitto import Mosquitto` and `from fleet import ...`; the root for the packages
+for path in (ROOT, Path(__file__).resolve().parent):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-from simulation.mosquitto import Mosquitto  # noqa: E402
+from mosquitto import Mosquitto  # noqa: E402
+
+
+def pytest_configure(config):
+    # also declared in pyproject.toml; repeated here so the markers exist whatever the ini file
+    config.addinivalue_line("markers", "slow: fault-injection tests with real processes (run in CI)")
+    config.addinivalue_line("markers", "pi: needs the emulated aarch64 root from ../shared/tools/pi-emulation")
 
 
 @pytest.fixture
