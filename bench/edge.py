@@ -105,6 +105,7 @@ def main() -> None:
         return
     sys.path.insert(0, str(ROOT))
     import numpy as np
+    import psutil
 
     from protocol.messages import ModelMessage, decode_update, encode_model
     from protocol.model_spec import ModelSpec
@@ -137,7 +138,8 @@ def main() -> None:
             proc = subprocess.Popen(cmd, env=target.env(), stderr=subprocess.PIPE, text=True, cwd=str(target.workdir))
             payload = watcher.wait_for(lambda: watcher.latest.get(topics.update(agent_id)), 300, "first update")
             first_update_s = time.perf_counter() - started
-            proc.terminate()
+            for child in psutil.Process(proc.pid).children():  # the agent under /usr/bin/time
+                child.terminate()
             _, err = proc.communicate(timeout=60)
             rss_kb = int(err.rsplit("MAXRSS_KB=", 1)[1].split()[0])
             runs.append({"first_update_s": first_update_s, "peak_rss_mb": rss_kb / 1024,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import importlib
-import io
 import logging
 from collections import deque
 from pathlib import Path
@@ -82,36 +81,55 @@ class CSVFile(DataSource):
         """
         empty = np.empty((0, 0)), np.empty(0)
         try:
-            size = self.path.stat().st_size
-            if size < self._offset:
+            if self.path.stat().st_size < self._offset:
                 self._offset, self._lines, self._header = 0, 0, None
             with self.path.open("rb") as fh:
                 fh.seek(self._offset)
-                chunk = fh.read()
+                # stream line by line: a large CSV never sits in memory as text or Python strings
+                reader = csv.reader(self._complete_lines(fh))
+                if self._header is None:
+                    header = next(reader, None)
+                    if header is None:
+                        return empty
+                    self._header = [h.strip() for h in header]
+                    if self.label_column not in self._header:
+                        raise DataError(f"{self.path}: no column {self.label_column!r} (columns: {', '.join(self._header)})")
+                parts = [self._parse(batch, strict) for batch in self._numbered_batches(reader, 1 + 50_000 // len(self._header))]
         except OSError as exc:
             raise DataError(f"{self.path}: cannot read: {exc.strerror}") from None
-        end = chunk.rfind(b"\n") + 1  # a half-written last line waits for the next poll
-        if end == 0:
+        parts = [(X, y) for X, y in parts if len(y)]
+        if not parts:
             return empty
-        self._offset += end
-        first_line = self._lines + 1
-        self._lines += chunk.count(b"\n", 0, end)
+        return np.concatenate([X for X, _ in parts]), np.concatenate([y for _, y in parts])
+
+    def _complete_lines(self, fh):
+        """Decoded lines up to the last complete one; a half-written line waits for the next poll."""
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                return
+            self._offset += len(raw)
+            self._lines += 1
+            try:
+                yield raw.decode()
+            except UnicodeDecodeError:
+                raise DataError(f"{self.path}: line {self._lines} is not text") from None
+
+    def _numbered_batches(self, reader, size: int):
+        """Lists of up to `size` (line number, cells) pairs of the non-empty rows of `reader`
+        (about 50,000 cells a batch: a few MB of strings at a time)."""
+        batch = []
+        for row in reader:
+            if any(c.strip() for c in row):
+                batch.append((self._lines, row))
+                if len(batch) == size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def _parse(self, numbered: list[tuple[int, list[str]]], strict: bool) -> tuple[np.ndarray, np.ndarray]:
         try:
-            rows = list(csv.reader(io.StringIO(chunk[:end].decode())))
-        except UnicodeDecodeError:
-            raise DataError(f"{self.path}: not a text file") from None
-        if self._header is None:
-            if not rows:
-                return empty
-            self._header, rows = [h.strip() for h in rows[0]], rows[1:]
-            first_line += 1
-            if self.label_column not in self._header:
-                raise DataError(f"{self.path}: no column {self.label_column!r} (columns: {', '.join(self._header)})")
-        numbered = [(first_line + i, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
-        if not numbered:
-            return empty
-        try:
-            return parse_rows(self._header, [r for _, r in numbered], self.label_column, source=str(self.path))
+            return parse_rows(self._header, [r for _, r in numbered], self.label_column, str(self.path), numbered[0][0])
         except DataError:
             if strict:
                 raise

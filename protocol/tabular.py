@@ -30,8 +30,13 @@ def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray,
     return parse_rows(rows[0], rows[1:], label_column, source=str(path))
 
 
-def parse_rows(header: list[str], rows: list[list[str]], label_column: str, source: str) -> tuple[np.ndarray, np.ndarray]:
-    """(X, y) from string rows under `header`; DataError names the first bad cell."""
+def parse_rows(
+    header: list[str], rows: list[list[str]], label_column: str, source: str, first_line: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) from string rows under `header`; DataError names the first bad cell.
+
+    `first_line` is the file line of rows[0], for the messages.
+    """
     header = [h.strip() for h in header]
     if label_column not in header:
         raise DataError(f"{source}: no column {label_column!r} (columns: {', '.join(header)})")
@@ -44,15 +49,18 @@ def parse_rows(header: list[str], rows: list[list[str]], label_column: str, sour
     values = np.empty((len(rows), len(header)), dtype=np.float64)
     for i, row in enumerate(rows):
         if len(row) != len(header):
-            raise DataError(f"{source}: line {i + 2} has {len(row)} cells, header has {len(header)}")
-        for j, cell in enumerate(row):
-            try:
-                values[i, j] = float(cell)
-            except ValueError:
-                raise DataError(f"{source}: line {i + 2}, column {header[j]!r}: {cell!r} is not a number") from None
+            raise DataError(f"{source}: line {first_line + i} has {len(row)} cells, header has {len(header)}")
+        try:
+            values[i] = np.asarray(row, dtype=np.float64)  # numpy parses the strings, row at a time
+        except ValueError:
+            for j, cell in enumerate(row):
+                try:
+                    float(cell)
+                except ValueError:
+                    raise DataError(f"{source}: line {first_line + i}, column {header[j]!r}: {cell!r} is not a number") from None
     if not np.isfinite(values).all():
         i, j = np.argwhere(~np.isfinite(values))[0]
-        raise DataError(f"{source}: line {i + 2}, column {header[j]!r}: value is not finite")
+        raise DataError(f"{source}: line {first_line + i}, column {header[j]!r}: value is not finite")
     y = values[:, label_at]
     X = np.delete(values, label_at, axis=1)
     if np.all(y == np.round(y)):

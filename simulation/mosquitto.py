@@ -71,8 +71,9 @@ class Mosquitto:
                     return
             except OSError:
                 time.sleep(0.05)  # polling a port: there is no event to wait on
+        tail = self._tail()
         self.stop()
-        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout} s: {self._tail()}")
+        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout} s: {tail}")
 
     def _tail(self) -> str:
         err = self.proc.stderr.read().decode(errors="replace") if self.proc and self.proc.stderr and self.proc.poll() is not None else ""
