@@ -34,7 +34,7 @@ def main() -> None:
     dataset = load_dataset("digits", seed=args.seed)
     baseline = centralized_baseline(dataset, seed=args.seed)
     runs = {
-        "fedasync": dict(strategy="fedasync", alpha=0.6),
+        "fedasync": dict(strategy="fedasync", alpha=0.3),
         "fedbuff": dict(strategy="fedbuff", buffer_size=5, server_lr=1.0),
         "fedavg": dict(strategy="fedavg", buffer_size=args.agents),
     }

@@ -50,7 +50,7 @@ class FedAsync(Strategy):
 
     name = "fedasync"
 
-    def __init__(self, alpha: float = 0.6, staleness: StalenessFn = Constant()) -> None:
+    def __init__(self, alpha: float = 0.3, staleness: StalenessFn = Constant()) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"fedasync alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
@@ -123,7 +123,7 @@ class FedAvg(FedBuff):
 def make_strategy(
     name: str,
     *,
-    alpha: float = 0.6,
+    alpha: float = 0.3,
     staleness: StalenessFn = Constant(),
     buffer_size: int = 5,
     server_lr: float = 1.0,

@@ -41,7 +41,7 @@ class SimConfig:
     agents: int = 20
     partition: str = "dirichlet:0.5"
     strategy: str = "fedasync"
-    alpha: float = 0.6
+    alpha: float = 0.3
     staleness: str = "polynomial:0.5"
     buffer_size: int = 5
     server_lr: float = 1.0
