@@ -19,18 +19,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coordinator.server import Coordinator  # noqa: E402
 from coordinator.staleness import parse_staleness  # noqa: E402
 from coordinator.strategies import make_strategy  # noqa: E402
-from coordinator.validation import UpdateValidator  # noqa: E402
-from edge_agent.agent import Agent  # noqa: E402
-from edge_agent.data import ArraySource  # noqa: E402
-from edge_agent.trainer import LocalTrainer  # noqa: E402
 from protocol.messages import decode_update  # noqa: E402
-from protocol.model_spec import ModelSpec  # noqa: E402
 from protocol.topics import Topics  # noqa: E402
 from simulation.datasets import centralized_baseline, load_dataset  # noqa: E402
-from simulation.partition import partition  # noqa: E402
+from simulation.inprocess import drive, make_agents, make_core  # noqa: E402
 
 CODECS = ["float32", "int8", "int4", "topk:0.1+int8", "topk:0.05+int4", "topk:0.02+int4"]
 
@@ -39,30 +33,16 @@ def run(codec: str, *, agents: int, updates: int, seed: int, publish_every: int)
     """Federated training where agents always train from the newest published model."""
     ds = load_dataset("digits", seed=seed)
     topics = Topics("wire")
-    spec = ModelSpec(ds.model, ds.n_features, ds.classes)
-    core = Coordinator(topics, spec, make_strategy("fedasync", alpha=0.6, staleness=parse_staleness("polynomial:0.5")),
-                       UpdateValidator(topics, spec.n_params), eval_data=(ds.X_test, ds.y_test))
-    parts = partition(ds.y_train, agents, "dirichlet:0.5", seed=seed)
-    fleet = [Agent(f"a{i}", topics, ArraySource(ds.X_train[p], ds.y_train[p]), LocalTrainer(random_state=seed + i),
-                   codec, seed=seed + i) for i, p in enumerate(parts)]
-    rng = np.random.default_rng(seed)
-    model = core.model_payload()
+    core = make_core(ds, topics, make_strategy("fedasync", alpha=0.6, staleness=parse_staleness("polynomial:0.5")))
+    fleet = make_agents(ds, topics, agents, "dirichlet:0.5", codec, seed=seed)
     sizes, payload_sizes = [], []
-    for step in range(updates):
-        agent = fleet[rng.integers(agents)]
-        agent.on_model(model)
-        agent.trained_version_ = -1  # train again even on a model it has seen
-        agent.due()  # reads its data the first time
-        payload = agent.make_update()
-        sizes.append(len(payload))
-        delta = decode_update(payload).delta
+    for step in drive(core, fleet, updates=updates, seed=seed, publish_every=publish_every):
+        if step.reason is not None:
+            raise RuntimeError(f"an honest update was rejected: {step.reason}")
+        sizes.append(len(step.payload))
+        delta = decode_update(step.payload).delta
         payload_sizes.append(len(delta.data) + len(delta.index or b""))
-        if core.handle_update(topics.update(agent.agent_id), payload) is not None:
-            raise RuntimeError("an honest update was rejected")
-        if step % publish_every == publish_every - 1:
-            model = core.model_payload()
-    core.model_payload()
-    return {"bytes": float(np.mean(sizes)), "accuracy": core.scores_["accuracy"], "n_params": spec.n_params,
+    return {"bytes": float(np.mean(sizes)), "accuracy": core.scores_["accuracy"], "n_params": core.spec.n_params,
             "payload_bytes": float(np.mean(payload_sizes))}
 
 

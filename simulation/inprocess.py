@@ -1,0 +1,72 @@
+"""Real agents and the real coordinator core exchanging real payloads in one process, no broker.
+
+Benchmarks and tests that must isolate one factor (a codec, an attack, an aggregate) use
+this loop: the bytes are exactly what would travel over MQTT, but the schedule is a
+seeded random choice of agent per step, so runs are deterministic and fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from coordinator.server import Coordinator
+from coordinator.strategies import Strategy
+from coordinator.validation import UpdateValidator
+from edge_agent.agent import Agent
+from edge_agent.data import ArraySource
+from edge_agent.trainer import LocalTrainer
+from protocol.model_spec import ModelSpec
+from protocol.topics import Topics
+from simulation.datasets import Dataset
+from simulation.partition import partition
+
+
+@dataclass
+class Step:
+    """One update as it went over the (absent) wire and what the coordinator made of it."""
+
+    agent: Agent
+    payload: bytes
+    reason: str | None  # None when accepted
+
+
+def make_core(ds: Dataset, topics: Topics, strategy: Strategy, **validator_options) -> Coordinator:
+    """The coordinator core for `ds`, scoring on its test split; options go to UpdateValidator."""
+    spec = ModelSpec(ds.model, ds.n_features, ds.classes)
+    validator = UpdateValidator(topics, spec.n_params, **validator_options)
+    return Coordinator(topics, spec, strategy, validator, eval_data=(ds.X_test, ds.y_test))
+
+
+def make_agents(
+    ds: Dataset, topics: Topics, n: int, scheme: str, codec: str, *, seed: int,
+    trainer: Callable[[int], LocalTrainer] | None = None,
+) -> list[Agent]:
+    """`n` agents `a0..` on a `scheme` partition of the train split; `trainer(i)` overrides agent i's."""
+    parts = partition(ds.y_train, n, scheme, seed=seed)
+    make_trainer = trainer or (lambda i: LocalTrainer(random_state=seed + i))
+    return [Agent(f"a{i}", topics, ArraySource(ds.X_train[p], ds.y_train[p]), make_trainer(i), codec, seed=seed + i)
+            for i, p in enumerate(parts)]
+
+
+def drive(core: Coordinator, fleet: Sequence[Agent], *, updates: int, seed: int, publish_every: int) -> Iterator[Step]:
+    """`updates` rounds of a randomly chosen agent training on the newest published model.
+
+    The model is republished every `publish_every` updates (coalescing), and once more at
+    the end so `core.scores_` holds the final model's test scores.
+    """
+    rng = np.random.default_rng(seed)
+    model = core.model_payload()
+    for step in range(updates):
+        agent = fleet[rng.integers(len(fleet))]
+        agent.on_model(model)
+        agent.trained_version_ = -1  # train again even on a model it has seen
+        agent.due()  # reads its data the first time
+        payload = agent.make_update()
+        if payload is not None:  # None: local training diverged, nothing sent
+            yield Step(agent, payload, core.handle_update(core.topics.update(agent.agent_id), payload))
+        if step % publish_every == publish_every - 1:
+            model = core.model_payload()
+    core.model_payload()
