@@ -21,12 +21,13 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-# setuptools needs every package listed in pyproject.toml to build, so all four are copied.
+# setuptools needs every package listed in pyproject.toml to build, so all five are copied.
 COPY pyproject.toml README.md ./
 COPY protocol/ protocol/
 COPY coordinator/ coordinator/
 COPY edge_agent/ edge_agent/
 COPY simulation/ simulation/
+COPY monitor/ monitor/
 RUN pip install --no-cache-dir ".[coordinator]" \
  && rm -rf /src
 

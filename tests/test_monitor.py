@@ -1,0 +1,253 @@
+"""fedmq-monitor: the pure FleetView fed real encoded messages and garbage, the rendering, the CLI's
+configuration, and `fedmq-monitor --once` as a process against a real coordinator and agents."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from coordinator.status import build_status, encode_status
+from edge_agent.agent import offline_status
+from fleet import TopicWatcher, spawn, stop
+from monitor.cli import main, parse_args
+from monitor.fleet_view import FleetView
+from monitor.render import render
+from protocol import codec
+from protocol.messages import ModelMessage, UpdateMessage, encode_model, encode_update
+from protocol.model_spec import ModelSpec
+from protocol.tabular import write_csv
+from protocol.topics import Topics
+from simulation.mosquitto import free_port
+
+FLEET = "mon"
+T = Topics(FLEET)
+SPEC = ModelSpec("sgd-classifier", 4, (0, 1, 2))
+NOW = 1_700_000_000.0
+WAIT = 30  # seconds: bound on every wait for the fleet
+MONITOR = Path(sys.executable).parent / "fedmq-monitor"
+
+
+def coordinator_status(version: int, **over) -> bytes:
+    fields = dict(fleet=FLEET, strategy="fedasync", version=version, published_version=version, accepted=version,
+                  rejected={"decode": 2}, clipped=0, pending=0, staleness_sum=1.5 * version, staleness_max=4,
+                  is_classifier=True, scores={"accuracy": 0.91}, fleet_eval={"accuracy": 0.8, "loss": 0.5},
+                  agents=2, started_at=NOW - 60, now=NOW)
+    return encode_status(build_status(**{**fields, **over}))
+
+
+def model(version: int) -> bytes:
+    return encode_model(ModelMessage(FLEET, version, SPEC, np.zeros(SPEC.n_params), NOW))
+
+
+def update(agent: str, base: int, seq: int = 1, fleet: str = FLEET) -> bytes:
+    delta = codec.encode(np.full(SPEC.n_params, 0.1), "int8", np.random.default_rng(seq))
+    return encode_update(UpdateMessage(fleet, agent, seq, base, 20, delta, {"eval_accuracy": 0.75}, NOW))
+
+
+def agent_status(agent: str, state: str = "idle", version: int = 3, **over) -> bytes:
+    doc = {"agent": agent, "state": state, "version": version, "model_version": version, "seq": 7,
+           "updates_sent": 5, "samples": 120, "codec": "int8", "last_update_time": NOW - 5,
+           "metrics": {"eval_accuracy": 0.7, "train_accuracy": 0.9}, "time": NOW - 1}
+    return json.dumps({**doc, **over}).encode()
+
+
+def text_of(snapshot: dict) -> str:
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(render(snapshot))
+    return console.file.getvalue()
+
+
+# the pure view ---------------------------------------------------------------------------------
+
+def test_coordinator_status_and_model_give_the_fleet_summary():
+    view = FleetView(T)
+    assert view.feed(T.coordinator_status, coordinator_status(9), NOW) is None
+    assert view.feed(T.model, model(8), NOW) is None
+    snap = view.snapshot(NOW)
+    assert snap["version"] == 9  # the status can be ahead of the published model
+    coord = snap["coordinator"]
+    assert coord["accepted"] == 9 and coord["rejected"] == {"decode": 2}
+    assert coord["accuracy"] == 0.91 and coord["r2"] is None
+    assert coord["fleet_eval"] == {"accuracy": 0.8, "loss": 0.5}
+    assert coord["staleness"] == {"mean": 1.5, "max": 4} and coord["strategy"] == "fedasync"
+    assert snap["model"]["version"] == 8 and snap["model"]["n_params"] == SPEC.n_params
+    assert snap["bad"]["count"] == 0 and snap["agents"] == []
+    text = text_of(snap)
+    assert "version 9 (published 9)" in text and "accuracy 0.9100" in text and "decode 2" in text
+
+
+def test_updates_and_statuses_give_each_agent_its_staleness():
+    view = FleetView(T)
+    view.feed(T.model, model(10), NOW)
+    payload = update("a", base=6)
+    view.feed(T.update("a"), payload, NOW + 1)
+    view.feed(T.update("a"), update("a", base=7, seq=2), NOW + 2)
+    view.feed(T.agent_status("b"), agent_status("b", "training", version=10), NOW)
+    snap = view.snapshot(NOW + 3)
+    a, b = snap["agents"]
+    assert a["agent"] == "a" and a["base_version"] == 7 and a["staleness"] == 3
+    assert a["updates_seen"] == 2 and a["last_update_bytes"] == len(payload)
+    assert a["last_update_time"] == NOW + 2 and a["state"] is None  # no status yet
+    assert b["state"] == "training" and b["staleness"] == 0 and b["updates_sent"] == 5 and b["samples"] == 120
+    assert b["metrics"]["eval_accuracy"] == 0.7
+    view.feed(T.coordinator_status, coordinator_status(12), NOW + 3)
+    assert [x["staleness"] for x in view.snapshot(NOW + 4)["agents"]] == [5, 2]
+    text = text_of(view.snapshot(NOW + 4))
+    assert "training" in text and "acc 0.750" in text and "2/-" in text and "0/5" in text
+
+
+def test_last_will_marks_offline_and_keeps_what_was_known():
+    view = FleetView(T)
+    view.feed(T.agent_status("a"), agent_status("a", "idle", version=3), NOW)
+    view.feed(T.agent_status("a"), json.dumps(offline_status("a")).encode(), NOW + 1)
+    (a,) = view.snapshot(NOW + 2)["agents"]
+    assert a["state"] == "offline" and a["base_version"] == 3 and a["updates_sent"] == 5
+    assert "offline" in text_of(view.snapshot(NOW + 2))
+
+
+def test_empty_retained_payloads_clear_what_the_topic_said():
+    view = FleetView(T)
+    view.feed(T.agent_status("a"), agent_status("a"), NOW)
+    view.feed(T.coordinator_status, coordinator_status(3), NOW)
+    view.feed(T.model, model(3), NOW)
+    for topic in (T.agent_status("a"), T.coordinator_status, T.model):
+        assert view.feed(topic, b"", NOW) is None
+    snap = view.snapshot(NOW)
+    assert snap["agents"] == [] and snap["coordinator"] is None and snap["model"] is None and snap["version"] is None
+
+
+GARBAGE = [
+    (T.model, b"\xc1 not msgpack", "model:decode"),
+    (T.model, encode_model(ModelMessage("other", 1, SPEC, np.zeros(SPEC.n_params))), "model:fleet"),
+    (T.update("a"), b"\x00garbage\xff", "update:decode"),
+    (T.update("a"), b"", "update:empty"),
+    (T.update("a"), update("b", base=1), "update:agent_mismatch"),
+    (T.update("a"), update("a", base=1, fleet="other"), "update:fleet"),
+    (T.agent_status("a"), b"\xff\xfe\x00", "status:json"),
+    (T.agent_status("a"), b"[1, 2]", "status:schema"),
+    (T.agent_status("a"), b"[" * 50_000, "status:json"),
+    (T.agent_status("a"), agent_status("a", "dancing"), "status:schema"),
+    (T.agent_status("a"), agent_status("b"), "status:agent_mismatch"),
+    (T.agent_status("a"), b'{"agent": "a", "state": "idle", "pad": "' + b"x" * 70_000 + b'"}', "status:oversize"),
+    (T.coordinator_status, b'{"version": "seven"}', "coordinator:schema"),
+    (T.coordinator_status, b"NaN", "coordinator:schema"),
+    (f"{T.base}/something/else", b"{}", "topic:unknown"),
+]
+
+
+def test_garbage_is_counted_by_reason_and_never_raises():
+    view = FleetView(T)
+    view.feed(T.agent_status("a"), agent_status("a"), NOW)
+    for topic, payload, reason in GARBAGE:
+        assert view.feed(topic, payload, NOW) == reason, (topic, payload[:40])
+    snap = view.snapshot(NOW)
+    assert snap["bad"]["count"] == len(GARBAGE) and snap["messages"] == len(GARBAGE) + 1
+    assert snap["bad"]["reasons"]["status:json"] == 2 and snap["bad"]["last"].startswith(f"{T.base}/something/else")
+    (a,) = snap["agents"]  # garbage on a's topics is counted on its row, and makes no new rows
+    assert a["bad"] == sum(1 for topic, _, _ in GARBAGE if topic in (T.update("a"), T.agent_status("a")))
+    assert a["state"] == "idle" and a["base_version"] == 3  # the good status still stands
+    json.dumps(snap, allow_nan=False)
+    assert "bad payloads" in text_of(snap)
+
+
+def test_well_formed_documents_with_hostile_values_are_shown_safely():
+    view = FleetView(T)
+    doc = {"version": 5, "strategy": "[bold red]boom[/]", "accepted": True, "rejected": {"decode": 1.5, "norm": 3},
+           "staleness": "high", "accuracy": 10**400, "fleet_eval": {"accuracy": "good", "loss": 0.25}, "uptime_s": -1}
+    assert view.feed(T.coordinator_status, json.dumps(doc).encode(), NOW) is None
+    assert view.feed(T.agent_status("a"), agent_status("a", version="x", samples=None, metrics=[1]), NOW) is None
+    snap = view.snapshot(NOW)
+    coord = snap["coordinator"]
+    assert coord["accepted"] is None and coord["rejected"] == {"norm": 3} and coord["accuracy"] is None
+    assert coord["staleness"] == {"mean": None, "max": None} and coord["fleet_eval"] == {"loss": 0.25}
+    assert snap["agents"][0]["base_version"] is None and snap["agents"][0]["metrics"] == {}
+    json.dumps(snap, allow_nan=False)
+    assert "[bold red]boom[/]" in text_of(snap)  # shown literally, not as console markup
+
+
+# configuration -------------------------------------------------------------------------------
+
+def test_flags_env_and_toml_are_layered(tmp_path, monkeypatch):
+    config = tmp_path / "m.toml"
+    config.write_text('fleet = "fromfile"\nbroker = "mqtt://127.0.0.1:1999"\nwait = 5\ntopic-prefix = "lab"\n')
+    monkeypatch.setenv("FEDMQ_WAIT", "0.5")
+    args = parse_args(["--config", str(config), "--fleet", "cli"])
+    assert args.topics == Topics("cli", "lab") and args.wait == 0.5 and args.settings.port == 1999
+
+
+def run_monitor(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
+    return subprocess.run([str(MONITOR), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--broker", "mqtt://127.0.0.1:1"], "--fleet is required"),
+    (["--fleet", "f"], "--broker is required"),
+    (["--broker", "http://x", "--fleet", "f"], "must look like mqtt://"),
+    (["--broker", "mqtt://127.0.0.1:1", "--fleet", "a/b"], "invalid fleet"),
+    (["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--wait", "0"], "--wait must be > 0"),
+])
+def test_bad_configuration_exits_2_with_one_line(args, message, capsys):
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_unreachable_broker_exits_1():
+    proc = run_monitor("--broker", f"mqtt://127.0.0.1:{free_port()}", "--fleet", "f", "--once")
+    assert proc.returncode == 1 and "fedmq-monitor: error: cannot reach broker" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# a real fleet ----------------------------------------------------------------------------------
+
+def test_once_shows_a_real_fleet_then_an_agent_going_offline(tmp_path, mosquitto):
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        X = rng.normal(size=(60, 4))
+        write_csv(tmp_path / f"a{i}.csv", X, (X[:, 0] > 0).astype(int) + (X[:, 1] > 0))
+    watcher = TopicWatcher(mosquitto.port, T.everything)
+    coord = spawn("coordinator", "--broker", mosquitto.url, "--fleet", FLEET, "--model", "sgd-classifier",
+                  "--n-features", 4, "--classes", "0,1,2", "--publish-interval", "0.2", log=tmp_path / "coord.log")
+    agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", FLEET, "--id", f"a{i}",
+                    "--data", tmp_path / f"a{i}.csv", log=tmp_path / f"a{i}.log") for i in range(2)]
+    try:
+        def sent(agent):
+            return (watcher.json(T.agent_status(agent)) or {}).get("updates_sent", 0)
+
+        watcher.wait_for(lambda: sent("a0") and sent("a1") and
+                         (watcher.json(T.coordinator_status) or {}).get("accepted", 0) >= 2, WAIT, "two agents' updates")
+        watcher.client.publish(T.agent_status("ghost"), b"\xff not json", qos=1, retain=True).wait_for_publish(WAIT)
+        proc = run_monitor("--broker", mosquitto.url, "--fleet", FLEET, "--once", "--wait", "1", "--json")
+        assert proc.returncode == 0, proc.stderr
+        snap = json.loads(proc.stdout)
+        assert snap["version"] >= 2 and snap["coordinator"]["accepted"] >= 2 and snap["model"]["n_params"] == 15
+        rows = {a["agent"]: a for a in snap["agents"]}
+        assert set(rows) == {"a0", "a1"}
+        for row in rows.values():
+            assert row["state"] in ("online", "training", "idle") and row["updates_sent"] >= 1
+            assert row["base_version"] is not None and 0 <= row["staleness"] <= snap["version"]
+        assert snap["bad"]["reasons"] == {"status:json": 1}  # the retained garbage
+
+        assert stop(agents[1]) == 0
+        watcher.wait_for(lambda: (watcher.json(T.agent_status("a1")) or {}).get("state") == "offline", WAIT,
+                         "a1 offline")
+        proc = run_monitor("--broker", mosquitto.url, "--fleet", FLEET, "--once", "--wait", "0.5")
+        assert proc.returncode == 0, proc.stderr
+        lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip().startswith("a")}
+        assert "offline" in lines["a1"] and "offline" not in lines["a0"]
+        assert re.search(rf"fleet +{FLEET} +version \d+", proc.stdout) and "bad payloads" in proc.stdout
+    finally:
+        for proc in agents:
+            stop(proc)
+        assert stop(coord) == 0
+        watcher.close()
+    for log in tmp_path.glob("*.log"):
+        assert "Traceback" not in log.read_text()
