@@ -36,13 +36,21 @@ class MonitorSession:
         self._lock = threading.Lock()
         client_id = f"fedmq-monitor-{topics.fleet}-{os.getpid()}-{secrets.token_hex(3)}"
         self.client = make_client(settings, client_id, persistent=False)
+        self.connected = False
         self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = self._on_message
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if not reason_code.is_failure:  # also on every reconnection: the session is not kept
+            self.connected = True
             client.subscribe(self.view.topics.everything, qos=1)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected = False
+        if reason_code.is_failure:
+            log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:
         with self._lock:
@@ -55,8 +63,11 @@ class MonitorSession:
             log.warning("no subscription acknowledgement from %s within %g s", self.settings.url, timeout)
 
     def snapshot(self) -> dict:
+        """The view's snapshot plus the broker connection, so a stale screen says why."""
         with self._lock:
-            return self.view.snapshot(self.clock())
+            snapshot = self.view.snapshot(self.clock())
+        snapshot["broker"] = {"url": self.settings.url, "connected": self.connected}
+        return snapshot
 
     def close(self) -> None:
         self.client.disconnect()

@@ -33,6 +33,9 @@ def summary(snapshot: dict) -> Table:
     if coord and coord["published_version"] is not None:
         version += f" (published {coord['published_version']})"
     grid.add_row("fleet", Text(f"{snapshot['fleet']}   version {version}"))
+    broker = snapshot.get("broker")
+    if broker and not broker["connected"]:
+        grid.add_row(Text("broker", style="bold red"), Text(f"{broker['url']} lost: reconnecting; figures may be old"))
     if coord is None:
         grid.add_row("coordinator", Text("no status seen", style="dim"))
     else:

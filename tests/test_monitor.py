@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import queue
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +22,14 @@ from edge_agent.agent import offline_status
 from fleet import TopicWatcher, spawn, stop
 from monitor.cli import main, parse_args
 from monitor.fleet_view import FleetView
+from monitor.live import MonitorSession, show_live
 from monitor.render import render
 from protocol import codec
 from protocol.messages import ModelMessage, UpdateMessage, encode_model, encode_update
 from protocol.model_spec import ModelSpec
 from protocol.tabular import write_csv
 from protocol.topics import Topics
+from protocol.transport import BrokerSettings
 from simulation.mosquitto import free_port
 
 FLEET = "mon"
@@ -171,6 +176,17 @@ def test_well_formed_documents_with_hostile_values_are_shown_safely():
     assert snap["agents"][0]["base_version"] is None and snap["agents"][0]["metrics"] == {}
     json.dumps(snap, allow_nan=False)
     assert "[bold red]boom[/]" in text_of(snap)  # shown literally, not as console markup
+    assert "mqtt://127.0.0.1:1 lost" in text_of({**snap, "broker": {"url": "mqtt://127.0.0.1:1", "connected": False}})
+
+
+def test_live_view_draws_the_snapshot_and_returns_on_stop(capsys):
+    session = MonitorSession(T, BrokerSettings("127.0.0.1", 1))  # never connected: the screen says so
+    session.view.feed(T.agent_status("a7"), agent_status("a7", "training"), NOW)
+    stop = threading.Event()
+    stop.set()
+    show_live(session, 0.1, stop)
+    out = capsys.readouterr().out
+    assert "a7" in out and "training" in out and "mqtt://127.0.0.1:1 lost" in out
 
 
 # configuration -------------------------------------------------------------------------------
@@ -251,3 +267,39 @@ def test_once_shows_a_real_fleet_then_an_agent_going_offline(tmp_path, mosquitto
         watcher.close()
     for log in tmp_path.glob("*.log"):
         assert "Traceback" not in log.read_text()
+
+
+def test_json_stream_survives_a_broker_restart_and_stops_on_sigterm(tmp_path, mosquitto):
+    """Without --once: a JSON line per --refresh; the monitor reconnects and resubscribes by itself."""
+    publisher = TopicWatcher(mosquitto.port, T.coordinator_status)
+    publisher.client.publish(T.coordinator_status, coordinator_status(3), qos=1, retain=True).wait_for_publish(WAIT)
+    publisher.close()
+    proc = subprocess.Popen([str(MONITOR), "--broker", mosquitto.url, "--fleet", FLEET, "--json", "--refresh", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(json.loads(line)) for line in proc.stdout], daemon=True).start()
+
+    def next_snapshot(predicate, what: str) -> dict:
+        deadline = time.monotonic() + WAIT
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                snap = lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if predicate(snap):
+                return snap
+        raise AssertionError(f"no snapshot with {what} within {WAIT} s")
+
+    try:
+        next_snapshot(lambda s: s["version"] == 3 and s["broker"]["connected"], "version 3")
+        mosquitto.restart()  # no persistence: the retained status is gone, the view keeps what it saw
+        next_snapshot(lambda s: not s["broker"]["connected"], "the broker lost")
+        next_snapshot(lambda s: s["broker"]["connected"], "the broker back")
+        publisher = TopicWatcher(mosquitto.port, T.coordinator_status)
+        publisher.client.publish(T.coordinator_status, coordinator_status(4), qos=1, retain=True).wait_for_publish(WAIT)
+        publisher.close()
+        next_snapshot(lambda s: s["version"] == 4, "version 4 after the reconnection")
+    finally:
+        proc.terminate()
+        assert proc.wait(WAIT) == 0
+    assert "Traceback" not in proc.stderr.read()
