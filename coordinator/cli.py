@@ -16,7 +16,7 @@ from coordinator.staleness import parse_staleness
 from coordinator.store import CheckpointError, load_checkpoint
 from coordinator.strategies import make_strategy
 from coordinator.validation import NormBound, UpdateValidator
-from protocol.config import add_config_option, parse_layered
+from protocol.config import add_config_option, add_fleet_options, parse_layered
 from protocol.model_spec import ESTIMATORS, HYPERPARAMETERS, ModelSpec, build_estimator
 from protocol.tabular import DataError, load_csv
 from protocol.topics import Topics
@@ -33,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_option(p)
     add_broker_options(p)
-    p.add_argument("--fleet", help="fleet name: topics live under fedmq/<fleet>/ (required)")
-    p.add_argument("--topic-prefix", default="fedmq", help="first topic level")
+    add_fleet_options(p, "fleet name: topics live under <prefix>/<fleet>/")
 
     m = p.add_argument_group("model (the coordinator owns the spec; agents learn it from the model topic)")
     m.add_argument("--model", choices=sorted(ESTIMATORS), help="estimator kind (required)")
@@ -99,10 +98,7 @@ def _defaulted(group, *flags: str, **kwargs) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Layered arguments with the cross-field checks; exits 2 with one line on bad config."""
     parser = build_parser()
-    args = parse_layered(parser, argv)
-    for name in ("broker", "fleet", "model", "n_features"):
-        if getattr(args, name) in (None, ""):
-            parser.error(f"--{name.replace('_', '-')} is required (or FEDMQ_{name.upper()} / {name} in --config)")
+    args = parse_layered(parser, argv, required=("broker", "fleet", "model", "n_features"))
     try:
         args.topics = Topics(args.fleet, args.topic_prefix)
         args.spec = ModelSpec(args.model, args.n_features, parse_classes(args.classes),

@@ -13,7 +13,7 @@ from edge_agent.data import CallableSource, CSVDirectory, CSVFile, DataSource
 from edge_agent.session import AgentSession
 from edge_agent.trainer import LocalTrainer
 from protocol.codec import CodecSpec
-from protocol.config import add_config_option, parse_layered
+from protocol.config import add_config_option, add_fleet_options, parse_layered
 from protocol.tabular import DataError
 from protocol.topics import Topics
 from protocol.transport import BrokerError, add_broker_options, settings_from_args
@@ -32,9 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_option(p)
     add_broker_options(p)
-    p.add_argument("--fleet", help="fleet name: topics live under <prefix>/<fleet>/ (required)")
+    add_fleet_options(p, "fleet name: topics live under <prefix>/<fleet>/")
     p.add_argument("--id", metavar="ID", help="this agent's id, unique in the fleet (required)")
-    p.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")
 
     d = p.add_argument_group("data (one of --data, --data-dir, --data-source)")
     d.add_argument("--data", metavar="FILE.csv", help="CSV with a header; rows appended later are picked up")
@@ -66,10 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parse_layered(parser, argv)
-    for name, flag in (("broker", "--broker"), ("fleet", "--fleet"), ("id", "--id")):
-        if not getattr(args, name):
-            parser.error(f"{flag} is required (or FEDMQ_{name.upper()} / {name} in --config)")
+    args = parse_layered(parser, argv, required=("broker", "fleet", "id"))
     if sum(bool(x) for x in (args.data, args.data_dir, args.data_source)) != 1:
         parser.error("give exactly one of --data, --data-dir or --data-source")
     try:

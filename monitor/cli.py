@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from monitor.report import ReportError, plot, read_log, series
-from protocol.config import add_config_option, parse_layered
+from protocol.config import add_config_option, add_fleet_options, parse_layered
 from protocol.topics import Topics
 from protocol.transport import BrokerError, add_broker_options, settings_from_args
 
@@ -27,8 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_option(p)
     add_broker_options(p)
-    p.add_argument("--fleet", help="fleet name: watches <prefix>/<fleet>/# (required)")
-    p.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")
+    add_fleet_options(p, "fleet name: watches <prefix>/<fleet>/#")
     o = p.add_argument_group("output")
     o.add_argument("--once", action="store_true",
                    help="collect for --wait seconds, print one snapshot and exit (works without a terminal)")
@@ -46,10 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Layered arguments (flags > FEDMQ_* > --config); exits 2 with one line on bad config."""
     parser = build_parser()
-    args = parse_layered(parser, argv)
-    for name in ("broker", "fleet"):
-        if not getattr(args, name):
-            parser.error(f"--{name} is required (or FEDMQ_{name.upper()} / {name} in --config)")
+    args = parse_layered(parser, argv, required=("broker", "fleet"))
     try:
         args.topics = Topics(args.fleet, args.topic_prefix)
         args.settings = settings_from_args(args)

@@ -25,6 +25,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """--config FILE.toml, the lowest layer of every tool's configuration."""
     parser.add_argument(
         "--config",
         metavar="FILE.toml",
@@ -33,8 +34,19 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_layered(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse `argv` and fill each option not given there from the environment, then the TOML file."""
+def add_fleet_options(parser: argparse.ArgumentParser, fleet_help: str) -> None:
+    """--fleet and --topic-prefix: which topic tree a tool works in."""
+    parser.add_argument("--fleet", help=f"{fleet_help} (required)")
+    parser.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")
+
+
+def parse_layered(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None, required: tuple[str, ...] = ()
+) -> argparse.Namespace:
+    """Parse `argv` and fill each option not given there from the environment, then the TOML file.
+
+    Options named in `required` (by dest) must end up set by one of the layers.
+    """
     actions = [a for a in parser._actions if a.dest != "help" and a.default is not argparse.SUPPRESS]
     defaults = {a.dest: a.default for a in actions}
     for action in actions:
@@ -60,6 +72,9 @@ def parse_layered(parser: argparse.ArgumentParser, argv: list[str] | None = None
         else:
             value = defaults[action.dest]
         setattr(ns, action.dest, value)
+    for dest in required:
+        if getattr(ns, dest) in (None, ""):
+            parser.error(f"--{dest.replace('_', '-')} is required (or {ENV_PREFIX}{dest.upper()} / {dest} in --config)")
     return ns
 
 
