@@ -1,0 +1,39 @@
+"""The README's --help blocks are what the tools print, so the docs cannot drift from the code."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from coordinator.cli import build_parser as coordinator_parser
+from edge_agent.cli import build_parser as agent_parser
+from fleet import ROOT
+from monitor.cli import build_parser as monitor_parser
+from monitor.cli import build_report_parser
+
+PARSERS = {
+    "fedmq-agent": agent_parser,
+    "fedmq-coordinator": coordinator_parser,
+    "fedmq-monitor": monitor_parser,
+    "fedmq-report": build_report_parser,
+}
+
+
+def help_text(build, monkeypatch) -> str:
+    """--help as an 80-column terminal shows it (argparse reads COLUMNS)."""
+    monkeypatch.setenv("COLUMNS", "80")
+    return build().format_help().rstrip()
+
+
+def readme_help_blocks() -> dict[str, str]:
+    text = (ROOT / "README.md").read_text()
+    return {m.group(1): m.group(0).rstrip() for m in re.finditer(r"^usage: (fedmq-[a-z]+).*?(?=^```)", text, re.M | re.S)}
+
+
+@pytest.mark.parametrize("tool", sorted(PARSERS))
+def test_readme_shows_the_real_help(tool, monkeypatch):
+    blocks = readme_help_blocks()
+    assert tool in blocks, f"README.md has no --help block for {tool}"
+    assert blocks[tool] == help_text(PARSERS[tool], monkeypatch), (
+        f"README.md's {tool} --help is out of date: regenerate it with `COLUMNS=80 {tool} --help`")
