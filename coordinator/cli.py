@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "from it on start (a newer retained model of the same spec on the broker wins: versions never go back)")
     o.add_argument("--eval-csv", help="held-out CSV scored at each publish (accuracy or r2 in the status)")
     _defaulted(o, "--label-column", default="label", help="label column of --eval-csv")
-    o.add_argument("--metrics-log", metavar="FILE.jsonl", help="append every published status as a JSON line")
+    o.add_argument("--metrics-log", metavar="FILE.jsonl", help="append every published status as a JSON line (plot it with fedmq-report)")
     o.add_argument("--audit-log", metavar="FILE.jsonl",
                    help="append one line per received update: agent, seq and accepted or the rejection reason")
     o.add_argument("--metrics-port", type=int,
