@@ -51,7 +51,7 @@ def make_payloads(n_params: int, count: int) -> list[tuple[str, bytes]]:
     base = [codec.encode(rng.normal(scale=0.01, size=n_params), "int8", rng) for _ in range(8)]
     return [
         (TOPICS.update(f"a{i % N_AGENTS}"),
-         encode_update(UpdateMessage("bench", f"a{i % N_AGENTS}", i // N_AGENTS + 1, 0, 100, base[i % 8], {"eval_loss": 1.0})))
+         encode_update(UpdateMessage(f"a{i % N_AGENTS}", i // N_AGENTS + 1, 0, 100, base[i % 8], {"eval_loss": 1.0})))
         for i in range(count)
     ]
 

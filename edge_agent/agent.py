@@ -135,7 +135,6 @@ class Agent:
         self.last_metrics_ = result.metrics
         return encode_update(
             UpdateMessage(
-                fleet=self.topics.fleet,
                 agent_id=self.agent_id,
                 seq=self.seq_,
                 base_version=model.version,

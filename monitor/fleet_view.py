@@ -175,9 +175,7 @@ class FleetView:
         }
 
     def _on_update(self, agent_id: str, payload: bytes, now: float) -> None:
-        msg = decode_update(payload, fleet=self.topics.fleet)
-        if msg.agent_id != agent_id:
-            raise ProtocolError("agent_mismatch", f"update of {msg.agent_id!r} on the topic of {agent_id!r}")
+        msg = decode_update(payload, agent_id)
         agent = self._agent(agent_id)
         agent.updates_seen += 1
         agent.base_version = msg.base_version

@@ -20,6 +20,8 @@ QUANTIZERS = ("float32", "int8", "int4")
 # Index encodings for top-k: explicit little-endian integers or a bitmap over all n.
 _INDEX_KINDS = ("u16", "u32", "bits")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Positions in the wire array: dense deltas send the first four, top-k all seven.
+DELTA_FIELDS = ("quant", "n", "scale", "data", "index_kind", "k", "index")
 
 
 @dataclass(frozen=True)
@@ -64,17 +66,19 @@ class Encoded:
     index_kind: str | None = None
     k: int | None = None
 
-    def to_wire(self) -> dict:
-        wire = {"quant": self.quant, "n": self.n, "scale": self.scale, "data": self.data}
+    def to_wire(self) -> list:
+        """The positional array of DELTA_FIELDS that travels in an update."""
+        wire = [self.quant, self.n, self.scale, self.data]
         if self.index is not None:
-            wire.update(index=self.index, index_kind=self.index_kind, k=self.k)
+            wire += [self.index_kind, self.k, self.index]
         return wire
 
     @classmethod
     def from_wire(cls, wire: object, *, max_n: int = 50_000_000) -> "Encoded":
-        """Check the types and sizes of a wire dict and build an `Encoded` (no decoding yet)."""
-        if not isinstance(wire, dict):
-            raise ProtocolError("schema", "delta must be a map")
+        """Check the types and sizes of a wire array and build an `Encoded` (no decoding yet)."""
+        if not isinstance(wire, list) or len(wire) not in (4, len(DELTA_FIELDS)):
+            raise ProtocolError("schema", f"delta must be an array of 4 (dense) or {len(DELTA_FIELDS)} (top-k) fields")
+        wire = dict(zip(DELTA_FIELDS, wire))
         quant = wire.get("quant")
         if quant not in QUANTIZERS:
             raise ProtocolError("codec", f"unknown quantizer {quant!r}")
@@ -141,7 +145,8 @@ def quantize(values: np.ndarray, quant: str, rng: np.random.Generator) -> tuple[
         return np.ascontiguousarray(values, dtype="<f4").tobytes(), 1.0
     levels = QUANT_LEVELS[quant]
     peak = float(np.max(np.abs(values))) if values.size else 0.0
-    scale = peak / levels if peak > 0 else 1.0
+    # float32, exactly what the wire keeps; a peak so small that it rounds to 0 quantizes to 0
+    scale = float(np.float32(peak / levels)) or 1.0
     q = np.clip(stochastic_round(values / scale, rng), -levels, levels).astype(np.int8)
     if quant == "int8":
         return q.tobytes(), scale

@@ -1,17 +1,17 @@
 """The two msgpack messages of fedmq, their encoders and strict decoders.
 
-Model (coordinator -> agents, retained)::
+Model (coordinator -> agents, retained, sent rarely: a self-describing map)::
 
-    {"format": 1, "type": "model", "fleet": str, "version": int, "time": float,
+    {"format": 2, "type": "model", "fleet": str, "version": int, "time": float,
      "spec": {...ModelSpec...}, "params": bytes (little-endian float32, spec.n_params)}
 
-Update (agent -> coordinator)::
+Update (agent -> coordinator, the hot path: a positional array, floats as float32)::
 
-    {"format": 1, "type": "update", "fleet": str, "agent": str, "seq": int,
-     "base": int, "samples": int, "time": float, "delta": {...Encoded...},
-     "metrics": {str: float}}
+    [2, "update", seq, base, samples, delta (see codec.Encoded), metrics {str: float}]
 
-Decoders raise `ProtocolError` for anything that is not exactly this.
+The update carries no fleet, agent id or timestamp: the topic ``<prefix>/<fleet>/update/<agent>``
+names the first two (and the broker's ACL authenticates it), and the coordinator stamps
+arrival with its own clock. Decoders raise `ProtocolError` for anything that is not exactly this.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import numpy as np
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.model_spec import ModelSpec
-from protocol.topics import check_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Positions of the update array's fields (names used in errors and by tests).
+UPDATE_FIELDS = ("format", "type", "seq", "base", "samples", "delta", "metrics")
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_SEQ = 2**63 - 1
 MAX_SAMPLES = 10**12
@@ -48,16 +49,17 @@ class ModelMessage:
 
 @dataclass(frozen=True)
 class UpdateMessage:
-    """One agent's contribution: an encoded delta from the model at `base_version`."""
+    """One agent's contribution: an encoded delta from the model at `base_version`.
 
-    fleet: str
-    agent_id: str
+    `agent_id` travels in the topic, not the payload; decoding takes it from the caller.
+    """
+
+    agent_id: str | None
     seq: int
     base_version: int
     n_samples: int
     delta: codec.Encoded
     metrics: dict = field(default_factory=dict)
-    time: float = field(default_factory=time.time)
 
 
 def encode_model(msg: ModelMessage) -> bytes:
@@ -78,7 +80,13 @@ def encode_model(msg: ModelMessage) -> bytes:
 
 def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> ModelMessage:
     """Strictly decode a model message (optionally checking it is for `fleet`)."""
-    wire = _unpack(payload, "model", fleet, max_bytes)
+    wire = _unpack(payload, max_bytes)
+    if not isinstance(wire, dict):
+        raise ProtocolError("schema", f"a model message must be a map, got {type(wire).__name__}")
+    _check_header(wire, "model")
+    got_fleet = _typed(wire, "fleet", str)
+    if fleet is not None and got_fleet != fleet:
+        raise ProtocolError("fleet", f"message for fleet {got_fleet!r}, expected {fleet!r}")
     spec = ModelSpec.from_wire(wire.get("spec"))
     raw = _typed(wire, "params", bytes)
     if len(raw) != 4 * spec.n_params:
@@ -87,7 +95,7 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
     if not np.isfinite(params).all():
         raise ProtocolError("non_finite", "model params contain NaN or Inf")
     return ModelMessage(
-        fleet=wire["fleet"],
+        fleet=got_fleet,
         version=_int(wire, "version", 0, MAX_SEQ),
         spec=spec,
         params=params,
@@ -96,32 +104,34 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
 
 
 def encode_update(msg: UpdateMessage) -> bytes:
+    """The update's payload; publish it on ``Topics.update(msg.agent_id)``."""
     return msgpack.packb(
-        {
-            "format": FORMAT_VERSION,
-            "type": "update",
-            "fleet": msg.fleet,
-            "agent": msg.agent_id,
-            "seq": msg.seq,
-            "base": msg.base_version,
-            "samples": msg.n_samples,
-            "time": msg.time,
-            "delta": msg.delta.to_wire(),
-            "metrics": {k: float(v) for k, v in msg.metrics.items()},
-        },
+        [
+            FORMAT_VERSION,
+            "update",
+            msg.seq,
+            msg.base_version,
+            msg.n_samples,
+            msg.delta.to_wire(),
+            {k: float(v) for k, v in msg.metrics.items()},
+        ],
         use_bin_type=True,
+        use_single_float=True,
     )
 
 
-def decode_update(payload: bytes, *, fleet: str | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> UpdateMessage:
-    """Strictly decode an update message; the delta stays encoded (see `codec.decode`)."""
-    wire = _unpack(payload, "update", fleet, max_bytes)
-    agent = _typed(wire, "agent", str)
-    try:
-        check_name("agent id", agent)
-    except ValueError as exc:
-        raise ProtocolError("schema", str(exc)) from None
-    metrics = wire.get("metrics", {})
+def decode_update(payload: bytes, agent_id: str | None = None, *, max_bytes: int = MAX_MESSAGE_BYTES) -> UpdateMessage:
+    """Strictly decode an update payload from agent `agent_id` (known from its topic).
+
+    The delta stays encoded (see `codec.decode`).
+    """
+    wire = _unpack(payload, max_bytes)
+    if not isinstance(wire, list) or len(wire) != len(UPDATE_FIELDS):
+        got = f"{len(wire)} fields" if isinstance(wire, list) else type(wire).__name__
+        raise ProtocolError("schema", f"an update must be an array of {len(UPDATE_FIELDS)} fields, got {got}")
+    wire = dict(zip(UPDATE_FIELDS, wire))
+    _check_header(wire, "update")
+    metrics = wire["metrics"]
     if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
         raise ProtocolError("schema", f"metrics must be a map of at most {MAX_METRICS} entries")
     for key, value in metrics.items():
@@ -130,37 +140,32 @@ def decode_update(payload: bytes, *, fleet: str | None = None, max_bytes: int = 
         if not math.isfinite(value):
             raise ProtocolError("non_finite", f"metric {key} is not finite")
     return UpdateMessage(
-        fleet=wire["fleet"],
-        agent_id=agent,
+        agent_id=agent_id,
         seq=_int(wire, "seq", 0, MAX_SEQ),
         base_version=_int(wire, "base", 0, MAX_SEQ),
         n_samples=_int(wire, "samples", 1, MAX_SAMPLES),
-        delta=codec.Encoded.from_wire(wire.get("delta")),
+        delta=codec.Encoded.from_wire(wire["delta"]),
         metrics={k: float(v) for k, v in metrics.items()},
-        time=_number(wire, "time"),
     )
 
 
-def _unpack(payload: bytes, kind: str, fleet: str | None, max_bytes: int) -> dict:
+def _unpack(payload: bytes, max_bytes: int) -> object:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise ProtocolError("decode", f"payload must be bytes, got {type(payload).__name__}")
     if len(payload) > max_bytes:
         raise ProtocolError("oversize", f"{len(payload)} bytes exceeds the limit of {max_bytes}")
     try:
-        wire = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises many types for bad input
         raise ProtocolError("decode", f"not valid msgpack: {type(exc).__name__}: {exc}") from None
-    if not isinstance(wire, dict):
-        raise ProtocolError("schema", f"a {kind} message must be a map, got {type(wire).__name__}")
+
+
+def _check_header(wire: dict, kind: str) -> None:
     fmt = wire.get("format")
     if fmt != FORMAT_VERSION:
         raise ProtocolError("format", f"unsupported format {fmt!r}, this side speaks {FORMAT_VERSION}")
     if wire.get("type") != kind:
         raise ProtocolError("schema", f"expected a {kind} message, got type {wire.get('type')!r}")
-    got_fleet = _typed(wire, "fleet", str)
-    if fleet is not None and got_fleet != fleet:
-        raise ProtocolError("fleet", f"message for fleet {got_fleet!r}, expected {fleet!r}")
-    return wire
 
 
 def _typed(wire: dict, key: str, kind: type):

@@ -93,15 +93,18 @@ def test_encode_refuses_non_finite():
 
 
 def _wire(**over):
-    enc = codec.encode(np.ones(10), "int8", np.random.default_rng(0)).to_wire()
-    enc.update(over)
-    return enc
+    """A valid dense int8 wire array with fields replaced (top-k fields appended when given)."""
+    fields = dict(zip(codec.DELTA_FIELDS, codec.encode(np.ones(10), "int8", np.random.default_rng(0)).to_wire()))
+    fields.update(over)
+    return [fields[name] for name in codec.DELTA_FIELDS if name in fields]
 
 
 @pytest.mark.parametrize(
     "wire, reason",
     [
         ("nope", "schema"),
+        ({"quant": "int8"}, "schema"),  # a map: format 1
+        (_wire()[:3], "schema"),
         (_wire(quant="int16"), "codec"),
         (_wire(n=-1), "shape"),
         (_wire(n=11), "shape"),

@@ -41,7 +41,7 @@ def model(watcher):
 
 def publish_update(watcher, agent: str, seq: int, base: int, value: float = 0.1) -> None:
     enc = codec.encode(np.full(N_PARAMS, value), "int8", np.random.default_rng(seq))
-    payload = encode_update(UpdateMessage(FLEET, agent, seq, base, 20, enc, {"eval_accuracy": 0.5}))
+    payload = encode_update(UpdateMessage(agent, seq, base, 20, enc, {"eval_accuracy": 0.5}))
     watcher.client.publish(T.update(agent), payload, qos=1).wait_for_publish(WAIT)
 
 

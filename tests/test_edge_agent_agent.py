@@ -50,14 +50,14 @@ def test_update_decodes_and_is_based_on_the_newest_model():
     assert not agent.due()
     agent.on_model(model_bytes(3))
     assert agent.due()
-    first = decode_update(agent.make_update(), fleet="t")
-    assert (first.agent_id, first.base_version, first.n_samples) == ("a1", 3, 200)
+    first = decode_update(agent.make_update())
+    assert (first.base_version, first.n_samples) == (3, 200)
     assert first.delta.quant == "int8" and first.delta.n == MULTI.n_params
     assert set(first.metrics) == {"eval_loss", "eval_accuracy"}  # train_* stays in the status
     assert not agent.due()  # already trained on version 3
     agent.on_model(model_bytes(7))
     agent.on_model(model_bytes(5))  # arrives late: ignored
-    second = decode_update(agent.make_update(), fleet="t")
+    second = decode_update(agent.make_update())
     assert second.base_version == 7
     assert second.seq == first.seq + 1
 

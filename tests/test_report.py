@@ -82,7 +82,7 @@ def test_report_of_a_real_coordinators_metrics_log(tmp_path, mosquitto):
         for seq in range(1, 5):  # one update per published version, each on the newest base
             base = version()
             delta = codec.encode(rng.normal(size=15), "int8", rng)
-            payload = encode_update(UpdateMessage(FLEET, "a", seq, base, 20, delta, {"eval_accuracy": 0.5}))
+            payload = encode_update(UpdateMessage("a", seq, base, 20, delta, {"eval_accuracy": 0.5}))
             watcher.client.publish(T.update("a"), payload, qos=1).wait_for_publish(WAIT)
             watcher.wait_for(lambda: version() > base, WAIT, f"a version after {base}")
     finally:
