@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-update-norm", type=float, help="absolute L2 bound on a decoded update (default: none)")
     v.add_argument("--norm-factor", type=float,
                    help="relative L2 bound: this many times the median norm of the last 50 accepted updates, "
-                   "once 10 were accepted (default: none)")
+                   "once 10 were accepted; the sample count an update is weighted by is capped at this many "
+                   "times their median count too (default: none)")
     _defaulted(v, "--norm-action", choices=("reject", "clip"), default="reject",
                help="an update above the bound is rejected (norm) or scaled down to it (counted as clipped)")
     _defaulted(v, "--max-message-bytes", type=int, default=4 * 1024 * 1024, help="refuse larger update payloads (oversize)")

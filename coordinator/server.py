@@ -89,14 +89,14 @@ class Coordinator:
     def _apply(self, verdict: Verdict) -> str | None:
         update = verdict.update
         base = self.published_.get(update.base_version)
-        new = self.strategy.add(self.params_, verdict.delta, update.n_samples, verdict.staleness, base)
+        new = self.strategy.add(self.params_, verdict.delta, verdict.n_samples, verdict.staleness, base)
         if new is not None and not np.isfinite(new).all():  # overflow: never publish it
             return "non_finite_model"
         self.accepted_ += 1
         self.clipped_ += verdict.clipped
         self.staleness_sum_ += verdict.staleness
         self.staleness_max_ = max(self.staleness_max_, verdict.staleness)
-        self.fleet_eval.report(update.agent_id, update.n_samples, update.metrics)
+        self.fleet_eval.report(update.agent_id, verdict.n_samples, update.metrics)
         if new is not None:
             self.params_ = new
             self.version_ += 1

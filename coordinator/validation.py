@@ -2,8 +2,9 @@
 
 Checks run cheapest first: the agent id in the topic, decoding, shape, base version,
 replay (highest seq per agent), staleness, the strategy's own admission (fedavg rounds),
-decoding the delta (finiteness), and the norm bound (reject or clip). Nothing in a
-payload can raise out of `UpdateValidator.check`.
+decoding the delta (finiteness), and the norm bound (reject or clip), which also caps
+the sample count an update may claim. Nothing in a payload can raise out of
+`UpdateValidator.check`.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ class Verdict:
     delta: np.ndarray | None = None
     staleness: int = 0
     clipped: bool = False
+    n_samples: int = 0  # the weight to give it: its sample count, capped by the relative bound
 
 
 class NormBound:
     """Norm limit: an absolute cap and/or `factor` x the median of recent accepted norms.
 
     The relative bound starts once `warmup` norms were seen and follows the last `window`.
+    It also caps the sample count an update claims at `factor` x the recent median count:
+    in a sample-weighted mean, a count is as much influence as a norm, and an agent
+    claiming a billion samples would otherwise outweigh a whole buffer within the norm bound.
     """
 
     def __init__(self, max_norm: float | None = None, factor: float | None = None, window: int = 50, warmup: int = 10) -> None:
@@ -48,17 +53,26 @@ class NormBound:
         self.factor = factor
         self.warmup = warmup
         self.recent: deque[float] = deque(maxlen=window)
+        self.recent_samples: deque[int] = deque(maxlen=window)
 
     def limit(self) -> float:
-        bound = self.max_norm if self.max_norm is not None else np.inf
-        if self.factor is not None and len(self.recent) >= self.warmup:
-            median = float(np.median(self.recent))
-            if median > 0:  # a fleet of zero updates must not lock out every later one
-                bound = min(bound, self.factor * median)
-        return bound
+        """The largest norm accepted now."""
+        return min(self.max_norm if self.max_norm is not None else np.inf, self._relative(self.recent))
 
-    def accepted(self, norm: float) -> None:
+    def sample_limit(self) -> float:
+        """The largest sample count an update is weighted by now."""
+        return self._relative(self.recent_samples)
+
+    def _relative(self, recent: deque) -> float:
+        if self.factor is not None and len(recent) >= self.warmup:
+            median = float(np.median(recent))
+            if median > 0:  # a fleet of zero updates must not lock out every later one
+                return self.factor * median
+        return np.inf
+
+    def accepted(self, norm: float, n_samples: int = 1) -> None:
         self.recent.append(norm)
+        self.recent_samples.append(n_samples)
 
 
 class UpdateValidator:
@@ -129,8 +143,9 @@ class UpdateValidator:
                 return Verdict("norm", msg, staleness=staleness)
             delta *= bound / norm
             norm, clipped = bound, True
-        self.norm.accepted(norm)
-        return Verdict(None, msg, delta, staleness, clipped)
+        n_samples = int(min(msg.n_samples, self.norm.sample_limit()))  # inf is never the min: counts are finite
+        self.norm.accepted(norm, n_samples)
+        return Verdict(None, msg, delta, staleness, clipped, n_samples)
 
     def restore(self, highest_seq: dict[str, int]) -> None:
         """Take over the per-agent sequence numbers of a checkpoint."""

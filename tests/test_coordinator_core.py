@@ -9,7 +9,7 @@ import pytest
 from coordinator.server import Coordinator
 from coordinator.status import FIELDS, build_status, encode_status
 from coordinator.store import CheckpointError, load_checkpoint, save_checkpoint
-from coordinator.strategies import FedAsync, FedAvg
+from coordinator.strategies import FedAsync, FedAvg, FedBuff
 from coordinator.validation import NormBound, UpdateValidator
 from protocol import codec
 from protocol.messages import ModelMessage, UpdateMessage, decode_model, encode_update
@@ -217,6 +217,16 @@ def test_relative_norm_bound_ignores_a_zero_median():
     assert bound.limit() == np.inf
     with pytest.raises(ValueError, match="--norm-factor"):
         NormBound(factor=0)
+
+
+def test_relative_bound_caps_the_sample_count_an_update_is_weighted_by():
+    core = make_core(FedBuff(buffer_size=5), norm=NormBound(factor=2.0, warmup=3))
+    counts = [10, 30, 20, 10**9, 15]  # the fourth claims a billion samples for a flipped delta
+    for seq, n in enumerate(counts, start=1):
+        delta = np.full(SPEC.n_params, -0.1 if n == 10**9 else 0.1)  # same norm: passes the norm bound
+        assert core.handle_update(*update(seq=seq, n=n, delta=delta)) is None
+    weights = [10, 30, 20, 40, 15]  # the billion weighs 2 x the median (20) of the three before it
+    np.testing.assert_allclose(core.params_, 0.1 * (10 + 30 + 20 - 40 + 15) / sum(weights), rtol=1e-6)
 
 
 def test_adopt_only_a_newer_model_of_the_same_fleet_and_spec():
