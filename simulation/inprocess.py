@@ -31,6 +31,7 @@ class Step:
     agent: Agent
     payload: bytes
     reason: str | None  # None when accepted
+    scores: dict[str, float] | None = None  # test scores of the model published right after, if one was
 
 
 def make_core(ds: Dataset, topics: Topics, strategy: Strategy, **validator_options) -> Coordinator:
@@ -54,8 +55,8 @@ def make_agents(
 def drive(core: Coordinator, fleet: Sequence[Agent], *, updates: int, seed: int, publish_every: int) -> Iterator[Step]:
     """`updates` rounds of a randomly chosen agent training on the newest published model.
 
-    The model is republished every `publish_every` updates (coalescing), and once more at
-    the end so `core.scores_` holds the final model's test scores.
+    The model is republished (and scored) every `publish_every` updates, as coalescing
+    would, and once more at the end so `core.scores_` holds the final model's test scores.
     """
     rng = np.random.default_rng(seed)
     model = core.model_payload()
@@ -65,8 +66,10 @@ def drive(core: Coordinator, fleet: Sequence[Agent], *, updates: int, seed: int,
         agent.trained_version_ = -1  # train again even on a model it has seen
         agent.due()  # reads its data the first time
         payload = agent.make_update()
-        if payload is not None:  # None: local training diverged, nothing sent
-            yield Step(agent, payload, core.handle_update(core.topics.update(agent.agent_id), payload))
-        if step % publish_every == publish_every - 1:
+        reason = None if payload is None else core.handle_update(core.topics.update(agent.agent_id), payload)
+        published = step % publish_every == publish_every - 1
+        if published:
             model = core.model_payload()
+        if payload is not None:  # None: local training diverged, nothing sent
+            yield Step(agent, payload, reason, dict(core.scores_) if published else None)
     core.model_payload()
