@@ -130,7 +130,8 @@ class CoordinatorSession:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
+            if self._connected_once:  # before that, start() reports it (one line)
+                log.error("broker refused the connection: %s", reason_code)
             return
         topics = self.core.topics
         if self._connected_once:
@@ -146,7 +147,7 @@ class CoordinatorSession:
         self._first_suback.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        if reason_code.is_failure:
+        if reason_code.is_failure and self._connected_once:
             log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg):

@@ -56,6 +56,7 @@ class AgentSession:
         self.wake = threading.Event()  # set by the network thread when a newer model arrived
         self._pending: Outgoing | None = None
         self._lock = threading.Lock()  # guards _pending against on_connect's flush
+        self._connected_once = False  # before that, start() reports a refusal (one line)
         topics = agent.topics
         self.client = make_client(
             settings,
@@ -71,8 +72,10 @@ class AgentSession:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
+            if self._connected_once:
+                log.error("broker refused the connection: %s", reason_code)
             return
+        self._connected_once = True
         client.subscribe(self.agent.topics.model, qos=1)
         self.publish_status()
         with self._lock:
@@ -81,7 +84,7 @@ class AgentSession:
             self._publish_update(pending, held=True)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
+        if reason_code.is_failure and self._connected_once:
             log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from fleet import TopicWatcher, spawn, stop
+from fleet import ROOT, TopicWatcher, spawn, stop
 from protocol.tabular import write_csv
 from protocol.topics import Topics
 from protocol.transport import BrokerError, BrokerSettings, connect, make_client
@@ -148,3 +150,27 @@ def test_fleet_runs_over_tls_with_credentials(secure_broker, creds, tmp_path):
         monitor.loop_stop()
         assert stop(agent) == 0
         assert stop(coordinator) == 0
+
+
+@pytest.mark.parametrize("tool", ["edge_agent", "coordinator"])
+@pytest.mark.parametrize("failure, message", [("wrong password", "refused the connection"),
+                                              ("another CA", "TLS handshake")])
+def test_refused_login_or_untrusted_broker_is_one_line_and_exit_1(secure_broker, creds, tmp_path, tool, failure, message):
+    out, other = creds
+    password, ca = out / "secrets" / "a1.password", out / "certs" / "ca.crt"
+    if failure == "wrong password":
+        password = tmp_path / "wrong.password"
+        password.write_text("wrong\n")
+    else:  # a broker whose certificate this CA did not sign: as good as an impostor
+        ca = other / "certs" / "ca.crt"
+    write_csv(tmp_path / "a1.csv", np.eye(3), np.arange(3))
+    role = (["--id", "a1", "--data", tmp_path / "a1.csv"] if tool == "edge_agent"
+            else ["--model", "sgd-classifier", "--n-features", "3", "--classes", "0,1,2"])
+    argv = ["--broker", f"mqtts://127.0.0.1:{secure_broker.tls_port}", "--ca-file", ca, "--fleet", "sec",
+            "--username", "a1", "--password-file", password, "--connect-timeout", "10", *role]
+    proc = subprocess.run([sys.executable, "-m", tool, *map(str, argv)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    name = "fedmq-agent" if tool == "edge_agent" else "fedmq-coordinator"
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"{name}: error: ") and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
