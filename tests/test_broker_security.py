@@ -174,3 +174,37 @@ def test_refused_login_or_untrusted_broker_is_one_line_and_exit_1(secure_broker,
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith(f"{name}: error: ") and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def mutual_tls_broker(creds, tmp_path):
+    """A TLS listener that requires a client certificate signed by the dev CA (plain port: anonymous, for watching)."""
+    out, _ = creds
+    tls_port = free_port()
+    conf = "\n".join([f"listener {tls_port} 127.0.0.1", "allow_anonymous true", "require_certificate true",
+                      f"cafile {out}/certs/ca.crt", f"certfile {out}/certs/server.crt", f"keyfile {out}/certs/server.key"])
+    with Mosquitto(tmp_path / "mtls", extra_conf=conf) as broker:
+        broker.tls_port = tls_port
+        yield broker
+
+
+def test_mutual_tls_with_a_client_certificate_and_refused_without(mutual_tls_broker, creds, tmp_path):
+    out, _ = creds
+    certs = out / "certs"
+    tls = ["--broker", f"mqtts://127.0.0.1:{mutual_tls_broker.tls_port}", "--ca-file", certs / "ca.crt", "--fleet", "sec"]
+    model = ["--model", "sgd-classifier", "--n-features", "3", "--classes", "0,1,2"]
+    # without a certificate: TLS 1.3 lets the handshake finish, then the broker hangs up; paho
+    # retries quietly, so the coordinator can only say the broker never answered
+    proc = subprocess.run([sys.executable, "-m", "coordinator", *map(str, tls + model), "--connect-timeout", "3"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert errors == [line for line in errors if line.startswith("fedmq-coordinator: error: ")] and len(errors) == 1
+    watcher = TopicWatcher(mutual_tls_broker.port, T.model)
+    coordinator = spawn("coordinator", *tls, *model, "--cert-file", certs / "client-coordinator.crt",
+                        "--key-file", certs / "client-coordinator.key", log=tmp_path / "coordinator.log")
+    try:
+        watcher.wait_for(lambda: watcher.latest.get(T.model), 30, "the model published over mutual TLS")
+    finally:
+        assert stop(coordinator) == 0
+        watcher.close()
