@@ -48,7 +48,7 @@ def main() -> None:
             peak["all_connected_s"] = round(time.monotonic() - sim.started_at, 2)
 
     with tempfile.TemporaryDirectory() as tmp:
-        conf = f"max_connections -1\n"
+        conf = "max_connections -1\n"
         with Mosquitto(Path(tmp), extra_conf=conf) as broker:
             sim = Simulation(config, dataset, BrokerSettings.from_url(broker.url))
             result = sim.run(progress=watch)

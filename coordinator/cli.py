@@ -16,24 +16,21 @@ from coordinator.staleness import parse_staleness
 from coordinator.store import CheckpointError, load_checkpoint
 from coordinator.strategies import make_strategy
 from coordinator.validation import NormBound, UpdateValidator
-from protocol.config import add_config_option, add_fleet_options, parse_layered
+from protocol.config import fleet_tool_parser, parse_layered
 from protocol.model_spec import ESTIMATORS, HYPERPARAMETERS, ModelSpec, build_estimator
 from protocol.tabular import DataError, load_csv
 from protocol.topics import Topics
-from protocol.transport import BrokerError, add_broker_options, settings_from_args
+from protocol.transport import BrokerError, settings_from_args
 
 log = logging.getLogger("coordinator")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fedmq-coordinator",
-        description="Aggregate model updates from a fleet of fedmq agents over MQTT and republish the global model. "
-        "Every option can also be set as FEDMQ_<OPTION> in the environment or in a --config TOML file.",
+    p = fleet_tool_parser(
+        "fedmq-coordinator",
+        "Aggregate model updates from a fleet of fedmq agents over MQTT and republish the global model.",
+        "fleet name: topics live under <prefix>/<fleet>/",
     )
-    add_config_option(p)
-    add_broker_options(p)
-    add_fleet_options(p, "fleet name: topics live under <prefix>/<fleet>/")
 
     m = p.add_argument_group("model (the coordinator owns the spec; agents learn it from the model topic)")
     m.add_argument("--model", choices=sorted(ESTIMATORS), help="estimator kind (required)")

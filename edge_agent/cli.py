@@ -13,26 +13,21 @@ from edge_agent.data import CallableSource, CSVDirectory, CSVFile, DataSource
 from edge_agent.session import AgentSession
 from edge_agent.trainer import LocalTrainer
 from protocol.codec import CodecSpec
-from protocol.config import add_config_option, add_fleet_options, parse_layered
+from protocol.config import fleet_tool_parser, parse_layered
 from protocol.tabular import DataError
 from protocol.topics import Topics
-from protocol.transport import BrokerError, add_broker_options, settings_from_args
+from protocol.transport import BrokerError, settings_from_args
 
 log = logging.getLogger("edge_agent")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Defaults are written into the help text: argparse's %(default)s would show the
-    # placeholder protocol.config.parse_layered puts in their place while parsing.
-    p = argparse.ArgumentParser(
-        prog="fedmq-agent",
-        description="Train the fleet's model on this device's data and publish compressed updates over MQTT. "
-        "The model itself comes from the coordinator. Every option can also be set as FEDMQ_<OPTION> "
-        "in the environment or in a --config TOML file.",
+    p = fleet_tool_parser(
+        "fedmq-agent",
+        "Train the fleet's model on this device's data and publish compressed updates over MQTT. "
+        "The model itself comes from the coordinator.",
+        "fleet name: topics live under <prefix>/<fleet>/",
     )
-    add_config_option(p)
-    add_broker_options(p)
-    add_fleet_options(p, "fleet name: topics live under <prefix>/<fleet>/")
     p.add_argument("--id", metavar="ID", help="this agent's id, unique in the fleet (required)")
 
     d = p.add_argument_group("data (one of --data, --data-dir, --data-source)")

@@ -10,24 +10,20 @@ import threading
 from pathlib import Path
 
 from monitor.report import ReportError, plot, read_log, series
-from protocol.config import add_config_option, add_fleet_options, parse_layered
+from protocol.config import fleet_tool_parser, parse_layered
 from protocol.topics import Topics
-from protocol.transport import BrokerError, add_broker_options, settings_from_args
+from protocol.transport import BrokerError, settings_from_args
 
 log = logging.getLogger("monitor")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Defaults are in the help text: argparse's %(default)s would show parse_layered's placeholder.
-    p = argparse.ArgumentParser(
-        prog="fedmq-monitor",
-        description="Watch a fedmq fleet live: global version, scores, accepted and rejected updates, and each "
-        "agent's state, base version and staleness, decoded from the fleet's MQTT topics. Reads only. "
-        "Every option can also be set as FEDMQ_<OPTION> in the environment or in a --config TOML file.",
+    p = fleet_tool_parser(
+        "fedmq-monitor",
+        "Watch a fedmq fleet live: global version, scores, accepted and rejected updates, and each "
+        "agent's state, base version and staleness, decoded from the fleet's MQTT topics. Reads only.",
+        "fleet name: watches <prefix>/<fleet>/#",
     )
-    add_config_option(p)
-    add_broker_options(p)
-    add_fleet_options(p, "fleet name: watches <prefix>/<fleet>/#")
     o = p.add_argument_group("output")
     o.add_argument("--once", action="store_true",
                    help="collect for --wait seconds, print one snapshot and exit (works without a terminal)")

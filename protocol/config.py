@@ -34,10 +34,24 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_fleet_options(parser: argparse.ArgumentParser, fleet_help: str) -> None:
-    """--fleet and --topic-prefix: which topic tree a tool works in."""
+def fleet_tool_parser(prog: str, purpose: str, fleet_help: str) -> argparse.ArgumentParser:
+    """The parser every fleet tool starts from: --config, the broker connection, --fleet, --topic-prefix.
+
+    Write defaults into help texts: argparse's %(default)s would show the placeholder
+    `parse_layered` puts in their place while parsing.
+    """
+    from protocol.transport import add_broker_options
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"{purpose} Every option can also be set as {ENV_PREFIX}<OPTION> in the environment "
+        "or in a --config TOML file.",
+    )
+    add_config_option(parser)
+    add_broker_options(parser)
     parser.add_argument("--fleet", help=f"{fleet_help} (required)")
     parser.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")
+    return parser
 
 
 def parse_layered(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 
 from fleet import TopicWatcher, spawn, stop
 from protocol.messages import decode_model

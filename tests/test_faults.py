@@ -10,7 +10,6 @@ import sys
 import time
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from edge_agent.agent import Agent
