@@ -22,6 +22,7 @@ from protocol.topics import Topics
 from simulation.datasets import load_dataset
 from simulation.inprocess import drive, make_agents, make_core
 
+
 @dataclass(frozen=True)
 class Attack:
     """What an attacker does to its honest result: scale the delta, optionally lie about its size."""
