@@ -10,6 +10,7 @@ import sys
 import threading
 
 from coordinator.aggregation import parse_aggregate
+from coordinator.rate_limit import RateLimit
 from coordinator.server import Coordinator
 from coordinator.session import CoordinatorSession
 from coordinator.staleness import parse_staleness
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     _defaulted(v, "--norm-action", choices=("reject", "clip"), default="reject",
                help="an update above the bound is rejected (norm) or scaled down to it (counted as clipped)")
     _defaulted(v, "--max-message-bytes", type=int, default=4 * 1024 * 1024, help="refuse larger update payloads (oversize)")
+    v.add_argument("--max-agent-rate", type=float, metavar="PER_MINUTE",
+                   help="at most this many updates per agent per minute, in bursts of up to as many; more are "
+                   "refused (rate) before decoding, so one flooding agent cannot own the model (default: none)")
 
     o = p.add_argument_group("publishing, durability, evaluation")
     _defaulted(o, "--publish-interval", type=float, default=1.0,
@@ -111,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             buffer_size=args.buffer_size, server_lr=args.server_lr, aggregate=args.aggregate,
         )
         args.norm = NormBound(args.max_update_norm, args.norm_factor)
+        args.rate = RateLimit(args.max_agent_rate) if args.max_agent_rate is not None else None
         args.settings = settings_from_args(args)
         for name in ("publish_interval", "max_message_bytes", "connect_timeout"):
             if not getattr(args, name) > 0:
@@ -180,7 +185,7 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
     resume = load_checkpoint(args.checkpoint_dir) if args.checkpoint_dir else None
     validator = UpdateValidator(
         args.topics, args.spec.n_params, max_staleness=args.max_staleness,
-        norm=args.norm, norm_action=args.norm_action, max_bytes=args.max_message_bytes,
+        norm=args.norm, norm_action=args.norm_action, max_bytes=args.max_message_bytes, rate=args.rate,
     )
     core = Coordinator(
         args.topics, args.spec, args.strategy_obj, validator, publish_interval=args.publish_interval,

@@ -1,6 +1,6 @@
 """Deciding whether an update may touch the global model, with a counted reason when not.
 
-Checks run cheapest first: the agent id in the topic, decoding, shape, base version,
+Checks run cheapest first: the agent id in the topic, its rate limit, decoding, shape, base version,
 replay (highest seq per agent), staleness, the strategy's own admission (fedavg rounds),
 decoding the delta (finiteness), and the norm bound (reject or clip), which also caps
 the sample count an update may claim. Nothing in a payload can raise out of
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coordinator.rate_limit import RateLimit
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_MESSAGE_BYTES, UpdateMessage, decode_update
@@ -88,6 +89,7 @@ class UpdateValidator:
         norm_action: str = "reject",
         max_agents: int = 100_000,
         max_bytes: int = MAX_MESSAGE_BYTES,
+        rate: RateLimit | None = None,
     ) -> None:
         if norm_action not in ("reject", "clip"):
             raise ValueError(f"norm action must be reject or clip, got {norm_action!r}")
@@ -98,6 +100,7 @@ class UpdateValidator:
         self.norm_action = norm_action
         self.max_agents = max_agents
         self.max_bytes = max_bytes
+        self.rate = rate
         self.highest_seq: OrderedDict[str, int] = OrderedDict()
 
     def check(self, topic: str, payload: bytes, version: int, admit=None) -> Verdict:
@@ -117,6 +120,8 @@ class UpdateValidator:
         agent = self.topics.agent_of_update(topic)
         if agent is None:  # the id is the topic's, which the broker's ACL ties to the sender
             return Verdict("topic")
+        if self.rate is not None and not self.rate.allow(agent):
+            return Verdict("rate")
         msg = decode_update(payload, agent, max_bytes=self.max_bytes)
         if msg.delta.n != self.n_params:
             return Verdict("shape", msg)

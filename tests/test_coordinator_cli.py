@@ -38,7 +38,7 @@ def test_flags_env_and_toml_build_the_strategy(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra", [["--hyperparameters", "eta0=0", "--strategy", "fedasync"], ["--max-staleness", "-1"],
-                                   ["--classes", "0"], ["--metrics-port", "70000"]])
+                                   ["--classes", "0"], ["--metrics-port", "70000"], ["--max-agent-rate", "0"]])
 def test_bad_values_exit_2(extra, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args([*REQUIRED, *extra])
