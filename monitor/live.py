@@ -48,8 +48,8 @@ class MonitorSession:
             client.subscribe(self.view.topics.everything, qos=1)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connected = False
-        if reason_code.is_failure:
+        was_connected, self.connected = self.connected, False
+        if reason_code.is_failure and was_connected:  # before the first connection start() reports it (one line)
             log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:

@@ -7,7 +7,9 @@ and may not import each other (see docs/architecture.md).
 from __future__ import annotations
 
 import os
+import re
 import ssl
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,23 +169,92 @@ def make_client(
     return client
 
 
+# Alerts by which a broker turns down the client's certificate (or its absence). OpenSSL
+# names a received alert SSLV3_ALERT_*, TLSV1_ALERT_* or TLSV13_ALERT_*; HANDSHAKE_FAILURE is
+# what a TLS 1.2 broker sends when a required client certificate is missing.
+_CERTIFICATE_ALERTS = ("CERTIFICATE_REQUIRED", "UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN",
+                       "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED", "UNSUPPORTED_CERTIFICATE",
+                       "ACCESS_DENIED", "HANDSHAKE_FAILURE")
+_CERTIFICATE_HINT = "give --cert-file and --key-file signed by the broker's CA"
+
+
+def _ssl_text(exc: ssl.SSLError) -> str:
+    """The OpenSSL message without Python's source position: '[SSL: X] x'."""
+    text = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)
+
+
+def _tls_refusal(settings: BrokerSettings, exc: ssl.SSLError) -> str | None:
+    """One line for a TLS alert the broker sent (it refused us), None for other TLS errors.
+
+    With TLS 1.2 the alert ends the handshake in `client.connect`; with TLS 1.3 the
+    handshake completes on our side and the broker's verdict on our certificate arrives
+    on the first read, inside paho's network loop.
+    """
+    reason = exc.reason or ""
+    if "_ALERT_" not in reason:
+        return None
+    head = f"TLS error from broker {settings.url}: the broker refused the connection during the TLS handshake"
+    if not any(name in reason for name in _CERTIFICATE_ALERTS):
+        return f"{head}: {_ssl_text(exc)}"
+    if settings.cert_file:
+        why = f"it did not accept the client certificate {settings.cert_file}"
+    elif "HANDSHAKE_FAILURE" in reason:
+        why = "no client certificate given; the broker may require one"
+    else:
+        why = "certificate required: no client certificate given"
+    return f"{head} ({why}): {_ssl_text(exc)}; {_CERTIFICATE_HINT}"
+
+
 def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 10.0, start_loop: bool = True) -> None:
     """Connect and wait for the broker's CONNACK; raise BrokerError with one clear line.
 
     With `start_loop` paho's network thread is started and reconnects with backoff
     on its own afterwards.
+
+    A TLS error inside paho's network thread never reaches us as an exception: paho
+    catches it in `_packet_read`/`_packet_write`, logs it at MQTT_LOG_ERR ("failed to
+    receive on socket: ..."), closes the socket, calls on_disconnect with "Unspecified
+    error" and reconnects. A broker that requires a client certificate (TLS 1.3) is only
+    seen that way. So while waiting for the first CONNACK we also listen to on_log (and
+    on_connect_fail, for a failed handshake on a reconnection); paho calls both from the
+    `except` block that caught the error, where `sys.exc_info()` holds the exception.
+    An alert from the broker ends the wait at once; any other TLS error (the first
+    attempt usually sees only an EOF while sending CONNECT, the alert comes with the
+    retry) is reported at the timeout instead of "no answer".
     """
-    connected = threading.Event()
+    done = threading.Event()
     outcome: dict = {}
     previous = client.on_connect
+    previous_log = client.on_log
+    previous_connect_fail = client.on_connect_fail
 
     def on_connect(c, userdata, flags, reason_code, properties):
         outcome["rc"] = reason_code
-        connected.set()
+        done.set()
         if previous:
             previous(c, userdata, flags, reason_code, properties)
 
-    client.on_connect = on_connect
+    def note_tls_error() -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLError):
+            outcome["tls"] = exc
+            refusal = _tls_refusal(settings, exc)
+            if refusal:
+                outcome["refusal"] = refusal
+                done.set()
+
+    def on_log(c, userdata, level, buf):
+        if level == mqtt.MQTT_LOG_ERR:
+            note_tls_error()
+        if previous_log:
+            previous_log(c, userdata, level, buf)
+
+    def on_connect_fail(c, userdata):
+        note_tls_error()
+        if previous_connect_fail:
+            previous_connect_fail(c, userdata)
+
     kwargs = {}
     if settings.mqtt_version == "5":
         persistent = getattr(client, "_fedmq_persistent", True)
@@ -192,25 +263,42 @@ def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 1
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_EXPIRY_S
             kwargs["properties"] = props
+    # hooked before client.connect: it sends CONNECT itself, and that send can already fail
+    client.on_connect = on_connect
+    client.on_log = on_log
+    client.on_connect_fail = on_connect_fail
     try:
-        client.connect(settings.host, settings.port, settings.keepalive, **kwargs)
-    except ssl.SSLError as exc:
-        raise BrokerError(f"TLS handshake with {settings.url} failed: {exc.reason or exc}") from None
-    except OSError as exc:
-        raise BrokerError(f"cannot reach broker at {settings.url}: {exc.strerror or exc}") from None
-    if start_loop:
+        try:
+            client.connect(settings.host, settings.port, settings.keepalive, **kwargs)
+        except ssl.SSLError as exc:
+            refusal = _tls_refusal(settings, exc)
+            raise BrokerError(refusal or f"TLS handshake with {settings.url} failed: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise BrokerError(f"cannot reach broker at {settings.url}: {exc.strerror or exc}") from None
+        if not start_loop:
+            return
         client.loop_start()
-    else:
-        return
-    try:
-        if not connected.wait(timeout):
-            raise BrokerError(f"no answer from broker at {settings.url} within {timeout:g} s")
-        rc = outcome["rc"]
-        if rc.is_failure:
-            raise BrokerError(f"broker at {settings.url} refused the connection: {rc}")
-    except BrokerError:
-        client.loop_stop()
-        client.disconnect()
-        raise
+        try:
+            done.wait(timeout)
+            if "rc" in outcome:
+                rc = outcome["rc"]
+                if rc.is_failure:
+                    raise BrokerError(f"broker at {settings.url} refused the connection: {rc}")
+            elif "refusal" in outcome:
+                raise BrokerError(outcome["refusal"])
+            elif "tls" in outcome:
+                raise BrokerError(
+                    f"TLS error from broker {settings.url}: the broker closed the connection after the TLS handshake "
+                    f"without answering within {timeout:g} s: {_ssl_text(outcome['tls'])}; "
+                    f"if it requires a client certificate, {_CERTIFICATE_HINT}"
+                )
+            else:
+                raise BrokerError(f"no answer from broker at {settings.url} within {timeout:g} s")
+        except BrokerError:
+            client.loop_stop()
+            client.disconnect()
+            raise
     finally:
         client.on_connect = previous
+        client.on_log = previous_log
+        client.on_connect_fail = previous_connect_fail
