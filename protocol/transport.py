@@ -7,7 +7,6 @@ and may not import each other (see docs/architecture.md).
 from __future__ import annotations
 
 import os
-import re
 import ssl
 import sys
 import threading
@@ -19,6 +18,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+
+from protocol.tls_errors import CERTIFICATE_HINT, ssl_text, tls_refusal
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: keep a persistent session a week
 
@@ -169,43 +170,6 @@ def make_client(
     return client
 
 
-# Alerts by which a broker turns down the client's certificate (or its absence). OpenSSL
-# names a received alert SSLV3_ALERT_*, TLSV1_ALERT_* or TLSV13_ALERT_*; HANDSHAKE_FAILURE is
-# what a TLS 1.2 broker sends when a required client certificate is missing.
-_CERTIFICATE_ALERTS = ("CERTIFICATE_REQUIRED", "UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN",
-                       "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED", "UNSUPPORTED_CERTIFICATE",
-                       "ACCESS_DENIED", "HANDSHAKE_FAILURE")
-_CERTIFICATE_HINT = "give --cert-file and --key-file signed by the broker's CA"
-
-
-def _ssl_text(exc: ssl.SSLError) -> str:
-    """The OpenSSL message without Python's source position: '[SSL: X] x'."""
-    text = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
-    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)
-
-
-def _tls_refusal(settings: BrokerSettings, exc: ssl.SSLError) -> str | None:
-    """One line for a TLS alert the broker sent (it refused us), None for other TLS errors.
-
-    With TLS 1.2 the alert ends the handshake in `client.connect`; with TLS 1.3 the
-    handshake completes on our side and the broker's verdict on our certificate arrives
-    on the first read, inside paho's network loop.
-    """
-    reason = exc.reason or ""
-    if "_ALERT_" not in reason:
-        return None
-    head = f"TLS error from broker {settings.url}: the broker refused the connection during the TLS handshake"
-    if not any(name in reason for name in _CERTIFICATE_ALERTS):
-        return f"{head}: {_ssl_text(exc)}"
-    if settings.cert_file:
-        why = f"it did not accept the client certificate {settings.cert_file}"
-    elif "HANDSHAKE_FAILURE" in reason:
-        why = "no client certificate given; the broker may require one"
-    else:
-        why = "certificate required: no client certificate given"
-    return f"{head} ({why}): {_ssl_text(exc)}; {_CERTIFICATE_HINT}"
-
-
 def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 10.0, start_loop: bool = True) -> None:
     """Connect and wait for the broker's CONNACK; raise BrokerError with one clear line.
 
@@ -239,7 +203,7 @@ def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 1
         exc = sys.exc_info()[1]
         if isinstance(exc, ssl.SSLError):
             outcome["tls"] = exc
-            refusal = _tls_refusal(settings, exc)
+            refusal = tls_refusal(settings.url, settings.cert_file, exc)
             if refusal:
                 outcome["refusal"] = refusal
                 done.set()
@@ -271,7 +235,7 @@ def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 1
         try:
             client.connect(settings.host, settings.port, settings.keepalive, **kwargs)
         except ssl.SSLError as exc:
-            refusal = _tls_refusal(settings, exc)
+            refusal = tls_refusal(settings.url, settings.cert_file, exc)
             raise BrokerError(refusal or f"TLS handshake with {settings.url} failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise BrokerError(f"cannot reach broker at {settings.url}: {exc.strerror or exc}") from None
@@ -289,8 +253,8 @@ def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 1
             elif "tls" in outcome:
                 raise BrokerError(
                     f"TLS error from broker {settings.url}: the broker closed the connection after the TLS handshake "
-                    f"without answering within {timeout:g} s: {_ssl_text(outcome['tls'])}; "
-                    f"if it requires a client certificate, {_CERTIFICATE_HINT}"
+                    f"without answering within {timeout:g} s: {ssl_text(outcome['tls'])}; "
+                    f"if it requires a client certificate, {CERTIFICATE_HINT}"
                 )
             else:
                 raise BrokerError(f"no answer from broker at {settings.url} within {timeout:g} s")

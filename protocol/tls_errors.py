@@ -1,0 +1,45 @@
+"""One clear line for a TLS failure, from the OpenSSL error paho or the handshake raised.
+
+Kept apart from the connection code (protocol/transport.py), which decides when to ask.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+
+# Alerts by which a broker turns down the client's certificate (or its absence). OpenSSL
+# names a received alert SSLV3_ALERT_*, TLSV1_ALERT_* or TLSV13_ALERT_*; HANDSHAKE_FAILURE is
+# what a TLS 1.2 broker sends when a required client certificate is missing.
+_CERTIFICATE_ALERTS = ("CERTIFICATE_REQUIRED", "UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN",
+                       "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED", "UNSUPPORTED_CERTIFICATE",
+                       "ACCESS_DENIED", "HANDSHAKE_FAILURE")
+CERTIFICATE_HINT = "give --cert-file and --key-file signed by the broker's CA"
+
+
+def ssl_text(exc: ssl.SSLError) -> str:
+    """The OpenSSL message without Python's source position: '[SSL: X] x'."""
+    text = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)
+
+
+def tls_refusal(url: str, cert_file: str | None, exc: ssl.SSLError) -> str | None:
+    """One line for a TLS alert the broker sent (it refused us), None for other TLS errors.
+
+    With TLS 1.2 the alert ends the handshake in `client.connect`; with TLS 1.3 the
+    handshake completes on our side and the broker's verdict on our certificate arrives
+    on the first read, inside paho's network loop.
+    """
+    reason = exc.reason or ""
+    if "_ALERT_" not in reason:
+        return None
+    head = f"TLS error from broker {url}: the broker refused the connection during the TLS handshake"
+    if not any(name in reason for name in _CERTIFICATE_ALERTS):
+        return f"{head}: {ssl_text(exc)}"
+    if cert_file:
+        why = f"it did not accept the client certificate {cert_file}"
+    elif "HANDSHAKE_FAILURE" in reason:
+        why = "no client certificate given; the broker may require one"
+    else:
+        why = "certificate required: no client certificate given"
+    return f"{head} ({why}): {ssl_text(exc)}; {CERTIFICATE_HINT}"
