@@ -15,7 +15,7 @@ from coordinator.server import Coordinator
 from coordinator.session import CoordinatorSession
 from coordinator.staleness import parse_staleness
 from coordinator.store import CheckpointError, load_checkpoint
-from coordinator.strategies import make_strategy
+from coordinator.strategies import DEFAULT_ALPHA, make_strategy
 from coordinator.validation import NormBound, UpdateValidator
 from protocol.config import fleet_tool_parser, parse_layered
 from protocol.model_spec import ESTIMATORS, HYPERPARAMETERS, ModelSpec, build_estimator
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("aggregation")
     _defaulted(a, "--strategy", choices=("fedasync", "fedbuff", "fedavg"), default="fedasync",
                help="fedasync: mix each update as it arrives; fedbuff: buffer K, then step; fedavg: synchronous rounds of K")
-    _defaulted(a, "--alpha", type=float, default=0.3, help="fedasync mixing weight in (0, 1], times the staleness weight")
+    _defaulted(a, "--alpha", type=float, default=DEFAULT_ALPHA, help="fedasync mixing weight in (0, 1], times the staleness weight")
     _defaulted(a, "--staleness", default="polynomial:0.5",
                help="staleness weight w(s): constant, polynomial:A = (1+s)^-A, or hinge:A,B = 1 up to s=B, then 1/(A(s-B)+1)")
     _defaulted(a, "--buffer-size", type=int, default=5, help="K: updates per step (fedbuff) or per round (fedavg)")

@@ -15,6 +15,9 @@ import numpy as np
 from coordinator.aggregation import parse_aggregate
 from coordinator.staleness import Constant, StalenessFn
 
+# fedasync's mixing weight: 0.6 followed the newest non-IID agent too closely (docs/benchmarks.md)
+DEFAULT_ALPHA = 0.3
+
 
 class Strategy(ABC):
     """Interface every aggregation rule implements."""
@@ -50,7 +53,7 @@ class FedAsync(Strategy):
 
     name = "fedasync"
 
-    def __init__(self, alpha: float = 0.3, staleness: StalenessFn = Constant()) -> None:
+    def __init__(self, alpha: float = DEFAULT_ALPHA, staleness: StalenessFn = Constant()) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"fedasync alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
@@ -123,7 +126,7 @@ class FedAvg(FedBuff):
 def make_strategy(
     name: str,
     *,
-    alpha: float = 0.3,
+    alpha: float = DEFAULT_ALPHA,
     staleness: StalenessFn = Constant(),
     buffer_size: int = 5,
     server_lr: float = 1.0,

@@ -18,7 +18,7 @@ import numpy as np
 from coordinator.server import Coordinator
 from coordinator.session import CoordinatorSession
 from coordinator.staleness import parse_staleness
-from coordinator.strategies import make_strategy
+from coordinator.strategies import DEFAULT_ALPHA, make_strategy
 from coordinator.validation import NormBound, UpdateValidator
 from edge_agent.agent import Agent
 from edge_agent.data import ArraySource
@@ -41,7 +41,7 @@ class SimConfig:
     agents: int = 20
     partition: str = "dirichlet:0.5"
     strategy: str = "fedasync"
-    alpha: float = 0.3
+    alpha: float = DEFAULT_ALPHA
     staleness: str = "polynomial:0.5"
     buffer_size: int = 5
     server_lr: float = 1.0
