@@ -1,0 +1,258 @@
+"""Differential privacy at the coordinator: central DP as a wrapper around fedbuff/fedavg, and
+the fleet's epsilon (central or local) in the status.
+
+Central DP (DP-FedAvg, McMahan et al. 2018, with a buffer of K as the round):
+
+- every decoded update is held to L2 norm <= C by `PrivacyGate` (rejected as `dp_norm`,
+  or clipped and counted as clipped), before the strategy sees it;
+- an agent takes part in a buffer at most once (a second update into the same buffer is
+  refused as `dp_repeat`), so one buffer moves by at most C when one agent is removed;
+- `CentralDP` feeds the updates to the wrapped strategy with equal weights (a sample
+  count is data too, and a sample-weighted mean has no fixed sensitivity) and adds
+  N(0, (sigma C)^2 I) to the *sum* of the K buffered updates: the published step is
+  server_lr * (sum + noise) / K. The model changes only through such noisy steps, so no
+  noise-free model is ever published;
+- each agent's epsilon is the RDP composition of one Gaussian event per buffer it was part
+  of; with `epsilon_budget`, an update that would take its agent above the budget is
+  refused (`dp_budget`). The agents' own eval metrics are dropped from the verdict, since
+  the coordinator's status would publish them without noise.
+
+Local DP: the agents clip and noise before sending (edge_agent); the coordinator cannot
+check their noise, only count: `LocalDPLedger` counts accepted updates per agent and
+reports the epsilon they imply at the fleet's configured sigma. An agent's own retained
+status is the authoritative account of its spending.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from typing import Protocol
+
+import numpy as np
+
+from coordinator.server import Coordinator
+from coordinator.strategies import FedBuff, Strategy
+from coordinator.validation import UpdateValidator, Verdict
+from protocol import accounting
+from protocol.privacy import GaussianMechanism, gaussian_noise, secure_rng
+
+log = logging.getLogger(__name__)
+
+DP_MODES = ("local", "central")
+
+
+class Policy(Protocol):
+    """What the gate asks a DP mode about each update that passed the ordinary checks."""
+
+    def screen(self, verdict: Verdict) -> Verdict:
+        """The verdict to act on: the same, changed (clipped, metrics dropped) or a rejection."""
+
+    def report(self) -> dict:
+        """The fleet's privacy account for the status."""
+
+
+class CentralDP(Strategy):
+    """fedbuff/fedavg with Gaussian noise of std sigma C on the sum of each buffer of K clipped updates."""
+
+    def __init__(
+        self,
+        inner: FedBuff,
+        mechanism: GaussianMechanism,
+        delta: float,
+        *,
+        epsilon_budget: float | None = None,
+        norm_action: str = "reject",
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        if not isinstance(inner, FedBuff):  # FedAvg is a FedBuff
+            raise ValueError("central DP needs a buffer to noise: use --strategy fedbuff or fedavg, not "
+                             f"{getattr(inner, 'name', inner)!r}")
+        if inner.aggregate_name != "mean":
+            raise ValueError(f"central DP adds noise to the sum of the buffer: --aggregate mean, not {inner.aggregate_name!r} "
+                             "(a median or trimmed mean has no sensitivity the noise is calibrated to)")
+        if norm_action not in ("reject", "clip"):
+            raise ValueError(f"DP norm action must be reject or clip, got {norm_action!r}")
+        accounting.epsilon(mechanism.noise_multiplier, 1, delta)  # checks delta and that dp-accounting is installed
+        if epsilon_budget is not None and not epsilon_budget > 0:
+            raise ValueError(f"--dp-epsilon-budget must be > 0, got {epsilon_budget}")
+        self.inner = inner
+        self.mechanism = mechanism
+        self.delta = delta
+        self.epsilon_budget = epsilon_budget
+        self.norm_action = norm_action
+        self.rng = rng if rng is not None else secure_rng()
+        self.name = f"{inner.name}+central-dp"
+        self.contributions: Counter[str] = Counter()  # agent -> buffers released with its update
+        self.releases = 0  # noisy steps taken
+        self.clipped = 0
+        self._members: list[str] = []  # agents in the current buffer, in order
+        self._next_agent: str | None = None  # set by PrivacyGate.check for the update add() receives next
+
+    @property
+    def buffer_size(self) -> int:
+        """K: updates per noisy step."""
+        return self.inner.buffer_size
+
+    @property
+    def pending(self) -> int:
+        return self.inner.pending
+
+    @property
+    def noise_per_update(self) -> float:
+        """Std of the noise on each coordinate of the averaged step, per unit of C: sigma / K."""
+        return self.mechanism.noise_multiplier / self.buffer_size
+
+    def admit(self, staleness: int) -> str | None:
+        return self.inner.admit(staleness)
+
+    # --- the gate's questions ------------------------------------------------------------
+
+    def screen(self, verdict: Verdict) -> Verdict:
+        """Hold the update to norm C, one per agent per buffer and the budget; drop its metrics."""
+        update = verdict.update
+        agent = update.agent_id
+        if agent in self._members:
+            return Verdict("dp_repeat", update, staleness=verdict.staleness)
+        if self.epsilon_budget is not None and accounting.epsilon(
+            self.mechanism.noise_multiplier, self.contributions[agent] + 1, self.delta
+        ) > self.epsilon_budget:
+            return Verdict("dp_budget", update, staleness=verdict.staleness)
+        delta = verdict.delta
+        norm = float(np.linalg.norm(delta))
+        clipped = verdict.clipped
+        if norm > self.mechanism.clip_norm:
+            if self.norm_action == "reject":
+                return Verdict("dp_norm", update, staleness=verdict.staleness)
+            delta = delta * (self.mechanism.clip_norm / norm)
+            clipped = True
+            self.clipped += 1
+        self._next_agent = agent
+        # the agents' eval metrics would reach the public status without noise: drop them
+        return Verdict(None, dataclasses.replace(update, metrics={}), delta, verdict.staleness, clipped, verdict.n_samples)
+
+    # --- the strategy ----------------------------------------------------------------------
+
+    def add(self, params, delta, n_samples, staleness, base=None):
+        agent, self._next_agent = self._next_agent, None
+        if agent is None:
+            raise RuntimeError("CentralDP.add without PrivacyGate.check: wire the strategy with guard()")
+        delta = np.asarray(delta, dtype=np.float64)
+        norm = float(np.linalg.norm(delta))
+        if norm > self.mechanism.clip_norm:  # the gate clipped or refused it; a cheap second look
+            delta = delta * (self.mechanism.clip_norm / norm)
+        self._members.append(agent)
+        # equal weights: the inner mean is then sum(w(s_i) delta_i) / K, each term of norm <= C
+        new = self.inner.add(params, delta, 1, staleness, base)
+        if new is None:
+            return None
+        k = len(self._members)
+        noise = gaussian_noise(np.shape(params), self.mechanism.std, self.rng)
+        new = new + self.inner.server_lr * noise / k
+        self.contributions.update(self._members)
+        self._members.clear()
+        self.releases += 1
+        log.debug("noisy step %d: %d updates, noise std %.4g on the sum", self.releases, k, self.mechanism.std)
+        return new
+
+    def report(self) -> dict:
+        """The fleet's account: epsilon of the worst-off agent over the released buffers."""
+        report = accounting.fleet_report(self.contributions, self.mechanism.noise_multiplier, self.delta,
+                                         "central", self.mechanism.clip_norm, self.releases)
+        report.update(buffer_size=self.buffer_size, epsilon_budget=self.epsilon_budget,
+                      noise_std_per_update=round(self.noise_per_update * self.mechanism.clip_norm, 9))
+        return report
+
+
+class LocalDPLedger:
+    """Local DP at the coordinator: count each agent's accepted updates, report the epsilon they imply."""
+
+    def __init__(self, mechanism: GaussianMechanism, delta: float) -> None:
+        accounting.epsilon(mechanism.noise_multiplier, 1, delta)  # checks delta and the install
+        self.mechanism = mechanism
+        self.delta = delta
+        self.contributions: Counter[str] = Counter()
+
+    def screen(self, verdict: Verdict) -> Verdict:
+        """Count the update for its agent (as sent: the agent spent its budget on it either way)."""
+        self.contributions[verdict.update.agent_id] += 1
+        return verdict
+
+    def report(self) -> dict:
+        """The epsilon the counted updates imply at the fleet's sigma; the agents' statuses are authoritative."""
+        report = accounting.fleet_report(self.contributions, self.mechanism.noise_multiplier, self.delta,
+                                         "local", self.mechanism.clip_norm)
+        report["source"] = "updates received x the fleet's --dp-noise"
+        return report
+
+
+class PrivacyGate:
+    """An UpdateValidator with the DP mode's screen after the ordinary checks."""
+
+    def __init__(self, inner: UpdateValidator, policy: Policy) -> None:
+        self.inner = inner
+        self.policy = policy
+
+    @property
+    def highest_seq(self):
+        """The wrapped validator's per-agent sequence numbers (the checkpoint keeps them)."""
+        return self.inner.highest_seq
+
+    @property
+    def norm(self):
+        """The wrapped validator's norm bound."""
+        return self.inner.norm
+
+    def restore(self, highest_seq: dict[str, int]) -> None:
+        """Take over a checkpoint's sequence numbers."""
+        self.inner.restore(highest_seq)
+
+    def check(self, topic: str, payload: bytes, version: int, admit=None) -> Verdict:
+        """The wrapped validator's verdict, then the DP screen on an accepted one."""
+        verdict = self.inner.check(topic, payload, version, admit)
+        if verdict.reason is not None:
+            return verdict
+        try:
+            return self.policy.screen(verdict)
+        except Exception:  # a bug of ours must not take the coordinator down, nor let an update through
+            log.exception("unexpected error in the DP screen on %s", topic)
+            return Verdict("internal", verdict.update, staleness=verdict.staleness)
+
+
+class PrivateCoordinator(Coordinator):
+    """The coordinator core with a DP mode: its status carries the fleet's privacy account."""
+
+    def __init__(self, *args, privacy: Policy, **kwargs) -> None:
+        self.privacy = privacy
+        super().__init__(*args, **kwargs)
+
+    def status(self, now: float | None = None) -> dict:
+        """The ordinary status with `privacy`: epsilon of the worst-off agent at delta, and how it was counted."""
+        status = super().status(now)
+        try:
+            status["privacy"] = self.privacy.report()
+        except Exception:  # the status must still go out; say the account is unavailable
+            log.exception("cannot compute the fleet's privacy account")
+            status["privacy"] = {"error": "unavailable"}
+        return status
+
+
+def make_policy(
+    mode: str, strategy: Strategy, mechanism: GaussianMechanism, delta: float, *,
+    epsilon_budget: float | None = None, norm_action: str = "reject",
+) -> tuple[Strategy, Policy]:
+    """(the strategy to run, the DP policy) for `mode` local or central; ValueError on a bad combination."""
+    if mode == "central":
+        central = CentralDP(strategy, mechanism, delta, epsilon_budget=epsilon_budget, norm_action=norm_action)
+        return central, central
+    if mode == "local":
+        if epsilon_budget is not None:
+            raise ValueError("under local DP each agent keeps its own budget: give --dp-epsilon-budget to the agents")
+        return strategy, LocalDPLedger(mechanism, delta)
+    raise ValueError(f"unknown DP mode {mode!r}: use {' or '.join(DP_MODES)}")
+
+
+def guard(validator: UpdateValidator, policy: Policy) -> PrivacyGate:
+    """The validator the DP core must use (updates reach the strategy only through the screen)."""
+    return PrivacyGate(validator, policy)
