@@ -144,13 +144,17 @@ def make_client(
 ) -> mqtt.Client:
     """A paho client configured for `settings`; not yet connected.
 
+    With a username the client id is the username and `client_id` is not used: the
+    production broker (`use_username_as_clientid`) names every session after its user,
+    so that no credential can take over another client's session, and our clients ask
+    for the name they get. Without one (anonymous test brokers) it is `client_id`.
     `persistent` asks the broker to keep the session (subscriptions and queued QoS 1
     messages) across disconnects. `will` is (topic, payload), sent QoS 1 retained.
     """
     v5 = settings.mqtt_version == "5"
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
-        client_id=client_id,
+        client_id=settings.username or client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
         clean_session=None if v5 else not persistent,
     )

@@ -77,15 +77,16 @@ class Client:
 
     def __init__(self, broker: Mosquitto, creds: Path | None, user: str | None, *subscriptions: str,
                  port: int | None = None, tls: ssl.SSLContext | None = None, password: str | None = None,
-                 clean_session: bool = True) -> None:
+                 clean_session: bool = True, client_id: str | None = None) -> None:
         self.name = user or "anonymous"
         self.received: list[tuple[str, bytes]] = []
         self.connack: mqtt.ReasonCode | None = None
+        self.session_present: bool | None = None
         self.disconnects = 0
         self._cond = threading.Condition()
         self._connected = threading.Event()
         self._pending = len(subscriptions)
-        self.paho = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{self.name}-{id(self)}",
+        self.paho = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"test-{self.name}-{id(self)}",
                                 clean_session=clean_session)
         if user:
             if password is None:
@@ -103,6 +104,7 @@ class Client:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         self.connack = reason_code
+        self.session_present = flags.session_present
         if reason_code.is_failure:
             client.disconnect()  # otherwise paho retries after a second
         else:
@@ -342,3 +344,51 @@ def test_make_credentials_keeps_earlier_agents_and_rejects_reserved_ids(tmp_path
         assert done.returncode == 2, (bad, done)
     help_ = subprocess.run([str(BROKER_DIR / "make-credentials.sh"), "--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and "Usage: make-credentials.sh OUTDIR" in help_.stdout
+
+
+def test_no_credential_takes_over_another_clients_session(broker, creds):
+    """Issue 10: a1's password with the coordinator's (or a2's) client id kicked that client off."""
+    coordinator = Client(broker, creds, "coordinator", t("update/+"), client_id=f"fedmq-coordinator-{FLEET}")
+    a2 = Client(broker, creds, "a2", t("model"), client_id=f"fedmq-agent-{FLEET}-a2", clean_session=False)
+    coordinator.wait_ready()
+    a2.wait_ready()
+    # a2's persistent session holds a queued model while a2 is offline
+    a2.close()
+    coordinator.publish(t("model"), b"queued for a2")
+    try:
+        # a persistent session asked for where a2 has one: a1 must not resume it
+        for victim, persistent in ((f"fedmq-coordinator-{FLEET}", False), (f"fedmq-agent-{FLEET}-a2", True)):
+            impostor = Client(broker, creds, "a1", t("model"), client_id=victim, clean_session=not persistent)
+            try:
+                impostor.wait_ready()
+                # the broker names the session after the username: a1 gets a fresh one of its own
+                assert impostor.session_present is False, f"a1 resumed the session of {victim}"
+                impostor.publish(t("update/a1"), victim.encode())
+                coordinator.wait_for(t("update/a1"), victim.encode())  # still connected and subscribed
+                assert coordinator.disconnects == 0, f"a1 with client id {victim} kicked the coordinator off"
+                assert (t("model"), b"queued for a2") not in impostor.received, "a1 read a2's queue"
+            finally:
+                impostor.close()
+        a2_back = Client(broker, creds, "a2", t("model"), client_id=f"fedmq-agent-{FLEET}-a2", clean_session=False)
+        try:
+            a2_back.wait_ready()
+            a2_back.wait_for(t("model"), b"queued for a2")  # still queued, for a2 alone
+        finally:
+            a2_back.close()
+    finally:
+        coordinator.close()
+
+
+def test_our_clients_ask_for_their_username_as_client_id(broker, creds):
+    """make_client names the session as the production broker will: after the username."""
+    from protocol.transport import BrokerSettings, connect, make_client
+
+    settings = BrokerSettings.from_url(f"mqtt://127.0.0.1:{broker.plain_port}", username="a1",
+                                       password_file=str(creds / "secrets" / "a1.password"))
+    client = make_client(settings, f"fedmq-agent-{FLEET}-a1")
+    assert client._client_id == b"a1"
+    connect(client, settings, timeout=TIMEOUT)
+    client.disconnect()
+    client.loop_stop()
+    anonymous = make_client(BrokerSettings.from_url("mqtt://127.0.0.1:1"), "fedmq-sim-x-a1")
+    assert anonymous._client_id == b"fedmq-sim-x-a1"
