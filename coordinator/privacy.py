@@ -144,17 +144,36 @@ class CentralDP(Strategy):
             delta = delta * (self.mechanism.clip_norm / norm)
         self._members.append(agent)
         # equal weights: the inner mean is then sum(w(s_i) delta_i) / K, each term of norm <= C
-        new = self.inner.add(params, delta, 1, staleness, base)
+        return self._release(self.inner.add(params, delta, 1, staleness, base))
+
+    def flush(self, params: np.ndarray) -> np.ndarray | None:
+        """Step a buffer that cannot fill (the core's buffer timeout): the same noise on its smaller sum."""
+        flush = getattr(self.inner, "flush", None)
+        return None if flush is None or not self._members else self._release(flush(params))
+
+    def _release(self, new: np.ndarray | None) -> np.ndarray | None:
+        """Add N(0, (sigma C)^2) / k to a step the inner mean made of k updates; count its agents."""
         if new is None:
             return None
         k = len(self._members)
-        noise = gaussian_noise(np.shape(params), self.mechanism.std, self.rng)
+        noise = gaussian_noise(np.shape(new), self.mechanism.std, self.rng)
         new = new + self.inner.server_lr * noise / k
         self.contributions.update(self._members)
-        self._members.clear()
+        self._members = []
         self.releases += 1
         log.debug("noisy step %d: %d updates, noise std %.4g on the sum", self.releases, k, self.mechanism.std)
         return new
+
+    def state(self) -> dict:
+        """The inner buffer, and which agents are in it."""
+        state = getattr(self.inner, "state", dict)()
+        return dict(state, agents=list(self._members)) if state else state
+
+    def restore(self, state: dict) -> None:
+        """Take back a buffer; agents the checkpoint did not name count under one placeholder."""
+        getattr(self.inner, "restore", lambda _: None)(state)
+        agents = list(state.get("agents") or [])
+        self._members = (agents + ["(restored)"] * self.pending)[: self.pending]
 
     def report(self) -> dict:
         """The fleet's account: epsilon of the worst-off agent over the released buffers."""
@@ -194,19 +213,15 @@ class PrivacyGate:
         self.inner = inner
         self.policy = policy
 
-    @property
-    def highest_seq(self):
-        """The wrapped validator's per-agent sequence numbers (the checkpoint keeps them)."""
-        return self.inner.highest_seq
+    def __getattr__(self, name: str):
+        """Everything else (highest_seq, norm, gaps_, ...) is the wrapped validator's."""
+        if name in ("inner", "policy"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
-    @property
-    def norm(self):
-        """The wrapped validator's norm bound."""
-        return self.inner.norm
-
-    def restore(self, highest_seq: dict[str, int]) -> None:
-        """Take over a checkpoint's sequence numbers."""
-        self.inner.restore(highest_seq)
+    def restore(self, *args, **kwargs) -> None:
+        """Take over a checkpoint's sequence state."""
+        self.inner.restore(*args, **kwargs)
 
     def check(self, topic: str, payload: bytes, version: int, admit=None) -> Verdict:
         """The wrapped validator's verdict, then the DP screen on an accepted one."""

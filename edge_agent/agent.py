@@ -16,6 +16,7 @@ from edge_agent.error_feedback import ErrorFeedback
 from edge_agent.trainer import LocalTrainer
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, UpdateMessage, decode_model, encode_update
+from protocol.privacy import GaussianMechanism, secure_rng
 from protocol.tabular import DataError
 from protocol.topics import Topics, check_name
 
@@ -26,6 +27,7 @@ ONLINE = "online"  # connected; no model yet, or a newer model waiting to be tra
 TRAINING = "training"  # a local round is running
 IDLE = "idle"  # has sent its update for the newest model it holds; waits for a newer one
 OFFLINE = "offline"  # stopped cleanly, or the broker published the last will
+BUDGET_SPENT = "budget_spent"  # local DP: one more update would exceed --dp-epsilon-budget; sends no more
 
 
 class Agent:
@@ -49,6 +51,9 @@ class Agent:
         min_new_samples: int = 0,
         train_every: float | None = None,
         seed: int | None = None,
+        dp: GaussianMechanism | None = None,
+        dp_delta: float = 1e-5,
+        dp_epsilon_budget: float | None = None,
     ) -> None:
         self.agent_id = check_name("agent id", agent_id)
         self.topics = topics
@@ -67,6 +72,21 @@ class Agent:
         self.updates_sent_ = 0
         self.last_metrics_: dict[str, float] = {}
         self.training_ = False
+        # local DP (protocol/privacy.py): clip + noise the float delta before error feedback and the codec
+        self.dp = dp
+        self.dp_rng = secure_rng()  # never the training seed: reproducible noise is removable noise
+        self.dp_budget = None
+        if dp is not None:
+            from protocol.accounting import Budget  # needs the dp extra
+
+            self.dp_budget = Budget(dp.noise_multiplier, dp_delta, dp_epsilon_budget)
+        elif dp_epsilon_budget is not None:
+            raise ValueError("--dp-epsilon-budget needs local DP: give --dp-clip and --dp-noise")
+
+    @property
+    def budget_spent(self) -> bool:
+        """Local DP with a budget, and one more update would exceed it."""
+        return self.dp_budget is not None and not self.dp_budget.can_contribute()
 
     def on_model(self, payload: bytes) -> bool:
         """Take a model payload; True when it is newer than the one held (training is due).
@@ -93,7 +113,7 @@ class Agent:
     def due(self, now: float | None = None) -> bool:
         """Train now? A newer model than the last trained one, and enough new samples;
         or, with `train_every`, that many seconds since the last round. Reads new data."""
-        if self.model_ is None:
+        if self.model_ is None or self.budget_spent:
             return False
         now = time.monotonic() if now is None else now
         try:
@@ -111,13 +131,17 @@ class Agent:
         model = self.model_
         if model is None:
             return None
+        if self.budget_spent:
+            log.info("privacy budget spent (epsilon %.3f of %g at delta %g): sending no more updates",
+                     self.dp_budget.epsilon, self.dp_budget.epsilon_budget, self.dp_budget.delta)
+            return None
         X, y = self.source.data()
         if len(y) == 0:
             return None
         self.training_ = True
         try:
             result = self.trainer.train(model, X, y)
-            encoded = self.feedback.encode(result.delta) if result is not None else None
+            encoded = self.feedback.encode(self._privatize(result.delta)) if result is not None else None
         except ValueError as exc:  # e.g. the fleet's model expects other features
             log.error("cannot train on the model at version %d: %s", model.version, exc)
             result = encoded = None
@@ -128,6 +152,8 @@ class Agent:
         self.new_samples_ = 0
         if result is None:
             return None
+        if self.dp_budget is not None:
+            self.dp_budget.record()  # the noised update exists now: it is spent whether or not it arrives
         self.seq_ += 1
         self.updates_sent_ += 1
         self.base_version_ = model.version
@@ -138,37 +164,57 @@ class Agent:
                 agent_id=self.agent_id,
                 seq=self.seq_,
                 base_version=model.version,
-                n_samples=result.n_samples,
+                # under local DP nothing un-noised about the data travels: no sample count, no metrics
+                n_samples=1 if self.dp is not None else result.n_samples,
                 delta=encoded,
                 # only the federated evaluation travels (bytes on the wire); train_* is in the status
-                metrics={k: v for k, v in result.metrics.items() if k.startswith("eval_")},
+                metrics={} if self.dp is not None else {k: v for k, v in result.metrics.items() if k.startswith("eval_")},
             )
         )
 
+    def _privatize(self, delta: np.ndarray) -> np.ndarray:
+        """Local DP: clip to C and add N(0, (sigma C)^2) on the float delta, before error feedback.
+
+        Error feedback then only ever sees the privatized delta, so its residual (what top-k
+        or quantization dropped) is post-processing of noised values: no noise-free residue
+        passes the clip (docs/security.md).
+        """
+        if self.dp is None:
+            return delta
+        private, clipped = self.dp.privatize(delta, self.dp_rng)
+        if clipped:
+            log.debug("update clipped to L2 norm %g before noise", self.dp.clip_norm)
+        return private
+
     @property
     def state(self) -> str:
-        """online, training or idle (see the constants above); offline is the session's to say."""
+        """online, training, idle or budget_spent (see the constants above); offline is the session's to say."""
         if self.training_:
             return TRAINING
+        if self.budget_spent:
+            return BUDGET_SPENT
         if self.model_ is not None and self.trained_version_ >= self.model_.version:
             return IDLE
         return ONLINE
 
     def status(self, state: str | None = None) -> dict:
         """The retained JSON status for `agent/<id>/status` (`state` overrides the agent's own)."""
-        return {
+        status = {
             "agent": self.agent_id,
             "state": state or self.state,
             "version": self.base_version_,
             "model_version": self.model_.version if self.model_ else None,
             "seq": self.seq_,
             "updates_sent": self.updates_sent_,
-            "samples": len(self.source),
+            "samples": None if self.dp is not None else len(self.source),
             "codec": str(self.feedback.spec),
             "last_update_time": self.last_update_time_,
-            "metrics": dict(self.last_metrics_),
+            "metrics": {} if self.dp is not None else dict(self.last_metrics_),
             "time": time.time(),
         }
+        if self.dp_budget is not None:  # local DP: this agent's epsilon at delta over the updates it made
+            status["privacy"] = dict(self.dp_budget.report(), clip=self.dp.clip_norm)
+        return status
 
 
 def offline_status(agent_id: str) -> dict:
