@@ -12,8 +12,10 @@ from edge_agent.agent import Agent
 from edge_agent.data import CallableSource, CSVDirectory, CSVFile, DataSource
 from edge_agent.session import AgentSession
 from edge_agent.trainer import LocalTrainer
+from protocol.accounting import check_available
 from protocol.codec import CodecSpec
 from protocol.config import fleet_tool_parser, parse_layered
+from protocol.privacy import GaussianMechanism
 from protocol.tabular import DataError
 from protocol.topics import Topics
 from protocol.transport import BrokerError, settings_from_args
@@ -50,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between checks for new data (default: 1)")
     t.add_argument("--seed", type=int, help="random seed for shuffling and stochastic rounding (default: random)")
 
+    dp = p.add_argument_group("differential privacy (local: clip and noise every update on this device; needs pip install 'fedmq[dp]')")
+    dp.add_argument("--dp-clip", type=float, metavar="C", help="clip each update's L2 norm to C before noise (with --dp-noise)")
+    dp.add_argument("--dp-noise", type=float, metavar="SIGMA",
+                    help="add Gaussian noise of standard deviation SIGMA x C to each coordinate (with --dp-clip)")
+    dp.add_argument("--dp-delta", type=float, default=1e-5, metavar="DELTA",
+                    help="report epsilon at this delta in the status (default: 1e-5)")
+    dp.add_argument("--dp-epsilon-budget", type=float, metavar="EPSILON",
+                    help="stop sending (state budget_spent) once the next update would take epsilon above this (default: none)")
+
     r = p.add_argument_group("reporting")
     r.add_argument("--status-interval", type=float, default=60.0, metavar="SECONDS",
                    help="republish the retained status this often between rounds; 0: only on changes (default: 60)")
@@ -74,9 +85,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError("--min-new-samples and --status-interval must be >= 0, --window >= 1")
         if args.poll_interval <= 0 or args.connect_timeout <= 0 or (args.train_every is not None and args.train_every <= 0):
             raise ValueError("--poll-interval, --connect-timeout and --train-every must be > 0")
+        args.dp = parse_dp(args)
     except ValueError as exc:
         parser.error(str(exc))
     return args
+
+
+def parse_dp(args: argparse.Namespace) -> GaussianMechanism | None:
+    """The local DP mechanism the --dp-* flags ask for (None without them); ValueError on a half-given one."""
+    if args.dp_clip is None and args.dp_noise is None:
+        if args.dp_epsilon_budget is not None:
+            raise ValueError("--dp-epsilon-budget needs --dp-clip and --dp-noise")
+        return None
+    if args.dp_clip is None or args.dp_noise is None:
+        raise ValueError("local DP needs both --dp-clip (C) and --dp-noise (sigma): clipping without noise protects nothing")
+    mechanism = GaussianMechanism(args.dp_clip, args.dp_noise)
+    if not 0 < args.dp_delta < 1 or (args.dp_epsilon_budget is not None and not args.dp_epsilon_budget > 0):
+        raise ValueError("--dp-delta must be in (0, 1) and --dp-epsilon-budget > 0")
+    try:
+        check_available()
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    return mechanism
 
 
 def open_source(args: argparse.Namespace) -> DataSource:
@@ -106,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     trainer = LocalTrainer(args.local_epochs, args.batch_size, random_state=args.seed)
     agent = Agent(args.id, args.topics, source, trainer, args.codec,
-                  min_new_samples=args.min_new_samples, train_every=args.train_every, seed=args.seed)
+                  min_new_samples=args.min_new_samples, train_every=args.train_every, seed=args.seed,
+                  dp=args.dp, dp_delta=args.dp_delta, dp_epsilon_budget=args.dp_epsilon_budget)
     agent.new_samples_ = rows
     session = AgentSession(agent, args.settings, connect_timeout=args.connect_timeout,
                            poll_interval=args.poll_interval, status_interval=args.status_interval)
