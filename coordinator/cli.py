@@ -10,6 +10,7 @@ import sys
 import threading
 
 from coordinator.aggregation import parse_aggregate
+from coordinator.privacy import PrivateCoordinator, guard, make_policy
 from coordinator.rate_limit import RateLimit
 from coordinator.server import Coordinator
 from coordinator.session import CoordinatorSession
@@ -19,6 +20,7 @@ from coordinator.strategies import DEFAULT_ALPHA, make_strategy
 from coordinator.validation import NormBound, UpdateValidator
 from protocol.config import fleet_tool_parser, parse_layered
 from protocol.model_spec import ESTIMATORS, HYPERPARAMETERS, ModelSpec, build_estimator
+from protocol.privacy import GaussianMechanism
 from protocol.tabular import DataError, load_csv
 from protocol.topics import Topics
 from protocol.transport import BrokerError, settings_from_args
@@ -70,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many updates per agent per minute, in bursts of up to as many; more are "
                    "refused (rate) before decoding, so one flooding agent cannot own the model (default: none)")
 
+    dp = p.add_argument_group("differential privacy (needs pip install 'fedmq[dp]'; docs/security.md)")
+    dp.add_argument("--dp-mode", choices=("local", "central"),
+                    help="central: clip each update to --dp-clip and add noise of std --dp-noise x C to the sum of each "
+                    "fedbuff/fedavg buffer; local: the agents noise, the status reports the epsilon their accepted "
+                    "updates imply at --dp-noise (default: no DP)")
+    dp.add_argument("--dp-clip", type=float, metavar="C", help="L2 bound C of one update (central: enforced here)")
+    dp.add_argument("--dp-noise", type=float, metavar="SIGMA", help="noise multiplier sigma (central: of the noise added here)")
+    _defaulted(dp, "--dp-delta", type=float, default=1e-5, help="report epsilon at this delta")
+    dp.add_argument("--dp-epsilon-budget", type=float, metavar="EPSILON",
+                    help="central: refuse (dp_budget) an update that would take its agent's epsilon above this (default: none)")
+    _defaulted(dp, "--dp-norm-action", choices=("reject", "clip"), default="reject",
+               help="central: an update above C is rejected (dp_norm) or scaled down to C (counted as clipped)")
+
     o = p.add_argument_group("publishing, durability, evaluation")
     _defaulted(o, "--publish-interval", type=float, default=1.0,
                help="publish the model at most once per this many seconds, so bursts of updates are coalesced")
@@ -114,6 +129,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.strategy, alpha=args.alpha, staleness=args.staleness_fn,
             buffer_size=args.buffer_size, server_lr=args.server_lr, aggregate=args.aggregate,
         )
+        args.dp_policy = None
+        if args.dp_mode is not None:
+            if args.dp_clip is None or args.dp_noise is None:
+                raise ValueError(f"--dp-mode {args.dp_mode} needs --dp-clip and --dp-noise")
+            try:
+                args.strategy_obj, args.dp_policy = make_policy(
+                    args.dp_mode, args.strategy_obj, GaussianMechanism(args.dp_clip, args.dp_noise), args.dp_delta,
+                    epsilon_budget=args.dp_epsilon_budget, norm_action=args.dp_norm_action)
+            except ImportError as exc:
+                raise ValueError(str(exc)) from None
+        elif any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget)):
+            raise ValueError("--dp-clip, --dp-noise and --dp-epsilon-budget need --dp-mode local or central")
         args.norm = NormBound(args.max_update_norm, args.norm_factor)
         args.rate = RateLimit(args.max_agent_rate) if args.max_agent_rate is not None else None
         args.settings = settings_from_args(args)
@@ -187,9 +214,13 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
         args.topics, args.spec.n_params, max_staleness=args.max_staleness,
         norm=args.norm, norm_action=args.norm_action, max_bytes=args.max_message_bytes, rate=args.rate,
     )
-    core = Coordinator(
+    options = {}
+    if args.dp_policy is not None:  # updates reach the strategy only through the DP screen
+        validator = guard(validator, args.dp_policy)
+        options["privacy"] = args.dp_policy
+    core = (PrivateCoordinator if args.dp_policy is not None else Coordinator)(
         args.topics, args.spec, args.strategy_obj, validator, publish_interval=args.publish_interval,
-        eval_data=eval_data, checkpoint_dir=args.checkpoint_dir, resume=resume,
+        eval_data=eval_data, checkpoint_dir=args.checkpoint_dir, resume=resume, **options,
     )
     core.checkpoint()  # an unwritable --checkpoint-dir is a configuration error, found now
     return core
