@@ -16,7 +16,7 @@ import numpy as np
 
 from coordinator.evaluation import FleetEvaluation, score
 from coordinator.status import build_status
-from coordinator.store import save_checkpoint
+from coordinator.store import CheckpointError, save_checkpoint
 from coordinator.strategies import Strategy
 from coordinator.validation import UpdateValidator, Verdict
 from protocol.messages import ModelMessage, encode_model
@@ -37,6 +37,7 @@ class Coordinator:
         validator: UpdateValidator,
         *,
         publish_interval: float = 1.0,
+        buffer_timeout: float | None = 30.0,
         history: int = 32,
         eval_data: tuple[np.ndarray, np.ndarray] | None = None,
         checkpoint_dir: str | None = None,
@@ -47,6 +48,7 @@ class Coordinator:
         self.strategy = strategy
         self.validator = validator
         self.publish_interval = publish_interval
+        self.buffer_timeout = buffer_timeout
         self.eval_data = eval_data
         self.checkpoint_dir = checkpoint_dir
         self.started_at = time.time()
@@ -59,6 +61,9 @@ class Coordinator:
         self.staleness_sum_ = 0
         self.staleness_max_ = 0
         self.published_version_ = -1
+        self.buffer_since_: float | None = None  # monotonic time the oldest pending update arrived
+        self.timeouts_ = 0  # buffers stepped by --buffer-timeout before they were full
+        self.checkpoint_failing_: dict | None = None  # {"error", "since"} while checkpoints fail
         self.history = history
         self.published_: OrderedDict[int, np.ndarray] = OrderedDict()  # version -> what agents received
         self.last_publish_ = 0.0
@@ -66,16 +71,22 @@ class Coordinator:
         self.fleet_eval = FleetEvaluation()
         # audit(topic, update or None, reason or None, staleness) after every payload
         self.audit = None
+        self.resumed_audit_: dict = {}  # {"path", "offset"}: the audit log's length the checkpoint covers
         if resume:
             self._restore(resume)
 
     # --- updates ---------------------------------------------------------------------
 
-    def handle_update(self, topic: str, payload: bytes) -> str | None:
-        """Validate and fold in one payload; returns None if accepted, else the reason."""
+    def handle_update(self, topic: str, payload: bytes, *, retained: bool = False) -> str | None:
+        """Validate and fold in one payload; returns None if accepted, else the reason.
+
+        A retained update (someone published it with the retain flag) is refused unread:
+        every coordinator starting afresh would otherwise ingest it again.
+        """
         self.handled_ += 1
         try:
-            verdict = self.validator.check(topic, payload, self.version_, self.strategy.admit)
+            verdict = Verdict("retained") if retained else \
+                self.validator.check(topic, payload, self.version_, self.strategy.admit)
             reason = verdict.reason or self._apply(verdict)
         except Exception:  # a bug of ours must not stop the network thread
             log.exception("unexpected error handling an update on %s", topic)
@@ -90,17 +101,47 @@ class Coordinator:
         update = verdict.update
         base = self.published_.get(update.base_version)
         new = self.strategy.add(self.params_, verdict.delta, verdict.n_samples, verdict.staleness, base)
-        if new is not None and not np.isfinite(new).all():  # overflow: never publish it
+        if new is not None and not _finite_on_the_wire(new):  # overflow: never publish it
             return "non_finite_model"
+        if self.strategy.pending and self.buffer_since_ is None:
+            self.buffer_since_ = time.monotonic()
         self.accepted_ += 1
         self.clipped_ += verdict.clipped
         self.staleness_sum_ += verdict.staleness
         self.staleness_max_ = max(self.staleness_max_, verdict.staleness)
         self.fleet_eval.report(update.agent_id, verdict.n_samples, update.metrics)
         if new is not None:
-            self.params_ = new
-            self.version_ += 1
+            self._step(new)
         return None
+
+    def _step(self, new: np.ndarray) -> None:
+        self.params_ = new
+        self.version_ += 1
+        self.buffer_since_ = None if not self.strategy.pending else self.buffer_since_
+
+    def tick(self, now: float | None = None) -> bool:
+        """Step a buffer that has waited `buffer_timeout` seconds without filling; True if it did.
+
+        With fewer live agents than K (or agents that only train on a newer model) a
+        buffer would otherwise wait forever.
+        """
+        if self.buffer_since_ is None or self.buffer_timeout is None:
+            return False
+        now = time.monotonic() if now is None else now
+        if now - self.buffer_since_ < self.buffer_timeout:
+            return False
+        pending = self.strategy.pending
+        new = self.strategy.flush(self.params_)
+        self.buffer_since_ = None
+        if new is None:
+            return False
+        if not _finite_on_the_wire(new):
+            self.rejected_["non_finite_model"] += pending
+            return False
+        log.info("buffer timeout: stepping with %d pending update(s) after %g s", pending, self.buffer_timeout)
+        self.timeouts_ += 1
+        self._step(new)
+        return True
 
     # --- publishing ------------------------------------------------------------------
 
@@ -157,6 +198,9 @@ class Coordinator:
             scores=self.scores_,
             fleet_eval=self.fleet_eval.summary(),
             agents=len(self.validator.highest_seq),
+            gaps=self.validator.gaps_,
+            buffer_timeouts=self.timeouts_,
+            checkpoint_failing=self.checkpoint_failing_,
             started_at=self.started_at,
             now=time.time() if now is None else now,
         )
@@ -171,6 +215,9 @@ class Coordinator:
             "version": self.version_,
             "params": self.params_,
             "highest_seq": dict(self.validator.highest_seq),
+            "gaps": self.validator.gaps_,
+            "buffer": _wire_buffer(self.strategy.state()),
+            "buffer_timeouts": self.timeouts_,
             "accepted": self.accepted_,
             "rejected": dict(self.rejected_),
             "clipped": self.clipped_,
@@ -178,10 +225,25 @@ class Coordinator:
             "staleness_max": self.staleness_max_,
         }
 
-    def checkpoint(self) -> None:
-        """Save `state()` atomically to `checkpoint_dir` (if any); CheckpointError on failure."""
-        if self.checkpoint_dir:
-            save_checkpoint(self.checkpoint_dir, self.state())
+    def checkpoint(self, state: dict | None = None) -> None:
+        """Save `state` (default `state()`) atomically to `checkpoint_dir`, if any.
+
+        CheckpointError on failure; until the next success the status carries
+        `checkpoint_failing` (the error and since when), so the outage is visible.
+        """
+        if not self.checkpoint_dir:
+            return
+        try:
+            save_checkpoint(self.checkpoint_dir, self.state() if state is None else state)
+        except CheckpointError as exc:
+            if self.checkpoint_failing_ is None:
+                self.checkpoint_failing_ = {"error": str(exc), "since": time.time()}
+            else:
+                self.checkpoint_failing_["error"] = str(exc)
+            raise
+        if self.checkpoint_failing_ is not None:
+            log.info("checkpoints succeed again (failing since %.0f s)", time.time() - self.checkpoint_failing_["since"])
+            self.checkpoint_failing_ = None
 
     def _restore(self, state: dict) -> None:
         if state["fleet"] != self.topics.fleet or state["spec"] != self.spec:
@@ -191,10 +253,40 @@ class Coordinator:
             )
         self.params_ = state["params"].copy()
         self.version_ = state["version"]
-        self.validator.restore(state.get("highest_seq", {}))
+        self.validator.restore(state.get("highest_seq", {}), state.get("gaps", 0))
+        buffer = state.get("buffer") or {}
+        try:
+            self.strategy.restore(_array_buffer(buffer, self.spec.n_params))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint buffer does not fit --strategy {self.strategy.name}: {exc}") from None
+        if self.strategy.pending:
+            self.buffer_since_ = time.monotonic()
+        self.timeouts_ = state.get("buffer_timeouts", 0)
+        self.resumed_audit_ = state.get("audit") or {}
         self.accepted_ = state.get("accepted", 0)
         self.rejected_.update(state.get("rejected", {}))
         self.clipped_ = state.get("clipped", 0)
         self.staleness_sum_ = state.get("staleness_sum", 0)
         self.staleness_max_ = state.get("staleness_max", 0)
-        log.info("resumed from checkpoint at version %d", self.version_)
+        log.info("resumed from checkpoint at version %d%s", self.version_,
+                 f" with {self.strategy.pending} buffered update(s)" if self.strategy.pending else "")
+
+
+def _finite_on_the_wire(params: np.ndarray) -> bool:
+    """Agents receive float32: a model finite in float64 but not in float32 would brick the fleet."""
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(params.astype(np.float32)).all())
+
+
+def _wire_buffer(buffer: dict) -> dict:
+    """A strategy's buffer with its float64 deltas as little-endian bytes (for msgpack)."""
+    return {"deltas": [np.ascontiguousarray(d, dtype="<f8").tobytes() for d in buffer.get("deltas", [])],
+            "samples": list(buffer.get("samples", []))}
+
+
+def _array_buffer(buffer: dict, n_params: int) -> dict:
+    """Inverse of `_wire_buffer`, checking every delta's length and finiteness."""
+    deltas = [np.frombuffer(raw, dtype="<f8") for raw in buffer.get("deltas", [])]
+    if any(d.shape != (n_params,) or not np.isfinite(d).all() for d in deltas):
+        raise ValueError("a buffered delta has the wrong length or is not finite")
+    return {"deltas": deltas, "samples": buffer.get("samples", [])}

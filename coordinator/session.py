@@ -1,20 +1,27 @@
-"""The coordinator's MQTT session: updates in on paho's network thread, models out on a timer.
+"""The coordinator's MQTT session: updates in on paho's network thread, commits and models out
+on the main thread.
 
-Hot path: `on_message` runs in paho's network thread and calls the core directly (no
-queue, no per-message logging), because the MQTT client, not the math, bounds
-throughput. The main thread wakes at least every publish interval, and when the model
-changed it checkpoints first and then publishes, so a published version is never lost
-on a crash and versions never go backwards.
+Delivery: paho runs with manual acknowledgement. `on_message` (network thread) folds each
+payload into the core and notes its message id; the main thread then commits, as a group,
+everything handled so far (audit lines, then one atomic checkpoint holding the model, the
+fedbuff/fedavg buffer and the (agent, seq) dedup state) and only then acknowledges those
+messages to the broker. A crash before the commit leaves them unacknowledged: the broker
+redelivers them and the restored dedup state counts each exactly once. While checkpoints
+fail nothing is acknowledged (the broker's in-flight window then holds the rest back), and
+the status keeps flowing with `checkpoint_failing` in it. A model is published only from a
+committed state, so the retained model is never ahead of the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
+from coordinator.audit import AuditLog
 from coordinator.server import Coordinator
 from coordinator.status import encode_status
 from coordinator.store import CheckpointError
@@ -24,7 +31,8 @@ from protocol.transport import BrokerSettings, connect, make_client
 
 log = logging.getLogger(__name__)
 
-# Updates that arrive before the start-up check of the retained model are held, up to this.
+# Updates that arrive before the start-up check of the retained model are held, up to this
+# (with manual acknowledgement the broker sends no more than its in-flight window anyway).
 EARLY_MAX_MESSAGES = 10_000
 EARLY_MAX_BYTES = 64 * 1024 * 1024
 
@@ -44,39 +52,6 @@ class RejectionLog:
             log.warning("rejected %d update(s) as %s (latest on %s)", self._since[reason], reason, topic)
             self._last[reason] = now
             self._since[reason] = 0
-
-
-class AuditLog:
-    """One JSON line per payload: which (agent, seq) was accepted or why it was refused."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.file = open(path, "a", buffering=1 << 16)
-        self._failed = False
-
-    def __call__(self, topic, update, reason, staleness) -> None:
-        record = {"t": round(time.time(), 3), "topic": topic, "outcome": reason or "accepted"}
-        if update is not None:
-            record.update(agent=update.agent_id, seq=update.seq, base=update.base_version, staleness=staleness)
-        try:
-            self.file.write(json.dumps(record) + "\n")
-        except (OSError, ValueError) as exc:  # a full disk must not stop the coordinator
-            self._fail(exc)
-
-    def flush(self) -> None:
-        try:
-            self.file.flush()
-        except (OSError, ValueError) as exc:
-            self._fail(exc)
-
-    def close(self) -> None:
-        self.flush()
-        self.file.close()
-
-    def _fail(self, exc: Exception) -> None:
-        if not self._failed:
-            log.error("cannot write the audit log %s: %s", self.path, exc)
-            self._failed = True
 
 
 class CoordinatorSession:
@@ -103,17 +78,21 @@ class CoordinatorSession:
         self.retained_grace = retained_grace
         self.metrics_log = Path(metrics_log) if metrics_log else None
         self.on_publish = on_publish  # callback(status) after each model publish, e.g. metrics
-        self.lock = threading.Lock()  # guards `core` between the network and the main thread
-        self.audit = AuditLog(audit_log) if audit_log else None
+        self.lock = threading.Lock()  # guards `core` and `_unacked` between the two threads
+        committed_audit = core.resumed_audit_.get("offset") if core.resumed_audit_.get("path") == _abspath(audit_log) else None
+        self.audit = AuditLog(audit_log, committed_audit) if audit_log else None
         core.audit = self.audit
         self.rejections = RejectionLog()
+        self._unacked: list[tuple[int, int, int]] = []  # (connection, mid, qos) handled, not yet durable
+        self._connection = 0  # bumped on every (dis)connection: a mid belongs to one connection
+        self._wake = threading.Event()  # set by the network thread: something to commit
+        self._committed: tuple | None = None
         self._status_handled = -1
         self._status_at = float("-inf")
-        self._checkpointed: tuple[int, int] | None = None
         self._checkpoint_error_at = float("-inf")
         self._last_infos: list = []
         # start-up: the retained model, and the updates that arrive before it is looked at
-        self._early: list[tuple[str, bytes]] | None = []
+        self._early: list | None = []
         self._early_bytes = 0
         self._retained: bytes | None = None
         self._retained_seen = threading.Event()
@@ -121,6 +100,7 @@ class CoordinatorSession:
         self._connected_once = False
         self._republish = threading.Event()
         self.client = make_client(settings, f"fedmq-coordinator-{core.topics.fleet}", persistent=True)
+        self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
@@ -133,6 +113,7 @@ class CoordinatorSession:
             if self._connected_once:  # before that, start() reports it (one line)
                 log.error("broker refused the connection: %s", reason_code)
             return
+        self._connection += 1
         topics = self.core.topics
         if self._connected_once:
             client.subscribe(topics.all_updates, qos=1)
@@ -147,6 +128,7 @@ class CoordinatorSession:
         self._first_suback.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self._connection += 1  # what was not acknowledged on that connection will be redelivered
         if reason_code.is_failure and self._connected_once:
             log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
 
@@ -155,36 +137,43 @@ class CoordinatorSession:
             if not self._retained_seen.is_set():
                 self._retained = msg.payload
                 self._retained_seen.set()
+            client.ack(msg.mid, msg.qos)  # nothing of ours depends on it
             return
         with self.lock:
             early = self._early
             if early is not None and len(early) < EARLY_MAX_MESSAGES and self._early_bytes < EARLY_MAX_BYTES:
-                early.append((msg.topic, msg.payload))
+                early.append((msg.topic, msg.payload, msg.retain, (self._connection, msg.mid, msg.qos)))
                 self._early_bytes += len(msg.payload)
                 return
-            reason = self.core.handle_update(msg.topic, msg.payload)
+            reason = self.core.handle_update(msg.topic, msg.payload, retained=msg.retain)
+            self._unacked.append((self._connection, msg.mid, msg.qos))
+        self._wake.set()
         if reason is not None:
             self.rejections(reason, msg.topic)
 
     # main thread --------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Connect, publish the current model, then publish (coalesced) until `stop` is set.
+        """Connect, publish the current model, then commit and publish until `stop` is set.
 
-        On `stop`: a last checkpoint and publish, bounded wait for delivery, disconnect.
+        The loop wakes for every message (group commit: what arrives during one commit is
+        committed by the next) and at least every quarter publish interval.
+        On `stop`: a last commit and publish, bounded wait for delivery, disconnect.
         """
         connect(self.client, self.settings, timeout=self.connect_timeout)
         try:
             self._catch_up()
             self._republish.clear()
-            self.publish(force=True)
+            self.step(force=True)
             tick = min(self.core.publish_interval / 4, 1.0)
-            while not stop.wait(tick):
+            while not stop.is_set():
+                self._wake.wait(tick)
+                self._wake.clear()
                 force = self._republish.is_set()
                 if force:
                     self._republish.clear()
-                self.publish(force=force)
-            self.publish(force=True)
+                self.step(force=force)
+            self.step(force=True)
             self._wait_delivered(timeout=5.0)
         finally:
             self.client.disconnect()
@@ -207,37 +196,79 @@ class CoordinatorSession:
                 except ProtocolError as exc:
                     log.warning("ignoring the retained model on %s: %s", topics.model, exc)
             early, self._early = self._early or [], None
-            reasons = [self.core.handle_update(topic, payload) for topic, payload in early]
-        for (topic, _), reason in zip(early, reasons):
+            reasons = []
+            for topic, payload, retained, ack in early:
+                reasons.append(self.core.handle_update(topic, payload, retained=retained))
+                self._unacked.append(ack)
+        for (topic, *_), reason in zip(early, reasons):
             if reason is not None:
                 self.rejections(reason, topic)
 
-    def publish(self, force: bool = False) -> bool:
-        """Checkpoint and publish the model if it is due (or `force`), then the status.
+    def step(self, force: bool = False) -> bool:
+        """Commit what was handled, acknowledge it, then publish the model if it is due (or
+        `force`) and the status; True when a model was published.
 
         The status alone is republished (at most once per interval) when only rejections
-        happened since the last one. While the broker is away the model is checkpointed
-        but not queued; it goes out again on reconnect.
+        happened since the last one, and while checkpoints fail. While the broker is away
+        the state is committed but no model is queued; it goes out again on reconnect.
         """
         topics = self.core.topics
         connected = self.client.is_connected()
         with self.lock:
-            if not (force or self.core.publish_due()):
-                now = time.monotonic()
-                if connected and self.core.handled_ != self._status_handled \
-                        and now - self._status_at >= self.core.publish_interval:
-                    self._status_handled, self._status_at = self.core.handled_, now
-                    self.client.publish(topics.coordinator_status, encode_status(self.core.status()), qos=1, retain=True)
+            if self.core.tick():
+                force = True  # a buffer stepped on its timeout: tell the waiting agents at once
+            key = (self.core.version_, self.core.handled_)
+            publish = connected and (force or self.core.publish_due())
+            acks, self._unacked = self._unacked, []
+            lines = self.audit.take() if self.audit else []
+            state = self.core.state() if key != self._committed and self.core.checkpoint_dir else None
+            published_before = (self.core.published_version_, self.core.last_publish_)
+            payload = self.core.model_payload() if publish else None
+            status, handled = self.core.status(), self.core.handled_
+        offset = self.audit.write(lines) if self.audit else None
+        if state is not None:
+            if offset is not None:
+                state["audit"] = {"path": self.audit.path, "offset": offset}
+            try:
+                self.core.checkpoint(state)
+            except CheckpointError as exc:
+                with self.lock:
+                    self._unacked[:0] = acks  # not durable: nothing is acknowledged
+                    self.core.published_version_, self.core.last_publish_ = published_before
+                    status = self.core.status()
+                self._report_checkpoint_failure(exc, status, handled, connected)
                 return False
-            if not self._checkpoint() or not connected:
-                return False
-            payload = self.core.model_payload()
-            status = self.core.status()
-            self._status_handled, self._status_at = self.core.handled_, time.monotonic()
+        self._committed = key
+        current = self._connection
+        for connection, mid, qos in acks:
+            if connection == current:
+                self.client.ack(mid, qos)
+        if payload is None:
+            self._publish_status_if_due(status, handled, connected)
+            return False
+        self._status_handled, self._status_at = handled, time.monotonic()
         self._last_infos = [
             self.client.publish(topics.model, payload, qos=1, retain=True),
             self.client.publish(topics.coordinator_status, encode_status(status), qos=1, retain=True),
         ]
+        self._after_publish(status, len(payload))
+        return True
+
+    def _publish_status_if_due(self, status: dict, handled: int, connected: bool, failing: bool = False) -> None:
+        now = time.monotonic()
+        if connected and (handled != self._status_handled or failing) and now - self._status_at >= self.core.publish_interval:
+            self._status_handled, self._status_at = handled, now
+            self.client.publish(self.core.topics.coordinator_status, encode_status(status), qos=1, retain=True)
+
+    def _report_checkpoint_failure(self, exc: CheckpointError, status: dict, handled: int, connected: bool) -> None:
+        now = time.monotonic()
+        if now - self._checkpoint_error_at >= 10.0:
+            log.error("%s; acknowledging nothing and holding back version %d until a checkpoint succeeds",
+                      exc, self.core.version_)
+            self._checkpoint_error_at = now
+        self._publish_status_if_due(status, handled, connected, failing=True)
+
+    def _after_publish(self, status: dict, size: int) -> None:
         if self.metrics_log:
             try:
                 with self.metrics_log.open("a") as fh:
@@ -248,28 +279,9 @@ class CoordinatorSession:
             self.on_publish(status)
         log.info(
             "published version %d (%d bytes): accepted %d, rejected %d%s",
-            status["version"], len(payload), status["accepted"], sum(status["rejected"].values()),
+            status["version"], size, status["accepted"], sum(status["rejected"].values()),
             "".join(f", {k} {v:.3f}" for k in ("accuracy", "r2") if (v := status.get(k)) is not None),
         )
-        return True
-
-    def _checkpoint(self) -> bool:
-        """Checkpoint unless nothing changed since the last one; False (logged) on failure."""
-        key = (self.core.version_, self.core.handled_)
-        if key == self._checkpointed:
-            return True
-        try:
-            self.core.checkpoint()
-        except CheckpointError as exc:
-            now = time.monotonic()
-            if now - self._checkpoint_error_at >= 10.0:
-                log.error("%s; holding back version %d until a checkpoint succeeds", exc, self.core.version_)
-                self._checkpoint_error_at = now
-            return False
-        self._checkpointed = key
-        if self.audit:
-            self.audit.flush()
-        return True
 
     def _wait_delivered(self, timeout: float) -> None:
         """Bounded wait until the broker acknowledged the last model and status."""
@@ -279,3 +291,7 @@ class CoordinatorSession:
                 info.wait_for_publish(max(0.0, deadline - time.monotonic()))
             except (RuntimeError, ValueError):  # not connected: the checkpoint has it
                 return
+
+
+def _abspath(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 # Every key of the document, in the order it is written.
 FIELDS = (
     "fleet", "version", "published_version", "accepted", "rejected", "clipped", "pending",
-    "staleness", "accuracy", "r2", "fleet_eval", "agents", "strategy",
-    "started_at", "uptime_s", "updated_at",
+    "staleness", "accuracy", "r2", "fleet_eval", "agents", "gaps", "buffer_timeouts",
+    "checkpoint_failing", "strategy", "started_at", "uptime_s", "updated_at",
 )
 
 
@@ -34,6 +34,9 @@ def build_status(
     scores: Mapping[str, float],
     fleet_eval: Mapping[str, float],
     agents: int,
+    gaps: int = 0,
+    buffer_timeouts: int = 0,
+    checkpoint_failing: Mapping | None = None,
     started_at: float,
     now: float,
 ) -> dict:
@@ -41,6 +44,8 @@ def build_status(
 
     `staleness` is over accepted updates; `fleet_eval` is what the agents measured of the
     global model on their own data, sample-weighted (see coordinator.evaluation).
+    `gaps` counts updates agents made that never arrived (coordinator.validation.SeqTracker);
+    `checkpoint_failing` is null, or the error and since when while nothing can be made durable.
     """
     return {
         "fleet": fleet,
@@ -55,6 +60,9 @@ def build_status(
         "r2": None if is_classifier else _finite(scores.get("r2")),
         "fleet_eval": {k: _finite(v) for k, v in sorted(fleet_eval.items())},
         "agents": agents,
+        "gaps": gaps,
+        "buffer_timeouts": buffer_timeouts,
+        "checkpoint_failing": dict(checkpoint_failing) if checkpoint_failing else None,
         "strategy": strategy,
         "started_at": started_at,
         "uptime_s": round(now - started_at, 3),

@@ -42,6 +42,17 @@ class Strategy(ABC):
         """Updates received but not yet applied."""
         return 0
 
+    def flush(self, params: np.ndarray) -> np.ndarray | None:
+        """Apply what is pending now (a buffer that cannot fill); None when nothing is."""
+        return None
+
+    def state(self) -> dict:
+        """What a checkpoint must hold so that pending updates survive a crash."""
+        return {}
+
+    def restore(self, state: dict) -> None:
+        """Take back `state()` from a checkpoint."""
+
 
 class FedAsync(Strategy):
     """Mix each update as it arrives (Xie et al., 2019): x <- (1 - a) x + a (base + delta),
@@ -102,10 +113,27 @@ class FedBuff(Strategy):
         self._samples.append(float(n_samples))
         if len(self._deltas) < self.buffer_size:
             return None
+        return self.flush(params)
+
+    def flush(self, params):
+        if not self._deltas:
+            return None
         step = self._aggregate(np.stack(self._deltas), np.asarray(self._samples))
-        self._deltas.clear()
-        self._samples.clear()
+        self._deltas = []
+        self._samples = []
         return params + self.server_lr * step
+
+    def state(self) -> dict:
+        # new lists on every change (never mutated in place once handed out), so a
+        # snapshot taken under the session's lock stays valid while it is written
+        return {"deltas": list(self._deltas), "samples": list(self._samples)}
+
+    def restore(self, state: dict) -> None:
+        deltas, samples = state.get("deltas", []), state.get("samples", [])
+        if len(deltas) != len(samples) or len(deltas) >= self.buffer_size:
+            raise ValueError(f"buffer of {len(deltas)} updates does not fit a buffer size of {self.buffer_size}")
+        self._deltas = [np.asarray(d, dtype=np.float64) for d in deltas]
+        self._samples = [float(n) for n in samples]
 
 
 class FedAvg(FedBuff):

@@ -1,7 +1,7 @@
 """Deciding whether an update may touch the global model, with a counted reason when not.
 
 Checks run cheapest first: the agent id in the topic, its rate limit, decoding, shape, base version,
-replay (highest seq per agent), staleness, the strategy's own admission (fedavg rounds),
+replay (highest seq per agent, never forgotten; seq at most a day ahead of our clock), staleness, the strategy's own admission (fedavg rounds),
 decoding the delta (finiteness), and the norm bound (reject or clip), which also caps
 the sample count an update may claim. Nothing in a payload can raise out of
 `UpdateValidator.check`.
@@ -10,7 +10,8 @@ the sample count an update may claim. Nothing in a payload can raise out of
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, deque
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from coordinator.rate_limit import RateLimit
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_MESSAGE_BYTES, UpdateMessage, decode_update
+from protocol.sequence import missing_between
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,13 @@ class NormBound:
 
 
 class UpdateValidator:
-    """Stateful checks: remembers the highest sequence number of each agent (bounded)."""
+    """Stateful checks: remembers the highest sequence number of each agent and counts gaps.
+
+    The replay state is never evicted (an evicted agent could replay its old updates): an
+    agent beyond `max_agents` is refused (too_many_agents) instead; the broker's ACL bounds
+    who can publish at all. A seq more than `max_seq_ahead` seconds ahead of our clock is
+    refused (future_seq), so one message cannot lock its agent out with seq 2**63-1.
+    """
 
     def __init__(
         self,
@@ -87,9 +95,11 @@ class UpdateValidator:
         max_staleness: int = 1000,
         norm: NormBound | None = None,
         norm_action: str = "reject",
-        max_agents: int = 100_000,
+        max_agents: int = 1_000_000,
         max_bytes: int = MAX_MESSAGE_BYTES,
         rate: RateLimit | None = None,
+        max_seq_ahead: float = 86_400.0,
+        clock=time.time,
     ) -> None:
         if norm_action not in ("reject", "clip"):
             raise ValueError(f"norm action must be reject or clip, got {norm_action!r}")
@@ -101,7 +111,10 @@ class UpdateValidator:
         self.max_agents = max_agents
         self.max_bytes = max_bytes
         self.rate = rate
-        self.highest_seq: OrderedDict[str, int] = OrderedDict()
+        self.max_seq_ahead = max_seq_ahead
+        self.clock = clock
+        self.highest_seq: dict[str, int] = {}
+        self.gaps_ = 0  # updates agents made that never arrived (see protocol.sequence)
 
     def check(self, topic: str, payload: bytes, version: int, admit=None) -> Verdict:
         """Validate one payload against the model at `version`.
@@ -130,7 +143,13 @@ class UpdateValidator:
         last = self.highest_seq.get(msg.agent_id)
         if last is not None and msg.seq <= last:
             return Verdict("replay", msg)
-        self._remember(msg.agent_id, msg.seq)
+        if msg.seq > (self.clock() + self.max_seq_ahead) * 1e6:
+            return Verdict("future_seq", msg)
+        if last is None and len(self.highest_seq) >= self.max_agents:
+            return Verdict("too_many_agents", msg)
+        if last is not None:
+            self.gaps_ += missing_between(last, msg.seq)
+        self.highest_seq[msg.agent_id] = msg.seq
         staleness = version - msg.base_version
         if staleness > self.max_staleness:
             return Verdict("too_stale", msg, staleness=staleness)
@@ -152,13 +171,7 @@ class UpdateValidator:
         self.norm.accepted(norm, n_samples)
         return Verdict(None, msg, delta, staleness, clipped, n_samples)
 
-    def restore(self, highest_seq: dict[str, int]) -> None:
-        """Take over the per-agent sequence numbers of a checkpoint."""
-        for agent, seq in highest_seq.items():
-            self._remember(agent, seq)
-
-    def _remember(self, agent: str, seq: int) -> None:
-        self.highest_seq[agent] = seq
-        self.highest_seq.move_to_end(agent)
-        while len(self.highest_seq) > self.max_agents:
-            self.highest_seq.popitem(last=False)
+    def restore(self, highest_seq: dict[str, int], gaps: int = 0) -> None:
+        """Take over the per-agent sequence numbers and the gap count of a checkpoint."""
+        self.highest_seq.update(highest_seq)
+        self.gaps_ = gaps

@@ -189,15 +189,78 @@ def test_unexpected_errors_are_counted_as_internal_and_the_core_carries_on(monke
     assert core.handle_update(*update(seq=3)) is None and core.version_ == 1
 
 
-def test_replay_memory_is_bounded_least_recently_seen_first():
+def test_replay_memory_is_never_evicted_a_new_agent_past_the_bound_is_refused():
     validator = UpdateValidator(TOPICS, SPEC.n_params, max_agents=2)
     core = Coordinator(TOPICS, SPEC, FedAsync(alpha=0.5), validator)
     for agent in ("a", "b"):
         assert core.handle_update(*update(agent, seq=1, base=core.version_)) is None
-    assert core.handle_update(*update("a", seq=2, base=core.version_)) is None  # a is now the most recent
-    assert core.handle_update(*update("c", seq=1, base=core.version_)) is None  # evicts b
-    assert list(validator.highest_seq) == ["a", "c"]
-    assert core.handle_update(*update("a", seq=2, base=core.version_)) == "replay"
+    assert core.handle_update(*update("c", seq=1, base=core.version_)) == "too_many_agents"
+    assert sorted(validator.highest_seq) == ["a", "b"]
+    for agent in ("a", "b"):  # nobody forgot: the first agents' old updates are still replays
+        assert core.handle_update(*update(agent, seq=1, base=core.version_)) == "replay"
+
+
+def test_a_seq_far_ahead_of_the_clock_is_refused_and_locks_nobody_out():
+    now = 1_700_000_000.0
+    validator = UpdateValidator(TOPICS, SPEC.n_params, max_seq_ahead=3600, clock=lambda: now)
+    core = Coordinator(TOPICS, SPEC, FedAsync(alpha=0.5), validator)
+    assert core.handle_update(*update("a", seq=2**63 - 1)) == "future_seq"
+    assert core.handle_update(*update("a", seq=int((now + 3500) * 1e6))) is None
+
+
+def test_sequence_gaps_tell_a_restart_from_a_loss():
+    from protocol.sequence import first_seq
+
+    core = make_core(max_staleness=100)
+    run1 = first_seq(1_700_000_000_000_000)
+    for i in (1, 2, 5):  # 3 and 4 never arrived
+        assert core.handle_update(*update(seq=run1 + i, base=core.version_)) is None
+    assert core.validator.gaps_ == 2
+    run2 = first_seq(1_700_000_100_000_000)  # the agent restarted: seq jumps, no loss
+    assert core.handle_update(*update(seq=run2 + 1, base=core.version_)) is None
+    assert core.validator.gaps_ == 2
+    assert core.handle_update(*update(seq=first_seq(1_700_000_200_000_000) + 4, base=core.version_)) is None
+    assert core.validator.gaps_ == 5  # restarted again, and its first 3 updates were lost
+    assert core.status()["gaps"] == 5
+
+
+def test_a_retained_update_is_refused_unread():
+    core = make_core()
+    assert core.handle_update(*update(), retained=True) == "retained"
+    assert core.version_ == 0 and core.rejected_["retained"] == 1
+    assert core.handle_update(*update()) is None  # the same update, delivered live, counts
+
+
+def test_a_buffer_that_cannot_fill_steps_on_its_timeout():
+    core = make_core(FedBuff(buffer_size=5), buffer_timeout=10.0)
+    for i in range(3):
+        assert core.handle_update(*update(f"a{i}")) is None
+    since = core.buffer_since_
+    assert not core.tick(since + 9.9) and core.version_ == 0
+    assert core.tick(since + 10.0) and core.version_ == 1 and core.strategy.pending == 0
+    np.testing.assert_allclose(core.params_, 0.1, rtol=1e-6)
+    assert not core.tick(since + 100) and core.status()["buffer_timeouts"] == 1
+
+
+def test_a_partial_buffer_survives_a_checkpoint(tmp_path):
+    core = make_core(FedBuff(buffer_size=3), checkpoint_dir=str(tmp_path))
+    for i in range(2):
+        assert core.handle_update(*update(f"a{i}", delta=np.full(SPEC.n_params, 0.1 * (i + 1)))) is None
+    core.checkpoint()
+    again = make_core(FedBuff(buffer_size=3), checkpoint_dir=str(tmp_path), resume=load_checkpoint(tmp_path))
+    assert again.strategy.pending == 2 and again.version_ == 0
+    assert again.handle_update(*update("a2", delta=np.full(SPEC.n_params, 0.3))) is None
+    assert again.version_ == 1
+    np.testing.assert_allclose(again.params_, 0.2, rtol=1e-6)  # the mean of 0.1, 0.2 and 0.3
+    with pytest.raises(ValueError, match="buffer"):
+        make_core(FedBuff(buffer_size=2), resume=load_checkpoint(tmp_path))
+
+
+def test_a_model_not_finite_in_float32_is_refused():
+    core = make_core(FedAsync(alpha=1.0))
+    assert core.handle_update(*update(delta=np.full(SPEC.n_params, 3e38))) is None
+    assert core.handle_update(*update(seq=2, base=1, delta=np.full(SPEC.n_params, 3e38))) == "non_finite_model"
+    assert np.isfinite(core.params_.astype(np.float32)).all()
 
 
 def test_clip_uses_a_float64_norm_and_is_counted():

@@ -35,13 +35,16 @@ def float32_delta(values) -> codec.Encoded:
     return codec.Encoded("float32", len(values), np.asarray(values, dtype="<f4").tobytes())
 
 
+NOW = 1_700_000_000.0  # the validator's clock: seqs above NOW + a day are future_seq
+
+
 class HostileFleet(RuleBasedStateMachine):
     """One coordinator core; each rule sends one kind of payload and checks its verdict."""
 
     def __init__(self) -> None:
         super().__init__()
         validator = UpdateValidator(TOPICS, N, max_staleness=MAX_STALENESS, norm=NormBound(MAX_NORM, factor=3.0),
-                                    max_agents=MAX_AGENTS, max_bytes=MAX_BYTES)
+                                    max_agents=MAX_AGENTS, max_bytes=MAX_BYTES, clock=lambda: NOW)
         self.core = Coordinator(TOPICS, SPEC, FedBuff(buffer_size=BUFFER), validator, history=HISTORY)
         self.sent: list[tuple[UpdateMessage, bytes]] = []
 
@@ -60,12 +63,21 @@ class HostileFleet(RuleBasedStateMachine):
     def fresh_seq(self, agent: str) -> int:
         return self.core.validator.highest_seq.get(agent, 0) + 1
 
+    def admitted(self, agent: str, reason: str) -> str:
+        """`reason` for a check made after the replay state admits `agent` (too_many_agents if it cannot)."""
+        known = self.core.validator.highest_seq
+        return "too_many_agents" if agent not in known and len(known) >= MAX_AGENTS else reason
+
     def expected_for(self, msg: UpdateMessage) -> str | None:
         """What a well-formed update should get, from the coordinator's state before it."""
         validator = self.core.validator
         last = validator.highest_seq.get(msg.agent_id)
         if last is not None and msg.seq <= last:
-            return "replay"  # while the agent is remembered: the memory is bounded
+            return "replay"  # remembered for good: a new agent past the bound is refused instead
+        if msg.seq > (NOW + validator.max_seq_ahead) * 1e6:
+            return "future_seq"
+        if last is None and len(validator.highest_seq) >= MAX_AGENTS:
+            return "too_many_agents"
         if self.core.version_ - msg.base_version > MAX_STALENESS:
             return "too_stale"
         return "norm" if np.linalg.norm(codec.decode(msg.delta)) > validator.norm.limit() else None
@@ -90,7 +102,7 @@ class HostileFleet(RuleBasedStateMachine):
         values = np.zeros(N)
         values[at] = bad
         payload = encode_update(UpdateMessage(agent, self.fresh_seq(agent), self.core.version_, 10, float32_delta(values)))
-        self.send(agent, payload, "non_finite")
+        self.send(agent, payload, self.admitted(agent, "non_finite"))
 
     @rule(agent=AGENTS, n=st.integers(1, 64).filter(lambda n: n != N))
     def wrong_shape(self, agent, n):
@@ -118,7 +130,7 @@ class HostileFleet(RuleBasedStateMachine):
     def absurd_norm(self, agent, scale):
         payload = encode_update(UpdateMessage(agent, self.fresh_seq(agent), self.core.version_, 10,
                                               float32_delta(np.full(N, scale))))
-        self.send(agent, payload, "norm")
+        self.send(agent, payload, self.admitted(agent, "norm"))
 
     @rule(agent=AGENTS, junk=st.binary(max_size=256))
     def random_bytes(self, agent, junk):
