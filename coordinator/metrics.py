@@ -66,6 +66,18 @@ class StatusCollector:
             if value is not None:
                 fleet_eval.add_metric([status["fleet"], metric], value)
         yield fleet_eval
+        privacy = status.get("privacy")  # coordinator.privacy: only with --dp-mode
+        if isinstance(privacy, dict) and "epsilon" in privacy:
+            dp_labels = ["fleet", "mode"]
+            for key, name, doc in (
+                ("epsilon", "fedmq_dp_epsilon", "Largest epsilon of any agent at fedmq_dp_delta (RDP accountant)"),
+                ("epsilon_median", "fedmq_dp_epsilon_median", "Median epsilon of the agents at fedmq_dp_delta"),
+                ("delta", "fedmq_dp_delta", "The delta epsilon is reported at"),
+                ("noise_multiplier", "fedmq_dp_noise_multiplier", "Noise multiplier sigma (noise std sigma x clip)"),
+            ):
+                family = GaugeMetricFamily(name, doc, labels=dp_labels)
+                family.add_metric([status["fleet"], str(privacy.get("mode"))], privacy[key])
+                yield family
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> Callable[[dict], None]:

@@ -124,7 +124,7 @@ class Budget:
     def report(self) -> dict:
         """The JSON-ready account: epsilon at delta, sigma, contributions, budget."""
         return {
-            "epsilon": round(self.epsilon, 6),
+            "epsilon": self.epsilon,  # not rounded: a rounded figure could read above the budget
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
             "contributions": self.contributions,
@@ -139,8 +139,8 @@ def fleet_report(counts: Mapping[str, int], noise_multiplier: float, delta: floa
     eps = sorted(epsilon(noise_multiplier, n, delta) for n in counts.values())
     report = {
         "mode": mode,
-        "epsilon": round(eps[-1], 6) if eps else 0.0,
-        "epsilon_median": round(_median(eps), 6) if eps else 0.0,
+        "epsilon": eps[-1] if eps else 0.0,
+        "epsilon_median": _median(eps) if eps else 0.0,
         "delta": delta,
         "noise_multiplier": noise_multiplier,
         "clip": clip_norm,
