@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from monitor.report import ReportError, plot, read_log, series
-from protocol.config import fleet_tool_parser, parse_layered
+from protocol.config import CliParser, fleet_tool_parser, optional_extra, parse_layered
 from protocol.topics import Topics
 from protocol.transport import BrokerError, settings_from_args
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the monitor; 0 when stopped (or after --once), 1 broker unreachable, 2 bad configuration."""
     try:
         args = parse_args(argv)
-    except SystemExit as exc:  # argparse printed usage and the error, or --help
+    except SystemExit as exc:  # the parser printed its one-line error, or --help
         return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_report_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CliParser(
         prog="fedmq-report",
         description="Plot a coordinator's --metrics-log (one JSON status per line): held-out and fleet-evaluated "
         "accuracy or r2, fleet evaluation loss and update staleness, over time or model versions, into a PNG.",
@@ -102,6 +102,7 @@ def build_report_parser() -> argparse.ArgumentParser:
     return p
 
 
+@optional_extra("fedmq-report", "monitor")
 def report_main(argv: list[str] | None = None) -> int:
     """Write the plot; 0 on success, 2 for a missing, empty or unreadable log or an unwritable output."""
     args = build_report_parser().parse_args(argv)

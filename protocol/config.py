@@ -3,12 +3,14 @@
 Each option is taken from, in order: the command line, the environment variable
 ``FEDMQ_<DEST>`` (``--batch-size`` -> ``FEDMQ_BATCH_SIZE``), the TOML file given by
 ``--config`` (keys as the flag without dashes: ``batch_size = 32`` or ``batch-size = 32``),
-and finally the parser's default. Errors go through ``parser.error``: one line, exit 2.
+and finally the parser's default. Errors go through ``parser.error``: one line, exit 2
+(`CliParser`: argparse's usage text is printed by --help alone).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -22,6 +24,41 @@ _UNSET = object()
 ENV_PREFIX = "FEDMQ_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+
+class CliParser(argparse.ArgumentParser):
+    """The parser of every fedmq command: an error is one line, `PROG: error: MESSAGE`, exit 2.
+
+    argparse prints its whole usage (9-26 lines for our tools) before the error, which buries
+    the one line that matters; the usage is what --help is for. Subparsers inherit the class.
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def optional_extra(prog: str, extra: str):
+    """Decorate a command's main: a module of an uninstalled extra is one line, exit 2.
+
+    `fedmq-sim` on a plain `pip install fedmq` would otherwise die with a traceback ending in
+    "No module named 'rich'"; this says which module is missing and which extra brings it.
+    """
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except ModuleNotFoundError as exc:
+                top = (exc.name or "").split(".")[0]
+                if not top or top in ("protocol", "edge_agent", "coordinator", "simulation", "monitor"):
+                    raise
+                print(f"{prog}: error: {top} is missing: pip install 'fedmq[{extra}]'", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +79,7 @@ def fleet_tool_parser(prog: str, purpose: str, fleet_help: str) -> argparse.Argu
     """
     from protocol.transport import add_broker_options
 
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog=prog,
         description=f"{purpose} Every option can also be set as {ENV_PREFIX}<OPTION> in the environment "
         "or in a --config TOML file.",

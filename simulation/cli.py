@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from protocol.codec import CodecSpec
-from protocol.config import add_config_option, parse_layered
+from protocol.config import CliParser, add_config_option, optional_extra, parse_layered
 from protocol.transport import BrokerSettings
 from simulation.datasets import DATASETS, centralized_baseline, load_dataset
 from simulation.fleet import SimConfig, Simulation
@@ -19,7 +19,7 @@ from simulation.report import plot, summary_rows
 
 def build_parser() -> argparse.ArgumentParser:
     d = SimConfig()
-    p = argparse.ArgumentParser(
+    p = CliParser(
         prog="fedmq-sim",
         description="Simulate a fedmq fleet on one machine: the real agents, codec, coordinator and MQTT, "
         "on an embedded broker unless --broker names one.",
@@ -79,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return SimConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
+@optional_extra("fedmq-sim", "sim")
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
