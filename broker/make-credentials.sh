@@ -4,20 +4,24 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: make-credentials.sh OUTDIR [AGENT_ID ...]
+Usage: make-credentials.sh OUTDIR [--fleet FLEET AGENT_ID ...]
 
-Creates, for the users coordinator, monitor and each AGENT_ID (username = agent id):
+Creates, for the users coordinator, monitor and each AGENT_ID (username = agent id) of FLEET:
   OUTDIR/passwd                          mosquitto password file, rebuilt from secrets/ on every run
   OUTDIR/secrets/<user>.password         each user's random password, mode 600; clients read it
                                          with --password-file, never from a command-line flag
   OUTDIR/certs/ca.crt, ca.key            a development CA (10 years)
   OUTDIR/certs/server.crt, server.key    the broker's certificate: DNS:localhost, DNS:broker, IP:127.0.0.1
   OUTDIR/certs/client-<user>.crt, .key   a client certificate per user, for optional mutual TLS
+  OUTDIR/fleets/<agent>                  the agent's fleet, kept across runs
+  OUTDIR/acl                             the broker's ACL: broker/acl, then one block per agent
+                                         confining it to its own topics in its own fleet
 
 Existing passwords and certificates are kept: run it again with new ids to add agents.
 To revoke an agent or change a password, delete OUTDIR/secrets/<user>.password and run it again
 (then reload the broker: kill -HUP). Delete OUTDIR/certs to make a new CA.
-Agent ids: 1-64 characters from A-Z a-z 0-9 _ . - ; "coordinator" and "monitor" are reserved.
+Agent ids and fleets: 1-64 characters from A-Z a-z 0-9 _ . - ; "coordinator" and "monitor" are
+reserved. An agent belongs to one fleet: to move it, delete OUTDIR/fleets/<agent> first.
 EOF
 }
 
@@ -26,6 +30,13 @@ if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
   [[ $# -ge 1 ]] && exit 0 || exit 2
 fi
 out=$1; shift
+fleet=
+if [[ "${1:-}" == "--fleet" ]]; then
+  [[ $# -ge 2 ]] || { echo "--fleet needs a fleet name" >&2; exit 2; }
+  fleet=$2; shift 2
+  [[ "$fleet" =~ ^[A-Za-z0-9_.-]{1,64}$ ]] || { echo "invalid fleet: '$fleet' (1-64 of A-Z a-z 0-9 _ . -)" >&2; exit 2; }
+fi
+[[ $# -eq 0 || -n "$fleet" ]] || { echo "name the agents' fleet: make-credentials.sh OUTDIR --fleet FLEET $*" >&2; exit 2; }
 command -v mosquitto_passwd >/dev/null || { echo "mosquitto_passwd not found (apt-get install mosquitto)" >&2; exit 2; }
 command -v openssl >/dev/null || { echo "openssl not found (apt-get install openssl)" >&2; exit 2; }
 
@@ -34,7 +45,11 @@ for agent in "$@"; do
   # the ACL gives these two names their own rights: an agent must never share them
   [[ "$agent" != coordinator && "$agent" != monitor ]] || { echo "agent id '$agent' is reserved" >&2; exit 2; }
 done
-mkdir -p "$out/secrets" "$out/certs"
+mkdir -p "$out/secrets" "$out/certs" "$out/fleets"
+for agent in "$@"; do  # before any file is written: an agent stays in its fleet
+  was=$(cat "$out/fleets/$agent" 2>/dev/null || true)
+  [[ -z "$was" || "$was" == "$fleet" ]] || { echo "agent '$agent' is in fleet '$was' (delete $out/fleets/$agent to move it)" >&2; exit 2; }
+done
 chmod 700 "$out/secrets"
 umask 077  # keys and secrets readable by their owner only; certificates are opened up below
 
@@ -63,6 +78,28 @@ done
 # does not own (in the docker image it runs as uid 1883: see README.md)
 chmod 600 "$passwd"
 mv -f "$passwd" "$out/passwd"
+
+# The ACL: broker/acl (coordinator, monitor), then each agent's own topics in its own fleet only.
+for agent in "$@"; do
+  echo "$fleet" > "$out/fleets/$agent"
+done
+acl="$out/acl.tmp"
+{
+  cat "$(dirname "$0")/acl"
+  echo
+  echo "# Agents (written by make-credentials.sh from $out/fleets/): each its own topics in its own fleet."
+  for user in "${users[@]}"; do
+    [[ "$user" != coordinator && "$user" != monitor ]] || continue
+    agent_fleet=$(cat "$out/fleets/$user" 2>/dev/null || true)
+    [[ -n "$agent_fleet" ]] || { echo "agent '$user' has no fleet: run again with --fleet FLEET $user" >&2; rm -f "$acl"; exit 2; }
+    echo "user $user"
+    echo "topic write fedmq/$agent_fleet/update/$user"
+    echo "topic write fedmq/$agent_fleet/agent/$user/status"
+    echo "topic read fedmq/$agent_fleet/model"
+  done
+} > "$acl"
+chmod 644 "$acl"  # no secret in it; mosquitto must read it
+mv -f "$acl" "$out/acl"
 
 # Development CA. keyUsage and basicConstraints are required by strict X.509 verification
 # (OpenSSL -x509_strict, Python 3.13's default SSL context).

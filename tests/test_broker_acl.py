@@ -1,6 +1,7 @@
 """broker/ as committed (mosquitto.conf, acl, make-credentials.sh) against a real mosquitto.
 
-The broker runs the production mosquitto.conf with only its paths and ports rewritten. A denied
+The broker runs the production mosquitto.conf with only its paths and ports rewritten, and the
+ACL make-credentials.sh writes (broker/acl, then each agent's block for its fleet). A denied
 publish is dropped silently (the publisher still gets its PUBACK), so every "not delivered"
 below is checked on the subscribers' side, after a marker published later has arrived.
 """
@@ -25,13 +26,14 @@ from protocol.messages import MAX_MESSAGE_BYTES
 BROKER_DIR = Path(__file__).resolve().parent.parent / "broker"
 TIMEOUT = 10
 FLEET = "acl"
+OTHER_FLEET = "other-fleet"  # b1's
 
 
 def production_conf(creds: Path, data: Path, plain_port: int, tls_port: int, *, size_line: str | None = None) -> str:
     """broker/mosquitto.conf with paths and ports for this machine, and no log_dest (stderr, or the helper's file)."""
     conf = (BROKER_DIR / "mosquitto.conf").read_text()
     conf = conf.replace("/mosquitto/config/passwd", str(creds / "passwd"))
-    conf = conf.replace("/mosquitto/config/acl", str(BROKER_DIR / "acl"))
+    conf = conf.replace("/mosquitto/config/acl", str(creds / "acl"))
     conf = conf.replace("/mosquitto/config/certs/", f"{creds}/certs/")
     conf = conf.replace("/mosquitto/data/", f"{data}/")
     conf = re.sub(r"^listener 1883$", f"listener {plain_port} 127.0.0.1", conf, flags=re.M)
@@ -43,9 +45,10 @@ def production_conf(creds: Path, data: Path, plain_port: int, tls_port: int, *, 
     return conf
 
 
-def make_credentials(out: Path, *agents: str) -> Path:
+def make_credentials(out: Path, *agents: str, fleet: str = FLEET) -> Path:
     script = BROKER_DIR / "make-credentials.sh"
-    subprocess.run([str(script), str(out), *agents], check=True, capture_output=True, timeout=60)
+    fleet_args = ["--fleet", fleet] if agents else []
+    subprocess.run([str(script), str(out), *fleet_args, *agents], check=True, capture_output=True, timeout=60)
     return out
 
 
@@ -61,7 +64,8 @@ def start_production_broker(workdir: Path, creds: Path, **kw) -> Mosquitto:
 
 @pytest.fixture(scope="module")
 def creds(tmp_path_factory) -> Path:
-    return make_credentials(tmp_path_factory.mktemp("creds"), "a1", "a2")
+    out = make_credentials(tmp_path_factory.mktemp("creds"), "a1", "a2")
+    return make_credentials(out, "b1", fleet=OTHER_FLEET)
 
 
 @pytest.fixture
@@ -164,7 +168,13 @@ MATRIX = [
     ("a1", t("model"), set(), False),
     ("a1", t("coordinator/status"), set(), False),
     ("a1", t("update/a1/extra"), set(), False),
-    ("a1", "fedmq/other-fleet/update/a1", {"coordinator", "monitor"}, True),
+    # fleets are part of the credentials: a1 (fleet acl) cannot write into b1's fleet, nor b1 into a1's
+    ("a1", f"fedmq/{OTHER_FLEET}/update/a1", set(), False),
+    ("a1", f"fedmq/{OTHER_FLEET}/agent/a1/status", set(), False),
+    ("b1", t("update/b1"), set(), False),
+    ("b1", t("agent/b1/status"), set(), False),
+    ("b1", f"fedmq/{OTHER_FLEET}/update/b1", {"coordinator", "monitor"}, True),
+    ("coordinator", f"fedmq/{OTHER_FLEET}/model", {"b1", "monitor"}, True),  # not a1, a2: another fleet's
     ("monitor", t("update/monitor"), set(), False),
     ("monitor", t("agent/monitor/status"), set(), False),
     ("monitor", t("model"), set(), False),
@@ -178,6 +188,7 @@ SUBSCRIPTIONS = {
     "monitor": ("fedmq/#",),
     "a1": ("fedmq/#",),  # agents may subscribe to everything and still only get the model
     "a2": ("fedmq/#",),
+    "b1": ("fedmq/#",),
 }
 
 
@@ -192,15 +203,19 @@ def test_acl_matrix_each_user_publishes_and_reads_only_its_topics(broker, creds)
         # marker, anything above that was going to reach it has reached it (per-client order)
         clients["coordinator"].publish(t("model"), b"end")
         clients["a2"].publish(t("update/a2"), b"end")
+        clients["coordinator"].publish(f"fedmq/{OTHER_FLEET}/model", b"end")
         for user in ("a1", "a2", "monitor"):
             clients[user].wait_for(t("model"), b"end")
+        for user in ("b1", "monitor"):
+            clients[user].wait_for(f"fedmq/{OTHER_FLEET}/model", b"end")
         for user in ("coordinator", "monitor"):
             clients[user].wait_for(t("update/a2"), b"end")
 
         for user, client in clients.items():
             expected = {(topic, f"{pub}->{topic}".encode())
                         for pub, topic, readers, ok in MATRIX if ok and user in readers}
-            expected |= {(t("model"), b"end")} if user != "coordinator" else set()
+            expected |= {(t("model"), b"end")} if user in ("a1", "a2", "monitor") else set()
+            expected |= {(f"fedmq/{OTHER_FLEET}/model", b"end")} if user in ("b1", "monitor") else set()
             expected |= {(t("update/a2"), b"end")} if user in ("coordinator", "monitor") else set()
             assert set(client.received) == expected, f"{user} received the wrong set"
     finally:
@@ -275,7 +290,6 @@ def wait_for_port(port: int, proc: subprocess.Popen) -> None:
     raise AssertionError(f"mosquitto did not listen on {port} (exit code {proc.poll()})")
 
 
-ACL_PATTERN_WARNING = "Warning: ACL pattern 'fedmq/+/model' does not contain '%c' or '%u'."
 SIZE_LIMIT_NOTE = "Note: It is recommended to replace `message_size_limit` with `max_packet_size`."
 
 
@@ -295,8 +309,8 @@ def test_production_config_starts_with_only_the_expected_complaints(creds, tmp_p
         proc.terminate()
         output = proc.communicate(timeout=TIMEOUT)[0]
     said = {line.split(": ", 1)[1] for line in output.splitlines() if re.match(r"\d+: (Warning|Error|Note)", line)}
-    # a pattern without %u is the only way to let every user read the model: mosquitto warns, it works
-    expected = {ACL_PATTERN_WARNING}
+    # no `pattern` line any more (each agent's read of its fleet's model is a `topic` line): no warning
+    expected = set()
     if size_line is None:
         expected.add(SIZE_LIMIT_NOTE)  # mosquitto 2.0 prefers max_packet_size; see mosquitto.conf for why not
     if as_root:
@@ -334,13 +348,25 @@ def test_tls_refused_with_another_ca(broker, creds, tmp_path):
 
 def test_make_credentials_keeps_earlier_agents_and_rejects_reserved_ids(tmp_path):
     out = make_credentials(tmp_path / "c", "a1")
-    make_credentials(out, "a2")
+    make_credentials(out, "a2", fleet=OTHER_FLEET)
     users = [line.split(":")[0] for line in (out / "passwd").read_text().splitlines()]
     assert sorted(users) == ["a1", "a2", "coordinator", "monitor"]
+    acl = (out / "acl").read_text()
+    assert acl.startswith((BROKER_DIR / "acl").read_text())
+    assert f"user a1\ntopic write fedmq/{FLEET}/update/a1\n" in acl and f"topic read fedmq/{OTHER_FLEET}/model" in acl
+    assert "pattern" not in "".join(l for l in acl.splitlines() if not l.startswith("#"))
+    script = str(BROKER_DIR / "make-credentials.sh")
+    for argv in ([str(out), "a3"],  # no fleet named
+                 [str(out), "--fleet", OTHER_FLEET, "a1"],  # a1 is in FLEET: not moved silently
+                 [str(out), "--fleet", "a/b", "a3"]):
+        done = subprocess.run([script, *argv], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, (argv, done)
+    assert (out / "acl").read_text() == acl
     for path in [out / "passwd", *(out / "secrets").iterdir(), *(out / "certs").glob("*.key")]:
         assert path.stat().st_mode & 0o777 == 0o600, path
     for bad in ("monitor", "coordinator", "a/b", "+"):
-        done = subprocess.run([str(BROKER_DIR / "make-credentials.sh"), str(out), bad], capture_output=True, text=True)
+        done = subprocess.run([str(BROKER_DIR / "make-credentials.sh"), str(out), "--fleet", FLEET, bad],
+                              capture_output=True, text=True)
         assert done.returncode == 2, (bad, done)
     help_ = subprocess.run([str(BROKER_DIR / "make-credentials.sh"), "--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and "Usage: make-credentials.sh OUTDIR" in help_.stdout

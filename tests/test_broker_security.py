@@ -27,7 +27,8 @@ T = Topics("sec")
 @pytest.fixture(scope="module")
 def creds(tmp_path_factory):
     out = tmp_path_factory.mktemp("creds")
-    subprocess.run([str(BROKER_DIR / "make-credentials.sh"), str(out), "a1", "a2"], check=True, capture_output=True)
+    subprocess.run([str(BROKER_DIR / "make-credentials.sh"), str(out), "--fleet", T.fleet, "a1", "a2"],
+                   check=True, capture_output=True)
     other = tmp_path_factory.mktemp("other-ca")
     subprocess.run([str(BROKER_DIR / "make-credentials.sh"), str(other)], check=True, capture_output=True)
     return out, other
@@ -39,7 +40,7 @@ def secure_broker(creds, tmp_path_factory):
     tls_port = free_port()
     conf = "\n".join([
         f"password_file {out}/passwd",
-        f"acl_file {BROKER_DIR}/acl",
+        f"acl_file {out}/acl",
         f"listener {tls_port} 127.0.0.1",
         f"cafile {out}/certs/ca.crt",
         f"certfile {out}/certs/server.crt",
