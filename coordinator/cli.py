@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     _defaulted(a, "--staleness", default="polynomial:0.5",
                help="staleness weight w(s): constant, polynomial:A = (1+s)^-A, or hinge:A,B = 1 up to s=B, then 1/(A(s-B)+1)")
     _defaulted(a, "--buffer-size", type=int, default=5, help="K: updates per step (fedbuff) or per round (fedavg)")
+    _defaulted(a, "--buffer-timeout", type=float, default=30.0,
+               help="fedbuff/fedavg: step with the updates buffered so far once the oldest waited this many "
+               "seconds, so fewer live agents than K never stall the fleet; 0: wait for K")
     _defaulted(a, "--server-lr", type=float, default=1.0, help="server learning rate of fedbuff/fedavg steps")
     _defaulted(a, "--aggregate", default="mean",
                help="buffered rule: mean (sample-weighted), or the coordinate-wise median or trimmed-mean:FRACTION "
@@ -147,8 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for name in ("publish_interval", "max_message_bytes", "connect_timeout"):
             if not getattr(args, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
-        if args.max_staleness < 0:
-            raise ValueError("--max-staleness must be >= 0")
+        if args.max_staleness < 0 or args.buffer_timeout < 0:
+            raise ValueError("--max-staleness and --buffer-timeout must be >= 0")
         if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
             raise ValueError("--metrics-port must be in 1..65535")
     except ValueError as exc:
@@ -220,6 +223,7 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
         options["privacy"] = args.dp_policy
     core = (PrivateCoordinator if args.dp_policy is not None else Coordinator)(
         args.topics, args.spec, args.strategy_obj, validator, publish_interval=args.publish_interval,
+        buffer_timeout=args.buffer_timeout or None,
         eval_data=eval_data, checkpoint_dir=args.checkpoint_dir, resume=resume, **options,
     )
     core.checkpoint()  # an unwritable --checkpoint-dir is a configuration error, found now

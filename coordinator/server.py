@@ -165,7 +165,8 @@ class Coordinator:
         self.published_[self.version_] = self.params_.astype(np.float32).astype(np.float64)
         while len(self.published_) > self.history:
             self.published_.popitem(last=False)
-        return encode_model(ModelMessage(self.topics.fleet, self.version_, self.spec, self.params_))
+        return encode_model(ModelMessage(self.topics.fleet, self.version_, self.spec, self.params_,
+                                         started_at=self.started_at))
 
     def adopt(self, model: ModelMessage) -> bool:
         """Continue from a newer model of this fleet and spec (the broker's retained one).

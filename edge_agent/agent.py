@@ -7,6 +7,7 @@ one event loop) both drive it: hand it model payloads, ask it for update payload
 from __future__ import annotations
 
 import logging
+import random
 import time
 
 import numpy as np
@@ -17,6 +18,7 @@ from edge_agent.trainer import LocalTrainer
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, UpdateMessage, decode_model, encode_update
 from protocol.privacy import GaussianMechanism, secure_rng
+from protocol.sequence import first_seq
 from protocol.tabular import DataError
 from protocol.topics import Topics, check_name
 
@@ -27,17 +29,24 @@ ONLINE = "online"  # connected; no model yet, or a newer model waiting to be tra
 TRAINING = "training"  # a local round is running
 IDLE = "idle"  # has sent its update for the newest model it holds; waits for a newer one
 OFFLINE = "offline"  # stopped cleanly, or the broker published the last will
+ERROR = "error"  # cannot train on the fleet's model (the reason is in the status); waits for another
 BUDGET_SPENT = "budget_spent"  # local DP: one more update would exceed --dp-epsilon-budget; sends no more
 
 
 class Agent:
     """One device: newest global model in, encoded delta out.
 
-    Sequence numbers start at the agent's start time in microseconds and add one per
-    update. The coordinator deduplicates QoS 1 redeliveries by (agent, seq) and keeps only
-    the highest seq per agent, refusing anything at or below it as a replay; starting from
-    the clock keeps seq increasing across restarts without a state file on the device
-    (an agent would have to send a million updates a second to overtake its own restart).
+    Sequence numbers start at the agent's start time in microseconds and add one per update
+    (protocol/sequence.py). The coordinator deduplicates QoS 1 redeliveries by (agent, seq)
+    and keeps only the highest seq per agent, refusing anything at or below it as a replay;
+    starting from the clock keeps seq increasing across restarts without a state file on
+    the device, and a hole of a few within one run shows updates that never arrived.
+
+    Liveness: an update can be lost where exactly-once cannot reach (a broker that loses
+    its state). When no newer model arrived within `resend_after` seconds (times a jitter
+    in [1, 1.5), so a fleet does not resend in step) of the last update, or the coordinator
+    restarted (the same version republished with another `started_at`), the agent trains
+    again on the model it holds and sends a fresh update.
     """
 
     def __init__(
@@ -51,6 +60,7 @@ class Agent:
         min_new_samples: int = 0,
         train_every: float | None = None,
         seed: int | None = None,
+        resend_after: float | None = 60.0,
         dp: GaussianMechanism | None = None,
         dp_delta: float = 1e-5,
         dp_epsilon_budget: float | None = None,
@@ -68,7 +78,11 @@ class Agent:
         self.last_train_at_ = 0.0  # monotonic
         self.last_update_time_: float | None = None  # wall clock of the last update made
         self.new_samples_ = 0
-        self.seq_ = time.time_ns() // 1000
+        self.seq_ = first_seq()
+        self.resend_after = resend_after
+        self.resend_jitter = random.Random(seed).uniform(1.0, 1.5)
+        self.resend_now_ = False  # the coordinator restarted: send afresh at once
+        self.error_: tuple[int, str] | None = None  # (model version, why it cannot be trained on)
         self.updates_sent_ = 0
         self.last_metrics_: dict[str, float] = {}
         self.training_ = False
@@ -100,6 +114,11 @@ class Agent:
             log.warning("ignoring an unusable model message: %s", exc)
             return False
         held = self.model_
+        if held is not None and model.version == held.version and model.started_at != held.started_at \
+                and held.started_at is not None and self.trained_version_ >= held.version:
+            log.info("the coordinator restarted at version %d; sending a fresh update", model.version)
+            self.model_, self.resend_now_ = model, True
+            return True
         if held is not None and model.version <= held.version:
             log.debug("ignoring model version %d: holding version %d", model.version, held.version)
             return False
@@ -120,11 +139,26 @@ class Agent:
             self.new_samples_ += self.source.poll()
         except DataError as exc:  # a bad appended row must not stop the device
             log.error("skipped unreadable new data: %s", exc)
+        if self.error_ is not None and self.error_[0] == self.model_.version:
+            return False  # said once for this version; waits for a model it can train on
         if self.train_every is not None and now - self.last_train_at_ >= self.train_every:
             return self.new_samples_ > 0 or self.model_.version > self.trained_version_
-        return self.model_.version > self.trained_version_ and (
-            self.new_samples_ >= self.min_new_samples or self.trained_version_ < 0
-        )
+        if self.model_.version > self.trained_version_:
+            return self.new_samples_ >= self.min_new_samples or self.trained_version_ < 0
+        return self._resend_due(now)
+
+    def _resend_due(self, now: float) -> bool:
+        """The last update may be lost: the coordinator restarted, or no newer model came in time."""
+        if self.updates_sent_ == 0:
+            return False
+        if self.resend_now_:
+            self.resend_now_ = False
+            return True
+        if self.resend_after is not None and now - self.last_train_at_ >= self.resend_after * self.resend_jitter:
+            log.info("no newer model than version %d within %.0f s of update seq %d; sending a fresh update",
+                     self.model_.version, now - self.last_train_at_, self.seq_)
+            return True
+        return False
 
     def make_update(self) -> bytes | None:
         """Train on the newest model and return the encoded update (None if nothing to send)."""
@@ -142,8 +176,10 @@ class Agent:
         try:
             result = self.trainer.train(model, X, y)
             encoded = self.feedback.encode(self._privatize(result.delta)) if result is not None else None
-        except ValueError as exc:  # e.g. the fleet's model expects other features
-            log.error("cannot train on the model at version %d: %s", model.version, exc)
+        except Exception as exc:  # e.g. the fleet's model expects other features: said once per version
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            log.error("cannot train on the model at version %d: %s; waiting for another model", model.version, reason)
+            self.error_ = (model.version, reason)
             result = encoded = None
         finally:
             self.training_ = False
@@ -152,6 +188,7 @@ class Agent:
         self.new_samples_ = 0
         if result is None:
             return None
+        self.error_ = None
         if self.dp_budget is not None:
             self.dp_budget.record()  # the noised update exists now: it is spent whether or not it arrives
         self.seq_ += 1
@@ -193,6 +230,8 @@ class Agent:
             return TRAINING
         if self.budget_spent:
             return BUDGET_SPENT
+        if self.error_ is not None and self.model_ is not None and self.error_[0] == self.model_.version:
+            return ERROR
         if self.model_ is not None and self.trained_version_ >= self.model_.version:
             return IDLE
         return ONLINE
@@ -212,6 +251,8 @@ class Agent:
             "metrics": {} if self.dp is not None else dict(self.last_metrics_),
             "time": time.time(),
         }
+        if status["state"] == ERROR:
+            status["error"] = self.error_[1]
         if self.dp_budget is not None:  # local DP: this agent's epsilon at delta over the updates it made
             status["privacy"] = dict(self.dp_budget.report(), clip=self.dp.clip_norm)
         return status

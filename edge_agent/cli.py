@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train on this schedule when new rows or a new model exist (default: only on a newer model)")
     t.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
                    help="seconds between checks for new data (default: 1)")
+    t.add_argument("--resend-after", type=float, default=60.0, metavar="SECONDS",
+                   help="train again and send a fresh update when no newer model arrived this long (times a "
+                   "random 1-1.5) after the last update, in case it was lost; 0: never (default: 60)")
     t.add_argument("--seed", type=int, help="random seed for shuffling and stochastic rounding (default: random)")
 
     dp = p.add_argument_group("differential privacy (local: clip and noise every update on this device; needs pip install 'fedmq[dp]')")
@@ -83,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError("--local-epochs and --batch-size must be >= 1")
         if args.min_new_samples < 0 or args.status_interval < 0 or (args.window is not None and args.window < 1):
             raise ValueError("--min-new-samples and --status-interval must be >= 0, --window >= 1")
+        if args.resend_after < 0:
+            raise ValueError("--resend-after must be >= 0 (0: never)")
         if args.poll_interval <= 0 or args.connect_timeout <= 0 or (args.train_every is not None and args.train_every <= 0):
             raise ValueError("--poll-interval, --connect-timeout and --train-every must be > 0")
         args.dp = parse_dp(args)
@@ -137,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = LocalTrainer(args.local_epochs, args.batch_size, random_state=args.seed)
     agent = Agent(args.id, args.topics, source, trainer, args.codec,
                   min_new_samples=args.min_new_samples, train_every=args.train_every, seed=args.seed,
+                  resend_after=args.resend_after or None,
                   dp=args.dp, dp_delta=args.dp_delta, dp_epsilon_budget=args.dp_epsilon_budget)
     agent.new_samples_ = rows
     session = AgentSession(agent, args.settings, connect_timeout=args.connect_timeout,

@@ -76,7 +76,9 @@ class AgentSession:
                 log.error("broker refused the connection: %s", reason_code)
             return
         self._connected_once = True
-        client.subscribe(self.agent.topics.model, qos=1)
+        # QoS 0: the model is retained, so every (re)subscription brings the newest, and the
+        # broker queues no stale models for an offline device (docs/architecture.md)
+        client.subscribe(self.agent.topics.model, qos=0)
         self.publish_status()
         with self._lock:
             pending, self._pending = self._pending, None

@@ -3,7 +3,11 @@
 Model (coordinator -> agents, retained, sent rarely: a self-describing map)::
 
     {"format": 2, "type": "model", "fleet": str, "version": int, "time": float,
-     "spec": {...ModelSpec...}, "params": bytes (little-endian float32, spec.n_params)}
+     "spec": {...ModelSpec...}, "params": bytes (little-endian float32, spec.n_params),
+     "started_at": float (optional: when the publishing coordinator started)}
+
+An agent that sees the same version again with another `started_at` knows the coordinator
+restarted (its last update may have been lost with a broker's state) and sends afresh.
 
 Update (agent -> coordinator, the hot path: a positional array, floats as float32)::
 
@@ -45,6 +49,7 @@ class ModelMessage:
     spec: ModelSpec
     params: np.ndarray  # float64 in memory, float32 on the wire
     time: float = field(default_factory=time.time)
+    started_at: float | None = None  # the publishing coordinator's start (wall clock)
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ def encode_model(msg: ModelMessage) -> bytes:
             "time": msg.time,
             "spec": msg.spec.to_wire(),
             "params": params.tobytes(),
+            **({} if msg.started_at is None else {"started_at": msg.started_at}),
         },
         use_bin_type=True,
     )
@@ -100,6 +106,7 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
         spec=spec,
         params=params,
         time=_number(wire, "time"),
+        started_at=_number(wire, "started_at") if "started_at" in wire else None,
     )
 
 

@@ -48,7 +48,7 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
             "max_queued_messages 200000",
-            "max_inflight_messages 100",
+            "max_inflight_messages 1000",  # as broker/mosquitto.conf: the coordinator acks after each group commit
         ]
         if os.geteuid() == 0:
             # as root mosquitto would switch to user "mosquitto", which cannot read our temp files
