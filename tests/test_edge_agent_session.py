@@ -84,25 +84,49 @@ def test_agent_process_ignores_garbage_on_the_model_topic(tmp_path, mosquitto):
 
 
 class Recorder:
-    """A subscriber with a persistent session, so it misses nothing across a broker restart."""
+    """A subscriber with a persistent session, so it misses nothing across a broker restart.
+
+    Each message is acknowledged (PUBACK queued) before the test hears of it, and `settle()`
+    waits until the broker has processed those acknowledgements: a QoS 1 delivery the broker
+    still counts as unacknowledged when it stops is stored and delivered again after the
+    restart (at least once), which a test would misread as a second send.
+    """
 
     def __init__(self, port: int, topic: str) -> None:
         self.payloads: list[bytes] = []
+        self.topic = topic
         self._cond = threading.Condition()
-        subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="recorder", clean_session=False)
+        self._subacks = 0
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="recorder", clean_session=False,
+                                  manual_ack=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        assert subscribed.wait(10), "recorder could not subscribe"
+        with self._cond:
+            assert self._cond.wait_for(lambda: self._subacks >= 1, 10), "recorder could not subscribe"
+
+    def _on_subscribe(self, *args) -> None:
+        with self._cond:
+            self._subacks += 1
+            self._cond.notify_all()
 
     def _on_message(self, client, userdata, msg) -> None:
+        client.ack(msg.mid, msg.qos)  # queued before anything the test sends after hearing of it
         with self._cond:
             self.payloads.append(msg.payload)
             self._cond.notify_all()
+
+    def settle(self, timeout: float = 10) -> None:
+        """Return once the broker has processed every PUBACK sent so far: it handles one client's
+        packets in order, so its SUBACK to a SUBSCRIBE queued after them proves it."""
+        with self._cond:
+            wanted = self._subacks + 1
+        self.client.subscribe(self.topic, qos=1)
+        with self._cond:
+            assert self._cond.wait_for(lambda: self._subacks >= wanted, timeout), "no SUBACK from the broker"
 
     def wait_for_count(self, n: int, timeout: float) -> list[bytes]:
         with self._cond:
@@ -129,9 +153,19 @@ def test_only_the_newest_update_made_offline_is_sent_on_reconnection(tmp_path):
         session.client.on_connect = lambda *a: (reconnected(*a), back.set())
 
         agent.on_model(model_bytes(1))
+        sent = []  # the MQTTMessageInfo of each update publish
+        publish = session.client.publish
+        session.client.publish = lambda topic, *a, **k: (
+            info := publish(topic, *a, **k), topic == TOPICS.update("a1") and sent.append(info))[0]
         session.train_and_send()
         first = decode_update(recorder.wait_for_count(1, 10)[0])
         assert first.base_version == 1
+        # both QoS 1 legs of the first update complete before the broker stops; else the agent's
+        # paho (no PUBACK yet) or the broker (no PUBACK from the recorder yet) sends it again
+        # after the restart, as at-least-once delivery must
+        sent[0].wait_for_publish(10)
+        assert sent[0].is_published(), "the broker did not acknowledge the first update"
+        recorder.settle()
 
         broker.stop()
         assert lost.wait(10), "the session did not notice the broker going away"
