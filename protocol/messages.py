@@ -38,6 +38,38 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_SEQ = 2**63 - 1
 MAX_SAMPLES = 10**12
 MAX_METRICS = 16
+# The most classes a model message may carry (ModelSpec's own ceiling); agents accept fewer
+# (fedmq-agent --max-classes).
+MAX_CLASSES = 100_000
+# Longest string in either message: codec and metric names, spec fields, string class labels.
+MAX_STR = 256
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """Bounds on a msgpack document, checked before anything is built from it.
+
+    `max_objects` counts every value (containers, keys and scalars), `max_depth` the
+    nesting of containers (a scalar at the top is depth 0). msgpack's own unpacker limits
+    each container's length but not their number: 4 MiB of empty arrays, nested 16 to an
+    array, is 4 million Python lists (300 MB), hence the object count.
+    """
+
+    max_objects: int
+    max_depth: int
+    max_array: int
+    max_map: int
+    max_str: int = MAX_STR
+    max_bin: int = MAX_MESSAGE_BYTES
+
+
+# [fmt, "update", seq, base, samples, [delta: 4 or 7], {metrics}]: 7 + 7 + 2 * MAX_METRICS values.
+UPDATE_LIMITS = WireLimits(max_objects=1 + 7 + 7 + 2 * MAX_METRICS, max_depth=2, max_array=7, max_map=MAX_METRICS)
+
+
+def model_limits(max_classes: int = MAX_CLASSES) -> WireLimits:
+    """Bounds of a model message carrying at most `max_classes` classes."""
+    return WireLimits(max_objects=64 + max_classes, max_depth=3, max_array=max_classes, max_map=16)
 
 
 @dataclass(frozen=True)
@@ -84,9 +116,14 @@ def encode_model(msg: ModelMessage) -> bytes:
     )
 
 
-def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> ModelMessage:
-    """Strictly decode a model message (optionally checking it is for `fleet`)."""
-    wire = _unpack(payload, max_bytes)
+def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = MAX_MESSAGE_BYTES,
+                 max_classes: int = MAX_CLASSES) -> ModelMessage:
+    """Strictly decode a model message (optionally checking it is for `fleet`).
+
+    At most `max_bytes` of payload and `max_classes` classes; the structure is bounded
+    (`model_limits`) before msgpack builds any object.
+    """
+    wire = _unpack(payload, max_bytes, model_limits(max_classes))
     if not isinstance(wire, dict):
         raise ProtocolError("schema", f"a model message must be a map, got {type(wire).__name__}")
     _check_header(wire, "model")
@@ -132,7 +169,7 @@ def decode_update(payload: bytes, agent_id: str | None = None, *, max_bytes: int
 
     The delta stays encoded (see `codec.decode`).
     """
-    wire = _unpack(payload, max_bytes)
+    wire = _unpack(payload, max_bytes, UPDATE_LIMITS)
     if not isinstance(wire, list) or len(wire) != len(UPDATE_FIELDS):
         got = f"{len(wire)} fields" if isinstance(wire, list) else type(wire).__name__
         raise ProtocolError("schema", f"an update must be an array of {len(UPDATE_FIELDS)} fields, got {got}")
@@ -156,15 +193,86 @@ def decode_update(payload: bytes, agent_id: str | None = None, *, max_bytes: int
     )
 
 
-def _unpack(payload: bytes, max_bytes: int) -> object:
+def _unpack(payload: bytes, max_bytes: int, limits: WireLimits) -> object:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise ProtocolError("decode", f"payload must be bytes, got {type(payload).__name__}")
     if len(payload) > max_bytes:
         raise ProtocolError("oversize", f"{len(payload)} bytes exceeds the limit of {max_bytes}")
+    scan(payload, limits)
     try:
-        return msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        return msgpack.unpackb(
+            payload, raw=False, strict_map_key=True, max_str_len=limits.max_str, max_bin_len=limits.max_bin,
+            max_array_len=limits.max_array, max_map_len=limits.max_map, max_ext_len=0,
+        )
     except Exception as exc:  # msgpack raises many types for bad input
         raise ProtocolError("decode", f"not valid msgpack: {type(exc).__name__}: {exc}") from None
+
+
+# msgpack first bytes with a fixed-size body: the body's length in bytes.
+_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
+          0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+# str8/16/32, bin8/16/32: (width of the length field, kind); array16/32, map16/32: width.
+_SIZED = {0xD9: (1, "str"), 0xDA: (2, "str"), 0xDB: (4, "str"), 0xC4: (1, "bin"), 0xC5: (2, "bin"), 0xC6: (4, "bin")}
+_CONTAINERS = {0xDC: (2, "array"), 0xDD: (4, "array"), 0xDE: (2, "map"), 0xDF: (4, "map")}
+
+
+def scan(payload: bytes, limits: WireLimits) -> None:
+    """Walk the msgpack structure without building it; ProtocolError past any of `limits`.
+
+    Costs at most `limits.max_objects` steps whatever the payload's size (bins and strings
+    are skipped by their length), so it runs before msgpack allocates anything.
+    """
+    data = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
+    end, pos, objects = len(data), 0, 0
+    pending = [1]  # values still to read at each open container level; the document is one value
+    while pending:
+        if pending[-1] == 0:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        objects += 1
+        if objects > limits.max_objects:
+            raise ProtocolError("decode", f"more than {limits.max_objects} msgpack values")
+        if pos >= end:
+            raise ProtocolError("decode", "not valid msgpack: truncated")
+        b = data[pos]
+        pos += 1
+        length, kind = 0, None
+        if b <= 0x7F or b >= 0xE0:
+            continue
+        if 0x80 <= b <= 0x8F:
+            length, kind = b & 0x0F, "map"
+        elif 0x90 <= b <= 0x9F:
+            length, kind = b & 0x0F, "array"
+        elif 0xA0 <= b <= 0xBF:
+            length, kind = b & 0x1F, "str"
+        elif b in _FIXED:
+            pos += _FIXED[b]
+            continue
+        elif b in _SIZED or b in _CONTAINERS:
+            width, kind = _SIZED.get(b) or _CONTAINERS[b]
+            if pos + width > end:
+                raise ProtocolError("decode", "not valid msgpack: truncated")
+            length = int.from_bytes(data[pos:pos + width], "big")
+            pos += width
+        else:  # 0xC1 (never used) and the ext types, which fedmq never sends
+            raise ProtocolError("decode", f"not valid msgpack: type byte 0x{b:02x} at {pos - 1} is not allowed")
+        if kind in ("str", "bin"):
+            limit = limits.max_str if kind == "str" else limits.max_bin
+            if length > limit:
+                raise ProtocolError("decode", f"a {kind} of {length} bytes exceeds the limit of {limit}")
+            pos += length
+            continue
+        limit = limits.max_array if kind == "array" else limits.max_map
+        if length > limit:
+            raise ProtocolError("decode", f"a {kind} of {length} entries exceeds the limit of {limit}")
+        if len(pending) > limits.max_depth:
+            raise ProtocolError("decode", f"msgpack nested deeper than {limits.max_depth}")
+        pending.append(length * 2 if kind == "map" else length)
+    if pos > end:
+        raise ProtocolError("decode", "not valid msgpack: truncated")
+    if pos < end:
+        raise ProtocolError("decode", f"not valid msgpack: {end - pos} bytes after the message")
 
 
 def _check_header(wire: dict, kind: str) -> None:

@@ -107,3 +107,23 @@ def test_topics():
     for bad in ("a/b", "+", "#", "", "x" * 65):
         with pytest.raises(ValueError):
             t.update(bad)
+
+
+def test_the_largest_legitimate_update_fits_the_wire_limits():
+    """16 metrics and a top-k delta: every value the update limits allow, and no more."""
+    delta = codec.encode(np.linspace(-1, 1, 1000), "topk:0.1+int4", np.random.default_rng(0))
+    metrics = {f"eval_m{i}": float(i) for i in range(messages.MAX_METRICS)}
+    payload = messages.encode_update(messages.UpdateMessage("a1", 5, 0, 10, delta, metrics))
+    assert messages.decode_update(payload, "a1").metrics == metrics
+
+
+@pytest.mark.parametrize("payload, says", [
+    (b"\xdd" + (4 * 1024 * 1024).to_bytes(4, "big"), "array of 4194304 entries"),
+    (b"\x97" + b"\x91" * 3 + b"\x90", "nested deeper than 2"),
+    (b"\xd4\x01\x00", "type byte 0xd4"),  # ext types: fedmq never sends them
+    (b"\xdb" + (300).to_bytes(4, "big") + b"x" * 300, "a str of 300 bytes"),
+])
+def test_hostile_structures_are_refused_before_they_are_built(payload, says):
+    with pytest.raises(ProtocolError, match=says) as err:
+        messages.decode_update(payload, "a1")
+    assert err.value.reason == "decode" and "\n" not in str(err.value)

@@ -95,3 +95,96 @@ def test_every_finite_vector_round_trips_within_one_step(values, spec):
     assert back.shape == x.shape
     if enc.index is None and enc.quant != "float32":
         assert np.abs(back - x).max() <= enc.scale * 1.0001 + 1e-30
+
+
+# --- bounded decoding (issue 10): the structural scan against msgpack's own encoder ----------
+
+def _stats(value, depth: int = 0) -> dict:
+    """What `messages.scan` bounds, computed from the Python value msgpack packs."""
+    out = {"objects": 1, "depth": 0, "array": 0, "map": 0, "str": 0, "bin": 0}
+    children = []
+    if isinstance(value, list):
+        out["array"], out["depth"], children = len(value), 1, value
+    elif isinstance(value, dict):
+        out["map"], out["depth"] = len(value), 1
+        children = [x for kv in value.items() for x in kv]
+    elif isinstance(value, str):
+        out["str"] = len(value.encode())
+    elif isinstance(value, bytes):
+        out["bin"] = len(value)
+    for child in children:
+        sub = _stats(child)
+        out["objects"] += sub["objects"]
+        out["depth"] = max(out["depth"], 1 + sub["depth"])
+        for key in ("array", "map", "str", "bin"):
+            out[key] = max(out[key], sub[key])
+    return out
+
+
+def _limits(stats: dict, **tighter) -> messages.WireLimits:
+    fields = {"max_objects": stats["objects"], "max_depth": stats["depth"], "max_array": stats["array"],
+              "max_map": stats["map"], "max_str": stats["str"], "max_bin": stats["bin"]}
+    fields.update(tighter)
+    return messages.WireLimits(**fields)
+
+
+@SETTINGS
+@given(msgpack_values)
+def test_scan_accepts_exactly_what_its_limits_allow(value):
+    payload = msgpack.packb(value, use_bin_type=True)
+    stats = _stats(value)
+    messages.scan(payload, _limits(stats))  # at its own figures: accepted
+    for name, key in (("max_objects", "objects"), ("max_depth", "depth"), ("max_array", "array"),
+                      ("max_map", "map"), ("max_str", "str"), ("max_bin", "bin")):
+        figure = stats[key]
+        if figure == 0:
+            continue
+        try:
+            messages.scan(payload, _limits(stats, **{name: figure - 1}))
+        except ProtocolError as exc:
+            assert exc.reason == "decode"
+        else:
+            raise AssertionError(f"{name}={figure - 1} accepted a payload needing {figure}")
+
+
+@SETTINGS
+@given(msgpack_values, st.integers(min_value=0, max_value=200))
+def test_scan_refuses_truncation_and_trailing_bytes(value, cut):
+    payload = msgpack.packb(value, use_bin_type=True)
+    generous = messages.WireLimits(max_objects=10**6, max_depth=64, max_array=10**6, max_map=10**6)
+    for bad in ([payload[:cut]] if cut < len(payload) else []) + [payload + b"\x00"]:
+        try:
+            messages.scan(bad, generous)
+        except ProtocolError as exc:
+            assert exc.reason == "decode"
+        else:
+            raise AssertionError("a truncated or padded document was accepted")
+
+
+@SETTINGS
+@given(st.integers(min_value=8, max_value=4 * 1024 * 1024), st.sampled_from([b"\x90", b"\x80", b"\xc0", b"\x9f"]))
+def test_containers_of_any_size_are_refused_within_the_update_limits(n, filler):
+    """Up to the coordinator's 4 MiB: an array or map too long, or too many values, never a build."""
+    for header in (b"\xdd" + n.to_bytes(4, "big"), b"\xdf" + n.to_bytes(4, "big")):
+        payload = header + filler * 64  # the rest is never read: refused at the header or within 48 values
+        try:
+            messages.decode_update(payload, "a1")
+        except ProtocolError as exc:
+            assert exc.reason == "decode"
+        else:
+            raise AssertionError("accepted")
+
+
+@SETTINGS
+@given(st.integers(min_value=2, max_value=300), st.integers(min_value=2, max_value=300))
+def test_model_class_count_is_bounded_by_max_classes(n_classes, max_classes):
+    from protocol.model_spec import ModelSpec
+
+    spec = ModelSpec("sgd-classifier", 2, tuple(range(n_classes)))
+    payload = messages.encode_model(messages.ModelMessage("f", 1, spec, np.zeros(spec.n_params)))
+    try:
+        got = messages.decode_model(payload, max_classes=max_classes)
+    except ProtocolError as exc:
+        assert n_classes > max_classes and exc.reason == "decode"
+    else:
+        assert n_classes <= max_classes and got.spec == spec
