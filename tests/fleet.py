@@ -44,8 +44,18 @@ class TopicWatcher:
         self.history: list[tuple[str, bytes]] = []
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
+        self.reconnected = threading.Event()  # set when it connected again after losing the broker
+        self._connects = 0
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{os.getpid()}-{id(self)}")
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=1)
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            self._connects += 1
+            client.subscribe(topic_filter, qos=1)
+            if self._connects > 1:
+                self.reconnected.set()
+
+        self.client.on_connect = on_connect
+        self.client.reconnect_delay_set(0.1, 1)
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
         self.client.connect(host, url_port)
