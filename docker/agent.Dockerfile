@@ -1,19 +1,21 @@
-# syntax=docker/dockerfile:1
 # fedmq-agent: train on this device's data, publish updates over MQTT.
 # Multi-arch: docker buildx build --platform linux/amd64,linux/arm64,linux/arm/v7 \
 #               -f docker/agent.Dockerfile -t REGISTRY/fedmq-agent:TAG --push .
-# No step depends on the architecture. PyPI has no linux/arm/v7 wheels of numpy, scipy
-# and scikit-learn, so pip also looks at piwheels (Raspberry Pi wheels; only used where
-# PyPI has no wheel for the platform); the runtime libraries below are what those wheels
-# link against (tiny on amd64/arm64, where the PyPI wheels bundle their own).
-# Build with --build-arg PIP_EXTRA_INDEX_URL= to use PyPI alone.
+# One step depends on the architecture: PyPI has no linux/arm/v7 wheels of numpy, scipy
+# and scikit-learn, so on that platform alone pip also looks at piwheels (Raspberry Pi
+# wheels); the runtime libraries below are what those wheels link against (tiny on
+# amd64/arm64, where the PyPI wheels bundle their own). --build-arg PIWHEELS= : PyPI alone.
 FROM python:3.11-slim
 
 # The container user's uid/gid. docker-compose.yml sets them to the host user's so the
 # mounted 0600 secret files (compose bind-mounts them unchanged) stay readable.
 ARG FEDMQ_UID=10001
 ARG FEDMQ_GID=10001
-ARG PIP_EXTRA_INDEX_URL=https://www.piwheels.org/simple
+# piwheels (Raspberry Pi wheels) for linux/arm/v7 only, where PyPI has no numpy/scipy/scikit-learn
+# wheels; elsewhere PyPI alone (piwheels only slows other platforms down). PIWHEELS= turns it off.
+ARG PIWHEELS=https://www.piwheels.org/simple
+# set by buildx/BuildKit for each --platform; the classic builder leaves it empty (then uname -m)
+ARG TARGETPLATFORM
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -32,7 +34,10 @@ COPY edge_agent/ edge_agent/
 COPY coordinator/ coordinator/
 COPY simulation/ simulation/
 COPY monitor/ monitor/
-RUN pip install --no-cache-dir . \
+RUN case "${TARGETPLATFORM:-linux/$(uname -m)}" in \
+      linux/arm/v7|linux/armv7l|linux/armv8l) [ -z "$PIWHEELS" ] || export PIP_EXTRA_INDEX_URL="$PIWHEELS" ;; \
+    esac \
+ && pip install --no-cache-dir . \
  && rm -rf /src
 
 RUN groupadd --non-unique --gid "${FEDMQ_GID}" fedmq \

@@ -1,15 +1,18 @@
-# syntax=docker/dockerfile:1
 # fedmq-coordinator: aggregate the fleet's updates and republish the global model.
 # Multi-arch: docker buildx build --platform linux/amd64,linux/arm64,linux/arm/v7 \
 #               -f docker/coordinator.Dockerfile -t REGISTRY/fedmq-coordinator:TAG --push .
-# No step depends on the architecture; see docker/agent.Dockerfile for why piwheels and
-# the runtime libraries are there (linux/arm/v7 has no numpy/scipy/scikit-learn on PyPI).
+# Only the pip index depends on the architecture; see docker/agent.Dockerfile for why piwheels
+# (linux/arm/v7 only) and the runtime libraries are there.
 FROM python:3.11-slim
 
 # The container user's uid/gid (docker-compose.yml: the host user's, for the secret files).
 ARG FEDMQ_UID=10001
 ARG FEDMQ_GID=10001
-ARG PIP_EXTRA_INDEX_URL=https://www.piwheels.org/simple
+# piwheels (Raspberry Pi wheels) for linux/arm/v7 only, where PyPI has no numpy/scipy/scikit-learn
+# wheels; elsewhere PyPI alone (piwheels only slows other platforms down). PIWHEELS= turns it off.
+ARG PIWHEELS=https://www.piwheels.org/simple
+# set by buildx/BuildKit for each --platform; the classic builder leaves it empty (then uname -m)
+ARG TARGETPLATFORM
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -28,7 +31,10 @@ COPY coordinator/ coordinator/
 COPY edge_agent/ edge_agent/
 COPY simulation/ simulation/
 COPY monitor/ monitor/
-RUN pip install --no-cache-dir ".[coordinator]" \
+RUN case "${TARGETPLATFORM:-linux/$(uname -m)}" in \
+      linux/arm/v7|linux/armv7l|linux/armv8l) [ -z "$PIWHEELS" ] || export PIP_EXTRA_INDEX_URL="$PIWHEELS" ;; \
+    esac \
+ && pip install --no-cache-dir ".[coordinator]" \
  && rm -rf /src
 
 RUN groupadd --non-unique --gid "${FEDMQ_GID}" fedmq \

@@ -319,9 +319,19 @@ def test_dockerfiles_are_multiarch_nonroot_and_run_the_console_script():
         assert user and user[-1] not in ("root", "0"), f"{dockerfile} runs as root"
         assert dict(instructions)["ENTRYPOINT"] == f'["{script}"]' and script in scripts
         assert "--no-cache-dir" in text
+        runs = [rest for w, rest in instructions if w == "RUN"]
+        # the one architecture-specific step: piwheels as pip's extra index on linux/arm/v7 alone
+        pip_step = next(r for r in runs if "pip install" in r)
+        case = re.search(r'case "\$\{TARGETPLATFORM:-linux/\$\(uname -m\)\}" in (.*?) esac', pip_step)
+        assert case, f"{dockerfile}: pip's extra index must depend on the platform"
+        assert re.fullmatch(r'\s*linux/arm/v7\|linux/armv7l\|linux/armv8l\) \[ -z "\$PIWHEELS" \] \|\| '
+                            r'export PIP_EXTRA_INDEX_URL="\$PIWHEELS" ;;\s*', case.group(1)), case.group(1)
+        assert "ARG PIWHEELS=https://www.piwheels.org/simple" in text and "PIP_EXTRA_INDEX_URL=" not in text.replace(
+            'export PIP_EXTRA_INDEX_URL="$PIWHEELS"', ""), f"{dockerfile}: piwheels for every platform"
         assert not re.search(r"TARGETARCH|TARGETPLATFORM|uname|dpkg --print-architecture|amd64|aarch64|armv7|armhf",
-                             "\n".join(rest for w, rest in instructions if w == "RUN")), \
+                             "\n".join(runs).replace(case.group(0), "")), \
             f"{dockerfile}: an architecture-specific step"
+        assert not text.startswith("# syntax="), f"{dockerfile}: a # syntax= line makes BuildKit pull a frontend"
     assert 'pip install --no-cache-dir ".[coordinator]"' in (ROOT / "docker/coordinator.Dockerfile").read_text()
     assert "pip install --no-cache-dir ." in (ROOT / "docker/agent.Dockerfile").read_text()
 
@@ -355,8 +365,11 @@ def test_named_volumes_are_declared(compose):
     assert declared <= used, f"declared but unused volumes: {declared - used}"
     targets = {m["target"]: m["source"] for m in mounts_of(compose["services"]["broker"])}
     assert targets["/mosquitto/data"] in declared
-    assert targets["/mosquitto/config/passwd"] == "./deploy/credentials/passwd"
-    assert targets["/mosquitto/config/certs"] == "./deploy/credentials/certs"
+    # the broker's entrypoint installs these for uid 1883; the CA's key never reaches the broker
+    assert targets["/run/fedmq/passwd"] == "./deploy/credentials/passwd"
+    assert targets["/run/fedmq/acl"] == "./deploy/credentials/acl", "the generated ACL names the agents"
+    certs = {t: s for t, s in targets.items() if "certs" in t}
+    assert certs == {f"/run/fedmq/certs/{n}": f"./deploy/credentials/certs/{n}" for n in ("ca.crt", "server.crt", "server.key")}
 
 
 def test_env_example_has_every_variable_and_no_secrets():

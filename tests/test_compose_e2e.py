@@ -1,0 +1,201 @@
+"""The docker compose demo, for real: deploy/README.md's steps, a Docker engine, the stack learning.
+
+The steps are read from deploy/README.md's "Docker Compose demo" block and run in a copy of
+the checkout; the last one (`docker compose up --build`) runs detached with `--wait`, which
+returns once every service's healthcheck passes. Then the coordinator's retained status, read
+with the monitor credentials, must reach accuracy >= 0.9; `docker compose down` and `up` again
+must resume from the checkpoint volume (a status from the new coordinator process at the same
+or a later version); everything, volumes included, is removed at the end.
+
+Needs a Docker engine with compose v2 (scripts/docker-engine installs and starts one on
+Debian) and the base images the Dockerfiles name; where no registry is reachable,
+scripts/docker-standins builds local stand-ins for them. Skipped, with the reason, where no
+engine answers, unless FEDMQ_REQUIRE_COMPOSE=1 (.ci/run sets it): then that is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY_README = ROOT / "deploy" / "README.md"
+SERVICES = {"broker", "coordinator", "agent-1", "agent-2", "agent-3"}
+REQUIRED = os.environ.get("FEDMQ_REQUIRE_COMPOSE") == "1"
+
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
+
+
+def _unavailable(reason: str):
+    if REQUIRED:
+        pytest.fail(f"FEDMQ_REQUIRE_COMPOSE=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _run(cmd, *, cwd, env=None, timeout=120, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          shell=isinstance(cmd, str), executable="/bin/bash" if isinstance(cmd, str) else None)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd!r} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def engine():
+    if shutil.which("docker") is None:
+        _unavailable("no docker client (scripts/docker-engine installs Docker on Debian)")
+    info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=30)
+    if info.returncode != 0:
+        _unavailable("no Docker engine answers (scripts/docker-engine starts one): "
+                     + (info.stderr.strip().splitlines() or ["?"])[-1])
+    version = subprocess.run(["docker", "compose", "version", "--short"], capture_output=True, text=True, timeout=30)
+    if version.returncode != 0 or not re.match(r"v?2\.", version.stdout.strip()):
+        _unavailable("docker compose v2 is missing (scripts/docker-engine installs it)")
+    # the base images: real ones where a registry was reachable, else local stand-ins
+    proc = subprocess.run([str(ROOT / "scripts" / "docker-standins")], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        _unavailable(f"no base images: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return info.stdout.strip()
+
+
+def readme_steps() -> list[str]:
+    """The shell lines of deploy/README.md's compose block, comments dropped."""
+    text = DEPLOY_README.read_text()
+    section = text.split("## Docker Compose demo", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_checkout(dest: Path) -> None:
+    """The files a clone would have (tracked, plus new ones not ignored): no .venv, no credentials."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=True, timeout=60).stdout.split(b"\0")
+    for rel in filter(None, (p.decode() for p in listed)):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+class StatusWatch:
+    """The coordinator's status topic, read as the monitor user with paho, with an event per message."""
+
+    def __init__(self, port: int, password: str, fleet: str = "demo"):
+        import paho.mqtt.client as mqtt
+
+        self.statuses: list[dict] = []
+        self.changed = threading.Condition()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-watch-{os.getpid()}")
+        self.client.username_pw_set("monitor", password)
+        topic = f"fedmq/{fleet}/coordinator/status"
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect_async("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg):
+        with self.changed:
+            self.statuses.append(json.loads(msg.payload))
+            self.changed.notify_all()
+
+    def wait_for(self, predicate, timeout: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for status in reversed(self.statuses):
+                    if predicate(status):
+                        return status
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    last = self.statuses[-1] if self.statuses else None
+                    raise AssertionError(f"no coordinator status {what} within {timeout:.0f} s; last: {last}")
+                self.changed.wait(left)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_compose_demo_learns_and_resumes_after_down_and_up(engine, tmp_path):
+    steps = readme_steps()
+    assert steps[-1] == "docker compose up --build", f"deploy/README.md's last step changed: {steps[-1]!r}"
+    work = tmp_path / "fedmq"
+    copy_checkout(work)
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` is fedmq's venv
+    env["DOCKER_BUILDKIT"] = "0"  # BuildKit may want a registry for the base image's metadata
+    env.pop("COMPOSE_FILE", None)
+    for name in list(env):
+        if name.startswith("FEDMQ_"):
+            env.pop(name)
+    for line in steps[:-1]:
+        _run(line, cwd=work, env=env, timeout=300)
+
+    # this machine may run its own mosquitto on 1883: the stack's host ports go to free ones
+    ports = {"FEDMQ_BROKER_PORT": free_port(), "FEDMQ_BROKER_TLS_PORT": free_port(), "FEDMQ_METRICS_PORT": free_port()}
+    dotenv = (work / ".env").read_text()
+    for key, value in ports.items():
+        dotenv, n = re.subn(rf"^{key}=.*$", f"{key}={value}", dotenv, flags=re.M)
+        assert n == 1, f".env.example has no {key}"
+    (work / ".env").write_text(dotenv)
+    assert not (work / "deploy" / "credentials" / "certs" / "ca.key").stat().st_mode & 0o077
+
+    project = f"fedmq-e2e-{os.getpid()}"
+    compose = ["docker", "compose", "-p", project]
+    password = (work / "deploy" / "credentials" / "secrets" / "monitor.password").read_text().strip()
+    watch = None
+    try:
+        _run([*compose, "up", "--build", "--detach", "--wait", "--wait-timeout", "300"], cwd=work, env=env, timeout=1200)
+        ps = _run([*compose, "ps", "--format", "json"], cwd=work, env=env).stdout
+        rows = [json.loads(l) for l in ps.splitlines() if l.strip()] if not ps.lstrip().startswith("[") else json.loads(ps)
+        health = {row["Service"]: row.get("Health") for row in rows}
+        assert set(health) == SERVICES and all(h == "healthy" for h in health.values()), health
+
+        # only the broker's own certificate and key and the CA certificate reach the broker
+        listed = _run([*compose, "exec", "-T", "broker", "sh", "-c",
+                       "ls /mosquitto/config/certs /run/fedmq/certs; stat -c '%u %a %n' /mosquitto/config/passwd"
+                       " /mosquitto/config/acl /mosquitto/config/certs/server.key"], cwd=work, env=env).stdout
+        assert "ca.key" not in listed and "client-" not in listed, listed
+        assert "1883 600 /mosquitto/config/acl" in listed, listed
+        assert "1883 600 /mosquitto/config/passwd" in listed and "1883 600 /mosquitto/config/certs/server.key" in listed, listed
+
+        watch = StatusWatch(ports["FEDMQ_BROKER_PORT"], password)
+        first = watch.wait_for(lambda s: (s.get("accuracy") or 0) >= 0.9, 600, "with accuracy >= 0.9")
+        before = watch.wait_for(lambda s: True, 10, "at all")  # the newest, at least as far as `first`
+        watch.close()
+        watch = None
+        assert before["version"] >= first["version"] > 0
+
+        _run([*compose, "down"], cwd=work, env=env, timeout=300)
+        _run([*compose, "up", "--detach", "--wait", "--wait-timeout", "300"], cwd=work, env=env, timeout=600)
+        watch = StatusWatch(ports["FEDMQ_BROKER_PORT"], password)
+        after = watch.wait_for(lambda s: s.get("started_at", 0) > before["started_at"], 300,
+                               "from the restarted coordinator")
+        assert after["version"] >= before["version"], (
+            f"restarted at version {after['version']}, was {before['version']}: not resumed from the checkpoint volume")
+    except BaseException:
+        logs = subprocess.run([*compose, "logs", "--no-color", "--tail", "40"], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=120)
+        print(logs.stdout[-12000:], logs.stderr[-2000:])
+        raise
+    finally:
+        if watch is not None:
+            watch.close()
+        subprocess.run([*compose, "down", "--volumes", "--remove-orphans", "--timeout", "20"], cwd=work, env=env,
+                       capture_output=True, timeout=300)
