@@ -2,8 +2,8 @@
 dependencies set, measured in the same run. Prints JSON.
 
     python bench/edge.py                              # on this machine
-    python bench/edge.py --pi-root /tmp/pi-root       # in the emulated aarch64 root (qemu-user),
-                                                      # built by ../shared/tools/pi-emulation/
+    python bench/edge.py --pi-root "$(scripts/pi-root path)"   # in the emulated aarch64 root
+                                                      # (qemu-user) that scripts/pi-root build makes
 Figures:
 - floor: a process that only imports numpy, sklearn.linear_model, paho-mqtt and msgpack
   (peak RSS, import seconds);
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -65,11 +64,9 @@ class Target:
         self.pi_root = Path(pi_root) if pi_root else None
         if self.pi_root:
             self.src = self.pi_root / "opt" / "fedmq-src"
-            if self.src.exists():
-                shutil.rmtree(self.src)
-            shutil.copytree(ROOT, self.src, ignore=shutil.ignore_patterns(".git", ".venv", "out", "__pycache__", "*.egg-info"))
-            subprocess.run(self.prefix() + ["-m", "pip", "install", "-q", "/opt/fedmq-src"], check=True, env=self.env(),
-                           capture_output=True)
+            # the checkout into /opt/fedmq-src, pip-installed into the root's venv
+            subprocess.run([str(ROOT / "scripts" / "pi-root"), "install"], check=True, capture_output=True,
+                           env={**os.environ, "FEDMQ_PI_ROOT": str(self.pi_root)})
             self.workdir = Path(tempfile.mkdtemp(dir=self.pi_root / "tmp"))
         else:
             self.workdir = Path(tempfile.mkdtemp())
@@ -96,7 +93,7 @@ class Target:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pi-root", help="emulated aarch64 root (from ../shared/tools/pi-emulation/build-root.sh)")
+    p.add_argument("--pi-root", help="emulated aarch64 root (scripts/pi-root build; scripts/pi-root path prints it)")
     p.add_argument("--inner-timing", metavar="CSV", help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=3, help="agent process starts to take the median of")
     args = p.parse_args()

@@ -15,7 +15,8 @@ from mosquitto import Mosquitto  # noqa: E402
 def pytest_configure(config):
     # also declared in pyproject.toml; repeated here so the markers exist whatever the ini file
     config.addinivalue_line("markers", "slow: fault-injection tests with real processes (run in CI)")
-    config.addinivalue_line("markers", "pi: needs the emulated aarch64 root from ../shared/tools/pi-emulation")
+    config.addinivalue_line("markers", "compose: the docker compose demo on a real Docker engine (scripts/docker-engine)")
+    config.addinivalue_line("markers", "pi: needs the emulated aarch64 root of scripts/pi-root (as root: scripts/pi-root build)")
 
 
 @pytest.fixture

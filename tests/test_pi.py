@@ -1,10 +1,10 @@
-"""The real agent on 64-bit ARM: installed into the emulated Raspberry Pi OS-like root that
-../shared/tools/pi-emulation/build-root.sh builds, run against a mosquitto on the host."""
+"""The real agent on 64-bit ARM: installed with `scripts/pi-root install` into the emulated
+Raspberry Pi OS-like root that `scripts/pi-root build` makes, run with `scripts/pi-root run`
+against a mosquitto on the host (docs/raspberry-pi.md)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,30 +16,28 @@ from fleet import ROOT, TopicWatcher, spawn, stop
 from protocol.tabular import write_csv
 from protocol.topics import Topics
 
-PI_ROOT = Path(os.environ.get("FEDMQ_PI_ROOT", "/tmp/pi-root"))
+PI_ROOT = Path(os.environ.get("FEDMQ_PI_ROOT") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+               / "fedmq" / "pi-root")  # scripts/pi-root's default
+PI_SCRIPT = str(ROOT / "scripts" / "pi-root")
 pytestmark = [
     pytest.mark.pi,
     pytest.mark.skipif(not (PI_ROOT / "opt" / "venv" / "bin" / "python").exists() or os.geteuid() != 0,
-                       reason=f"no emulated aarch64 root at {PI_ROOT} (build it as root with "
-                              "../shared/tools/pi-emulation/build-root.sh, or set FEDMQ_PI_ROOT)"),
+                       reason=f"no emulated aarch64 root at {PI_ROOT} (as root: scripts/pi-root build; "
+                              "FEDMQ_PI_ROOT chooses the path)"),
 ]
-QEMU = {**os.environ, "QEMU_CPU": "cortex-a72", "PYTHONPATH": ""}
-QEMU.pop("PIP_FIND_LINKS", None)
+ENV = {**os.environ, "FEDMQ_PI_ROOT": str(PI_ROOT)}
 
 
-def chroot(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["chroot", str(PI_ROOT), *args], env=QEMU, capture_output=True, text=True, **kw)
+def pi_root(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([PI_SCRIPT, *args], env=ENV, capture_output=True, text=True, **kw)
 
 
 def test_agent_on_aarch64_is_aggregated(tmp_path, mosquitto):
-    src = PI_ROOT / "opt" / "fedmq-src"
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "out", "bench", "tests", "__pycache__", "*.egg-info"))
     started = time.monotonic()
-    install = chroot("/opt/venv/bin/pip", "install", "-q", "/opt/fedmq-src", timeout=600)
+    install = pi_root("install", timeout=600)
     assert install.returncode == 0, install.stderr[-2000:]
     install_s = time.monotonic() - started
-    assert chroot("/opt/venv/bin/python", "-c", "import platform; print(platform.machine())").stdout.strip() == "aarch64"
+    assert pi_root("run", "python", "-c", "import platform; print(platform.machine())").stdout.strip() == "aarch64"
 
     X, y = load_digits(return_X_y=True)
     data = PI_ROOT / "tmp" / "pi-agent.csv"
@@ -50,9 +48,9 @@ def test_agent_on_aarch64_is_aggregated(tmp_path, mosquitto):
                         "--n-features", 64, "--classes", "0,1,2,3,4,5,6,7,8,9", "--publish-interval", "0.5",
                         log=tmp_path / "coordinator.log")
     with open(tmp_path / "pi-agent.log", "w") as log:
-        agent = subprocess.Popen(["chroot", str(PI_ROOT), "/opt/venv/bin/fedmq-agent", "--broker", mosquitto.url,
+        agent = subprocess.Popen([PI_SCRIPT, "run", "fedmq-agent", "--broker", mosquitto.url,
                                   "--fleet", "pi", "--id", "pi-4", "--data", "/tmp/pi-agent.csv"],
-                                 env=QEMU, stdout=log, stderr=subprocess.STDOUT)
+                                 env=ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
         status = watcher.wait_for(
             lambda: (watcher.json(topics.coordinator_status) or {}).get("accepted", 0) >= 2
