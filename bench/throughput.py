@@ -5,7 +5,9 @@ payloads of the same size measured in the same run. Prints JSON.
     python bench/throughput.py [--sizes 1000,10000,100000] [--messages 20000]
 
 A separate publisher process sends pre-encoded int8 updates (QoS 1) as fast as paho can;
-the consumer is paho + `CoordinatorSession` in this process, exactly as in production.
+the consumer is paho + `CoordinatorSession` in this process, exactly as in production: it
+acknowledges updates only after the group commit (checkpoint) that holds them, and the
+clock stops when the last update is committed.
 """
 
 from __future__ import annotations
@@ -108,11 +110,21 @@ def measure_raw(port: int, n_params: int, count: int) -> dict:
     return {"messages": seen["n"], "seconds": round(elapsed, 3), "per_s": round(seen["n"] / elapsed, 1)}
 
 
-def measure_fedmq(port: int, n_params: int, count: int) -> dict:
+def measure_fedmq(port: int, n_params: int, count: int, checkpoint_dir: str) -> dict:
+    """As in production: every update acknowledged only after the checkpoint that holds it."""
     spec = spec_with(n_params)
     validator = UpdateValidator(TOPICS, spec.n_params, max_staleness=10**9)
-    core = Coordinator(TOPICS, spec, make_strategy("fedasync", alpha=0.1), validator, publish_interval=1.0)
+    core = Coordinator(TOPICS, spec, make_strategy("fedasync", alpha=0.1), validator, publish_interval=1.0,
+                       checkpoint_dir=checkpoint_dir)
     session = CoordinatorSession(core, BrokerSettings.from_url(f"mqtt://127.0.0.1:{port}"))
+    commits = {"n": 0}
+    checkpoint = core.checkpoint
+
+    def counted(state=None):
+        checkpoint(state)
+        commits["n"] += 1
+
+    core.checkpoint = counted
     stop = threading.Event()
     runner = threading.Thread(target=session.run, args=(stop,), daemon=True)
     runner.start()
@@ -126,14 +138,15 @@ def measure_fedmq(port: int, n_params: int, count: int) -> dict:
     t0 = time.perf_counter()
     go.set()
     deadline = time.monotonic() + 300
-    while core.handled_ < count and time.monotonic() < deadline:
+    while session.committed < count and time.monotonic() < deadline:
         time.sleep(0.01)
     elapsed = time.perf_counter() - t0
     proc.join(60)
     stop.set()
     runner.join(30)
     return {"messages": core.handled_, "accepted": core.accepted_, "rejected": dict(core.rejected_),
-            "seconds": round(elapsed, 3), "per_s": round(core.handled_ / elapsed, 1), "versions": core.version_}
+            "seconds": round(elapsed, 3), "per_s": round(core.handled_ / elapsed, 1), "versions": core.version_,
+            "checkpoints": commits["n"]}
 
 
 def main() -> None:
@@ -147,7 +160,7 @@ def main() -> None:
             count = args.messages if n <= 10_000 else max(2000, args.messages // 5)
             payload_bytes = len(make_payloads(n, 1)[0][1])
             raw = measure_raw(broker.port, n, count)
-            fed = measure_fedmq(broker.port, n, count)
+            fed = measure_fedmq(broker.port, n, count, str(Path(tmp) / f"ckpt-{n}"))
             rows.append({"n_params": n, "payload_bytes": payload_bytes, "raw_paho": raw, "fedmq_coordinator": fed,
                          "ratio": round(fed["per_s"] / raw["per_s"], 3)})
             print(json.dumps(rows[-1]), file=sys.stderr)

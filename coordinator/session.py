@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # (with manual acknowledgement the broker sends no more than its in-flight window anyway).
 EARLY_MAX_MESSAGES = 10_000
 EARLY_MAX_BYTES = 64 * 1024 * 1024
+# Group commits are at least this far apart under load, so each checkpoint (the whole model)
+# covers many updates; it must stay well inside the broker's in-flight window
+# (max_inflight_messages 1000 at ~10k updates/s holds 100 ms).
+COMMIT_SPACING_S = 0.02
 
 
 class RejectionLog:
@@ -166,9 +170,13 @@ class CoordinatorSession:
             self._republish.clear()
             self.step(force=True)
             tick = min(self.core.publish_interval / 4, 1.0)
+            last_step = time.monotonic()
             while not stop.is_set():
                 self._wake.wait(tick)
+                if (spacing := last_step + COMMIT_SPACING_S - time.monotonic()) > 0 and stop.wait(spacing):
+                    break
                 self._wake.clear()
+                last_step = time.monotonic()
                 force = self._republish.is_set()
                 if force:
                     self._republish.clear()
@@ -253,6 +261,11 @@ class CoordinatorSession:
         ]
         self._after_publish(status, len(payload))
         return True
+
+    @property
+    def committed(self) -> int:
+        """Payloads handled and made durable (acknowledged to the broker, or due to be)."""
+        return self._committed[1] if self._committed else 0
 
     def _publish_status_if_due(self, status: dict, handled: int, connected: bool, failing: bool = False) -> None:
         now = time.monotonic()
