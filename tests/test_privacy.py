@@ -336,3 +336,18 @@ def test_central_dp_fleet_epsilon_over_mosquitto(tmp_path, mosquitto):
             stop(proc)
         stop(coordinator)
         watcher.close()
+
+
+def test_docs_quote_the_privacy_results_exactly():
+    from fleet import ROOT
+
+    results = json.loads((ROOT / "bench/results/privacy.json").read_text())
+    docs = {name: (ROOT / "docs" / name).read_text() for name in ("benchmarks.md", "security.md")}
+    for name in ("digits", "linear"):
+        metric = results[name]["metric"]
+        for mode in ("local", "central"):
+            for eps in ("1", "3", "8"):
+                cell = results[name][mode][f"epsilon_{eps}"]
+                row = f"| {eps} | {results[name]['local'][f'epsilon_{eps}'][f'median_{metric}']} | "
+                for text in docs.values():
+                    assert row in text and f"{cell[f'median_{metric}']} | ({cell['epsilon']:.4f}, {cell['delta']:g})" in text
