@@ -17,7 +17,7 @@ from coordinator.session import CoordinatorSession
 from coordinator.staleness import parse_staleness
 from coordinator.store import CheckpointError, load_checkpoint
 from coordinator.strategies import DEFAULT_ALPHA, make_strategy
-from coordinator.validation import NormBound, UpdateValidator
+from coordinator.validation import DEFAULT_MAX_NORM, DEFAULT_SAMPLE_FACTOR, NormBound, UpdateValidator
 from protocol.config import fleet_tool_parser, parse_layered
 from protocol.model_spec import ESTIMATORS, HYPERPARAMETERS, ModelSpec, build_estimator
 from protocol.privacy import GaussianMechanism
@@ -63,11 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                help="reject (too_stale) updates whose base is more than this many versions old")
 
     v = p.add_argument_group("validation")
-    v.add_argument("--max-update-norm", type=float, help="absolute L2 bound on a decoded update (default: none)")
+    _defaulted(v, "--max-update-norm", type=float, default=DEFAULT_MAX_NORM,
+               help="absolute L2 bound on a decoded update")
     v.add_argument("--norm-factor", type=float,
-                   help="relative L2 bound: this many times the median norm of the last 50 accepted updates, "
-                   "once 10 were accepted; the sample count an update is weighted by is capped at this many "
-                   "times their median count too (default: none)")
+                   help="relative L2 bound: this many times the median norm of the newest accepted update of each "
+                   "of the last 50 agents, once 10 were seen (default: none)")
+    _defaulted(v, "--sample-factor", type=float, default=DEFAULT_SAMPLE_FACTOR,
+               help="weigh an update (in the mean and the fleet evaluation) by at most this many times the "
+               "median sample count of the last 50 agents, once 10 were seen, whatever it claims")
     _defaulted(v, "--norm-action", choices=("reject", "clip"), default="reject",
                help="an update above the bound is rejected (norm) or scaled down to it (counted as clipped)")
     _defaulted(v, "--max-message-bytes", type=int, default=4 * 1024 * 1024, help="refuse larger update payloads (oversize)")
@@ -144,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 raise ValueError(str(exc)) from None
         elif any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget)):
             raise ValueError("--dp-clip, --dp-noise and --dp-epsilon-budget need --dp-mode local or central")
-        args.norm = NormBound(args.max_update_norm, args.norm_factor)
+        args.norm = NormBound(args.max_update_norm, args.norm_factor, sample_factor=args.sample_factor)
         args.rate = RateLimit(args.max_agent_rate) if args.max_agent_rate is not None else None
         args.settings = settings_from_args(args)
         for name in ("publish_interval", "max_message_bytes", "connect_timeout"):

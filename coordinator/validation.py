@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,44 +38,65 @@ class Verdict:
     n_samples: int = 0  # the weight to give it: its sample count, capped by the relative bound
 
 
-class NormBound:
-    """Norm limit: an absolute cap and/or `factor` x the median of recent accepted norms.
+DEFAULT_MAX_NORM = 1e6  # far above any real SGD delta, far below what overflows float32 in a sum
+DEFAULT_SAMPLE_FACTOR = 4.0
 
-    The relative bound starts once `warmup` norms were seen and follows the last `window`.
-    It also caps the sample count an update claims at `factor` x the recent median count:
-    in a sample-weighted mean, a count is as much influence as a norm, and an agent
-    claiming a billion samples would otherwise outweigh a whole buffer within the norm bound.
+
+class NormBound:
+    """Norm limit: an absolute cap and/or `factor` x the median of recent norms; a sample cap.
+
+    The references are medians over the newest accepted update of each of the last `window`
+    distinct agents, so no agent owns them by volume: a flood from one id is one entry. The
+    relative bounds start once `warmup` agents were seen. The sample count an update claims
+    is capped at `sample_factor` x the median count (on by default): in a sample-weighted
+    mean, and in the fleet evaluation, a count is as much influence as a norm.
     """
 
-    def __init__(self, max_norm: float | None = None, factor: float | None = None, window: int = 50, warmup: int = 10) -> None:
-        if max_norm is not None and not max_norm > 0:
-            raise ValueError(f"--max-update-norm must be > 0, got {max_norm}")
-        if factor is not None and not factor > 0:
-            raise ValueError(f"--norm-factor must be > 0, got {factor}")
+    def __init__(self, max_norm: float | None = DEFAULT_MAX_NORM, factor: float | None = None, window: int = 50,
+                 warmup: int = 10, sample_factor: float | None = DEFAULT_SAMPLE_FACTOR) -> None:
+        for flag, value in (("--max-update-norm", max_norm), ("--norm-factor", factor), ("--sample-factor", sample_factor)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{flag} must be > 0, got {value}")
         self.max_norm = max_norm
         self.factor = factor
+        self.sample_factor = sample_factor
+        self.window = window
         self.warmup = warmup
-        self.recent: deque[float] = deque(maxlen=window)
-        self.recent_samples: deque[int] = deque(maxlen=window)
+        self.recent: OrderedDict[str, tuple[float, int]] = OrderedDict()  # agent -> its newest (norm, samples)
 
     def limit(self) -> float:
         """The largest norm accepted now."""
-        return min(self.max_norm if self.max_norm is not None else np.inf, self._relative(self.recent))
+        relative = self._relative(0, self.factor)
+        return min(self.max_norm if self.max_norm is not None else np.inf, relative)
 
     def sample_limit(self) -> float:
         """The largest sample count an update is weighted by now."""
-        return self._relative(self.recent_samples)
+        return self._relative(1, self.sample_factor)
 
-    def _relative(self, recent: deque) -> float:
-        if self.factor is not None and len(recent) >= self.warmup:
-            median = float(np.median(recent))
+    def _relative(self, column: int, factor: float | None) -> float:
+        if factor is not None and len(self.recent) >= self.warmup:
+            median = float(np.median([entry[column] for entry in self.recent.values()]))
             if median > 0:  # a fleet of zero updates must not lock out every later one
-                return self.factor * median
+                return factor * median
         return np.inf
 
-    def accepted(self, norm: float, n_samples: int = 1) -> None:
-        self.recent.append(norm)
-        self.recent_samples.append(n_samples)
+    def accepted(self, norm: float, n_samples: int = 1, agent: str = "") -> None:
+        self.recent[agent] = (norm, n_samples)
+        self.recent.move_to_end(agent)
+        while len(self.recent) > self.window:
+            self.recent.popitem(last=False)
+
+
+def metrics_problem(metrics: dict[str, float]) -> str | None:
+    """Why reported metrics are impossible (accuracy outside [0, 1], a negative loss, r2 > 1), else None."""
+    for key, value in metrics.items():
+        if "accuracy" in key and not 0.0 <= value <= 1.0:
+            return f"{key}={value} outside [0, 1]"
+        if "loss" in key and value < 0:
+            return f"{key}={value} is negative"
+        if key.endswith("r2") and value > 1.0:
+            return f"{key}={value} above 1"
+    return None
 
 
 class UpdateValidator:
@@ -136,6 +157,8 @@ class UpdateValidator:
         if self.rate is not None and not self.rate.allow(agent):
             return Verdict("rate")
         msg = decode_update(payload, agent, max_bytes=self.max_bytes)
+        if metrics_problem(msg.metrics):
+            return Verdict("metrics", msg)
         if msg.delta.n != self.n_params:
             return Verdict("shape", msg)
         if msg.base_version > version:
@@ -168,7 +191,7 @@ class UpdateValidator:
             delta *= bound / norm
             norm, clipped = bound, True
         n_samples = int(min(msg.n_samples, self.norm.sample_limit()))  # inf is never the min: counts are finite
-        self.norm.accepted(norm, n_samples)
+        self.norm.accepted(norm, n_samples, msg.agent_id)
         return Verdict(None, msg, delta, staleness, clipped, n_samples)
 
     def restore(self, highest_seq: dict[str, int], gaps: int = 0) -> None:

@@ -81,10 +81,37 @@ def test_norm_bound_reject_and_clip():
 def test_relative_norm_bound_after_warmup():
     bound = NormBound(factor=3.0, warmup=3)
     core = make_core(norm=bound)
-    for seq in range(1, 4):
-        assert core.handle_update(*update(seq=seq, base=core.version_)) is None
+    for agent in ("a", "b", "c"):
+        assert core.handle_update(*update(agent, base=core.version_)) is None
     assert bound.limit() == pytest.approx(3 * 0.1 * np.sqrt(SPEC.n_params), rel=1e-5)
-    assert core.handle_update(*update(seq=4, base=core.version_, delta=np.full(SPEC.n_params, 5.0))) == "norm"
+    assert core.handle_update(*update("a", seq=4, base=core.version_, delta=np.full(SPEC.n_params, 5.0))) == "norm"
+
+
+def test_one_agent_cannot_own_the_norm_reference_by_volume():
+    bound = NormBound(factor=3.0, warmup=3)
+    core = make_core(norm=bound, max_staleness=10**6)
+    for agent in ("a", "b", "c"):
+        assert core.handle_update(*update(agent, base=core.version_)) is None
+    for seq in range(2, 200):  # one agent creeping its norm up, update after update
+        core.handle_update(*update("x", seq=seq, base=core.version_, delta=np.full(SPEC.n_params, 0.1 * 1.02 ** seq)))
+    assert bound.limit() < 3 * 0.1 * 1.02 ** 199 * np.sqrt(SPEC.n_params) / 10  # its 198 updates are one entry
+
+
+def test_claimed_sample_counts_are_capped_by_default_in_the_mean_and_the_fleet_evaluation():
+    core = make_core(FedBuff(buffer_size=11))
+    for i in range(10):
+        assert core.handle_update(*update(f"h{i}", n=100, metrics={"eval_accuracy": 0.5})) is None
+    assert core.handle_update(*update("liar", n=10**12, delta=np.full(SPEC.n_params, -1.0),
+                                      metrics={"eval_accuracy": 1.0})) is None
+    assert core.status()["fleet_eval"]["accuracy"] == pytest.approx((10 * 100 * 0.5 + 400 * 1.0) / 1400)
+    np.testing.assert_allclose(core.params_, (1000 * 0.1 - 400) / 1400, rtol=1e-5)  # weighed as 400, not 1e12
+
+
+@pytest.mark.parametrize("metrics", [{"eval_accuracy": 1e30}, {"eval_accuracy": -0.1}, {"eval_loss": -1.0}, {"eval_r2": 2.0}])
+def test_impossible_metrics_are_refused(metrics):
+    core = make_core()
+    assert core.handle_update(*update(metrics=metrics)) == "metrics"
+    assert core.version_ == 0
 
 
 def test_fedavg_rejects_stale_round_updates():
@@ -253,7 +280,8 @@ def test_a_partial_buffer_survives_a_checkpoint(tmp_path):
 
 
 def test_a_model_not_finite_in_float32_is_refused():
-    core = make_core(FedAsync(alpha=1.0))
+    assert make_core().handle_update(*update(delta=np.full(SPEC.n_params, 3e38))) == "norm"  # the default bound
+    core = make_core(FedAsync(alpha=1.0), norm=NormBound(max_norm=None))  # and without it:
     assert core.handle_update(*update(delta=np.full(SPEC.n_params, 3e38))) is None
     assert core.handle_update(*update(seq=2, base=1, delta=np.full(SPEC.n_params, 3e38))) == "non_finite_model"
     assert np.isfinite(core.params_.astype(np.float32)).all()
@@ -270,20 +298,20 @@ def test_clip_uses_a_float64_norm_and_is_counted():
 
 
 def test_relative_norm_bound_ignores_a_zero_median():
-    bound = NormBound(factor=2.0, warmup=2)
-    for _ in range(3):
-        bound.accepted(0.0)
+    bound = NormBound(max_norm=None, factor=2.0, warmup=2)
+    for agent in "abc":
+        bound.accepted(0.0, agent=agent)
     assert bound.limit() == np.inf
     with pytest.raises(ValueError, match="--norm-factor"):
         NormBound(factor=0)
 
 
 def test_relative_bound_caps_the_sample_count_an_update_is_weighted_by():
-    core = make_core(FedBuff(buffer_size=5), norm=NormBound(factor=2.0, warmup=3))
+    core = make_core(FedBuff(buffer_size=5), norm=NormBound(sample_factor=2.0, warmup=3))
     counts = [10, 30, 20, 10**9, 15]  # the fourth claims a billion samples for a flipped delta
-    for seq, n in enumerate(counts, start=1):
+    for i, n in enumerate(counts):
         delta = np.full(SPEC.n_params, -0.1 if n == 10**9 else 0.1)  # same norm: passes the norm bound
-        assert core.handle_update(*update(seq=seq, n=n, delta=delta)) is None
+        assert core.handle_update(*update(f"a{i}", n=n, delta=delta)) is None
     weights = [10, 30, 20, 40, 15]  # the billion weighs 2 x the median (20) of the three before it
     np.testing.assert_allclose(core.params_, 0.1 * (10 + 30 + 20 - 40 + 15) / sum(weights), rtol=1e-6)
 
