@@ -196,6 +196,7 @@ def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 1
     previous = client.on_connect
     previous_log = client.on_log
     previous_connect_fail = client.on_connect_fail
+    previous_disconnect = client.on_disconnect
 
     def on_connect(c, userdata, flags, reason_code, properties):
         outcome["rc"] = reason_code
@@ -223,6 +224,17 @@ def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 1
         if previous_connect_fail:
             previous_connect_fail(c, userdata)
 
+    def on_disconnect(c, userdata, flags, reason_code, properties):
+        # closed before any CONNACK: a broker that speaks only MQTT 3.1.1 does that to an
+        # MQTT 5 CONNECT (amqtt, old mosquitto); over plain TCP nothing else explains it at
+        # once, over TLS a handshake failure looks the same, so that waits for the timeout
+        if "rc" not in outcome and "tls" not in outcome:
+            outcome["closed"] = True
+            if not settings.tls and settings.mqtt_version == "5":
+                done.set()
+        if previous_disconnect:
+            previous_disconnect(c, userdata, flags, reason_code, properties)
+
     kwargs = {}
     if settings.mqtt_version == "5":
         persistent = getattr(client, "_fedmq_persistent", True)
@@ -235,6 +247,7 @@ def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 1
     client.on_connect = on_connect
     client.on_log = on_log
     client.on_connect_fail = on_connect_fail
+    client.on_disconnect = on_disconnect
     try:
         try:
             client.connect(settings.host, settings.port, settings.keepalive, **kwargs)
@@ -250,6 +263,10 @@ def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 1
             done.wait(timeout)
             if "rc" in outcome:
                 rc = outcome["rc"]
+                if rc.is_failure and settings.mqtt_version == "5" and rc.value in (0x01, 0x84):
+                    # 0x01: a 3.1.1 broker's "unacceptable protocol version"; 0x84: MQTT 5's own
+                    raise BrokerError(f"broker at {settings.url} refused the MQTT 5 CONNECT (unsupported protocol "
+                                      "version): it speaks only MQTT 3.1.1; use --mqtt-version 3.1.1")
                 if rc.is_failure:
                     raise BrokerError(f"broker at {settings.url} refused the connection: {rc}")
             elif "refusal" in outcome:
@@ -260,6 +277,17 @@ def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 1
                     f"without answering within {timeout:g} s: {ssl_text(outcome['tls'])}; "
                     f"if it requires a client certificate, {CERTIFICATE_HINT}"
                 )
+            elif outcome.get("closed") and settings.mqtt_version == "5":
+                raise BrokerError(
+                    f"broker at {settings.url} closed the connection on an MQTT 5 CONNECT without answering: "
+                    "it may speak only MQTT 3.1.1; try --mqtt-version 3.1.1"
+                )
+            elif outcome.get("closed"):
+                raise BrokerError(f"broker at {settings.url} closed the connection without answering the CONNECT "
+                                  f"(within {timeout:g} s)")
+            elif settings.mqtt_version == "5":
+                raise BrokerError(f"no answer from broker at {settings.url} within {timeout:g} s to an MQTT 5 CONNECT "
+                                  "(a broker that speaks only MQTT 3.1.1 may ignore it: try --mqtt-version 3.1.1)")
             else:
                 raise BrokerError(f"no answer from broker at {settings.url} within {timeout:g} s")
         except BrokerError:
@@ -270,3 +298,4 @@ def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 1
         client.on_connect = previous
         client.on_log = previous_log
         client.on_connect_fail = previous_connect_fail
+        client.on_disconnect = previous_disconnect
