@@ -165,15 +165,18 @@ class CentralDP(Strategy):
         return new
 
     def state(self) -> dict:
-        """The inner buffer, and which agents are in it."""
-        state = getattr(self.inner, "state", dict)()
-        return dict(state, agents=list(self._members)) if state else state
+        """The inner buffer, which agents are in it, and the account so far (so a restart
+        does not forget what each agent already spent)."""
+        return dict(self.inner.state(), agents=list(self._members), contributions=dict(self.contributions),
+                    releases=self.releases)
 
     def restore(self, state: dict) -> None:
-        """Take back a buffer; agents the checkpoint did not name count under one placeholder."""
-        getattr(self.inner, "restore", lambda _: None)(state)
+        """Take back a buffer and the account; agents the checkpoint did not name count under one placeholder."""
+        self.inner.restore(state)
         agents = list(state.get("agents") or [])
         self._members = (agents + ["(restored)"] * self.pending)[: self.pending]
+        self.contributions = Counter({str(k): int(v) for k, v in (state.get("contributions") or {}).items()})
+        self.releases = int(state.get("releases", 0))
 
     def report(self) -> dict:
         """The fleet's account: epsilon of the worst-off agent over the released buffers."""

@@ -351,3 +351,20 @@ def test_docs_quote_the_privacy_results_exactly():
                 row = f"| {eps} | {results[name]['local'][f'epsilon_{eps}'][f'median_{metric}']} | "
                 for text in docs.values():
                     assert row in text and f"{cell[f'median_{metric}']} | ({cell['epsilon']:.4f}, {cell['delta']:g})" in text
+
+
+def test_central_account_and_buffer_survive_a_checkpoint(tmp_path):
+    from coordinator.store import load_checkpoint
+
+    core, dp = central_core(k=2)
+    small = [0.1, 0, 0, 0]
+    for seq, agent in enumerate(("a", "b", "a"), start=1):
+        assert core.handle_update(TOPICS.update(agent), update_payload(agent, seq, small)) is None
+    core.checkpoint_dir = str(tmp_path)
+    core.checkpoint()
+    spec = ModelSpec("sgd-regressor", 3)
+    again = CentralDP(FedBuff(buffer_size=2), GaussianMechanism(1.0, 1.0), DELTA)
+    resumed = PrivateCoordinator(TOPICS, spec, again, guard(UpdateValidator(TOPICS, spec.n_params), again),
+                                 privacy=again, resume=load_checkpoint(tmp_path))
+    assert again.contributions == {"a": 1, "b": 1} and again.releases == 1 and again.pending == 1
+    assert resumed.status()["privacy"]["epsilon"] == core.status()["privacy"]["epsilon"]
