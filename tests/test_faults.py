@@ -428,3 +428,26 @@ def test_bad_configuration_is_one_line_and_nonzero(module, args, code, message):
     assert proc.returncode == code
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_an_agent_that_cannot_train_says_so_once_and_waits(tmp_path, mosquitto):
+    """2 features on a 64-feature fleet: state error with the reason, one ERROR line per model
+    version, the process stays up for a model it can train on."""
+    bad = tmp_path / "a0.csv"
+    write_csv(bad, DS.X_train[:50, :2], DS.y_train[:50])
+    coord = coordinator(tmp_path, mosquitto)
+    fleet = agents(tmp_path, mosquitto, [bad], "--poll-interval", "0.2")
+    watcher = TopicWatcher(mosquitto.port, T.everything)
+    try:
+        agent_status = watcher.wait_for(lambda: (s := watcher.json(T.agent_status("a0"))) and s["state"] == "error" and s,
+                                        30, "the agent's error status")
+        assert "features" in agent_status["error"]
+        time.sleep(2)  # the agent polls ten times meanwhile: a repeated error would show
+        assert fleet[0].poll() is None, "the agent exited"
+    finally:
+        for p in fleet:
+            stop(p)
+        stop(coord)
+        watcher.close()
+    errors = [line for line in (tmp_path / "a0.log").read_text().splitlines() if " ERROR " in line]
+    assert errors and len(errors) == 1, errors
