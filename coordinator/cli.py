@@ -15,6 +15,7 @@ from coordinator.rate_limit import RateLimit
 from coordinator.server import Coordinator
 from coordinator.session import CoordinatorSession
 from coordinator.staleness import parse_staleness
+from coordinator.statistics import FleetStatistics
 from coordinator.store import CheckpointError, load_checkpoint
 from coordinator.strategies import DEFAULT_ALPHA, make_strategy
 from coordinator.validation import DEFAULT_MAX_NORM, DEFAULT_SAMPLE_FACTOR, NormBound, UpdateValidator
@@ -104,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append one line per received update: agent, seq and accepted or the rejection reason")
     o.add_argument("--metrics-port", type=int,
                    help="serve Prometheus metrics on this port at /metrics (needs prometheus-client: pip install 'fedmq[coordinator]')")
+    s = p.add_argument_group("feature statistics (federated standardization)")
+    s.add_argument("--feature-stats", action="store_true",
+                   help="merge the agents' per-feature statistics (stats/<agent>) and publish mean and scale with the "
+                   "model; agents and --eval-csv standardize with them and missing values take the fleet mean. The "
+                   "first model waits for --stats-min-agents agents' statistics")
+    _defaulted(s, "--stats-min-agents", type=int, default=1,
+               help="with --feature-stats: agents whose statistics the first model waits for (later ones refine it)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
     return p
 
@@ -228,6 +236,8 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
         args.topics, args.spec, args.strategy_obj, validator, publish_interval=args.publish_interval,
         buffer_timeout=args.buffer_timeout or None,
         eval_data=eval_data, checkpoint_dir=args.checkpoint_dir, resume=resume, **options,
+        statistics=FleetStatistics(args.topics, args.n_features, min_agents=args.stats_min_agents)
+        if args.feature_stats else None,
     )
     core.checkpoint()  # an unwritable --checkpoint-dir is a configuration error, found now
     return core

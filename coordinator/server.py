@@ -15,12 +15,14 @@ from collections import Counter, OrderedDict
 import numpy as np
 
 from coordinator.evaluation import FleetEvaluation, score
+from coordinator.statistics import FleetStatistics, Rescales
 from coordinator.status import build_status
 from coordinator.store import CheckpointError, save_checkpoint
 from coordinator.strategies import Strategy
 from coordinator.validation import UpdateValidator, Verdict
 from protocol.messages import ModelMessage, encode_model
 from protocol.model_spec import ModelSpec
+from protocol.statistics import standardize
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class Coordinator:
         eval_data: tuple[np.ndarray, np.ndarray] | None = None,
         checkpoint_dir: str | None = None,
         resume: dict | None = None,
+        statistics: FleetStatistics | None = None,
     ) -> None:
         self.topics = topics
         self.spec = spec
@@ -72,6 +75,11 @@ class Coordinator:
         # audit(topic, update or None, reason or None, staleness) after every payload
         self.audit = None
         self.resumed_audit_: dict = {}  # {"path", "offset"}: the audit log's length the checkpoint covers
+        # federated feature statistics (coordinator/statistics.py): params_ are for features
+        # standardized with rescales.current (raw features while it is None)
+        self.statistics = statistics
+        self.rescales = Rescales(spec)
+        self.stats_seen_ = -1  # statistics.changes_ when the scaling was last refreshed
         if resume:
             self._restore(resume)
 
@@ -100,7 +108,8 @@ class Coordinator:
     def _apply(self, verdict: Verdict) -> str | None:
         update = verdict.update
         base = self.published_.get(update.base_version)
-        new = self.strategy.add(self.params_, verdict.delta, verdict.n_samples, verdict.staleness, base)
+        delta = self.rescales.catch_up(verdict.delta, update.base_version)  # trained under an older scaling
+        new = self.strategy.add(self.params_, delta, verdict.n_samples, verdict.staleness, base)
         if new is not None and not _finite_on_the_wire(new):  # overflow: never publish it
             return "non_finite_model"
         if self.strategy.pending and self.buffer_since_ is None:
@@ -143,21 +152,61 @@ class Coordinator:
         self._step(new)
         return True
 
+    # --- feature statistics -------------------------------------------------------------
+
+    def handle_statistics(self, topic: str, payload: bytes) -> str | None:
+        """Take one agent's feature statistics; None if accepted, else the reason."""
+        self.handled_ += 1  # a change to commit, like an update
+        if self.statistics is None:
+            return "statistics_off"
+        return self.statistics.handle(topic, payload)
+
+    @property
+    def ready(self) -> bool:
+        """A model may be published: no statistics are awaited, or a scaling exists or can be made."""
+        return self.statistics is None or self.rescales.current is not None or self.statistics.ready
+
+    def _scaling_due(self) -> bool:
+        return self.statistics is not None and self.statistics.ready and self.statistics.changes_ != self.stats_seen_
+
+    def _refresh_scaling(self) -> None:
+        """Adopt the merged statistics' scaling, re-expressing the model, buffer and history exactly."""
+        if not self._scaling_due():
+            return
+        self.stats_seen_ = self.statistics.changes_
+        new = self.statistics.scaling()
+        if new is None or new == self.rescales.current:
+            return
+        buffer = self.strategy.state()
+        deltas = list(buffer.get("deltas", []))
+        history = list(self.published_.items())
+        out = self.rescales.change(self.version_ + 1, new, [self.params_, *deltas, *(p for _, p in history)])
+        self.params_ = out[0]
+        if deltas:
+            self.strategy.restore(dict(buffer, deltas=out[1:1 + len(deltas)]))
+        self.published_ = OrderedDict((v, p) for (v, _), p in zip(history, out[1 + len(deltas):]))
+        self.version_ += 1
+        log.info("feature scaling from %d agent(s)' statistics; model re-expressed at version %d",
+                 len(self.statistics.by_agent), self.version_)
+
     # --- publishing ------------------------------------------------------------------
 
     def publish_due(self, now: float | None = None, *, ignore_version: bool = False) -> bool:
         """The model changed since the last publish and the coalescing interval has passed."""
         now = time.monotonic() if now is None else now
-        changed = ignore_version or self.version_ != self.published_version_
+        changed = ignore_version or self.version_ != self.published_version_ or self._scaling_due()
         return changed and now - self.last_publish_ >= self.publish_interval
 
     def model_payload(self, now: float | None = None) -> bytes:
         """Encode the model for publishing and mark it published (scores it on the eval set)."""
+        self._refresh_scaling()
         self.published_version_ = self.version_
         self.last_publish_ = time.monotonic() if now is None else now
         if self.eval_data is not None:
             try:
-                self.scores_ = score(self.spec, self.params_, *self.eval_data)
+                X, y = self.eval_data
+                scaling = self.rescales.current
+                self.scores_ = score(self.spec, self.params_, X if scaling is None else standardize(X, scaling), y)
             except Exception:  # a score is worth a log line, not the coordinator
                 log.exception("cannot score version %d on the eval set", self.version_)
                 self.scores_ = {}
@@ -166,7 +215,7 @@ class Coordinator:
         while len(self.published_) > self.history:
             self.published_.popitem(last=False)
         return encode_model(ModelMessage(self.topics.fleet, self.version_, self.spec, self.params_,
-                                         started_at=self.started_at))
+                                         started_at=self.started_at, scaling=self.rescales.current))
 
     def adopt(self, model: ModelMessage) -> bool:
         """Continue from a newer model of this fleet and spec (the broker's retained one).
@@ -180,11 +229,14 @@ class Coordinator:
                  model.version, self.version_)
         self.params_ = np.asarray(model.params, dtype=np.float64).copy()
         self.version_ = model.version
+        if model.scaling is not None and model.scaling != self.rescales.current:
+            self.rescales.current = model.scaling  # the params are for the scaling they came with
+            self.rescales.history.clear()
         return True
 
     def status(self, now: float | None = None) -> dict:
         """The retained JSON status (see coordinator.status)."""
-        return build_status(
+        status = build_status(
             fleet=self.topics.fleet,
             strategy=self.strategy.name,
             version=self.version_,
@@ -205,6 +257,9 @@ class Coordinator:
             started_at=self.started_at,
             now=time.time() if now is None else now,
         )
+        if self.statistics is not None:
+            status["statistics"] = dict(self.statistics.summary(), scaled=self.rescales.current is not None)
+        return status
 
     # --- durability --------------------------------------------------------------------
 
@@ -224,6 +279,8 @@ class Coordinator:
             "clipped": self.clipped_,
             "staleness_sum": self.staleness_sum_,
             "staleness_max": self.staleness_max_,
+            "statistics": self.statistics.state() if self.statistics is not None else None,
+            "scaling": self.rescales.state(),
         }
 
     def checkpoint(self, state: dict | None = None) -> None:
@@ -269,6 +326,10 @@ class Coordinator:
         self.clipped_ = state.get("clipped", 0)
         self.staleness_sum_ = state.get("staleness_sum", 0)
         self.staleness_max_ = state.get("staleness_max", 0)
+        if self.statistics is not None and state.get("statistics"):
+            self.statistics.restore(state["statistics"])
+        self.rescales.restore(state.get("scaling"))
+        self.stats_seen_ = self.statistics.changes_ if self.statistics is not None and self.rescales.current else -1
         log.info("resumed from checkpoint at version %d%s", self.version_,
                  f" with {self.strategy.pending} buffered update(s)" if self.strategy.pending else "")
 

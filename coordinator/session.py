@@ -119,12 +119,13 @@ class CoordinatorSession:
             return
         self._connection += 1
         topics = self.core.topics
+        stats = [(topics.all_stats, 1)] if self.core.statistics is not None else []
         if self._connected_once:
-            client.subscribe(topics.all_updates, qos=1)
+            client.subscribe([(topics.all_updates, 1), *stats])
             self._republish.set()  # a broker without persistence has lost the retained model
             log.info("reconnected to %s", self.settings.url)
         else:
-            client.subscribe([(topics.all_updates, 1), (topics.model, 1)])
+            client.subscribe([(topics.all_updates, 1), (topics.model, 1), *stats])
             log.info("connected to %s, subscribed to %s", self.settings.url, topics.all_updates)
         self._connected_once = True
 
@@ -142,6 +143,12 @@ class CoordinatorSession:
                 self._retained = msg.payload
                 self._retained_seen.set()
             client.ack(msg.mid, msg.qos)  # nothing of ours depends on it
+            return
+        if self.core.topics.agent_of_stats(msg.topic) is not None:
+            with self.lock:  # retained by design: the newest statistics of each agent
+                self.core.handle_statistics(msg.topic, msg.payload)
+                self._unacked.append((self._connection, msg.mid, msg.qos))  # acked once committed
+            self._wake.set()
             return
         with self.lock:
             early = self._early
@@ -226,7 +233,7 @@ class CoordinatorSession:
             if self.core.tick():
                 force = True  # a buffer stepped on its timeout: tell the waiting agents at once
             key = (self.core.version_, self.core.handled_)
-            publish = connected and (force or self.core.publish_due())
+            publish = connected and self.core.ready and (force or self.core.publish_due())
             acks, self._unacked = self._unacked, []
             lines = self.audit.take() if self.audit else []
             state = self.core.state() if key != self._committed and self.core.checkpoint_dir else None

@@ -14,6 +14,7 @@ import numpy as np
 
 from edge_agent.data import DataSource
 from edge_agent.error_feedback import ErrorFeedback
+from edge_agent.statistics import LocalStatistics, prepare_features
 from edge_agent.trainer import LocalTrainer
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, UpdateMessage, decode_model, encode_update
@@ -86,6 +87,8 @@ class Agent:
         self.updates_sent_ = 0
         self.last_metrics_: dict[str, float] = {}
         self.training_ = False
+        self.statistics = LocalStatistics()  # feature statistics for the fleet (edge_agent/statistics.py)
+        self.missing_ = 0  # missing cells imputed in the last round
         # local DP (protocol/privacy.py): clip + noise the float delta before error feedback and the codec
         self.dp = dp
         self.dp_rng = secure_rng()  # never the training seed: reproducible noise is removable noise
@@ -135,10 +138,7 @@ class Agent:
         if self.model_ is None or self.budget_spent:
             return False
         now = time.monotonic() if now is None else now
-        try:
-            self.new_samples_ += self.source.poll()
-        except DataError as exc:  # a bad appended row must not stop the device
-            log.error("skipped unreadable new data: %s", exc)
+        self._poll()
         if self.error_ is not None and self.error_[0] == self.model_.version:
             return False  # said once for this version; waits for a model it can train on
         if self.train_every is not None and now - self.last_train_at_ >= self.train_every:
@@ -146,6 +146,24 @@ class Agent:
         if self.model_.version > self.trained_version_:
             return self.new_samples_ >= self.min_new_samples or self.trained_version_ < 0
         return self._resend_due(now)
+
+    def _poll(self) -> None:
+        try:
+            self.new_samples_ += self.source.poll()
+        except DataError as exc:  # a bad appended row must not stop the device
+            log.error("skipped unreadable new data: %s", exc)
+
+    def statistics_payload(self, poll: bool = True) -> bytes | None:
+        """The window's feature statistics for `Topics.stats` when due (first, or data grew); else None.
+
+        Under local DP nothing un-noised about the data travels, so never.
+        """
+        if self.dp is not None:
+            return None
+        if poll:
+            self._poll()
+        X, _ = self.source.data()
+        return self.statistics.payload_if_due(X)
 
     def _resend_due(self, now: float) -> bool:
         """The last update may be lost: the coordinator restarted, or no newer model came in time."""
@@ -174,6 +192,7 @@ class Agent:
             return None
         self.training_ = True
         try:
+            X, self.missing_ = prepare_features(X, model.scaling)
             result = self.trainer.train(model, X, y)
             encoded = self.feedback.encode(self._privatize(result.delta)) if result is not None else None
         except Exception as exc:  # e.g. the fleet's model expects other features: said once per version
@@ -249,6 +268,8 @@ class Agent:
             "codec": str(self.feedback.spec),
             "last_update_time": self.last_update_time_,
             "metrics": {} if self.dp is not None else dict(self.last_metrics_),
+            "missing": self.missing_,
+            "scaled": bool(self.model_ is not None and self.model_.scaling is not None),
             "time": time.time(),
         }
         if status["state"] == ERROR:

@@ -57,6 +57,7 @@ class AgentSession:
         self._pending: Outgoing | None = None
         self._lock = threading.Lock()  # guards _pending against on_connect's flush
         self._connected_once = False  # before that, start() reports a refusal (one line)
+        self._stats_resend = False  # set on (re)connection: the broker may have lost the retained statistics
         topics = agent.topics
         self.client = make_client(
             settings,
@@ -79,6 +80,8 @@ class AgentSession:
         # QoS 0: the model is retained, so every (re)subscription brings the newest, and the
         # broker queues no stale models for an offline device (docs/architecture.md)
         client.subscribe(self.agent.topics.model, qos=0)
+        self._stats_resend = True
+        self.wake.set()
         self.publish_status()
         with self._lock:
             pending, self._pending = self._pending, None
@@ -127,6 +130,21 @@ class AgentSession:
         log.info("sent %supdate: version %d, seq %d, %d bytes, %s", "held " if held else "",
                  out.version, out.seq, len(out.payload), format_metrics(out.metrics))
 
+    def send_statistics(self) -> bool:
+        """Publish the window's feature statistics (retained, QoS 1) when they are due; True if sent."""
+        if self._stats_resend:
+            self._stats_resend = False
+            self.agent.statistics.resend()
+        payload = self.agent.statistics_payload()
+        if payload is None:
+            return False
+        if not self.client.is_connected():
+            self.agent.statistics.resend()  # try again once connected
+            return False
+        self.client.publish(self.agent.topics.stats(self.agent.agent_id), payload, qos=1, retain=True)
+        log.info("sent feature statistics of %d rows (%d bytes)", len(self.agent.source), len(payload))
+        return True
+
     # --- main thread ------------------------------------------------------------------
 
     def start(self) -> None:
@@ -142,6 +160,7 @@ class AgentSession:
         last_status = time.monotonic()
         try:
             while not stop.is_set():
+                self.send_statistics()
                 self.wake.wait(self.poll_interval)
                 self.wake.clear()
                 if stop.is_set():

@@ -4,7 +4,9 @@ Model (coordinator -> agents, retained, sent rarely: a self-describing map)::
 
     {"format": 2, "type": "model", "fleet": str, "version": int, "time": float,
      "spec": {...ModelSpec...}, "params": bytes (little-endian float32, spec.n_params),
-     "started_at": float (optional: when the publishing coordinator started)}
+     "started_at": float (optional: when the publishing coordinator started),
+     "scaling": {"mean": bin, "scale": bin} (optional: the fleet's feature scaling, see
+                protocol/stats_message.py; params are for features standardized with it)}
 
 An agent that sees the same version again with another `started_at` knows the coordinator
 restarted (its last update may have been lost with a broker's state) and sends afresh.
@@ -82,6 +84,7 @@ class ModelMessage:
     params: np.ndarray  # float64 in memory, float32 on the wire
     time: float = field(default_factory=time.time)
     started_at: float | None = None  # the publishing coordinator's start (wall clock)
+    scaling: object | None = None  # protocol.statistics.Scaling the params are expressed for, if any
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ def encode_model(msg: ModelMessage) -> bytes:
             "spec": msg.spec.to_wire(),
             "params": params.tobytes(),
             **({} if msg.started_at is None else {"started_at": msg.started_at}),
+            **({} if msg.scaling is None else {"scaling": _scaling_wire(msg.scaling)}),
         },
         use_bin_type=True,
     )
@@ -144,7 +148,20 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
         params=params,
         time=_number(wire, "time"),
         started_at=_number(wire, "started_at") if "started_at" in wire else None,
+        scaling=_scaling(wire["scaling"], spec.n_features) if "scaling" in wire else None,
     )
+
+
+def _scaling_wire(scaling) -> dict:
+    from protocol.stats_message import scaling_to_wire  # it imports this module
+
+    return scaling_to_wire(scaling)
+
+
+def _scaling(wire: object, n_features: int):
+    from protocol.stats_message import scaling_from_wire
+
+    return scaling_from_wire(wire, n_features)
 
 
 def encode_update(msg: UpdateMessage) -> bytes:

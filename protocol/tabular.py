@@ -13,7 +13,7 @@ class DataError(ValueError):
 
 
 def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
-    """(X, y) from a CSV with a header row: every column but `label_column` is a feature.
+    """(X, y) from a CSV with a header row: every column but `label_column` is a feature (NaN where missing).
 
     Labels that are all integral become int64 (class labels), others float64 (targets).
     """
@@ -35,6 +35,9 @@ def parse_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(X, y) from string rows under `header`; DataError names the first bad cell.
 
+    An empty feature cell or NaN is a missing value (NaN in X); text, infinities and a
+    missing label are errors.
+
     `first_line` is the file line of rows[0], for the messages.
     """
     header = [h.strip() for h in header]
@@ -54,13 +57,19 @@ def parse_rows(
             values[i] = np.asarray(row, dtype=np.float64)  # numpy parses the strings, row at a time
         except ValueError:
             for j, cell in enumerate(row):
+                if not cell.strip():
+                    values[i, j] = np.nan  # a gap: a missing value, imputed later
+                    continue
                 try:
-                    float(cell)
+                    values[i, j] = float(cell)
                 except ValueError:
                     raise DataError(f"{source}: line {first_line + i}, column {header[j]!r}: {cell!r} is not a number") from None
-    if not np.isfinite(values).all():
-        i, j = np.argwhere(~np.isfinite(values))[0]
+    if np.isinf(values).any():
+        i, j = np.argwhere(np.isinf(values))[0]
         raise DataError(f"{source}: line {first_line + i}, column {header[j]!r}: value is not finite")
+    if np.isnan(values[:, label_at]).any():
+        i = int(np.argwhere(np.isnan(values[:, label_at]))[0][0])
+        raise DataError(f"{source}: line {first_line + i}, column {label_column!r}: the label is missing")
     y = values[:, label_at]
     X = np.delete(values, label_at, axis=1)
     if np.all(y == np.round(y)):

@@ -52,6 +52,11 @@ class Topics:
         return f"{self.base}/update/+"
 
     @property
+    def all_stats(self) -> str:
+        """Subscription filter for every agent's feature statistics."""
+        return f"{self.base}/stats/+"
+
+    @property
     def all_agent_statuses(self) -> str:
         return f"{self.base}/agent/+/status"
 
@@ -62,6 +67,19 @@ class Topics:
     def update(self, agent_id: str) -> str:
         """Where agent `agent_id` publishes its model updates (msgpack)."""
         return f"{self.base}/update/{check_name('agent id', agent_id)}"
+
+    def stats(self, agent_id: str) -> str:
+        """Where agent `agent_id` publishes its feature statistics (msgpack, retained)."""
+        return f"{self.base}/stats/{check_name('agent id', agent_id)}"
+
+    def agent_of_stats(self, topic: str) -> str | None:
+        """The agent id a statistics topic belongs to, or None if `topic` is not one."""
+        head = f"{self.base}/stats/"
+        if topic.startswith(head):
+            agent = topic[len(head):]
+            if _NAME.match(agent):
+                return agent
+        return None
 
     def agent_status(self, agent_id: str) -> str:
         """Retained JSON status of one agent; its last will says offline."""

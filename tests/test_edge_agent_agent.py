@@ -118,7 +118,7 @@ def test_status_is_json_with_every_field():
     agent.make_update()
     status = json.loads(json.dumps(agent.status(), allow_nan=False))
     assert set(status) == {"agent", "state", "version", "model_version", "seq", "updates_sent", "samples", "codec",
-                           "last_update_time", "metrics", "time"}
+                           "last_update_time", "metrics", "missing", "scaled", "time"}
     assert status["agent"] == "a1" and status["state"] == "idle"
     assert (status["version"], status["model_version"], status["updates_sent"]) == (4, 4, 1)
     assert status["seq"] == agent.seq_ and status["samples"] == 200 and status["codec"] == "topk:0.05+int4"
