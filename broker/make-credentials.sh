@@ -94,6 +94,7 @@ acl="$out/acl.tmp"
     [[ -n "$agent_fleet" ]] || { echo "agent '$user' has no fleet: run again with --fleet FLEET $user" >&2; rm -f "$acl"; exit 2; }
     echo "user $user"
     echo "topic write fedmq/$agent_fleet/update/$user"
+    echo "topic write fedmq/$agent_fleet/stats/$user"
     echo "topic write fedmq/$agent_fleet/agent/$user/status"
     echo "topic read fedmq/$agent_fleet/model"
   done

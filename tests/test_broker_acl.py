@@ -164,6 +164,12 @@ MATRIX = [
     ("a1", t("update/a1"), {"coordinator", "monitor"}, True),
     ("a1", t("agent/a1/status"), {"coordinator", "monitor"}, True),
     ("a1", t("update/a2"), set(), False),
+    ("a1", t("stats/a1"), {"coordinator", "monitor"}, True),  # its own statistics: the coordinator reads them
+    ("a1", t("stats/a2"), set(), False),
+    ("a1", f"fedmq/{OTHER_FLEET}/stats/a1", set(), False),
+    ("b1", t("stats/b1"), set(), False),
+    ("monitor", t("stats/monitor"), set(), False),
+    ("coordinator", t("stats/coordinator"), set(), False),
     ("a1", t("agent/a2/status"), set(), False),
     ("a1", t("model"), set(), False),
     ("a1", t("coordinator/status"), set(), False),
@@ -184,7 +190,7 @@ MATRIX = [
     ("coordinator", t("coordinator/status"), {"monitor"}, True),
 ]
 SUBSCRIPTIONS = {
-    "coordinator": ("fedmq/+/update/#", "fedmq/+/agent/+/status"),
+    "coordinator": ("fedmq/+/update/#", "fedmq/+/agent/+/status", "fedmq/+/stats/+"),
     "monitor": ("fedmq/#",),
     "a1": ("fedmq/#",),  # agents may subscribe to everything and still only get the model
     "a2": ("fedmq/#",),
