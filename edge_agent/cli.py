@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -11,7 +12,7 @@ import threading
 from edge_agent.agent import Agent
 from edge_agent.data import CallableSource, CSVDirectory, CSVFile, DataSource
 from edge_agent.session import AgentSession
-from edge_agent.trainer import LocalTrainer
+from edge_agent.trainer import DEFAULT_MAX_CLASSES, DEFAULT_MAX_FEATURES, DEFAULT_MAX_MODEL_BYTES, LocalTrainer, ModelLimits
 from protocol.accounting import check_available
 from protocol.codec import CodecSpec
 from protocol.config import fleet_tool_parser, parse_layered
@@ -55,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "random 1-1.5) after the last update, in case it was lost; 0: never (default: 60)")
     t.add_argument("--seed", type=int, help="random seed for shuffling and stochastic rounding (default: random)")
 
+    lim = p.add_argument_group("limits (what this device accepts from the fleet; a model beyond them is refused, "
+                               "said in one line, and the agent waits for another)")
+    lim.add_argument("--max-classes", type=int, default=DEFAULT_MAX_CLASSES, metavar="N",
+                     help=f"train a model of at most N classes (default: {DEFAULT_MAX_CLASSES})")
+    lim.add_argument("--max-features", type=int, default=DEFAULT_MAX_FEATURES, metavar="N",
+                     help=f"train a model of at most N features (default: {DEFAULT_MAX_FEATURES})")
+    lim.add_argument("--max-model-bytes", type=int, default=DEFAULT_MAX_MODEL_BYTES, metavar="BYTES",
+                     help=f"train a model of at most BYTES of float32 parameters (default: {DEFAULT_MAX_MODEL_BYTES}, "
+                     "about a million parameters)")
+    lim.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="on SIGTERM/SIGINT, exit after this long even in the middle of a round (default: 10)")
+
     dp = p.add_argument_group("differential privacy (local: clip and noise every update on this device; needs pip install 'fedmq[dp]')")
     dp.add_argument("--dp-clip", type=float, metavar="C", help="clip each update's L2 norm to C before noise (with --dp-noise)")
     dp.add_argument("--dp-noise", type=float, metavar="SIGMA",
@@ -90,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError("--resend-after must be >= 0 (0: never)")
         if args.poll_interval <= 0 or args.connect_timeout <= 0 or (args.train_every is not None and args.train_every <= 0):
             raise ValueError("--poll-interval, --connect-timeout and --train-every must be > 0")
+        if min(args.max_classes - 2, args.max_features - 1, args.max_model_bytes - 12) < 0 or not args.stop_timeout > 0:
+            raise ValueError("--max-classes must be >= 2, --max-features >= 1, --max-model-bytes >= 12, --stop-timeout > 0")
+        args.limits = ModelLimits(args.max_classes, args.max_features, args.max_model_bytes)
         args.dp = parse_dp(args)
     except ValueError as exc:
         parser.error(str(exc))
@@ -139,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"fedmq-agent: error: {exc}", file=sys.stderr)
         return 2
-    trainer = LocalTrainer(args.local_epochs, args.batch_size, random_state=args.seed)
+    trainer = LocalTrainer(args.local_epochs, args.batch_size, random_state=args.seed, limits=args.limits)
     agent = Agent(args.id, args.topics, source, trainer, args.codec,
                   min_new_samples=args.min_new_samples, train_every=args.train_every, seed=args.seed,
                   resend_after=args.resend_after or None,
@@ -148,10 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     session = AgentSession(agent, args.settings, connect_timeout=args.connect_timeout,
                            poll_interval=args.poll_interval, status_interval=args.status_interval)
     stop = threading.Event()
+    watchdog: list[threading.Timer] = []
 
     def request_stop(signum, frame):
         stop.set()
         session.wake.set()
+        if not watchdog:  # a round in progress is not interrupted; it gets --stop-timeout to finish
+            watchdog.append(threading.Timer(args.stop_timeout, exit_now, (signal.Signals(signum).name,)))
+            watchdog[0].daemon = True
+            watchdog[0].start()
+
+    def exit_now(name: str) -> None:
+        log.warning("%s: still busy after %g s (--stop-timeout), exiting in the middle of a round", name, args.stop_timeout)
+        logging.shutdown()
+        os._exit(0)  # the broker publishes the last will (offline)
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

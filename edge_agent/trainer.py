@@ -22,6 +22,32 @@ log = logging.getLogger(__name__)
 _PROBABILISTIC_LOSSES = ("log_loss", "modified_huber")
 # Parameters must survive the float32 wire format; beyond this they are Inf there.
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# What a device accepts from the fleet by default (fedmq-agent --max-classes, --max-features,
+# --max-model-bytes): a model is refused beyond these, before any estimator is built.
+DEFAULT_MAX_CLASSES = 1000
+DEFAULT_MAX_FEATURES = 100_000
+DEFAULT_MAX_MODEL_BYTES = 4 * 1024 * 1024  # float32 parameters on the wire: about a million
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """The largest model this device trains: classes, features, parameter bytes (float32)."""
+
+    max_classes: int = DEFAULT_MAX_CLASSES
+    max_features: int = DEFAULT_MAX_FEATURES
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+
+    def check(self, spec: ModelSpec) -> None:
+        """ValueError (one line, naming the flag) if `spec` is beyond these limits."""
+        if len(spec.classes) > self.max_classes:
+            raise ValueError(f"the model has {len(spec.classes)} classes, this agent accepts at most "
+                             f"{self.max_classes} (--max-classes)")
+        if spec.n_features > self.max_features:
+            raise ValueError(f"the model has {spec.n_features} features, this agent accepts at most "
+                             f"{self.max_features} (--max-features)")
+        if 4 * spec.n_params > self.max_model_bytes:
+            raise ValueError(f"the model has {spec.n_params} parameters ({4 * spec.n_params} bytes), this agent "
+                             f"accepts at most {self.max_model_bytes} bytes (--max-model-bytes)")
 
 
 @dataclass
@@ -41,9 +67,11 @@ class LocalTrainer:
     schedule (`t_`) keeps decaying across rounds as it would in centralised training.
     """
 
-    def __init__(self, local_epochs: int = 1, batch_size: int = 32, random_state: int | None = None) -> None:
+    def __init__(self, local_epochs: int = 1, batch_size: int = 32, random_state: int | None = None,
+                 limits: ModelLimits | None = None) -> None:
         if local_epochs < 1 or batch_size < 1:
             raise ValueError("local epochs and batch size must be >= 1")
+        self.limits = limits or ModelLimits()
         self.local_epochs = local_epochs
         self.batch_size = batch_size
         self.random_state = random_state
@@ -55,8 +83,21 @@ class LocalTrainer:
         """Evaluate `model` on (X, y), train from it, return the delta.
 
         None when no row is usable or training diverged (logged; the next model starts
-        afresh). ValueError when the data does not fit the model (feature count).
+        afresh). ValueError (one line) when the model is beyond `limits`, when the data does
+        not fit it (feature count), or when scikit-learn fails on it in any other way.
         """
+        spec = model.spec
+        self.limits.check(spec)
+        try:
+            return self._train(model, X, y)
+        except ValueError:
+            raise
+        except Exception as exc:  # nothing a model can make scikit-learn raise may end the agent
+            self.estimator_ = None
+            text = " ".join(str(exc).split())
+            raise ValueError(f"training failed: {type(exc).__name__}: {text}") from None
+
+    def _train(self, model: ModelMessage, X: np.ndarray, y: np.ndarray) -> TrainResult | None:
         spec = model.spec
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y)

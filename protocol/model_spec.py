@@ -58,6 +58,7 @@ class ModelSpec:
                 raise ValueError(f"hyperparameter {name!r} is not settable by a spec: use {sorted(HYPERPARAMETERS)}")
             if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
                 raise ValueError(f"hyperparameter {name}={value!r} has the wrong type")
+        check_hyperparameters(self.estimator, self.hyperparameters)
 
     @property
     def is_classifier(self) -> bool:
@@ -102,6 +103,25 @@ class ModelSpec:
             )
         except (TypeError, ValueError) as exc:
             raise ProtocolError("schema", f"bad model spec: {exc}") from None
+
+
+def check_hyperparameters(estimator: str, hyperparameters: dict) -> None:
+    """ValueError (one line) unless scikit-learn itself accepts these values for `estimator`.
+
+    A spec arrives from the network: an unknown `loss`, `penalty` or `learning_rate` string
+    would otherwise surface as a KeyError deep inside the first `partial_fit` (scikit-learn
+    skips its parameter validation for an estimator that already has coefficients, which
+    `build_estimator` sets). So the estimator's own checks run here, on an unfitted one:
+    `_validate_params` (types, ranges, allowed strings) and `_more_validate_params` (the
+    combinations, such as eta0 > 0 for a constant learning rate), as `partial_fit` would.
+    """
+    try:
+        est = ESTIMATORS[estimator](**hyperparameters)
+        est._validate_params()
+        est._more_validate_params(for_partial_fit=True)
+    except (TypeError, ValueError) as exc:
+        text = " ".join(str(exc).split())
+        raise ValueError(f"hyperparameters refused by scikit-learn: {text}") from None
 
 
 def build_estimator(spec: ModelSpec, params: np.ndarray | None = None, *, random_state: int | None = None):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from edge_agent.trainer import LocalTrainer
+from edge_agent.trainer import LocalTrainer, ModelLimits
 from protocol.messages import ModelMessage
 from protocol.model_spec import ModelSpec, get_flat_params
 
@@ -104,3 +104,25 @@ def test_metrics_never_carry_nan():
     """A constant target makes r2 undefined: scikit-learn reports 0, never NaN."""
     result = LocalTrainer(random_state=0).train(model(REGRESSOR), X, np.ones(len(X)))
     assert all(math.isfinite(v) for v in result.metrics.values())
+
+
+@pytest.mark.parametrize("limits, spec, flag", [
+    (ModelLimits(max_classes=10), ModelSpec("sgd-classifier", 2, tuple(range(11))), "--max-classes"),
+    (ModelLimits(max_features=5), ModelSpec("sgd-classifier", 6, (0, 1)), "--max-features"),
+    (ModelLimits(max_model_bytes=4 * 30), ModelSpec("sgd-classifier", 10, (0, 1, 2)), "--max-model-bytes"),
+])
+def test_a_model_beyond_the_agents_limits_is_refused_before_training(limits, spec, flag):
+    trainer = LocalTrainer(limits=limits)
+    model = ModelMessage("f", 1, spec, np.zeros(spec.n_params))
+    X = np.zeros((4, spec.n_features))
+    with pytest.raises(ValueError, match=flag):
+        trainer.train(model, X, np.zeros(4, dtype=int))
+    assert trainer.estimator_ is None
+
+
+def test_an_unexpected_scikit_learn_error_is_one_line_valueerror(monkeypatch):
+    spec = ModelSpec("sgd-classifier", 2, (0, 1))
+    trainer = LocalTrainer()
+    monkeypatch.setattr(trainer, "_fit_epochs", lambda X, y: {}["boom"])
+    with pytest.raises(ValueError, match="training failed: KeyError: 'boom'"):
+        trainer.train(ModelMessage("f", 1, spec, np.zeros(spec.n_params)), np.zeros((3, 2)), np.array([0, 1, 0]))

@@ -142,3 +142,102 @@ def test_an_8_mb_hostile_model_keeps_an_agent_under_its_floor_plus_40_mb(mosquit
         watcher.close()
         assert stop(agent) == 0
     assert "ignoring an unusable model message" in (tmp_path / "agent.log").read_text()
+
+
+# --- odd models: refused in one line, the agent keeps waiting for a usable one ----------------
+
+def raw_model(version: int, classes: list, hyperparameters: dict, n_features: int = 4) -> bytes:
+    """A model message built by hand: ModelSpec itself refuses what these tests send."""
+    rows = 1 if len(classes) == 2 else len(classes)
+    params = np.zeros(rows * n_features + rows, dtype="<f4").tobytes()
+    return msgpack.packb({"format": 2, "type": "model", "fleet": T.fleet, "version": version, "time": 0.0,
+                          "spec": {"estimator": "sgd-classifier", "n_features": n_features, "classes": classes,
+                                   "hyperparameters": hyperparameters}, "params": params}, use_bin_type=True)
+
+
+def wait_for_log(path, text: str, timeout: float = TIMEOUT) -> None:
+    """Poll the process's log for a line: the refusal of a model is said only there."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not logged within {timeout} s: {path.read_text()[-2000:]}"
+        time.sleep(0.05)  # a log file has no event to wait on
+
+
+def start_agent(mosquitto, tmp_path, *flags, rows: int = 50):
+    rng = np.random.default_rng(0)
+    write_csv(tmp_path / "a1.csv", rng.normal(size=(rows, 4)), rng.integers(0, 3, rows))
+    watcher = TopicWatcher(mosquitto.port, f"{T.prefix}/{T.fleet}/#")
+    agent = spawn("edge_agent", "--broker", mosquitto.url, "--fleet", T.fleet, "--id", "a1",
+                  "--data", tmp_path / "a1.csv", "--status-interval", 0, *flags,
+                  log=tmp_path / "agent.log")
+    watcher.wait_for(lambda: watcher.json(T.agent_status("a1")), TIMEOUT, "the agent's status")
+    return agent, watcher
+
+
+@pytest.mark.parametrize("hyperparameters", [{"loss": "bogus"}, {"penalty": "l3"}, {"learning_rate": "fast"},
+                                             {"alpha": -1.0}, {"learning_rate": "constant", "eta0": 0.0}])
+def test_a_model_with_unusable_hyperparameters_is_refused_and_the_agent_waits(mosquitto, tmp_path, hyperparameters):
+    """Issue 10: an unknown loss string raised KeyError in the agent, which exited 1 on every restart."""
+    agent, watcher = start_agent(mosquitto, tmp_path)
+    client = publisher(mosquitto)
+    try:
+        client.publish(T.model, raw_model(1, [0, 1, 2], hyperparameters), qos=1).wait_for_publish(TIMEOUT)
+        wait_for_log(tmp_path / "agent.log", "refused by scikit-learn")
+        client.publish(T.model, raw_model(2, [0, 1, 2], {}), qos=1).wait_for_publish(TIMEOUT)
+        watcher.wait_for(lambda: T.update("a1") in watcher.latest, TIMEOUT, "an update for the usable model")
+        assert agent.poll() is None
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        watcher.close()
+        assert stop(agent) == 0
+    log = (tmp_path / "agent.log").read_text()
+    refusals = [line for line in log.splitlines() if "refused by scikit-learn" in line]
+    assert len(refusals) == 1 and "Traceback" not in log, log
+    assert any(f"'{name}' parameter" in refusals[0] for name in hyperparameters), refusals
+
+
+def test_a_30000_class_model_is_refused_by_max_classes_and_the_agent_stays_responsive(mosquitto, tmp_path):
+    """Issue 10: a 30,000-class model wedged an agent (no update in 60 s, SIGTERM ignored)."""
+    agent, watcher = start_agent(mosquitto, tmp_path)
+    client = publisher(mosquitto)
+    try:
+        client.publish(T.model, raw_model(1, list(range(30_000)), {}), qos=1).wait_for_publish(TIMEOUT)
+        wait_for_log(tmp_path / "agent.log", "(--max-classes)", 30)
+        client.publish(T.model, raw_model(2, [0, 1, 2], {}), qos=1).wait_for_publish(TIMEOUT)
+        watcher.wait_for(lambda: T.update("a1") in watcher.latest, 30, "an update for the usable model")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        watcher.close()
+        assert stop(agent) == 0
+    log = (tmp_path / "agent.log").read_text()
+    assert "the model has 30000 classes, this agent accepts at most 1000 (--max-classes)" in log, log
+
+
+def test_sigterm_is_honoured_within_the_stop_timeout_even_mid_round(mosquitto, tmp_path):
+    """A round allowed to be long (30,000 classes, --max-classes raised): SIGTERM still ends the agent."""
+    import time
+
+    agent, watcher = start_agent(mosquitto, tmp_path, "--max-classes", 40_000, "--stop-timeout", 2, rows=400)
+    client = publisher(mosquitto)
+    try:
+        client.publish(T.model, raw_model(1, list(range(30_000)), {}), qos=1).wait_for_publish(TIMEOUT)
+        watcher.wait_for(lambda: (watcher.json(T.agent_status("a1")) or {}).get("state") == "training", TIMEOUT,
+                         "the agent training")
+        asked = time.monotonic()
+        agent.terminate()
+        code = agent.wait(30)
+        took = time.monotonic() - asked
+        if os.environ.get("FEDMQ_PRINT_RSS"):
+            print(f"\nSIGTERM mid-round: exited {code} after {took:.2f} s (--stop-timeout 2)")
+        assert T.update("a1") not in watcher.latest, "the round finished before SIGTERM: make it longer"
+        assert code == 0 and took < 2 + 3, f"exit {code} after {took:.1f} s"
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        watcher.close()
+        stop(agent)
+    assert "--stop-timeout" in (tmp_path / "agent.log").read_text()

@@ -62,3 +62,30 @@ def test_set_flat_params_rejects_wrong_length():
 def test_bad_specs_raise_typed_error(wire):
     with pytest.raises(ProtocolError):
         ModelSpec.from_wire(wire)
+
+
+@pytest.mark.parametrize("estimator, hyperparameters, names", [
+    ("sgd-classifier", {"loss": "bogus"}, "'loss'"),
+    ("sgd-classifier", {"penalty": "l3"}, "'penalty'"),
+    ("sgd-classifier", {"learning_rate": "fast"}, "'learning_rate'"),
+    ("sgd-classifier", {"alpha": -1.0}, "'alpha'"),
+    ("sgd-classifier", {"alpha": 0.0}, "alpha must be > 0"),  # with the default learning_rate 'optimal'
+    ("sgd-classifier", {"learning_rate": "constant", "eta0": 0.0}, "'eta0'"),
+    ("sgd-classifier", {"eta0": float("inf")}, "'eta0'"),
+    ("sgd-classifier", {"l1_ratio": 2.0}, "'l1_ratio'"),
+    ("sgd-regressor", {"loss": "hinge"}, "'loss'"),  # a classifier's loss
+])
+def test_hyperparameters_are_checked_by_scikit_learn_before_an_estimator_is_built(estimator, hyperparameters, names):
+    classes = (0, 1) if estimator == "sgd-classifier" else ()
+    with pytest.raises(ValueError, match="hyperparameters refused by scikit-learn") as err:
+        ModelSpec(estimator, 3, classes, hyperparameters)
+    assert names in str(err.value) and "\n" not in str(err.value)
+    wire = {"estimator": estimator, "n_features": 3, "classes": list(classes), "hyperparameters": hyperparameters}
+    with pytest.raises(ProtocolError, match="refused by scikit-learn"):
+        ModelSpec.from_wire(wire)
+
+
+def test_valid_hyperparameters_still_pass():
+    spec = ModelSpec("sgd-classifier", 3, (0, 1, 2), {"loss": "log_loss", "penalty": None, "alpha": 1e-4,
+                                                     "learning_rate": "constant", "eta0": 0.01})
+    assert build_estimator(spec).loss == "log_loss"
