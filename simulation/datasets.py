@@ -40,13 +40,14 @@ class Dataset:
         return "sgd-classifier" if self.task == "classification" else "sgd-regressor"
 
 
-def load_dataset(name: str, *, test_size: float = 0.25, seed: int = 0) -> Dataset:
+def load_dataset(name: str, *, test_size: float = 0.25, seed: int = 0, raw: bool = False) -> Dataset:
     """Dataset `name` (one of DATASETS), split into train and test with `seed`.
 
-    digits keeps its raw 0..16 pixel values. breast_cancer and wine are standardised
-    with the mean and deviation of the train split only, so the test split stays
-    unseen; a real fleet would agree such scaling before training starts, since no
-    one sees all devices' data.
+    `raw`: every bundled set in its own units, as devices log them; a fleet scales them
+    with the federated feature statistics (coordinator --feature-stats). Otherwise digits
+    keeps its raw 0..16 pixel values and breast_cancer and wine are standardised with the
+    pooled train split's mean and deviation, which no one in a real fleet can compute
+    (the centralized ceiling of bench/raw_data.py).
     """
     if name == "linear":
         return make_linear(test_size=test_size, seed=seed)
@@ -54,7 +55,7 @@ def load_dataset(name: str, *, test_size: float = 0.25, seed: int = 0) -> Datase
         raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
     X, y = _BUNDLED[name](return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
-    if name != "digits":
+    if name != "digits" and not raw:
         X_train, X_test = standardise(X_train, X_test)
     classes = tuple(int(c) for c in np.unique(y))
     return Dataset(name, "classification", X_train, y_train, X_test, y_test, classes)
@@ -76,6 +77,18 @@ def make_linear(
     deciles = np.digitize(y, np.quantile(y, np.linspace(0, 1, 11)[1:-1]))
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=deciles)
     return Dataset("linear", "regression", X_train, y_train, X_test, y_test, (), coef, intercept)
+
+
+def skew_features(X: np.ndarray, rng: np.random.Generator, spread: float) -> np.ndarray:
+    """`X` as read by sensors of another calibration: x * g + o per feature, log10 g ~ U(-spread, spread).
+
+    The offset is up to `spread` (gained) standard deviations of the feature, so readings
+    differ in both the zero and the unit of each feature.
+    """
+    d = X.shape[1]
+    gain = 10.0 ** rng.uniform(-spread, spread, d)
+    offset = rng.uniform(-spread, spread, d) * X.std(axis=0) * gain
+    return X * gain + offset
 
 
 def standardise(X_train: np.ndarray, X_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
