@@ -147,3 +147,15 @@ def test_throughput_table_is_the_results_file():
         assert row, f"docs/benchmarks.md has no throughput row for {r['n_params']:,} parameters"
         assert row.groups() == (thousands(r["payload_bytes"]), thousands(r["raw_paho"]["per_s"]),
                                 thousands(r["fedmq_coordinator"]["per_s"]), f"{r['ratio']:.2f}"), row.groups()
+
+
+def test_security_quotes_the_sybil_results_exactly():
+    """docs/security.md's Sybil table is bench/results/sybil.json (seen red on a changed cell)."""
+    data = results("sybil")
+    text = (ROOT / "docs" / "security.md").read_text()
+    labels = {"mean": "mean", "trimmed-mean+norm-reject": "trimmed-mean:0.2 + norm-factor 2 (reject)",
+              "median+norm-reject": "median + norm-factor 2 (reject)"}
+    for name, label in labels.items():
+        cells = " | ".join(f"{data['results'][name][k]['accuracy']:.4f}" for k in ("3", "6", "9", "12", "15", "20"))
+        assert f"| {label} | {cells} |" in text, name
+    assert f"the fleet reaches {data['all_honest_accuracy']:.4f}" in text
