@@ -30,6 +30,8 @@ FLOOR = ("import time; t = time.perf_counter(); import numpy, sklearn.linear_mod
          "import resource, json; print(json.dumps({'import_s': time.perf_counter() - t, "
          "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
 
+BARE = "import resource, json; print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+
 
 def inner_timing(data_csv: str, repeats: int = 20) -> dict:
     """Run inside the target interpreter: per-update train and encode times."""
@@ -64,12 +66,29 @@ class Target:
         self.pi_root = Path(pi_root) if pi_root else None
         if self.pi_root:
             self.src = self.pi_root / "opt" / "fedmq-src"
-            # the checkout into /opt/fedmq-src, pip-installed into the root's venv
+            # the checkout into /opt/fedmq-src, pip-installed into the root's venv (which has the
+            # dependencies already: scripts/pi-root build), timed
+            started = time.perf_counter()
             subprocess.run([str(ROOT / "scripts" / "pi-root"), "install"], check=True, capture_output=True,
                            env={**os.environ, "FEDMQ_PI_ROOT": str(self.pi_root)})
+            self.install_s = time.perf_counter() - started
             self.workdir = Path(tempfile.mkdtemp(dir=self.pi_root / "tmp"))
         else:
             self.workdir = Path(tempfile.mkdtemp())
+
+    def venv_disk(self) -> dict:
+        """MB on disk: the root's whole venv, and per package in its site-packages."""
+        def mb(path: Path) -> float:
+            return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() or f.is_symlink()) / 1e6 if path.exists() else 0.0
+
+        venv = self.pi_root / "opt" / "venv"
+        site = next(venv.glob("lib/python3*/site-packages"))
+        fedmq = sum(mb(site / name) for name in ("protocol", "edge_agent", "coordinator", "simulation", "monitor"))
+        fedmq += sum(mb(d) for d in site.glob("fedmq-*.dist-info"))
+        return {"venv_mb": round(mb(venv), 1), "scipy_mb": round(mb(site / "scipy") + sum(mb(d) for d in site.glob("scipy.libs")), 1),
+                "numpy_mb": round(mb(site / "numpy") + sum(mb(d) for d in site.glob("numpy.libs")), 1),
+                "scikit_learn_mb": round(mb(site / "sklearn") + sum(mb(d) for d in site.glob("scikit_learn.libs")), 1),
+                "fedmq_mb": round(fedmq, 2)}
 
     def prefix(self) -> list[str]:
         if self.pi_root:
@@ -118,6 +137,7 @@ def main() -> None:
     data = target.workdir / "edge.csv"
     write_csv(data, rng.normal(size=(N_ROWS, N_FEATURES)), rng.integers(0, N_CLASSES, N_ROWS))
     floors = [target.run_json(["-c", FLOOR]) for _ in range(args.repeats)]
+    bare = statistics.median(target.run_json(["-c", BARE])["peak_rss_mb"] for _ in range(args.repeats))
     timing = target.run_json([target.inside(target.src / "bench" / "edge.py") if target.pi_root else __file__,
                               "--inner-timing", target.inside(data)])
     topics = Topics("edge")
@@ -149,7 +169,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "edge", "target": "emulated aarch64 (qemu-user, cortex-a72)" if args.pi_root else os.uname().machine,
         "n_params": spec.n_params, "rows": N_ROWS,
-        "floor": {"peak_rss_mb": round(floor_rss, 1), "import_s": round(floor_import, 3)},
+        "floor": {"peak_rss_mb": round(floor_rss, 1), "import_s": round(floor_import, 3),
+                  "bare_python_rss_mb": round(bare, 1)},  # python -c pass: the interpreter (and qemu) alone
         "agent": {"peak_rss_mb": round(agent_rss, 1), "first_update_s": round(first, 3),
                   "update_bytes": runs[0]["update_bytes"]},
         "per_update": {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()},
@@ -158,6 +179,7 @@ def main() -> None:
             "first_update_over_import_floor_s": round(first - floor_import, 3), "first_update_target_s": 1.0,
             "encode_ms": round(timing["encode_ms_median"], 3), "encode_target_ms": 10,
         },
+        **({"install": {"pip_install_fedmq_s": round(target.install_s, 1), **target.venv_disk()}} if args.pi_root else {}),
         "runs": runs,
     }, indent=1))
 
