@@ -75,7 +75,7 @@ for user in "${users[@]}"; do
   first=
 done
 # mode 600: mosquitto >= 2.0.18 warns about a password file others can read, and about one it
-# does not own (in the docker image it runs as uid 1883: see README.md)
+# does not own (the broker image's entrypoint installs a copy owned by its uid 1883: no chown here)
 chmod 600 "$passwd"
 mv -f "$passwd" "$out/passwd"
 
