@@ -53,6 +53,13 @@ class StatusCollector:
         yield gauge("fedmq_staleness_mean", "Mean staleness of accepted updates", status["staleness"]["mean"])
         yield gauge("fedmq_staleness_max", "Largest staleness of an accepted update", status["staleness"]["max"])
         yield gauge("fedmq_agents", "Agents whose updates were seen", status["agents"])
+        yield counter("fedmq_sequence_gaps", "Updates agents made that never arrived (holes in their seq)", status.get("gaps", 0))
+        yield counter("fedmq_buffer_timeouts", "Buffers stepped by --buffer-timeout before they filled",
+                      status.get("buffer_timeouts", 0))
+        failing = status.get("checkpoint_failing")
+        yield gauge("fedmq_checkpoint_failing", "1 while checkpoints fail (nothing is acknowledged meanwhile)", 1 if failing else 0)
+        if failing:
+            yield gauge("fedmq_checkpoint_failing_since_seconds", "Wall-clock time checkpoints began to fail", failing["since"])
         yield gauge("fedmq_uptime_seconds", "Seconds since the coordinator started", status["uptime_s"])
         score = GaugeMetricFamily("fedmq_eval_score", "Global model on --eval-csv", labels=["fleet", "metric"])
         for metric in ("accuracy", "r2"):

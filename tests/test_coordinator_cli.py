@@ -54,9 +54,12 @@ def test_prometheus_exporter_reports_the_status():
     collector.update(build_status(
         fleet="f", strategy="fedasync", version=7, published_version=7, accepted=5, rejected={"replay": 2},
         clipped=1, pending=0, staleness_sum=5, staleness_max=3, is_classifier=True, scores={"accuracy": 0.75},
-        fleet_eval={"loss": 0.5}, agents=3, started_at=0.0, now=10.0))
+        fleet_eval={"loss": 0.5}, agents=3, gaps=4, checkpoint_failing={"error": "disk full", "since": 9.0},
+        started_at=0.0, now=10.0))
     text = generate_latest(registry).decode()
     for line in ('fedmq_model_version{fleet="f"} 7.0', 'fedmq_updates_accepted_total{fleet="f"} 5.0',
+                 'fedmq_sequence_gaps_total{fleet="f"} 4.0', 'fedmq_checkpoint_failing{fleet="f"} 1.0',
+                 'fedmq_checkpoint_failing_since_seconds{fleet="f"} 9.0',
                  'fedmq_updates_rejected_total{fleet="f",reason="replay"} 2.0',
                  'fedmq_eval_score{fleet="f",metric="accuracy"} 0.75', 'fedmq_fleet_eval{fleet="f",metric="loss"} 0.5',
                  'fedmq_staleness_max{fleet="f"} 3.0'):
