@@ -1,0 +1,262 @@
+"""Secure aggregation math (Bonawitz et al., CCS 2017), pure functions: no I/O, no MQTT.
+
+Every agent i of a cohort U (ids sorted, as strings) holds two X25519 key pairs: `c` to
+encrypt the shares it sends, `s` to agree pairwise mask seeds. Its masked input is
+
+    y_i = q(x_i) + PRG(b_i) + sum_{j in U1, j > i} PRG(s_ij) - sum_{j in U1, j < i} PRG(s_ij)   (mod 2^32)
+
+where q quantizes the float delta with a scale the cohort shares, b_i is a fresh random
+self-mask seed and s_ij = HKDF(X25519(s_sk_i, s_pk_j), round). PRG is the ChaCha20 key
+stream read as little-endian uint32. The pairwise masks cancel in the sum over the agents
+that sent an input; the coordinator removes the self-masks from t Shamir shares of each b_i,
+and the pairwise masks of agents that dropped out after the shares went out from t shares of
+their s_sk. Each share is encrypted for its recipient with ChaCha20-Poly1305 under
+HKDF(X25519(c_sk_i, c_pk_j), round), the round, sender and recipient as associated data, so a
+share replayed from another round or pair, or altered, is refused.
+
+Shamir sharing is this module's own (`split`, `combine`): polynomials over the prime field
+GF(2^521 - 1), 32-byte secrets. No maintained, light implementation for byte secrets over a
+prime field is on PyPI (the GF(256) ones are unmaintained); this one is tested in
+tests/test_secagg.py (any t shares recover, t - 1 reveal nothing checkable, bad inputs refused).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.exceptions import InvalidTag
+
+MODULUS_BITS = 32
+MODULUS = 2**MODULUS_BITS
+# Shamir's field: the Mersenne prime 2^521 - 1 holds any 32-byte secret
+PRIME = 2**521 - 1
+SHARE_BYTES = 66  # a field element, big-endian
+SEED_BYTES = 32
+
+
+class SecAggError(ValueError):
+    """A secure-aggregation input that must be refused (forged, replayed, malformed, too few)."""
+
+
+# --- keys and seeds ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """One X25519 key pair, as raw 32-byte keys."""
+
+    private: bytes
+    public: bytes
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        """A fresh key pair from the OS's generator."""
+        sk = X25519PrivateKey.generate()
+        return cls(_raw_private(sk), _raw_public(sk.public_key()))
+
+    @classmethod
+    def from_private(cls, private: bytes) -> KeyPair:
+        """The pair of a raw private key (e.g. one reconstructed from shares)."""
+        sk = X25519PrivateKey.from_private_bytes(_check_len(private, 32, "private key"))
+        return cls(private, _raw_public(sk.public_key()))
+
+
+def _raw_private(sk: X25519PrivateKey) -> bytes:
+    return sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+
+def _raw_public(pk: X25519PublicKey) -> bytes:
+    return pk.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _check_len(value: bytes, n: int, what: str) -> bytes:
+    if not isinstance(value, (bytes, bytearray)) or len(value) != n:
+        raise SecAggError(f"{what} must be {n} bytes")
+    return bytes(value)
+
+
+def agree(private: bytes, peer_public: bytes, round_id: bytes, purpose: bytes) -> bytes:
+    """A 32-byte key both ends derive: HKDF-SHA256 over X25519(private, peer_public), bound to the round."""
+    sk = X25519PrivateKey.from_private_bytes(_check_len(private, 32, "private key"))
+    try:
+        shared = sk.exchange(X25519PublicKey.from_public_bytes(_check_len(peer_public, 32, "public key")))
+    except ValueError as exc:  # an all-zero (low-order) point
+        raise SecAggError(f"unusable public key: {exc}") from None
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedmq secagg " + purpose + b"|" + round_id).derive(shared)
+
+
+def pair_seed(s_private: bytes, peer_s_public: bytes, round_id: bytes) -> bytes:
+    """The pairwise mask seed s_ij (the same at i and j)."""
+    return agree(s_private, peer_s_public, round_id, b"mask")
+
+
+def share_key(c_private: bytes, peer_c_public: bytes, round_id: bytes) -> bytes:
+    """The key that encrypts the shares between two agents in one round."""
+    return agree(c_private, peer_c_public, round_id, b"share")
+
+
+# --- masks -------------------------------------------------------------------------------
+
+
+def prg(seed: bytes, n: int) -> np.ndarray:
+    """`n` uint32 from the ChaCha20 key stream of `seed` (a cryptographic generator)."""
+    _check_len(seed, SEED_BYTES, "seed")
+    cipher = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    return np.frombuffer(cipher.update(bytes(4 * n)), dtype="<u4").astype(np.uint32)
+
+
+def check_scale(scale: float, clip: float, k: int) -> None:
+    """SecAggError unless k inputs in [-clip, clip] times scale, rounded, sum inside int32 (no wrap-around)."""
+    if not (scale > 0 and clip > 0 and k >= 1) or k * (clip * scale + 0.5) >= MODULUS // 2:
+        raise SecAggError(f"scale {scale} x clip {clip} x {k} inputs overflows {MODULUS_BITS}-bit sums")
+
+
+def choose_scale(clip: float, k: int) -> float:
+    """The largest scale at which k inputs clipped to [-clip, clip] cannot overflow the signed sum."""
+    scale = (MODULUS // 2 - 1 - k) / (k * clip)
+    check_scale(scale, clip, k)
+    return scale
+
+
+def quantize(delta: np.ndarray, scale: float, clip: float) -> np.ndarray:
+    """Round clip(delta, -clip, clip) * scale to integers, as uint32 mod 2^32."""
+    q = np.rint(np.clip(np.asarray(delta, dtype=np.float64), -clip, clip) * scale).astype(np.int64)
+    return (q % MODULUS).astype(np.uint32)
+
+
+def dequantize_sum(total: np.ndarray, scale: float) -> np.ndarray:
+    """The float sum of a sum of quantized inputs (read as signed 32-bit)."""
+    return np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.float64) / scale
+
+
+def mask(
+    me: str, x: np.ndarray, self_seed: bytes, s_private: bytes, peers_s_public: dict[str, bytes], round_id: bytes
+) -> np.ndarray:
+    """y = x + PRG(b) + pairwise masks with every peer (added towards larger ids, subtracted towards smaller)."""
+    x = np.asarray(x, dtype=np.uint32)
+    y = x + prg(self_seed, x.size)
+    for peer, public in peers_s_public.items():
+        if peer == me:
+            continue
+        m = prg(pair_seed(s_private, public, round_id), x.size)
+        y = y + m if me < peer else y - m
+    return y
+
+
+def unmask(
+    masked: dict[str, np.ndarray],
+    self_seeds: dict[str, bytes],
+    dropped_s_private: dict[str, bytes],
+    s_public: dict[str, bytes],
+    round_id: bytes,
+) -> np.ndarray:
+    """The sum of the survivors' quantized inputs (uint32).
+
+    `masked`: survivors' y; `self_seeds`: their b; `dropped_s_private`: s_sk of the agents
+    that sent shares but no input; `s_public`: s_pk of everyone in U1.
+    """
+    if set(self_seeds) != set(masked):
+        raise SecAggError("a self-mask seed is needed for every survivor, and only for them")
+    if set(dropped_s_private) & set(masked):
+        raise SecAggError("an agent cannot be both a survivor and dropped")
+    n = next(iter(masked.values())).size
+    total = np.zeros(n, dtype=np.uint32)
+    for y in masked.values():
+        if y.size != n:
+            raise SecAggError("masked inputs of different lengths")
+        total = total + y
+    for seed in self_seeds.values():
+        total = total - prg(seed, n)
+    for dropped, private in dropped_s_private.items():
+        for survivor in masked:
+            m = prg(pair_seed(private, s_public[survivor], round_id), n)
+            # the survivor added m if it is the smaller id, subtracted it if larger: take that back
+            total = total - m if survivor < dropped else total + m
+    return total
+
+
+def new_seed() -> bytes:
+    """A fresh 32-byte self-mask seed."""
+    return os.urandom(SEED_BYTES)
+
+
+# --- Shamir secret sharing over GF(2^521 - 1) ------------------------------------------------
+
+
+def split(secret: bytes, t: int, xs: list[int]) -> dict[int, int]:
+    """Shares of a 32-byte `secret` at the points `xs` (distinct, 1..PRIME-1); any `t` recover it."""
+    _check_len(secret, SEED_BYTES, "secret")
+    if not 1 <= t <= len(xs):
+        raise SecAggError(f"threshold {t} must be in 1..{len(xs)}")
+    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
+        raise SecAggError("share points must be distinct and nonzero")
+    coefficients = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(t - 1)]
+    shares = {}
+    for x in xs:
+        y = 0
+        for c in reversed(coefficients):  # Horner
+            y = (y * x + c) % PRIME
+        shares[x] = y
+    return shares
+
+
+def combine(shares: dict[int, int], t: int) -> bytes:
+    """The secret from at least `t` shares {x: y} (Lagrange at 0 over the first t)."""
+    if len(shares) < t or t < 1:
+        raise SecAggError(f"{len(shares)} share(s), {t} needed")
+    points = sorted(shares.items())[:t]
+    if any(not 0 < x < PRIME or not 0 <= y < PRIME for x, y in points):
+        raise SecAggError("a share is outside the field")
+    secret = 0
+    for i, (xi, yi) in enumerate(points):
+        num, den = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                num = num * (-xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    if secret >= 2 ** (8 * SEED_BYTES):
+        raise SecAggError("shares do not combine to a 32-byte secret (inconsistent shares)")
+    return secret.to_bytes(SEED_BYTES, "big")
+
+
+# --- encrypted shares --------------------------------------------------------------------
+
+_SHARE_PLAIN = struct.Struct(f">H{SHARE_BYTES}s{SHARE_BYTES}s")  # x, share of b, share of s_sk
+
+
+def _aad(round_id: bytes, sender: str, recipient: str) -> bytes:
+    return b"fedmq secagg share|" + round_id + b"|" + sender.encode() + b"|" + recipient.encode()
+
+
+def seal_share(key: bytes, round_id: bytes, sender: str, recipient: str, x: int, b_share: int, s_share: int) -> bytes:
+    """ChaCha20-Poly1305 of (x, share of b, share of s_sk), bound to the round, sender and recipient."""
+    nonce = os.urandom(12)
+    plain = _SHARE_PLAIN.pack(x, b_share.to_bytes(SHARE_BYTES, "big"), s_share.to_bytes(SHARE_BYTES, "big"))
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plain, _aad(round_id, sender, recipient))
+
+
+def open_share(key: bytes, round_id: bytes, sender: str, recipient: str, sealed: bytes) -> tuple[int, int, int]:
+    """(x, share of b, share of s_sk); SecAggError if forged, altered or from another round or pair."""
+    if not isinstance(sealed, (bytes, bytearray)) or len(sealed) != 12 + _SHARE_PLAIN.size + 16:
+        raise SecAggError("a share of the wrong size")
+    try:
+        plain = ChaCha20Poly1305(key).decrypt(bytes(sealed[:12]), bytes(sealed[12:]), _aad(round_id, sender, recipient))
+    except InvalidTag:
+        raise SecAggError(f"share from {sender} to {recipient} refused: forged, altered or of another round") from None
+    x, b, s = _SHARE_PLAIN.unpack(plain)
+    return x, int.from_bytes(b, "big"), int.from_bytes(s, "big")
+
+
+def share_points(members: list[str]) -> dict[str, int]:
+    """Each member's Shamir point: its 1-based position in the sorted cohort."""
+    return {agent: i + 1 for i, agent in enumerate(sorted(members))}
