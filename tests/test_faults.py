@@ -451,3 +451,35 @@ def test_an_agent_that_cannot_train_says_so_once_and_waits(tmp_path, mosquitto):
         watcher.close()
     errors = [line for line in (tmp_path / "a0.log").read_text().splitlines() if " ERROR " in line]
     assert errors and len(errors) == 1, errors
+
+
+def test_hostile_updates_against_a_real_coordinator(tmp_path, mosquitto):
+    """A retained update (published while the coordinator is down), seq 2**63-1, an impossible
+    metric: each refused with its reason by a coordinator process, and the same agent's honest
+    update still counts afterwards."""
+    from dataclasses import replace
+
+    from protocol.messages import decode_update, encode_update
+
+    watcher = TopicWatcher(mosquitto.port, T.everything)
+    coord = None
+    try:
+        coord = coordinator(tmp_path, mosquitto)
+        first = watcher.wait_for(lambda: watcher.latest.get(T.model), 20, "the first model")
+        honest = decode_update(_late_update(first, 0))
+        stop(coord)
+        watcher.client.publish(T.update("h"), encode_update(replace(honest, seq=10)), qos=1, retain=True).wait_for_publish(5)
+        coord = coordinator(tmp_path, mosquitto, name="coordinator2")
+        watcher.wait_for(lambda: status(watcher).get("rejected", {}).get("retained"), 20, "the retained update refused")
+        for payload in (encode_update(replace(honest, seq=2**63 - 1)),
+                        encode_update(replace(honest, seq=11, metrics={"eval_accuracy": 1e30}))):
+            watcher.client.publish(T.update("h"), payload, qos=1)
+        watcher.client.publish(T.update("h"), encode_update(replace(honest, seq=12)), qos=1)
+        watcher.wait_for(lambda: status(watcher).get("accepted", 0) >= 2, 20, "the honest update accepted")
+    finally:
+        if coord is not None:
+            stop(coord)
+        watcher.close()
+    # the stopped coordinator's session got the live copy (accepted once); the retained copy is refused
+    assert status(watcher)["rejected"] == {"retained": 1, "future_seq": 1, "metrics": 1}
+    assert [(r["seq"], r["outcome"]) for r in audit(tmp_path) if r["outcome"] == "accepted"] == [(10, "accepted"), (12, "accepted")]
