@@ -1,7 +1,16 @@
-"""Checkpoints: the global model, its version and the dedup state, written atomically."""
+"""Checkpoints: the global model, its version and the dedup state, written atomically.
+
+A checkpoint file is a msgpack map ``{"format": 2, "sha256": digest, "state": bytes}``: the
+state (itself msgpack) and its SHA-256, so one flipped byte is caught. The newest is
+`FILENAME`; the one before it is kept as `PREVIOUS`, and `load_checkpoint` falls back to it,
+with one ERROR line, when the newest is missing or corrupt. Format 1 files (the state map
+itself, no checksum) still load.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -11,8 +20,16 @@ import numpy as np
 
 from protocol.model_spec import ModelSpec
 
-CHECKPOINT_FORMAT = 1
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 2
+LEGACY_FORMAT = 1  # no checksum
 FILENAME = "checkpoint.msgpack"
+PREVIOUS = "checkpoint.previous.msgpack"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Directories whose newest checkpoint this process wrote or loaded intact: only such a file
+# becomes PREVIOUS on the next save (a corrupt newest is overwritten, the good previous kept).
+_verified: set[Path] = set()
 
 
 class CheckpointError(RuntimeError):
@@ -20,16 +37,21 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(directory: str | Path, state: dict) -> Path:
-    """Write `state` (fleet, spec, version, params, highest_seq, counters) atomically.
+    """Write `state` (fleet, spec, version, params, highest_seq, counters...) atomically.
 
-    Temp file in the same directory, fsync, rename over the old one, fsync the directory:
-    a crash leaves either the old or the new checkpoint, never half of one.
+    Temp file in the same directory, fsync; the current checkpoint, if known intact, is
+    hard-linked as `PREVIOUS`; then the temp file is renamed over the current one and the
+    directory fsynced: a crash leaves the old or the new checkpoint, never half of one.
     """
     directory = Path(directory)
     record = dict(state, format=CHECKPOINT_FORMAT, spec=state["spec"].to_wire(),
                   params=np.ascontiguousarray(state["params"], dtype="<f8").tobytes())
-    blob = msgpack.packb(record, use_bin_type=True)
+    body = msgpack.packb(record, use_bin_type=True)
+    blob = msgpack.packb({"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(body).digest(), "state": body},
+                         use_bin_type=True)
     path = directory / FILENAME
+    key = directory.resolve()
+    keep = directory / (".previous-" + os.urandom(6).hex() + ".tmp")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
@@ -40,6 +62,9 @@ def save_checkpoint(directory: str | Path, state: dict) -> Path:
             fh.write(blob)
             fh.flush()
             os.fsync(fh.fileno())
+        if key in _verified and path.exists():
+            os.link(path, keep)
+            os.replace(keep, directory / PREVIOUS)
         os.replace(tmp, path)
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
@@ -48,16 +73,53 @@ def save_checkpoint(directory: str | Path, state: dict) -> Path:
             os.close(dir_fd)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
+        keep.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        keep.unlink(missing_ok=True)
         raise
+    _verified.add(key)
     return path
 
 
 def load_checkpoint(directory: str | Path) -> dict | None:
-    """The saved state, None when there is none; CheckpointError when it is unusable."""
-    path = Path(directory) / FILENAME
+    """The saved state, None when there is none; CheckpointError when it is unusable.
+
+    A newest checkpoint that is missing or corrupt (checksum, fields, parameters not finite
+    in float32 or not matching the spec) while `PREVIOUS` is intact: the previous state is
+    returned and one ERROR line says so. Keys this module does not know pass through.
+    """
+    directory = Path(directory)
+    path, previous = directory / FILENAME, directory / PREVIOUS
+    try:
+        state = _load(path)
+    except CheckpointError as exc:
+        fallback = _fallback(previous)
+        if fallback is None:
+            raise CheckpointError(f"{exc}: move it away to start afresh") from None
+        log.error("%s; falling back to the previous checkpoint %s (version %d)", exc, previous, fallback["version"])
+        return fallback
+    if state is None:
+        fallback = _fallback(previous)
+        if fallback is not None:
+            log.error("no checkpoint %s; falling back to the previous checkpoint %s (version %d)",
+                      path, previous, fallback["version"])
+        return fallback
+    _verified.add(directory.resolve())
+    return state
+
+
+def _fallback(previous: Path) -> dict | None:
+    """The previous checkpoint, or None when it is missing or unusable too (logged)."""
+    try:
+        return _load(previous)
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        return None
+
+
+def _load(path: Path) -> dict | None:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -65,15 +127,13 @@ def load_checkpoint(directory: str | Path) -> dict | None:
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
     try:
-        record = msgpack.unpackb(raw, raw=False)
-        if not isinstance(record, dict):
-            raise ValueError("not a map")
-        if record.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"unknown checkpoint format {record.get('format')!r}")
+        record = _unwrap(raw)
         spec = ModelSpec.from_wire(record["spec"])
         params = np.frombuffer(record["params"], dtype="<f8").copy()
-        if params.shape != (spec.n_params,) or not np.isfinite(params).all():
-            raise ValueError("parameters do not match the spec or are not finite")
+        if params.shape != (spec.n_params,):
+            raise ValueError(f"{params.size} parameters, the spec needs {spec.n_params}")
+        if not np.isfinite(params).all() or np.abs(params).max(initial=0.0) > _FLOAT32_MAX:
+            raise ValueError("parameters are not finite in float32 (the wire format)")
         state = dict(
             record,
             fleet=_checked(record.get("fleet"), str, "fleet"),
@@ -88,8 +148,27 @@ def load_checkpoint(directory: str | Path) -> dict | None:
             staleness_max=_count(record.get("staleness_max", 0), "staleness_max"),
         )
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt ({exc}): move it away to start afresh") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt ({exc})") from None
     return state
+
+
+def _unwrap(raw: bytes) -> dict:
+    """The state map of a checkpoint file, its checksum verified (format 2) or none (format 1)."""
+    outer = msgpack.unpackb(raw, raw=False)
+    if not isinstance(outer, dict):
+        raise ValueError("not a map")
+    if outer.get("format") == LEGACY_FORMAT:
+        return outer
+    if outer.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"unknown checkpoint format {outer.get('format')!r}")
+    if set(outer) != {"format", "sha256", "state"} or not isinstance(outer["state"], bytes):
+        raise ValueError("a format 2 checkpoint holds format, sha256 and state")
+    if hashlib.sha256(outer["state"]).digest() != outer["sha256"]:
+        raise ValueError("checksum mismatch")
+    record = msgpack.unpackb(outer["state"], raw=False)
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError("the state is not a format 2 map")
+    return record
 
 
 def _checked(value, kind: type, name: str):

@@ -172,7 +172,8 @@ def test_save_checkpoint_replaces_atomically(tmp_path):
     state["version"] = 7
     save_checkpoint(tmp_path, state)
     assert load_checkpoint(tmp_path)["version"] == 7
-    assert len(list(tmp_path.iterdir())) == 1
+    # the one before is kept, for load_checkpoint to fall back to (tests/test_checkpoints.py)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.msgpack", "checkpoint.previous.msgpack"]
 
 
 def raw_update(enc, agent="a1", seq=1, base=0):
@@ -368,12 +369,15 @@ def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
     ],
 )
 def test_checkpoint_with_bad_fields_is_corrupt(tmp_path, change):
+    import hashlib
+
     import msgpack
 
     save_checkpoint(tmp_path, make_core().state())
     path = tmp_path / "checkpoint.msgpack"
-    record = msgpack.unpackb(path.read_bytes())
-    path.write_bytes(msgpack.packb({**record, **change}))
+    outer = msgpack.unpackb(path.read_bytes())
+    body = msgpack.packb({**msgpack.unpackb(outer["state"]), **change})  # re-signed: the fields are at fault
+    path.write_bytes(msgpack.packb({**outer, "sha256": hashlib.sha256(body).digest(), "state": body}))
     with pytest.raises(CheckpointError, match="is corrupt"):
         load_checkpoint(tmp_path)
 
