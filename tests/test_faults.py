@@ -469,7 +469,7 @@ def test_hostile_updates_against_a_real_coordinator(tmp_path, mosquitto):
         honest = decode_update(_late_update(first, 0))
         stop(coord)
         watcher.client.publish(T.update("h"), encode_update(replace(honest, seq=10)), qos=1, retain=True).wait_for_publish(5)
-        coord = coordinator(tmp_path, mosquitto, name="coordinator2")
+        coord = coordinator(tmp_path, mosquitto, "--checkpoint-dir", tmp_path / "fresh", name="coordinator2")
         watcher.wait_for(lambda: status(watcher).get("rejected", {}).get("retained"), 20, "the retained update refused")
         for payload in (encode_update(replace(honest, seq=2**63 - 1)),
                         encode_update(replace(honest, seq=11, metrics={"eval_accuracy": 1e30}))):
