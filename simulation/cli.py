@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", metavar="URL", help="mqtt://HOST:PORT of a broker to use (default: start an embedded one)")
     p.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="3.1.1", help="MQTT protocol version of all clients")
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="training data (sklearn bundled, or synthetic linear)")
+    p.add_argument("--raw-units", action="store_true",
+                   help="the dataset in its own units (wine's proline near 1,000), scaled only by the federated feature "
+                   "statistics the agents send (the coordinator runs as with --feature-stats)")
+    p.add_argument("--feature-skew", type=float, default=d.feature_skew, metavar="SPREAD",
+                   help="give each agent its own sensor calibration: per-feature gain 10^U(-SPREAD, SPREAD) and offset up "
+                   "to SPREAD deviations (implies federated feature statistics)")
     p.add_argument("--agents", type=int, default=d.agents, help="number of virtual agents")
     p.add_argument("--partition", default=d.partition, help="how data is split: iid, dirichlet:ALPHA or shards:K")
     p.add_argument("--strategy", choices=("fedasync", "fedbuff", "fedavg"), default=d.strategy, help="aggregation strategy")
@@ -65,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         CodecSpec.parse(args.codec)
         if args.agents < 1 or args.duration <= 0:
             raise ValueError("--agents must be >= 1 and --duration > 0")
+        if args.feature_skew < 0:
+            raise ValueError("--feature-skew must be >= 0")
         if not 0 <= args.stragglers <= 1 or not 0 <= args.dropout <= 1:
             raise ValueError("--stragglers and --dropout are fractions in [0, 1]")
         if args.broker:
@@ -90,7 +98,8 @@ def main(argv=None) -> int:
     console = Console(stderr=not sys.stdout.isatty())
     config = config_from_args(args)
     try:
-        dataset = load_dataset(config.dataset, seed=config.seed)
+        dataset = load_dataset(config.dataset, seed=config.seed, raw=config.raw_units)
+        ceiling = load_dataset(config.dataset, seed=config.seed, raw=False)  # standardized pooled: the reference
     except ValueError as exc:
         print(f"fedmq-sim: error: {exc}", file=sys.stderr)
         return 2
@@ -128,7 +137,7 @@ def main(argv=None) -> int:
     finally:
         if broker:
             broker.stop()
-    result["baseline"] = centralized_baseline(dataset, seed=config.seed, hyperparameters=config.hyperparameters)
+    result["baseline"] = centralized_baseline(ceiling, seed=config.seed, hyperparameters=config.hyperparameters)
     table = Table(title="fedmq simulation")
     table.add_column("")
     table.add_column("", justify="right")

@@ -18,6 +18,7 @@ import numpy as np
 from coordinator.server import Coordinator
 from coordinator.session import CoordinatorSession
 from coordinator.staleness import parse_staleness
+from coordinator.statistics import FleetStatistics
 from coordinator.strategies import DEFAULT_ALPHA, make_strategy
 from coordinator.validation import NormBound, UpdateValidator
 from edge_agent.agent import Agent
@@ -27,7 +28,7 @@ from protocol.model_spec import ModelSpec
 from protocol.topics import Topics
 from protocol.transport import BrokerSettings, make_client
 from simulation.client_loop import ClientLoop
-from simulation.datasets import Dataset
+from simulation.datasets import Dataset, skew_features
 from simulation.partition import partition
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,13 @@ class SimConfig:
     fleet: str = "sim"
     seed: int = 0
     train_workers: int = 2
+    raw_units: bool = False  # bundled data in its own units, scaled only by the federated statistics
+    feature_skew: float = 0.0  # each agent's own gain (10^+-skew) and offset (+-skew deviations) per feature
+
+    @property
+    def feature_stats(self) -> bool:
+        """The coordinator merges the agents' feature statistics (raw units or skewed sensors)."""
+        return self.raw_units or self.feature_skew > 0
 
 
 @dataclass
@@ -115,6 +123,9 @@ class VirtualAgent:
             return
         self.traffic.connected += 1
         client.subscribe(self.agent.topics.model, qos=1)
+        stats = self.agent.statistics_payload()  # retained: sent once, and again if the window grew
+        if stats is not None:
+            client.publish(self.agent.topics.stats(self.agent.agent_id), stats, qos=1, retain=True)
         if self.held is not None:  # the newest update made before dropping out
             payload, self.held = self.held, None
             self._publish(payload)
@@ -208,7 +219,8 @@ class Simulation:
         validator = UpdateValidator(self.topics, self.spec.n_params, max_staleness=c.max_staleness,
                                     norm=NormBound(c.max_update_norm))
         return Coordinator(self.topics, self.spec, strategy, validator, publish_interval=c.publish_interval,
-                           eval_data=(self.dataset.X_test, self.dataset.y_test))
+                           eval_data=(self.dataset.X_test, self.dataset.y_test),
+                           statistics=FleetStatistics(self.topics, self.spec.n_features) if c.feature_stats else None)
 
     def build_agents(self, loop: ClientLoop, pool: ThreadPoolExecutor) -> list[VirtualAgent]:
         c = self.config
@@ -218,7 +230,10 @@ class Simulation:
         slow = set(rng.choice(c.agents, size=n_slow, replace=False).tolist()) if n_slow else set()
         agents = []
         for i, rows in enumerate(parts):
-            source = ArraySource(self.dataset.X_train[rows], self.dataset.y_train[rows])
+            X = self.dataset.X_train[rows]
+            if c.feature_skew > 0:  # this device's sensors have their own calibration
+                X = skew_features(X, np.random.default_rng(c.seed * 104729 + i), c.feature_skew)
+            source = ArraySource(X, self.dataset.y_train[rows])
             agent = Agent(f"agent-{i:04d}", self.topics, source,
                           LocalTrainer(c.local_epochs, c.batch_size, random_state=c.seed + i),
                           c.codec, seed=c.seed + i)
