@@ -179,3 +179,30 @@ def test_statistics_and_scaling_survive_a_restart():
     assert resumed.rescales.current == published.scaling
     assert resumed.statistics.by_agent["a"] == core.statistics.by_agent["a"]
     assert not resumed.publish_due(ignore_version=False) or resumed.version_ != resumed.published_version_
+
+
+def test_an_update_trained_before_a_refinement_is_re_expressed_before_it_is_applied():
+    from edge_agent.agent import Agent
+    from edge_agent.data import ArraySource
+    from edge_agent.trainer import LocalTrainer
+
+    rng = np.random.default_rng(6)
+    X = _raw(rng, 120, 3)
+    y = (X[:, 0] > np.median(X[:, 0])).astype(int)
+    cores = [_core(), _core()]
+    for core in cores:
+        core.handle_statistics(TOPICS.stats("a"), encode_stats(describe(X[:60])))
+        model = core.model_payload()
+    agent = Agent("a", TOPICS, ArraySource(X[:60], y[:60]), LocalTrainer(random_state=0), "float32", seed=0)
+    agent.on_model(model)
+    agent.due()
+    update = agent.make_update()
+    old = cores[0].rescales.current
+    refined = cores[0]
+    refined.handle_statistics(TOPICS.stats("b"), encode_stats(describe(X[60:])))  # joins while a trains
+    refined.model_payload()
+    new = refined.rescales.current
+    for core in cores:
+        assert core.handle_update(TOPICS.update("a"), update) is None
+    expected = reexpress(cores[1].params_, refined.spec.coef_shape, old, new)  # as if applied, then refined
+    np.testing.assert_allclose(refined.params_, expected, rtol=1e-6, atol=1e-6)
