@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 
+import numpy as np
+
 from coordinator.aggregation import parse_aggregate
 from coordinator.privacy import PrivateCoordinator, guard, make_policy
 from coordinator.rate_limit import RateLimit
@@ -219,6 +221,9 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
         X, y = eval_data
         if X.shape[1] != args.n_features:
             raise DataError(f"{args.eval_csv}: {X.shape[1]} features, --n-features is {args.n_features}")
+        if not args.feature_stats and np.isnan(X).any():
+            raise DataError(f"{args.eval_csv}: {int(np.isnan(X).sum())} missing value(s): give --feature-stats "
+                            "so they take the fleet mean")
         if args.spec.is_classifier:
             unknown = sorted(set(y.tolist()) - set(args.spec.classes), key=str)
             if unknown:

@@ -206,3 +206,20 @@ def test_an_update_trained_before_a_refinement_is_re_expressed_before_it_is_appl
         assert core.handle_update(TOPICS.update("a"), update) is None
     expected = reexpress(cores[1].params_, refined.spec.coef_shape, old, new)  # as if applied, then refined
     np.testing.assert_allclose(refined.params_, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_coordinator_eval_csv_with_gaps_needs_the_fleet_statistics(tmp_path):
+    from coordinator.cli import build_coordinator, parse_args
+
+    path = tmp_path / "eval.csv"
+    path.write_text("a,b,label\n1000,,0\n2000,3,1\n")
+    base = ["--broker", "mqtt://127.0.0.1:1", "--fleet", "x", "--model", "sgd-classifier", "--classes", "0,1",
+            "--n-features", "2", "--eval-csv", str(path)]
+    with pytest.raises(DataError, match="1 missing value.*--feature-stats"):
+        build_coordinator(parse_args(base))
+    core = build_coordinator(parse_args(base + ["--feature-stats", "--stats-min-agents", "2"]))
+    assert core.statistics.min_agents == 2 and not core.ready
+    core.handle_statistics("fedmq/x/stats/a", encode_stats(describe(np.ones((3, 2)))))
+    core.handle_statistics("fedmq/x/stats/b", encode_stats(describe(np.array([[1000.0, 3.0], [2000.0, 5.0]]))))
+    core.model_payload()
+    assert "accuracy" in core.scores_  # scored on the standardized, imputed eval set
