@@ -260,3 +260,42 @@ def open_share(key: bytes, round_id: bytes, sender: str, recipient: str, sealed:
 def share_points(members: list[str]) -> dict[str, int]:
     """Each member's Shamir point: its 1-based position in the sorted cohort."""
     return {agent: i + 1 for i, agent in enumerate(sorted(members))}
+
+
+# --- wire messages (msgpack maps; the topic names the sender) ----------------------------
+
+MAX_SECAGG_BYTES = 64 * 1024 * 1024
+
+
+def encode(kind: str, **fields) -> bytes:
+    """A secure-aggregation message of `kind` (key, cohort, share, inbox, masked, unmask, reveal)."""
+    import msgpack
+
+    return msgpack.packb({"type": kind, **fields}, use_bin_type=True)
+
+
+def decode(payload: bytes, kind: str) -> dict:
+    """The fields of a `kind` message; SecAggError for anything else."""
+    import msgpack
+
+    if not isinstance(payload, (bytes, bytearray)) or len(payload) > MAX_SECAGG_BYTES:
+        raise SecAggError("not a secure-aggregation message (size)")
+    try:
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise SecAggError(f"undecodable {kind} message: {type(exc).__name__}") from None
+    if not isinstance(message, dict) or message.get("type") != kind:
+        raise SecAggError(f"expected a {kind} message")
+    return message
+
+
+def pack_vector(y: np.ndarray) -> bytes:
+    """uint32 little-endian bytes of a masked input."""
+    return np.ascontiguousarray(y, dtype="<u4").tobytes()
+
+
+def unpack_vector(raw: bytes, n: int) -> np.ndarray:
+    """The masked input of `n` uint32; SecAggError on a wrong length."""
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != 4 * n:
+        raise SecAggError(f"a masked input must be {4 * n} bytes")
+    return np.frombuffer(raw, dtype="<u4").astype(np.uint32)

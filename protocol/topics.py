@@ -102,3 +102,40 @@ class Topics:
             if _NAME.match(agent):
                 return agent
         return None
+
+    # --- secure aggregation (docs/security.md): keys and shares per agent, cohort and unmask public
+
+    @property
+    def secagg_cohort(self) -> str:
+        """A secure-aggregation cohort, announced by the coordinator (msgpack)."""
+        return f"{self.base}/secagg/cohort"
+
+    @property
+    def secagg_unmask(self) -> str:
+        """The coordinator's request for the shares that unmask a round (msgpack)."""
+        return f"{self.base}/secagg/unmask"
+
+    def secagg(self, kind: str, agent_id: str) -> str:
+        """Per-agent secure-aggregation topic: key (retained), share, masked, reveal (agent out), inbox (agent in)."""
+        if kind not in SECAGG_KINDS:
+            raise ValueError(f"unknown secure-aggregation topic {kind!r}")
+        return f"{self.base}/secagg/{kind}/{check_name('agent id', agent_id)}"
+
+    def all_secagg(self, kind: str) -> str:
+        """Subscription filter for one per-agent secure-aggregation topic of every agent."""
+        if kind not in SECAGG_KINDS:
+            raise ValueError(f"unknown secure-aggregation topic {kind!r}")
+        return f"{self.base}/secagg/{kind}/+"
+
+    def secagg_of(self, topic: str) -> tuple[str, str] | None:
+        """(kind, agent id) of a per-agent secure-aggregation topic, or None."""
+        head = f"{self.base}/secagg/"
+        if topic.startswith(head):
+            kind, _, agent = topic[len(head):].partition("/")
+            if kind in SECAGG_KINDS and _NAME.match(agent):
+                return kind, agent
+        return None
+
+
+# per-agent secure-aggregation topics: the agent publishes key/share/masked/reveal, reads its inbox
+SECAGG_KINDS = ("key", "share", "masked", "reveal", "inbox")

@@ -1,0 +1,393 @@
+"""Secure aggregation at the coordinator: cohorts of K agents, one masking round each, the
+unmasked *sum* handed to fedbuff as one step (protocol/secagg.py has the math, docs/security.md
+the threat model).
+
+A round, driven by messages in (`handle`) and the clock (`tick`), with messages out in `outbox`:
+
+1. cohort: K agents whose retained key announcement (`secagg/key/<id>`) is fresh and whose
+   status is not offline are announced on `secagg/cohort` with their public keys, the
+   threshold t, the clip and the quantization scale; their keys are then spent (an agent
+   announces a new key for every delta it holds, so every round has fresh keys);
+2. shares: each member sends its encrypted Shamir shares (`secagg/share/<id>`); those that
+   did form U1 (|U1| >= t, else the round aborts); each member of U1 gets the shares
+   addressed to it and U1 on `secagg/inbox/<id>`;
+3. masked: each member of U1 sends its masked input (`secagg/masked/<id>`); those that did
+   form U2 (|U2| >= t, else abort); `secagg/unmask` names U2 and the dropped U1 - U2;
+4. reveal: survivors send the shares of U2's self-mask seeds and of the dropped agents'
+   mask keys (`secagg/reveal/<id>`); from t of them the coordinator removes every mask and
+   decodes the sum of |U2| quantized deltas, which `SecureFedBuff` applies as one step.
+
+A stage that has not completed `timeout` seconds after it began closes with whoever
+answered; fewer than t aborts the round (counted by reason). Only one round runs at a time;
+agents outside it keep training and announcing, and join the next. No single update is ever
+held unmasked here: clear updates on `update/<id>` are refused (`plaintext`).
+Rounds in flight are not checkpointed: a coordinator restart aborts the round in progress
+(its agents announce again after their next training).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coordinator.server import Coordinator, _finite_on_the_wire
+from coordinator.strategies import FedBuff, Strategy
+from protocol import secagg as sa
+from protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIP = 10.0
+DEFAULT_TIMEOUT = 10.0
+
+
+class SecureFedBuff(Strategy):
+    """fedbuff whose buffer is a secure-aggregation round: it only ever sees the sum of K deltas."""
+
+    def __init__(self, inner: FedBuff) -> None:
+        if not isinstance(inner, FedBuff) or inner.name != "fedbuff":
+            raise ValueError("secure aggregation needs --strategy fedbuff")
+        if inner.aggregate_name != "mean":
+            raise ValueError(f"secure aggregation yields only a sum: --aggregate mean, not {inner.aggregate_name!r}")
+        self.inner = inner
+        self.name = "fedbuff+secagg"
+
+    @property
+    def buffer_size(self) -> int:
+        """K: agents per cohort."""
+        return self.inner.buffer_size
+
+    def admit(self, staleness: int) -> str | None:
+        return "plaintext"  # an update in the clear is never taken under secure aggregation
+
+    def add(self, params, delta, n_samples, staleness, base=None):
+        raise RuntimeError("SecureFedBuff takes sums only (add_sum)")
+
+    def add_sum(self, params: np.ndarray, total: np.ndarray, count: int) -> np.ndarray:
+        """x <- x + eta * total / count: the equal-weight fedbuff step over a cohort's sum."""
+        return params + self.inner.server_lr * np.asarray(total, dtype=np.float64) / count
+
+
+@dataclass
+class Announcement:
+    """An agent's retained key announcement."""
+
+    key_id: bytes
+    c: bytes
+    s: bytes
+    version: int
+
+
+@dataclass
+class Round:
+    """One cohort's masking round."""
+
+    id: bytes
+    members: dict[str, Announcement]
+    threshold: int
+    scale: float
+    stage: str  # shares, masked, reveal
+    deadline: float
+    started: float
+    shares: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    u1: list[str] = field(default_factory=list)
+    masked: dict[str, np.ndarray] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    reveals: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """A completed round: the float sum of `count` deltas."""
+
+    total: np.ndarray
+    count: int
+    round_id: bytes
+    seconds: float
+
+
+class SecAggRounds:
+    """The coordinator's cohort/round state machine; pure (messages in, messages out)."""
+
+    def __init__(
+        self, topics: Topics, n_params: int, k: int, threshold: int, *,
+        clip: float = DEFAULT_CLIP, timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if k < 2:
+            raise ValueError(f"a secure-aggregation cohort needs K >= 2 agents, got {k}")
+        if not k // 2 < threshold <= k:
+            raise ValueError(f"threshold t must be in {k // 2 + 1}..{k} for K = {k} (a majority), got {threshold}")
+        self.topics = topics
+        self.n_params = n_params
+        self.k = k
+        self.threshold = threshold
+        self.clip = clip
+        self.timeout = timeout
+        self.scale = sa.choose_scale(clip, k)
+        self.keys: dict[str, Announcement] = {}
+        self.spent: set[bytes] = set()  # key ids already used in a cohort
+        self.offline: set[str] = set()
+        self.round: Round | None = None
+        self.outbox: list[tuple[str, bytes, bool]] = []
+        self.completed_ = 0
+        self.aborted_: Counter[str] = Counter()
+        self.refused_: Counter[str] = Counter()
+        self.summed_ = 0  # deltas that entered the model through completed rounds
+        self.last_seconds_: float | None = None
+        self._result: Result | None = None
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """The filters the coordinator subscribes to."""
+        t = self.topics
+        return [t.all_secagg("key"), t.all_secagg("share"), t.all_secagg("masked"), t.all_secagg("reveal"),
+                t.all_agent_statuses]
+
+    def owns(self, topic: str) -> bool:
+        """A topic `handle` takes."""
+        kind = self.topics.secagg_of(topic)
+        return (kind is not None and kind[0] != "inbox") or self.topics.agent_of_status(topic) is not None
+
+    # --- messages in -------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes, now: float | None = None) -> str | None:
+        """Take one message; None if used, else why it was refused (counted)."""
+        now = time.monotonic() if now is None else now
+        try:
+            agent = self.topics.agent_of_status(topic)
+            if agent is not None:
+                self._status(agent, payload)
+                return None
+            kind, agent = self.topics.secagg_of(topic) or (None, None)
+            if kind == "key":
+                self._key(agent, payload)
+            elif kind in ("share", "masked", "reveal"):
+                getattr(self, f"_{kind}")(agent, sa.decode(payload, kind), now)
+            else:
+                raise sa.SecAggError(f"not a secure-aggregation topic: {topic}")
+        except sa.SecAggError as exc:
+            log.debug("refused %s: %s", topic, exc)
+            self.refused_[topic.rsplit("/", 2)[-2]] += 1
+            return str(exc)
+        except Exception:  # a bug of ours must not stop the network thread
+            log.exception("unexpected error on %s", topic)
+            self.refused_["internal"] += 1
+            return "internal"
+        return None
+
+    def _status(self, agent: str, payload: bytes) -> None:
+        try:
+            state = json.loads(payload).get("state") if payload else "offline"
+        except (ValueError, AttributeError):
+            return
+        (self.offline.add if state == "offline" else self.offline.discard)(agent)
+
+    def _key(self, agent: str, payload: bytes) -> None:
+        if not payload:  # retained key cleared
+            self.keys.pop(agent, None)
+            return
+        m = sa.decode(payload, "key")
+        key_id, c, s, version = m.get("key_id"), m.get("c"), m.get("s"), m.get("version")
+        for value, n, what in ((key_id, 16, "key id"), (c, 32, "c key"), (s, 32, "s key")):
+            sa._check_len(value, n, what)
+        if not isinstance(version, int):
+            raise sa.SecAggError("key announcement without a model version")
+        self.keys[agent] = Announcement(key_id, c, s, version)
+
+    def _current(self, m: dict, agent: str, stage: str) -> Round:
+        r = self.round
+        if r is None or m.get("round") != r.id:
+            raise sa.SecAggError("not the current round")
+        if r.stage != stage:
+            raise sa.SecAggError(f"round is at stage {r.stage}, not {stage}")
+        if agent not in r.members:
+            raise sa.SecAggError(f"{agent} is not in the cohort")
+        return r
+
+    def _share(self, agent: str, m: dict, now: float) -> None:
+        r = self._current(m, agent, "shares")
+        to = m.get("to")
+        if not isinstance(to, dict) or set(to) != set(r.members) - {agent} or agent in r.shares:
+            raise sa.SecAggError("shares must go to every other member, once")
+        if any(not isinstance(v, bytes) or len(v) > 1024 for v in to.values()):
+            raise sa.SecAggError("malformed share")
+        r.shares[agent] = to
+        if len(r.shares) == len(r.members):
+            self._close_shares(now)
+
+    def _masked(self, agent: str, m: dict, now: float) -> None:
+        r = self._current(m, agent, "masked")
+        if agent not in r.u1 or agent in r.masked:
+            raise sa.SecAggError("masked input from outside U1, or twice")
+        r.masked[agent] = sa.unpack_vector(m.get("y"), self.n_params)
+        if len(r.masked) == len(r.u1):
+            self._close_masked(now)
+
+    def _reveal(self, agent: str, m: dict, now: float) -> None:
+        r = self._current(m, agent, "reveal")
+        b, s = m.get("b"), m.get("s")
+        if agent not in r.masked or agent in r.reveals:
+            raise sa.SecAggError("reveal from a non-survivor, or twice")
+        if not isinstance(b, dict) or not isinstance(s, dict) or set(b) != set(r.masked) or set(s) != set(r.dropped):
+            raise sa.SecAggError("a reveal must hold a share of every survivor's seed and every dropped agent's key")
+        r.reveals[agent] = {"b": b, "s": s}
+        if len(r.reveals) >= r.threshold:
+            self._finish(now)
+
+    # --- the clock ---------------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> Result | None:
+        """Close a stage past its deadline, start a cohort when K agents are ready; a completed round's sum."""
+        now = time.monotonic() if now is None else now
+        r = self.round
+        if r is not None and now >= r.deadline:
+            if r.stage == "shares":
+                self._close_shares(now)
+            elif r.stage == "masked":
+                self._close_masked(now)
+            else:
+                self._abort("too_few_reveals", f"{len(r.reveals)} of {r.threshold} reveals")
+        if self.round is None:
+            self._maybe_start(now)
+        result, self._result = self._result, None
+        return result
+
+    def ready(self) -> list[str]:
+        """Agents a cohort may take now: a fresh key, not offline."""
+        return [a for a, ann in self.keys.items() if ann.key_id not in self.spent and a not in self.offline]
+
+    def _maybe_start(self, now: float) -> None:
+        ready = self.ready()
+        if len(ready) < self.k:
+            return
+        order = np.random.default_rng(int.from_bytes(os.urandom(8), "big")).permutation(len(ready))
+        ready = [ready[i] for i in order]
+        ready.sort(key=lambda a: -self.keys[a].version)  # the freshest deltas first, ties at random
+        members = {a: self.keys[a] for a in sorted(ready[: self.k])}
+        self.spent.update(ann.key_id for ann in members.values())
+        r = Round(os.urandom(16), members, self.threshold, self.scale, "shares", now + self.timeout, now)
+        self.round = r
+        self.outbox.append((self.topics.secagg_cohort, sa.encode(
+            "cohort", round=r.id, threshold=r.threshold, clip=self.clip, scale=r.scale, n=self.n_params,
+            members=[[a, ann.key_id, ann.c, ann.s] for a, ann in members.items()]), False))
+        log.info("secure aggregation: cohort of %d agents, round %s, threshold %d", len(members), r.id.hex()[:8], r.threshold)
+
+    def _close_shares(self, now: float) -> None:
+        r = self.round
+        r.u1 = sorted(r.shares)
+        if len(r.u1) < r.threshold:
+            self._abort("too_few_shares", f"{len(r.u1)} of {len(r.members)} sent shares, {r.threshold} needed")
+            return
+        r.stage, r.deadline = "masked", now + self.timeout
+        for j in r.u1:
+            inbox = {i: r.shares[i][j] for i in r.u1 if i != j}
+            self.outbox.append((self.topics.secagg("inbox", j), sa.encode("inbox", round=r.id, u1=r.u1, shares=inbox), False))
+
+    def _close_masked(self, now: float) -> None:
+        r = self.round
+        if len(r.masked) < r.threshold:
+            self._abort("too_few_inputs", f"{len(r.masked)} of {len(r.u1)} sent a masked input, {r.threshold} needed")
+            return
+        r.dropped = [a for a in r.u1 if a not in r.masked]
+        r.stage, r.deadline = "reveal", now + self.timeout
+        self.outbox.append((self.topics.secagg_unmask, sa.encode(
+            "unmask", round=r.id, survivors=sorted(r.masked), dropped=r.dropped), False))
+
+    def _finish(self, now: float) -> None:
+        r = self.round
+        try:
+            seeds = {a: self._combine(r, "b", a) for a in r.masked}
+            keys = {}
+            for a in r.dropped:
+                private = self._combine(r, "s", a)
+                if sa.KeyPair.from_private(private).public != r.members[a].s:
+                    raise sa.SecAggError(f"the shares of {a}'s key do not give its announced key")
+                keys[a] = private
+            total = sa.unmask(r.masked, seeds, keys, {a: r.members[a].s for a in r.u1}, r.id)
+        except sa.SecAggError as exc:
+            self._abort("bad_shares", str(exc))
+            return
+        count = len(r.masked)
+        self._result = Result(sa.dequantize_sum(total, r.scale), count, r.id, now - r.started)
+        self.completed_ += 1
+        self.summed_ += count
+        self.last_seconds_ = now - r.started
+        log.info("secure aggregation: round %s summed %d masked inputs (%d dropped after masking) in %.2f s",
+                 r.id.hex()[:8], count, len(r.dropped), now - r.started)
+        self.round = None
+
+    def _combine(self, r: Round, which: str, agent: str) -> bytes:
+        shares = {}
+        for reveal in r.reveals.values():
+            x, y = reveal[which][agent]
+            if not isinstance(x, int) or not isinstance(y, bytes) or x in shares:
+                raise sa.SecAggError("malformed or repeated share point")
+            shares[x] = int.from_bytes(y, "big")
+        return sa.combine(shares, r.threshold)
+
+    def _abort(self, reason: str, detail: str) -> None:
+        r = self.round
+        log.warning("secure aggregation: round %s aborted (%s): %s", r.id.hex()[:8], reason, detail)
+        self.aborted_[reason] += 1
+        self.round = None
+
+    def take_outbox(self) -> list[tuple[str, bytes, bool]]:
+        """The messages to publish, (topic, payload, retain), oldest first."""
+        out, self.outbox = self.outbox, []
+        return out
+
+    def report(self) -> dict:
+        """For the status: rounds completed and aborted, the current stage, agents ready."""
+        r = self.round
+        return {"k": self.k, "threshold": self.threshold, "clip": self.clip, "scale": self.scale,
+                "completed": self.completed_, "aborted": dict(self.aborted_), "summed": self.summed_,
+                "refused": dict(self.refused_), "ready": len(self.ready()),
+                "stage": r.stage if r else None, "last_round_seconds": self.last_seconds_}
+
+
+class SecureCoordinator(Coordinator):
+    """The coordinator core with secure aggregation: steps come only from completed rounds."""
+
+    def __init__(self, *args, secagg: SecAggRounds, **kwargs) -> None:
+        self.secagg = secagg
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.strategy, SecureFedBuff):
+            raise ValueError("SecureCoordinator needs a SecureFedBuff strategy")
+
+    def handle_secagg(self, topic: str, payload: bytes, *, retained: bool = False) -> str | None:
+        """One secure-aggregation or agent-status message; None if used, else why not."""
+        self.handled_ += 1
+        kind = self.topics.secagg_of(topic)
+        if retained and kind is not None and kind[0] != "key":
+            return "retained"  # only key announcements are retained by design
+        return self.secagg.handle(topic, payload)
+
+    def tick(self, now: float | None = None) -> bool:
+        """Advance the round; True when a completed round stepped the model."""
+        result = self.secagg.tick(now)
+        if result is None:
+            return False
+        new = self.strategy.add_sum(self.params_, result.total, result.count)
+        if not _finite_on_the_wire(new):
+            self.rejected_["non_finite_model"] += result.count
+            return False
+        self.accepted_ += result.count
+        self._step(new)
+        return True
+
+    def take_outbox(self) -> list[tuple[str, bytes, bool]]:
+        """Secure-aggregation messages to publish."""
+        return self.secagg.take_outbox()
+
+    def status(self, now: float | None = None) -> dict:
+        """The ordinary status with `secure_aggregation`: rounds, aborts, the stage."""
+        status = super().status(now)
+        status["secure_aggregation"] = self.secagg.report()
+        return status
+

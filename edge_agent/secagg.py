@@ -1,0 +1,199 @@
+"""Secure aggregation at the agent: announce a key, answer the cohort, mask, reveal (pure: messages
+in, messages out; edge_agent/session.py does the MQTT).
+
+The agent holds its newest float delta instead of publishing it. For each delta it holds it
+announces fresh X25519 keys, retained on `secagg/key/<id>`. A cohort naming it with exactly
+those keys takes the delta (spent, whatever becomes of the round: the agent then trains
+afresh): it sends encrypted Shamir shares of its self-mask seed b and mask key s_sk, then,
+given U1 and the shares addressed to it, its masked input, then, asked to unmask, the shares
+of the survivors' seeds and of the dropped agents' keys. It answers each round once and
+never reveals both a seed share and a key share of the same agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocol import secagg as sa
+from protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+
+Message = tuple[str, bytes, bool]  # topic, payload, retain
+
+
+@dataclass
+class _Keys:
+    key_id: bytes
+    c: sa.KeyPair
+    s: sa.KeyPair
+    version: int
+
+
+@dataclass
+class _Round:
+    id: bytes
+    keys: _Keys
+    members: dict[str, tuple[bytes, bytes]]  # id -> (c public, s public)
+    threshold: int
+    scale: float
+    clip: float
+    delta: np.ndarray
+    seed: bytes
+    stage: str = "shares"  # shares sent -> masked sent -> revealed
+    shares: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # sender -> (x, b share, s share)
+    u1: list[str] = field(default_factory=list)
+
+
+class SecAggClient:
+    """One agent's side of secure aggregation; thread-safe (training and paho's thread call it)."""
+
+    def __init__(self, agent_id: str, topics: Topics) -> None:
+        self.agent_id = agent_id
+        self.topics = topics
+        self._lock = threading.Lock()
+        self._delta: np.ndarray | None = None
+        self._keys: _Keys | None = None
+        self._round: _Round | None = None
+        self.rounds_ = 0  # rounds this agent masked an input in
+        self.refused_ = 0
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """What the agent reads: the public cohort and unmask topics and its own inbox."""
+        t = self.topics
+        return [t.secagg_cohort, t.secagg_unmask, t.secagg("inbox", self.agent_id)]
+
+    def owns(self, topic: str) -> bool:
+        """A topic `on_message` takes."""
+        return topic in self.subscriptions
+
+    def wants_delta(self, model_version: int) -> bool:
+        """Train now: no delta held, or the one held is older than the model."""
+        with self._lock:
+            return self._keys is None or self._keys.version < model_version
+
+    def hold(self, delta: np.ndarray, version: int) -> Message:
+        """Keep `delta` (trained on `version`) for the next cohort; the key announcement to publish."""
+        with self._lock:
+            self._delta = np.asarray(delta, dtype=np.float64).copy()
+            self._keys = _Keys(os.urandom(16), sa.KeyPair.generate(), sa.KeyPair.generate(), version)
+            return self._announcement()
+
+    def announcement(self) -> Message | None:
+        """The current key announcement (to republish on reconnection), if a delta is held."""
+        with self._lock:
+            return self._announcement() if self._keys is not None else None
+
+    def _announcement(self) -> Message:
+        k = self._keys
+        return (self.topics.secagg("key", self.agent_id),
+                sa.encode("key", key_id=k.key_id, c=k.c.public, s=k.s.public, version=k.version), True)
+
+    def on_message(self, topic: str, payload: bytes) -> list[Message]:
+        """The replies to one message; a refused message is logged and answered with nothing."""
+        with self._lock:
+            try:
+                if topic == self.topics.secagg_cohort:
+                    return self._cohort(sa.decode(payload, "cohort"))
+                if topic == self.topics.secagg("inbox", self.agent_id):
+                    return self._inbox(sa.decode(payload, "inbox"))
+                if topic == self.topics.secagg_unmask:
+                    return self._unmask(sa.decode(payload, "unmask"))
+            except sa.SecAggError as exc:
+                self.refused_ += 1
+                log.warning("secure aggregation: refused a message on %s: %s", topic, exc)
+            return []
+
+    # --- the stages --------------------------------------------------------------------
+
+    def _cohort(self, m: dict) -> list[Message]:
+        members = m.get("members")
+        if not isinstance(members, list) or not all(isinstance(e, list) and len(e) == 4 for e in members):
+            raise sa.SecAggError("malformed cohort")
+        entry = {e[0]: e for e in members if isinstance(e[0], str)}
+        mine = entry.get(self.agent_id)
+        if mine is None:
+            return []  # not in this cohort: keep the delta for the next one
+        keys = self._keys
+        if keys is None or self._delta is None or mine[1] != keys.key_id or mine[2] != keys.c.public or mine[3] != keys.s.public:
+            raise sa.SecAggError("the cohort names a key of this agent that is not its current one")
+        round_id, t, scale, clip, n = m.get("round"), m.get("threshold"), m.get("scale"), m.get("clip"), m.get("n")
+        k = len(entry)
+        if k != len(members) or k < 2 or not isinstance(round_id, bytes) or len(round_id) != 16:
+            raise sa.SecAggError("a cohort needs distinct members and a 16-byte round id")
+        if not isinstance(t, int) or not k // 2 < t <= k:
+            raise sa.SecAggError(f"threshold {t!r} is not a majority of {k}")
+        if not isinstance(scale, float) or not isinstance(clip, float) or n != self._delta.size:
+            raise sa.SecAggError("cohort scale, clip or length does not fit this agent's delta")
+        sa.check_scale(scale, clip, k)
+        for e in members:
+            sa._check_len(e[2], 32, "c key")
+            sa._check_len(e[3], 32, "s key")
+        r = _Round(round_id, keys, {a: (e[2], e[3]) for a, e in entry.items()}, t, scale, clip,
+                   self._delta, sa.new_seed())
+        self._delta, self._keys = None, None  # spent: a new delta brings new keys
+        points = sa.share_points(list(r.members))
+        b_shares = sa.split(r.seed, t, list(points.values()))
+        s_shares = sa.split(keys.s.private, t, list(points.values()))
+        sealed = {}
+        for peer, (c_pub, _) in r.members.items():
+            x = points[peer]
+            if peer == self.agent_id:
+                r.shares[peer] = (x, b_shares[x], s_shares[x])  # its own share stays here
+                continue
+            key = sa.share_key(keys.c.private, c_pub, round_id)
+            sealed[peer] = sa.seal_share(key, round_id, self.agent_id, peer, x, b_shares[x], s_shares[x])
+        self._round = r
+        log.info("secure aggregation: in a cohort of %d (round %s), shares sent", k, round_id.hex()[:8])
+        return [(self.topics.secagg("share", self.agent_id), sa.encode("share", round=round_id, to=sealed), False)]
+
+    def _inbox(self, m: dict) -> list[Message]:
+        r = self._round
+        if r is None or m.get("round") != r.id or r.stage != "shares":
+            raise sa.SecAggError("shares for a round this agent is not waiting on (replayed or late)")
+        u1, shares = m.get("u1"), m.get("shares")
+        if not isinstance(u1, list) or not set(u1) <= set(r.members) or len(set(u1)) != len(u1) \
+                or self.agent_id not in u1 or len(u1) < r.threshold:
+            raise sa.SecAggError("U1 must be at least t members of the cohort, this agent among them")
+        if not isinstance(shares, dict) or set(shares) != set(u1) - {self.agent_id}:
+            raise sa.SecAggError("a share from every other member of U1 is needed")
+        points = sa.share_points(list(r.members))
+        opened = {}
+        for sender, sealed in shares.items():
+            key = sa.share_key(r.keys.c.private, r.members[sender][0], r.id)
+            x, b, s = sa.open_share(key, r.id, sender, self.agent_id, sealed)
+            if x != points[self.agent_id]:
+                raise sa.SecAggError(f"the share from {sender} is for another point")
+            opened[sender] = (x, b, s)
+        r.shares.update(opened)
+        r.u1 = sorted(u1)
+        y = sa.mask(self.agent_id, sa.quantize(r.delta, r.scale, r.clip), r.seed, r.keys.s.private,
+                    {a: r.members[a][1] for a in r.u1}, r.id)
+        r.stage = "masked"
+        self.rounds_ += 1
+        return [(self.topics.secagg("masked", self.agent_id), sa.encode("masked", round=r.id, y=sa.pack_vector(y)), False)]
+
+    def _unmask(self, m: dict) -> list[Message]:
+        r = self._round
+        if r is None or m.get("round") != r.id:
+            return []  # another cohort's round
+        if r.stage != "masked":
+            raise sa.SecAggError("asked to unmask twice, or before masking")
+        survivors, dropped = m.get("survivors"), m.get("dropped")
+        if not isinstance(survivors, list) or not isinstance(dropped, list) or set(survivors) & set(dropped) \
+                or sorted(set(survivors) | set(dropped)) != r.u1 or len(survivors) + len(dropped) != len(r.u1):
+            raise sa.SecAggError("survivors and dropped must split U1")
+        if self.agent_id not in survivors or len(survivors) < r.threshold:
+            raise sa.SecAggError("fewer survivors than the threshold, or this agent not among them")
+        r.stage = "revealed"  # once, whatever follows
+        n = sa.SHARE_BYTES
+        b = {a: [r.shares[a][0], r.shares[a][1].to_bytes(n, "big")] for a in survivors}
+        s = {a: [r.shares[a][0], r.shares[a][2].to_bytes(n, "big")] for a in dropped}
+        self._round = None
+        return [(self.topics.secagg("reveal", self.agent_id), sa.encode("reveal", round=r.id, b=b, s=s), False)]
