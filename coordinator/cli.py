@@ -19,6 +19,7 @@ from coordinator.session import CoordinatorSession
 from coordinator.staleness import parse_staleness
 from coordinator.statistics import FleetStatistics
 from coordinator.store import CheckpointError, load_checkpoint
+from coordinator.secagg import SecAggRounds, SecureCoordinator, SecureFedBuff
 from coordinator.strategies import DEFAULT_ALPHA, make_strategy
 from coordinator.validation import DEFAULT_MAX_NORM, DEFAULT_SAMPLE_FACTOR, NormBound, UpdateValidator
 from protocol.config import fleet_tool_parser, parse_layered
@@ -94,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     _defaulted(dp, "--dp-norm-action", choices=("reject", "clip"), default="reject",
                help="central: an update above C is rejected (dp_norm) or scaled down to C (counted as clipped)")
 
+    sec = p.add_argument_group("secure aggregation (fedbuff: the coordinator learns only the sum of each cohort; docs/security.md)")
+    sec.add_argument("--secure-aggregation", action="store_true",
+                     help="run fedbuff over masked cohorts of --buffer-size agents; updates in the clear are refused "
+                     "(the agents need --secure-aggregation too)")
+    sec.add_argument("--secagg-threshold", type=int, metavar="T",
+                     help="shares needed to unmask; fewer surviving agents abort the round (default: K // 2 + 1)")
+    _defaulted(sec, "--secagg-clip", type=float, default=10.0, help="agents clip each coordinate to [-CLIP, CLIP] before quantizing")
+    _defaulted(sec, "--secagg-timeout", type=float, default=10.0, help="seconds each stage of a round waits for answers")
+
     o = p.add_argument_group("publishing, durability, evaluation")
     _defaulted(o, "--publish-interval", type=float, default=1.0,
                help="publish the model at most once per this many seconds, so bursts of updates are coalesced")
@@ -157,6 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 raise ValueError(str(exc)) from None
         elif any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget)):
             raise ValueError("--dp-clip, --dp-noise and --dp-epsilon-budget need --dp-mode local or central")
+        if args.secure_aggregation:  # coordinator/secagg.py
+            if args.strategy != "fedbuff" or args.dp_mode is not None:
+                raise ValueError("--secure-aggregation needs --strategy fedbuff and no --dp-mode (central DP over the sum is not built yet)")
+            args.secagg_threshold = args.secagg_threshold or args.buffer_size // 2 + 1
+            args.secagg_rounds = SecAggRounds(args.topics, args.spec.n_params, args.buffer_size, args.secagg_threshold,
+                                              clip=args.secagg_clip, timeout=args.secagg_timeout)
+            args.strategy_obj = SecureFedBuff(args.strategy_obj)
         args.norm = NormBound(args.max_update_norm, args.norm_factor, sample_factor=args.sample_factor)
         args.rate = RateLimit(args.max_agent_rate) if args.max_agent_rate is not None else None
         args.settings = settings_from_args(args)
@@ -237,7 +254,9 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
     if args.dp_policy is not None:  # updates reach the strategy only through the DP screen
         validator = guard(validator, args.dp_policy)
         options["privacy"] = args.dp_policy
-    core = (PrivateCoordinator if args.dp_policy is not None else Coordinator)(
+    if args.secure_aggregation:
+        options["secagg"] = args.secagg_rounds
+    core = (SecureCoordinator if args.secure_aggregation else PrivateCoordinator if args.dp_policy is not None else Coordinator)(
         args.topics, args.spec, args.strategy_obj, validator, publish_interval=args.publish_interval,
         buffer_timeout=args.buffer_timeout or None,
         eval_data=eval_data, checkpoint_dir=args.checkpoint_dir, resume=resume, **options,

@@ -103,6 +103,7 @@ class CoordinatorSession:
         self._first_suback = threading.Event()
         self._connected_once = False
         self._republish = threading.Event()
+        self._secagg = getattr(core, "secagg", None)  # a SecureCoordinator's rounds (coordinator/secagg.py)
         self.client = make_client(settings, f"fedmq-coordinator-{core.topics.fleet}", persistent=True)
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
@@ -120,6 +121,7 @@ class CoordinatorSession:
         self._connection += 1
         topics = self.core.topics
         stats = [(topics.all_stats, 1)] if self.core.statistics is not None else []
+        stats += [(f, 1) for f in self._secagg.subscriptions] if self._secagg is not None else []  # coordinator/secagg.py
         if self._connected_once:
             client.subscribe([(topics.all_updates, 1), *stats])
             self._republish.set()  # a broker without persistence has lost the retained model
@@ -143,6 +145,12 @@ class CoordinatorSession:
                 self._retained = msg.payload
                 self._retained_seen.set()
             client.ack(msg.mid, msg.qos)  # nothing of ours depends on it
+            return
+        if self._secagg is not None and self._secagg.owns(msg.topic):
+            with self.lock:  # secure aggregation: acked through the same group commit as updates
+                self.core.handle_secagg(msg.topic, msg.payload, retained=msg.retain)
+                self._unacked.append((self._connection, msg.mid, msg.qos))
+            self._wake.set()
             return
         if self.core.topics.agent_of_stats(msg.topic) is not None:
             with self.lock:  # retained by design: the newest statistics of each agent
@@ -240,6 +248,9 @@ class CoordinatorSession:
             published_before = (self.core.published_version_, self.core.last_publish_)
             payload = self.core.model_payload() if publish else None
             status, handled = self.core.status(), self.core.handled_
+            outbox = self.core.take_outbox() if self._secagg is not None else []
+        for out_topic, out_payload, retain in outbox:  # secure-aggregation cohort, inboxes, unmask requests
+            self.client.publish(out_topic, out_payload, qos=1, retain=retain)
         offset = self.audit.write(lines) if self.audit else None
         if state is not None:
             if offset is not None:

@@ -93,6 +93,7 @@ class Agent:
         self.dp = dp
         self.dp_rng = secure_rng()  # never the training seed: reproducible noise is removable noise
         self.dp_budget = None
+        self.secure = None  # secure aggregation (edge_agent/secagg.py): deltas wait, masked, for a cohort
         if dp is not None:
             from protocol.accounting import Budget  # needs the dp extra
 
@@ -141,6 +142,8 @@ class Agent:
         self._poll()
         if self.error_ is not None and self.error_[0] == self.model_.version:
             return False  # said once for this version; waits for a model it can train on
+        if self.secure is not None:  # a fresh delta whenever the held one went into a cohort or is stale
+            return self.secure.wants_delta(self.model_.version)
         if self.train_every is not None and now - self.last_train_at_ >= self.train_every:
             return self.new_samples_ > 0 or self.model_.version > self.trained_version_
         if self.model_.version > self.trained_version_:
@@ -194,7 +197,7 @@ class Agent:
         try:
             X, self.missing_ = prepare_features(X, model.scaling)
             result = self.trainer.train(model, X, y)
-            encoded = self.feedback.encode(self._privatize(result.delta)) if result is not None else None
+            encoded = self.feedback.encode(self._privatize(result.delta)) if result is not None and self.secure is None else None
         except Exception as exc:  # e.g. the fleet's model expects other features: said once per version
             reason = " ".join(str(exc).split()) or type(exc).__name__
             log.error("cannot train on the model at version %d: %s; waiting for another model", model.version, reason)
@@ -208,6 +211,10 @@ class Agent:
         if result is None:
             return None
         self.error_ = None
+        if self.secure is not None:  # never sent in the clear: held for the next cohort (the session announces it)
+            self.base_version_, self.last_metrics_ = model.version, result.metrics
+            self.secure.hold(result.delta, model.version)
+            return None
         if self.dp_budget is not None:
             self.dp_budget.record()  # the noised update exists now: it is spent whether or not it arrives
         self.seq_ += 1

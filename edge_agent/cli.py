@@ -11,6 +11,7 @@ import threading
 
 from edge_agent.agent import Agent
 from edge_agent.data import CallableSource, CSVDirectory, CSVFile, DataSource
+from edge_agent.secagg import SecAggClient
 from edge_agent.session import AgentSession
 from edge_agent.trainer import DEFAULT_MAX_CLASSES, DEFAULT_MAX_FEATURES, DEFAULT_MAX_MODEL_BYTES, LocalTrainer, ModelLimits
 from protocol.accounting import check_available
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="report epsilon at this delta in the status (default: 1e-5)")
     dp.add_argument("--dp-epsilon-budget", type=float, metavar="EPSILON",
                     help="stop sending (state budget_spent) once the next update would take epsilon above this (default: none)")
+
+    sec = p.add_argument_group("secure aggregation")
+    sec.add_argument("--secure-aggregation", action="store_true",
+                     help="never send an update in the clear: mask it in a cohort (the coordinator needs --secure-aggregation)")
 
     r = p.add_argument_group("reporting")
     r.add_argument("--status-interval", type=float, default=60.0, metavar="SECONDS",
@@ -161,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                   resend_after=args.resend_after or None,
                   dp=args.dp, dp_delta=args.dp_delta, dp_epsilon_budget=args.dp_epsilon_budget)
     agent.new_samples_ = rows
+    if args.secure_aggregation:  # edge_agent/secagg.py
+        if args.dp is not None:
+            print("fedmq-agent: error: --secure-aggregation with local DP is not supported", file=sys.stderr)
+            return 2
+        agent.secure = SecAggClient(agent.agent_id, args.topics)
     session = AgentSession(agent, args.settings, connect_timeout=args.connect_timeout,
                            poll_interval=args.poll_interval, status_interval=args.status_interval)
     stop = threading.Event()

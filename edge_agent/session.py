@@ -80,6 +80,9 @@ class AgentSession:
         # QoS 0: the model is retained, so every (re)subscription brings the newest, and the
         # broker queues no stale models for an offline device (docs/architecture.md)
         client.subscribe(self.agent.topics.model, qos=0)
+        if self.agent.secure is not None:  # secure aggregation: the cohort, the unmask requests, its own inbox
+            client.subscribe([(t, 1) for t in self.agent.secure.subscriptions])
+            self._publish_secagg([self.agent.secure.announcement()])
         self._stats_resend = True
         self.wake.set()
         self.publish_status()
@@ -93,6 +96,13 @@ class AgentSession:
             log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:
+        if self.agent.secure is not None and self.agent.secure.owns(msg.topic):
+            try:
+                self._publish_secagg(self.agent.secure.on_message(msg.topic, msg.payload))
+            except Exception:  # an exception here would end paho's network thread
+                log.exception("failed to take a secure-aggregation message")
+            self.wake.set()  # a delta spent in a cohort: train a fresh one
+            return
         try:
             newer = self.agent.on_model(msg.payload)
         except Exception:  # an exception here would end paho's network thread
@@ -129,6 +139,13 @@ class AgentSession:
         self.client.publish(self.agent.topics.update(self.agent.agent_id), out.payload, qos=1)
         log.info("sent %supdate: version %d, seq %d, %d bytes, %s", "held " if held else "",
                  out.version, out.seq, len(out.payload), format_metrics(out.metrics))
+
+    def _publish_secagg(self, messages) -> None:
+        """Publish secure-aggregation messages (edge_agent/secagg.py) at QoS 1."""
+        for message in messages:
+            if message is not None:
+                topic, payload, retain = message
+                self.client.publish(topic, payload, qos=1, retain=retain)
 
     def send_statistics(self) -> bool:
         """Publish the window's feature statistics (retained, QoS 1) when they are due; True if sent."""
@@ -180,6 +197,8 @@ class AgentSession:
         payload = self.agent.make_update()
         if payload is not None:
             self.send(Outgoing(payload, self.agent.seq_, self.agent.base_version_, self.agent.last_metrics_))
+        elif self.agent.secure is not None and self.client.is_connected():  # a delta held: announce its fresh key
+            self._publish_secagg([self.agent.secure.announcement()])
         self.publish_status()
 
     @property
