@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from monitor.values import counts, latest, mapping, number, numbers, text, whole
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_METRICS, decode_model, decode_update
+from protocol.stats_message import decode_stats
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class FleetView:
         self.bad: Counter = Counter()  # "<topic kind>:<reason>" -> count
         self.last_bad: str | None = None
         self.messages = 0
+        self.stats_rows: dict[str, int] = {}  # agent -> rows its feature statistics describe (stats/<agent>)
 
     def feed(self, topic: str, payload: bytes, now: float) -> str | None:
         """Take one message; returns the reason it was counted as bad, or None."""
@@ -81,6 +83,8 @@ class FleetView:
                 self._on_coordinator(payload)
             elif kind == "update":
                 self._on_update(agent, payload, now)
+            elif kind == "stats":
+                self.stats_rows[agent] = int(decode_stats(payload).count.max(initial=0))
             else:
                 self._on_agent_status(agent, payload)
             return None
@@ -118,6 +122,7 @@ class FleetView:
             ],
             "bad": {"count": sum(self.bad.values()), "reasons": dict(sorted(self.bad.items())), "last": self.last_bad},
             "messages": self.messages,
+            "statistics": dict(sorted(self.stats_rows.items())),
         }
 
     # one handler per topic kind -----------------------------------------------------------
@@ -134,6 +139,9 @@ class FleetView:
         agent = self.topics.agent_of_status(topic)
         if agent is not None:
             return "status", agent
+        agent = self.topics.agent_of_stats(topic)
+        if agent is not None:
+            return "stats", agent
         return "topic", None
 
     def _clear(self, kind: str, agent: str | None) -> None:
@@ -144,6 +152,8 @@ class FleetView:
             self.coordinator = None
         elif kind == "status":
             self.agents.pop(agent, None)
+        elif kind == "stats":
+            self.stats_rows.pop(agent, None)
         else:
             raise ProtocolError("empty", "empty update payload")
 

@@ -302,3 +302,15 @@ def test_json_stream_survives_a_broker_restart_and_stops_on_sigterm(tmp_path, mo
         proc.terminate()
         assert proc.wait(WAIT) == 0
     assert "Traceback" not in proc.stderr.read()
+
+
+def test_feature_statistics_are_a_known_topic_and_garbage_on_them_is_counted():
+    from protocol.statistics import describe
+    from protocol.stats_message import encode_stats
+
+    view = FleetView(T)
+    assert view.feed(T.stats("a"), encode_stats(describe(np.ones((7, 3)))), NOW) is None
+    assert view.snapshot(NOW)["statistics"] == {"a": 7}
+    assert view.feed(T.stats("b"), b"\xc1", NOW) == "stats:decode"
+    assert view.feed(T.stats("a"), b"", NOW) is None  # cleared
+    assert view.snapshot(NOW)["statistics"] == {}
