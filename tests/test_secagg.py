@@ -1,0 +1,205 @@
+"""Secure aggregation (issue 15): the math, the two state machines, and real agents over mosquitto."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from coordinator.secagg import SecAggRounds
+from edge_agent.secagg import SecAggClient
+from protocol import secagg as sa
+from protocol.topics import Topics
+from simulation.secagg import run_round
+
+TOPICS = Topics("sa")
+
+
+def _cohort(k: int, t: int, n: int = 40, clip: float = 1.0, seed: int = 0):
+    rounds = SecAggRounds(TOPICS, n, k, t, clip=clip)
+    clients = {f"a{i:02d}": SecAggClient(f"a{i:02d}", TOPICS) for i in range(k)}
+    rng = np.random.default_rng(seed)
+    deltas = {a: rng.normal(0, 0.4, n) for a in clients}
+    return rounds, clients, deltas
+
+
+def _expected(rounds: SecAggRounds, deltas: dict, included) -> np.ndarray:
+    """The exact sum of the quantized deltas of `included`, as floats."""
+    q = sum(np.rint(np.clip(deltas[a], -rounds.clip, rounds.clip) * rounds.scale).astype(np.int64) for a in included)
+    return q / rounds.scale
+
+
+# --- the math ------------------------------------------------------------------------------
+
+
+def test_masked_sum_decodes_exactly_to_the_sum_of_quantized_updates():
+    rounds, clients, deltas = _cohort(10, 6)
+    result, _ = run_round(rounds, clients, deltas)
+    assert result is not None and result.count == 10
+    assert np.array_equal(result.total, _expected(rounds, deltas, deltas))
+    # and within the quantization step of the float sum
+    clipped = sum(np.clip(d, -1.0, 1.0) for d in deltas.values())
+    assert np.abs(result.total - clipped).max() <= 10 * 0.5 / rounds.scale + 1e-12
+
+
+def test_sums_at_the_overflow_bound_do_not_wrap():
+    k, clip = 5, 2.0
+    scale = sa.choose_scale(clip, k)
+    x = np.full(3, clip)
+    total = sum(sa.quantize(x, scale, clip) for _ in range(k)).astype(np.uint32)
+    assert np.allclose(sa.dequantize_sum(total, scale), k * clip)
+    total = sum(sa.quantize(-x, scale, clip) for _ in range(k)).astype(np.uint32)
+    assert np.allclose(sa.dequantize_sum(total, scale), -k * clip)
+    with pytest.raises(sa.SecAggError):
+        sa.check_scale(scale * 1.01, clip, k)
+
+
+def test_one_masked_update_is_uniform_and_decodes_to_nothing():
+    """The coordinator's view of one agent: y = x + masks mod 2^32 looks uniform whatever x is."""
+    rounds, clients, deltas = _cohort(5, 3, n=20000)
+    deltas["a00"] = np.zeros(20000)  # a constant input: any leak would show
+    captured = {}
+    handle = rounds.handle
+
+    def spy(topic, payload, now=None):
+        kind = TOPICS.secagg_of(topic)
+        if kind and kind[0] == "masked":
+            captured[kind[1]] = sa.unpack_vector(sa.decode(payload, "masked")["y"], 20000)
+        return handle(topic, payload, now)
+
+    rounds.handle = spy
+    result, _ = run_round(rounds, clients, deltas)
+    assert result is not None
+    y = captured["a00"].astype(np.float64)
+    # uniform on [0, 2^32): Kolmogorov-Smirnov, and chi-square over 64 bins of the top bits
+    assert stats.kstest(y / 2**32, "uniform").pvalue > 1e-3
+    counts = np.bincount(captured["a00"] >> 26, minlength=64)
+    assert stats.chisquare(counts).pvalue > 1e-3
+    # decoding it as if it were an update gives noise of the full int32 range, not the (zero) delta
+    decoded = sa.dequantize_sum(captured["a00"], rounds.scale)
+    assert np.abs(decoded).mean() > 0.1 * 2**31 / rounds.scale
+    assert abs(np.corrcoef(captured["a00"].astype(float), captured["a01"].astype(float))[0, 1]) < 0.05
+
+
+def test_shamir_any_t_shares_recover_and_fewer_do_not():
+    secret = bytes(range(32))
+    shares = sa.split(secret, 4, list(range(1, 8)))
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        pick = rng.choice(list(shares), 4, replace=False)
+        assert sa.combine({int(x): shares[int(x)] for x in pick}, 4) == secret
+    with pytest.raises(sa.SecAggError):
+        sa.combine({x: shares[x] for x in (1, 2, 3)}, 4)
+    # t-1 shares combined as if t were smaller give another value (nothing of the secret)
+    try:  # t-1 shares read as a threshold of t-1 give a random field element, not the secret
+        assert sa.combine({x: shares[x] for x in (1, 2, 3)}, 3) != secret
+    except sa.SecAggError:
+        pass  # (mostly above 2^256: refused as inconsistent)
+    assert math.gcd(sa.PRIME, 2**521) == 1 and pow(3, sa.PRIME - 1, sa.PRIME) == 1  # a prime field (Fermat)
+
+
+# --- drop-outs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vanished", [0, 1, 2, 3, 4])
+def test_drop_outs_after_sharing_are_unmasked_from_t_shares(vanished):
+    rounds, clients, deltas = _cohort(10, 6, seed=vanished)
+    gone = {f"a{i:02d}": "masked" for i in range(vanished)}  # sent shares, never a masked input
+    result, _ = run_round(rounds, clients, deltas, drop=gone)
+    assert result is not None and result.count == 10 - vanished
+    assert np.array_equal(result.total, _expected(rounds, deltas, [a for a in deltas if a not in gone]))
+
+
+def test_drop_outs_after_masking_still_count_and_before_sharing_are_left_out():
+    rounds, clients, deltas = _cohort(10, 6)
+    drop = {"a00": "shares", "a01": "reveal", "a02": "reveal", "a03": "masked"}
+    result, _ = run_round(rounds, clients, deltas, drop=drop)
+    assert result is not None
+    included = [a for a in deltas if a not in ("a00", "a03")]  # a01, a02 masked, then vanished
+    assert result.count == 8 and np.array_equal(result.total, _expected(rounds, deltas, included))
+
+
+def test_fewer_than_t_survivors_abort_cleanly_and_the_next_round_completes():
+    rounds, clients, deltas = _cohort(10, 6)
+    result, _ = run_round(rounds, clients, deltas, drop={f"a{i:02d}": "masked" for i in range(5)})
+    assert result is None and rounds.aborted_ == {"too_few_inputs": 1} and rounds.round is None
+    result, _ = run_round(rounds, clients, deltas, drop={f"a{i:02d}": "shares" for i in range(5)})
+    assert result is None and rounds.aborted_["too_few_shares"] == 1
+    result, _ = run_round(rounds, clients, deltas)  # fresh keys, all back
+    assert result is not None and result.count == 10 and rounds.completed_ == 1
+
+
+# --- forged and replayed shares -----------------------------------------------------------------
+
+
+def _to_inbox(k=4, t=3):
+    """A round run up to the inboxes; returns (rounds, clients, inbox payloads by agent)."""
+    rounds, clients, deltas = _cohort(k, t)
+    for a, d in deltas.items():
+        rounds.handle(*clients[a].hold(d, 0)[:2])
+    rounds.tick(0.0)
+    [(_, cohort, _)] = rounds.take_outbox()
+    for a, c in clients.items():
+        for topic, payload, _ in c.on_message(TOPICS.secagg_cohort, cohort):
+            rounds.handle(topic, payload, 0.0)
+    inboxes = {TOPICS.secagg_of(topic)[1]: payload for topic, payload, _ in rounds.take_outbox()}
+    return rounds, clients, inboxes
+
+
+def test_a_forged_share_is_refused_and_nothing_is_masked():
+    rounds, clients, inboxes = _to_inbox()
+    m = sa.decode(inboxes["a00"], "inbox")
+    sealed = bytearray(m["shares"]["a01"])
+    sealed[-1] ^= 1
+    m["shares"]["a01"] = bytes(sealed)
+    forged = sa.encode("inbox", **{k: v for k, v in m.items() if k != "type"})
+    assert clients["a00"].on_message(TOPICS.secagg("inbox", "a00"), forged) == []
+    assert clients["a00"].refused_ == 1
+    # the genuine inbox is still answered with a masked input
+    [(topic, _, _)] = clients["a00"].on_message(TOPICS.secagg("inbox", "a00"), inboxes["a00"])
+    assert topic == TOPICS.secagg("masked", "a00")
+
+
+def test_a_share_for_another_recipient_or_round_is_refused():
+    rounds, clients, inboxes = _to_inbox()
+    m0, m1 = sa.decode(inboxes["a00"], "inbox"), sa.decode(inboxes["a01"], "inbox")
+    m0["shares"]["a02"] = m1["shares"]["a02"]  # a02's share for a01, handed to a00
+    swapped = sa.encode("inbox", **{k: v for k, v in m0.items() if k != "type"})
+    assert clients["a00"].on_message(TOPICS.secagg("inbox", "a00"), swapped) == []
+    # the right key, the share bound to its round: under another round id it does not open
+    r = clients["a02"]._round
+    key = sa.share_key(r.keys.c.private, r.members["a00"][0], r.id)
+    sealed = sa.decode(inboxes["a02"], "inbox")["shares"]["a00"]
+    assert sa.open_share(key, r.id, "a00", "a02", sealed)[0] == sa.share_points(list(r.members))["a02"]
+    with pytest.raises(sa.SecAggError):
+        sa.open_share(key, bytes(16), "a00", "a02", sealed)
+    # a whole inbox of this round replayed once the agent is in the next one
+    rounds2, clients2, inboxes2 = _to_inbox()
+    assert clients2["a02"].on_message(TOPICS.secagg("inbox", "a02"), inboxes["a02"]) == []
+    assert clients2["a02"].refused_ == 1
+
+
+def test_a_replayed_inbox_or_unmask_request_is_not_answered_twice():
+    rounds, clients, inboxes = _to_inbox()
+    c = clients["a00"]
+    [masked] = c.on_message(TOPICS.secagg("inbox", "a00"), inboxes["a00"])
+    assert c.on_message(TOPICS.secagg("inbox", "a00"), inboxes["a00"]) == []  # replayed: refused
+    rounds.handle(masked[0], masked[1], 0.0)
+    for a in ("a01", "a02", "a03"):
+        for topic, payload, _ in clients[a].on_message(TOPICS.secagg("inbox", a), inboxes[a]):
+            rounds.handle(topic, payload, 0.0)
+    [(topic, unmask, _)] = rounds.take_outbox()
+    assert topic == TOPICS.secagg_unmask
+    assert len(c.on_message(topic, unmask)) == 1
+    assert c.on_message(topic, unmask) == []  # asked again: no second reveal
+
+
+def test_an_unmask_request_naming_an_agent_both_survivor_and_dropped_is_refused():
+    rounds, clients, inboxes = _to_inbox()
+    c = clients["a00"]
+    c.on_message(TOPICS.secagg("inbox", "a00"), inboxes["a00"])
+    r = c._round
+    evil = sa.encode("unmask", round=r.id, survivors=r.u1, dropped=["a01"])  # reveal both of a01's secrets
+    assert c.on_message(TOPICS.secagg_unmask, evil) == [] and c.refused_ == 1
