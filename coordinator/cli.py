@@ -22,6 +22,8 @@ from coordinator.store import CheckpointError, load_checkpoint
 from coordinator.secagg import SecAggRounds, SecureCoordinator, SecureFedBuff
 from coordinator.strategies import DEFAULT_ALPHA, make_strategy
 from coordinator.validation import DEFAULT_MAX_NORM, DEFAULT_SAMPLE_FACTOR, NormBound, UpdateValidator
+from protocol.chunking import MIN_PACKET_BYTES
+from protocol.codec import MODEL_CODECS
 from protocol.config import fleet_tool_parser, parse_layered
 from protocol.model_spec import ESTIMATORS, HYPERPARAMETERS, ModelSpec, build_estimator
 from protocol.privacy import GaussianMechanism
@@ -107,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("publishing, durability, evaluation")
     _defaulted(o, "--publish-interval", type=float, default=1.0,
                help="publish the model at most once per this many seconds, so bursts of updates are coalesced")
+    _defaulted(o, "--model-codec", choices=MODEL_CODECS, default="float32",
+               help="how the model travels: float16 halves it, int8 (one scale per row) quarters it; the "
+               "coordinator keeps float64 and takes updates against exactly what agents received")
+    o.add_argument("--max-packet-bytes", type=int, metavar="BYTES",
+                   help="the broker's packet limit (e.g. 131072 for AWS IoT Core): a larger model is sent as "
+                   "retained chunks under model/chunk/<i> with a manifest on the model topic (default: no limit)")
     o.add_argument("--checkpoint-dir",
                    help="checkpoint the model, its version and the replay state here before each publish and resume "
                    "from it on start (a newer retained model of the same spec on the broker wins: versions never go back)")
@@ -180,6 +188,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for name in ("publish_interval", "max_message_bytes", "connect_timeout"):
             if not getattr(args, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        if args.max_packet_bytes is not None and args.max_packet_bytes < MIN_PACKET_BYTES:
+            raise ValueError(f"--max-packet-bytes must be at least {MIN_PACKET_BYTES}")
         if args.max_staleness < 0 or args.buffer_timeout < 0:
             raise ValueError("--max-staleness and --buffer-timeout must be >= 0")
         if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
@@ -260,6 +270,7 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
         args.topics, args.spec, args.strategy_obj, validator, publish_interval=args.publish_interval,
         buffer_timeout=args.buffer_timeout or None,
         eval_data=eval_data, checkpoint_dir=args.checkpoint_dir, resume=resume, **options,
+        model_codec=args.model_codec,
         statistics=FleetStatistics(args.topics, args.n_features, min_agents=args.stats_min_agents)
         if args.feature_stats else None,
     )

@@ -20,6 +20,7 @@ from coordinator.status import build_status
 from coordinator.store import CheckpointError, save_checkpoint
 from coordinator.strategies import Strategy
 from coordinator.validation import UpdateValidator, Verdict
+from protocol.codec import MODEL_CODECS, decode_params, encode_params
 from protocol.messages import ModelMessage, encode_model
 from protocol.model_spec import ModelSpec
 from protocol.statistics import standardize
@@ -45,6 +46,7 @@ class Coordinator:
         checkpoint_dir: str | None = None,
         resume: dict | None = None,
         statistics: FleetStatistics | None = None,
+        model_codec: str = "float32",
     ) -> None:
         self.topics = topics
         self.spec = spec
@@ -54,6 +56,9 @@ class Coordinator:
         self.buffer_timeout = buffer_timeout
         self.eval_data = eval_data
         self.checkpoint_dir = checkpoint_dir
+        if model_codec not in MODEL_CODECS:
+            raise ValueError(f"unknown model codec {model_codec!r}: use {', '.join(MODEL_CODECS)}")
+        self.model_codec = model_codec  # how the model travels (protocol/codec.py encode_params)
         self.started_at = time.time()
         self.params_ = np.zeros(spec.n_params)
         self.version_ = 0
@@ -68,7 +73,8 @@ class Coordinator:
         self.timeouts_ = 0  # buffers stepped by --buffer-timeout before they were full
         self.checkpoint_failing_: dict | None = None  # {"error", "since"} while checkpoints fail
         self.history = history
-        self.published_: OrderedDict[int, np.ndarray] = OrderedDict()  # version -> what agents received
+        # version -> exactly what agents received (float32 values, as they decode them)
+        self.published_: OrderedDict[int, np.ndarray] = OrderedDict()
         self.last_publish_ = 0.0
         self.scores_: dict[str, float] = {}
         self.fleet_eval = FleetEvaluation()
@@ -210,12 +216,16 @@ class Coordinator:
             except Exception:  # a score is worth a log line, not the coordinator
                 log.exception("cannot score version %d on the eval set", self.version_)
                 self.scores_ = {}
-        # agents receive float32: remember exactly that as the base of their updates
-        self.published_[self.version_] = self.params_.astype(np.float32).astype(np.float64)
+        # agents receive the model through the codec: remember exactly that as the base of their
+        # updates (float32, as agents decode it: half the memory of float64 for the history)
+        data, scales = encode_params(self.params_, self.model_codec, self.spec.n_features)
+        self.published_[self.version_] = decode_params(data, scales, self.model_codec, self.spec.n_params,
+                                                       self.spec.n_features)
         while len(self.published_) > self.history:
             self.published_.popitem(last=False)
         return encode_model(ModelMessage(self.topics.fleet, self.version_, self.spec, self.params_,
-                                         started_at=self.started_at, scaling=self.rescales.current))
+                                         started_at=self.started_at, scaling=self.rescales.current,
+                                         codec=self.model_codec))
 
     def adopt(self, model: ModelMessage) -> bool:
         """Continue from a newer model of this fleet and spec (the broker's retained one).

@@ -251,3 +251,73 @@ def decode(enc: Encoded) -> np.ndarray:
     if not np.isfinite(out).all():
         raise ProtocolError("non_finite", "delta contains NaN or Inf")
     return out
+
+
+# --- model (downlink) codecs ----------------------------------------------------------------
+#
+# The global model travels as float32 (default), float16, or int8 with one float32 scale per
+# block of `block` parameters (one row of the coefficient matrix; the intercepts form the
+# last, shorter block). Rounding is deterministic (to nearest): every agent receives the same
+# values, and the coordinator remembers exactly those (`decode_params(*encode_params(...))`)
+# as the base of the updates trained on them.
+
+MODEL_CODECS = ("float32", "float16", "int8")
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _blocks(n: int, block: int) -> int:
+    return (n + block - 1) // block
+
+
+def encode_params(params: np.ndarray, codec: str, block: int) -> tuple[bytes, bytes | None]:
+    """Encode a flat parameter vector; returns (data, per-block float32 scales or None).
+
+    float16 saturates at +-65504 (rather than sending Inf); int8 is symmetric per block:
+    q = round(x / s), s = max|x| / 127 in float32 (1.0 for an all-zero block).
+    """
+    x = np.asarray(params, dtype=np.float64).ravel()
+    if codec == "float32":
+        return np.ascontiguousarray(x, dtype="<f4").tobytes(), None
+    if codec == "float16":
+        return np.clip(x, -_FLOAT16_MAX, _FLOAT16_MAX).astype("<f2").tobytes(), None
+    if codec != "int8":
+        raise ValueError(f"unknown model codec {codec!r}: use {', '.join(MODEL_CODECS)}")
+    if block < 1:
+        raise ValueError("block must be at least 1")
+    n = x.size
+    nb = _blocks(n, block)
+    padded = np.zeros(nb * block)
+    padded[:n] = np.abs(x)
+    peaks = padded.reshape(nb, block).max(axis=1) if n else np.zeros(0)
+    scales = (peaks / 127.0).astype(np.float32)
+    scales[~(scales > 0)] = 1.0  # zero (or underflowed) blocks quantize to 0
+    per = np.repeat(scales.astype(np.float64), block)[:n]
+    q = np.clip(np.rint(x / per), -127, 127).astype(np.int8)
+    return q.tobytes(), scales.astype("<f4").tobytes()
+
+
+def decode_params(data: bytes, scales: bytes | None, codec: str, n: int, block: int) -> np.ndarray:
+    """Inverse of `encode_params`: float32 values; ProtocolError on sizes or non-finite values."""
+    if codec not in MODEL_CODECS:
+        raise ProtocolError("codec", f"unknown model codec {codec!r}")
+    width = {"float32": 4, "float16": 2, "int8": 1}[codec]
+    if len(data) != width * n:
+        raise ProtocolError("shape", f"params has {len(data)} bytes, {codec} x {n} needs {width * n}")
+    if codec == "int8":
+        if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= max(n, 1):
+            raise ProtocolError("shape", f"int8 block {block!r} outside [1, {n}]")
+        if not isinstance(scales, bytes) or len(scales) != 4 * _blocks(n, block):
+            raise ProtocolError("shape", f"int8 model needs {_blocks(n, block)} float32 scales")
+        s = np.frombuffer(scales, dtype="<f4").astype(np.float32)
+        if not (np.isfinite(s).all() and (s > 0).all()):
+            raise ProtocolError("non_finite", "int8 model scales must be finite and positive")
+        q = np.frombuffer(data, dtype=np.int8, count=n)
+        with np.errstate(over="ignore"):
+            out = q.astype(np.float32) * np.repeat(s, block)[:n]
+    elif codec == "float16":
+        out = np.frombuffer(data, dtype="<f2", count=n).astype(np.float32)
+    else:
+        out = np.frombuffer(data, dtype="<f4", count=n).astype(np.float32)
+    if not np.isfinite(out).all():
+        raise ProtocolError("non_finite", "model params contain NaN or Inf")
+    return out

@@ -3,7 +3,10 @@
 Model (coordinator -> agents, retained, sent rarely: a self-describing map)::
 
     {"format": 2, "type": "model", "fleet": str, "version": int, "time": float,
-     "spec": {...ModelSpec...}, "params": bytes (little-endian float32, spec.n_params),
+     "spec": {...ModelSpec...}, "params": bytes (spec.n_params values, little-endian float32
+     unless "codec" says otherwise),
+     "codec": "float16" | "int8" (optional, see codec.encode_params; int8 has "scales": bytes,
+              one float32 per block of spec.n_features parameters),
      "started_at": float (optional: when the publishing coordinator started),
      "scaling": {"mean": bin, "scale": bin} (optional: the fleet's feature scaling, see
                 protocol/stats_message.py; params are for features standardized with it)}
@@ -85,6 +88,7 @@ class ModelMessage:
     time: float = field(default_factory=time.time)
     started_at: float | None = None  # the publishing coordinator's start (wall clock)
     scaling: object | None = None  # protocol.statistics.Scaling the params are expressed for, if any
+    codec: str = "float32"  # how params travel (codec.MODEL_CODECS); decoded params are what was sent
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,8 @@ class UpdateMessage:
 
 
 def encode_model(msg: ModelMessage) -> bytes:
-    params = np.ascontiguousarray(msg.params, dtype="<f4")
+    """The model's payload for `Topics.model`, its params encoded with `msg.codec`."""
+    params, scales = codec.encode_params(msg.params, msg.codec, msg.spec.n_features)
     return msgpack.packb(
         {
             "format": FORMAT_VERSION,
@@ -112,7 +117,9 @@ def encode_model(msg: ModelMessage) -> bytes:
             "version": msg.version,
             "time": msg.time,
             "spec": msg.spec.to_wire(),
-            "params": params.tobytes(),
+            "params": params,
+            **({} if msg.codec == "float32" else {"codec": msg.codec}),
+            **({} if scales is None else {"scales": scales}),
             **({} if msg.started_at is None else {"started_at": msg.started_at}),
             **({} if msg.scaling is None else {"scaling": _scaling_wire(msg.scaling)}),
         },
@@ -136,11 +143,11 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
         raise ProtocolError("fleet", f"message for fleet {got_fleet!r}, expected {fleet!r}")
     spec = ModelSpec.from_wire(wire.get("spec"))
     raw = _typed(wire, "params", bytes)
-    if len(raw) != 4 * spec.n_params:
-        raise ProtocolError("shape", f"params has {len(raw)} bytes, spec needs {4 * spec.n_params}")
-    params = np.frombuffer(raw, dtype="<f4").astype(np.float64)
-    if not np.isfinite(params).all():
-        raise ProtocolError("non_finite", "model params contain NaN or Inf")
+    model_codec = wire.get("codec", "float32")
+    scales = wire.get("scales")
+    if model_codec != "int8" and scales is not None:
+        raise ProtocolError("schema", f"scales travel only with an int8 model, not {model_codec!r}")
+    params = codec.decode_params(raw, scales, model_codec, spec.n_params, spec.n_features).astype(np.float64)
     return ModelMessage(
         fleet=got_fleet,
         version=_int(wire, "version", 0, MAX_SEQ),
@@ -149,6 +156,7 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
         time=_number(wire, "time"),
         started_at=_number(wire, "started_at") if "started_at" in wire else None,
         scaling=_scaling(wire["scaling"], spec.n_features) if "scaling" in wire else None,
+        codec=model_codec,
     )
 
 

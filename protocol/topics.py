@@ -41,6 +41,33 @@ class Topics:
         """Global model, published retained by the coordinator (msgpack)."""
         return f"{self.base}/model"
 
+    def model_chunk(self, index: int) -> str:
+        """Chunk `index` of a model larger than the packet limit, retained (protocol/chunking.py)."""
+        return f"{self.base}/model/chunk/{int(index)}"
+
+    @property
+    def all_model_chunks(self) -> str:
+        """Subscription filter for every chunk of the model."""
+        return f"{self.base}/model/chunk/+"
+
+    def update_chunk(self, agent_id: str) -> str:
+        """Where agent `agent_id` publishes the chunks of an update larger than the packet limit."""
+        return f"{self.base}/update/{check_name('agent id', agent_id)}/chunk"
+
+    @property
+    def all_update_chunks(self) -> str:
+        """Subscription filter for every agent's update chunks."""
+        return f"{self.base}/update/+/chunk"
+
+    def agent_of_update_chunk(self, topic: str) -> str | None:
+        """The agent id of an update chunk topic, or None."""
+        head, tail = f"{self.base}/update/", "/chunk"
+        if topic.startswith(head) and topic.endswith(tail):
+            agent = topic[len(head):-len(tail)]
+            if _NAME.match(agent):
+                return agent
+        return None
+
     @property
     def coordinator_status(self) -> str:
         """Coordinator status, retained JSON."""

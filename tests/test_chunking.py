@@ -1,0 +1,116 @@
+"""protocol/chunking.py and the model codecs (protocol/codec.py encode_params): pure functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from protocol import chunking
+from protocol.codec import decode_params, encode_params
+from protocol.errors import ProtocolError
+from protocol.messages import ModelMessage, decode_model, encode_model
+from protocol.model_spec import ModelSpec
+from protocol.topics import Topics
+
+
+@pytest.mark.parametrize("codec, width, tol", [("float32", 4, 1e-6), ("float16", 2, 1e-3), ("int8", 1, 1 / 254)])
+def test_model_codec_roundtrip_within_its_step(codec, width, tol):
+    spec = ModelSpec("sgd-classifier", 50, (0, 1, 2))
+    rng = np.random.default_rng(0)
+    params = rng.normal(0, 3, spec.n_params)
+    payload = encode_model(ModelMessage("f", 3, spec, params, codec=codec))
+    model = decode_model(payload, fleet="f")
+    assert model.codec == codec
+    rows = params.reshape(-1)[: 3 * 50].reshape(3, 50)
+    peak = np.repeat(np.abs(rows).max(axis=1), 50)
+    err = np.abs(model.params[:150] - params[:150])
+    assert (err <= tol * (peak if codec == "int8" else np.abs(params[:150])) + 1e-12).all()
+    # what the coordinator remembers is bit for bit what the agent decodes
+    assert np.array_equal(decode_params(*encode_params(params, codec, 50), codec, spec.n_params, 50).astype(np.float64),
+                          model.params)
+    assert len(payload) < width * spec.n_params + 300
+
+
+def test_int8_model_rejects_bad_scales_and_sizes():
+    data, scales = encode_params(np.arange(10.0), "int8", 4)
+    assert decode_params(data, scales, "int8", 10, 4)[9] == pytest.approx(9, abs=9 / 127)
+    with pytest.raises(ProtocolError):
+        decode_params(data, scales[:-4], "int8", 10, 4)
+    with pytest.raises(ProtocolError):
+        decode_params(data, b"\x00" * len(scales), "int8", 10, 4)  # zero scales
+    with pytest.raises(ProtocolError):
+        decode_params(data[:-1], scales, "int8", 10, 4)
+    with pytest.raises(ProtocolError):
+        decode_params(data, scales, "bogus", 10, 4)
+
+
+def test_float16_saturates_instead_of_inf():
+    out = decode_params(*encode_params(np.array([1e6, -1e6, 1.0]), "float16", 3), "float16", 3, 3)
+    assert np.isfinite(out).all() and out[0] == 65504
+
+
+def _split(payload: bytes, room: int) -> list[chunking.Chunk]:
+    return [chunking.decode_chunk(c) for c in chunking.split(payload, room)]
+
+
+def test_split_assemble_roundtrip_and_checksum():
+    payload = bytes(range(256)) * 41
+    chunks = _split(payload, 1000)
+    assert len(chunks) == 11 and all(c.count == 11 for c in chunks)
+    parts = {c.index: c.data for c in chunks}
+    assert chunking.assemble(chunks[0].digest, 11, parts) == payload
+    del parts[3]
+    assert chunking.assemble(chunks[0].digest, 11, parts) is None
+    parts[3] = b"x" * len(chunks[3].data)
+    assert chunking.assemble(chunks[0].digest, 11, parts) is None  # wrong bytes: checksum fails
+
+
+def test_chunk_packets_fit_the_limit():
+    topics = Topics("fleet")
+    topic = topics.model_chunk(99_999)
+    room = chunking.capacity(131072, topic)
+    for raw in chunking.split(b"\x01" * (3 * room + 5), room):
+        assert chunking.packet_bytes(topic, len(raw)) <= 131072
+
+
+def test_manifest_roundtrip_and_detection():
+    payload = b"m" * 5000
+    m = chunking.manifest(payload, "f", 7, 5)
+    wire = chunking.encode_manifest(m)
+    assert chunking.is_manifest(wire)
+    assert not chunking.is_manifest(encode_model(ModelMessage("f", 1, ModelSpec("sgd-regressor", 2), np.zeros(3))))
+    assert chunking.decode_manifest(wire, fleet="f") == m
+    with pytest.raises(ProtocolError):
+        chunking.decode_manifest(wire, fleet="other")
+
+
+def test_collector_needs_the_manifest_and_never_mixes_versions():
+    old, new = b"A" * 3000, b"B" * 3000
+    c_old, c_new = _split(old, 1000), _split(new, 1000)
+    col = chunking.Collector(max_bytes=10_000)
+    # a device joining mid-transfer: chunks 0, 1 of the new version, chunk 2 of the old one
+    assert col.add(c_new[0]) is None and col.add(c_new[1]) is None and col.add(c_old[2]) is None
+    assert col.expect(c_old[0].digest) is None  # the retained manifest is still the old one
+    assert col.add(c_new[2]) is None  # complete, but no manifest says so yet
+    assert col.expect(c_new[0].digest) == new
+    # a dropped chunk: nothing assembles until it comes (e.g. retained, on resubscription)
+    third = _split(b"C" * 3000, 1000)
+    assert col.add(third[0]) is None and col.add(third[2]) is None
+    assert col.expect(third[0].digest) is None
+    assert col.add(third[1]) == b"C" * 3000
+
+
+def test_collector_bounds_memory_and_reports_drops():
+    col = chunking.Collector(max_bytes=5000, need_manifest=False)
+    for i in range(10):
+        col.add(_split(bytes([i]) * 3000, 1000)[0], key="a")
+    assert col.bytes_ <= 5000 and len(col.take_dropped()) >= 5
+    payload = b"z" * 2500
+    chunks = _split(payload, 1000)
+    assert [col.add(c, key="b") for c in chunks][-1] == payload
+
+
+def test_decode_chunk_refuses_garbage():
+    for bad in (b"", b"\x93\x02\xa5chunk\x00", chunking.split(b"x" * 10, 4)[0][:-1]):
+        with pytest.raises(ProtocolError):
+            chunking.decode_chunk(bad)
