@@ -59,21 +59,26 @@ class Mosquitto:
         conf.write_text("\n".join(lines) + "\n" + self.extra_conf + "\n")
         return conf
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 10.0, *, also: tuple[int, ...] = ()) -> None:
+        """Start and wait until it listens on its port and on every port in `also` (listeners of
+        `extra_conf`: mosquitto opens them one after the other)."""
         conf = self._write_conf()
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
+        waiting = [self.port, *also]
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self._tail()}")
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return
+                with socket.create_connection((self.host, waiting[0]), timeout=0.5):
+                    waiting.pop(0)
+                    if not waiting:
+                        return
             except OSError:
                 time.sleep(0.05)  # polling a port: there is no event to wait on
         tail = self._tail()
         self.stop()
-        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout} s: {tail}")
+        raise RuntimeError(f"mosquitto did not listen on {[self.port, *also]} within {timeout} s: {tail}")
 
     def _tail(self) -> str:
         err = self.proc.stderr.read().decode(errors="replace") if self.proc and self.proc.stderr and self.proc.poll() is not None else ""

@@ -57,7 +57,7 @@ def start_production_broker(workdir: Path, creds: Path, **kw) -> Mosquitto:
     (workdir / "data").mkdir(parents=True)
     broker = Mosquitto(workdir, allow_anonymous=False,
                        extra_conf=production_conf(creds, workdir / "data", plain_port, tls_port, **kw))
-    broker.start()
+    broker.start(also=(plain_port, tls_port))
     broker.plain_port, broker.tls_port = plain_port, tls_port
     return broker
 

@@ -47,7 +47,7 @@ def secure_broker(creds, tmp_path_factory):
         f"keyfile {out}/certs/server.key",
     ])
     broker = Mosquitto(tmp_path_factory.mktemp("secure"), extra_conf=conf, allow_anonymous=False)
-    broker.start()
+    broker.start(also=(tls_port,))
     broker.tls_port = tls_port
     yield broker
     broker.stop()
