@@ -203,3 +203,45 @@ def test_an_unmask_request_naming_an_agent_both_survivor_and_dropped_is_refused(
     r = c._round
     evil = sa.encode("unmask", round=r.id, survivors=r.u1, dropped=["a01"])  # reveal both of a01's secrets
     assert c.on_message(TOPICS.secagg_unmask, evil) == [] and c.refused_ == 1
+
+
+# --- real agents over a real mosquitto ----------------------------------------------------
+
+
+def test_real_agents_complete_masked_rounds_over_mosquitto_and_converge(tmp_path, mosquitto):
+    from fleet import TopicWatcher, spawn, stop
+    from protocol.tabular import write_csv
+    from simulation.datasets import load_dataset
+    from simulation.partition import partition
+
+    fleet = Topics("sae2e")
+    ds = load_dataset("digits", seed=0)
+    parts = partition(ds.y_train, 4, "iid", seed=0)
+    for i, idx in enumerate(parts):
+        write_csv(tmp_path / f"a{i}.csv", ds.X_train[idx], ds.y_train[idx])
+    write_csv(tmp_path / "eval.csv", ds.X_test, ds.y_test)
+    watcher = TopicWatcher(mosquitto.port, fleet.everything)
+    coordinator = spawn(
+        "coordinator", "--broker", mosquitto.url, "--fleet", fleet.fleet, "--model", "sgd-classifier",
+        "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features, "--eval-csv", tmp_path / "eval.csv",
+        "--checkpoint-dir", tmp_path / "ckpt", "--publish-interval", "0.5", "--strategy", "fedbuff",
+        "--buffer-size", "3", "--secure-aggregation", "--secagg-timeout", "5", log=tmp_path / "coordinator.log")
+    agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", fleet.fleet, "--id", f"a{i}",
+                    "--data", tmp_path / f"a{i}.csv", "--secure-aggregation", "--poll-interval", "0.2",
+                    log=tmp_path / f"a{i}.log") for i in range(4)]
+    try:
+        def done():
+            status = watcher.json(fleet.coordinator_status) or {}
+            sec = status.get("secure_aggregation") or {}
+            return sec.get("completed", 0) >= 4 and (status.get("accuracy") or 0) >= 0.85 and status
+
+        status = watcher.wait_for(done, timeout=120, what="4 masked rounds and accuracy >= 0.85")
+        assert status["strategy"] == "fedbuff+secagg" and status["accepted"] == status["secure_aggregation"]["summed"]
+        # no update ever travelled in the clear; every masked input is a cohort's, never decoded alone
+        assert not [t for t, _ in watcher.history if fleet.agent_of_update(t)]
+        assert any(fleet.secagg_of(t) == ("masked", "a0") or fleet.secagg_of(t) == ("masked", "a1") for t, _ in watcher.history)
+    finally:
+        for proc in agents:
+            stop(proc)
+        assert stop(coordinator) == 0
+        watcher.close()
