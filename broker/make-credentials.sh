@@ -97,6 +97,12 @@ acl="$out/acl.tmp"
     echo "topic write fedmq/$agent_fleet/stats/$user"
     echo "topic write fedmq/$agent_fleet/agent/$user/status"
     echo "topic read fedmq/$agent_fleet/model"
+    for kind in key share masked reveal; do  # secure aggregation: its own messages only
+      echo "topic write fedmq/$agent_fleet/secagg/$kind/$user"
+    done
+    echo "topic read fedmq/$agent_fleet/secagg/inbox/$user"
+    echo "topic read fedmq/$agent_fleet/secagg/cohort"
+    echo "topic read fedmq/$agent_fleet/secagg/unmask"
   done
 } > "$acl"
 chmod 644 "$acl"  # no secret in it; mosquitto must read it

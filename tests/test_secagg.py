@@ -245,3 +245,40 @@ def test_real_agents_complete_masked_rounds_over_mosquitto_and_converge(tmp_path
             stop(proc)
         assert stop(coordinator) == 0
         watcher.close()
+
+
+def test_production_acl_agents_publish_only_their_own_and_read_only_theirs_or_public(tmp_path):
+    from test_broker_acl import Client, make_credentials, start_production_broker
+
+    creds = make_credentials(tmp_path / "creds", "a1", "a2", fleet="acl")
+    broker = start_production_broker(tmp_path / "broker", creds)
+    s = lambda tail: f"fedmq/acl/secagg/{tail}"  # noqa: E731
+    clients = {u: Client(broker, creds, u, s("#")) for u in ("coordinator", "a1", "a2")}
+    attempts = [  # publisher, topic, allowed
+        ("a1", s("key/a1"), True), ("a1", s("share/a1"), True), ("a1", s("masked/a1"), True),
+        ("a1", s("key/a2"), False), ("a1", s("masked/a2"), False), ("a1", s("inbox/a2"), False),
+        ("a1", s("inbox/a1"), False), ("a1", s("cohort"), False), ("a1", s("unmask"), False),
+        ("coordinator", s("cohort"), True), ("coordinator", s("inbox/a1"), True), ("coordinator", s("inbox/a2"), True),
+        ("coordinator", s("key/a1"), False), ("coordinator", s("masked/a1"), False),
+    ]
+    readers = {"coordinator": ("key/", "share/", "masked/", "reveal/"), "a1": ("cohort", "unmask", "inbox/a1"),
+               "a2": ("cohort", "unmask", "inbox/a2")}
+    try:
+        for c in clients.values():
+            c.wait_ready()
+        for publisher, topic, _ in attempts:
+            clients[publisher].publish(topic, f"{publisher}->{topic}".encode())
+        clients["coordinator"].publish(s("unmask"), b"end")  # markers: per-client order
+        clients["a1"].publish(s("reveal/a1"), b"end")
+        for user in ("a1", "a2"):
+            clients[user].wait_for(s("unmask"), b"end")
+        clients["coordinator"].wait_for(s("reveal/a1"), b"end")
+        for user, client in clients.items():
+            expected = {(topic, f"{pub}->{topic}".encode()) for pub, topic, ok in attempts
+                        if ok and topic[len(s("")):].startswith(readers[user])}
+            expected |= {(s("unmask"), b"end")} if user != "coordinator" else {(s("reveal/a1"), b"end")}
+            assert set(client.received) == expected, f"{user} received the wrong set"
+    finally:
+        for c in clients.values():
+            c.close()
+        broker.stop()
