@@ -1,5 +1,10 @@
 """Local training: evaluate the received global model, continue it with partial_fit, return the delta.
 
+Device CPU is the budget: an epoch is one `partial_fit` call over the shuffled local data
+(scikit-learn's per-sample SGD, the same epoch as any batching of it, without the per-call
+validation and one-vs-rest dispatch), and the evaluation is one matrix product scored in
+numpy. The model after training is scored only on request (`train_metrics`).
+
 Pure: no MQTT, no files. The agent hands in a model message and (X, y); it gets back the
 delta to send, or None when there is nothing worth sending.
 """
@@ -11,7 +16,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import accuracy_score, hinge_loss, log_loss, mean_squared_error, r2_score
 
 from protocol.messages import ModelMessage
 from protocol.model_spec import ModelSpec, build_estimator, get_flat_params, set_flat_params
@@ -55,7 +59,7 @@ class TrainResult:
     """What one local round produced."""
 
     delta: np.ndarray  # local - global, float64
-    metrics: dict[str, float]  # eval_* (global model on local data) and train_* (after training)
+    metrics: dict[str, float]  # eval_* (global model on local data); train_* (after training) if asked for
     n_samples: int  # rows trained on
     n_skipped: int = 0  # rows whose label is not one of the model's classes
 
@@ -65,12 +69,15 @@ class LocalTrainer:
 
     One estimator is kept while the spec stays the same, so scikit-learn's learning-rate
     schedule (`t_`) keeps decaying across rounds as it would in centralised training.
+    `batch_size` (None: all rows in one call) only bounds the rows handed to scikit-learn
+    at once; the SGD steps are per sample either way.
     """
 
-    def __init__(self, local_epochs: int = 1, batch_size: int = 32, random_state: int | None = None,
-                 limits: ModelLimits | None = None) -> None:
-        if local_epochs < 1 or batch_size < 1:
+    def __init__(self, local_epochs: int = 1, batch_size: int | None = None, random_state: int | None = None,
+                 limits: ModelLimits | None = None, train_metrics: bool = False) -> None:
+        if local_epochs < 1 or (batch_size is not None and batch_size < 1):
             raise ValueError("local epochs and batch size must be >= 1")
+        self.train_metrics = train_metrics
         self.limits = limits or ModelLimits()
         self.local_epochs = local_epochs
         self.batch_size = batch_size
@@ -129,14 +136,16 @@ class LocalTrainer:
         local = get_flat_params(self.estimator_, spec)
         if not np.isfinite(local).all() or np.abs(local).max(initial=0.0) > _FLOAT32_MAX:
             return self._diverged("non-finite parameters")
-        metrics.update(evaluate(self.estimator_, spec, X, y, prefix="train_"))
+        if self.train_metrics:
+            metrics.update(evaluate(self.estimator_, spec, X, y, prefix="train_"))
         return TrainResult(local - model.params, metrics, int(len(y)), skipped)
 
     def _fit_epochs(self, X: np.ndarray, y: np.ndarray) -> None:
         for _ in range(self.local_epochs):
             order = self.rng.permutation(len(y))
-            for start in range(0, len(y), self.batch_size):
-                batch = order[start:start + self.batch_size]
+            step = self.batch_size or len(y)
+            for start in range(0, len(y), step):
+                batch = order[start:start + step]
                 self.estimator_.partial_fit(X[batch], y[batch])
 
     def _diverged(self, why: str) -> None:
@@ -149,19 +158,50 @@ def evaluate(est, spec: ModelSpec, X: np.ndarray, y: np.ndarray, prefix: str) ->
     """Loss and accuracy (classifier) or squared error and r2 (regressor) of `est` on (X, y).
 
     Classifier loss is log loss when the estimator's loss gives probabilities, else hinge
-    loss. Metrics that come out non-finite are left out (they could not travel as JSON).
+    loss, as scikit-learn's `log_loss` and `hinge_loss` define them, from one decision
+    function (numpy, no per-call validation). Labels of `y` are among the classes (rows that
+    are not were skipped). Metrics that come out non-finite are left out (no NaN in JSON).
     """
     with np.errstate(all="ignore"):
+        scores = X @ np.asarray(est.coef_, dtype=np.float64).T + est.intercept_
         if spec.is_classifier:
-            labels = list(spec.classes)
-            if est.loss in _PROBABILISTIC_LOSSES:
-                loss = log_loss(y, est.predict_proba(X), labels=labels)
+            classes = est.classes_
+            index = np.searchsorted(classes, y)
+            binary = scores.ndim == 1 or scores.shape[1] == 1
+            if binary:
+                scores = scores.ravel()
+                predicted = (scores > 0).astype(int)
             else:
-                loss = hinge_loss(y, est.decision_function(X), labels=labels)
-            out = {"loss": loss, "accuracy": accuracy_score(y, est.predict(X))}
+                predicted = scores.argmax(axis=1)
+            if est.loss in _PROBABILISTIC_LOSSES:
+                loss = _log_loss(est, X, scores, index, binary)
+            elif binary:
+                loss = np.maximum(0.0, 1.0 - np.where(index == 1, 1.0, -1.0) * scores).mean()
+            else:
+                rows = np.arange(len(y))
+                true = scores[rows, index]
+                others = scores.copy()
+                others[rows, index] = -np.inf
+                loss = np.maximum(0.0, 1.0 - (true - others.max(axis=1))).mean()
+            out = {"loss": loss, "accuracy": float(np.mean(predicted == index))}
         else:
-            predicted = est.predict(X)
-            out = {"loss": mean_squared_error(y, predicted) if np.isfinite(predicted).all() else math.nan}
-            if len(y) > 1 and np.isfinite(predicted).all():
-                out["r2"] = r2_score(y, predicted)
+            predicted = scores.ravel()
+            finite = bool(np.isfinite(predicted).all())
+            out = {"loss": float(np.mean((y - predicted) ** 2)) if finite else math.nan}
+            if len(y) > 1 and finite:
+                residual, total = float(np.sum((y - predicted) ** 2)), float(np.sum((y - np.mean(y)) ** 2))
+                # scikit-learn's r2_score(force_finite=True): a constant target scores 1 if fit exactly, else 0
+                out["r2"] = 1.0 - residual / total if total > 0 else (1.0 if residual == 0 else 0.0)
     return {prefix + k: float(v) for k, v in out.items() if math.isfinite(v)}
+
+
+def _log_loss(est, X: np.ndarray, scores: np.ndarray, index: np.ndarray, binary: bool) -> float:
+    """scikit-learn's log_loss of est.predict_proba, from the decision function already computed (log_loss)."""
+    if est.loss == "log_loss":
+        p = 1.0 / (1.0 + np.exp(-scores))
+        proba = np.column_stack([1.0 - p, p]) if binary else p / p.sum(axis=1, keepdims=True)
+    else:  # modified_huber: scikit-learn's own probabilities (rare; not repeated here)
+        proba = np.asarray(est.predict_proba(X), dtype=np.float64)
+    eps = np.finfo(proba.dtype).eps
+    proba = np.clip(proba, eps, 1 - eps)
+    return float(-np.mean(np.log(proba[np.arange(len(index)), index])))

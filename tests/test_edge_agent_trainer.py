@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from edge_agent.trainer import LocalTrainer, ModelLimits
+from edge_agent import trainer as trainer_module
+from edge_agent.trainer import LocalTrainer, ModelLimits, evaluate
 from protocol.messages import ModelMessage
 from protocol.model_spec import ModelSpec, get_flat_params
 
@@ -25,7 +26,7 @@ def model(spec, version=1, params=None):
 @pytest.mark.parametrize("spec, y", CASES, ids=["multiclass", "binary", "regressor"])
 def test_delta_is_local_minus_global_and_training_helps(spec, y):
     start = np.random.default_rng(0).normal(scale=0.01, size=spec.n_params)
-    trainer = LocalTrainer(local_epochs=2, batch_size=64, random_state=0)
+    trainer = LocalTrainer(local_epochs=2, batch_size=64, random_state=0, train_metrics=True)
     result = trainer.train(model(spec, params=start), X, y)
     assert result.delta.dtype == np.float64 and result.delta.shape == (spec.n_params,)
     np.testing.assert_allclose(start + result.delta, get_flat_params(trainer.estimator_, spec))
@@ -56,7 +57,7 @@ def test_federated_evaluation_scores_the_received_model(spec, y, expected):
 
 
 def test_evaluation_is_of_the_model_received_not_the_estimator_held():
-    trainer = LocalTrainer(random_state=0)
+    trainer = LocalTrainer(random_state=0, train_metrics=True)
     first = trainer.train(model(MULTI), X, Y)
     again = trainer.train(model(MULTI, 2, first.delta), X, Y)  # the global model is now round 1's result
     assert again.metrics["eval_accuracy"] == pytest.approx(first.metrics["train_accuracy"])
@@ -126,3 +127,50 @@ def test_an_unexpected_scikit_learn_error_is_one_line_valueerror(monkeypatch):
     monkeypatch.setattr(trainer, "_fit_epochs", lambda X, y: {}["boom"])
     with pytest.raises(ValueError, match="training failed: KeyError: 'boom'"):
         trainer.train(ModelMessage("f", 1, spec, np.zeros(spec.n_params)), np.zeros((3, 2)), np.array([0, 1, 0]))
+
+
+def test_train_metrics_only_when_asked_for():
+    """The model after training is scored only with train_metrics (it costs a second evaluation)."""
+    assert set(LocalTrainer(random_state=0).train(model(MULTI), X, Y).metrics) == {"eval_loss", "eval_accuracy"}
+    asked = LocalTrainer(random_state=0, train_metrics=True).train(model(MULTI), X, Y).metrics
+    assert set(asked) == {"eval_loss", "eval_accuracy", "train_loss", "train_accuracy"}
+
+
+@pytest.mark.parametrize("spec, y", [
+    (MULTI, Y), (ModelSpec("sgd-classifier", 64, tuple(range(10)), {"loss": "log_loss"}), Y),
+    (ModelSpec("sgd-classifier", 64, tuple(range(10)), {"loss": "modified_huber"}), Y),
+    (BINARY, np.where(Y < 5, 0, 1)), (ModelSpec("sgd-classifier", 64, (0, 1)), np.where(Y < 5, 0, 1)),
+    (REGRESSOR, Y.astype(float)),
+], ids=["hinge", "log-loss", "modified-huber", "binary-log-loss", "binary-hinge", "regressor"])
+def test_evaluation_equals_scikit_learns_metrics(spec, y):
+    """One decision function scored in numpy gives exactly what scikit-learn's metric functions give."""
+    from sklearn.metrics import accuracy_score, hinge_loss, log_loss, mean_squared_error, r2_score
+
+    trainer = LocalTrainer(random_state=0)
+    start = np.random.default_rng(0).normal(scale=0.1, size=spec.n_params)
+    trainer.train(model(spec, params=start), X[:300] / 16, y[:300])
+    est, ours = trainer.estimator_, evaluate(trainer.estimator_, spec, X / 16, y, "")
+    if spec.is_classifier:
+        labels = list(spec.classes)
+        loss = log_loss(y, est.predict_proba(X / 16), labels=labels) if est.loss != "hinge" \
+            else hinge_loss(y, est.decision_function(X / 16), labels=labels)
+        expected = {"loss": loss, "accuracy": accuracy_score(y, est.predict(X / 16))}
+    else:
+        predicted = est.predict(X / 16)
+        expected = {"loss": mean_squared_error(y, predicted), "r2": r2_score(y, predicted)}
+    assert ours == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_one_partial_fit_call_is_the_same_epoch_as_batches(monkeypatch):
+    """partial_fit is per-sample SGD: one call over the shuffled rows lands where 7-row calls do."""
+    build = trainer_module.build_estimator
+
+    def unshuffled(spec, params=None, *, random_state=None):
+        est = build(spec, params, random_state=random_state)
+        est.shuffle = False  # scikit-learn's own reshuffle within a call would differ per batching
+        return est
+
+    monkeypatch.setattr(trainer_module, "build_estimator", unshuffled)
+    one = LocalTrainer(random_state=3).train(model(MULTI), X[:200] / 16, Y[:200])
+    batched = LocalTrainer(batch_size=7, random_state=3).train(model(MULTI), X[:200] / 16, Y[:200])
+    np.testing.assert_allclose(one.delta, batched.delta, rtol=1e-10, atol=1e-12)
