@@ -87,6 +87,8 @@ class Agent:
         self.updates_sent_ = 0
         self.last_metrics_: dict[str, float] = {}
         self.training_ = False
+        self.published_phase_: str | None = None  # the phase the last published status showed
+        self.since_ = time.time()  # wall clock of the last change of phase
         self.statistics = LocalStatistics()  # feature statistics for the fleet (edge_agent/statistics.py)
         self.missing_ = 0  # missing cells imputed in the last round
         # local DP (protocol/privacy.py): clip + noise the float delta before error feedback and the codec
@@ -230,8 +232,9 @@ class Agent:
                 # under local DP nothing un-noised about the data travels: no sample count, no metrics
                 n_samples=1 if self.dp is not None else result.n_samples,
                 delta=encoded,
-                # only the federated evaluation travels (bytes on the wire); train_* is in the status
-                metrics={} if self.dp is not None else {k: v for k, v in result.metrics.items() if k.startswith("eval_")},
+                # the round's metrics travel here, not in the status: eval_* (and train_* if the trainer
+                # was asked for them), float32 on the wire
+                metrics={} if self.dp is not None else dict(result.metrics),
             )
         )
 
@@ -262,22 +265,40 @@ class Agent:
             return IDLE
         return ONLINE
 
+    def phase(self, state: str | None = None) -> str:
+        """The state without the round cycle: once an update was sent, online, training and idle
+        are one phase ("working"); error, budget_spent and offline are phases of their own."""
+        state = state or self.state
+        return "working" if state in (ONLINE, TRAINING, IDLE) and self.updates_sent_ else state
+
+    def status_changed(self) -> bool:
+        """True when the phase differs from the one the last published status showed (publish it)."""
+        return self.phase() != self.published_phase_
+
     def status(self, state: str | None = None) -> dict:
-        """The retained JSON status for `agent/<id>/status` (`state` overrides the agent's own)."""
+        """The retained JSON status for `agent/<id>/status` (`state` overrides the agent's own).
+
+        It says what the agent is doing and since when (`since`: the last change of phase,
+        `time`: when this was published); per-round figures (base version, seq, metrics)
+        travel in the update itself, so the status is published on changes and as a
+        heartbeat (`AgentSession.status_interval`), not per round. Marks it published.
+        """
+        phase = self.phase(state)
+        if phase != self.published_phase_:
+            self.published_phase_, self.since_ = phase, time.time()
         status = {
             "agent": self.agent_id,
             "state": state or self.state,
+            "since": round(self.since_, 3),
             "version": self.base_version_,
             "model_version": self.model_.version if self.model_ else None,
-            "seq": self.seq_,
             "updates_sent": self.updates_sent_,
             "samples": None if self.dp is not None else len(self.source),
             "codec": str(self.feedback.spec),
-            "last_update_time": self.last_update_time_,
-            "metrics": {} if self.dp is not None else dict(self.last_metrics_),
+            "last_update_time": None if self.last_update_time_ is None else round(self.last_update_time_, 3),
             "missing": self.missing_,
             "scaled": bool(self.model_ is not None and self.model_.scaling is not None),
-            "time": time.time(),
+            "time": round(time.time(), 3),
         }
         if status["state"] == ERROR:
             status["error"] = self.error_[1]

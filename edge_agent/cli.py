@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--codec", default="int8",
                    help="update codec: float32, int8, int4 or topk:FRACTION+QUANT, e.g. topk:0.05+int4 (default: int8)")
     t.add_argument("--local-epochs", type=int, default=1, metavar="E", help="passes over the local data per round (default: 1)")
-    t.add_argument("--batch-size", type=int, default=32, metavar="B", help="rows per partial_fit call (default: 32)")
+    t.add_argument("--batch-size", type=int, metavar="B",
+                   help="rows per partial_fit call; the SGD steps are per row either way (default: all rows in one call)")
+    t.add_argument("--train-metrics", action="store_true",
+                   help="also score the model after training (train_loss, train_accuracy) and send it with the "
+                   "update: a second evaluation per round (default: only the received model's eval_*)")
     t.add_argument("--min-new-samples", type=int, default=0, metavar="N",
                    help="train on a newer model only once this many new rows arrived (default: 0)")
     t.add_argument("--train-every", type=float, metavar="SECONDS",
@@ -55,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resend-after", type=float, default=60.0, metavar="SECONDS",
                    help="train again and send a fresh update when no newer model arrived this long (times a "
                    "random 1-1.5) after the last update, in case it was lost; 0: never (default: 60)")
+    t.add_argument("--min-model-interval", type=float, default=0.0, metavar="SECONDS",
+                   help="take a model at most this often: after one, stop listening and read the newest retained "
+                   "model once this long has passed, skipping the versions between (fewer wake-ups and "
+                   "downloads); 0: every version (default: 0)")
     t.add_argument("--seed", type=int, help="random seed for shuffling and stochastic rounding (default: random)")
 
     lim = p.add_argument_group("limits (what this device accepts from the fleet; a model beyond them is refused, "
@@ -84,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = p.add_argument_group("reporting")
     r.add_argument("--status-interval", type=float, default=60.0, metavar="SECONDS",
-                   help="republish the retained status this often between rounds; 0: only on changes (default: 60)")
+                   help="republish the retained status as a heartbeat this often; it is published anyway on "
+                   "every change of state (connected, first update, error, budget spent, offline), not per "
+                   "round: the update itself says that; 0: only on changes (default: 60)")
     r.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="logging level (default: INFO)")
     return p
@@ -100,12 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.topics.update(args.id)  # validates the id
         CodecSpec.parse(args.codec)
         args.settings = settings_from_args(args)
-        if args.local_epochs < 1 or args.batch_size < 1:
+        if args.local_epochs < 1 or (args.batch_size is not None and args.batch_size < 1):
             raise ValueError("--local-epochs and --batch-size must be >= 1")
         if args.min_new_samples < 0 or args.status_interval < 0 or (args.window is not None and args.window < 1):
             raise ValueError("--min-new-samples and --status-interval must be >= 0, --window >= 1")
-        if args.resend_after < 0:
-            raise ValueError("--resend-after must be >= 0 (0: never)")
+        if args.resend_after < 0 or args.min_model_interval < 0:
+            raise ValueError("--resend-after and --min-model-interval must be >= 0 (0: never, every version)")
         if args.poll_interval <= 0 or args.connect_timeout <= 0 or (args.train_every is not None and args.train_every <= 0):
             raise ValueError("--poll-interval, --connect-timeout and --train-every must be > 0")
         if min(args.max_classes - 2, args.max_features - 1, args.max_model_bytes - 12) < 0 or not args.stop_timeout > 0:
@@ -160,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"fedmq-agent: error: {exc}", file=sys.stderr)
         return 2
-    trainer = LocalTrainer(args.local_epochs, args.batch_size, random_state=args.seed, limits=args.limits)
+    trainer = LocalTrainer(args.local_epochs, args.batch_size, random_state=args.seed, limits=args.limits,
+                           train_metrics=args.train_metrics)
     agent = Agent(args.id, args.topics, source, trainer, args.codec,
                   min_new_samples=args.min_new_samples, train_every=args.train_every, seed=args.seed,
                   resend_after=args.resend_after or None,
@@ -172,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         agent.secure = SecAggClient(agent.agent_id, args.topics)
     session = AgentSession(agent, args.settings, connect_timeout=args.connect_timeout,
-                           poll_interval=args.poll_interval, status_interval=args.status_interval)
+                           poll_interval=args.poll_interval, status_interval=args.status_interval,
+                           min_model_interval=args.min_model_interval)
     stop = threading.Event()
     watchdog: list[threading.Timer] = []
 

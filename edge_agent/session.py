@@ -35,8 +35,14 @@ class Outgoing:
 class AgentSession:
     """Runs an `Agent` against a broker until `stop` is set.
 
-    `status_interval` (seconds, 0 = never) republishes the retained status as a heartbeat
-    between rounds; it is also published on every (re)connection and after every round.
+    The retained status is published on every (re)connection, when the agent's phase
+    changes (first update sent, error, error cleared, budget spent, offline), as "training"
+    when a round runs longer than `slow_round_after` seconds, and as a heartbeat every
+    `status_interval` seconds (0 = never); not per round: the update says what a round did.
+
+    `min_model_interval` (seconds, 0 = every version): after taking a model the session
+    unsubscribes from the model topic and subscribes again once that long has passed; the
+    broker then sends the newest retained model, so the versions between are never downloaded.
     """
 
     def __init__(
@@ -47,12 +53,21 @@ class AgentSession:
         connect_timeout: float = 10.0,
         poll_interval: float = 1.0,
         status_interval: float = 60.0,
+        min_model_interval: float = 0.0,
+        slow_round_after: float = 1.0,
     ) -> None:
         self.agent = agent
         self.settings = settings
         self.connect_timeout = connect_timeout
         self.poll_interval = poll_interval
         self.status_interval = status_interval
+        self.min_model_interval = min_model_interval
+        self.slow_round_after = slow_round_after
+        self._last_status = time.monotonic()  # of the last status published
+        self._models_paused = False  # unsubscribed until _models_due_at (--min-model-interval)
+        self._models_due_at = 0.0  # monotonic
+        self.models_taken = 0  # models handed to the agent that were newer than the one held
+        self._said_training = False  # a slow round published "training": say when it ends
         self.wake = threading.Event()  # set by the network thread when a newer model arrived
         self._pending: Outgoing | None = None
         self._lock = threading.Lock()  # guards _pending against on_connect's flush
@@ -79,7 +94,8 @@ class AgentSession:
         self._connected_once = True
         # QoS 0: the model is retained, so every (re)subscription brings the newest, and the
         # broker queues no stale models for an offline device (docs/architecture.md)
-        client.subscribe(self.agent.topics.model, qos=0)
+        if not self._models_paused:
+            client.subscribe(self.agent.topics.model, qos=0)
         if self.agent.secure is not None:  # secure aggregation: the cohort, the unmask requests, its own inbox
             client.subscribe([(t, 1) for t in self.agent.secure.subscriptions])
             self._publish_secagg([self.agent.secure.announcement()])
@@ -103,13 +119,30 @@ class AgentSession:
                 log.exception("failed to take a secure-aggregation message")
             self.wake.set()  # a delta spent in a cohort: train a fresh one
             return
+        if self._models_paused:  # sent before the broker took our unsubscribe: the newest comes on resubscribing
+            return
         try:
             newer = self.agent.on_model(msg.payload)
         except Exception:  # an exception here would end paho's network thread
             log.exception("failed to take a model message")
             return
         if newer:
+            self.models_taken += 1
+            if self.min_model_interval > 0:
+                self._pause_models()
             self.wake.set()
+
+    def _pause_models(self) -> None:
+        """Stop listening for models until --min-model-interval has passed (network thread)."""
+        self._models_paused = True
+        self._models_due_at = time.monotonic() + self.min_model_interval
+        self.client.unsubscribe(self.agent.topics.model)
+
+    def _resume_models(self) -> None:
+        """Subscribe again: the broker sends the newest retained model (main thread)."""
+        self._models_paused = False
+        if self.client.is_connected():
+            self.client.subscribe(self.agent.topics.model, qos=0)
 
     # --- publishing --------------------------------------------------------------------
 
@@ -118,9 +151,9 @@ class AgentSession:
         (paho would queue it, but on_connect publishes a fresh one anyway)."""
         if not self.client.is_connected():
             return None
-        return self.client.publish(
-            self.agent.topics.agent_status(self.agent.agent_id), json.dumps(self.agent.status(state)), qos=1, retain=True
-        )
+        self._last_status = time.monotonic()
+        doc = json.dumps(self.agent.status(state), separators=(",", ":"))
+        return self.client.publish(self.agent.topics.agent_status(self.agent.agent_id), doc, qos=1, retain=True)
 
     def send(self, out: Outgoing) -> None:
         """Publish an update now, or hold it (replacing an older held one) until reconnection."""
@@ -174,32 +207,47 @@ class AgentSession:
     def run(self, stop: threading.Event) -> None:
         """Start, then train whenever the agent is due until `stop` is set; then close."""
         self.start()
-        last_status = time.monotonic()
         try:
             while not stop.is_set():
                 self.send_statistics()
-                self.wake.wait(self.poll_interval)
+                wait = self.poll_interval
+                if self._models_paused:
+                    wait = max(0.0, min(wait, self._models_due_at - time.monotonic()))
+                self.wake.wait(wait)
                 self.wake.clear()
                 if stop.is_set():
                     break
                 if self.agent.due():
                     self.train_and_send()
-                    last_status = time.monotonic()
-                elif self.status_interval and time.monotonic() - last_status >= self.status_interval:
+                if self._models_paused and time.monotonic() >= self._models_due_at:
+                    self._resume_models()
+                if self.status_interval and time.monotonic() - self._last_status >= self.status_interval:
                     self.publish_status()
-                    last_status = time.monotonic()
         finally:
             self.close()
 
     def train_and_send(self) -> None:
-        """One round: train on the newest model, send the update, publish the status."""
-        self.publish_status(TRAINING)
-        payload = self.agent.make_update()
+        """One round: train on the newest model, send the update; the status only if the phase changed."""
+        slow = threading.Timer(self.slow_round_after, self._say_training)
+        slow.daemon = True
+        slow.start()
+        try:
+            payload = self.agent.make_update()
+        finally:
+            slow.cancel()
         if payload is not None:
             self.send(Outgoing(payload, self.agent.seq_, self.agent.base_version_, self.agent.last_metrics_))
         elif self.agent.secure is not None and self.client.is_connected():  # a delta held: announce its fresh key
             self._publish_secagg([self.agent.secure.announcement()])
-        self.publish_status()
+        if self.agent.status_changed() or self._said_training:
+            self._said_training = False
+            self.publish_status()
+
+    def _say_training(self) -> None:
+        """A round is taking long: say so (timer thread; paho's publish is thread-safe)."""
+        if self.agent.training_:
+            self._said_training = True
+            self.publish_status(TRAINING)
 
     @property
     def pending(self) -> Outgoing | None:

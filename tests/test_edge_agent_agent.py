@@ -53,7 +53,7 @@ def test_update_decodes_and_is_based_on_the_newest_model():
     first = decode_update(agent.make_update())
     assert (first.base_version, first.n_samples) == (3, 200)
     assert first.delta.quant == "int8" and first.delta.n == MULTI.n_params
-    assert set(first.metrics) == {"eval_loss", "eval_accuracy"}  # train_* stays in the status
+    assert set(first.metrics) == {"eval_loss", "eval_accuracy"}  # train_* only with LocalTrainer(train_metrics=True)
     assert not agent.due()  # already trained on version 3
     agent.on_model(model_bytes(7))
     agent.on_model(model_bytes(5))  # arrives late: ignored
@@ -117,15 +117,18 @@ def test_status_is_json_with_every_field():
     agent.due()
     agent.make_update()
     status = json.loads(json.dumps(agent.status(), allow_nan=False))
-    assert set(status) == {"agent", "state", "version", "model_version", "seq", "updates_sent", "samples", "codec",
-                           "last_update_time", "metrics", "missing", "scaled", "time"}
+    assert set(status) == {"agent", "state", "since", "version", "model_version", "updates_sent", "samples", "codec",
+                           "last_update_time", "missing", "scaled", "time"}  # the round's metrics are in the update
     assert status["agent"] == "a1" and status["state"] == "idle"
     assert (status["version"], status["model_version"], status["updates_sent"]) == (4, 4, 1)
-    assert status["seq"] == agent.seq_ and status["samples"] == 200 and status["codec"] == "topk:0.05+int4"
-    assert abs(status["last_update_time"] - time.time()) < 60
-    assert {"eval_loss", "eval_accuracy", "train_loss", "train_accuracy"} <= set(status["metrics"])
+    assert status["samples"] == 200 and status["codec"] == "topk:0.05+int4"
+    assert abs(status["last_update_time"] - time.time()) < 60 and status["since"] <= status["time"]
+    assert not agent.status_changed()  # just published
     agent.on_model(model_bytes(5))
-    assert agent.status()["state"] == "online"
+    assert agent.status()["state"] == "online" and not agent.status_changed()  # the round cycle is one phase
+    agent.due()
+    agent.make_update()
+    assert not agent.status_changed()
     assert agent.status("offline")["state"] == "offline"
     assert offline_status("a1") == {"agent": "a1", "state": "offline"}
 

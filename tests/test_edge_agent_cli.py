@@ -82,4 +82,4 @@ def test_help_explains_every_flag(capsys):
     for flag in ("--broker", "--fleet", "--id", "--data", "--label-column", "--codec", "--local-epochs",
                  "--batch-size", "--seed", "--status-interval", "--log-level", "--config", "--connect-timeout"):
         assert flag in out
-    assert "(default: int8)" in out and "(default: 32)" in out
+    assert "(default: int8)" in out and "(default: all rows in one call)" in out

@@ -58,7 +58,7 @@ def test_agent_on_aarch64_is_aggregated(tmp_path, mosquitto):
             timeout=180, what="two updates from the aarch64 agent aggregated")
         assert status["rejected"] == {}
         agent_status = watcher.json(topics.agent_status("pi-4"))
-        assert agent_status["updates_sent"] >= 2
+        assert agent_status["updates_sent"] >= 1  # published on changes (the first update), not per round
     finally:
         assert stop(agent, timeout=30) == 0
         stop(coordinator)
