@@ -1,0 +1,382 @@
+"""Device bytes and CPU: what one device pays per round in fedmq and in Flower, measured in one run.
+
+The digits fleet: 20 agents, one process each, standardized digits dealt into 20 stratified
+shards, one local epoch per update; 400 updates in all. Each fedmq configuration (model
+codec, update codec, --min-model-interval) runs against a real mosquitto and coordinator
+(fedasync); Flower 1.41 runs the identical task (bench/flower_baseline.py: FedAvg over the
+20 clients for 20 rounds) from a separate venv, so flwr never enters fedmq's dependencies.
+
+Bytes: tcpdump on loopback, every IP packet of each device's connection (IPv4 + TCP headers
++ payload: MQTT or gRPC/HTTP2 framing and TCP ACKs included; loopback's 14-byte link header
+is not), from connect to goodbye, divided by the updates that device sent. CPU per update:
+user + system of each device process (/proc), from its 2nd update to its last (steady
+state: imports and the first model excluded). RSS: the peak (VmHWM). Writes
+bench/results/device_bytes.json.
+
+    python bench/device_bytes.py [--flower-python /work/flower-venv/bin/python] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from protocol.tabular import write_csv  # noqa: E402
+from protocol.topics import Topics  # noqa: E402
+from simulation.datasets import load_dataset, standardise  # noqa: E402
+from simulation.mosquitto import Mosquitto, free_port  # noqa: E402
+
+AGENTS = 20
+UPDATES = 400
+TICK = os.sysconf("SC_CLK_TCK")
+FLOWER_PYTHON = "/work/flower-venv/bin/python"
+
+
+def write_task(workdir: Path, agents: int, seed: int = 0) -> int:
+    """Standardized digits: agent<i>.csv shards (stratified, dealt like cards) and test.csv; returns n_features."""
+    ds = load_dataset("digits", seed=seed)
+    X_train, X_test = standardise(ds.X_train, ds.X_test)
+    order = np.random.default_rng(seed).permutation(len(ds.y_train))
+    order = order[np.argsort(ds.y_train[order], kind="stable")]
+    for i in range(agents):
+        part = order[i::agents]
+        write_csv(workdir / f"agent{i}.csv", X_train[part], ds.y_train[part])
+    write_csv(workdir / "test.csv", X_test, ds.y_test)
+    return X_train.shape[1]
+
+
+@dataclass
+class Device:
+    """One device process and what was sampled of it."""
+
+    proc: subprocess.Popen
+    log: Path
+    pattern: str  # a line per update in its log
+    samples: list[tuple[int, float]] = field(default_factory=list)  # (updates so far, CPU seconds)
+    hwm_kb: int = 0
+    port: int | None = None
+
+    def sample(self) -> None:
+        """Read updates (log lines), CPU (utime + stime) and peak RSS of the live process."""
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / TICK
+        hwm = re.search(r"VmHWM:\s+(\d+)", status)
+        self.hwm_kb = max(self.hwm_kb, int(hwm.group(1)) if hwm else 0)
+        updates = self.log.read_text(errors="replace").count(self.pattern)
+        if not self.samples or self.samples[-1][0] != updates:
+            self.samples.append((updates, cpu))
+        else:
+            self.samples[-1] = (updates, cpu)  # the CPU up to the newest sample of this count
+
+    @property
+    def updates(self) -> int:
+        return self.samples[-1][0] if self.samples else 0
+
+    def steady_cpu(self) -> tuple[float, int]:
+        """CPU seconds and updates from the 2nd update on."""
+        first = next(((u, c) for u, c in self.samples if u >= 2), None)
+        last = self.samples[-1] if self.samples else None
+        if first is None or last[0] <= first[0]:
+            return 0.0, 0
+        return last[1] - first[1], last[0] - first[0]
+
+
+class Capture:
+    """tcpdump on loopback for one TCP port, written to a pcap."""
+
+    def __init__(self, path: Path, port: int) -> None:
+        self.path = path
+        self.proc = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-s", "128", "-w", str(path), f"tcp port {port}"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        line = self.proc.stderr.readline().decode()  # "listening on lo, ..." once it captures
+        if "listening" not in line:
+            raise RuntimeError(f"tcpdump did not start: {line}")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(10)
+
+
+def pcap_bytes(path: Path, server_port: int) -> dict[int, dict[str, int]]:
+    """IP bytes and packets per client port, up (to the server port) and down."""
+    data = path.read_bytes()
+    magic = struct.unpack("<I", data[:4])[0]
+    endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+    linktype = struct.unpack(endian + "I", data[20:24])[0]
+    link = {1: 14, 113: 16, 0: 4}[linktype]  # Ethernet (lo), Linux cooked, BSD loopback
+    out: dict[int, dict[str, int]] = {}
+    pos = 24
+    while pos + 16 <= len(data):
+        _, _, incl, orig = struct.unpack(endian + "IIII", data[pos:pos + 16])
+        frame = data[pos + 16:pos + 16 + incl]
+        pos += 16 + incl
+        ip = frame[link:]
+        version = ip[0] >> 4
+        if version == 4:
+            tcp = ip[(ip[0] & 0x0F) * 4:]
+        elif version == 6:
+            tcp = ip[40:]
+        else:
+            continue
+        sport, dport = struct.unpack(">HH", tcp[:4])
+        size = orig - link
+        if dport == server_port:
+            entry, key = out.setdefault(sport, {"up": 0, "down": 0, "up_packets": 0, "down_packets": 0}), "up"
+        elif sport == server_port:
+            entry, key = out.setdefault(dport, {"up": 0, "down": 0, "up_packets": 0, "down_packets": 0}), "down"
+        else:
+            continue
+        entry[key] += size
+        entry[key + "_packets"] += 1
+    return out
+
+
+def client_ports(pids: set[int], server_port: int) -> dict[int, int]:
+    """pid -> local port of its TCP connection to `server_port` (ss)."""
+    out: dict[int, int] = {}
+    text = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True).stdout
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 6 or not parts[4].endswith(f":{server_port}"):
+            continue
+        for pid in map(int, re.findall(r"pid=(\d+)", line)):
+            if pid in pids:
+                out[pid] = int(parts[3].rsplit(":", 1)[1])
+    return out
+
+
+def spawn(argv: list, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A process with its output in `log`."""
+    fh = open(log, "ab")
+    return subprocess.Popen([str(a) for a in argv], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def measure(devices: list[Device], server_port: int, capture: Capture, done, timeout: float) -> dict:
+    """Sample the devices until done() or timeout; then the bytes of their connections."""
+    pids = {d.proc.pid: d for d in devices}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for d in devices:
+            d.sample()
+        missing = {pid for pid, d in pids.items() if d.port is None}
+        if missing:
+            for pid, port in client_ports(missing, server_port).items():
+                pids[pid].port = port
+        if done():
+            break
+        time.sleep(0.25)  # sampling /proc: there is no event to wait on
+    else:
+        raise RuntimeError("the run did not finish in time")
+    for d in devices:
+        d.sample()
+    return {}
+
+
+def summarize(devices: list[Device], wire: dict[int, dict[str, int]]) -> dict:
+    """Per-device means: bytes per update up and down, CPU per update, peak RSS."""
+    ups, downs, packets, updates = [], [], [], []
+    for d in devices:
+        if d.port is None or d.port not in wire or d.updates == 0:
+            raise RuntimeError(f"no connection or no update seen for pid {d.proc.pid}")
+        w = wire[d.port]
+        ups.append(w["up"] / d.updates)
+        downs.append(w["down"] / d.updates)
+        packets.append((w["up_packets"] + w["down_packets"]) / d.updates)
+        updates.append(d.updates)
+    cpu = sum(d.steady_cpu()[0] for d in devices)
+    counted = sum(d.steady_cpu()[1] for d in devices)
+    return {
+        "updates_per_device": round(float(np.mean(updates)), 2),
+        "up_bytes_per_round": round(float(np.mean(ups)), 1),
+        "down_bytes_per_round": round(float(np.mean(downs)), 1),
+        "total_bytes_per_round": round(float(np.mean(ups) + np.mean(downs)), 1),
+        "packets_per_round": round(float(np.mean(packets)), 2),
+        "cpu_ms_per_update": round(1000 * cpu / counted, 2) if counted else None,
+        "rss_mb": round(float(np.mean([d.hwm_kb for d in devices])) / 1024, 1),
+    }
+
+
+def run_fedmq(workdir: Path, n_features: int, *, model_codec: str | None, codec: str, interval: float,
+              agents: int, updates: int) -> dict:
+    """One fedmq configuration over mosquitto; returns the device figures and the accuracy."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    name = f"mc-{model_codec or 'none'}-{codec.replace(':', '').replace('+', '')}-{interval:g}"
+    run_dir = workdir / name
+    run_dir.mkdir()
+    broker = Mosquitto(run_dir / "broker")
+    broker.start()
+    topics = Topics("bytes")
+    state: dict = {"status": {}, "agent_status": {}}
+
+    def on_message(client, userdata, msg):
+        if msg.topic == topics.coordinator_status:
+            state["status"] = json.loads(msg.payload)
+        elif msg.payload:
+            state["agent_status"].setdefault(msg.topic, []).append(len(msg.payload) + len(msg.topic))
+
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}")
+    watcher.on_message = on_message
+    watcher.connect(broker.host, broker.port)
+    watcher.subscribe([(topics.coordinator_status, 0), (topics.agent_status("+"), 1)])
+    watcher.loop_start()
+    capture = Capture(run_dir / "capture.pcap", broker.port)
+    coordinator_args = ["--broker", broker.url, "--fleet", topics.fleet, "--model", "sgd-classifier",
+                        "--n-features", n_features, "--classes", ",".join(map(str, range(10))),
+                        "--publish-interval", "0.1", "--eval-csv", workdir / "test.csv"]
+    if model_codec is not None:
+        coordinator_args += ["--model-codec", model_codec]
+    coordinator = spawn([sys.executable, "-m", "coordinator", *coordinator_args], run_dir / "coordinator.log")
+    devices = []
+    try:
+        for i in range(agents):
+            log = run_dir / f"agent{i}.log"
+            argv = [sys.executable, "-m", "edge_agent", "--broker", broker.url, "--fleet", topics.fleet,
+                    "--id", f"agent{i}", "--data", workdir / f"agent{i}.csv", "--codec", codec, "--seed", i,
+                    "--poll-interval", "0.2"]
+            if interval:
+                argv += ["--min-model-interval", interval]
+            devices.append(Device(spawn(argv, log), log, "sent update:"))
+        measure(devices, broker.port, capture, lambda: (state["status"].get("accepted") or 0) >= updates, 300)
+        status = dict(state["status"])
+    finally:
+        for d in devices:
+            d.proc.send_signal(signal.SIGTERM)
+        for d in devices:
+            d.proc.wait(30)
+        coordinator.send_signal(signal.SIGTERM)
+        coordinator.wait(30)
+        time.sleep(0.5)  # the last FIN/ACK reach the capture buffer
+        capture.stop()
+        watcher.loop_stop()
+        watcher.disconnect()
+        broker.stop()
+    figures = summarize(devices, pcap_bytes(capture.path, broker.port))
+    statuses = [n for topic, n in state["agent_status"].items()]
+    figures.update({
+        "model_codec": model_codec or "float32 (no --model-codec in this coordinator)",
+        "codec": codec, "min_model_interval": interval,
+        "accuracy": status.get("accuracy"), "accepted": status.get("accepted"),
+        "status_messages_per_device": round(float(np.mean([len(s) for s in statuses])), 2),
+        "status_bytes_per_message": round(float(np.mean([np.mean(s) for s in statuses])), 1),
+        "models_received_per_update": None,
+    })
+    figures["status_messages_per_round"] = round(figures["status_messages_per_device"] / figures["updates_per_device"], 3)
+    received = [d.log.read_text(errors="replace").count("global model version") for d in devices]
+    if any(received):
+        figures["models_received_per_update"] = round(sum(received) / sum(d.updates for d in devices), 2)
+    return figures
+
+
+def run_flower(workdir: Path, python: str, *, agents: int, rounds: int) -> dict:
+    """Flower 1.41 on the same shards; returns the device figures and the final accuracy."""
+    run_dir = workdir / "flower"
+    run_dir.mkdir()
+    port = free_port()
+    capture = Capture(run_dir / "capture.pcap", port)
+    address = f"127.0.0.1:{port}"
+    script = ROOT / "bench" / "flower_baseline.py"
+    server = spawn([python, script, "server", "--address", address, "--data", workdir, "--clients", agents,
+                    "--rounds", rounds], run_dir / "server.log")
+    devices = []
+    try:
+        time.sleep(3)  # flwr's server imports for seconds before it listens; clients retry anyway
+        for i in range(agents):
+            log = run_dir / f"client{i}.log"
+            devices.append(Device(spawn([python, script, "client", "--address", address, "--data", workdir,
+                                         "--index", i], log), log, "fit "))
+        measure(devices, port, capture, lambda: server.poll() is not None, 300)
+        for d in devices:
+            d.proc.wait(30)
+    finally:
+        for p in [d.proc for d in devices] + [server]:
+            if p.poll() is None:
+                p.kill()
+        time.sleep(0.5)
+        capture.stop()
+    figures = summarize(devices, pcap_bytes(capture.path, port))
+    rounds_seen = re.findall(r"round (\d+) accuracy ([\d.]+)", (run_dir / "server.log").read_text())
+    import importlib.metadata  # noqa: F401  (version from the venv that ran it)
+    version = subprocess.run([python, "-c", "import flwr; print(flwr.__version__)"], capture_output=True,
+                             text=True).stdout.strip()
+    figures.update({"flwr": version, "rounds": rounds, "accuracy": float(rounds_seen[-1][1]) if rounds_seen else None})
+    return figures
+
+
+def supported_model_codecs() -> list[str] | None:
+    """The coordinator's --model-codec choices, or None when it has no such flag."""
+    text = subprocess.run([sys.executable, "-m", "coordinator", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}).stdout
+    match = re.search(r"--model-codec \{([^}]*)\}", text)
+    return match.group(1).split(",") if match else None
+
+
+def main() -> None:
+    """Run every configuration and Flower; print and write the JSON."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--flower-python", default=FLOWER_PYTHON, help="a Python with flwr 1.41 and scikit-learn")
+    p.add_argument("--agents", type=int, default=AGENTS)
+    p.add_argument("--updates", type=int, default=UPDATES)
+    p.add_argument("--interval", type=float, default=1.0, help="--min-model-interval of the fewer-wake-ups rows")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "device_bytes.json")
+    args = p.parse_args()
+    codecs = supported_model_codecs()
+    configs = [(mc, "int8", 0.0) for mc in (codecs or [None])]
+    best = "int8" if codecs and "int8" in codecs else (codecs or [None])[-1]
+    configs += [(best, "int8", args.interval), (best, "int4", args.interval)]
+    with tempfile.TemporaryDirectory(prefix="device-bytes-") as tmp:
+        workdir = Path(tmp)
+        n_features = write_task(workdir, args.agents)
+        started = time.monotonic()
+        flower = None
+        if Path(args.flower_python).exists():
+            flower = run_flower(workdir, args.flower_python, agents=args.agents, rounds=args.updates // args.agents)
+            print("flower", json.dumps(flower), flush=True)
+        fedmq = []
+        for mc, codec, interval in configs:
+            fedmq.append(run_fedmq(workdir, n_features, model_codec=mc, codec=codec, interval=interval,
+                                   agents=args.agents, updates=args.updates))
+            print("fedmq", json.dumps(fedmq[-1]), flush=True)
+        took = time.monotonic() - started
+    for row in fedmq:
+        if flower is not None:
+            row["bytes_ratio_vs_flower"] = round(flower["total_bytes_per_round"] / row["total_bytes_per_round"], 2)
+            row["cpu_ratio_vs_flower"] = round(row["cpu_ms_per_update"] / flower["cpu_ms_per_update"], 2)
+            row["accuracy_points_vs_flower"] = round(100 * (row["accuracy"] - flower["accuracy"]), 2)
+    result = {
+        "benchmark": "device_bytes", "dataset": "digits (standardized, 20 stratified shards)",
+        "agents": args.agents, "updates": args.updates, "strategy": "fedasync, --publish-interval 0.1",
+        "method": "tcpdump on lo: IP bytes (IP + TCP headers + payload) of each device connection, connect to "
+                  "goodbye, per update the device sent; CPU user+system from the 2nd update on (/proc); RSS VmHWM",
+        "model_codecs_available": codecs, "seconds": round(took, 1),
+        "flower": flower if flower is not None else f"not run: {args.flower_python} missing",
+        "fedmq": fedmq,
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

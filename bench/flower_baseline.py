@@ -1,0 +1,109 @@
+"""Flower 1.41 on the digits task of bench/device_bytes.py: one server or one client process.
+
+Run by bench/device_bytes.py with a Python that has flwr (kept out of fedmq's dependencies:
+`python -m venv /work/flower-venv && /work/flower-venv/bin/pip install 'flwr==1.41.*' scikit-learn`).
+FedAvg over every client each round; a client continues the global SGDClassifier with one
+partial_fit call over its shuffled shard (the same local epoch as a fedmq agent) and returns
+its parameters; the server scores the global model on the test set after every round.
+
+    python bench/flower_baseline.py server --address 127.0.0.1:PORT --data DIR --clients 20 --rounds 20
+    python bench/flower_baseline.py client --address 127.0.0.1:PORT --data DIR --index I
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import SGDClassifier
+
+CLASSES = np.arange(10)
+
+
+def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A shard written by bench/device_bytes.py: features, then the label column."""
+    data = np.loadtxt(path, delimiter=",", skiprows=1)
+    return data[:, :-1], data[:, -1].astype(int)
+
+
+def estimator(seed: int, n_features: int) -> SGDClassifier:
+    """fedmq's default sgd-classifier (hinge loss), with zero parameters."""
+    est = SGDClassifier(random_state=seed)
+    est.partial_fit(np.zeros((1, n_features)), np.zeros(1, dtype=int), classes=CLASSES)
+    est.coef_[:] = 0.0
+    est.intercept_[:] = 0.0
+    est.t_ = 1.0
+    return est
+
+
+def run_client(args: argparse.Namespace) -> None:
+    """One device: fit from the received parameters, send them back; prints `fit N` per round."""
+    import flwr as fl
+
+    X, y = load(args.data / f"agent{args.index}.csv")
+    est = estimator(args.index, X.shape[1])
+    rng = np.random.default_rng(args.index)
+    fits = [0]
+
+    class Client(fl.client.NumPyClient):
+        def get_parameters(self, config):
+            return [est.coef_, est.intercept_]
+
+        def fit(self, parameters, config):
+            est.coef_, est.intercept_ = np.array(parameters[0]), np.array(parameters[1])
+            order = rng.permutation(len(y))
+            est.partial_fit(X[order], y[order])
+            fits[0] += 1
+            print(f"fit {fits[0]}", flush=True)
+            return [est.coef_, est.intercept_], len(y), {}
+
+        def evaluate(self, parameters, config):
+            return 0.0, len(y), {}
+
+    fl.client.start_client(server_address=args.address, client=Client().to_client(), insecure=True)
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """FedAvg over all clients for --rounds rounds; prints `round R accuracy A` after each."""
+    import flwr as fl
+
+    X_test, y_test = load(args.data / "test.csv")
+    est = estimator(0, X_test.shape[1])
+    shapes = [est.coef_.shape, est.intercept_.shape]
+
+    def evaluate(server_round, parameters, config):
+        est.coef_, est.intercept_ = np.array(parameters[0]).reshape(shapes[0]), np.array(parameters[1]).reshape(shapes[1])
+        accuracy = float(np.mean(est.predict(X_test) == y_test))
+        print(f"round {server_round} accuracy {accuracy:.4f}", flush=True)
+        return 0.0, {"accuracy": accuracy}
+
+    strategy = fl.server.strategy.FedAvg(
+        fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=args.clients, min_available_clients=args.clients,
+        initial_parameters=fl.common.ndarrays_to_parameters([np.zeros(shapes[0]), np.zeros(shapes[1])]),
+        evaluate_fn=evaluate,
+    )
+    fl.server.start_server(server_address=args.address, config=fl.server.ServerConfig(num_rounds=args.rounds),
+                           strategy=strategy)
+
+
+def main() -> None:
+    """Parse the role and run it."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("role", choices=("server", "client"))
+    p.add_argument("--address", required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=20)
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    (run_server if args.role == "server" else run_client)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
