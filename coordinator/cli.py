@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         core = build_coordinator(args)
         on_publish = start_metrics(args.metrics_port) if args.metrics_port else None
         session = CoordinatorSession(core, args.settings, connect_timeout=args.connect_timeout,
-                                     metrics_log=args.metrics_log, audit_log=args.audit_log, on_publish=on_publish)
+                                     metrics_log=args.metrics_log, audit_log=args.audit_log, on_publish=on_publish,
+                                     max_packet_bytes=args.max_packet_bytes)
     except (DataError, CheckpointError, ValueError, OSError) as exc:  # OSError: TLS files, ports
         print(f"fedmq-coordinator: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -25,8 +25,9 @@ from coordinator.audit import AuditLog
 from coordinator.server import Coordinator
 from coordinator.status import encode_status
 from coordinator.store import CheckpointError
+from protocol import chunking
 from protocol.errors import ProtocolError
-from protocol.messages import decode_model
+from protocol.messages import MAX_MESSAGE_BYTES, decode_model
 from protocol.transport import BrokerSettings, connect, make_client
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,10 @@ class CoordinatorSession:
         audit_log: str | None = None,
         on_publish=None,
         retained_grace: float = 0.5,
+        max_packet_bytes: int | None = None,
     ) -> None:
         self.core = core
+        self.max_packet_bytes = max_packet_bytes  # the broker's packet limit: larger models go as chunks
         self.settings = settings
         self.connect_timeout = connect_timeout
         self.retained_grace = retained_grace
@@ -95,6 +98,7 @@ class CoordinatorSession:
         self._status_at = float("-inf")
         self._checkpoint_error_at = float("-inf")
         self._last_infos: list = []
+        self._model_chunk_head = f"{core.topics.base}/model/chunk/"
         # start-up: the retained model, and the updates that arrive before it is looked at
         self._early: list | None = []
         self._early_bytes = 0
@@ -103,6 +107,12 @@ class CoordinatorSession:
         self._first_suback = threading.Event()
         self._connected_once = False
         self._republish = threading.Event()
+        # chunked messages (protocol/chunking.py): update chunks stay unacknowledged until the
+        # update they assemble is committed; the retained model's chunks are read at start-up
+        self._update_chunks = chunking.Collector(max_bytes=EARLY_MAX_BYTES, max_partial=4096, need_manifest=False)
+        self._chunk_acks: dict[tuple, list[tuple[int, int, int]]] = {}
+        self._model_chunks = chunking.Collector(max_bytes=2 * MAX_MESSAGE_BYTES, max_partial=3)
+        self._model_chunks_sent = 0  # chunk topics holding our retained chunks (cleared when fewer are needed)
         self._secagg = getattr(core, "secagg", None)  # a SecureCoordinator's rounds (coordinator/secagg.py)
         self.client = make_client(settings, f"fedmq-coordinator-{core.topics.fleet}", persistent=True)
         self.client.manual_ack_set(True)
@@ -122,12 +132,13 @@ class CoordinatorSession:
         topics = self.core.topics
         stats = [(topics.all_stats, 1)] if self.core.statistics is not None else []
         stats += [(f, 1) for f in self._secagg.subscriptions] if self._secagg is not None else []  # coordinator/secagg.py
+        stats += [(topics.all_update_chunks, 1)]
         if self._connected_once:
             client.subscribe([(topics.all_updates, 1), *stats])
             self._republish.set()  # a broker without persistence has lost the retained model
             log.info("reconnected to %s", self.settings.url)
         else:
-            client.subscribe([(topics.all_updates, 1), (topics.model, 1), *stats])
+            client.subscribe([(topics.all_updates, 1), (topics.model, 1), (topics.all_model_chunks, 1), *stats])
             log.info("connected to %s, subscribed to %s", self.settings.url, topics.all_updates)
         self._connected_once = True
 
@@ -140,11 +151,17 @@ class CoordinatorSession:
             log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg):
-        if msg.topic == self.core.topics.model:
+        if msg.topic == self.core.topics.model or msg.topic.startswith(self._model_chunk_head):
             if not self._retained_seen.is_set():
-                self._retained = msg.payload
-                self._retained_seen.set()
+                self._take_retained(msg.topic, msg.payload)
             client.ack(msg.mid, msg.qos)  # nothing of ours depends on it
+            return
+        if (agent := self.core.topics.agent_of_update_chunk(msg.topic)) is not None:
+            with self.lock:
+                reason = self._take_chunk(agent, msg)
+            self._wake.set()
+            if reason is not None:
+                self.rejections(reason, msg.topic)
             return
         if self._secagg is not None and self._secagg.owns(msg.topic):
             with self.lock:  # secure aggregation: acked through the same group commit as updates
@@ -159,16 +176,68 @@ class CoordinatorSession:
             self._wake.set()
             return
         with self.lock:
-            early = self._early
-            if early is not None and len(early) < EARLY_MAX_MESSAGES and self._early_bytes < EARLY_MAX_BYTES:
-                early.append((msg.topic, msg.payload, msg.retain, (self._connection, msg.mid, msg.qos)))
-                self._early_bytes += len(msg.payload)
-                return
-            reason = self.core.handle_update(msg.topic, msg.payload, retained=msg.retain)
-            self._unacked.append((self._connection, msg.mid, msg.qos))
+            reason = self._take_update(msg.topic, msg.payload, msg.retain, [(self._connection, msg.mid, msg.qos)])
         self._wake.set()
         if reason is not None:
             self.rejections(reason, msg.topic)
+
+    def _take_update(self, topic: str, payload: bytes, retain: bool, acks: list) -> str | None:
+        """Hold an update until start-up is done, or fold it in; its acks wait for the commit (under the lock)."""
+        early = self._early
+        if early is not None and len(early) < EARLY_MAX_MESSAGES and self._early_bytes < EARLY_MAX_BYTES:
+            early.append((topic, payload, retain, acks))
+            self._early_bytes += len(payload)
+            return None
+        reason = self.core.handle_update(topic, payload, retained=retain)
+        self._unacked.extend(acks)
+        return reason
+
+    def _take_chunk(self, agent: str, msg) -> str | None:
+        """One chunk of an agent's update: its ack is held with it; the assembled update goes on as one."""
+        ack = (self._connection, msg.mid, msg.qos)
+        try:
+            chunk = chunking.decode_chunk(msg.payload)
+        except ProtocolError:
+            self.core.handled_ += 1
+            self.core.rejected_["chunk"] += 1
+            self._unacked.append(ack)
+            return "chunk"
+        for k in self._update_chunks.keys_of(agent):
+            if k[1] != chunk.digest:  # the agent moved on: that update will never complete
+                self._update_chunks.drop(k)
+        key = (agent, chunk.digest)
+        self._chunk_acks.setdefault(key, []).append(ack)
+        try:
+            payload = self._update_chunks.add(chunk, key=agent)
+        except ProtocolError:
+            payload = None
+            self._update_chunks.drop(key)
+        for k in self._update_chunks.take_dropped():
+            self._unacked.extend(self._chunk_acks.pop(k, []))  # nothing of them is kept
+        if payload is None:
+            return None
+        return self._take_update(self.core.topics.update(agent), payload, msg.retain, self._chunk_acks.pop(key, []))
+
+    def _take_retained(self, topic: str, payload: bytes) -> None:
+        """The retained model at start-up: whole, or assembled from its chunks and manifest."""
+        if self._model_chunks is None:  # start-up is over
+            return
+        try:
+            if topic != self.core.topics.model:
+                if payload:
+                    done = self._model_chunks.add(chunking.decode_chunk(payload))
+                else:
+                    done = None
+            elif chunking.is_manifest(payload):
+                done = self._model_chunks.expect(chunking.decode_manifest(payload, fleet=self.core.topics.fleet).digest)
+            else:
+                done = payload
+        except ProtocolError as exc:
+            log.warning("ignoring a retained model chunk or manifest on %s: %s", topic, exc)
+            return
+        if done is not None:
+            self._retained = done
+            self._retained_seen.set()
 
     # main thread --------------------------------------------------------------------------
 
@@ -211,7 +280,8 @@ class CoordinatorSession:
             self._retained_seen.wait(self.retained_grace)
         else:
             log.warning("no subscription acknowledgement from the broker within %g s", self.connect_timeout)
-        self.client.unsubscribe(topics.model)
+        self.client.unsubscribe([topics.model, topics.all_model_chunks])
+        self._model_chunks = None
         with self.lock:
             if self._retained is not None:
                 try:
@@ -220,9 +290,9 @@ class CoordinatorSession:
                     log.warning("ignoring the retained model on %s: %s", topics.model, exc)
             early, self._early = self._early or [], None
             reasons = []
-            for topic, payload, retained, ack in early:
+            for topic, payload, retained, acks in early:
                 reasons.append(self.core.handle_update(topic, payload, retained=retained))
-                self._unacked.append(ack)
+                self._unacked.extend(acks)
         for (topic, *_), reason in zip(early, reasons):
             if reason is not None:
                 self.rejections(reason, topic)
@@ -274,11 +344,29 @@ class CoordinatorSession:
             return False
         self._status_handled, self._status_at = handled, time.monotonic()
         self._last_infos = [
-            self.client.publish(topics.model, payload, qos=1, retain=True),
+            *self._publish_model(payload, status["version"]),
             self.client.publish(topics.coordinator_status, encode_status(status), qos=1, retain=True),
         ]
         self._after_publish(status, len(payload))
         return True
+
+    def _publish_model(self, payload: bytes, version: int) -> list:
+        """The model on its retained topic, or over the packet limit its retained chunks, then the manifest."""
+        topics = self.core.topics
+        if chunking.fits(topics.model, len(payload), self.max_packet_bytes):
+            chunks = []
+        else:
+            room = chunking.capacity(self.max_packet_bytes, topics.model_chunk(chunking.MAX_CHUNKS - 1))
+            chunks = chunking.split(payload, room)
+        infos = [self.client.publish(topics.model_chunk(i), c, qos=1, retain=True) for i, c in enumerate(chunks)]
+        for i in range(len(chunks), self._model_chunks_sent):  # a smaller model: no stale chunk stays retained
+            self.client.publish(topics.model_chunk(i), b"", qos=1, retain=True)
+        self._model_chunks_sent = len(chunks)
+        last = chunking.encode_manifest(chunking.manifest(payload, topics.fleet, version, len(chunks))) if chunks else payload
+        infos.append(self.client.publish(topics.model, last, qos=1, retain=True))
+        if chunks:
+            log.debug("version %d in %d chunks of at most %d bytes", version, len(chunks), room)
+        return infos
 
     @property
     def committed(self) -> int:

@@ -14,6 +14,7 @@ from edge_agent.data import CallableSource, CSVDirectory, CSVFile, DataSource
 from edge_agent.secagg import SecAggClient
 from edge_agent.session import AgentSession
 from edge_agent.trainer import DEFAULT_MAX_CLASSES, DEFAULT_MAX_FEATURES, DEFAULT_MAX_MODEL_BYTES, LocalTrainer, ModelLimits
+from protocol.chunking import MIN_PACKET_BYTES
 from protocol.accounting import check_available
 from protocol.codec import CodecSpec
 from protocol.config import fleet_tool_parser, parse_layered
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-model-bytes", type=int, default=DEFAULT_MAX_MODEL_BYTES, metavar="BYTES",
                      help=f"train a model of at most BYTES of float32 parameters (default: {DEFAULT_MAX_MODEL_BYTES}, "
                      "about a million parameters)")
+    lim.add_argument("--max-packet-bytes", type=int, metavar="BYTES",
+                     help="the broker's packet limit (e.g. 131072 for AWS IoT Core): a larger update is sent as chunks "
+                     "on update/<id>/chunk (default: no limit; a chunked model is assembled whatever this says)")
     lim.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",
                      help="on SIGTERM/SIGINT, exit after this long even in the middle of a round (default: 10)")
 
@@ -120,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError("--poll-interval, --connect-timeout and --train-every must be > 0")
         if min(args.max_classes - 2, args.max_features - 1, args.max_model_bytes - 12) < 0 or not args.stop_timeout > 0:
             raise ValueError("--max-classes must be >= 2, --max-features >= 1, --max-model-bytes >= 12, --stop-timeout > 0")
+        if args.max_packet_bytes is not None and args.max_packet_bytes < MIN_PACKET_BYTES:
+            raise ValueError(f"--max-packet-bytes must be at least {MIN_PACKET_BYTES}")
         args.limits = ModelLimits(args.max_classes, args.max_features, args.max_model_bytes)
         args.dp = parse_dp(args)
     except ValueError as exc:
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         agent.secure = SecAggClient(agent.agent_id, args.topics)
     session = AgentSession(agent, args.settings, connect_timeout=args.connect_timeout,
                            poll_interval=args.poll_interval, status_interval=args.status_interval,
-                           min_model_interval=args.min_model_interval)
+                           min_model_interval=args.min_model_interval, max_packet_bytes=args.max_packet_bytes)
     stop = threading.Event()
     watchdog: list[threading.Timer] = []
 

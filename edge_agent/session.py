@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 
 from edge_agent.agent import OFFLINE, TRAINING, Agent, offline_status
+from edge_agent.chunks import ModelChunks, update_packets
+from protocol import chunking
 from protocol.transport import BrokerSettings, connect, make_client
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class AgentSession:
         connect_timeout: float = 10.0,
         poll_interval: float = 1.0,
         status_interval: float = 60.0,
+        max_packet_bytes: int | None = None,
         min_model_interval: float = 0.0,
         slow_round_after: float = 1.0,
     ) -> None:
@@ -73,6 +76,8 @@ class AgentSession:
         self._lock = threading.Lock()  # guards _pending against on_connect's flush
         self._connected_once = False  # before that, start() reports a refusal (one line)
         self._stats_resend = False  # set on (re)connection: the broker may have lost the retained statistics
+        self.max_packet_bytes = max_packet_bytes  # the broker's packet limit: a larger update goes as chunks
+        self.chunks = ModelChunks(agent.topics)  # a model over the limit arrives as chunks and a manifest
         topics = agent.topics
         self.client = make_client(
             settings,
@@ -99,6 +104,7 @@ class AgentSession:
         if self.agent.secure is not None:  # secure aggregation: the cohort, the unmask requests, its own inbox
             client.subscribe([(t, 1) for t in self.agent.secure.subscriptions])
             self._publish_secagg([self.agent.secure.announcement()])
+        client.subscribe(self.agent.topics.all_model_chunks, qos=0)  # a chunked model's (retained) chunks
         self._stats_resend = True
         self.wake.set()
         self.publish_status()
@@ -122,7 +128,8 @@ class AgentSession:
         if self._models_paused:  # sent before the broker took our unsubscribe: the newest comes on resubscribing
             return
         try:
-            newer = self.agent.on_model(msg.payload)
+            payload = self.chunks.on_message(msg.topic, msg.payload)  # a whole model, or None while chunks are missing
+            newer = payload is not None and self.agent.on_model(payload)
         except Exception:  # an exception here would end paho's network thread
             log.exception("failed to take a model message")
             return
@@ -169,7 +176,8 @@ class AgentSession:
         self._publish_update(out)
 
     def _publish_update(self, out: Outgoing, held: bool = False) -> None:
-        self.client.publish(self.agent.topics.update(self.agent.agent_id), out.payload, qos=1)
+        for topic, packet in update_packets(self.agent.topics, self.agent.agent_id, out.payload, self.max_packet_bytes):
+            self.client.publish(topic, packet, qos=1)  # chunks on update/<id>/chunk when over the packet limit
         log.info("sent %supdate: version %d, seq %d, %d bytes, %s", "held " if held else "",
                  out.version, out.seq, len(out.payload), format_metrics(out.metrics))
 
@@ -191,7 +199,12 @@ class AgentSession:
         if not self.client.is_connected():
             self.agent.statistics.resend()  # try again once connected
             return False
-        self.client.publish(self.agent.topics.stats(self.agent.agent_id), payload, qos=1, retain=True)
+        topic = self.agent.topics.stats(self.agent.agent_id)
+        if not chunking.fits(topic, len(payload), self.max_packet_bytes):  # statistics are not chunked (yet)
+            log.warning("feature statistics (%d bytes) exceed --max-packet-bytes %d: not sent", len(payload),
+                        self.max_packet_bytes)
+            return False
+        self.client.publish(topic, payload, qos=1, retain=True)
         log.info("sent feature statistics of %d rows (%d bytes)", len(self.agent.source), len(payload))
         return True
 
@@ -217,6 +230,8 @@ class AgentSession:
                 self.wake.clear()
                 if stop.is_set():
                     break
+                if self.chunks.stalled() and self.client.is_connected():  # a chunk was dropped:
+                    self.client.subscribe(self.agent.topics.all_model_chunks, qos=0)  # the broker resends the retained ones
                 if self.agent.due():
                     self.train_and_send()
                 if self._models_paused and time.monotonic() >= self._models_due_at:

@@ -1,0 +1,140 @@
+"""Issue 13 item 3: a 1,000,100-parameter model (100 classes x 10,000 features) and its updates
+through a real mosquitto with `max_packet_size 131072`, as chunks with a manifest."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fleet import TopicWatcher, spawn, stop
+from mosquitto import Mosquitto
+from protocol import chunking
+from protocol.messages import ModelMessage, decode_update, encode_model
+from protocol.model_spec import ModelSpec
+from protocol.tabular import write_csv
+from protocol.topics import Topics
+
+LIMIT = 131072
+T = Topics("big")
+CLASSES, FEATURES = 100, 10_000
+SPEC = ModelSpec("sgd-classifier", FEATURES, tuple(range(CLASSES)))
+TIMEOUT = 120
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """mosquitto refusing any packet over 128 KiB (it disconnects the client that sends one)."""
+    with Mosquitto(tmp_path / "broker", extra_conf=f"max_packet_size {LIMIT}") as b:
+        yield b
+
+
+def _data(path, seed: int, rows: int = 60) -> None:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, CLASSES, rows)
+    X = (rng.random((rows, FEATURES)) < 0.01).astype(float)
+    X[np.arange(rows), y] = 1.0  # a feature per class: learnable
+    write_csv(path, X, y)
+
+
+def _agent(broker, tmp_path, agent_id: str, *extra):
+    _data(tmp_path / f"{agent_id}.csv", hash(agent_id) % 1000)
+    return spawn("edge_agent", "--broker", broker.url, "--fleet", T.fleet, "--id", agent_id, "--data",
+                 tmp_path / f"{agent_id}.csv", "--codec", "int8", "--max-packet-bytes", LIMIT,
+                 "--status-interval", 0, "--log-level", "DEBUG", *extra, log=tmp_path / f"{agent_id}.log")
+
+
+def _client(broker) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"fake-coordinator-{os.getpid()}")
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    return client
+
+
+def _model_chunks(version: int) -> tuple[list[bytes], bytes]:
+    params = np.full(SPEC.n_params, 0.001 * version)
+    payload = encode_model(ModelMessage(T.fleet, version, SPEC, params))
+    chunks = chunking.split(payload, chunking.capacity(LIMIT, T.model_chunk(chunking.MAX_CHUNKS - 1)))
+    return chunks, chunking.encode_manifest(chunking.manifest(payload, T.fleet, version, len(chunks)))
+
+
+class UpdateChunks:
+    """Assembles the agents' chunked updates seen by a watcher."""
+
+    def __init__(self) -> None:
+        self.collector = chunking.Collector(max_bytes=64 << 20, need_manifest=False)
+        self.seen = 0
+        self.updates: list = []
+
+    def __call__(self, watcher: TopicWatcher) -> list:
+        for topic, payload in watcher.history[self.seen:]:
+            agent = T.agent_of_update_chunk(topic)
+            if agent is not None and (done := self.collector.add(chunking.decode_chunk(payload), key=agent)):
+                self.updates.append(decode_update(done, agent))
+        self.seen = len(watcher.history)
+        return self.updates
+
+
+def test_a_device_joining_mid_transfer_and_a_dropped_chunk_never_train_on_a_mix(broker, tmp_path):
+    v1, manifest1 = _model_chunks(1)
+    v2, manifest2 = _model_chunks(2)
+    assert len(v1) == len(v2) == 31  # 4 MB of float32 in 128 KiB packets
+    watcher = TopicWatcher(broker.port, f"{T.base}/update/+/chunk")
+    client = _client(broker)
+    agent = None
+    try:
+        for i, c in enumerate(v1):
+            client.publish(T.model_chunk(i), c, qos=1, retain=True)
+        client.publish(T.model, manifest1, qos=1, retain=True)
+        for i, c in enumerate(v2[:15]):  # version 2 half-way out when the device subscribes
+            client.publish(T.model_chunk(i), c, qos=1, retain=True).wait_for_publish(30)
+        agent = _agent(broker, tmp_path, "late")
+        log = tmp_path / "late.log"
+        watcher.wait_for(lambda: "manifest of version 1: waiting" in log.read_text(), TIMEOUT,
+                         "the late device to find version 1 incomplete (its chunks 0-14 are version 2's)")
+        for i, c in list(enumerate(v2))[15:]:
+            if i != 20:  # chunk 20 is dropped
+                client.publish(T.model_chunk(i), c, qos=1, retain=True)
+        client.publish(T.model, manifest2, qos=1, retain=True).wait_for_publish(30)
+        watcher.wait_for(lambda: "manifest of version 2: waiting" in log.read_text(), TIMEOUT,
+                         "the device to wait for version 2's missing chunk")
+        assert "sent update" not in log.read_text()  # neither version was complete: nothing trained
+        client.publish(T.model_chunk(20), v2[20], qos=1, retain=True)
+        updates = UpdateChunks()
+        got = watcher.wait_for(lambda: updates(watcher), TIMEOUT, "a chunked update")
+        assert [u.base_version for u in got] == [2]
+        assert got[0].delta.n == SPEC.n_params
+        assert "assembled model version 2 from 31 chunks" in log.read_text()
+        assert agent.poll() is None
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        watcher.close()
+        if agent is not None:
+            assert stop(agent) == 0
+
+
+def test_a_million_parameter_model_trains_through_a_128_kib_broker_limit(broker, tmp_path):
+    status = TopicWatcher(broker.port, T.coordinator_status)
+    coordinator = spawn("coordinator", "--broker", broker.url, "--fleet", T.fleet, "--model", "sgd-classifier",
+                        "--classes", ",".join(map(str, range(CLASSES))), "--n-features", FEATURES,
+                        "--max-packet-bytes", LIMIT, "--checkpoint-dir", tmp_path / "ckpt", "--publish-interval", 1,
+                        "--audit-log", tmp_path / "audit.jsonl", log=tmp_path / "coordinator.log")
+    agents = [_agent(broker, tmp_path, "a0")]
+    try:
+        status.wait_for(lambda: (s := status.json(T.coordinator_status)) and s["accepted"] >= 2, TIMEOUT,
+                        "two chunked updates accepted")
+        agents.append(_agent(broker, tmp_path, "a1"))  # joins later: the whole current model from the retained chunks
+        final = status.wait_for(lambda: (s := status.json(T.coordinator_status)) and s["agents"] == 2
+                                and s["accepted"] >= 5 and s, TIMEOUT, "updates of the late agent too")
+        assert not final["rejected"], final
+        assert "sent update" in (tmp_path / "a1.log").read_text()
+        assert all(a.poll() is None for a in agents) and coordinator.poll() is None
+    finally:
+        status.close()
+        codes = [stop(a) for a in agents] + [stop(coordinator)]
+    assert codes == [0] * len(codes), (tmp_path / "coordinator.log").read_text()[-3000:]
+    assert "max_packet_size" not in (tmp_path / "broker" / "mosquitto.log").read_text()
