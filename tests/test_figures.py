@@ -4,7 +4,8 @@ Each quoted figure is a claim below: a pattern with the figure in its first grou
 file, and the value it must show, formatted from its results file. A claim whose phrase is
 gone fails too (reword the claim here with the doc). README.md's prose is also swept: a
 number with a unit of measure (bytes, KB, MB, updates/s, %, x) that no claim covers fails,
-so a new figure cannot be added without its source. Tables of docs/benchmarks.md that are
+so a new figure cannot be added without its source. A figure about another project needs a
+link, or our own measurement of it (a bench/ script or results file) next to it. Tables of docs/benchmarks.md that are
 one row per results entry are checked cell by cell.
 """
 
@@ -76,19 +77,6 @@ CLAIMS: list[tuple[str, str, callable]] = [
     ("docs/benchmarks.md", r"1,000 connected in ([\d.]+) s", lambda: f"{results('scale')['all_connected_after_s']:.2f}"),
     ("docs/benchmarks.md", r"connected in [\d.]+ s, ([\d,]+) updates/s", lambda: thousands(int(results("scale")["updates_per_s"]))),
     ("docs/benchmarks.md", r"updates/s, ([\d.]+) KB per agent", lambda: f"{results('scale')['memory_per_agent_kb']:.1f}"),
-    ("docs/benchmarks.md", r"\| \+([\d.]+) MB; \+[\d.]+ s; [\d.]+ ms \| met",
-     lambda: f"{results('edge-x86_64')['vs_targets']['rss_over_floor_mb']:.1f}"),
-    ("docs/benchmarks.md", r"\| \+([\d.]+) MB; \+[\d.]+ s; [\d.]+ ms \| see below",
-     lambda: f"{results('edge-aarch64-emulated')['vs_targets']['rss_over_floor_mb']:.1f}"),
-    # docs/raspberry-pi.md, the footprint table (emulated aarch64 | x86_64)
-    ("docs/raspberry-pi.md", r"\| (\d+) MB \(\+\d+ over the floor\) \|",
-     lambda: f"{results('edge-aarch64-emulated')['agent']['peak_rss_mb']:.0f}"),
-    ("docs/raspberry-pi.md", r"over the floor\) \| \d+ MB \(\+([\d.]+)\) \|",
-     lambda: f"{results('edge-x86_64')['vs_targets']['rss_over_floor_mb']:.1f}"),
-    ("docs/raspberry-pi.md", r"update on the wire \(int8\) \| ([\d,]+) bytes",
-     lambda: thousands(results("edge-aarch64-emulated")["agent"]["update_bytes"])),
-    ("docs/raspberry-pi.md", r"update on the wire \(int8\) \| [\d,]+ bytes \| ([\d,]+) bytes",
-     lambda: thousands(results("edge-x86_64")["agent"]["update_bytes"])),
 ]
 
 
@@ -128,7 +116,9 @@ def test_figures_about_other_projects_name_their_source():
         text = " ".join((ROOT / doc).read_text().split())
         for m in re.finditer(r"(Flower|FedML|PySyft|TensorFlow Federated|NVFlare|OpenFL)[^.\n]*\d[\d,]*", text):
             line = text[max(0, m.start() - 300):m.end() + 300]
-            assert re.search(r"https?://", line), f"{doc}: a figure about another project with no source: {m.group(0)!r}"
+            # a source: a link, or our own measurement of it (a bench/ script or its results file)
+            assert re.search(r"https?://|bench/(results/)?[\w-]+\.(json|py)", line), \
+                f"{doc}: a figure about another project with no source: {m.group(0)!r}"
 
 
 def test_wire_table_is_the_results_file():
@@ -159,3 +149,102 @@ def test_security_quotes_the_sybil_results_exactly():
         cells = " | ".join(f"{data['results'][name][k]['accuracy']:.4f}" for k in ("3", "6", "9", "12", "15", "20"))
         assert f"| {label} | {cells} |" in text, name
     assert f"reaches {data['all_honest_accuracy']:.4f}" in text
+
+
+def pi_footprint_rows() -> list[str]:
+    """docs/raspberry-pi.md's footprint table, row by row, from bench/results/edge-*.json
+    (`python -c "import tests.test_figures as t; print(*t.pi_footprint_rows(), sep=chr(10))"`)."""
+    arm, x86 = results("edge-aarch64-emulated"), results("edge-x86_64")
+    disk = arm["install"]
+
+    def ms(x: float) -> str:
+        return f"{x:.0f}" if x >= 10 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
+    return [
+        f"| venv on disk (numpy, scipy, scikit-learn, paho-mqtt, msgpack, fedmq) | {disk['venv_mb']:.0f} MB, of which "
+        f"scipy {disk['scipy_mb']:.0f}, numpy {disk['numpy_mb']:.0f}, scikit-learn {disk['scikit_learn_mb']:.0f}, "
+        f"fedmq {disk['fedmq_mb']:.1f} | |",
+        f"| `scripts/pi-root install`: pip install fedmq into a venv that has the dependencies | "
+        f"{disk['pip_install_fedmq_s']:.1f} s | |",
+        f"| `python -c pass` (the interpreter; emulated: with qemu) | {arm['floor']['bare_python_rss_mb']:.0f} MB | "
+        f"{x86['floor']['bare_python_rss_mb']:.1f} MB |",
+        f"| import floor: numpy + sklearn.linear_model + paho + msgpack | {arm['floor']['peak_rss_mb']:.0f} MB, "
+        f"{arm['floor']['import_s']:.1f} s | {x86['floor']['peak_rss_mb']:.1f} MB, {x86['floor']['import_s']:.2f} s |",
+        f"| `fedmq-agent` peak RSS, 10,000-parameter model, 500 rows x 999 features | {arm['agent']['peak_rss_mb']:.0f} MB "
+        f"(+{arm['vs_targets']['rss_over_floor_mb']:.1f} over the floor) | {x86['agent']['peak_rss_mb']:.0f} MB "
+        f"(+{x86['vs_targets']['rss_over_floor_mb']:.1f}) |",
+        f"| start to first update at the broker (model already retained) | {arm['agent']['first_update_s']:.1f} s | "
+        f"{x86['agent']['first_update_s']:.2f} s |",
+        f"| one local round: partial_fit epoch over 500 rows, 10,000 parameters | {ms(arm['per_update']['train_ms_median'])} ms | "
+        f"{ms(x86['per_update']['train_ms_median'])} ms |",
+        f"| int8 encode with error feedback, 10,000 parameters | {ms(arm['per_update']['encode_ms_median'])} ms | "
+        f"{ms(x86['per_update']['encode_ms_median'])} ms |",
+        f"| update on the wire (int8) | {thousands(arm['agent']['update_bytes'])} bytes | "
+        f"{thousands(x86['agent']['update_bytes'])} bytes |",
+    ]
+
+
+def test_pi_footprint_table_is_the_results_files():
+    text = (ROOT / "docs" / "raspberry-pi.md").read_text()
+    table = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| |")]
+    for row in pi_footprint_rows():
+        label = row.split(" | ")[0]
+        quoted = next((l for l in table if l.split(" | ")[0] == label), None)
+        assert quoted == row, f"docs/raspberry-pi.md: {quoted!r}\nbench/results says: {row!r}"
+
+
+def test_every_figure_in_the_pi_page_prose_is_in_the_table():
+    """Outside its table and code blocks docs/raspberry-pi.md quotes no measured figure."""
+    text = prose((ROOT / "docs" / "raspberry-pi.md").read_text())
+    text = "\n".join(l for l in text.splitlines() if not l.startswith("|"))
+    loose = [m.group(0) for m in _UNIT.finditer(" ".join(text.split()))]
+    assert not loose, f"docs/raspberry-pi.md quotes figures outside its results table: {loose}"
+
+
+def _ms(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
+
+def edge_verdict(r: dict) -> str:
+    t = r["vs_targets"]
+    missed = [name for name, over in (("RSS", t["rss_over_floor_mb"] > t["rss_target_mb"]),
+                                      ("first update", t["first_update_over_import_floor_s"] > t["first_update_target_s"]),
+                                      ("encode", t["encode_ms"] > t["encode_target_ms"])) if over]
+    return "met" if not missed else "missed: " + ", ".join(missed) + " (see below)"
+
+
+def edge_benchmark_rows() -> list[str]:
+    """docs/benchmarks.md's edge rows (summary and section 5), from bench/results/edge-*.json."""
+    x, a = results("edge-x86_64"), results("edge-aarch64-emulated")
+
+    def summary(r: dict) -> str:
+        t = r["vs_targets"]
+        return (f"+{t['rss_over_floor_mb']:.1f} MB; +{t['first_update_over_import_floor_s']:.2f} s; "
+                f"{_ms(t['encode_ms'])} ms | {edge_verdict(r)} |")
+
+    return [
+        "| 5 | edge footprint (x86_64) | `python bench/edge.py --repeats 3` | RSS <= floor + 20 MB; first update <= "
+        f"import floor + 1 s; encode <= 10 ms | {summary(x)}",
+        "| 5 | edge footprint (emulated aarch64) | `python bench/edge.py --pi-root \"$(scripts/pi-root path)\" --repeats 2` "
+        f"| same | {summary(a)}",
+        f"| import floor: peak RSS / time | {x['floor']['peak_rss_mb']:.1f} MB / {x['floor']['import_s']:.2f} s | "
+        f"{a['floor']['peak_rss_mb']:.1f} MB / {a['floor']['import_s']:.1f} s |",
+        f"| agent peak RSS (over the floor) | {x['agent']['peak_rss_mb']:.1f} MB (+{x['vs_targets']['rss_over_floor_mb']:.1f}) | "
+        f"{a['agent']['peak_rss_mb']:.1f} MB (+{a['vs_targets']['rss_over_floor_mb']:.1f}) |",
+        f"| start to first update (over the import floor) | {x['agent']['first_update_s']:.2f} s "
+        f"(+{x['vs_targets']['first_update_over_import_floor_s']:.2f}) | {a['agent']['first_update_s']:.1f} s "
+        f"(+{a['vs_targets']['first_update_over_import_floor_s']:.1f}) |",
+        f"| train one round / encode int8 | {_ms(x['per_update']['train_ms_median'])} ms / "
+        f"{_ms(x['per_update']['encode_ms_median'])} ms | {_ms(a['per_update']['train_ms_median'])} ms / "
+        f"{_ms(a['per_update']['encode_ms_median'])} ms |",
+        f"| `python -c pass` peak RSS (the interpreter; emulated: with qemu) | {x['floor']['bare_python_rss_mb']:.1f} MB | "
+        f"{a['floor']['bare_python_rss_mb']:.1f} MB |",
+    ]
+
+
+def test_edge_rows_of_the_benchmarks_page_are_the_results_files():
+    lines = (ROOT / "docs" / "benchmarks.md").read_text().splitlines()
+    for row in edge_benchmark_rows():
+        key = " | ".join(row.split(" | ")[:2]) if row.startswith("| 5 |") else row.split(" | ")[0]
+        quoted = next((l for l in lines if l.startswith(key + " |") or l.startswith(key + " | ")), None)
+        assert quoted == row, f"docs/benchmarks.md: {quoted!r}\nbench/results says: {row!r}"
