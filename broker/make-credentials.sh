@@ -94,9 +94,11 @@ acl="$out/acl.tmp"
     [[ -n "$agent_fleet" ]] || { echo "agent '$user' has no fleet: run again with --fleet FLEET $user" >&2; rm -f "$acl"; exit 2; }
     echo "user $user"
     echo "topic write fedmq/$agent_fleet/update/$user"
+    echo "topic write fedmq/$agent_fleet/update/$user/chunk"
     echo "topic write fedmq/$agent_fleet/stats/$user"
     echo "topic write fedmq/$agent_fleet/agent/$user/status"
     echo "topic read fedmq/$agent_fleet/model"
+    echo "topic read fedmq/$agent_fleet/model/chunk/+"
     for kind in key share masked reveal; do  # secure aggregation: its own messages only
       echo "topic write fedmq/$agent_fleet/secagg/$kind/$user"
     done

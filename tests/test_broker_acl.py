@@ -174,6 +174,14 @@ MATRIX = [
     ("a1", t("model"), set(), False),
     ("a1", t("coordinator/status"), set(), False),
     ("a1", t("update/a1/extra"), set(), False),
+    # chunks (--max-packet-bytes): an agent writes only its own update chunks, only the coordinator model chunks
+    ("a1", t("update/a1/chunk"), {"coordinator", "monitor"}, True),
+    ("a1", t("update/a2/chunk"), set(), False),
+    ("a1", t("model/chunk/0"), set(), False),
+    ("monitor", t("update/monitor/chunk"), set(), False),
+    ("coordinator", t("update/coordinator/chunk"), set(), False),
+    ("coordinator", t("model/chunk/0"), {"a1", "a2", "monitor"}, True),
+    ("coordinator", f"fedmq/{OTHER_FLEET}/model/chunk/3", {"b1", "monitor"}, True),
     # fleets are part of the credentials: a1 (fleet acl) cannot write into b1's fleet, nor b1 into a1's
     ("a1", f"fedmq/{OTHER_FLEET}/update/a1", set(), False),
     ("a1", f"fedmq/{OTHER_FLEET}/agent/a1/status", set(), False),
