@@ -240,7 +240,7 @@ def run_fedmq(workdir: Path, n_features: int, *, model_codec: str | None, codec:
     watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}")
     watcher.on_message = on_message
     watcher.connect(broker.host, broker.port)
-    watcher.subscribe([(topics.coordinator_status, 0), (topics.agent_status("+"), 1)])
+    watcher.subscribe([(topics.coordinator_status, 0), (f"{topics.base}/agent/+/status", 1)])
     watcher.loop_start()
     capture = Capture(run_dir / "capture.pcap", broker.port)
     coordinator_args = ["--broker", broker.url, "--fleet", topics.fleet, "--model", "sgd-classifier",
@@ -281,12 +281,8 @@ def run_fedmq(workdir: Path, n_features: int, *, model_codec: str | None, codec:
         "accuracy": status.get("accuracy"), "accepted": status.get("accepted"),
         "status_messages_per_device": round(float(np.mean([len(s) for s in statuses])), 2),
         "status_bytes_per_message": round(float(np.mean([np.mean(s) for s in statuses])), 1),
-        "models_received_per_update": None,
     })
     figures["status_messages_per_round"] = round(figures["status_messages_per_device"] / figures["updates_per_device"], 3)
-    received = [d.log.read_text(errors="replace").count("global model version") for d in devices]
-    if any(received):
-        figures["models_received_per_update"] = round(sum(received) / sum(d.updates for d in devices), 2)
     return figures
 
 

@@ -248,3 +248,28 @@ def test_edge_rows_of_the_benchmarks_page_are_the_results_files():
         key = " | ".join(row.split(" | ")[:2]) if row.startswith("| 5 |") else row.split(" | ")[0]
         quoted = next((l for l in lines if l.startswith(key + " |") or l.startswith(key + " | ")), None)
         assert quoted == row, f"docs/benchmarks.md: {quoted!r}\nbench/results says: {row!r}"
+
+
+def device_bytes_rows() -> list[str]:
+    """docs/benchmarks.md's device table (section 9), row by row, from bench/results/device_bytes.json."""
+    data = results("device_bytes")
+    flower = data["flower"]
+    rows = []
+    for r in data["fedmq"]:
+        rows.append(f"| fedmq, model {r['model_codec']}, update {r['codec']}, --min-model-interval {r['min_model_interval']:g} "
+                    f"| {thousands(r['up_bytes_per_round'])} | {thousands(r['down_bytes_per_round'])} "
+                    f"| {thousands(r['total_bytes_per_round'])} | {r['bytes_ratio_vs_flower']:.1f}x "
+                    f"| {r['cpu_ms_per_update']:.1f} ms | {r['rss_mb']:.0f} MB | {r['accuracy']:.3f} |")
+    rows.append(f"| Flower {flower['flwr']} (bench/flower_baseline.py), FedAvg, float64 | {thousands(flower['up_bytes_per_round'])} "
+                f"| {thousands(flower['down_bytes_per_round'])} | {thousands(flower['total_bytes_per_round'])} | 1.0x "
+                f"| {flower['cpu_ms_per_update']:.1f} ms | {flower['rss_mb']:.0f} MB | {flower['accuracy']:.3f} |")
+    return rows
+
+
+def test_device_bytes_table_is_the_results_file():
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    for row in device_bytes_rows():
+        assert row in text, f"docs/benchmarks.md lacks the row bench/results/device_bytes.json gives: {row!r}"
+    first = results("device_bytes")["fedmq"][0]
+    assert f"{first['status_messages_per_round']:.3f} status messages per round" in text
+    assert f"{thousands(first['status_bytes_per_message'])} bytes each" in text
