@@ -114,3 +114,18 @@ def test_decode_chunk_refuses_garbage():
     for bad in (b"", b"\x93\x02\xa5chunk\x00", chunking.split(b"x" * 10, 4)[0][:-1]):
         with pytest.raises(ProtocolError):
             chunking.decode_chunk(bad)
+
+
+@pytest.mark.parametrize("codec", ["float16", "int8"])
+def test_the_coordinator_remembers_exactly_what_agents_decode(codec):
+    from coordinator.server import Coordinator
+    from coordinator.strategies import make_strategy
+    from coordinator.validation import UpdateValidator
+
+    topics = Topics("f")
+    spec = ModelSpec("sgd-classifier", 40, (0, 1, 2))
+    core = Coordinator(topics, spec, make_strategy("fedasync"), UpdateValidator(topics, spec.n_params), model_codec=codec)
+    core.params_ = np.random.default_rng(1).normal(0, 2, spec.n_params)
+    model = decode_model(core.model_payload(), fleet="f")
+    assert model.codec == codec and np.array_equal(core.published_[model.version].astype(np.float64), model.params)
+    assert not np.array_equal(model.params, core.params_)  # lossy, and the float64 model is kept
