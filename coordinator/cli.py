@@ -19,7 +19,6 @@ from coordinator.session import CoordinatorSession
 from coordinator.staleness import parse_staleness
 from coordinator.statistics import FleetStatistics
 from coordinator.store import CheckpointError, load_checkpoint
-from coordinator.secagg import SecAggRounds, SecureCoordinator, SecureFedBuff
 from coordinator.strategies import DEFAULT_ALPHA, make_strategy
 from coordinator.validation import DEFAULT_MAX_NORM, DEFAULT_SAMPLE_FACTOR, NormBound, UpdateValidator
 from protocol.chunking import MIN_PACKET_BYTES
@@ -176,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         elif any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget)):
             raise ValueError("--dp-clip, --dp-noise and --dp-epsilon-budget need --dp-mode local or central")
         if args.secure_aggregation:  # coordinator/secagg.py
+            from coordinator.secagg import SecAggRounds, SecureFedBuff  # cryptography: only when asked for
+
             if args.strategy != "fedbuff" or args.dp_mode is not None:
                 raise ValueError("--secure-aggregation needs --strategy fedbuff and no --dp-mode (central DP over the sum is not built yet)")
             args.secagg_threshold = args.secagg_threshold or args.buffer_size // 2 + 1
@@ -265,6 +266,8 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
         validator = guard(validator, args.dp_policy)
         options["privacy"] = args.dp_policy
     if args.secure_aggregation:
+        from coordinator.secagg import SecureCoordinator
+
         options["secagg"] = args.secagg_rounds
     core = (SecureCoordinator if args.secure_aggregation else PrivateCoordinator if args.dp_policy is not None else Coordinator)(
         args.topics, args.spec, args.strategy_obj, validator, publish_interval=args.publish_interval,

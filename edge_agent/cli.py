@@ -11,7 +11,6 @@ import threading
 
 from edge_agent.agent import Agent
 from edge_agent.data import CallableSource, CSVDirectory, CSVFile, DataSource
-from edge_agent.secagg import SecAggClient
 from edge_agent.session import AgentSession
 from edge_agent.trainer import DEFAULT_MAX_CLASSES, DEFAULT_MAX_FEATURES, DEFAULT_MAX_MODEL_BYTES, LocalTrainer, ModelLimits
 from protocol.chunking import MIN_PACKET_BYTES
@@ -187,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dp is not None:
             print("fedmq-agent: error: --secure-aggregation with local DP is not supported", file=sys.stderr)
             return 2
+        from edge_agent.secagg import SecAggClient  # cryptography: imported only when asked for
+
         agent.secure = SecAggClient(agent.agent_id, args.topics)
     session = AgentSession(agent, args.settings, connect_timeout=args.connect_timeout,
                            poll_interval=args.poll_interval, status_interval=args.status_interval,

@@ -57,3 +57,11 @@ def test_a_missing_extra_is_named_in_one_line(tmp_path):
     proc = run("fedmq-sim", ["--duration", "1", "--no-progress", "--plot", str(tmp_path / "p.png")], block="rich")
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["fedmq-sim: error: rich is missing: pip install 'fedmq[sim]'"], proc.stderr
+
+
+@pytest.mark.parametrize("command", ["fedmq-agent", "fedmq-coordinator"])
+def test_a_plain_install_without_the_optional_crypto_starts(command):
+    """`pip install fedmq` (the agent's light install, the Docker images) has no cryptography:
+    only --secure-aggregation may need it."""
+    proc = run(command, ["--help"], block="cryptography")
+    assert proc.returncode == 0, proc.stderr[-2000:]
