@@ -59,6 +59,11 @@ CLAIMS: list[tuple[str, str, callable]] = [
      lambda: thousands(results("wire")["codecs"]["int8"]["bytes_per_update"])),
     ("README.md", r"about [\d,]+ bytes, ([\d.]+)x smaller than its float64 parameters",
      lambda: f"{results('wire')['codecs']['int8']['ratio_message_vs_float64_params']:.1f}"),
+    # README.md, the model codecs
+    ("README.md", r"digits: ([\d,]+) -> [\d,]+ bytes per model",
+     lambda: thousands(results("model_codec")["results"]["digits"]["float32"]["model_bytes"])),
+    ("README.md", r"digits: [\d,]+ -> ([\d,]+) bytes per model",
+     lambda: thousands(results("model_codec")["results"]["digits"]["int8"]["model_bytes"])),
     # README.md, the fedmq-monitor sample: 650-parameter int8 updates
     ("README.md", r"pi-\d idle 42 0 42 2/15 0s ago (\d+) ",
      lambda: thousands(results("wire")["codecs"]["int8"]["bytes_per_update"])),
