@@ -82,6 +82,11 @@ CLAIMS: list[tuple[str, str, callable]] = [
     ("docs/benchmarks.md", r"1,000 connected in ([\d.]+) s", lambda: f"{results('scale')['all_connected_after_s']:.2f}"),
     ("docs/benchmarks.md", r"connected in [\d.]+ s, ([\d,]+) updates/s", lambda: thousands(int(results("scale")["updates_per_s"]))),
     ("docs/benchmarks.md", r"updates/s, ([\d.]+) KB per agent", lambda: f"{results('scale')['memory_per_agent_kb']:.1f}"),
+    # README.md, the model codec paragraph
+    ("README.md", r"digits: ([\d,]+) -> [\d,]+\s+bytes per model",
+     lambda: thousands(results("model_codec")["results"]["digits"]["float32"]["model_bytes"])),
+    ("README.md", r"digits: [\d,]+ -> ([\d,]+)\s+bytes per model",
+     lambda: thousands(results("model_codec")["results"]["digits"]["int8"]["model_bytes"])),
 ]
 
 
