@@ -103,6 +103,7 @@ class StatusWatch:
         self.changed = threading.Condition()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-watch-{os.getpid()}")
         self.client.username_pw_set("monitor", password)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)  # made before the broker is up: keep trying
         topic = f"fedmq/{fleet}/coordinator/status"
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_message = self._on_message
@@ -114,11 +115,12 @@ class StatusWatch:
             self.statuses.append(json.loads(msg.payload))
             self.changed.notify_all()
 
-    def wait_for(self, predicate, timeout: float, what: str) -> dict:
+    def wait_for(self, predicate, timeout: float, what: str, first: bool = False) -> dict:
+        """The newest status that satisfies `predicate` (with `first`: the earliest)."""
         deadline = time.monotonic() + timeout
         with self.changed:
             while True:
-                for status in reversed(self.statuses):
+                for status in (self.statuses if first else reversed(self.statuses)):
                     if predicate(status):
                         return status
                 left = deadline - time.monotonic()
@@ -183,10 +185,12 @@ def test_compose_demo_learns_and_resumes_after_down_and_up(engine, tmp_path):
         assert before["version"] >= first["version"] > 0
 
         _run([*compose, "down"], cwd=work, env=env, timeout=300)
-        _run([*compose, "up", "--detach", "--wait", "--wait-timeout", "300"], cwd=work, env=env, timeout=600)
+        # watching before `up`: the restarted coordinator's first status (it publishes one at
+        # start) carries the version it started from; later ones only grow, even from 0
         watch = StatusWatch(ports["FEDMQ_BROKER_PORT"], password)
+        _run([*compose, "up", "--detach", "--wait", "--wait-timeout", "300"], cwd=work, env=env, timeout=600)
         after = watch.wait_for(lambda s: s.get("started_at", 0) > before["started_at"], 300,
-                               "from the restarted coordinator")
+                               "from the restarted coordinator", first=True)
         assert after["version"] >= before["version"], (
             f"restarted at version {after['version']}, was {before['version']}: not resumed from the checkpoint volume")
     except BaseException:
