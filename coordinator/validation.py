@@ -10,6 +10,7 @@ the sample count an update may claim. Nothing in a payload can raise out of
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class Verdict:
 
 DEFAULT_MAX_NORM = 1e6  # far above any real SGD delta, far below what overflows float32 in a sum
 DEFAULT_SAMPLE_FACTOR = 4.0
+REFRESH = 8
 
 
 class NormBound:
@@ -47,7 +49,8 @@ class NormBound:
 
     The references are medians over the newest accepted update of each of the last `window`
     distinct agents, so no agent owns them by volume: a flood from one id is one entry. The
-    relative bounds start once `warmup` agents were seen. The sample count an update claims
+    relative bounds start once `warmup` agents were seen and are refreshed every REFRESH
+    accepted updates (the hot path pays for a median once in that many). The sample count an update claims
     is capped at `sample_factor` x the median count (on by default): in a sample-weighted
     mean, and in the fleet evaluation, a count is as much influence as a norm.
     """
@@ -63,6 +66,8 @@ class NormBound:
         self.window = window
         self.warmup = warmup
         self.recent: OrderedDict[str, tuple[float, int]] = OrderedDict()  # agent -> its newest (norm, samples)
+        self._medians: dict[int, tuple[int, float]] = {}  # column -> (changes when computed, median)
+        self._changes = 0
 
     def limit(self) -> float:
         """The largest norm accepted now."""
@@ -75,12 +80,16 @@ class NormBound:
 
     def _relative(self, column: int, factor: float | None) -> float:
         if factor is not None and len(self.recent) >= self.warmup:
-            median = float(np.median([entry[column] for entry in self.recent.values()]))
+            at, median = self._medians.get(column, (-REFRESH, 0.0))
+            if self._changes - at >= REFRESH:  # a median of 50, once per REFRESH accepted updates
+                median = statistics.median(entry[column] for entry in self.recent.values())
+                self._medians[column] = (self._changes, median)
             if median > 0:  # a fleet of zero updates must not lock out every later one
                 return factor * median
         return np.inf
 
     def accepted(self, norm: float, n_samples: int = 1, agent: str = "") -> None:
+        self._changes += 1
         self.recent[agent] = (norm, n_samples)
         self.recent.move_to_end(agent)
         while len(self.recent) > self.window:

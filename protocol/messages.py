@@ -218,18 +218,28 @@ def decode_update(payload: bytes, agent_id: str | None = None, *, max_bytes: int
     )
 
 
+# Below this size no payload can make msgpack build much (at most one object per byte, a few
+# MB, with msgpack's own length limits), so the structural walk, ~10 us of Python per update,
+# runs first only above it; below, it runs only to name what is wrong with a refused payload.
+SCAN_ABOVE_BYTES = 64 * 1024
+
+
 def _unpack(payload: bytes, max_bytes: int, limits: WireLimits) -> object:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise ProtocolError("decode", f"payload must be bytes, got {type(payload).__name__}")
     if len(payload) > max_bytes:
         raise ProtocolError("oversize", f"{len(payload)} bytes exceeds the limit of {max_bytes}")
-    scan(payload, limits)
+    small = len(payload) <= SCAN_ABOVE_BYTES
+    if not small:
+        scan(payload, limits)
     try:
         return msgpack.unpackb(
             payload, raw=False, strict_map_key=True, max_str_len=limits.max_str, max_bin_len=limits.max_bin,
             max_array_len=limits.max_array, max_map_len=limits.max_map, max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises many types for bad input
+        if small:
+            scan(payload, limits)  # the precise reason, when the structure is what is wrong
         raise ProtocolError("decode", f"not valid msgpack: {type(exc).__name__}: {exc}") from None
 
 
