@@ -116,6 +116,15 @@ def finish(tmp_path, fleet, coord, watcher, *, may_lose=False):
     return assert_exactly_once(tmp_path, len(fleet), may_lose=may_lose)
 
 
+def teardown(fleet, coord, watcher):
+    """Stop every process and the watcher, with no checks (the cleanup of a failing test, or
+    of one whose checks come after)."""
+    for p in fleet:
+        stop(p)
+    stop(coord)
+    watcher.close()
+
+
 def progress(watcher, steps, timeout, what):
     """Wait until the coordinator's version moved `steps` past where it is now."""
     start = status(watcher).get("version", 0)
@@ -146,10 +155,7 @@ def test_coordinator_killed_at_random_moments_loses_nothing_and_never_stalls(tmp
             assert status(watcher)["version"] >= published  # a published model was committed first
             progress(watcher, 3, 40, f"the fleet to carry on unattended after crash {crash + 1}")
     except BaseException:
-        for p in fleet:
-            stop(p)
-        stop(coord)
-        watcher.close()
+        teardown(fleet, coord, watcher)
         raise
     finish(tmp_path, fleet, coord, watcher)
     logs = "".join((tmp_path / f"coordinator{i}.log").read_text() for i in range(2, 5))
@@ -302,10 +308,7 @@ def test_checkpoint_disk_full_acknowledges_nothing_and_says_so(tmp_path, mosquit
             watcher.wait_for(lambda: status(watcher).get("checkpoint_failing", 1) is None, 30, "a healthy restart")
             progress(watcher, 5, 30, "the fleet to carry on after the outage")
         except BaseException:
-            for p in fleet:
-                stop(p)
-            stop(coord)
-            watcher.close()
+            teardown(fleet, coord, watcher)
             raise
         finish(tmp_path, fleet, coord, watcher)
     finally:
@@ -320,10 +323,7 @@ def test_fedbuff_with_fewer_agents_than_k_still_steps(tmp_path, mosquitto):
     try:
         progress(watcher, 3, 40, "fedbuff K=5 with 3 agents to step on its timeout")
     except BaseException:
-        for p in fleet:
-            stop(p)
-        stop(coord)
-        watcher.close()
+        teardown(fleet, coord, watcher)
         raise
     finish(tmp_path, fleet, coord, watcher)
     assert status(watcher)["buffer_timeouts"] >= 3
@@ -354,10 +354,7 @@ def test_late_agents_are_weighted_or_dropped_by_staleness(tmp_path, mosquitto):
         watcher.client.publish(T.update("late2"), too_old, qos=1).wait_for_publish(5)
         watcher.wait_for(lambda: status(watcher).get("rejected", {}).get("too_stale", 0) >= 1, 20, "too_stale counted")
     finally:
-        for p in fleet:
-            stop(p)
-        stop(coord)
-        watcher.close()
+        teardown(fleet, coord, watcher)
     outcome = {r["agent"]: r for r in audit(tmp_path) if r.get("agent", "").startswith("late")}
     assert outcome["late1"]["outcome"] == "accepted" and 5 <= outcome["late1"]["staleness"] <= 30
     assert outcome["late2"]["outcome"] == "too_stale" and outcome["late2"]["staleness"] > 30
@@ -445,10 +442,7 @@ def test_an_agent_that_cannot_train_says_so_once_and_waits(tmp_path, mosquitto):
         time.sleep(2)  # the agent polls ten times meanwhile: a repeated error would show
         assert fleet[0].poll() is None, "the agent exited"
     finally:
-        for p in fleet:
-            stop(p)
-        stop(coord)
-        watcher.close()
+        teardown(fleet, coord, watcher)
     errors = [line for line in (tmp_path / "a0.log").read_text().splitlines() if " ERROR " in line]
     assert errors and len(errors) == 1, errors
 
