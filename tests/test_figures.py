@@ -283,3 +283,13 @@ def test_device_bytes_table_is_the_results_file():
     first = results("device_bytes")["fedmq"][0]
     assert f"{first['status_messages_per_round']:.3f} status messages per round" in text
     assert f"{thousands(first['status_bytes_per_message'])} bytes each" in text
+
+
+def test_benchmarks_quote_the_repeat_throughput_runs_exactly():
+    """docs/benchmarks.md's run-to-run figures at 1e4 are the JSON's repeat runs (seen red on a changed one)."""
+    text = " ".join((ROOT / "docs" / "benchmarks.md").read_text().split())
+    runs = results("throughput")["repeat_runs_1e4"]["runs"]
+    quoted = ", ".join(f"{thousands(r['fedmq_per_s'])} / {thousands(r['raw_paho_per_s'])}" for r in runs[:-1])
+    assert f"{quoted} and {thousands(runs[-1]['fedmq_per_s'])} / {thousands(runs[-1]['raw_paho_per_s'])} updates/s" in text
+    ratios = [r["ratio"] for r in runs]
+    assert f"moved between {min(ratios):.2f} and {max(ratios):.2f} over three runs" in text
