@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _defaulted(o, "--publish-interval", type=float, default=1.0,
                help="publish the model at most once per this many seconds, so bursts of updates are coalesced")
     _defaulted(o, "--model-codec", choices=MODEL_CODECS, default="float32",
-               help="how the model travels: float16 halves it, int8 (one scale per row) quarters it; the "
+               help="how the model travels: float16 halves it, int8 (one scale per row) quarters it, int4 (two per "
+               "byte) an eighth; the "
                "coordinator keeps float64 and takes updates against exactly what agents received")
     o.add_argument("--max-packet-bytes", type=int, metavar="BYTES",
                    help="the broker's packet limit (e.g. 131072 for AWS IoT Core): a larger model is sent as "

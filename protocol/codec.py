@@ -255,13 +255,14 @@ def decode(enc: Encoded) -> np.ndarray:
 
 # --- model (downlink) codecs ----------------------------------------------------------------
 #
-# The global model travels as float32 (default), float16, or int8 with one float32 scale per
-# block of `block` parameters (one row of the coefficient matrix; the intercepts form the
+# The global model travels as float32 (default), float16, int8 or int4 (two per byte) with one
+# float32 scale per block of `block` parameters (one row of the coefficient matrix; the intercepts form the
 # last, shorter block). Rounding is deterministic (to nearest): every agent receives the same
 # values, and the coordinator remembers exactly those (`decode_params(*encode_params(...))`)
 # as the base of the updates trained on them.
 
-MODEL_CODECS = ("float32", "float16", "int8")
+MODEL_CODECS = ("float32", "float16", "int8", "int4")
+_MODEL_LEVELS = {"int8": 127, "int4": 7}
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -273,15 +274,17 @@ def encode_params(params: np.ndarray, codec: str, block: int) -> tuple[bytes, by
     """Encode a flat parameter vector; returns (data, per-block float32 scales or None).
 
     float16 saturates at +-65504 (rather than sending Inf); int8 is symmetric per block:
-    q = round(x / s), s = max|x| / 127 in float32 (1.0 for an all-zero block).
+    q = round(x / s), s = max|x| / 127 in float32 (1.0 for an all-zero block); int4 the same
+    with 7 levels a side (s = max|x| / 7), packed two per byte (`pack_int4`).
     """
     x = np.asarray(params, dtype=np.float64).ravel()
     if codec == "float32":
         return np.ascontiguousarray(x, dtype="<f4").tobytes(), None
     if codec == "float16":
         return np.clip(x, -_FLOAT16_MAX, _FLOAT16_MAX).astype("<f2").tobytes(), None
-    if codec != "int8":
+    if codec not in _MODEL_LEVELS:
         raise ValueError(f"unknown model codec {codec!r}: use {', '.join(MODEL_CODECS)}")
+    levels = _MODEL_LEVELS[codec]
     if block < 1:
         raise ValueError("block must be at least 1")
     n = x.size
@@ -289,29 +292,31 @@ def encode_params(params: np.ndarray, codec: str, block: int) -> tuple[bytes, by
     padded = np.zeros(nb * block)
     padded[:n] = np.abs(x)
     peaks = padded.reshape(nb, block).max(axis=1) if n else np.zeros(0)
-    scales = (peaks / 127.0).astype(np.float32)
+    scales = (peaks / float(levels)).astype(np.float32)
     scales[~(scales > 0)] = 1.0  # zero (or underflowed) blocks quantize to 0
     per = np.repeat(scales.astype(np.float64), block)[:n]
-    q = np.clip(np.rint(x / per), -127, 127).astype(np.int8)
-    return q.tobytes(), scales.astype("<f4").tobytes()
+    q = np.clip(np.rint(x / per), -levels, levels).astype(np.int8)
+    return (q.tobytes() if codec == "int8" else pack_int4(q)), scales.astype("<f4").tobytes()
 
 
 def decode_params(data: bytes, scales: bytes | None, codec: str, n: int, block: int) -> np.ndarray:
     """Inverse of `encode_params`: float32 values; ProtocolError on sizes or non-finite values."""
     if codec not in MODEL_CODECS:
         raise ProtocolError("codec", f"unknown model codec {codec!r}")
-    width = {"float32": 4, "float16": 2, "int8": 1}[codec]
-    if len(data) != width * n:
-        raise ProtocolError("shape", f"params has {len(data)} bytes, {codec} x {n} needs {width * n}")
-    if codec == "int8":
+    size = {"float32": 4 * n, "float16": 2 * n, "int8": n, "int4": (n + 1) // 2}[codec]
+    if len(data) != size:
+        raise ProtocolError("shape", f"params has {len(data)} bytes, {codec} x {n} needs {size}")
+    if codec in _MODEL_LEVELS:
         if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= max(n, 1):
             raise ProtocolError("shape", f"int8 block {block!r} outside [1, {n}]")
         if not isinstance(scales, bytes) or len(scales) != 4 * _blocks(n, block):
-            raise ProtocolError("shape", f"int8 model needs {_blocks(n, block)} float32 scales")
+            raise ProtocolError("shape", f"{codec} model needs {_blocks(n, block)} float32 scales")
         s = np.frombuffer(scales, dtype="<f4").astype(np.float32)
         if not (np.isfinite(s).all() and (s > 0).all()):
-            raise ProtocolError("non_finite", "int8 model scales must be finite and positive")
-        q = np.frombuffer(data, dtype=np.int8, count=n)
+            raise ProtocolError("non_finite", f"{codec} model scales must be finite and positive")
+        q = np.frombuffer(data, dtype=np.int8, count=n) if codec == "int8" else unpack_int4(data, n)
+        if codec == "int4" and (n % 2 and data[-1] >> 4 != 8 or (q < -7).any()):
+            raise ProtocolError("shape", "int4 model values must be in [-7, 7] (padding 0)")
         with np.errstate(over="ignore"):
             out = q.astype(np.float32) * np.repeat(s, block)[:n]
     elif codec == "float16":

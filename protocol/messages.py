@@ -5,7 +5,7 @@ Model (coordinator -> agents, retained, sent rarely: a self-describing map)::
     {"format": 2, "type": "model", "fleet": str, "version": int, "time": float,
      "spec": {...ModelSpec...}, "params": bytes (spec.n_params values, little-endian float32
      unless "codec" says otherwise),
-     "codec": "float16" | "int8" (optional, see codec.encode_params; int8 has "scales": bytes,
+     "codec": "float16" | "int8" | "int4" (optional, see codec.encode_params; int8 and int4 have "scales": bytes,
               one float32 per block of spec.n_features parameters),
      "started_at": float (optional: when the publishing coordinator started),
      "scaling": {"mean": bin, "scale": bin} (optional: the fleet's feature scaling, see
@@ -145,8 +145,8 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
     raw = _typed(wire, "params", bytes)
     model_codec = wire.get("codec", "float32")
     scales = wire.get("scales")
-    if model_codec != "int8" and scales is not None:
-        raise ProtocolError("schema", f"scales travel only with an int8 model, not {model_codec!r}")
+    if model_codec not in ("int8", "int4") and scales is not None:
+        raise ProtocolError("schema", f"scales travel only with an int8 or int4 model, not {model_codec!r}")
     params = codec.decode_params(raw, scales, model_codec, spec.n_params, spec.n_features).astype(np.float64)
     return ModelMessage(
         fleet=got_fleet,

@@ -13,7 +13,8 @@ from protocol.model_spec import ModelSpec
 from protocol.topics import Topics
 
 
-@pytest.mark.parametrize("codec, width, tol", [("float32", 4, 1e-6), ("float16", 2, 1e-3), ("int8", 1, 1 / 254)])
+@pytest.mark.parametrize("codec, width, tol", [("float32", 4, 1e-6), ("float16", 2, 1e-3), ("int8", 1, 1 / 254),
+                                             ("int4", 0.5, 1 / 14)])
 def test_model_codec_roundtrip_within_its_step(codec, width, tol):
     spec = ModelSpec("sgd-classifier", 50, (0, 1, 2))
     rng = np.random.default_rng(0)
@@ -24,7 +25,7 @@ def test_model_codec_roundtrip_within_its_step(codec, width, tol):
     rows = params.reshape(-1)[: 3 * 50].reshape(3, 50)
     peak = np.repeat(np.abs(rows).max(axis=1), 50)
     err = np.abs(model.params[:150] - params[:150])
-    assert (err <= tol * (peak if codec == "int8" else np.abs(params[:150])) + 1e-12).all()
+    assert (err <= tol * (peak if codec in ("int8", "int4") else np.abs(params[:150])) + 1e-12).all()
     # what the coordinator remembers is bit for bit what the agent decodes
     assert np.array_equal(decode_params(*encode_params(params, codec, 50), codec, spec.n_params, 50).astype(np.float64),
                           model.params)
@@ -42,6 +43,19 @@ def test_int8_model_rejects_bad_scales_and_sizes():
         decode_params(data[:-1], scales, "int8", 10, 4)
     with pytest.raises(ProtocolError):
         decode_params(data, scales, "bogus", 10, 4)
+
+
+def test_int4_model_packs_two_per_byte_and_rejects_bad_nibbles():
+    x = np.array([-7.0, -5, -3, -1, 0, 1, 3, 5, 7])  # peak 7: scale 1, every value exact
+    data, scales = encode_params(x, "int4", 9)  # odd: the last byte is padded with a zero
+    assert len(data) == 5 and len(scales) == 4
+    assert np.array_equal(decode_params(data, scales, "int4", 9, 9), x.astype(np.float32))
+    with pytest.raises(ProtocolError):
+        decode_params(data[:-1] + bytes([0x78]), scales, "int4", 9, 9)  # padding nibble not zero
+    with pytest.raises(ProtocolError):
+        decode_params(bytes([0x80]) + data[1:], scales, "int4", 9, 9)  # -8 is outside [-7, 7]
+    with pytest.raises(ProtocolError):
+        decode_params(data + b"\x88", scales, "int4", 9, 9)
 
 
 def test_float16_saturates_instead_of_inf():
@@ -116,7 +130,7 @@ def test_decode_chunk_refuses_garbage():
             chunking.decode_chunk(bad)
 
 
-@pytest.mark.parametrize("codec", ["float16", "int8"])
+@pytest.mark.parametrize("codec", ["float16", "int8", "int4"])
 def test_the_coordinator_remembers_exactly_what_agents_decode(codec):
     from coordinator.server import Coordinator
     from coordinator.strategies import make_strategy
