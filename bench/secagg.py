@@ -1,16 +1,25 @@
 """Secure aggregation costs (issue 15): per-agent bytes and CPU per round and round latency for
 K = 5, 10, 20, 50; drop-out tolerance (K = 10, t = 6); accuracy against plain fedbuff with the same
-quantization. In one process (simulation/secagg.py: the exact payloads MQTT would carry, no broker),
-on this machine; the emulated aarch64 root is not measured. Writes bench/results/secagg.json.
+quantization. In one process (simulation/secagg.py: the exact payloads MQTT would carry, no broker).
+Writes bench/results/secagg.json (its other entries, from the modes below and bench/secagg_mqtt.py,
+are kept).
 
-    python -m bench.secagg
+    python -m bench.secagg                                        # this machine
+    python -m bench.secagg --pi-root "$(scripts/pi-root path)"    # per-agent CPU for K = 5, 10, 20 in the
+                                                                  # emulated aarch64 root (qemu-user, cortex-a72)
+
+In the root, `cryptography` (an optional dependency, not in the venv scripts/pi-root build makes) is
+pip-installed into its venv if missing, and this checkout is installed into it (scripts/pi-root install).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -99,13 +108,53 @@ def accuracy(k: int = 5, agents: int = 20, steps: int = 40, seed: int = 0) -> di
     return dict(out, k=k, agents=agents, steps=steps, dataset="digits", partition="dirichlet:0.5")
 
 
-def main() -> None:
-    """Run everything, print and write the JSON."""
-    result = {"machine": f"{platform.machine()} {platform.python_implementation()} {platform.python_version()}",
-              "method": "in-process (simulation/secagg.py), exact MQTT payloads, no broker; median of 3 rounds",
-              "costs": [costs(k) for k in (5, 10, 20, 50)], "dropouts": dropouts(), "accuracy": accuracy()}
+def machine() -> str:
+    return f"{platform.machine()} {platform.python_implementation()} {platform.python_version()}"
+
+
+def write(update: dict) -> dict:
+    """Merge `update` into bench/results/secagg.json (the other modes' entries stay)."""
+    result = json.loads(OUT.read_text()) if OUT.exists() else {}
+    result.update(update)
     OUT.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    return result
+
+
+def pi_costs(root: str, ks: list[int]) -> dict:
+    """`costs(k)` run by the emulated aarch64 root's Python (this checkout installed into it first)."""
+    env = {**os.environ, "FEDMQ_PI_ROOT": root}
+    script = str(Path(__file__).resolve().parent.parent / "scripts" / "pi-root")
+    if subprocess.run([script, "run", "/opt/venv/bin/python", "-c", "import cryptography"], env=env,
+                      capture_output=True).returncode != 0:
+        subprocess.run([script, "run", "/opt/venv/bin/pip", "install", "-q", "cryptography>=41"], check=True, env=env)
+    subprocess.run([script, "install"], check=True, capture_output=True, env=env)
+    out = subprocess.run(["chroot", root, "/bin/sh", "-c", "cd /opt/fedmq-src && exec /opt/venv/bin/python -m bench.secagg "
+                          f"--costs-only {','.join(map(str, ks))}"], check=True, capture_output=True, text=True,
+                         env={**env, "QEMU_CPU": os.environ.get("QEMU_CPU", "cortex-a72")})
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    """Run everything (or one mode), print and write the JSON."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pi-root", help="measure per-agent costs in this emulated aarch64 root (scripts/pi-root path)")
+    p.add_argument("--costs-only", help=argparse.SUPPRESS)  # K,K,...: print costs as JSON (run inside the root)
+    args = p.parse_args()
+    if args.costs_only:
+        print(json.dumps({"machine": machine(), "costs": [costs(int(k)) for k in args.costs_only.split(",")]}))
+        return
+    if args.pi_root:
+        got = pi_costs(args.pi_root, [5, 10, 20])
+        update = {"aarch64_emulated": {
+            "machine": got["machine"], "target": "emulated aarch64 (qemu-user, QEMU_CPU cortex-a72) on this x86_64 machine",
+            "method": "in-process (simulation/secagg.py) in the emulated root; CPU is process time under qemu, "
+                      "median of 3 rounds", "costs": got["costs"]}}
+    else:
+        update = {"machine": machine(),
+                  "method": "in-process (simulation/secagg.py), exact MQTT payloads, no broker; median of 3 rounds",
+                  "costs": [costs(k) for k in (5, 10, 20, 50)], "dropouts": dropouts(), "accuracy": accuracy()}
+    print(json.dumps(update, indent=1))
+    write(update)
 
 
 if __name__ == "__main__":
