@@ -21,8 +21,13 @@ A stage that has not completed `timeout` seconds after it began closes with whoe
 answered; fewer than t aborts the round (counted by reason). Only one round runs at a time;
 agents outside it keep training and announcing, and join the next. No single update is ever
 held unmasked here: clear updates on `update/<id>` are refused (`plaintext`).
-Rounds in flight are not checkpointed: a coordinator restart aborts the round in progress
-(its agents announce again after their next training).
+The round in flight is part of the checkpoint (`state`, committed with the model before any
+of its messages is acknowledged, and before the messages it produced are published), so a
+coordinator killed mid-round resumes it: the restored round republishes its stage's messages
+(cohort, inboxes or unmask request; an agent answers each round once, so it ignores one it has
+already answered), the broker redelivers what was not acknowledged, and the round completes
+once, from the same masked inputs, with fresh deadlines. The key ids spent are kept too, so a
+key still retained from a finished round is not taken again.
 """
 
 from __future__ import annotations
@@ -140,6 +145,8 @@ class SecAggRounds:
         self.refused_: Counter[str] = Counter()
         self.summed_ = 0  # deltas that entered the model through completed rounds
         self.last_seconds_: float | None = None
+        self.last_round_: bytes | None = None  # id of the newest completed round
+        self.resumed_ = 0  # rounds taken up again from a checkpoint after a restart
         self._result: Result | None = None
 
     @property
@@ -273,10 +280,22 @@ class SecAggRounds:
         self.spent.update(ann.key_id for ann in members.values())
         r = Round(os.urandom(16), members, self.threshold, self.scale, "shares", now + self.timeout, now)
         self.round = r
-        self.outbox.append((self.topics.secagg_cohort, sa.encode(
-            "cohort", round=r.id, threshold=r.threshold, clip=self.clip, scale=r.scale, n=self.n_params,
-            members=[[a, ann.key_id, ann.c, ann.s] for a, ann in members.items()]), False))
+        self.outbox.append(self._cohort_message(r))
         log.info("secure aggregation: cohort of %d agents, round %s, threshold %d", len(members), r.id.hex()[:8], r.threshold)
+
+    def _cohort_message(self, r: Round) -> tuple[str, bytes, bool]:
+        return (self.topics.secagg_cohort, sa.encode(
+            "cohort", round=r.id, threshold=r.threshold, clip=self.clip, scale=r.scale, n=self.n_params,
+            members=[[a, ann.key_id, ann.c, ann.s] for a, ann in r.members.items()]), False)
+
+    def _inboxes(self, r: Round) -> None:
+        for j in r.u1:
+            inbox = {i: r.shares[i][j] for i in r.u1 if i != j}
+            self.outbox.append((self.topics.secagg("inbox", j), sa.encode("inbox", round=r.id, u1=r.u1, shares=inbox), False))
+
+    def _unmask_request(self, r: Round) -> None:
+        self.outbox.append((self.topics.secagg_unmask, sa.encode(
+            "unmask", round=r.id, survivors=sorted(r.masked), dropped=r.dropped), False))
 
     def _close_shares(self, now: float) -> None:
         r = self.round
@@ -285,9 +304,7 @@ class SecAggRounds:
             self._abort("too_few_shares", f"{len(r.u1)} of {len(r.members)} sent shares, {r.threshold} needed")
             return
         r.stage, r.deadline = "masked", now + self.timeout
-        for j in r.u1:
-            inbox = {i: r.shares[i][j] for i in r.u1 if i != j}
-            self.outbox.append((self.topics.secagg("inbox", j), sa.encode("inbox", round=r.id, u1=r.u1, shares=inbox), False))
+        self._inboxes(r)
 
     def _close_masked(self, now: float) -> None:
         r = self.round
@@ -296,8 +313,7 @@ class SecAggRounds:
             return
         r.dropped = [a for a in r.u1 if a not in r.masked]
         r.stage, r.deadline = "reveal", now + self.timeout
-        self.outbox.append((self.topics.secagg_unmask, sa.encode(
-            "unmask", round=r.id, survivors=sorted(r.masked), dropped=r.dropped), False))
+        self._unmask_request(r)
 
     def _finish(self, now: float) -> None:
         r = self.round
@@ -318,6 +334,7 @@ class SecAggRounds:
         self.completed_ += 1
         self.summed_ += count
         self.last_seconds_ = now - r.started
+        self.last_round_ = r.id
         log.info("secure aggregation: round %s summed %d masked inputs (%d dropped after masking) in %.2f s",
                  r.id.hex()[:8], count, len(r.dropped), now - r.started)
         self.round = None
@@ -342,13 +359,65 @@ class SecAggRounds:
         out, self.outbox = self.outbox, []
         return out
 
+    # --- durability --------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """For the checkpoint: the round in flight, the key ids spent, the counters (msgpack types)."""
+        r = self.round
+        live = {ann.key_id for ann in self.keys.values()} | ({ann.key_id for ann in r.members.values()} if r else set())
+        return {
+            "round": None if r is None else {
+                "id": r.id, "threshold": r.threshold, "scale": r.scale, "stage": r.stage,
+                "members": {a: [ann.key_id, ann.c, ann.s, ann.version] for a, ann in r.members.items()},
+                "shares": r.shares, "u1": r.u1, "masked": {a: sa.pack_vector(y) for a, y in r.masked.items()},
+                "dropped": r.dropped, "reveals": r.reveals,
+            },
+            "spent": sorted(self.spent & live),  # only ids that may still come back (retained keys)
+            "completed": self.completed_, "aborted": dict(self.aborted_), "summed": self.summed_,
+            "resumed": self.resumed_,
+        }
+
+    def restore(self, state: dict | None, now: float | None = None) -> None:
+        """Take a checkpoint's `state()`; a round in flight resumes, its stage's messages queued to go out again."""
+        if not state:
+            return
+        now = time.monotonic() if now is None else now
+        self.spent = set(state.get("spent", []))
+        self.completed_ = state.get("completed", 0)
+        self.aborted_ = Counter(state.get("aborted", {}))
+        self.summed_ = state.get("summed", 0)
+        self.resumed_ = state.get("resumed", 0)
+        m = state.get("round")
+        if m is None:
+            return
+        if m["threshold"] != self.threshold or len(m["members"]) != self.k or m["scale"] != self.scale:
+            log.warning("secure aggregation: the checkpoint's round is for another K, threshold or clip; not resumed")
+            self.aborted_["restart"] += 1
+            return
+        r = Round(m["id"], {a: Announcement(*e) for a, e in m["members"].items()}, m["threshold"], m["scale"],
+                  m["stage"], now + self.timeout, now, shares=m["shares"], u1=list(m["u1"]),
+                  masked={a: sa.unpack_vector(y, self.n_params) for a, y in m["masked"].items()},
+                  dropped=list(m["dropped"]), reveals=m["reveals"])
+        self.round = r
+        self.resumed_ += 1
+        if r.stage == "shares":
+            self.outbox.append(self._cohort_message(r))
+        elif r.stage == "masked":
+            self._inboxes(r)
+        else:
+            self._unmask_request(r)
+        log.info("secure aggregation: resumed round %s at stage %s (%d of %d answered)", r.id.hex()[:8], r.stage,
+                 len({"shares": r.shares, "masked": r.masked, "reveal": r.reveals}[r.stage]), len(r.members))
+
     def report(self) -> dict:
         """For the status: rounds completed and aborted, the current stage, agents ready."""
         r = self.round
         return {"k": self.k, "threshold": self.threshold, "clip": self.clip, "scale": self.scale,
                 "completed": self.completed_, "aborted": dict(self.aborted_), "summed": self.summed_,
                 "refused": dict(self.refused_), "ready": len(self.ready()),
-                "stage": r.stage if r else None, "last_round_seconds": self.last_seconds_}
+                "stage": r.stage if r else None, "round": r.id.hex() if r else None, "resumed": self.resumed_,
+                "last_round": self.last_round_.hex() if self.last_round_ else None,
+                "last_round_seconds": self.last_seconds_}
 
 
 class SecureCoordinator(Coordinator):
@@ -359,6 +428,14 @@ class SecureCoordinator(Coordinator):
         super().__init__(*args, **kwargs)
         if not isinstance(self.strategy, SecureFedBuff):
             raise ValueError("SecureCoordinator needs a SecureFedBuff strategy")
+
+    def state(self) -> dict:
+        """The ordinary checkpoint with the secure-aggregation round in flight (`SecAggRounds.state`)."""
+        return dict(super().state(), secagg=self.secagg.state())
+
+    def _restore(self, state: dict) -> None:
+        super()._restore(state)
+        self.secagg.restore(state.get("secagg"))
 
     def handle_secagg(self, topic: str, payload: bytes, *, retained: bool = False) -> str | None:
         """One secure-aggregation or agent-status message; None if used, else why not."""

@@ -320,13 +320,11 @@ class CoordinatorSession:
             publish = connected and self.core.ready and (force or self.core.publish_due())
             acks, self._unacked = self._unacked, []
             lines = self.audit.take() if self.audit else []
-            state = self.core.state() if key != self._committed and self.core.checkpoint_dir else None
+            outbox = self.core.take_outbox() if self._secagg is not None else []  # a round moved on: commit it first
+            state = self.core.state() if (key != self._committed or outbox) and self.core.checkpoint_dir else None
             published_before = (self.core.published_version_, self.core.last_publish_)
             payload = self.core.model_payload() if publish else None
             status, handled = self.core.status(), self.core.handled_
-            outbox = self.core.take_outbox() if self._secagg is not None else []
-        for out_topic, out_payload, retain in outbox:  # secure-aggregation cohort, inboxes, unmask requests
-            self.client.publish(out_topic, out_payload, qos=1, retain=retain)
         offset = self.audit.write(lines) if self.audit else None
         if state is not None:
             if offset is not None:
@@ -336,11 +334,17 @@ class CoordinatorSession:
             except CheckpointError as exc:
                 with self.lock:
                     self._unacked[:0] = acks  # not durable: nothing is acknowledged
+                    if outbox:  # nor is anything of a round that is not durable sent
+                        self._secagg.outbox[:0] = outbox
                     self.core.published_version_, self.core.last_publish_ = published_before
                     status = self.core.status()
                 self._report_checkpoint_failure(exc, status, handled, connected)
                 return False
         self._committed = key
+        # secure-aggregation cohort, inboxes, unmask requests: only from a committed round, which a
+        # restarted coordinator resumes and sends again (coordinator/secagg.py)
+        for out_topic, out_payload, retain in outbox:
+            self.client.publish(out_topic, out_payload, qos=1, retain=retain)
         current = self._connection
         for connection, mid, qos in acks:
             if connection == current:

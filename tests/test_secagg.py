@@ -282,3 +282,160 @@ def test_production_acl_agents_publish_only_their_own_and_read_only_theirs_or_pu
         for c in clients.values():
             c.close()
         broker.stop()
+
+
+# --- a coordinator restart mid-round ----------------------------------------------------------
+
+
+def _checkpointed(rounds: SecAggRounds) -> dict:
+    """`rounds.state()` through msgpack, as a checkpoint stores and loads it."""
+    import msgpack
+
+    return msgpack.unpackb(msgpack.packb(rounds.state(), use_bin_type=True), raw=False)
+
+
+@pytest.mark.parametrize("stage", ["shares", "masked", "reveal"])
+def test_a_round_restored_from_its_checkpoint_completes_once_with_the_exact_sum(stage):
+    """Killed with half the answers of `stage` in: a new SecAggRounds from the checkpoint resends the
+    stage's messages, the rest answer (those that did answer ignore the repeat) and the sum is exact."""
+    rounds, clients, deltas = _cohort(6, 4, seed=3)
+    for a, d in deltas.items():
+        rounds.handle(*clients[a].hold(d, 0)[:2])
+    rounds.tick(0.0)
+    wire = rounds.take_outbox()
+    order = ["shares", "masked", "reveal"]
+    for at in order:
+        replies = [(a, m) for topic, payload, _ in wire for a, c in clients.items() if c.owns(topic)
+                   for m in c.on_message(topic, payload)]
+        if at == stage:
+            break
+        for _, (topic, payload, _) in replies:
+            rounds.handle(topic, payload, 0.0)
+        wire = rounds.take_outbox()
+    for _, (topic, payload, _) in replies[:2]:  # two answers of this stage in before the kill
+        rounds.handle(topic, payload, 0.0)
+    assert rounds.round.stage == stage and rounds.completed_ == 0
+    late = replies[2:]  # sent, not yet acknowledged: the broker redelivers them
+    restarted = SecAggRounds(TOPICS, 40, 6, 4, clip=1.0)
+    restarted.restore(_checkpointed(rounds), now=100.0)
+    assert restarted.round is not None and restarted.round.stage == stage and restarted.resumed_ == 1
+    resent = restarted.take_outbox()
+    assert resent, "the restored round sends its stage's messages again"
+    again = [m for topic, payload, _ in resent for a, c in clients.items() if c.owns(topic)
+             for m in c.on_message(topic, payload)]
+    assert again == [], "agents that answered this stage do not answer twice"
+    for _, (topic, payload, _) in late:
+        restarted.handle(topic, payload, 100.0)
+    wire = restarted.take_outbox()
+    result = restarted.tick(100.0)
+    while result is None and wire:
+        for topic, payload, _ in wire:
+            for c in clients.values():
+                if c.owns(topic):
+                    for t, p, _ in c.on_message(topic, payload):
+                        restarted.handle(t, p, 100.0)
+        wire = restarted.take_outbox()
+        result = restarted.tick(100.0)
+    assert result is not None and result.count == 6 and restarted.completed_ == 1
+    assert np.array_equal(result.total, _expected(restarted, deltas, deltas))
+    assert restarted.tick(100.0) is None and restarted.round is None  # once
+
+
+def test_spent_keys_survive_a_restart():
+    rounds, clients, deltas = _cohort(3, 2)
+    for a, d in deltas.items():
+        rounds.handle(*clients[a].hold(d, 0)[:2])
+    rounds.tick(0.0)
+    restarted = SecAggRounds(TOPICS, 40, 3, 2, clip=1.0)
+    restarted.restore(_checkpointed(rounds), now=0.0)
+    restarted.round = None  # say the round ended; the retained keys come back on resubscribing
+    for a, c in clients.items():
+        restarted.handle(TOPICS.secagg("key", a), rounds_key(rounds, a))
+    assert restarted.ready() == [], "a key already used in a cohort is not taken again after a restart"
+
+
+def rounds_key(rounds: SecAggRounds, agent: str) -> bytes:
+    ann = rounds.keys[agent]
+    return sa.encode("key", key_id=ann.key_id, c=ann.c, s=ann.s, version=ann.version)
+
+
+def test_kill_9_of_the_coordinator_mid_round_resumes_the_round_once_and_the_fleet_carries_on(tmp_path, mosquitto):
+    """Real processes: a round is pinned at its share stage by a member that never answers (a key
+    announced by the test); the coordinator is killed with SIGKILL there, restarted on its checkpoint,
+    and that round completes exactly once (one model step, no abort) from the other members; then more rounds."""
+    import json
+
+    import msgpack
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from fleet import TopicWatcher, spawn, stop
+    from protocol.tabular import write_csv
+    from simulation.datasets import load_dataset
+    from simulation.partition import partition
+
+    fleet = Topics("sarestart")
+    ds = load_dataset("digits", seed=0)
+    parts = partition(ds.y_train, 4, "iid", seed=0)
+    for i, idx in enumerate(parts):
+        write_csv(tmp_path / f"a{i}.csv", ds.X_train[idx], ds.y_train[idx])
+    watcher = TopicWatcher(mosquitto.port, fleet.everything)
+    args = ["coordinator", "--broker", mosquitto.url, "--fleet", fleet.fleet, "--model", "sgd-classifier",
+            "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features,
+            "--checkpoint-dir", tmp_path / "ckpt", "--publish-interval", "0.5", "--strategy", "fedbuff",
+            "--buffer-size", "4", "--secure-aggregation", "--secagg-timeout", "6"]
+    coordinator = spawn(*args, log=tmp_path / "coordinator.log")
+    agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", fleet.fleet, "--id", f"a{i}",
+                    "--data", tmp_path / f"a{i}.csv", "--secure-aggregation", "--poll-interval", "0.2",
+                    log=tmp_path / f"a{i}.log") for i in range(4)]
+    ghost = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="ghost")
+    ghost.connect("127.0.0.1", mosquitto.port)
+    ghost.loop_start()
+
+    def sec():
+        return (watcher.json(fleet.coordinator_status) or {}).get("secure_aggregation") or {}
+
+    def cohorts():
+        return [msgpack.unpackb(p, raw=False) for t, p in watcher.history if t == fleet.secagg_cohort]
+
+    try:
+        watcher.wait_for(lambda: sec().get("completed", 0) >= 1, timeout=90, what="a first masked round")
+        # a member that never answers, preferred by the coordinator (the freshest model version)
+        pair = lambda: sa.KeyPair.generate().public  # noqa: E731
+        ghost.publish(fleet.secagg("key", "ghost"), sa.encode("key", key_id=bytes(16), c=pair(), s=pair(), version=10**6),
+                      qos=1, retain=True).wait_for_publish(5)
+        cohort = watcher.wait_for(lambda: next((c for c in cohorts() if "ghost" in [m[0] for m in c["members"]]), None),
+                                  timeout=60, what="a cohort with the silent member")
+        pinned = cohort["round"]
+        real = sorted(m[0] for m in cohort["members"] if m[0] != "ghost")
+
+        def shares_in():
+            return {fleet.secagg_of(t)[1] for t, p in watcher.history
+                    if (fleet.secagg_of(t) or ("",))[0] == "share" and msgpack.unpackb(p, raw=False)["round"] == pinned}
+
+        watcher.wait_for(lambda: shares_in() == set(real), timeout=30, what="the three real members' shares")
+        coordinator.kill()  # kill -9: no last commit, nothing flushed
+        coordinator.wait(10)
+        coordinator = spawn(*args, log=tmp_path / "coordinator.log")
+        done = watcher.wait_for(lambda: sec().get("last_round") == pinned.hex() and sec(), timeout=60,
+                                what="the pinned round completed after the restart")
+        assert done["resumed"] == 1 and done["aborted"] == {}, done
+        watcher.wait_for(lambda: sec().get("completed", 0) >= done["completed"] + 2, timeout=60,
+                         what="two more rounds after the restart")
+        statuses = [json.loads(p) for t, p in watcher.history if t == fleet.coordinator_status and p]
+        for s in statuses:  # every model step is one completed round, every summed delta accepted once
+            assert s["version"] == s["secure_aggregation"]["completed"], s
+            assert s["accepted"] == s["secure_aggregation"]["summed"], s
+        steps = {s["version"] for s in statuses if s["secure_aggregation"].get("last_round") == pinned.hex()}
+        assert len(steps) == 1, f"the pinned round stepped the model at versions {steps}"
+        summed = {s["version"]: s["secure_aggregation"]["summed"] for s in statuses}
+        assert summed[min(steps)] - summed[min(steps) - 1] == 3, "the pinned round summed its three real members"
+        assert statuses[-1]["secure_aggregation"]["aborted"] == {} and statuses[-1]["secure_aggregation"]["resumed"] == 1
+        assert f"resumed round {pinned.hex()[:8]} at stage shares" in (tmp_path / "coordinator.log").read_text()
+    finally:
+        ghost.loop_stop()
+        ghost.disconnect()
+        for proc in agents:
+            stop(proc)
+        assert stop(coordinator) == 0
+        watcher.close()
