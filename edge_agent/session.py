@@ -140,16 +140,18 @@ class AgentSession:
             self.wake.set()
 
     def _pause_models(self) -> None:
-        """Stop listening for models until --min-model-interval has passed (network thread)."""
+        """Stop listening for models until --min-model-interval has passed (network thread):
+        the model topic and a chunked model's chunks, which would otherwise keep coming."""
         self._models_paused = True
         self._models_due_at = time.monotonic() + self.min_model_interval
-        self.client.unsubscribe(self.agent.topics.model)
+        self.client.unsubscribe([self.agent.topics.model, self.agent.topics.all_model_chunks])
 
     def _resume_models(self) -> None:
-        """Subscribe again: the broker sends the newest retained model (main thread)."""
+        """Subscribe again, as on connecting: the broker sends the newest retained model (or its
+        retained chunks and manifest; a device resuming mid-transfer assembles as one joining) (main thread)."""
         self._models_paused = False
         if self.client.is_connected():
-            self.client.subscribe(self.agent.topics.model, qos=0)
+            self.client.subscribe([(self.agent.topics.model, 0), (self.agent.topics.all_model_chunks, 0)])
 
     # --- publishing --------------------------------------------------------------------
 
@@ -230,7 +232,8 @@ class AgentSession:
                 self.wake.clear()
                 if stop.is_set():
                     break
-                if self.chunks.stalled() and self.client.is_connected():  # a chunk was dropped:
+                # a chunk was dropped (not while paused: resuming fetches the retained chunks anyway):
+                if self.chunks.stalled() and self.client.is_connected() and not self._models_paused:
                     self.client.subscribe(self.agent.topics.all_model_chunks, qos=0)  # the broker resends the retained ones
                 if self.agent.due():
                     self.train_and_send()

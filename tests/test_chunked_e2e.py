@@ -138,3 +138,51 @@ def test_a_million_parameter_model_trains_through_a_128_kib_broker_limit(broker,
         codes = [stop(a) for a in agents] + [stop(coordinator)]
     assert codes == [0] * len(codes), (tmp_path / "coordinator.log").read_text()[-3000:]
     assert "max_packet_size" not in (tmp_path / "broker" / "mosquitto.log").read_text()
+
+
+def test_min_model_interval_pauses_a_chunked_model_too(tmp_path):
+    """With --min-model-interval a device stops taking the chunks as well as the manifest: it
+    takes version 1, then only version 10's chunks when due (seen red when the pause left the
+    chunk topics subscribed: every version's chunks reached it). Counted in the broker's log."""
+    from sklearn.datasets import load_digits
+
+    small = ModelSpec("sgd-classifier", 64, tuple(range(10)))  # 2.7 KB of float32: 3 chunks at 1,024 bytes
+    X, y = load_digits(return_X_y=True)
+    write_csv(tmp_path / "d.csv", X[:60], y[:60])
+
+    def chunks(version: int) -> tuple[list[bytes], bytes]:
+        payload = encode_model(ModelMessage(T.fleet, version, small, np.zeros(small.n_params)))
+        parts = chunking.split(payload, chunking.capacity(1024, T.model_chunk(chunking.MAX_CHUNKS - 1)))
+        return parts, chunking.encode_manifest(chunking.manifest(payload, T.fleet, version, len(parts)))
+
+    def publish(client, version: int) -> int:
+        parts, manifest = chunks(version)
+        for i, c in enumerate(parts):
+            client.publish(T.model_chunk(i), c, qos=1, retain=True)
+        client.publish(T.model, manifest, qos=1, retain=True).wait_for_publish(10)
+        return len(parts)
+
+    with Mosquitto(tmp_path / "broker", extra_conf="log_type debug") as b:
+        watcher = TopicWatcher(b.port, f"{T.base}/update/+")
+        client = _client(b)
+        log = tmp_path / "pace.log"
+        agent = spawn("edge_agent", "--broker", b.url, "--fleet", T.fleet, "--id", "pace", "--data", tmp_path / "d.csv",
+                      "--max-packet-bytes", 1024, "--min-model-interval", 3, "--resend-after", 0,
+                      "--status-interval", 0, "--log-level", "DEBUG", log=log)
+        bases = lambda: [decode_update(p).base_version for t, p in watcher.history if t == T.update("pace")]  # noqa: E731
+        try:
+            watcher.wait_for(lambda: "waiting for the global model" in log.read_text(), TIMEOUT, "the agent to connect")
+            n = publish(client, 1)
+            watcher.wait_for(lambda: bases() == [1], TIMEOUT, "the update on version 1")
+            for version in range(2, 11):  # all within the 3 s the device does not listen
+                publish(client, version)
+            watcher.wait_for(lambda: len(bases()) >= 2, TIMEOUT, "the second update")
+            assert bases() == [1, 10]
+        finally:
+            client.loop_stop()
+            client.disconnect()
+            watcher.close()
+            assert stop(agent) == 0
+        sent = [line for line in b.log.read_text().splitlines()
+                if "Sending PUBLISH to fedmq-agent-big-pace " in line and "/model/chunk/" in line]
+    assert n == 3 and len(sent) == 2 * n, sent  # version 1's chunks and version 10's, nothing between
