@@ -293,3 +293,36 @@ def test_benchmarks_quote_the_repeat_throughput_runs_exactly():
     assert f"{quoted} and {thousands(runs[-1]['fedmq_per_s'])} / {thousands(runs[-1]['raw_paho_per_s'])} updates/s" in text
     ratios = [r["ratio"] for r in runs]
     assert f"moved between {min(ratios):.2f} and {max(ratios):.2f} over three runs" in text
+
+
+def secagg_rows() -> list[str]:
+    """docs/benchmarks.md's secure-aggregation tables, row by row, from bench/results/secagg.json:
+    in-process costs, over mosquitto (bench/secagg_mqtt.py), on the emulated aarch64 root."""
+    data = results("secagg")
+    x86 = {r["k"]: r for r in data["costs"]}
+    rows = [f"| {r['k']} | {r['threshold']} | {r['agent_bytes_sent']} | {r['agent_bytes_received']} | {r['agent_cpu_ms']} "
+            f"| {r['coordinator_cpu_ms']} | {r['round_ms']} |" for r in data["costs"]]
+    rows += [f"| {r['k']} | {r['threshold']} | {r['round_ms']} | {r['round_ms_max']} | {r['coordinator_round_ms']} "
+             f"| {thousands(r['agent_ip_bytes_up'])} | {thousands(r['agent_ip_bytes_down'])} "
+             f"| {thousands(r['agent_payload_bytes_sent'])} | {thousands(r['agent_payload_bytes_received'])} "
+             f"| {r['agent_cpu_ms']} |" for r in data["mqtt"]["results"]]
+    rows += [f"| {r['k']} | {r['threshold']} | {r['agent_cpu_ms']} | {x86[r['k']]['agent_cpu_ms']} | {r['coordinator_cpu_ms']} |"
+             for r in data["aarch64_emulated"]["costs"]]
+    return rows
+
+
+def test_secagg_tables_are_the_results_file():
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    for row in secagg_rows():
+        assert row in text.splitlines(), f"docs/benchmarks.md lacks the row bench/results/secagg.json gives: {row!r}"
+    data = results("secagg")
+    prose = " ".join(text.split())
+    assert f"{data['machine']}, {data['method']}" in prose
+    assert f"by the root's {data['aarch64_emulated']['machine']} under qemu-user" in prose
+    assert f"bench/results/secagg.json, about 30 s), {data['mqtt']['machine']}." in prose
+    assert f"at K = 50 that alone is about 50 x {next(r for r in data['mqtt']['results'] if r['k'] == 50)['agent_cpu_ms']} ms" in prose
+    acc = data["accuracy"]
+    assert f"deltas {acc['plain_quantized']:.4f}, through masked rounds {acc['secure']:.4f}" in prose
+    for kind in ("masked", "reveal"):
+        for r in (d for d in data["dropouts"] if d["vanish_before"] == kind):
+            assert f"{r['vanished']}: {'exact' if r['exact'] else 'NOT exact'} ({r['summed']} summed)" in prose
