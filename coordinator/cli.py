@@ -14,6 +14,7 @@ import numpy as np
 from coordinator.aggregation import parse_aggregate
 from coordinator.privacy import PrivateCoordinator, guard, make_policy
 from coordinator.rate_limit import RateLimit
+from coordinator.schema import FleetSchema, SchemaDiscovery, discover
 from coordinator.server import Coordinator
 from coordinator.session import CoordinatorSession
 from coordinator.staleness import parse_staleness
@@ -26,7 +27,8 @@ from protocol.codec import MODEL_CODECS
 from protocol.config import fleet_tool_parser, parse_layered
 from protocol.model_spec import ESTIMATORS, HYPERPARAMETERS, ModelSpec, build_estimator
 from protocol.privacy import GaussianMechanism
-from protocol.tabular import DataError, load_csv
+from protocol.schema import column_order
+from protocol.tabular import DataError, load_csv, read_columns
 from protocol.topics import Topics
 from protocol.transport import BrokerError, settings_from_args
 
@@ -42,8 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = p.add_argument_group("model (the coordinator owns the spec; agents learn it from the model topic)")
     m.add_argument("--model", choices=sorted(ESTIMATORS), help="estimator kind (required)")
-    m.add_argument("--n-features", type=int, help="number of input features (required)")
-    m.add_argument("--classes", help="comma-separated class labels, e.g. 0,1,2 (classifiers)")
+    m.add_argument("--n-features", type=int,
+                   help="number of input features (default: the columns the first agents announce on schema/<agent>)")
+    m.add_argument("--classes",
+                   help="comma-separated class labels, e.g. 0,1,2 (classifiers; default: the labels of the first agents)")
+    _defaulted(m, "--schema-agents", type=int, default=1,
+               help="without --n-features (or a classifier's --classes): fix the spec once this many agents "
+               "announced their column names and labels; the most common column set wins")
+    m.add_argument("--schema-wait", type=float, metavar="SECONDS",
+                   help="fix the spec this many seconds after the first announcement even if fewer than "
+                   "--schema-agents came (default: wait for them)")
     m.add_argument(
         "--hyperparameters", default="{}",
         help='SGD hyperparameters as a JSON object (\'{"alpha": 1e-4, "loss": "log_loss"}\') or as '
@@ -149,12 +159,21 @@ def _defaulted(group, *flags: str, **kwargs) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Layered arguments with the cross-field checks; exits 2 with one line on bad config."""
     parser = build_parser()
-    args = parse_layered(parser, argv, required=("broker", "fleet", "model", "n_features"))
+    args = parse_layered(parser, argv, required=("broker", "fleet", "model"))
     try:
         args.topics = Topics(args.fleet, args.topic_prefix)
-        args.spec = ModelSpec(args.model, args.n_features, parse_classes(args.classes),
-                              parse_hyperparameters(args.hyperparameters))
-        check_hyperparameters(args.spec)
+        args.hyper = parse_hyperparameters(args.hyperparameters)
+        args.classes_given = parse_classes(args.classes)
+        if args.schema_agents < 1 or (args.schema_wait is not None and args.schema_wait < 0):
+            raise ValueError("--schema-agents must be >= 1 and --schema-wait >= 0")
+        if args.n_features is not None and (args.model != "sgd-classifier" or args.classes_given):
+            args.spec = ModelSpec(args.model, args.n_features, args.classes_given, args.hyper)
+        else:  # the schema comes from the fleet (coordinator/schema.py): checked now on a stand-in
+            args.spec = None
+            ModelSpec(args.model, args.n_features or 1, args.classes_given or
+                      ((0, 1) if args.model == "sgd-classifier" else ()), args.hyper)
+        check_hyperparameters(args.spec or ModelSpec(args.model, 1, (0, 1) if args.model == "sgd-classifier" else (),
+                                                     args.hyper))
         args.staleness_fn = parse_staleness(args.staleness)
         parse_aggregate(args.aggregate)  # checked whatever the strategy, so a typo never waits
         if args.buffer_size < 1 or not args.server_lr > 0 or not 0 < args.alpha <= 1:
@@ -180,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
             if args.strategy != "fedbuff" or args.dp_mode is not None:
                 raise ValueError("--secure-aggregation needs --strategy fedbuff and no --dp-mode (central DP over the sum is not built yet)")
+            if args.spec is None:
+                raise ValueError("--secure-aggregation needs the spec up front: give --n-features (and --classes)")
             args.secagg_threshold = args.secagg_threshold or args.buffer_size // 2 + 1
             args.secagg_rounds = SecAggRounds(args.topics, args.spec.n_params, args.buffer_size, args.secagg_threshold,
                                               clip=args.secagg_clip, timeout=args.secagg_timeout)
@@ -243,13 +264,47 @@ def check_hyperparameters(spec: ModelSpec) -> None:
             getattr(estimator, check)()
 
 
+def resolve_spec(args: argparse.Namespace, stop: threading.Event) -> bool:
+    """Set `args.spec` when the flags left it open: from the checkpoint, else from the fleet's first agents.
+
+    False when `stop` came before enough agents announced. ValueError, CheckpointError or
+    BrokerError with one line.
+    """
+    if args.spec is not None:
+        return True
+    resume = load_checkpoint(args.checkpoint_dir) if args.checkpoint_dir else None
+    if resume is not None and resume["spec"].estimator == args.model:
+        args.spec = resume["spec"]  # the spec fixed before: versions and agents stay on it
+        log.info("the model spec (%d features) comes from the checkpoint", args.spec.n_features)
+        return True
+    # its own short connection: with a username (use_username_as_clientid) it takes the
+    # coordinator's session id, so with --checkpoint-dir it runs once, before any session exists
+    discovery = SchemaDiscovery(args.schema_agents, args.schema_wait)
+    log.info("no --n-features%s: waiting for %d agent(s) to announce their columns on %s",
+             "" if args.n_features is None else " or --classes", args.schema_agents, args.topics.all_schemas)
+    if not discover(args.settings, args.topics, discovery, connect_timeout=args.connect_timeout, stop=stop):
+        return False
+    args.spec = discovery.spec(args.model, args.hyper, n_features=args.n_features, classes=args.classes_given)
+    log.info("spec fixed from %d agent(s): %d features (%s)%s", len(discovery.first), args.spec.n_features,
+             ", ".join(args.spec.columns[:8]) + (", ..." if args.spec.n_features > 8 else ""),
+             f", classes {list(args.spec.classes)}" if args.spec.is_classifier else "")
+    return True
+
+
 def build_coordinator(args: argparse.Namespace) -> Coordinator:
     """The core from parsed arguments; DataError, CheckpointError or ValueError with one line."""
     eval_data = load_csv(args.eval_csv, args.label_column) if args.eval_csv else None
     if eval_data is not None:
         X, y = eval_data
-        if X.shape[1] != args.n_features:
-            raise DataError(f"{args.eval_csv}: {X.shape[1]} features, --n-features is {args.n_features}")
+        if args.spec.columns:  # by name, in the fleet's order
+            try:
+                order = column_order(read_columns(args.eval_csv, args.label_column), args.spec)
+            except ValueError as exc:
+                raise DataError(f"{args.eval_csv}: {exc}") from None
+            X = X if order is None else X[:, order]
+            eval_data = X, y
+        if X.shape[1] != args.spec.n_features:
+            raise DataError(f"{args.eval_csv}: {X.shape[1]} features, the model has {args.spec.n_features}")
         if not args.feature_stats and np.isnan(X).any():
             raise DataError(f"{args.eval_csv}: {int(np.isnan(X).sum())} missing value(s): give --feature-stats "
                             "so they take the fleet mean")
@@ -275,8 +330,10 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
         buffer_timeout=args.buffer_timeout or None,
         eval_data=eval_data, checkpoint_dir=args.checkpoint_dir, resume=resume, **options,
         model_codec=args.model_codec,
-        statistics=FleetStatistics(args.topics, args.n_features, min_agents=args.stats_min_agents)
+        statistics=FleetStatistics(args.topics, args.spec.n_features, min_agents=args.stats_min_agents,
+                                   columns=args.spec.columns)
         if args.feature_stats else None,
+        schema=FleetSchema(args.topics, args.spec),
     )
     core.checkpoint()  # an unwritable --checkpoint-dir is a configuration error, found now
     return core
@@ -290,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if not resolve_spec(args, stop):
+            return 0
         core = build_coordinator(args)
         on_publish = start_metrics(args.metrics_port) if args.metrics_port else None
         session = CoordinatorSession(core, args.settings, connect_timeout=args.connect_timeout,
@@ -298,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, ValueError, OSError) as exc:  # OSError: TLS files, ports
         print(f"fedmq-coordinator: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except BrokerError as exc:  # while waiting for the fleet's schema
+        print(f"fedmq-coordinator: error: {exc}", file=sys.stderr)
+        return 1
     log.info("fleet %s: %s with %d parameters, strategy %s, version %d",
              args.fleet, args.model, args.spec.n_params, args.strategy, core.version_)
     try:

@@ -15,6 +15,7 @@ from collections import Counter, OrderedDict
 import numpy as np
 
 from coordinator.evaluation import FleetEvaluation, score
+from coordinator.schema import FleetSchema
 from coordinator.statistics import FleetStatistics, Rescales
 from coordinator.status import build_status
 from coordinator.store import CheckpointError, save_checkpoint
@@ -48,6 +49,7 @@ class Coordinator:
         resume: dict | None = None,
         statistics: FleetStatistics | None = None,
         model_codec: str = "float32",
+        schema: FleetSchema | None = None,
     ) -> None:
         self.topics = topics
         self.spec = spec
@@ -87,6 +89,7 @@ class Coordinator:
         self.statistics = statistics
         self.rescales = Rescales(spec)
         self.stats_seen_ = -1  # statistics.changes_ when the scaling was last refreshed
+        self.schema = schema  # every agent's column names judged against the spec (coordinator/schema.py)
         if resume:
             self._restore(resume)
 
@@ -167,6 +170,13 @@ class Coordinator:
         if self.statistics is None:
             return "statistics_off"
         return self.statistics.handle(topic, payload)
+
+    def handle_schema(self, topic: str, payload: bytes) -> str | None:
+        """Take one agent's schema announcement; None if decoded (matching or not), else the reason."""
+        self.handled_ += 1
+        if self.schema is None:
+            return "schema_off"
+        return self.schema.handle(topic, payload)
 
     @property
     def ready(self) -> bool:
@@ -270,6 +280,8 @@ class Coordinator:
         )
         if self.statistics is not None:
             status["statistics"] = dict(self.statistics.summary(), scaled=self.rescales.current is not None)
+        if self.schema is not None:
+            status["schema"] = self.schema.summary()
         return status
 
     # --- durability --------------------------------------------------------------------
@@ -292,6 +304,7 @@ class Coordinator:
             "staleness_max": self.staleness_max_,
             "statistics": self.statistics.state() if self.statistics is not None else None,
             "scaling": self.rescales.state(),
+            "schema_agents": self.schema.state() if self.schema is not None else None,
         }
 
     def checkpoint(self, state: dict | None = None) -> None:
@@ -340,6 +353,8 @@ class Coordinator:
         if self.statistics is not None and state.get("statistics"):
             self.statistics.restore(state["statistics"])
         self.rescales.restore(state.get("scaling"))
+        if self.schema is not None:
+            self.schema.restore(state.get("schema_agents"))
         self.stats_seen_ = self.statistics.changes_ if self.statistics is not None and self.rescales.current else -1
         log.info("resumed from checkpoint at version %d%s", self.version_,
                  f" with {self.strategy.pending} buffered update(s)" if self.strategy.pending else "")

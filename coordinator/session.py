@@ -137,6 +137,7 @@ class CoordinatorSession:
         stats = [(topics.all_stats, 1)] if self.core.statistics is not None else []
         stats += [(f, 1) for f in self._secagg.subscriptions] if self._secagg is not None else []  # coordinator/secagg.py
         stats += [(topics.all_update_chunks, 1)]
+        stats += [(topics.all_schemas, 1)] if self.core.schema is not None else []
         if self._connected_once:
             client.subscribe([(topics.all_updates, 1), *stats])
             self._republish.set()  # a broker without persistence has lost the retained model
@@ -172,6 +173,12 @@ class CoordinatorSession:
             with self.lock:  # secure aggregation: acked through the same group commit as updates
                 self.core.handle_secagg(msg.topic, msg.payload, retained=msg.retain)
                 self._unacked.append((self._connection, msg.mid, msg.qos))
+            self._wake.set()
+            return
+        if self.core.topics.agent_of_schema(msg.topic) is not None:
+            with self.lock:  # retained by design: each agent's column names and labels
+                self.core.handle_schema(msg.topic, msg.payload)
+                self._unacked.append((self._connection, msg.mid, msg.qos))  # acked once committed
             self._wake.set()
             return
         if self.core.topics.agent_of_stats(msg.topic) is not None:

@@ -28,11 +28,12 @@ MAX_AGENTS = 100_000
 class FleetStatistics:
     """Per-agent statistics in, one merged `Scaling` out; rejections counted by reason."""
 
-    def __init__(self, topics: Topics, n_features: int, *, min_agents: int = 1) -> None:
+    def __init__(self, topics: Topics, n_features: int, *, min_agents: int = 1, columns: tuple = ()) -> None:
         if min_agents < 1:
             raise ValueError("--stats-min-agents must be at least 1")
         self.topics = topics
         self.n_features = n_features
+        self.columns = tuple(columns)  # the fleet's column names: named statistics are put in this order
         self.min_agents = min_agents
         self.by_agent: dict[str, FeatureStats] = {}
         self.payloads: dict[str, bytes] = {}  # as received: what a checkpoint keeps, bit for bit
@@ -54,7 +55,7 @@ class FleetStatistics:
             reason = "too_many_agents"
         else:
             try:
-                stats = decode_stats(payload, self.n_features)
+                stats = decode_stats(payload, self.n_features, self.columns)
             except ProtocolError as exc:
                 reason = exc.reason
                 log.warning("rejected statistics on %s: %s", topic, exc)
@@ -95,7 +96,7 @@ class FleetStatistics:
 
     def restore(self, state: dict) -> None:
         """Take back `state()`."""
-        self.by_agent = {agent: decode_stats(raw, self.n_features) for agent, raw in state.items()}
+        self.by_agent = {agent: decode_stats(raw, self.n_features, self.columns) for agent, raw in state.items()}
         self.payloads = {agent: bytes(raw) for agent, raw in state.items()}
         self.changes_ += 1
 

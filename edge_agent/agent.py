@@ -18,7 +18,9 @@ from edge_agent.statistics import LocalStatistics, prepare_features
 from edge_agent.trainer import LocalTrainer
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, UpdateMessage, decode_model, encode_update
+from protocol.model_spec import ModelSpec
 from protocol.privacy import GaussianMechanism, secure_rng
+from protocol.schema import Schema, column_order, encode_schema, mismatch, of_data
 from protocol.sequence import first_seq
 from protocol.tabular import DataError
 from protocol.topics import Topics, check_name
@@ -91,6 +93,7 @@ class Agent:
         self.since_ = time.time()  # wall clock of the last change of phase
         self.statistics = LocalStatistics()  # feature statistics for the fleet (edge_agent/statistics.py)
         self.missing_ = 0  # missing cells imputed in the last round
+        self.schema_sent_: Schema | None = None  # the column names and labels last announced (protocol/schema.py)
         # local DP (protocol/privacy.py): clip + noise the float delta before error feedback and the codec
         self.dp = dp
         self.dp_rng = secure_rng()  # never the training seed: reproducible noise is removable noise
@@ -168,7 +171,29 @@ class Agent:
         if poll:
             self._poll()
         X, _ = self.source.data()
-        return self.statistics.payload_if_due(X)
+        return self.statistics.payload_if_due(X, self.source.columns)
+
+    def schema_payload(self) -> bytes | None:
+        """The window's column names and label set for `Topics.schema`, when new or changed; else None."""
+        columns = self.source.columns
+        if columns is None or len(self.source) == 0:
+            return None
+        schema = of_data(columns, self.source.data()[1])
+        if schema == self.schema_sent_:
+            return None
+        self.schema_sent_ = schema
+        return encode_schema(schema)
+
+    def _fleet_order(self, X: np.ndarray, y: np.ndarray, spec: ModelSpec) -> np.ndarray:
+        """The window's columns in the fleet's order, by name; ValueError (why) when they are not the fleet's."""
+        columns = self.source.columns
+        if columns is None:
+            return X
+        reason = mismatch(of_data(columns, y), spec)
+        if reason is not None:
+            raise ValueError(reason)
+        order = column_order(columns, spec)
+        return X if order is None else X[:, order]
 
     def _resend_due(self, now: float) -> bool:
         """The last update may be lost: the coordinator restarted, or no newer model came in time."""
@@ -197,6 +222,7 @@ class Agent:
             return None
         self.training_ = True
         try:
+            X = self._fleet_order(X, y, model.spec)  # never trained on columns that are not the fleet's
             X, self.missing_ = prepare_features(X, model.scaling)
             result = self.trainer.train(model, X, y)
             encoded = self.feedback.encode(self._privatize(result.delta)) if result is not None and self.secure is None else None

@@ -35,6 +35,11 @@ class DataSource:
         """Read what is new; returns the number of new rows."""
         raise NotImplementedError
 
+    @property
+    def columns(self) -> tuple[str, ...] | None:
+        """Feature column names in the order of the window's columns; None when the source has none."""
+        return None
+
     def __len__(self) -> int:
         """Rows in the window."""
         return len(self._y)
@@ -73,6 +78,13 @@ class CSVFile(DataSource):
         X, y = self.read_new(strict=not self._polled)
         self._polled = True
         return self._append(X, y) if len(y) else 0
+
+    @property
+    def columns(self) -> tuple[str, ...] | None:
+        """The header's feature columns (all but the label), once the header was read."""
+        if self._header is None:
+            return None
+        return tuple(h for h in self._header if h != self.label_column)
 
     def read_new(self, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """The complete rows appended since the last read (empty arrays when none).
@@ -168,11 +180,28 @@ class CSVDirectory(DataSource):
     def poll(self) -> int:
         new = 0
         for path in sorted(self.directory.glob("*.csv")):
-            X, y = self._files.setdefault(path, CSVFile(path, self.label_column)).read_new(strict=not self._polled)
+            source = self._files.setdefault(path, CSVFile(path, self.label_column))
+            X, y = source.read_new(strict=not self._polled)
             if len(y):
-                new += self._append(X, y)
+                new += self._append(self._in_order(source, X), y)
         self._polled = True
         return new
+
+    @property
+    def columns(self) -> tuple[str, ...] | None:
+        """The first file's feature columns: every file's rows are put in that order by name."""
+        return next((f.columns for f in self._files.values() if f.columns is not None), None)
+
+    def _in_order(self, source: CSVFile, X: np.ndarray) -> np.ndarray:
+        """`X` of `source` in the directory's column order; DataError when its columns are others."""
+        mine, first = source.columns, self.columns
+        if mine == first:
+            return X
+        if mine is None or first is None or sorted(mine) != sorted(first):
+            raise DataError(f"{source.path}: columns {list(mine or [])} are not those of the directory's "
+                            f"first file {list(first or [])}")
+        at = {c: i for i, c in enumerate(mine)}
+        return X[:, [at[c] for c in first]]
 
 
 class CallableSource(DataSource):

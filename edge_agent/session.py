@@ -190,11 +190,23 @@ class AgentSession:
                 topic, payload, retain = message
                 self.client.publish(topic, payload, qos=1, retain=retain)
 
+    def send_schema(self) -> bool:
+        """Announce the window's column names and labels (retained, QoS 1) when new or changed; True if sent."""
+        if not self.client.is_connected():
+            return False
+        payload = self.agent.schema_payload()
+        if payload is None:
+            return False
+        self.client.publish(self.agent.topics.schema(self.agent.agent_id), payload, qos=1, retain=True)
+        log.info("announced %d feature columns (%d bytes)", len(self.agent.schema_sent_.columns), len(payload))
+        return True
+
     def send_statistics(self) -> bool:
         """Publish the window's feature statistics (retained, QoS 1) when they are due; True if sent."""
         if self._stats_resend:
             self._stats_resend = False
             self.agent.statistics.resend()
+            self.agent.schema_sent_ = None  # the schema too: announced again
         payload = self.agent.statistics_payload()
         if payload is None:
             return False
@@ -225,6 +237,7 @@ class AgentSession:
         try:
             while not stop.is_set():
                 self.send_statistics()
+                self.send_schema()
                 wait = self.poll_interval
                 if self._models_paused:
                     wait = max(0.0, min(wait, self._models_due_at - time.monotonic()))

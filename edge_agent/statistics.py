@@ -22,8 +22,9 @@ class LocalStatistics:
         self.resend_growth = resend_growth
         self.sent_rows_: int | None = None  # window rows when the statistics were last sent
 
-    def payload_if_due(self, X: np.ndarray) -> bytes | None:
-        """The encoded statistics of `X` when never sent or the row count moved enough; else None."""
+    def payload_if_due(self, X: np.ndarray, columns: tuple[str, ...] | None = None) -> bytes | None:
+        """The encoded statistics of `X` (named by `columns` when known) when never sent or the row
+        count moved enough; else None."""
         rows = len(X)
         if rows == 0 or X.ndim != 2:
             return None
@@ -31,7 +32,7 @@ class LocalStatistics:
         if last is not None and abs(rows - last) < self.resend_growth * last:
             return None
         self.sent_rows_ = rows
-        return encode_stats(describe(X))
+        return encode_stats(describe(X), columns)
 
     def resend(self) -> None:
         """Send again at the next chance (the broker may have lost the retained copy)."""

@@ -72,9 +72,14 @@ class WireLimits:
 UPDATE_LIMITS = WireLimits(max_objects=1 + 7 + 7 + 2 * MAX_METRICS, max_depth=2, max_array=7, max_map=MAX_METRICS)
 
 
+# The most named feature columns a model spec may carry (protocol/schema.py MAX_COLUMNS).
+MAX_COLUMNS = 10_000
+
+
 def model_limits(max_classes: int = MAX_CLASSES) -> WireLimits:
-    """Bounds of a model message carrying at most `max_classes` classes."""
-    return WireLimits(max_objects=64 + max_classes, max_depth=3, max_array=max_classes, max_map=16)
+    """Bounds of a model message carrying at most `max_classes` classes (and `MAX_COLUMNS` column names)."""
+    return WireLimits(max_objects=64 + max_classes + MAX_COLUMNS, max_depth=3,
+                      max_array=max(max_classes, MAX_COLUMNS), max_map=16)
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,9 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
     if not isinstance(wire, dict):
         raise ProtocolError("schema", f"a model message must be a map, got {type(wire).__name__}")
     _check_header(wire, "model")
+    classes = wire["spec"].get("classes") if isinstance(wire.get("spec"), dict) else None
+    if isinstance(classes, list) and len(classes) > max_classes:  # the array bound admits column names too
+        raise ProtocolError("decode", f"{len(classes)} classes exceed the limit of {max_classes}")
     got_fleet = _typed(wire, "fleet", str)
     if fleet is not None and got_fleet != fleet:
         raise ProtocolError("fleet", f"message for fleet {got_fleet!r}, expected {fleet!r}")

@@ -39,6 +39,7 @@ class ModelSpec:
     n_features: int
     classes: tuple = ()
     hyperparameters: dict = field(default_factory=dict)
+    columns: tuple = ()  # feature column names in model order (protocol/schema.py); () maps by position
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -52,6 +53,9 @@ class ModelSpec:
                 raise ValueError("classes must be integers or strings")
         elif self.classes:
             raise ValueError("a regressor has no classes")
+        if self.columns and (len(self.columns) != self.n_features or len(set(self.columns)) != len(self.columns)
+                             or not all(isinstance(c, str) and c for c in self.columns)):
+            raise ValueError(f"columns must be {self.n_features} distinct non-empty names, one per feature")
         for name, value in self.hyperparameters.items():
             allowed = HYPERPARAMETERS.get(name)
             if allowed is None:
@@ -83,6 +87,7 @@ class ModelSpec:
             "n_features": self.n_features,
             "classes": list(self.classes),
             "hyperparameters": dict(self.hyperparameters),
+            **({"columns": list(self.columns)} if self.columns else {}),
         }
 
     @classmethod
@@ -93,13 +98,15 @@ class ModelSpec:
         try:
             classes = wire.get("classes", [])
             hyper = wire.get("hyperparameters", {})
-            if not isinstance(classes, list) or not isinstance(hyper, dict):
-                raise ValueError("spec.classes must be a list and spec.hyperparameters a map")
+            columns = wire.get("columns", [])
+            if not isinstance(classes, list) or not isinstance(hyper, dict) or not isinstance(columns, list):
+                raise ValueError("spec.classes and spec.columns must be lists and spec.hyperparameters a map")
             return cls(
                 estimator=wire.get("estimator"),
                 n_features=wire.get("n_features"),
                 classes=tuple(classes),
                 hyperparameters=hyper,
+                columns=tuple(columns),
             )
         except (TypeError, ValueError) as exc:
             raise ProtocolError("schema", f"bad model spec: {exc}") from None

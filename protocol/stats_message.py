@@ -5,7 +5,8 @@ Statistics, on ``<prefix>/<fleet>/stats/<agent>`` (retained, QoS 1; the agent id
     {"format": 2, "type": "stats", "count": bin, "sum": bin, "sumsq": bin, "min": bin, "max": bin}
 
 each a little-endian float64 vector with one entry per feature; `count` counts the present
-(non-missing) values. Scaling, inside the model message under "scaling"::
+(non-missing) values. An agent that knows its column names adds ``"columns": [str, ...]`` (its
+own order); a coordinator that knows the fleet's columns puts the vectors in its order by name. Scaling, inside the model message under "scaling"::
 
     {"mean": bin, "scale": bin}   (little-endian float64: agents standardize with exactly these)
 
@@ -24,7 +25,10 @@ from protocol.statistics import FeatureStats, Scaling, from_sums
 STATS_FIELDS = ("count", "sum", "sumsq", "min", "max")
 MAX_FEATURES = 1_000_000
 MAX_STATS_BYTES = 5 * 8 * MAX_FEATURES + 256
-STATS_LIMITS = WireLimits(max_objects=1 + 2 * 7, max_depth=1, max_array=0, max_map=7, max_bin=8 * MAX_FEATURES)
+MAX_NAMED = 10_000  # column names a statistics message may carry (protocol/messages.py MAX_COLUMNS)
+MAX_STATS_BYTES += MAX_NAMED * 260
+STATS_LIMITS = WireLimits(max_objects=1 + 2 * 8 + MAX_NAMED, max_depth=2, max_array=MAX_NAMED, max_map=8,
+                          max_bin=8 * MAX_FEATURES)
 
 
 def _bin(vector: np.ndarray) -> bytes:
@@ -41,20 +45,35 @@ def _vector(wire: dict, key: str, n: int | None) -> np.ndarray:
     return vector
 
 
-def encode_stats(stats: FeatureStats) -> bytes:
-    """The statistics payload; publish it on ``Topics.stats(agent_id)``."""
+def encode_stats(stats: FeatureStats, columns: tuple[str, ...] | None = None) -> bytes:
+    """The statistics payload (naming the features `columns` when given); publish it on ``Topics.stats(agent_id)``."""
     count, total, squares = stats.sums()
     values = dict(zip(STATS_FIELDS, (count, total, squares, stats.min, stats.max)))
-    return msgpack.packb({"format": FORMAT_VERSION, "type": "stats", **{k: _bin(v) for k, v in values.items()}},
-                         use_bin_type=True)
+    named = {"columns": list(columns)} if columns is not None and len(columns) <= MAX_NAMED else {}
+    return msgpack.packb({"format": FORMAT_VERSION, "type": "stats", **{k: _bin(v) for k, v in values.items()},
+                          **named}, use_bin_type=True)
 
 
-def decode_stats(payload: bytes, n_features: int | None = None) -> FeatureStats:
-    """Strictly decode a statistics payload (of `n_features` features when given)."""
+def decode_stats(payload: bytes, n_features: int | None = None, columns: tuple[str, ...] = ()) -> FeatureStats:
+    """Strictly decode a statistics payload (of `n_features` features when given).
+
+    With the fleet's `columns`, statistics that name their columns are put in that order
+    (ProtocolError "columns" when the names are not the fleet's).
+    """
     wire = _unpack(payload, MAX_STATS_BYTES, STATS_LIMITS)
     if not isinstance(wire, dict):
         raise ProtocolError("schema", f"a stats message must be a map, got {type(wire).__name__}")
     _check_header(wire, "stats")
+    named = wire.get("columns")
+    if named is not None and columns:
+        if not isinstance(named, list) or not all(isinstance(c, str) for c in named) \
+                or sorted(named) != sorted(columns) or len(set(named)) != len(named):
+            raise ProtocolError("columns", "the statistics' columns are not the fleet's")
+        at = {c: i for i, c in enumerate(named)}
+        order = np.array([at[c] for c in columns], dtype=np.intp)
+        stats = decode_stats(msgpack.packb({k: v for k, v in wire.items() if k != "columns"}, use_bin_type=True),
+                             n_features)
+        return FeatureStats(*(getattr(stats, k)[order] for k in ("count", "mean", "m2", "min", "max")))
     count = _vector(wire, "count", n_features)
     total, squares, low, high = (_vector(wire, key, len(count)) for key in STATS_FIELDS[1:])
     present = count > 0

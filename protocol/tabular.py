@@ -30,6 +30,17 @@ def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray,
     return parse_rows(rows[0], rows[1:], label_column, source=str(path))
 
 
+def read_columns(path: str | Path, label_column: str = "label") -> tuple[str, ...]:
+    """The feature column names of a CSV's header (all but `label_column`), in the file's order."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    return tuple(h.strip() for h in header if h.strip() != label_column)
+
+
 def parse_rows(
     header: list[str], rows: list[list[str]], label_column: str, source: str, first_line: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -108,6 +108,24 @@ class Topics:
                 return agent
         return None
 
+    def schema(self, agent_id: str) -> str:
+        """Where agent `agent_id` announces its column names and labels (msgpack, retained; protocol/schema.py)."""
+        return f"{self.base}/schema/{check_name('agent id', agent_id)}"
+
+    @property
+    def all_schemas(self) -> str:
+        """Subscription filter for every agent's schema announcement."""
+        return f"{self.base}/schema/+"
+
+    def agent_of_schema(self, topic: str) -> str | None:
+        """The agent id a schema topic belongs to, or None if `topic` is not one."""
+        head = f"{self.base}/schema/"
+        if topic.startswith(head):
+            agent = topic[len(head):]
+            if _NAME.match(agent):
+                return agent
+        return None
+
     def agent_status(self, agent_id: str) -> str:
         """Retained JSON status of one agent; its last will says offline."""
         return f"{self.base}/agent/{check_name('agent id', agent_id)}/status"

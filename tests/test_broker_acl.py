@@ -170,6 +170,12 @@ MATRIX = [
     ("b1", t("stats/b1"), set(), False),
     ("monitor", t("stats/monitor"), set(), False),
     ("coordinator", t("stats/coordinator"), set(), False),
+    # schema announcements (protocol/schema.py): an agent writes only its own, the coordinator reads them
+    ("a1", t("schema/a1"), {"coordinator", "monitor"}, True),
+    ("a1", t("schema/a2"), set(), False),
+    ("a1", f"fedmq/{OTHER_FLEET}/schema/a1", set(), False),
+    ("monitor", t("schema/monitor"), set(), False),
+    ("coordinator", t("schema/coordinator"), set(), False),
     ("a1", t("agent/a2/status"), set(), False),
     ("a1", t("model"), set(), False),
     ("a1", t("coordinator/status"), set(), False),
@@ -198,7 +204,7 @@ MATRIX = [
     ("coordinator", t("coordinator/status"), {"monitor"}, True),
 ]
 SUBSCRIPTIONS = {
-    "coordinator": ("fedmq/+/update/#", "fedmq/+/agent/+/status", "fedmq/+/stats/+"),
+    "coordinator": ("fedmq/+/update/#", "fedmq/+/agent/+/status", "fedmq/+/stats/+", "fedmq/+/schema/+"),
     "monitor": ("fedmq/#",),
     "a1": ("fedmq/#",),  # agents may subscribe to everything and still only get the model
     "a2": ("fedmq/#",),

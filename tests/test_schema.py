@@ -1,0 +1,104 @@
+"""protocol/schema.py and coordinator/schema.py: the spec from the first agents, mapping by name, mismatches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.schema import FleetSchema, SchemaDiscovery
+from protocol.errors import ProtocolError
+from protocol.messages import ModelMessage, decode_model, encode_model
+from protocol.model_spec import ModelSpec
+from protocol.schema import Schema, column_order, decode_schema, encode_schema, fix_spec, mismatch, of_data
+from protocol.statistics import describe
+from protocol.stats_message import decode_stats, encode_stats
+from protocol.topics import Topics
+
+TOPICS = Topics("f")
+ABC = Schema(("a", "b", "c"), (0, 1))
+
+
+def test_schema_round_trips_and_garbage_is_a_protocol_error():
+    for schema in (ABC, Schema(("x",), None)):
+        assert decode_schema(encode_schema(schema)) == schema
+    for bad in (b"", b"\x01", encode_schema(ABC).replace(b"schema", b"stats!")):
+        with pytest.raises(ProtocolError):
+            decode_schema(bad)
+    with pytest.raises(ValueError, match="duplicate"):
+        Schema(("a", "a"))
+
+
+def test_of_data_announces_integer_labels_and_no_labels_for_targets():
+    assert of_data(("a",), np.array([2, 0, 2])).labels == (0, 2)
+    assert of_data(("a",), np.array([0.5, 1.5])).labels is None
+
+
+def test_fix_spec_takes_the_commonest_column_set_in_the_first_order_and_the_union_of_labels():
+    odd = Schema(("a", "x", "c"), (0, 5))
+    spec = fix_spec([odd, Schema(("c", "a", "b"), (1, 2)), ABC], "sgd-classifier", {"alpha": 1e-3})
+    assert spec.columns == ("c", "a", "b") and spec.classes == (0, 1, 2) and spec.hyperparameters == {"alpha": 1e-3}
+    assert mismatch(odd, spec) == "columns do not match the fleet's: missing column(s) 'b'; unknown column(s) 'x'"
+    assert mismatch(Schema(("b", "c", "a"), (1, 9)), spec).startswith("label(s) [9] are not among")
+    assert mismatch(Schema(("b", "c", "a"), (1,)), spec) is None
+
+
+def test_explicit_flags_win_over_the_fleet():
+    spec = fix_spec([ABC, Schema(("a", "b"), (0, 1))], "sgd-classifier", n_features=2, classes=(0, 1, 7))
+    assert spec.columns == ("a", "b") and spec.classes == (0, 1, 7)
+    with pytest.raises(ValueError, match="no agent announced 4"):
+        fix_spec([ABC], "sgd-classifier", n_features=4)
+    with pytest.raises(ValueError, match="only the label"):
+        fix_spec([Schema(("a",), (1,))], "sgd-classifier")
+    assert fix_spec([Schema(("a",), None)], "sgd-regressor").classes == ()
+
+
+def test_column_order_maps_by_name_and_refuses_other_columns():
+    spec = ModelSpec("sgd-regressor", 3, columns=("a", "b", "c"))
+    X = np.array([[3.0, 1.0, 2.0]])  # columns c, a, b
+    assert column_order(("a", "b", "c"), spec) is None
+    assert X[:, column_order(("c", "a", "b"), spec)].tolist() == [[1.0, 2.0, 3.0]]
+    with pytest.raises(ValueError, match="missing column"):
+        column_order(("a", "b", "d"), spec)
+    with pytest.raises(ValueError, match="2 feature columns"):
+        column_order(("a", "b"), ModelSpec("sgd-regressor", 3))
+
+
+def test_the_spec_carries_its_columns_in_the_model_message():
+    spec = ModelSpec("sgd-classifier", 2, (0, 1), columns=("t", "h"))
+    assert decode_model(encode_model(ModelMessage("f", 1, spec, np.zeros(spec.n_params)))).spec == spec
+    with pytest.raises(ValueError, match="columns must be 2"):
+        ModelSpec("sgd-classifier", 2, (0, 1), columns=("t",))
+
+
+def test_named_statistics_are_put_in_the_fleet_order():
+    X = np.random.default_rng(0).normal(size=(20, 3)) * [1, 10, 100]
+    mine = describe(X[:, [2, 0, 1]])
+    got = decode_stats(encode_stats(mine, ("c", "a", "b")), 3, ("a", "b", "c"))
+    np.testing.assert_allclose(got.mean, X.mean(axis=0))
+    with pytest.raises(ProtocolError, match="columns"):
+        decode_stats(encode_stats(mine, ("c", "a", "x")), 3, ("a", "b", "c"))
+
+
+def test_discovery_waits_for_agents_or_the_wait_after_the_first():
+    d = SchemaDiscovery(agents=2, wait=5.0)
+    assert not d.done(now=0.0)
+    d.add(TOPICS, TOPICS.schema("a1"), encode_schema(ABC), now=10.0)
+    d.add(TOPICS, TOPICS.schema("a2"), b"garbage", now=11.0)
+    assert not d.done(now=14.9) and d.done(now=15.0) and d.rejected_ == 1
+    d.add(TOPICS, TOPICS.schema("a3"), encode_schema(Schema(("c", "b", "a"), (2,))), now=12.0)
+    assert d.done(now=12.0) and d.spec("sgd-classifier", {}).columns == ("a", "b", "c")
+
+
+def test_fleet_schema_counts_mismatched_agents_with_the_reason_and_survives_a_checkpoint():
+    spec = fix_spec([ABC], "sgd-classifier")
+    fleet = FleetSchema(TOPICS, spec)
+    assert fleet.handle(TOPICS.schema("ok"), encode_schema(Schema(("c", "a", "b"), (1,)))) is None
+    assert fleet.handle(TOPICS.schema("bad"), encode_schema(Schema(("a", "b"), (1,)))) is None
+    assert fleet.handle(TOPICS.schema("junk"), b"\xc1") == "decode"
+    summary = fleet.summary()
+    assert (summary["agents"], summary["mismatched"]) == (1, 1)
+    assert summary["reasons"] == {"bad": "columns do not match the fleet's: missing column(s) 'c'"}
+    again = FleetSchema(TOPICS, spec)
+    again.restore(fleet.state())
+    assert again.summary() == summary | {"rejected": {}}
+    assert fleet.handle(TOPICS.schema("bad"), b"") is None and fleet.summary()["mismatched"] == 0
