@@ -45,6 +45,35 @@ AGENTS = 20
 UPDATES = 400
 TICK = os.sysconf("SC_CLK_TCK")
 FLOWER_PYTHON = "/work/flower-venv/bin/python"
+BIG_CLASSES, BIG_FEATURES = 100, 10_000
+BIG_AGENTS, BIG_UPDATES = 4, 20
+PACKET_LIMIT = 131072  # AWS IoT Core's 128 KB
+
+
+@dataclass(frozen=True)
+class Task:
+    """A fleet's data and model: the shards agent<i>.csv and test.csv in `data`."""
+
+    name: str
+    data: Path
+    n_features: int
+    classes: int
+    agents: int
+    updates: int
+    max_packet_bytes: int | None = None  # mosquitto's max_packet_size and both sides' --max-packet-bytes
+    publish_interval: float = 0.1
+
+
+def write_big_task(workdir: Path, agents: int, rows: int = 200, seed: int = 0) -> None:
+    """100 classes x 10,000 sparse binary features (a feature per class makes it learnable):
+    a 1,000,100-parameter sgd-classifier, as in tests/test_chunked_e2e.py."""
+    rng = np.random.default_rng(seed)
+    workdir.mkdir(exist_ok=True)
+    for name, n in [*((f"agent{i}", rows) for i in range(agents)), ("test", 500)]:
+        y = rng.integers(0, BIG_CLASSES, n)
+        X = (rng.random((n, BIG_FEATURES)) < 0.01).astype(np.float32)
+        X[np.arange(n), y] = 1.0
+        write_csv(workdir / f"{name}.csv", X, y)
 
 
 def write_task(workdir: Path, agents: int, seed: int = 0) -> int:
@@ -106,7 +135,7 @@ class Capture:
 
     def __init__(self, path: Path, port: int) -> None:
         self.path = path
-        self.proc = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-s", "128", "-w", str(path), f"tcp port {port}"],
+        self.proc = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-s", "0", "-B", "65536", "-w", str(path), f"tcp port {port}"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         line = self.proc.stderr.readline().decode()  # "listening on lo, ..." once it captures
         if "listening" not in line:
@@ -117,14 +146,21 @@ class Capture:
         self.proc.wait(10)
 
 
-def pcap_bytes(path: Path, server_port: int) -> dict[int, dict[str, int]]:
-    """IP bytes and packets per client port, up (to the server port) and down."""
+def pcap_bytes(path: Path, server_port: int, mqtt: bool = True) -> dict[int, dict]:
+    """IP bytes and packets per client port, up (to the server port) and down, and where they go.
+
+    "kinds" splits each direction's bytes exactly: the IP/TCP headers of segments carrying
+    data, TCP-only segments (ACKs, SYN, FIN) whole, and the payload, which for MQTT is the
+    stream reassembled by sequence number and cut into its MQTT packets (a PUBLISH named by
+    its topic); for gRPC (Flower) the payload is one kind.
+    """
     data = path.read_bytes()
     magic = struct.unpack("<I", data[:4])[0]
     endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
     linktype = struct.unpack(endian + "I", data[20:24])[0]
     link = {1: 14, 113: 16, 0: 4}[linktype]  # Ethernet (lo), Linux cooked, BSD loopback
-    out: dict[int, dict[str, int]] = {}
+    out: dict[int, dict] = {}
+    streams: dict[tuple[int, str], list] = {}  # (port, dir) -> [next seq, bytearray, payload bytes seen]
     pos = 24
     while pos + 16 <= len(data):
         _, _, incl, orig = struct.unpack(endian + "IIII", data[pos:pos + 16])
@@ -133,21 +169,90 @@ def pcap_bytes(path: Path, server_port: int) -> dict[int, dict[str, int]]:
         ip = frame[link:]
         version = ip[0] >> 4
         if version == 4:
-            tcp = ip[(ip[0] & 0x0F) * 4:]
+            ihl = (ip[0] & 0x0F) * 4
         elif version == 6:
-            tcp = ip[40:]
+            ihl = 40
         else:
             continue
+        tcp = ip[ihl:]
         sport, dport = struct.unpack(">HH", tcp[:4])
+        seq = struct.unpack(">I", tcp[4:8])[0]
+        flags = tcp[13]
+        thl = (tcp[12] >> 4) * 4
         size = orig - link
+        payload_len = size - ihl - thl
         if dport == server_port:
-            entry, key = out.setdefault(sport, {"up": 0, "down": 0, "up_packets": 0, "down_packets": 0}), "up"
+            port, key = sport, "up"
         elif sport == server_port:
-            entry, key = out.setdefault(dport, {"up": 0, "down": 0, "up_packets": 0, "down_packets": 0}), "down"
+            port, key = dport, "down"
         else:
             continue
+        entry = out.setdefault(port, {"up": 0, "down": 0, "up_packets": 0, "down_packets": 0, "kinds": {}})
         entry[key] += size
         entry[key + "_packets"] += 1
+        kinds = entry["kinds"]
+        stream = streams.setdefault((port, key), [None, bytearray(), 0])
+        if flags & 0x02:  # SYN: the stream starts after it
+            stream[0] = (seq + 1) & 0xFFFFFFFF
+        if payload_len <= 0:
+            _add(kinds, f"{key} TCP-only segments (ACK, SYN, FIN)", size)
+            continue
+        _add(kinds, f"{key} IP/TCP headers of data segments", size - payload_len)
+        stream[2] += payload_len
+        if not mqtt:
+            continue
+        body = tcp[thl:thl + payload_len]
+        if len(body) < payload_len:
+            raise RuntimeError("capture truncated a segment: tcpdump must capture whole packets (-s 0)")
+        if stream[0] is None:
+            stream[0] = seq
+        skip = (stream[0] - seq) & 0xFFFFFFFF
+        if skip < payload_len:  # new bytes (loopback does not reorder; a retransmission is skipped)
+            stream[1] += body[skip:]
+            stream[0] = (seq + payload_len) & 0xFFFFFFFF
+    for (port, key), (_, raw, seen) in streams.items():
+        kinds = out[port]["kinds"]
+        parsed = mqtt_packets(bytes(raw)) if mqtt else []
+        for kind, nbytes in parsed:
+            _add(kinds, f"{key} {kind}", nbytes)
+        if seen > len(raw):  # gRPC (not parsed), or segments after a gap in the capture
+            _add(kinds, f"{key} {'payload (gRPC over HTTP/2)' if not mqtt else 'payload not reassembled'}",
+                 seen - len(raw))
+    return out
+
+
+def _add(kinds: dict, kind: str, nbytes: int) -> None:
+    k = kinds.setdefault(kind, [0, 0])
+    k[0] += nbytes
+    k[1] += 1
+
+
+MQTT_TYPES = {1: "CONNECT", 2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 8: "SUBSCRIBE", 9: "SUBACK",
+              10: "UNSUBSCRIBE", 11: "UNSUBACK", 12: "PINGREQ", 13: "PINGRESP", 14: "DISCONNECT"}
+
+
+def mqtt_packets(raw: bytes) -> list[tuple[str, int]]:
+    """(kind, bytes) of each MQTT packet in one direction's stream: the type, and for a PUBLISH
+    its topic's kind (fedmq/<fleet>/<kind>/..., '-chunk' for chunk topics)."""
+    out, pos = [], 0
+    while pos < len(raw):
+        start, mult, rem = pos, 1, 0
+        pos += 1
+        while pos < len(raw):
+            rem += (raw[pos] & 0x7F) * mult
+            mult *= 128
+            pos += 1
+            if not raw[pos - 1] & 0x80:
+                break
+        kind = MQTT_TYPES.get(raw[start] >> 4, "other")
+        if kind == "PUBLISH" and pos + 2 <= len(raw):
+            tlen = struct.unpack(">H", raw[pos:pos + 2])[0]
+            topic = raw[pos + 2:pos + 2 + tlen].decode(errors="replace").split("/")
+            if len(topic) >= 3:
+                kind = f"PUBLISH {topic[2]}{'-chunk' if 'chunk' in topic[3:] else ''}"
+        end = min(len(raw), pos + rem)
+        out.append((kind, end - start))
+        pos = end
     return out
 
 
@@ -204,6 +309,12 @@ def summarize(devices: list[Device], wire: dict[int, dict[str, int]]) -> dict:
         downs.append(w["down"] / d.updates)
         packets.append((w["up_packets"] + w["down_packets"]) / d.updates)
         updates.append(d.updates)
+    kinds: dict[str, list[float]] = {}
+    for d in devices:
+        for kind, (size, count) in wire[d.port].get("kinds", {}).items():
+            k = kinds.setdefault(kind, [0.0, 0.0])
+            k[0] += size / d.updates / len(devices)
+            k[1] += count / d.updates / len(devices)
     cpu = sum(d.steady_cpu()[0] for d in devices)
     counted = sum(d.steady_cpu()[1] for d in devices)
     return {
@@ -214,19 +325,22 @@ def summarize(devices: list[Device], wire: dict[int, dict[str, int]]) -> dict:
         "packets_per_round": round(float(np.mean(packets)), 2),
         "cpu_ms_per_update": round(1000 * cpu / counted, 2) if counted else None,
         "rss_mb": round(float(np.mean([d.hwm_kb for d in devices])) / 1024, 1),
+        "breakdown": {k: {"bytes_per_round": round(v[0], 1), "packets_per_round": round(v[1], 3)}
+                      for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
     }
 
 
-def run_fedmq(workdir: Path, n_features: int, *, model_codec: str | None, codec: str, interval: float,
-              agents: int, updates: int) -> dict:
+def run_fedmq(workdir: Path, task: Task, *, model_codec: str | None, codec: str, interval: float) -> dict:
     """One fedmq configuration over mosquitto; returns the device figures and the accuracy."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    name = f"mc-{model_codec or 'none'}-{codec.replace(':', '').replace('+', '')}-{interval:g}"
+    agents, updates = task.agents, task.updates
+    name = f"{task.name}-mc-{model_codec or 'none'}-{codec.replace(':', '').replace('+', '')}-{interval:g}"
     run_dir = workdir / name
     run_dir.mkdir()
-    broker = Mosquitto(run_dir / "broker")
+    limit = task.max_packet_bytes
+    broker = Mosquitto(run_dir / "broker", extra_conf=f"max_packet_size {limit}" if limit else "")
     broker.start()
     topics = Topics("bytes")
     state: dict = {"status": {}, "agent_status": {}}
@@ -244,8 +358,10 @@ def run_fedmq(workdir: Path, n_features: int, *, model_codec: str | None, codec:
     watcher.loop_start()
     capture = Capture(run_dir / "capture.pcap", broker.port)
     coordinator_args = ["--broker", broker.url, "--fleet", topics.fleet, "--model", "sgd-classifier",
-                        "--n-features", n_features, "--classes", ",".join(map(str, range(10))),
-                        "--publish-interval", "0.1", "--eval-csv", workdir / "test.csv"]
+                        "--n-features", task.n_features, "--classes", ",".join(map(str, range(task.classes))),
+                        "--publish-interval", task.publish_interval, "--eval-csv", task.data / "test.csv"]
+    if limit:
+        coordinator_args += ["--max-packet-bytes", limit]
     if model_codec is not None:
         coordinator_args += ["--model-codec", model_codec]
     coordinator = spawn([sys.executable, "-m", "coordinator", *coordinator_args], run_dir / "coordinator.log")
@@ -254,12 +370,14 @@ def run_fedmq(workdir: Path, n_features: int, *, model_codec: str | None, codec:
         for i in range(agents):
             log = run_dir / f"agent{i}.log"
             argv = [sys.executable, "-m", "edge_agent", "--broker", broker.url, "--fleet", topics.fleet,
-                    "--id", f"agent{i}", "--data", workdir / f"agent{i}.csv", "--codec", codec, "--seed", i,
+                    "--id", f"agent{i}", "--data", task.data / f"agent{i}.csv", "--codec", codec, "--seed", i,
                     "--poll-interval", "0.2"]
+            if limit:
+                argv += ["--max-packet-bytes", limit]
             if interval:
                 argv += ["--min-model-interval", interval]
             devices.append(Device(spawn(argv, log), log, "sent update:"))
-        measure(devices, broker.port, capture, lambda: (state["status"].get("accepted") or 0) >= updates, 300)
+        measure(devices, broker.port, capture, lambda: (state["status"].get("accepted") or 0) >= updates, 600)
         status = dict(state["status"])
     finally:
         for d in devices:
@@ -276,6 +394,7 @@ def run_fedmq(workdir: Path, n_features: int, *, model_codec: str | None, codec:
     figures = summarize(devices, pcap_bytes(capture.path, broker.port))
     statuses = [n for topic, n in state["agent_status"].items()]
     figures.update({
+        "task": task.name, "max_packet_bytes": limit,
         "model_codec": model_codec or "float32 (no --model-codec in this coordinator)",
         "codec": codec, "min_model_interval": interval,
         "accuracy": status.get("accuracy"), "accepted": status.get("accepted"),
@@ -286,24 +405,25 @@ def run_fedmq(workdir: Path, n_features: int, *, model_codec: str | None, codec:
     return figures
 
 
-def run_flower(workdir: Path, python: str, *, agents: int, rounds: int) -> dict:
+def run_flower(workdir: Path, python: str, task: Task) -> dict:
     """Flower 1.41 on the same shards; returns the device figures and the final accuracy."""
-    run_dir = workdir / "flower"
+    agents, rounds = task.agents, task.updates // task.agents
+    run_dir = workdir / f"flower-{task.name}"
     run_dir.mkdir()
     port = free_port()
     capture = Capture(run_dir / "capture.pcap", port)
     address = f"127.0.0.1:{port}"
     script = ROOT / "bench" / "flower_baseline.py"
-    server = spawn([python, script, "server", "--address", address, "--data", workdir, "--clients", agents,
-                    "--rounds", rounds], run_dir / "server.log")
+    server = spawn([python, script, "server", "--address", address, "--data", task.data, "--clients", agents,
+                    "--rounds", rounds, "--classes", task.classes], run_dir / "server.log")
     devices = []
     try:
         time.sleep(3)  # flwr's server imports for seconds before it listens; clients retry anyway
         for i in range(agents):
             log = run_dir / f"client{i}.log"
-            devices.append(Device(spawn([python, script, "client", "--address", address, "--data", workdir,
-                                         "--index", i], log), log, "fit "))
-        measure(devices, port, capture, lambda: server.poll() is not None, 300)
+            devices.append(Device(spawn([python, script, "client", "--address", address, "--data", task.data,
+                                         "--index", i, "--classes", task.classes], log), log, "fit "))
+        measure(devices, port, capture, lambda: server.poll() is not None, 600)
         for d in devices:
             d.proc.wait(30)
     finally:
@@ -312,7 +432,7 @@ def run_flower(workdir: Path, python: str, *, agents: int, rounds: int) -> dict:
                 p.kill()
         time.sleep(0.5)
         capture.stop()
-    figures = summarize(devices, pcap_bytes(capture.path, port))
+    figures = summarize(devices, pcap_bytes(capture.path, port, mqtt=False))
     rounds_seen = re.findall(r"round (\d+) accuracy ([\d.]+)", (run_dir / "server.log").read_text())
     import importlib.metadata  # noqa: F401  (version from the venv that ran it)
     version = subprocess.run([python, "-c", "import flwr; print(flwr.__version__)"], capture_output=True,
@@ -337,30 +457,54 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=UPDATES)
     p.add_argument("--interval", type=float, default=1.0, help="--min-model-interval of the fewer-wake-ups rows")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "device_bytes.json")
+    p.add_argument("--config", action="append", default=[], metavar="MODEL_CODEC,CODEC,INTERVAL",
+                   help="run only these fedmq configurations (repeatable), e.g. int8,int4,0")
+    p.add_argument("--no-flower", action="store_true", help="skip Flower (a quick look, not a result)")
+    p.add_argument("--large", choices=("yes", "no", "only"), default="yes",
+                   help="the 1,000,100-parameter rows (100 classes x 10,000 features through a 128 KB packet limit)")
+    p.add_argument("--large-interval", type=float, default=2.0, help="--min-model-interval of the large fewer-downloads row")
+    p.add_argument("--large-config", action="append", default=[], metavar="MODEL_CODEC,CODEC,INTERVAL",
+                   help="the large rows' fedmq configurations (repeatable)")
     args = p.parse_args()
     codecs = supported_model_codecs()
     configs = [(mc, "int8", 0.0) for mc in (codecs or [None])]
-    best = "int8" if codecs and "int8" in codecs else (codecs or [None])[-1]
-    configs += [(best, "int8", args.interval), (best, "int4", args.interval)]
+    best = "int4" if codecs and "int4" in codecs else "int8" if codecs and "int8" in codecs else (codecs or [None])[-1]
+    configs += [(best, "int4", 0.0), (best, "topk:0.25+int4", 0.0), (best, "topk:0.1+int4", 0.0),
+                (best, "topk:0.1+int4", args.interval)]
+    if args.config:
+        configs = [(mc, codec, float(iv)) for mc, codec, iv in (c.split(",") for c in args.config)]
+    large_configs = [("int8", "int8", 0.0), (best, "topk:0.1+int4", 0.0), (best, "topk:0.1+int4", args.large_interval)]
+    if args.large_config:
+        large_configs = [(mc, codec, float(iv)) for mc, codec, iv in (c.split(",") for c in args.large_config)]
     with tempfile.TemporaryDirectory(prefix="device-bytes-") as tmp:
         workdir = Path(tmp)
         n_features = write_task(workdir, args.agents)
+        digits = Task("digits", workdir, n_features, 10, args.agents, args.updates)
+        large = Task("large", workdir / "large", BIG_FEATURES, BIG_CLASSES, BIG_AGENTS, BIG_UPDATES,
+                     max_packet_bytes=PACKET_LIMIT, publish_interval=0.5)
         started = time.monotonic()
-        flower = None
-        if Path(args.flower_python).exists():
-            flower = run_flower(workdir, args.flower_python, agents=args.agents, rounds=args.updates // args.agents)
-            print("flower", json.dumps(flower), flush=True)
-        fedmq = []
-        for mc, codec, interval in configs:
-            fedmq.append(run_fedmq(workdir, n_features, model_codec=mc, codec=codec, interval=interval,
-                                   agents=args.agents, updates=args.updates))
-            print("fedmq", json.dumps(fedmq[-1]), flush=True)
+        runs = {}
+        for task, task_configs in ((digits, configs), (large, large_configs)):
+            if (task is large and args.large == "no") or (task is digits and args.large == "only"):
+                continue
+            if task is large:
+                write_big_task(large.data, large.agents)
+            flower = None
+            if Path(args.flower_python).exists() and not args.no_flower:
+                flower = run_flower(workdir, args.flower_python, task)
+                print("flower", json.dumps(flower), flush=True)
+            fedmq = []
+            for mc, codec, interval in task_configs:
+                fedmq.append(run_fedmq(workdir, task, model_codec=mc, codec=codec, interval=interval))
+                print("fedmq", json.dumps(fedmq[-1]), flush=True)
+            for row in fedmq:
+                if flower is not None:
+                    row["bytes_ratio_vs_flower"] = round(flower["total_bytes_per_round"] / row["total_bytes_per_round"], 2)
+                    row["cpu_ratio_vs_flower"] = round(row["cpu_ms_per_update"] / flower["cpu_ms_per_update"], 2)
+                    row["accuracy_points_vs_flower"] = round(100 * (row["accuracy"] - flower["accuracy"]), 2)
+            runs[task.name] = (flower, fedmq)
         took = time.monotonic() - started
-    for row in fedmq:
-        if flower is not None:
-            row["bytes_ratio_vs_flower"] = round(flower["total_bytes_per_round"] / row["total_bytes_per_round"], 2)
-            row["cpu_ratio_vs_flower"] = round(row["cpu_ms_per_update"] / flower["cpu_ms_per_update"], 2)
-            row["accuracy_points_vs_flower"] = round(100 * (row["accuracy"] - flower["accuracy"]), 2)
+    flower, fedmq = runs.get("digits", (None, []))
     result = {
         "benchmark": "device_bytes", "dataset": "digits (standardized, 20 stratified shards)",
         "agents": args.agents, "updates": args.updates, "strategy": "fedasync, --publish-interval 0.1",
@@ -370,6 +514,14 @@ def main() -> None:
         "flower": flower if flower is not None else f"not run: {args.flower_python} missing",
         "fedmq": fedmq,
     }
+    if "large" in runs:
+        result["large"] = {
+            "task": f"{BIG_CLASSES} classes x {BIG_FEATURES:,} sparse binary features (1,000,100 parameters), "
+                    f"{BIG_AGENTS} agents, {BIG_UPDATES} updates, mosquitto max_packet_size {PACKET_LIMIT} and "
+                    f"--max-packet-bytes {PACKET_LIMIT} on both sides, --publish-interval 0.5",
+            "flower": runs["large"][0] if runs["large"][0] is not None else "not run",
+            "fedmq": runs["large"][1],
+        }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

@@ -1,4 +1,4 @@
-"""Flower 1.41 on the digits task of bench/device_bytes.py: one server or one client process.
+"""Flower 1.41 on the tasks of bench/device_bytes.py (digits; 100 classes x 10,000 features): one server or one client process.
 
 Run by bench/device_bytes.py with a Python that has flwr (kept out of fedmq's dependencies:
 `python -m venv /work/flower-venv && /work/flower-venv/bin/pip install 'flwr==1.41.*' scikit-learn`).
@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import SGDClassifier
 
-CLASSES = np.arange(10)
 
 
 def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -30,10 +29,10 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data[:, :-1], data[:, -1].astype(int)
 
 
-def estimator(seed: int, n_features: int) -> SGDClassifier:
+def estimator(seed: int, n_features: int, classes: int) -> SGDClassifier:
     """fedmq's default sgd-classifier (hinge loss), with zero parameters."""
     est = SGDClassifier(random_state=seed)
-    est.partial_fit(np.zeros((1, n_features)), np.zeros(1, dtype=int), classes=CLASSES)
+    est.partial_fit(np.zeros((1, n_features)), np.zeros(1, dtype=int), classes=np.arange(classes))
     est.coef_[:] = 0.0
     est.intercept_[:] = 0.0
     est.t_ = 1.0
@@ -45,7 +44,7 @@ def run_client(args: argparse.Namespace) -> None:
     import flwr as fl
 
     X, y = load(args.data / f"agent{args.index}.csv")
-    est = estimator(args.index, X.shape[1])
+    est = estimator(args.index, X.shape[1], args.classes)
     rng = np.random.default_rng(args.index)
     fits = [0]
 
@@ -72,7 +71,7 @@ def run_server(args: argparse.Namespace) -> None:
     import flwr as fl
 
     X_test, y_test = load(args.data / "test.csv")
-    est = estimator(0, X_test.shape[1])
+    est = estimator(0, X_test.shape[1], args.classes)
     shapes = [est.coef_.shape, est.intercept_.shape]
 
     def evaluate(server_round, parameters, config):
@@ -99,6 +98,7 @@ def main() -> None:
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--classes", type=int, default=10, help="labels 0..N-1 (100 for the 1,000,100-parameter task)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)

@@ -82,6 +82,13 @@ CLAIMS: list[tuple[str, str, callable]] = [
     ("docs/benchmarks.md", r"1,000 connected in ([\d.]+) s", lambda: f"{results('scale')['all_connected_after_s']:.2f}"),
     ("docs/benchmarks.md", r"connected in [\d.]+ s, ([\d,]+) updates/s", lambda: thousands(int(results("scale")["updates_per_s"]))),
     ("docs/benchmarks.md", r"updates/s, ([\d.]+) KB per agent", lambda: f"{results('scale')['memory_per_agent_kb']:.1f}"),
+    # README.md, device bytes beside Flower (bench/results/device_bytes.json, the best row within a point)
+    ("README.md", r"a device pays ([\d,]+) bytes per round on digits",
+     lambda: thousands(best_device_row()["total_bytes_per_round"])),
+    ("README.md", r"bytes per round on digits against Flower 1\.41's ([\d,]+)",
+     lambda: thousands(results("device_bytes")["flower"]["total_bytes_per_round"])),
+    ("README.md", r"against Flower 1\.41's [\d,]+ \(([\d.]+)x fewer",
+     lambda: f"{best_device_row()['bytes_ratio_vs_flower']:.1f}"),
     # README.md, the model codec paragraph
     ("README.md", r"digits: ([\d,]+) -> [\d,]+\s+bytes per model",
      lambda: thousands(results("model_codec")["results"]["digits"]["float32"]["model_bytes"])),
@@ -260,9 +267,10 @@ def test_edge_rows_of_the_benchmarks_page_are_the_results_files():
         assert quoted == row, f"docs/benchmarks.md: {quoted!r}\nbench/results says: {row!r}"
 
 
-def device_bytes_rows() -> list[str]:
-    """docs/benchmarks.md's device table (section 9), row by row, from bench/results/device_bytes.json."""
-    data = results("device_bytes")
+def device_bytes_rows(data: dict | None = None) -> list[str]:
+    """docs/benchmarks.md's device table (section 9), row by row, from bench/results/device_bytes.json
+    (`data`: its "large" entry for the 1,000,100-parameter table)."""
+    data = data or results("device_bytes")
     flower = data["flower"]
     rows = []
     for r in data["fedmq"]:
@@ -283,6 +291,34 @@ def test_device_bytes_table_is_the_results_file():
     first = results("device_bytes")["fedmq"][0]
     assert f"{first['status_messages_per_round']:.3f} status messages per round" in text
     assert f"{thousands(first['status_bytes_per_message'])} bytes each" in text
+
+
+def best_device_row() -> dict:
+    """The digits row with the fewest bytes per round within a point of Flower's accuracy."""
+    rows = [r for r in results("device_bytes")["fedmq"] if r["accuracy_points_vs_flower"] >= -1.0]
+    return min(rows, key=lambda r: r["total_bytes_per_round"])
+
+
+def device_breakdown_rows() -> list[str]:
+    """docs/benchmarks.md's where-the-bytes-go table (section 9): the best row's and Flower's breakdown."""
+    best, flower = best_device_row(), results("device_bytes")["flower"]
+    rows = []
+    for who, r in (("fedmq", best), ("Flower (bench/flower_baseline.py)", flower)):
+        for kind, v in r["breakdown"].items():
+            rows.append(f"| {who} | {kind} | {v['bytes_per_round']:,.1f} | {v['packets_per_round']:.2f} |")
+    return rows
+
+
+def test_device_bytes_large_and_breakdown_tables_are_the_results_file():
+    """The 1,000,100-parameter rows and the byte breakdown of section 9, cell by cell (seen red on a changed figure)."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    for row in device_bytes_rows(results("device_bytes")["large"]) + device_breakdown_rows():
+        assert row in text, f"docs/benchmarks.md lacks the row bench/results/device_bytes.json gives: {row!r}"
+    best = best_device_row()
+    flat = " ".join(text.split())
+    assert (f"{thousands(best['total_bytes_per_round'])} bytes per round against Flower's "
+            f"{thousands(results('device_bytes')['flower']['total_bytes_per_round'])}, "
+            f"{best['bytes_ratio_vs_flower']:.1f}x") in flat
 
 
 def test_benchmarks_quote_the_repeat_throughput_runs_exactly():
