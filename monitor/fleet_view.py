@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from monitor.values import counts, latest, mapping, number, numbers, text, whole
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_METRICS, decode_model, decode_update
+from protocol.schema import decode_schema
 from protocol.stats_message import decode_stats
 from protocol.topics import Topics
 
@@ -67,6 +68,7 @@ class FleetView:
         self.last_bad: str | None = None
         self.messages = 0
         self.stats_rows: dict[str, int] = {}  # agent -> rows its feature statistics describe (stats/<agent>)
+        self.schema_columns: dict[str, int] = {}  # agent -> feature columns it announced (schema/<agent>)
 
     def feed(self, topic: str, payload: bytes, now: float) -> str | None:
         """Take one message; returns the reason it was counted as bad, or None."""
@@ -85,6 +87,8 @@ class FleetView:
                 self._on_update(agent, payload, now)
             elif kind == "stats":
                 self.stats_rows[agent] = int(decode_stats(payload).count.max(initial=0))
+            elif kind == "schema":
+                self.schema_columns[agent] = len(decode_schema(payload).columns)
             else:
                 self._on_agent_status(agent, payload)
             return None
@@ -123,6 +127,7 @@ class FleetView:
             "bad": {"count": sum(self.bad.values()), "reasons": dict(sorted(self.bad.items())), "last": self.last_bad},
             "messages": self.messages,
             "statistics": dict(sorted(self.stats_rows.items())),
+            "schema": dict(sorted(self.schema_columns.items())),
         }
 
     # one handler per topic kind -----------------------------------------------------------
@@ -142,6 +147,9 @@ class FleetView:
         agent = self.topics.agent_of_stats(topic)
         if agent is not None:
             return "stats", agent
+        agent = self.topics.agent_of_schema(topic)
+        if agent is not None:
+            return "schema", agent
         return "topic", None
 
     def _clear(self, kind: str, agent: str | None) -> None:
@@ -154,6 +162,8 @@ class FleetView:
             self.agents.pop(agent, None)
         elif kind == "stats":
             self.stats_rows.pop(agent, None)
+        elif kind == "schema":
+            self.schema_columns.pop(agent, None)
         else:
             raise ProtocolError("empty", "empty update payload")
 

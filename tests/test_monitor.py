@@ -314,3 +314,14 @@ def test_feature_statistics_are_a_known_topic_and_garbage_on_them_is_counted():
     assert view.feed(T.stats("b"), b"\xc1", NOW) == "stats:decode"
     assert view.feed(T.stats("a"), b"", NOW) is None  # cleared
     assert view.snapshot(NOW)["statistics"] == {}
+
+
+def test_schema_announcements_are_a_known_topic_and_garbage_on_them_is_counted():
+    from protocol.schema import Schema, encode_schema
+
+    view = FleetView(T)
+    assert view.feed(T.schema("a"), encode_schema(Schema(("t", "p"), (0, 1))), NOW) is None
+    assert view.snapshot(NOW)["schema"] == {"a": 2}
+    assert view.feed(T.schema("b"), b"\xc1", NOW) == "schema:decode"
+    assert view.feed(T.schema("a"), b"", NOW) is None  # cleared
+    assert view.snapshot(NOW)["schema"] == {}
