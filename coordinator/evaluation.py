@@ -5,13 +5,22 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
-from sklearn.metrics import accuracy_score, r2_score
+from sklearn.metrics import accuracy_score, r2_score, roc_auc_score
 
-from protocol.model_spec import ModelSpec, build_estimator
+from protocol.model_spec import ModelSpec, build_estimator, decision
 
 
 def score(spec: ModelSpec, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """{"accuracy": ...} for a classifier, {"r2": ...} for a regressor."""
+    """{"accuracy": ...} for a classifier, {"r2": ...} for a regressor; a one-class model:
+    {"flagged": share of rows with decision < 0, "roc_auc": ...} (the AUC when y is a 0/1
+    anomaly label holding both values; 1 marks an anomaly, scored by -decision)."""
+    if spec.is_one_class:
+        scores = decision(spec, params, X)
+        out = {"flagged": float(np.mean(scores < 0))}
+        labels = set(np.unique(y).tolist())
+        if labels == {0, 1} and np.isfinite(scores).all():
+            out["roc_auc"] = float(roc_auc_score(y, -scores))
+        return out
     predicted = build_estimator(spec, params).predict(X)
     if spec.is_classifier:
         return {"accuracy": float(accuracy_score(y, predicted))}

@@ -58,6 +58,8 @@ def build_status(
         "staleness": {"mean": staleness_sum / accepted if accepted else 0.0, "max": staleness_max},
         "accuracy": _finite(scores.get("accuracy")) if is_classifier else None,
         "r2": None if is_classifier else _finite(scores.get("r2")),
+        **({"roc_auc": _finite(scores.get("roc_auc")), "flagged": _finite(scores.get("flagged"))}
+           if "flagged" in scores else {}),
         "fleet_eval": {k: _finite(v) for k, v in sorted(fleet_eval.items())},
         "agents": agents,
         "gaps": gaps,

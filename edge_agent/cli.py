@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", metavar="DIR", help="every *.csv file in DIR, new files included")
     d.add_argument("--data-source", metavar="MODULE:FUNCTION", help="a Python callable returning new (X, y) at each poll")
     d.add_argument("--label-column", default="label", metavar="NAME", help="label column of CSV data (default: label)")
+    d.add_argument("--unlabeled", action="store_true",
+                   help="CSV data has no label column: every column is a feature (for --model sgd-one-class-svm)")
     d.add_argument("--window", type=int, metavar="ROWS", help="keep at most this many newest rows (default: all)")
 
     t = p.add_argument_group("training")
@@ -153,9 +155,9 @@ def parse_dp(args: argparse.Namespace) -> GaussianMechanism | None:
 def open_source(args: argparse.Namespace) -> DataSource:
     """The data source the flags name (DataError if it does not exist); not read yet."""
     if args.data:
-        source = CSVFile(args.data, args.label_column, args.window)
+        source = CSVFile(args.data, None if args.unlabeled else args.label_column, args.window)
     elif args.data_dir:
-        source = CSVDirectory(args.data_dir, args.label_column, args.window)
+        source = CSVDirectory(args.data_dir, None if args.unlabeled else args.label_column, args.window)
     else:
         source = CallableSource(args.data_source, args.window)
     return source

@@ -63,7 +63,7 @@ class CSVFile(DataSource):
     rewritten) is read again from its start.
     """
 
-    def __init__(self, path: str | Path, label_column: str = "label", window: int | None = None) -> None:
+    def __init__(self, path: str | Path, label_column: str | None = "label", window: int | None = None) -> None:
         super().__init__(window)
         self.path = Path(path)
         self.label_column = label_column
@@ -104,7 +104,7 @@ class CSVFile(DataSource):
                     if header is None:
                         return empty
                     self._header = [h.strip() for h in header]
-                    if self.label_column not in self._header:
+                    if self.label_column is not None and self.label_column not in self._header:
                         raise DataError(f"{self.path}: no column {self.label_column!r} (columns: {', '.join(self._header)})")
                 parts = [self._parse(batch, strict) for batch in self._numbered_batches(reader, 1 + 50_000 // len(self._header))]
         except OSError as exc:
@@ -168,7 +168,7 @@ class CSVFile(DataSource):
 class CSVDirectory(DataSource):
     """Every *.csv file in a directory, new files and rows appended to them included."""
 
-    def __init__(self, directory: str | Path, label_column: str = "label", window: int | None = None) -> None:
+    def __init__(self, directory: str | Path, label_column: str | None = "label", window: int | None = None) -> None:
         super().__init__(window)
         self.directory = Path(directory)
         self.label_column = label_column

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from protocol.messages import ModelMessage
-from protocol.model_spec import ModelSpec, build_estimator, get_flat_params, set_flat_params
+from protocol.model_spec import ModelSpec, build_estimator, get_flat_params, model_features, set_flat_params
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ class LocalTrainer:
             got = X.shape[1] if X.ndim == 2 else "?"
             raise ValueError(f"local data has {got} features, the fleet's model expects {spec.n_features}")
         skipped = 0
+        X = model_features(spec, X)  # a one-class model sees them shifted (protocol/model_spec.py)
         if spec.is_classifier:
             known = np.isin(y, np.asarray(spec.classes))
             skipped = int((~known).sum())
@@ -163,6 +164,10 @@ def evaluate(est, spec: ModelSpec, X: np.ndarray, y: np.ndarray, prefix: str) ->
     are not were skipped). Metrics that come out non-finite are left out (no NaN in JSON).
     """
     with np.errstate(all="ignore"):
+        if spec.is_one_class:  # unlabeled: the share of rows flagged (decision < 0) and the hinge loss
+            scores = X @ np.asarray(est.coef_, dtype=np.float64) - est.offset_
+            out = {"flagged": float(np.mean(scores < 0)), "loss": float(np.maximum(0.0, -scores).mean())}
+            return {prefix + k: float(v) for k, v in out.items() if math.isfinite(v)}
         scores = X @ np.asarray(est.coef_, dtype=np.float64).T + est.intercept_
         if spec.is_classifier:
             classes = est.classes_

@@ -10,11 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.linear_model import SGDClassifier, SGDRegressor
+from sklearn.linear_model import SGDClassifier, SGDOneClassSVM, SGDRegressor
 
 from protocol.errors import ProtocolError
 
-ESTIMATORS = {"sgd-classifier": SGDClassifier, "sgd-regressor": SGDRegressor}
+ESTIMATORS = {"sgd-classifier": SGDClassifier, "sgd-regressor": SGDRegressor, "sgd-one-class-svm": SGDOneClassSVM}
+# A linear one-class SVM separates the data from the origin, and standardized features are
+# centred on it, so the one-class model sees them shifted by this many fleet scales: the
+# origin sits below the fleet's mean on every feature and readings that drop toward it are
+# the ones flagged (`model_features`).
+ONE_CLASS_SHIFT = 3.0
 
 # The hyperparameters a spec may set, with the types the wire may carry for them.
 # Anything else (random_state, n_jobs, warm_start...) is the device's business.
@@ -28,6 +33,7 @@ HYPERPARAMETERS: dict[str, tuple[type, ...]] = {
     "eta0": (float, int),
     "power_t": (float, int),
     "epsilon": (float, int),
+    "nu": (float, int),
 }
 
 
@@ -52,7 +58,7 @@ class ModelSpec:
             if not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in self.classes):
                 raise ValueError("classes must be integers or strings")
         elif self.classes:
-            raise ValueError("a regressor has no classes")
+            raise ValueError(f"{'a one-class model' if self.is_one_class else 'a regressor'} has no classes")
         if self.columns and (len(self.columns) != self.n_features or len(set(self.columns)) != len(self.columns)
                              or not all(isinstance(c, str) and c for c in self.columns)):
             raise ValueError(f"columns must be {self.n_features} distinct non-empty names, one per feature")
@@ -67,6 +73,11 @@ class ModelSpec:
     @property
     def is_classifier(self) -> bool:
         return self.estimator == "sgd-classifier"
+
+    @property
+    def is_one_class(self) -> bool:
+        """An anomaly detector trained on unlabeled rows (its parameters: coef_, then -offset_)."""
+        return self.estimator == "sgd-one-class-svm"
 
     @property
     def coef_shape(self) -> tuple[int, ...]:
@@ -146,8 +157,13 @@ def build_estimator(spec: ModelSpec, params: np.ndarray | None = None, *, random
 
 
 def get_flat_params(est, spec: ModelSpec) -> np.ndarray:
-    """The estimator's coef_ and intercept_ as one float64 vector of length spec.n_params."""
-    return np.concatenate([np.ravel(est.coef_), np.ravel(est.intercept_)]).astype(np.float64)
+    """The estimator's coef_ and intercept_ (a one-class model's -offset_) as one float64 vector of length spec.n_params.
+
+    A one-class model decides by coef_ . x - offset_, so -offset_ plays the intercept: the
+    re-expression for a new scaling (protocol/statistics.py) applies to it unchanged.
+    """
+    intercept = -np.ravel(est.offset_) if spec.is_one_class else np.ravel(est.intercept_)
+    return np.concatenate([np.ravel(est.coef_), intercept]).astype(np.float64)
 
 
 def set_flat_params(est, spec: ModelSpec, flat: np.ndarray) -> None:
@@ -157,4 +173,20 @@ def set_flat_params(est, spec: ModelSpec, flat: np.ndarray) -> None:
         raise ValueError(f"expected {spec.n_params} parameters for this spec, got shape {flat.shape}")
     n_coef = int(np.prod(spec.coef_shape))
     est.coef_ = flat[:n_coef].reshape(spec.coef_shape).copy()
-    est.intercept_ = flat[n_coef:].copy()
+    if spec.is_one_class:
+        est.offset_ = -flat[n_coef:]
+    else:
+        est.intercept_ = flat[n_coef:].copy()
+
+
+def model_features(spec: ModelSpec, X: np.ndarray) -> np.ndarray:
+    """What the estimator is fed: the (standardized) features, shifted for a one-class model."""
+    return X + ONE_CLASS_SHIFT if spec.is_one_class else X
+
+
+def decision(spec: ModelSpec, params: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """The model's decision function on features as agents prepare them (before `model_features`)."""
+    n_coef = int(np.prod(spec.coef_shape))
+    coef = np.asarray(params[:n_coef], dtype=np.float64).reshape(spec.coef_shape)
+    with np.errstate(all="ignore"):
+        return model_features(spec, np.asarray(X, dtype=np.float64)) @ coef.T + params[n_coef:]

@@ -42,9 +42,9 @@ def read_columns(path: str | Path, label_column: str = "label") -> tuple[str, ..
 
 
 def parse_rows(
-    header: list[str], rows: list[list[str]], label_column: str, source: str, first_line: int = 2
+    header: list[str], rows: list[list[str]], label_column: str | None, source: str, first_line: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(X, y) from string rows under `header`; DataError names the first bad cell.
+    """(X, y) from string rows under `header`; DataError names the first bad cell (`label_column` None: unlabeled).
 
     An empty feature cell or NaN is a missing value (NaN in X); text, infinities and a
     missing label are errors.
@@ -52,6 +52,9 @@ def parse_rows(
     `first_line` is the file line of rows[0], for the messages.
     """
     header = [h.strip() for h in header]
+    if label_column is None:  # unlabeled rows (a one-class model): every column is a feature, y all 0
+        X, _ = parse_rows(header + ["\0label"], [r + ["0"] for r in rows], "\0label", source, first_line)
+        return X, np.zeros(len(X), dtype=np.int64)
     if label_column not in header:
         raise DataError(f"{source}: no column {label_column!r} (columns: {', '.join(header)})")
     if len(header) < 2:

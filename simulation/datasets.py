@@ -34,10 +34,12 @@ class Dataset:
     def n_features(self) -> int:
         return self.X_train.shape[1]
 
+    columns: tuple = ()  # feature names, where the set has them (`anomaly`)
+
     @property
     def model(self) -> str:
         """The fedmq estimator name for this task."""
-        return "sgd-classifier" if self.task == "classification" else "sgd-regressor"
+        return {"classification": "sgd-classifier", "anomaly": "sgd-one-class-svm"}.get(self.task, "sgd-regressor")
 
 
 def load_dataset(name: str, *, test_size: float = 0.25, seed: int = 0, raw: bool = False) -> Dataset:
@@ -51,6 +53,8 @@ def load_dataset(name: str, *, test_size: float = 0.25, seed: int = 0, raw: bool
     """
     if name == "linear":
         return make_linear(test_size=test_size, seed=seed)
+    if name == "anomaly":
+        return make_anomaly(test_size=test_size, seed=seed)
     if name not in _BUNDLED:
         raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
     X, y = _BUNDLED[name](return_X_y=True)
@@ -77,6 +81,35 @@ def make_linear(
     deciles = np.digitize(y, np.quantile(y, np.linspace(0, 1, 11)[1:-1]))
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=deciles)
     return Dataset("linear", "regression", X_train, y_train, X_test, y_test, (), coef, intercept)
+
+
+# The synthetic sensor fleet of `make_anomaly`: (name, mean, deviation) in each sensor's own unit.
+SENSORS = (("temperature_c", 60.0, 5.0), ("pressure_hpa", 1013.0, 15.0), ("vibration_g", 0.02, 0.004),
+           ("current_a", 12.0, 2.0), ("flow_lpm", 300.0, 40.0), ("rpm", 1500.0, 100.0),
+           ("humidity_pct", 45.0, 8.0), ("voltage_v", 230.0, 3.0))
+# How two operating factors (load, ambient) drive the sensors, and which sensors a fault drops.
+_LOADING = np.array([[0.8, 0.5, 0.6, 0.9, 0.7, 0.8, 0.0, 0.3],
+                     [0.5, 0.3, 0.0, 0.1, 0.2, 0.0, 0.9, 0.4]])
+_FAULT = np.array([0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # a stalling pump: pressure, current, flow, rpm
+
+
+def make_anomaly(n_samples: int = 4000, anomaly_rate: float = 0.05, *, test_size: float = 0.25,
+                 seed: int = 0) -> Dataset:
+    """Eight pump sensors in their own units (SENSORS) with faults: y is 1 on an anomalous row, else 0.
+
+    Normal rows: two operating factors drive the sensors (_LOADING) plus noise, each in
+    its unit. A fault (`anomaly_rate` of the rows) drops pressure, current, flow and rpm by
+    3 to 5 of their normal deviations. The split is stratified by y.
+    """
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n_samples, 2)) @ _LOADING + 0.4 * rng.standard_normal((n_samples, len(SENSORS)))
+    z /= z.std(axis=0)
+    y = (rng.random(n_samples) < anomaly_rate).astype(np.int64)
+    z[y == 1] -= rng.uniform(3.0, 5.0, (int(y.sum()), 1)) * _FAULT
+    mean, std = (np.array([s[i] for s in SENSORS]) for i in (1, 2))
+    X = mean + std * z
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
+    return Dataset("anomaly", "anomaly", X_train, y_train, X_test, y_test, columns=tuple(s[0] for s in SENSORS))
 
 
 def skew_features(X: np.ndarray, rng: np.random.Generator, spread: float) -> np.ndarray:
