@@ -195,16 +195,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         elif any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget)):
             raise ValueError("--dp-clip, --dp-noise and --dp-epsilon-budget need --dp-mode local or central")
         if args.secure_aggregation:  # coordinator/secagg.py
-            from coordinator.secagg import SecAggRounds, SecureFedBuff  # cryptography: only when asked for
+            from coordinator.secagg import SecAggRounds, SecureCentralDP, SecureFedBuff  # cryptography: only when asked for
 
-            if args.strategy != "fedbuff" or args.dp_mode is not None:
-                raise ValueError("--secure-aggregation needs --strategy fedbuff and no --dp-mode (central DP over the sum is not built yet)")
+            if args.strategy != "fedbuff" or args.dp_mode == "local":
+                raise ValueError("--secure-aggregation needs --strategy fedbuff and no --dp-mode local")
+            dp = None
+            if args.dp_mode == "central":  # noise on each cohort's decoded sum; the agents clip to --dp-clip
+                dp = SecureCentralDP(GaussianMechanism(args.dp_clip, args.dp_noise), args.dp_delta,
+                                     epsilon_budget=args.dp_epsilon_budget)
+                args.strategy_obj, args.dp_policy = args.strategy_obj.inner, None  # no per-update screen: none is seen
             if args.spec is None:
                 raise ValueError("--secure-aggregation needs the spec up front: give --n-features (and --classes)")
             args.secagg_threshold = args.secagg_threshold or args.buffer_size // 2 + 1
             args.secagg_rounds = SecAggRounds(args.topics, args.spec.n_params, args.buffer_size, args.secagg_threshold,
-                                              clip=args.secagg_clip, timeout=args.secagg_timeout)
-            args.strategy_obj = SecureFedBuff(args.strategy_obj)
+                                              clip=args.secagg_clip, timeout=args.secagg_timeout,
+                                              l2_clip=args.dp_clip if dp else None, eligible=dp.eligible if dp else None)
+            args.strategy_obj = SecureFedBuff(args.strategy_obj, dp)
         args.norm = NormBound(args.max_update_norm, args.norm_factor, sample_factor=args.sample_factor)
         args.rate = RateLimit(args.max_agent_rate) if args.max_agent_rate is not None else None
         args.settings = settings_from_args(args)

@@ -43,7 +43,9 @@ import numpy as np
 
 from coordinator.server import Coordinator, _finite_on_the_wire
 from coordinator.strategies import FedBuff, Strategy
+from protocol import accounting
 from protocol import secagg as sa
+from protocol.privacy import GaussianMechanism, gaussian_noise, secure_rng
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -52,16 +54,68 @@ DEFAULT_CLIP = 10.0
 DEFAULT_TIMEOUT = 10.0
 
 
+class SecureCentralDP:
+    """Central DP over secure aggregation: N(0, (sigma C)^2 I) added to each cohort's decoded sum.
+
+    The coordinator cannot see a single delta, so the L2 clip to C is the agents' (the cohort
+    message carries C; edge_agent/secagg.py clips so that even the quantized delta is within C).
+    One agent takes part in a cohort at most once, so removing one agent moves the sum by at most
+    C, as for `CentralDP`; each agent's epsilon is the RDP composition of the cohorts it was
+    summed in, and with `epsilon_budget` an agent is no longer taken into a cohort once one more
+    would exceed it. The guarantee is for what is published (the models): the coordinator itself
+    decodes the sum before adding the noise.
+    """
+
+    def __init__(self, mechanism: GaussianMechanism, delta: float, *, epsilon_budget: float | None = None,
+                 rng: np.random.Generator | None = None) -> None:
+        accounting.epsilon(mechanism.noise_multiplier, 1, delta)  # checks delta and that dp-accounting is installed
+        if epsilon_budget is not None and not epsilon_budget > 0:
+            raise ValueError(f"--dp-epsilon-budget must be > 0, got {epsilon_budget}")
+        self.mechanism = mechanism
+        self.delta = delta
+        self.epsilon_budget = epsilon_budget
+        self.rng = rng if rng is not None else secure_rng()
+        self.contributions: Counter[str] = Counter()  # agent -> cohorts summed with its delta
+        self.releases = 0
+
+    def eligible(self, agent: str) -> bool:
+        """May `agent` join a cohort: one more contribution stays within the budget."""
+        return self.epsilon_budget is None or accounting.epsilon(
+            self.mechanism.noise_multiplier, self.contributions[agent] + 1, self.delta) <= self.epsilon_budget
+
+    def release(self, total: np.ndarray, members: list[str]) -> np.ndarray:
+        """The sum with its noise; the members' contributions counted."""
+        noisy = np.asarray(total, dtype=np.float64) + gaussian_noise(np.shape(total), self.mechanism.std, self.rng)
+        self.contributions.update(members)
+        self.releases += 1
+        return noisy
+
+    def state(self) -> dict:
+        return {"contributions": dict(self.contributions), "releases": self.releases}
+
+    def restore(self, state: dict | None) -> None:
+        state = state or {}
+        self.contributions = Counter({str(k): int(v) for k, v in (state.get("contributions") or {}).items()})
+        self.releases = int(state.get("releases", 0))
+
+    def report(self) -> dict:
+        report = accounting.fleet_report(self.contributions, self.mechanism.noise_multiplier, self.delta,
+                                         "central", self.mechanism.clip_norm, self.releases)
+        report.update(epsilon_budget=self.epsilon_budget, secure_aggregation=True)
+        return report
+
+
 class SecureFedBuff(Strategy):
     """fedbuff whose buffer is a secure-aggregation round: it only ever sees the sum of K deltas."""
 
-    def __init__(self, inner: FedBuff) -> None:
+    def __init__(self, inner: FedBuff, dp: SecureCentralDP | None = None) -> None:
         if not isinstance(inner, FedBuff) or inner.name != "fedbuff":
             raise ValueError("secure aggregation needs --strategy fedbuff")
         if inner.aggregate_name != "mean":
             raise ValueError(f"secure aggregation yields only a sum: --aggregate mean, not {inner.aggregate_name!r}")
         self.inner = inner
-        self.name = "fedbuff+secagg"
+        self.dp = dp
+        self.name = "fedbuff+secagg" + ("+central-dp" if dp is not None else "")
 
     @property
     def buffer_size(self) -> int:
@@ -74,8 +128,11 @@ class SecureFedBuff(Strategy):
     def add(self, params, delta, n_samples, staleness, base=None):
         raise RuntimeError("SecureFedBuff takes sums only (add_sum)")
 
-    def add_sum(self, params: np.ndarray, total: np.ndarray, count: int) -> np.ndarray:
-        """x <- x + eta * total / count: the equal-weight fedbuff step over a cohort's sum."""
+    def add_sum(self, params: np.ndarray, total: np.ndarray, count: int, members: list[str] = ()) -> np.ndarray:
+        """x <- x + eta * total / count: the equal-weight fedbuff step over a cohort's sum (with central
+        DP: over the sum plus its noise, the `members` counted)."""
+        if self.dp is not None:
+            total = self.dp.release(total, list(members))
         return params + self.inner.server_lr * np.asarray(total, dtype=np.float64) / count
 
 
@@ -115,6 +172,7 @@ class Result:
     count: int
     round_id: bytes
     seconds: float
+    members: list[str] = field(default_factory=list)  # whose deltas are in the sum
 
 
 class SecAggRounds:
@@ -122,7 +180,8 @@ class SecAggRounds:
 
     def __init__(
         self, topics: Topics, n_params: int, k: int, threshold: int, *,
-        clip: float = DEFAULT_CLIP, timeout: float = DEFAULT_TIMEOUT,
+        clip: float = DEFAULT_CLIP, timeout: float = DEFAULT_TIMEOUT, l2_clip: float | None = None,
+        eligible=None,
     ) -> None:
         if k < 2:
             raise ValueError(f"a secure-aggregation cohort needs K >= 2 agents, got {k}")
@@ -135,6 +194,11 @@ class SecAggRounds:
         self.clip = clip
         self.timeout = timeout
         self.scale = sa.choose_scale(clip, k)
+        # central DP: agents clip each delta to L2 norm l2_clip, quantization included (edge_agent/secagg.py)
+        if l2_clip is not None and not l2_clip > 2 * sa.quantization_margin(n_params, self.scale):
+            raise ValueError(f"--dp-clip {l2_clip} is below the quantization step of {n_params} coordinates")
+        self.l2_clip = l2_clip
+        self.eligible = eligible  # agent -> may it join a cohort (a DP budget); None: all
         self.keys: dict[str, Announcement] = {}
         self.spent: set[bytes] = set()  # key ids already used in a cohort
         self.offline: set[str] = set()
@@ -267,7 +331,8 @@ class SecAggRounds:
 
     def ready(self) -> list[str]:
         """Agents a cohort may take now: a fresh key, not offline."""
-        return [a for a, ann in self.keys.items() if ann.key_id not in self.spent and a not in self.offline]
+        return [a for a, ann in self.keys.items() if ann.key_id not in self.spent and a not in self.offline
+                and (self.eligible is None or self.eligible(a))]
 
     def _maybe_start(self, now: float) -> None:
         ready = self.ready()
@@ -286,7 +351,8 @@ class SecAggRounds:
     def _cohort_message(self, r: Round) -> tuple[str, bytes, bool]:
         return (self.topics.secagg_cohort, sa.encode(
             "cohort", round=r.id, threshold=r.threshold, clip=self.clip, scale=r.scale, n=self.n_params,
-            members=[[a, ann.key_id, ann.c, ann.s] for a, ann in r.members.items()]), False)
+            members=[[a, ann.key_id, ann.c, ann.s] for a, ann in r.members.items()],
+            **({"l2_clip": float(self.l2_clip)} if self.l2_clip is not None else {})), False)
 
     def _inboxes(self, r: Round) -> None:
         for j in r.u1:
@@ -330,7 +396,7 @@ class SecAggRounds:
             self._abort("bad_shares", str(exc))
             return
         count = len(r.masked)
-        self._result = Result(sa.dequantize_sum(total, r.scale), count, r.id, now - r.started)
+        self._result = Result(sa.dequantize_sum(total, r.scale), count, r.id, now - r.started, sorted(r.masked))
         self.completed_ += 1
         self.summed_ += count
         self.last_seconds_ = now - r.started
@@ -431,11 +497,14 @@ class SecureCoordinator(Coordinator):
 
     def state(self) -> dict:
         """The ordinary checkpoint with the secure-aggregation round in flight (`SecAggRounds.state`)."""
-        return dict(super().state(), secagg=self.secagg.state())
+        dp = self.strategy.dp
+        return dict(super().state(), secagg=self.secagg.state(), secagg_dp=dp.state() if dp is not None else None)
 
     def _restore(self, state: dict) -> None:
         super()._restore(state)
         self.secagg.restore(state.get("secagg"))
+        if self.strategy.dp is not None:
+            self.strategy.dp.restore(state.get("secagg_dp"))
 
     def handle_secagg(self, topic: str, payload: bytes, *, retained: bool = False) -> str | None:
         """One secure-aggregation or agent-status message; None if used, else why not."""
@@ -450,7 +519,7 @@ class SecureCoordinator(Coordinator):
         result = self.secagg.tick(now)
         if result is None:
             return False
-        new = self.strategy.add_sum(self.params_, result.total, result.count)
+        new = self.strategy.add_sum(self.params_, result.total, result.count, result.members)
         if not _finite_on_the_wire(new):
             self.rejected_["non_finite_model"] += result.count
             return False
@@ -466,5 +535,7 @@ class SecureCoordinator(Coordinator):
         """The ordinary status with `secure_aggregation`: rounds, aborts, the stage."""
         status = super().status(now)
         status["secure_aggregation"] = self.secagg.report()
+        if self.strategy.dp is not None:
+            status["privacy"] = self.strategy.dp.report()
         return status
 

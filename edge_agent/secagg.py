@@ -45,6 +45,7 @@ class _Round:
     clip: float
     delta: np.ndarray
     seed: bytes
+    l2_clip: float | None = None  # central DP's C: the delta is clipped to it, quantization included
     stage: str = "shares"  # shares sent -> masked sent -> revealed
     shares: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # sender -> (x, b share, s share)
     u1: list[str] = field(default_factory=list)
@@ -132,11 +133,14 @@ class SecAggClient:
         if not isinstance(scale, float) or not isinstance(clip, float) or n != self._delta.size:
             raise sa.SecAggError("cohort scale, clip or length does not fit this agent's delta")
         sa.check_scale(scale, clip, k)
+        l2_clip = m.get("l2_clip")
+        if l2_clip is not None and (not isinstance(l2_clip, float) or not 2 * sa.quantization_margin(n, scale) < l2_clip < 1e300):
+            raise sa.SecAggError(f"cohort L2 clip {l2_clip!r} is not a usable bound")
         for e in members:
             sa._check_len(e[2], 32, "c key")
             sa._check_len(e[3], 32, "s key")
         r = _Round(round_id, keys, {a: (e[2], e[3]) for a, e in entry.items()}, t, scale, clip,
-                   self._delta, sa.new_seed())
+                   self._delta, sa.new_seed(), l2_clip)
         self._delta, self._keys = None, None  # spent: a new delta brings new keys
         points = sa.share_points(list(r.members))
         b_shares = sa.split(r.seed, t, list(points.values()))
@@ -173,7 +177,8 @@ class SecAggClient:
             opened[sender] = (x, b, s)
         r.shares.update(opened)
         r.u1 = sorted(u1)
-        y = sa.mask(self.agent_id, sa.quantize(r.delta, r.scale, r.clip), r.seed, r.keys.s.private,
+        delta = sa.clip_l2(r.delta, r.l2_clip, r.scale) if r.l2_clip is not None else r.delta
+        y = sa.mask(self.agent_id, sa.quantize(delta, r.scale, r.clip), r.seed, r.keys.s.private,
                     {a: r.members[a][1] for a in r.u1}, r.id)
         r.stage = "masked"
         self.rounds_ += 1

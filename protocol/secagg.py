@@ -133,6 +133,21 @@ def quantize(delta: np.ndarray, scale: float, clip: float) -> np.ndarray:
     return (q % MODULUS).astype(np.uint32)
 
 
+def quantization_margin(n: int, scale: float) -> float:
+    """How far rounding `n` coordinates at `scale` can move a vector in L2 norm: sqrt(n) / (2 scale)."""
+    return float(np.sqrt(n)) / (2 * scale)
+
+
+def clip_l2(delta: np.ndarray, l2_clip: float, scale: float) -> np.ndarray:
+    """`delta` scaled down so that its quantization at `scale` has L2 norm <= `l2_clip` (central DP's C)."""
+    delta = np.asarray(delta, dtype=np.float64)
+    bound = l2_clip - quantization_margin(delta.size, scale)
+    if not bound > 0:
+        raise SecAggError(f"L2 clip {l2_clip} is below the quantization step")
+    norm = float(np.linalg.norm(delta))
+    return delta * (bound / norm) if norm > bound else delta
+
+
 def dequantize_sum(total: np.ndarray, scale: float) -> np.ndarray:
     """The float sum of a sum of quantized inputs (read as signed 32-bit)."""
     return np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.float64) / scale

@@ -439,3 +439,114 @@ def test_kill_9_of_the_coordinator_mid_round_resumes_the_round_once_and_the_flee
             stop(proc)
         assert stop(coordinator) == 0
         watcher.close()
+
+
+# --- central DP over the masked sum ------------------------------------------------------------
+
+
+def test_with_central_dp_the_agents_clip_to_c_quantization_included_and_the_sum_is_theirs():
+    k, n, c = 5, 200, 0.5
+    rounds = SecAggRounds(TOPICS, n, k, 3, clip=1.0, l2_clip=c)
+    clients = {f"a{i:02d}": SecAggClient(f"a{i:02d}", TOPICS) for i in range(k)}
+    rng = np.random.default_rng(7)
+    deltas = {a: rng.normal(0, 0.3, n) * (1 + 3 * i) for i, a in enumerate(clients)}  # norms about 4 to 55
+    deltas["a00"] = deltas["a00"] * (0.1 / np.linalg.norm(deltas["a00"]))  # one already inside C: left alone
+    result, _ = run_round(rounds, clients, deltas)
+    assert result is not None and result.count == k
+    q = {a: np.rint(np.clip(sa.clip_l2(d, c, rounds.scale), -1, 1) * rounds.scale).astype(np.int64) for a, d in deltas.items()}
+    assert np.array_equal(result.total, sum(q.values()) / rounds.scale)
+    for a, v in q.items():  # what each agent put in the sum is within C, rounding included
+        assert np.linalg.norm(v / rounds.scale) <= c, a
+    assert np.array_equal(q["a00"], np.rint(deltas["a00"] * rounds.scale).astype(np.int64))
+
+
+def test_a_cohort_without_a_usable_l2_clip_is_refused_by_the_agent():
+    rounds = SecAggRounds(TOPICS, 40, 3, 2, clip=1.0, l2_clip=1.0)
+    client = SecAggClient("a00", TOPICS)
+    rounds.handle(*client.hold(np.zeros(40), 0)[:2])
+    for a in ("a01", "a02"):
+        rounds.handle(*SecAggClient(a, TOPICS).hold(np.zeros(40), 0)[:2])
+    rounds.tick(0.0)
+    [(topic, cohort, _)] = rounds.take_outbox()
+    m = sa.decode(cohort, "cohort")
+    m["l2_clip"] = 1e-12  # below the rounding of 40 coordinates: no bound at all
+    assert client.on_message(topic, sa.encode("cohort", **{k: v for k, v in m.items() if k != "type"})) == []
+    assert client.refused_ == 1
+
+
+def test_central_dp_noise_on_the_sum_is_sigma_c_and_every_member_is_counted():
+    pytest.importorskip("dp_accounting")
+    from coordinator.secagg import SecureCentralDP, SecureFedBuff
+    from coordinator.strategies import make_strategy
+    from protocol.privacy import GaussianMechanism
+
+    dp = SecureCentralDP(GaussianMechanism(2.0, 1.5), 1e-5, epsilon_budget=10.0, rng=np.random.default_rng(0))
+    strategy = SecureFedBuff(make_strategy("fedbuff", alpha=1.0, staleness=lambda s: 1.0, buffer_size=4,
+                                           server_lr=1.0, aggregate="mean"), dp)
+    assert strategy.name == "fedbuff+secagg+central-dp"
+    step = strategy.add_sum(np.zeros(200_000), np.full(200_000, 4.0), 4, ["a", "b", "c", "d"])
+    noise = step * 4 - 4.0  # (sum + noise) / count, the sum 4 per coordinate
+    assert abs(noise.std() / (1.5 * 2.0) - 1) < 0.01 and abs(noise.mean()) < 0.02
+    assert dp.contributions == {"a": 1, "b": 1, "c": 1, "d": 1} and dp.releases == 1
+    report = dp.report()
+    assert report["epsilon"] > 0 and report["mode"] == "central"
+    while dp.eligible("a"):  # the budget: an agent is left out of cohorts once one more would exceed it
+        dp.release(np.zeros(3), ["a"])
+    assert dp.eligible("b")
+    restored = SecureCentralDP(GaussianMechanism(2.0, 1.5), 1e-5, epsilon_budget=10.0)
+    restored.restore(dp.state())
+    assert not restored.eligible("a") and restored.contributions == dp.contributions
+
+
+def test_cli_takes_secure_aggregation_with_central_dp_and_refuses_local_dp():
+    pytest.importorskip("dp_accounting")
+    from coordinator.cli import parse_args
+
+    base = ["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--model", "sgd-classifier", "--n-features", "4",
+            "--classes", "0,1", "--strategy", "fedbuff", "--buffer-size", "3", "--secure-aggregation"]
+    args = parse_args(base + ["--dp-mode", "central", "--dp-clip", "1.5", "--dp-noise", "0.8"])
+    assert args.strategy_obj.name == "fedbuff+secagg+central-dp" and args.dp_policy is None
+    assert args.secagg_rounds.l2_clip == 1.5 and args.secagg_rounds.eligible is not None
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--dp-mode", "local", "--dp-clip", "1.5", "--dp-noise", "0.8"])
+
+
+def test_real_agents_with_central_dp_over_masked_rounds(tmp_path, mosquitto):
+    """Real processes: --secure-aggregation --dp-mode central; the status accounts every summed delta."""
+    pytest.importorskip("dp_accounting")
+    from fleet import TopicWatcher, spawn, stop
+    from protocol.tabular import write_csv
+    from simulation.datasets import load_dataset
+    from simulation.partition import partition
+
+    fleet = Topics("sadp")
+    ds = load_dataset("digits", seed=0)
+    parts = partition(ds.y_train, 4, "iid", seed=0)
+    for i, idx in enumerate(parts):
+        write_csv(tmp_path / f"a{i}.csv", ds.X_train[idx], ds.y_train[idx])
+    watcher = TopicWatcher(mosquitto.port, fleet.everything)
+    coordinator = spawn(
+        "coordinator", "--broker", mosquitto.url, "--fleet", fleet.fleet, "--model", "sgd-classifier",
+        "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features, "--checkpoint-dir", tmp_path / "ckpt",
+        "--publish-interval", "0.5", "--strategy", "fedbuff", "--buffer-size", "3", "--secure-aggregation",
+        "--secagg-timeout", "5", "--dp-mode", "central", "--dp-clip", "5", "--dp-noise", "0.5",
+        log=tmp_path / "coordinator.log")
+    agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", fleet.fleet, "--id", f"a{i}",
+                    "--data", tmp_path / f"a{i}.csv", "--secure-aggregation", "--poll-interval", "0.2",
+                    log=tmp_path / f"a{i}.log") for i in range(4)]
+    try:
+        def done():
+            status = watcher.json(fleet.coordinator_status) or {}
+            return (status.get("secure_aggregation") or {}).get("completed", 0) >= 3 and status
+
+        status = watcher.wait_for(done, timeout=120, what="3 masked rounds with central DP")
+        assert status["strategy"] == "fedbuff+secagg+central-dp"
+        privacy, sec = status["privacy"], status["secure_aggregation"]
+        assert privacy["mode"] == "central" and privacy["epsilon"] > 0 and privacy["releases"] == sec["completed"]
+        assert status["accepted"] == sec["summed"] and sec["aborted"] == {}
+        assert not [t for t, _ in watcher.history if fleet.agent_of_update(t)]
+    finally:
+        for proc in agents:
+            stop(proc)
+        assert stop(coordinator) == 0
+        watcher.close()
