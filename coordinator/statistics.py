@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from protocol.errors import ProtocolError
-from protocol.model_spec import ModelSpec
+from protocol.model_spec import ONE_CLASS_SHIFT, ModelSpec
 from protocol.statistics import FeatureStats, Scaling, identity, merge_all, reexpress, scaling_of
 from protocol.stats_message import decode_stats
 from protocol.topics import Topics
@@ -106,6 +106,7 @@ class Rescales:
 
     def __init__(self, spec: ModelSpec, keep: int = 64) -> None:
         self.spec = spec
+        self.shift = ONE_CLASS_SHIFT if spec.is_one_class else 0.0  # what the model adds to its features
         self.keep = keep
         self.current: Scaling | None = None
         self.history: list[tuple[int, Scaling, Scaling]] = []  # (first version of `new`, old, new)
@@ -116,13 +117,13 @@ class Rescales:
         self.current = new
         self.history.append((version, old, new))
         del self.history[:-self.keep]
-        return [reexpress(v, self.spec.coef_shape, old, new) for v in vectors]
+        return [reexpress(v, self.spec.coef_shape, old, new, self.shift) for v in vectors]
 
     def catch_up(self, delta: np.ndarray, base_version: int) -> np.ndarray:
         """A delta computed on the model at `base_version`, re-expressed for the current scaling."""
         for version, old, new in self.history:
             if base_version < version:
-                delta = reexpress(delta, self.spec.coef_shape, old, new)
+                delta = reexpress(delta, self.spec.coef_shape, old, new, self.shift)
         return delta
 
     def state(self) -> dict | None:

@@ -140,17 +140,20 @@ def standardize(X: np.ndarray, scaling: Scaling) -> np.ndarray:
     return (X - scaling.mean) / scaling.scale
 
 
-def reexpress(params: np.ndarray, coef_shape: tuple[int, ...], old: Scaling, new: Scaling) -> np.ndarray:
+def reexpress(params: np.ndarray, coef_shape: tuple[int, ...], old: Scaling, new: Scaling,
+              shift: float = 0.0) -> np.ndarray:
     """Flat linear-model parameters (coef_ then intercept_) for `new` scaling, same function.
 
     For z = (x - m) / s: w' = w * s' / s and b' = b + sum_j w_j (m'_j - m_j) / s_j, exact
-    for any affine change of the features. The map is linear in the parameters, so it
-    applies unchanged to deltas of them too.
+    for any affine change of the features. A model fed z + `shift` (the one-class model)
+    has the effective intercept b + shift * sum_j w_j on z, re-expressed the same way. The
+    map is linear in the parameters, so it applies unchanged to deltas of them too.
     """
     params = np.asarray(params, dtype=np.float64)
     n_coef = int(np.prod(coef_shape))
     coef = params[:n_coef].reshape(coef_shape)
-    intercept = params[n_coef:]
+    intercept = params[n_coef:] + shift * np.atleast_2d(coef).sum(axis=1)
     new_coef = coef * (new.scale / old.scale)
-    new_intercept = intercept + np.atleast_2d(coef) @ ((new.mean - old.mean) / old.scale)
+    new_intercept = intercept + np.atleast_2d(coef) @ ((new.mean - old.mean) / old.scale) \
+        - shift * np.atleast_2d(new_coef).sum(axis=1)
     return np.concatenate([new_coef.ravel(), np.ravel(new_intercept)])

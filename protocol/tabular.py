@@ -52,17 +52,14 @@ def parse_rows(
     `first_line` is the file line of rows[0], for the messages.
     """
     header = [h.strip() for h in header]
-    if label_column is None:  # unlabeled rows (a one-class model): every column is a feature, y all 0
-        X, _ = parse_rows(header + ["\0label"], [r + ["0"] for r in rows], "\0label", source, first_line)
-        return X, np.zeros(len(X), dtype=np.int64)
-    if label_column not in header:
+    if label_column is not None and label_column not in header:
         raise DataError(f"{source}: no column {label_column!r} (columns: {', '.join(header)})")
-    if len(header) < 2:
+    if len(header) < (1 if label_column is None else 2):
         raise DataError(f"{source}: needs at least one feature column besides {label_column!r}")
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
         raise DataError(f"{source}: no data rows")
-    label_at = header.index(label_column)
+    label_at = None if label_column is None else header.index(label_column)
     values = np.empty((len(rows), len(header)), dtype=np.float64)
     for i, row in enumerate(rows):
         if len(row) != len(header):
@@ -81,6 +78,8 @@ def parse_rows(
     if np.isinf(values).any():
         i, j = np.argwhere(np.isinf(values))[0]
         raise DataError(f"{source}: line {first_line + i}, column {header[j]!r}: value is not finite")
+    if label_at is None:  # unlabeled rows (a one-class model): every column is a feature, y all 0
+        return values, np.zeros(len(values), dtype=np.int64)
     if np.isnan(values[:, label_at]).any():
         i = int(np.argwhere(np.isnan(values[:, label_at]))[0][0])
         raise DataError(f"{source}: line {first_line + i}, column {label_column!r}: the label is missing")

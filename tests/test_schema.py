@@ -102,3 +102,44 @@ def test_fleet_schema_counts_mismatched_agents_with_the_reason_and_survives_a_ch
     again.restore(fleet.state())
     assert again.summary() == summary | {"rejected": {}}
     assert fleet.handle(TOPICS.schema("bad"), b"") is None and fleet.summary()["mismatched"] == 0
+
+
+def test_unlabeled_rows_are_all_features_and_a_short_row_is_named():
+    from protocol.tabular import DataError, parse_rows
+
+    X, y = parse_rows(["a", "b"], [["1", ""], ["3", "4"]], None, "s.csv")
+    assert np.array_equal(X, [[1.0, np.nan], [3.0, 4.0]], equal_nan=True) and y.tolist() == [0, 0]
+    with pytest.raises(DataError, match="line 3 has 1 cells, header has 2"):
+        parse_rows(["a", "b"], [["1", "2"], ["3"]], None, "s.csv")
+
+
+def test_a_one_class_model_round_trips_its_offset_and_reexpresses_exactly():
+    from protocol.model_spec import build_estimator, decision, get_flat_params
+    from protocol.statistics import Scaling, reexpress
+
+    spec = ModelSpec("sgd-one-class-svm", 3, hyperparameters={"nu": 0.1})
+    params = np.array([0.5, -1.0, 2.0, 0.25])
+    est = build_estimator(spec, params)
+    assert est.offset_.tolist() == [-0.25] and np.array_equal(get_flat_params(est, spec), params)
+    X = np.random.default_rng(0).normal(size=(5, 3)) * 10 + 50
+    old, new = Scaling(np.full(3, 40.0), np.full(3, 5.0)), Scaling(np.array([50.0, 45, 55]), np.array([10.0, 8, 12]))
+    moved = reexpress(params, spec.coef_shape, old, new, shift=3.0)
+    np.testing.assert_allclose(decision(spec, moved, (X - new.mean) / new.scale),
+                               decision(spec, params, (X - old.mean) / old.scale), rtol=1e-12)
+    # the same decision scikit-learn computes, on the shifted features it is fed
+    np.testing.assert_allclose(decision(spec, params, X), est.decision_function(X + 3.0))
+
+
+def test_the_coordinator_reexpresses_a_one_class_model_with_its_shift():
+    from coordinator.statistics import Rescales
+    from protocol.model_spec import decision
+    from protocol.statistics import Scaling
+
+    spec = ModelSpec("sgd-one-class-svm", 2)
+    rescales = Rescales(spec)
+    first, refined = Scaling(np.array([1.0, 2.0]), np.array([2.0, 4.0])), Scaling(np.array([3.0, 0.0]), np.array([1.0, 5.0]))
+    params = rescales.change(1, first, [np.array([0.7, -0.2, 0.1])])[0]
+    moved = rescales.change(2, refined, [params])[0]
+    X = np.array([[5.0, -1.0], [0.0, 9.0]])
+    np.testing.assert_allclose(decision(spec, moved, (X - refined.mean) / refined.scale),
+                               decision(spec, params, (X - first.mean) / first.scale), rtol=1e-12)
