@@ -143,3 +143,23 @@ def test_the_coordinator_reexpresses_a_one_class_model_with_its_shift():
     X = np.array([[5.0, -1.0], [0.0, 9.0]])
     np.testing.assert_allclose(decision(spec, moved, (X - refined.mean) / refined.scale),
                                decision(spec, params, (X - first.mean) / first.scale), rtol=1e-12)
+
+
+def test_a_restart_with_a_checkpoint_takes_the_fixed_spec_without_asking_the_fleet(tmp_path):
+    import threading
+
+    from coordinator.cli import build_coordinator, parse_args, resolve_spec
+    from protocol.transport import BrokerError
+
+    argv = ["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--model", "sgd-classifier", "--connect-timeout", "1",
+            "--checkpoint-dir", str(tmp_path / "ckpt")]
+    args = parse_args(argv)
+    assert args.spec is None  # no --n-features: the fleet says
+    with pytest.raises(BrokerError):  # it would ask the fleet (and there is no broker on port 1)
+        resolve_spec(args, threading.Event())
+    args.spec = fix_spec([Schema(("t", "p"), (0, 1))], "sgd-classifier")  # as the first agents fixed it
+    build_coordinator(args)  # its first checkpoint holds the spec
+    again = parse_args(argv)
+    assert resolve_spec(again, threading.Event()) and again.spec == args.spec  # no connection made
+    explicit = parse_args(argv + ["--n-features", "3", "--classes", "0,1"])
+    assert resolve_spec(explicit, threading.Event()) and explicit.spec.n_features == 3 and not explicit.spec.columns
