@@ -1,6 +1,6 @@
 """Issue 12 item 2 end to end: the schema comes from the fleet (a coordinator given only --model).
 
-Real mosquitto, real agent and coordinator processes: columns in another order are mapped by
+Real mosquitto, real agent and coordinator processes on raw-unit wine: columns in another order (with gaps) are mapped by
 name (training, statistics and --eval-csv), an agent whose columns are not the fleet's says
 why in its retained status, is counted by the coordinator and never has an update taken.
 """
@@ -24,13 +24,15 @@ TOPICS = Topics(FLEET)
 NAMES = tuple(load_wine().feature_names)
 
 
-def _write(path, X, y, names, order) -> None:
-    """A CSV with the columns `names` in `order` (indices into X's columns), then the label."""
+def _write(path, X, y, names, order, gaps: float = 0.0) -> None:
+    """A CSV with the columns `names` in `order` (indices into X's columns), then the label; a
+    `gaps` share of the feature cells left empty."""
+    rng = np.random.default_rng(7)
     with path.open("w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow([names[j] for j in order] + ["label"])
         for xi, yi in zip(X, y):
-            out.writerow([repr(float(xi[j])) for j in order] + [int(yi)])
+            out.writerow(["" if rng.random() < gaps else repr(float(xi[j])) for j in order] + [int(yi)])
 
 
 def _model(watcher):
@@ -52,7 +54,7 @@ def test_a_coordinator_given_only_the_model_learns_the_schema_from_the_fleet(tmp
     paths = []
     for i, ((names, order), idx) in enumerate(zip(plans, parts)):
         paths.append(tmp_path / f"agent{i}.csv")
-        _write(paths[-1], ds.X_train[idx], ds.y_train[idx], names, order)
+        _write(paths[-1], ds.X_train[idx], ds.y_train[idx], names, order, gaps=0.05 if i == 2 else 0.0)
     eval_path = tmp_path / "eval.csv"
     shuffled = list(np.random.default_rng(1).permutation(n))
     _write(eval_path, ds.X_test, ds.y_test, NAMES, shuffled)  # the eval set in a third order
@@ -73,13 +75,19 @@ def test_a_coordinator_given_only_the_model_learns_the_schema_from_the_fleet(tmp
         assert set(first.spec.columns) == set(NAMES) and first.spec.classes == (0, 1, 2)
         assert first.spec.n_features == n
         # statistics named by column: the scaling is per name whatever each agent's order
-        pooled = np.vstack([ds.X_train[idx] for idx in parts[:3]])
         at = [NAMES.index(c) for c in first.spec.columns]
-        np.testing.assert_allclose(first.scaling.mean, pooled.mean(axis=0)[at], rtol=1e-9)
+        pooled = np.vstack([ds.X_train[idx] for idx in parts[:2]])  # agent2's gaps: its cells as read
+        with paths[2].open(newline="") as fh:
+            rows = list(csv.reader(fh))
+        gapped = np.array([[float(c) if c else np.nan for c in r[:-1]] for r in rows[1:]])[:, list(reversed(range(n)))]
+        pooled = np.vstack([pooled, gapped])
+        np.testing.assert_allclose(first.scaling.mean, np.nanmean(pooled, axis=0)[at], rtol=1e-9)
         watcher.wait_for(lambda: (_status(watcher).get("accuracy") or 0) >= 0.9, 60,
                          "accuracy >= 0.9 on the eval set in its own column order")
-        watcher.wait_for(lambda: (watcher.json(TOPICS.agent_status("agent2")) or {}).get("updates_sent", 0) >= 1,
-                         30, "the agent with reversed columns to train")
+        reordered = watcher.wait_for(
+            lambda: (s := watcher.json(TOPICS.agent_status("agent2")) or {}).get("updates_sent", 0) >= 1 and s,
+            30, "the agent with reversed columns (and gaps) to train")
+        assert reordered["missing"] > 0 and reordered["scaled"]
 
         agents.append(spawn("edge_agent", "--broker", mosquitto.url, "--fleet", FLEET, "--id", "agent3",
                             "--data", paths[3], log=tmp_path / "agent3.log"))
