@@ -1,6 +1,7 @@
-"""Downlink model codec benchmark: final test accuracy with the model sent as float32, float16
-or int8 (fedmq-coordinator --model-codec), real agents and the real coordinator core in one
-process (simulation.inprocess), the same seeds for every codec; plus the model's bytes.
+"""Downlink model codec benchmark: final test accuracy with the model sent as float32, float16,
+int8 or int4 (fedmq-coordinator --model-codec), real agents and the real coordinator core in one
+process (simulation.inprocess), the same seeds for every codec; plus the model's bytes and the
+accuracy of the final model as devices decode it (the quantized values).
 
 Each run: a Dirichlet(0.5) partition over --agents agents, fedasync, --updates updates, the
 model republished every 5 updates (the bytes agents train on are exactly what travels).
@@ -23,13 +24,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from coordinator.evaluation import score  # noqa: E402
 from coordinator.strategies import make_strategy  # noqa: E402
 from protocol.topics import Topics  # noqa: E402
 from simulation.datasets import load_dataset  # noqa: E402
 from simulation.inprocess import drive, make_agents, make_core  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "model_codec.json"
-CODECS = ("float32", "float16", "int8")
+CODECS = ("float32", "float16", "int8", "int4")
 TOPICS = Topics("bench-codec")
 
 
@@ -41,8 +43,11 @@ def run(name: str, codec: str, seed: int, args: argparse.Namespace) -> dict:
     fleet = make_agents(ds, TOPICS, args.agents, "dirichlet:0.5", "int8", seed=seed)
     for _ in drive(core, fleet, updates=args.updates, seed=seed, publish_every=5):
         pass
-    size = len(core.model_payload())
-    return {"seed": seed, "accuracy": round(core.scores_["accuracy"], 4), "model_bytes": size}
+    payload = core.model_payload()
+    # what a device holds: the final model as it decodes it (quantized), scored on the same test rows
+    device = score(core.spec, core.published_[core.version_].astype(np.float64), ds.X_test, ds.y_test)
+    return {"seed": seed, "accuracy": round(core.scores_["accuracy"], 4),
+            "device_accuracy": round(device["accuracy"], 4), "model_bytes": len(payload)}
 
 
 def main() -> None:
@@ -58,7 +63,9 @@ def main() -> None:
         for codec in CODECS:
             runs = [run(name, codec, seed, args) for seed in range(args.seeds)]
             acc = [r["accuracy"] for r in runs]
+            dev = [r["device_accuracy"] for r in runs]
             rows[codec] = {"mean_accuracy": round(statistics.mean(acc), 4), "stdev_accuracy": round(statistics.stdev(acc), 4),
+                           "mean_device_accuracy": round(statistics.mean(dev), 4),
                            "model_bytes": runs[0]["model_bytes"], "runs": runs}
             print(json.dumps({name: {codec: rows[codec]["mean_accuracy"]}}), file=sys.stderr)
         base = rows["float32"]

@@ -362,3 +362,15 @@ def test_secagg_tables_are_the_results_file():
     for kind in ("masked", "reveal"):
         for r in (d for d in data["dropouts"] if d["vanish_before"] == kind):
             assert f"{r['vanished']}: {'exact' if r['exact'] else 'NOT exact'} ({r['summed']} summed)" in prose
+
+
+def test_model_codec_table_is_the_results_file():
+    """docs/benchmarks.md section 10's codec table, cell by cell, from bench/results/model_codec.json."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    data = results("model_codec")["results"]
+    codecs = ("float32", "float16", "int8", "int4")
+    for name, r in data.items():
+        cells = " | ".join(f"{r[c]['mean_accuracy']:.4f} +- {r[c]['stdev_accuracy']:.4f}" for c in codecs)
+        row = (f"| {name} | {cells} | {r['int8']['mean_diff_vs_float32']:+.4f} | {r['int4']['mean_diff_vs_float32']:+.4f} "
+               f"| {r['int4']['mean_device_accuracy']:.4f} | " + " / ".join(thousands(r[c]["model_bytes"]) for c in codecs) + " |")
+        assert row in text, f"docs/benchmarks.md lacks the row bench/results/model_codec.json gives: {row!r}"
