@@ -16,7 +16,7 @@ import time
 
 from protocol.errors import ProtocolError
 from protocol.model_spec import ModelSpec
-from protocol.schema import Schema, decode_schema, fix_spec, mismatch
+from protocol.schema import Schema, decode_schema, fix_spec, mismatch, unknown_labels
 from protocol.topics import Topics
 from protocol.transport import BrokerSettings, connect, make_client
 
@@ -111,6 +111,7 @@ class FleetSchema:
         self.topics = topics
         self.spec = spec
         self.by_agent: dict[str, str | None] = {}  # agent -> None (matches) or why not
+        self.unknown_labels: dict[str, list[int]] = {}  # agent -> labels it holds the model lacks (rows skipped)
         self.rejected_: dict[str, int] = {}
 
     def handle(self, topic: str, payload: bytes) -> str | None:
@@ -120,6 +121,7 @@ class FleetSchema:
             reason = "topic"
         elif not payload:  # an agent clearing its retained announcement
             self.by_agent.pop(agent, None)
+            self.unknown_labels.pop(agent, None)
             return None
         elif agent not in self.by_agent and len(self.by_agent) >= MAX_AGENTS:
             reason = "too_many_agents"
@@ -133,6 +135,11 @@ class FleetSchema:
                 if why is not None and self.by_agent.get(agent, "") != why:
                     log.warning("agent %s cannot train the fleet's model: %s", agent, why)
                 self.by_agent[agent] = why
+                extra = unknown_labels(schema, self.spec)
+                if extra:
+                    self.unknown_labels[agent] = extra[:10]
+                else:
+                    self.unknown_labels.pop(agent, None)
                 return None
         self.rejected_[reason] = self.rejected_.get(reason, 0) + 1
         return reason
@@ -142,14 +149,17 @@ class FleetSchema:
         bad = {a: why for a, why in sorted(self.by_agent.items()) if why is not None}
         return {"columns": list(self.spec.columns), "agents": len(self.by_agent) - len(bad),
                 "mismatched": len(bad), "reasons": dict(list(bad.items())[:SHOW_REASONS]),
+                "unknown_labels": dict(list(sorted(self.unknown_labels.items()))[:SHOW_REASONS]),
                 "rejected": dict(self.rejected_)}
 
     def state(self) -> dict:
-        """Checkpointable form: agent -> reason (None: matches)."""
-        return dict(self.by_agent)
+        """Checkpointable form: agent -> reason (None: matches), and the labels the model lacks."""
+        return {"agents": dict(self.by_agent), "unknown_labels": dict(self.unknown_labels)}
 
     def restore(self, state: dict | None) -> None:
         """Take back `state()`."""
-        self.by_agent = dict(state or {})
+        state = state or {}
+        self.by_agent = dict(state.get("agents", {}))
+        self.unknown_labels = {a: list(v) for a, v in state.get("unknown_labels", {}).items()}
 
 

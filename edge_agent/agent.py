@@ -189,7 +189,7 @@ class Agent:
         columns = self.source.columns
         if columns is None:
             return X
-        reason = mismatch(of_data(columns, y), spec)
+        reason = mismatch(Schema(tuple(columns)), spec)
         if reason is not None:
             raise ValueError(reason)
         order = column_order(columns, spec)

@@ -112,7 +112,7 @@ def fix_spec(first: Sequence[Schema], estimator: str, hyperparameters: dict | No
 
 
 def mismatch(schema: Schema, spec: ModelSpec) -> str | None:
-    """Why an agent holding `schema` cannot train the fleet's model of `spec`; None when it can."""
+    """Why an agent holding `schema` cannot train the fleet's model of `spec` (its columns); None when it can."""
     if spec.columns:
         missing = [c for c in spec.columns if c not in set(schema.columns)]
         extra = [c for c in schema.columns if c not in set(spec.columns)]
@@ -125,11 +125,14 @@ def mismatch(schema: Schema, spec: ModelSpec) -> str | None:
             return f"columns do not match the fleet's: {'; '.join(parts)}"
     elif len(schema.columns) != spec.n_features:
         return f"{len(schema.columns)} feature columns, the fleet's model has {spec.n_features}"
-    if spec.is_classifier and schema.labels is not None:
-        unknown = sorted(set(schema.labels) - set(spec.classes))
-        if unknown:
-            return f"label(s) {unknown[:5]} are not among the fleet's classes {list(spec.classes)[:10]}"
     return None
+
+
+def unknown_labels(schema: Schema, spec: ModelSpec) -> list[int]:
+    """Labels an agent holds that the fleet's classifier does not know (it skips those rows)."""
+    if not spec.is_classifier or schema.labels is None:
+        return []
+    return sorted(set(schema.labels) - set(spec.classes))
 
 
 def column_order(columns: Sequence[str], spec: ModelSpec) -> np.ndarray | None:

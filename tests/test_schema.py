@@ -9,7 +9,8 @@ from coordinator.schema import FleetSchema, SchemaDiscovery
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, decode_model, encode_model
 from protocol.model_spec import ModelSpec
-from protocol.schema import Schema, column_order, decode_schema, encode_schema, fix_spec, mismatch, of_data
+from protocol.schema import (Schema, column_order, decode_schema, encode_schema, fix_spec, mismatch, of_data,
+                             unknown_labels)
 from protocol.statistics import describe
 from protocol.stats_message import decode_stats, encode_stats
 from protocol.topics import Topics
@@ -38,8 +39,8 @@ def test_fix_spec_takes_the_commonest_column_set_in_the_first_order_and_the_unio
     spec = fix_spec([odd, Schema(("c", "a", "b"), (1, 2)), ABC], "sgd-classifier", {"alpha": 1e-3})
     assert spec.columns == ("c", "a", "b") and spec.classes == (0, 1, 2) and spec.hyperparameters == {"alpha": 1e-3}
     assert mismatch(odd, spec) == "columns do not match the fleet's: missing column(s) 'b'; unknown column(s) 'x'"
-    assert mismatch(Schema(("b", "c", "a"), (1, 9)), spec).startswith("label(s) [9] are not among")
-    assert mismatch(Schema(("b", "c", "a"), (1,)), spec) is None
+    assert mismatch(Schema(("b", "c", "a"), (1, 9)), spec) is None  # columns match: it trains on labels 0-2
+    assert unknown_labels(Schema(("b", "c", "a"), (1, 9)), spec) == [9]
 
 
 def test_explicit_flags_win_over_the_fleet():
@@ -95,8 +96,9 @@ def test_fleet_schema_counts_mismatched_agents_with_the_reason_and_survives_a_ch
     assert fleet.handle(TOPICS.schema("ok"), encode_schema(Schema(("c", "a", "b"), (1,)))) is None
     assert fleet.handle(TOPICS.schema("bad"), encode_schema(Schema(("a", "b"), (1,)))) is None
     assert fleet.handle(TOPICS.schema("junk"), b"\xc1") == "decode"
+    assert fleet.handle(TOPICS.schema("more"), encode_schema(Schema(("a", "b", "c"), (0, 4)))) is None
     summary = fleet.summary()
-    assert (summary["agents"], summary["mismatched"]) == (1, 1)
+    assert (summary["agents"], summary["mismatched"], summary["unknown_labels"]) == (2, 1, {"more": [4]})
     assert summary["reasons"] == {"bad": "columns do not match the fleet's: missing column(s) 'c'"}
     again = FleetSchema(TOPICS, spec)
     again.restore(fleet.state())
