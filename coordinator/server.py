@@ -83,7 +83,7 @@ class Coordinator:
         self.fleet_eval = FleetEvaluation()
         # audit(topic, update or None, reason or None, staleness) after every payload
         self.audit = None
-        self.resumed_audit_: dict = {}  # {"path", "offset"}: the audit log's length the checkpoint covers
+        self.audit_position_: dict = {}  # {"path", "offset"}: the audit log's length the last checkpoint covers
         # federated feature statistics (coordinator/statistics.py): params_ are for features
         # standardized with rescales.current (raw features while it is None)
         self.statistics = statistics
@@ -297,6 +297,7 @@ class Coordinator:
             "gaps": self.validator.gaps_,
             "buffer": _wire_buffer(self.strategy.state()),
             "buffer_timeouts": self.timeouts_,
+            "audit": dict(self.audit_position_),
             "accepted": self.accepted_,
             "rejected": dict(self.rejected_),
             "clipped": self.clipped_,
@@ -344,7 +345,7 @@ class Coordinator:
         if self.strategy.pending:
             self.buffer_since_ = time.monotonic()
         self.timeouts_ = state.get("buffer_timeouts", 0)
-        self.resumed_audit_ = state.get("audit") or {}
+        self.audit_position_ = state.get("audit") or {}
         self.accepted_ = state.get("accepted", 0)
         self.rejected_.update(state.get("rejected", {}))
         self.clipped_ = state.get("clipped", 0)

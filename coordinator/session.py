@@ -89,7 +89,8 @@ class CoordinatorSession:
         self.metrics_log = Path(metrics_log) if metrics_log else None
         self.on_publish = on_publish  # callback(status) after each model publish, e.g. metrics
         self.lock = threading.Lock()  # guards `core` and `_unacked` between the two threads
-        committed_audit = core.resumed_audit_.get("offset") if core.resumed_audit_.get("path") == _abspath(audit_log) else None
+        position = core.audit_position_
+        committed_audit = position.get("offset") if position.get("path") == _abspath(audit_log) else None
         self.audit = AuditLog(audit_log, committed_audit) if audit_log else None
         core.audit = self.audit
         self.rejections = RejectionLog()
@@ -332,6 +333,9 @@ class CoordinatorSession:
             published_before = (self.core.published_version_, self.core.last_publish_)
             payload = self.core.model_payload() if publish else None
             status, handled = self.core.status(), self.core.handled_
+        for out_topic, out_payload, retain in outbox:  # RED-TEMP
+            self.client.publish(out_topic, out_payload, qos=1, retain=retain)
+        outbox = []  # RED-TEMP
         offset = self.audit.write(lines) if self.audit else None
         if state is not None:
             if offset is not None:
@@ -347,6 +351,7 @@ class CoordinatorSession:
                     status = self.core.status()
                 self._report_checkpoint_failure(exc, status, handled, connected)
                 return False
+            self.core.audit_position_ = state.get("audit", self.core.audit_position_)
         self._committed = key
         # secure-aggregation cohort, inboxes, unmask requests: only from a committed round, which a
         # restarted coordinator resumes and sends again (coordinator/secagg.py)

@@ -398,3 +398,13 @@ def _status_args():
     return dict(fleet="f", strategy="fedbuff", version=1, published_version=1, accepted=0, rejected={}, clipped=0,
                 pending=0, staleness_sum=0, staleness_max=0, is_classifier=True, scores={}, fleet_eval={},
                 agents=0, started_at=0.0, now=1.0)
+
+
+def test_every_checkpoint_keeps_the_audit_position_it_resumed_with(tmp_path):
+    """The start-up checkpoint (before the session's first commit) must not forget how much of
+    the audit log the last commit covered, or a crash then would keep lines of lost effects."""
+    core = make_core(checkpoint_dir=str(tmp_path))
+    core.checkpoint(dict(core.state(), audit={"path": "/x/audit.jsonl", "offset": 123}))
+    resumed = make_core(checkpoint_dir=str(tmp_path), resume=load_checkpoint(tmp_path))
+    resumed.checkpoint()  # what fedmq-coordinator does at start-up
+    assert load_checkpoint(tmp_path)["audit"] == {"path": "/x/audit.jsonl", "offset": 123}

@@ -59,7 +59,7 @@ def test_an_untrainable_model_is_an_error_once_per_version_then_a_good_one_clear
     wrong = ModelSpec("sgd-classifier", 3, (0, 1))
     a.on_model(model(1, spec=wrong))
     assert a.due() and a.make_update() is None
-    assert a.state == ERROR and "features" in a.status()["error"]
+    assert a.state == ERROR and "feature" in a.status()["error"]
     assert not a.due(a.last_train_at_ + 100)  # neither retried nor resent on this version
     a.on_model(model(2))
     assert a.due() and a.make_update() is not None and a.state == IDLE and "error" not in a.status()
