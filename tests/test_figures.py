@@ -82,6 +82,11 @@ CLAIMS: list[tuple[str, str, callable]] = [
     ("docs/benchmarks.md", r"1,000 connected in ([\d.]+) s", lambda: f"{results('scale')['all_connected_after_s']:.2f}"),
     ("docs/benchmarks.md", r"connected in [\d.]+ s, ([\d,]+) updates/s", lambda: thousands(int(results("scale")["updates_per_s"]))),
     ("docs/benchmarks.md", r"updates/s, ([\d.]+) KB per agent", lambda: f"{results('scale')['memory_per_agent_kb']:.1f}"),
+    # README.md, the int4 model codec (bench/results/model_codec.json)
+    ("README.md", r"and so does int4 \(([\d,]+)\s+bytes\)",
+     lambda: thousands(results("model_codec")["results"]["digits"]["int4"]["model_bytes"])),
+    ("README.md", r"as a device holds them score ([\d.]+) points below",
+     lambda: f"{100 * (results('model_codec')['results']['digits']['int4']['mean_accuracy'] - results('model_codec')['results']['digits']['int4']['mean_device_accuracy']):.2f}"),
     # README.md, device bytes beside Flower (bench/results/device_bytes.json, the best row within a point)
     ("README.md", r"a device pays ([\d,]+) bytes per round on digits",
      lambda: thousands(best_device_row()["total_bytes_per_round"])),
