@@ -333,9 +333,6 @@ class CoordinatorSession:
             published_before = (self.core.published_version_, self.core.last_publish_)
             payload = self.core.model_payload() if publish else None
             status, handled = self.core.status(), self.core.handled_
-        for out_topic, out_payload, retain in outbox:  # RED-TEMP
-            self.client.publish(out_topic, out_payload, qos=1, retain=retain)
-        outbox = []  # RED-TEMP
         offset = self.audit.write(lines) if self.audit else None
         if state is not None:
             if offset is not None:

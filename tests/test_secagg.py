@@ -550,3 +550,67 @@ def test_real_agents_with_central_dp_over_masked_rounds(tmp_path, mosquitto):
             stop(proc)
         assert stop(coordinator) == 0
         watcher.close()
+
+
+def test_no_cohort_goes_out_before_the_checkpoint_that_holds_its_round(tmp_path, mosquitto, monkeypatch):
+    """While checkpoints fail the coordinator forms the cohort but publishes nothing of it; once a
+    checkpoint succeeds the cohort goes out, and the checkpoint on disk already holds that round."""
+    import threading
+
+    import msgpack
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from coordinator.cli import build_coordinator, parse_args
+    from coordinator.session import CoordinatorSession
+    from coordinator.store import CheckpointError, load_checkpoint
+    from fleet import TopicWatcher
+
+    fleet = Topics("sacommit")
+    args = parse_args(["--broker", mosquitto.url, "--fleet", fleet.fleet, "--model", "sgd-classifier", "--n-features", "4",
+                       "--classes", "0,1", "--strategy", "fedbuff", "--buffer-size", "3", "--secure-aggregation",
+                       "--checkpoint-dir", str(tmp_path / "ckpt"), "--publish-interval", "0.2", "--secagg-timeout", "60"])
+    core = build_coordinator(args)
+    failing = threading.Event()
+    import coordinator.server
+
+    save = coordinator.server.save_checkpoint
+
+    def flaky(directory, state):
+        if failing.is_set():
+            raise CheckpointError("checkpoint failing (test)")
+        return save(directory, state)
+
+    monkeypatch.setattr(coordinator.server, "save_checkpoint", flaky)
+    session = CoordinatorSession(core, args.settings)
+    stop = threading.Event()
+    thread = threading.Thread(target=session.run, args=(stop,), daemon=True)
+    watcher = TopicWatcher(mosquitto.port, fleet.everything)
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="keys")
+    publisher.connect("127.0.0.1", mosquitto.port)
+    publisher.loop_start()
+    thread.start()
+    try:
+        watcher.wait_for(lambda: watcher.latest.get(fleet.model), 20, "the first model")
+        failing.set()
+        for a in ("a0", "a1", "a2"):
+            topic, payload, retain = SecAggClient(a, fleet).hold(np.zeros(core.spec.n_params), 0)
+            publisher.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+        def stuck():
+            s = watcher.json(fleet.coordinator_status) or {}
+            return s.get("checkpoint_failing") and (s.get("secure_aggregation") or {}).get("stage") == "shares" and s
+
+        status = watcher.wait_for(stuck, 20, "a cohort formed while checkpoints fail")
+        assert not [t for t, _ in watcher.history if t == fleet.secagg_cohort], "a cohort went out before its commit"
+        failing.clear()
+        cohort = watcher.wait_for(lambda: watcher.latest.get(fleet.secagg_cohort), 20, "the cohort once committed")
+        round_id = msgpack.unpackb(cohort, raw=False)["round"]
+        assert round_id.hex() == status["secure_aggregation"]["round"]
+        assert load_checkpoint(tmp_path / "ckpt")["secagg"]["round"]["id"] == round_id
+    finally:
+        stop.set()
+        thread.join(10)
+        publisher.loop_stop()
+        publisher.disconnect()
+        watcher.close()
