@@ -94,6 +94,13 @@ CLAIMS: list[tuple[str, str, callable]] = [
      lambda: thousands(results("device_bytes")["flower"]["total_bytes_per_round"])),
     ("README.md", r"against Flower 1\.41's [\d,]+ \(([\d.]+)x fewer",
      lambda: f"{best_device_row()['bytes_ratio_vs_flower']:.1f}"),
+    # README.md, the 1,000,100-parameter rows of bench/results/device_bytes.json
+    ("README.md", r"a device pays ([\d,]+) bytes per round at that size",
+     lambda: thousands(results("device_bytes")["large"]["fedmq"][1]["total_bytes_per_round"])),
+    ("README.md", r"bytes per round at that size against Flower 1\.41's ([\d,]+)",
+     lambda: thousands(results("device_bytes")["large"]["flower"]["total_bytes_per_round"])),
+    ("README.md", r"and ([\d,]+) with `--min-model-interval 2`",
+     lambda: thousands(results("device_bytes")["large"]["fedmq"][2]["total_bytes_per_round"])),
     # README.md, the model codec paragraph
     ("README.md", r"digits: ([\d,]+) -> [\d,]+\s+bytes per model",
      lambda: thousands(results("model_codec")["results"]["digits"]["float32"]["model_bytes"])),
