@@ -83,7 +83,7 @@ def main() -> None:
     args = p.parse_args()
     central, fed, centred = [], [], []
     for seed in range(args.seeds):
-        ds = load_dataset("anomaly", seed=seed)
+        ds = load_dataset("anomaly", seed=seed, raw=True)
         central.append(centralized(ds, epochs=args.epochs, seed=seed))
         centred.append(centralized(ds, epochs=args.epochs, seed=seed, shift=0.0))
         fed.append(federated(ds, agents=args.agents, epochs=args.epochs, seed=seed))

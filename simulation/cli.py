@@ -126,7 +126,7 @@ def main(argv=None) -> int:
                 def show(s: Simulation) -> None:
                     last = s.timeline[-1] if s.timeline else None
                     text = "waiting for updates" if not last else (
-                        f"version {last['version']:>5}  {dataset.task == 'classification' and 'accuracy' or 'r2'} "
+                        f"version {last['version']:>5}  {dataset.metric} "
                         f"{(last['score'] or 0):.3f}  updates {s.traffic.updates_sent}")
                     bar.update(task, completed=min(config.duration, last["t"] if last else 0), description=text)
 

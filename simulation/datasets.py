@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn import datasets as skdata
-from sklearn.linear_model import SGDClassifier, SGDRegressor
+from sklearn.linear_model import SGDClassifier, SGDOneClassSVM, SGDRegressor
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
-DATASETS = ("digits", "breast_cancer", "wine", "linear")
+from protocol.model_spec import ONE_CLASS_SHIFT
+
+DATASETS = ("digits", "breast_cancer", "wine", "linear", "anomaly")
 _BUNDLED = {"digits": skdata.load_digits, "breast_cancer": skdata.load_breast_cancer, "wine": skdata.load_wine}
 
 
@@ -41,6 +44,11 @@ class Dataset:
         """The fedmq estimator name for this task."""
         return {"classification": "sgd-classifier", "anomaly": "sgd-one-class-svm"}.get(self.task, "sgd-regressor")
 
+    @property
+    def metric(self) -> str:
+        """What the coordinator's status scores the held-out split by for this task."""
+        return {"classification": "accuracy", "anomaly": "roc_auc"}.get(self.task, "r2")
+
 
 def load_dataset(name: str, *, test_size: float = 0.25, seed: int = 0, raw: bool = False) -> Dataset:
     """Dataset `name` (one of DATASETS), split into train and test with `seed`.
@@ -53,8 +61,11 @@ def load_dataset(name: str, *, test_size: float = 0.25, seed: int = 0, raw: bool
     """
     if name == "linear":
         return make_linear(test_size=test_size, seed=seed)
-    if name == "anomaly":
-        return make_anomaly(test_size=test_size, seed=seed)
+    if name == "anomaly":  # sensor units unless standardized with the pooled train split (the reference)
+        ds = make_anomaly(test_size=test_size, seed=seed)
+        if not raw:
+            ds.X_train, ds.X_test = standardise(ds.X_train, ds.X_test)
+        return ds
     if name not in _BUNDLED:
         raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
     X, y = _BUNDLED[name](return_X_y=True)
@@ -132,12 +143,17 @@ def standardise(X_train: np.ndarray, X_test: np.ndarray) -> tuple[np.ndarray, np
 
 
 def centralized_baseline(ds: Dataset, *, epochs: int = 20, seed: int = 0, hyperparameters: dict | None = None) -> float:
-    """Test accuracy (or r2) of the same SGD model trained on all train data in one place.
+    """Test accuracy (r2; a one-class model's ROC AUC) of the same SGD model trained on all train data in one place.
 
     The reference a federated run is compared to: `epochs` shuffled passes of
     `partial_fit`, the way agents train locally.
     """
     rng = np.random.default_rng(seed)
+    if ds.task == "anomaly":  # the one-class twin, on unlabeled rows, scored by ROC AUC on the fault label
+        est = SGDOneClassSVM(random_state=seed, **(hyperparameters or {}))
+        for _ in range(epochs):
+            est.partial_fit(ds.X_train[rng.permutation(len(ds.y_train))] + ONE_CLASS_SHIFT)
+        return float(roc_auc_score(ds.y_test, -est.decision_function(ds.X_test + ONE_CLASS_SHIFT)))
     classification = ds.task == "classification"
     est = (SGDClassifier if classification else SGDRegressor)(random_state=seed, **(hyperparameters or {}))
     classes = {"classes": np.asarray(ds.classes)} if classification else {}

@@ -202,7 +202,7 @@ class Simulation:
         self.reached = threading.Event()
 
     def _on_publish(self, status: dict) -> None:
-        score = status.get("accuracy") if status.get("accuracy") is not None else status.get("r2")
+        score = status.get(self.dataset.metric)
         entry = {"t": time.monotonic() - self.started_at, "version": status["version"], "score": score,
                  "accepted": status["accepted"], "rejected": sum(status["rejected"].values()),
                  "staleness_mean": status["staleness"]["mean"]}
@@ -233,7 +233,8 @@ class Simulation:
             X = self.dataset.X_train[rows]
             if c.feature_skew > 0:  # this device's sensors have their own calibration
                 X = skew_features(X, np.random.default_rng(c.seed * 104729 + i), c.feature_skew)
-            source = ArraySource(X, self.dataset.y_train[rows])
+            labels = self.dataset.y_train[rows]  # a one-class fleet's devices never hold the fault label
+            source = ArraySource(X, np.zeros_like(labels) if self.spec.is_one_class else labels)
             agent = Agent(f"agent-{i:04d}", self.topics, source,
                           LocalTrainer(c.local_epochs, c.batch_size, random_state=c.seed + i),
                           c.codec, seed=c.seed + i)
@@ -281,8 +282,8 @@ class Simulation:
             "config": vars(c),
             "dataset": self.dataset.name,
             "n_params": self.spec.n_params,
-            "final_score": status["accuracy"] if self.spec.is_classifier else status["r2"],
-            "metric": "accuracy" if self.spec.is_classifier else "r2",
+            "final_score": status.get(self.dataset.metric),
+            "metric": self.dataset.metric,
             "version": status["version"],
             "accepted": status["accepted"],
             "rejected": status["rejected"],

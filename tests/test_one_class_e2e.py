@@ -34,7 +34,7 @@ def _status(watcher) -> dict:
 
 
 def test_one_class_on_unlabeled_csvs_scored_by_roc_auc(tmp_path, mosquitto):
-    ds = load_dataset("anomaly", seed=0)
+    ds = load_dataset("anomaly", seed=0, raw=True)
     n = ds.n_features
     shards = np.array_split(np.random.default_rng(0).permutation(len(ds.y_train)), 3)
     orders = [list(range(n)), list(range(n)), list(reversed(range(n)))]
