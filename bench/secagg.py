@@ -5,11 +5,14 @@ Writes bench/results/secagg.json (its other entries, from the modes below and be
 are kept).
 
     python -m bench.secagg                                        # this machine
-    python -m bench.secagg --pi-root "$(scripts/pi-root path)"    # per-agent CPU for K = 5, 10, 20 in the
+    cp -ax "$(scripts/pi-root path)" /tmp/pi-root-secagg          # a copy of the root (see below)
+    python -m bench.secagg --pi-root /tmp/pi-root-secagg          # per-agent CPU for K = 5, 10, 20 in the
                                                                   # emulated aarch64 root (qemu-user, cortex-a72)
 
 In the root, `cryptography` (an optional dependency, not in the venv scripts/pi-root build makes) is
 pip-installed into its venv if missing, and this checkout is installed into it (scripts/pi-root install).
+Use a copy: the shared root stays without `cryptography`, so tests/test_pi.py keeps checking that the
+agent starts without it.
 """
 
 from __future__ import annotations
