@@ -61,8 +61,11 @@ class StatusCollector:
         if failing:
             yield gauge("fedmq_checkpoint_failing_since_seconds", "Wall-clock time checkpoints began to fail", failing["since"])
         yield gauge("fedmq_uptime_seconds", "Seconds since the coordinator started", status["uptime_s"])
+        if isinstance(status.get("schema"), dict):  # coordinator/schema.py
+            yield gauge("fedmq_schema_mismatched", "Agents whose columns are not the fleet's (they do not train)",
+                        status["schema"]["mismatched"])
         score = GaugeMetricFamily("fedmq_eval_score", "Global model on --eval-csv", labels=["fleet", "metric"])
-        for metric in ("accuracy", "r2"):
+        for metric in ("accuracy", "r2", "roc_auc", "flagged"):
             if status.get(metric) is not None:
                 score.add_metric([status["fleet"], metric], status[metric])
         yield score

@@ -165,3 +165,16 @@ def test_a_restart_with_a_checkpoint_takes_the_fixed_spec_without_asking_the_fle
     assert resolve_spec(again, threading.Event()) and again.spec == args.spec  # no connection made
     explicit = parse_args(argv + ["--n-features", "3", "--classes", "0,1"])
     assert resolve_spec(explicit, threading.Event()) and explicit.spec.n_features == 3 and not explicit.spec.columns
+
+
+def test_prometheus_shows_the_one_class_scores_and_the_mismatched_agents():
+    from coordinator.metrics import StatusCollector
+
+    collector = StatusCollector()
+    collector.update({"fleet": "f", "version": 3, "accepted": 1, "clipped": 0, "rejected": {}, "pending": 0,
+                      "staleness": {"mean": 0.0, "max": 0}, "agents": 2, "uptime_s": 1.0, "fleet_eval": {"flagged": 0.2},
+                      "accuracy": None, "r2": None, "roc_auc": 0.91, "flagged": 0.21,
+                      "schema": {"mismatched": 1}})
+    samples = {(s.name, s.labels.get("metric")): s.value for family in collector.collect() for s in family.samples}
+    assert samples[("fedmq_eval_score", "roc_auc")] == 0.91 and samples[("fedmq_eval_score", "flagged")] == 0.21
+    assert samples[("fedmq_schema_mismatched", None)] == 1 and samples[("fedmq_fleet_eval", "flagged")] == 0.2
