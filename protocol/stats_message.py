@@ -64,18 +64,16 @@ def decode_stats(payload: bytes, n_features: int | None = None, columns: tuple[s
     if not isinstance(wire, dict):
         raise ProtocolError("schema", f"a stats message must be a map, got {type(wire).__name__}")
     _check_header(wire, "stats")
+    count = _vector(wire, "count", n_features)
+    total, squares, low, high = (_vector(wire, key, len(count)) for key in STATS_FIELDS[1:])
     named = wire.get("columns")
-    if named is not None and columns:
+    if named is not None and columns:  # the agent's column order -> the fleet's, by name
         if not isinstance(named, list) or not all(isinstance(c, str) for c in named) \
                 or sorted(named) != sorted(columns) or len(set(named)) != len(named):
             raise ProtocolError("columns", "the statistics' columns are not the fleet's")
         at = {c: i for i, c in enumerate(named)}
         order = np.array([at[c] for c in columns], dtype=np.intp)
-        stats = decode_stats(msgpack.packb({k: v for k, v in wire.items() if k != "columns"}, use_bin_type=True),
-                             n_features)
-        return FeatureStats(*(getattr(stats, k)[order] for k in ("count", "mean", "m2", "min", "max")))
-    count = _vector(wire, "count", n_features)
-    total, squares, low, high = (_vector(wire, key, len(count)) for key in STATS_FIELDS[1:])
+        count, total, squares, low, high = (v[order] for v in (count, total, squares, low, high))
     present = count > 0
     if not (np.isfinite(count).all() and (count >= 0).all() and (count == np.round(count)).all()):
         raise ProtocolError("schema", "count must hold non-negative whole numbers")
