@@ -20,6 +20,7 @@ from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, UpdateMessage, decode_model, encode_update
 from protocol.model_spec import ModelSpec
 from protocol.privacy import GaussianMechanism, secure_rng
+from protocol.stats_privacy import StatsMechanism
 from protocol.schema import Schema, column_order, encode_schema, mismatch, of_data
 from protocol.sequence import first_seq
 from protocol.tabular import DataError
@@ -67,6 +68,7 @@ class Agent:
         dp: GaussianMechanism | None = None,
         dp_delta: float = 1e-5,
         dp_epsilon_budget: float | None = None,
+        stats_noise: StatsMechanism | None = None,
     ) -> None:
         self.agent_id = check_name("agent id", agent_id)
         self.topics = topics
@@ -91,7 +93,8 @@ class Agent:
         self.training_ = False
         self.published_phase_: str | None = None  # the phase the last published status showed
         self.since_ = time.time()  # wall clock of the last change of phase
-        self.statistics = LocalStatistics()  # feature statistics for the fleet (edge_agent/statistics.py)
+        # feature statistics for the fleet (edge_agent/statistics.py), noised with --stats-noise (protocol/stats_privacy.py)
+        self.statistics = LocalStatistics(noise=stats_noise, delta=dp_delta)
         self.missing_ = 0  # missing cells imputed in the last round
         self.schema_sent_: Schema | None = None  # the column names and labels last announced (protocol/schema.py)
         # local DP (protocol/privacy.py): clip + noise the float delta before error feedback and the codec
@@ -164,14 +167,19 @@ class Agent:
     def statistics_payload(self, poll: bool = True) -> bytes | None:
         """The window's feature statistics for `Topics.stats` when due (first, or data grew); else None.
 
-        Under local DP nothing un-noised about the data travels, so never.
+        Under local DP nothing un-noised about the data travels: only noised statistics (--stats-noise), else none.
         """
-        if self.dp is not None:
+        if self.dp is not None and self.statistics.noise is None:
             return None
         if poll:
             self._poll()
         X, _ = self.source.data()
-        return self.statistics.payload_if_due(X, self.source.columns)
+        try:
+            return self.statistics.payload_if_due(X, self.source.columns)
+        except ValueError as exc:  # --stats-clip declares ranges for another feature count
+            log.error("feature statistics not sent: %s", exc)
+            self.statistics.sent_rows_ = len(X)  # not again until the window grows
+            return None
 
     def schema_payload(self) -> bytes | None:
         """The window's column names and label set for `Topics.schema`, when new or changed; else None."""
@@ -330,6 +338,8 @@ class Agent:
             status["error"] = self.error_[1]
         if self.dp_budget is not None:  # local DP: this agent's epsilon at delta over the updates it made
             status["privacy"] = dict(self.dp_budget.report(), clip=self.dp.clip_norm)
+        if self.statistics.noise is not None:  # --stats-noise: epsilon at delta per row over the releases made
+            status["stats_privacy"] = self.statistics.report()
         return status
 
 

@@ -18,6 +18,7 @@ from protocol.accounting import check_available
 from protocol.codec import CodecSpec
 from protocol.config import fleet_tool_parser, parse_layered
 from protocol.privacy import GaussianMechanism
+from protocol.stats_privacy import StatsMechanism, parse_bounds
 from protocol.tabular import DataError
 from protocol.topics import Topics
 from protocol.transport import BrokerError, settings_from_args
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--dp-epsilon-budget", type=float, metavar="EPSILON",
                     help="stop sending (state budget_spent) once the next update would take epsilon above this (default: none)")
 
+    dp.add_argument("--stats-noise", type=float, metavar="SIGMA",
+                    help="send the feature statistics noised (Gaussian, noise multiplier SIGMA, per row of the "
+                         "window; min and max not sent), also under local DP (with --stats-clip)")
+    dp.add_argument("--stats-clip", metavar="B|LO:HI,...",
+                    help="clip every value to [-B, B], or feature i to LO_i:HI_i, before --stats-noise")
     sec = p.add_argument_group("secure aggregation")
     sec.add_argument("--secure-aggregation", action="store_true",
                      help="never send an update in the clear: mask it in a cohort (the coordinator needs --secure-aggregation)")
@@ -129,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"--max-packet-bytes must be at least {MIN_PACKET_BYTES}")
         args.limits = ModelLimits(args.max_classes, args.max_features, args.max_model_bytes)
         args.dp = parse_dp(args)
+        args.stats_noise_mechanism = parse_stats_noise(args)
     except ValueError as exc:
         parser.error(str(exc))
     return args
@@ -145,6 +152,22 @@ def parse_dp(args: argparse.Namespace) -> GaussianMechanism | None:
     mechanism = GaussianMechanism(args.dp_clip, args.dp_noise)
     if not 0 < args.dp_delta < 1 or (args.dp_epsilon_budget is not None and not args.dp_epsilon_budget > 0):
         raise ValueError("--dp-delta must be in (0, 1) and --dp-epsilon-budget > 0")
+    try:
+        check_available()
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    return mechanism
+
+
+def parse_stats_noise(args: argparse.Namespace) -> StatsMechanism | None:
+    """The statistics' Gaussian mechanism --stats-noise and --stats-clip ask for (None without them)."""
+    if args.stats_noise is None and args.stats_clip is None:
+        return None
+    if args.stats_noise is None or args.stats_clip is None:
+        raise ValueError("noised statistics need both --stats-noise (sigma) and --stats-clip (the bounds)")
+    mechanism = StatsMechanism(args.stats_noise, parse_bounds(str(args.stats_clip)))
+    if not 0 < args.dp_delta < 1:
+        raise ValueError("--dp-delta must be in (0, 1)")
     try:
         check_available()
     except ImportError as exc:
@@ -182,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent(args.id, args.topics, source, trainer, args.codec,
                   min_new_samples=args.min_new_samples, train_every=args.train_every, seed=args.seed,
                   resend_after=args.resend_after or None,
-                  dp=args.dp, dp_delta=args.dp_delta, dp_epsilon_budget=args.dp_epsilon_budget)
+                  dp=args.dp, dp_delta=args.dp_delta, dp_epsilon_budget=args.dp_epsilon_budget,
+                  stats_noise=args.stats_noise_mechanism)
     agent.new_samples_ = rows
     if args.secure_aggregation:  # edge_agent/secagg.py
         if args.dp is not None:

@@ -1,15 +1,19 @@
 """The agent's side of the federated feature statistics: what to report, and how to scale.
 
 Only per-feature count, sum, sum of squares, min and max of the data window leave the
-device (docs/security.md says what they reveal); never a row.
+device (docs/security.md says what they reveal); never a row. With a `StatsMechanism`
+(--stats-noise, protocol/stats_privacy.py) they leave noised, each release counted for the
+agent's epsilon; a lost retained copy is re-sent as the same payload, never freshly noised.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from protocol.privacy import secure_rng
 from protocol.statistics import Scaling, describe, impute, standardize
 from protocol.stats_message import encode_stats
+from protocol.stats_privacy import StatsMechanism
 
 # Statistics are sent again when the window's row count moved by this fraction since the last.
 RESEND_GROWTH = 0.1
@@ -18,9 +22,20 @@ RESEND_GROWTH = 0.1
 class LocalStatistics:
     """Decides when the window's statistics are worth (re)sending, and encodes them."""
 
-    def __init__(self, resend_growth: float = RESEND_GROWTH) -> None:
+    def __init__(self, resend_growth: float = RESEND_GROWTH, noise: StatsMechanism | None = None,
+                 delta: float = 1e-5) -> None:
         self.resend_growth = resend_growth
         self.sent_rows_: int | None = None  # window rows when the statistics were last sent
+        self.noise = noise
+        self.delta = delta
+        self.releases_ = 0  # noised releases made (each composes into the epsilon)
+        self.last_payload_: bytes | None = None
+        self.repeat_ = False  # re-send last_payload_ as it is (noised: fresh noise would cost epsilon)
+        self.rng = secure_rng()  # never the training seed: reproducible noise is removable noise
+        if noise is not None:
+            from protocol.accounting import check_available
+
+            check_available()
 
     def payload_if_due(self, X: np.ndarray, columns: tuple[str, ...] | None = None) -> bytes | None:
         """The encoded statistics of `X` (named by `columns` when known) when never sent or the row
@@ -30,13 +45,31 @@ class LocalStatistics:
             return None
         last = self.sent_rows_
         if last is not None and abs(rows - last) < self.resend_growth * last:
+            if self.repeat_:
+                self.repeat_ = False
+                return self.last_payload_
             return None
         self.sent_rows_ = rows
-        return encode_stats(describe(X), columns)
+        self.repeat_ = False
+        if self.noise is None:
+            return encode_stats(describe(X), columns)
+        stats = self.noise.release(X, self.rng)  # ValueError when --stats-clip declares another feature count
+        self.releases_ += 1
+        self.last_payload_ = encode_stats(stats, columns)
+        return self.last_payload_
 
     def resend(self) -> None:
-        """Send again at the next chance (the broker may have lost the retained copy)."""
-        self.sent_rows_ = None
+        """Send again at the next chance (the broker may have lost the retained copy); noised, the same payload."""
+        if self.noise is not None and self.last_payload_ is not None:
+            self.repeat_ = True
+        else:
+            self.sent_rows_ = None
+
+    def report(self) -> dict | None:
+        """The noised statistics' account for the agent status (None when they are not noised)."""
+        if self.noise is None:
+            return None
+        return dict(self.noise.report(self.releases_, self.delta), clip=self.noise.bounds)
 
 
 def prepare_features(X: np.ndarray, scaling: Scaling | None) -> tuple[np.ndarray, int]:
