@@ -45,6 +45,7 @@ from protocol.topics import Topics  # noqa: E402
 from simulation.datasets import Dataset, centralized_baseline, load_dataset, skew_features  # noqa: E402
 from simulation.inprocess import drive  # noqa: E402
 from simulation.partition import partition  # noqa: E402
+from bench.report import seed_cell, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "raw_data.json"
 TOPICS = Topics("bench-raw")
@@ -116,13 +117,11 @@ def main() -> None:
             rows["late_joiners"].append(federated(ds, statistics=True, late=True, **options))
             rows["raw_no_statistics"].append(federated(ds, statistics=False, **options))
             rows["per_agent_skew"].append(federated(ds, statistics=True, skew=0.1, **options))
-        cell = {k: {"accuracy": round(float(np.mean(v)), 4), "per_seed": [round(x, 4) for x in v]} for k, v in rows.items()}
+        cell = {k: seed_cell(v) for k, v in rows.items()}
         cell["gap_points"] = round(100 * (cell["ceiling"]["accuracy"] - cell["federated"]["accuracy"]), 2)
         results["datasets"][name] = cell
         print(name, json.dumps(cell), flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, results)
 
 
 if __name__ == "__main__":

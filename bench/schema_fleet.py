@@ -42,6 +42,7 @@ from edge_agent.trainer import LocalTrainer  # noqa: E402
 from protocol.schema import column_order  # noqa: E402
 from protocol.topics import Topics  # noqa: E402
 from raw_data import raw_dataset, standardized  # noqa: E402
+from report import seed_cell, write_results  # noqa: E402
 from simulation.datasets import Dataset, centralized_baseline  # noqa: E402
 from simulation.inprocess import drive  # noqa: E402
 from simulation.partition import partition  # noqa: E402
@@ -120,16 +121,13 @@ def main() -> None:
                 ds = raw_dataset(name, seed)
                 ceiling.append(centralized_baseline(standardized(ds), epochs=args.epochs, seed=seed))
                 fleet.append(schema_fleet(ds, agents=args.agents, epochs=args.epochs, seed=seed, workdir=Path(tmp)))
-            cell = {"ceiling": {"accuracy": round(float(np.mean(ceiling)), 4), "per_seed": [round(x, 4) for x in ceiling]},
-                    "schema_fleet": {"accuracy": round(float(np.mean([f["accuracy"] for f in fleet])), 4),
-                                     "per_seed": [round(f["accuracy"], 4) for f in fleet],
-                                     "empty_cells": [f["empty_cells"] for f in fleet]}}
+            cell = {"ceiling": seed_cell(ceiling),
+                    "schema_fleet": dict(seed_cell([f["accuracy"] for f in fleet]),
+                                         empty_cells=[f["empty_cells"] for f in fleet])}
             cell["gap_points"] = round(100 * (cell["ceiling"]["accuracy"] - cell["schema_fleet"]["accuracy"]), 2)
             results["datasets"][name] = cell
             print(name, json.dumps(cell), flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, results)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.raw_data import TOPICS, raw_dataset  # noqa: E402
+from bench.report import seed_cell, write_results  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 from coordinator.statistics import FleetStatistics  # noqa: E402
 from coordinator.strategies import make_strategy  # noqa: E402
@@ -90,13 +91,11 @@ def main() -> None:
             rows["exact"].append(federated(ds, None, **options))
             for s in sigmas:
                 rows[f"sigma_{s:g}"].append(federated(ds, StatsMechanism(s, declared_ranges(ds)), **options))
-        cell = {k: {"accuracy": round(float(np.mean(v)), 4), "per_seed": [round(x, 4) for x in v]} for k, v in rows.items()}
+        cell = {k: seed_cell(v) for k, v in rows.items()}
         cell["n_features"] = ds.n_features
         results["datasets"][name] = cell
         print(name, json.dumps(cell), flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, results)
 
 
 if __name__ == "__main__":
