@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from coordinator.audit import AuditLog
+from coordinator.chunks import UpdateChunks
 from coordinator.server import Coordinator
 from coordinator.status import encode_status
 from coordinator.store import CheckpointError
@@ -114,8 +115,7 @@ class CoordinatorSession:
         self._republish = threading.Event()
         # chunked messages (protocol/chunking.py): update chunks stay unacknowledged until the
         # update they assemble is committed; the retained model's chunks are read at start-up
-        self._update_chunks = chunking.Collector(max_bytes=EARLY_MAX_BYTES, max_partial=4096, need_manifest=False)
-        self._chunk_acks: dict[tuple, list[tuple[int, int, int]]] = {}
+        self._update_chunks = UpdateChunks(max_bytes=EARLY_MAX_BYTES)
         self._model_chunks = chunking.Collector(max_bytes=2 * MAX_MESSAGE_BYTES, max_partial=3)
         self._model_chunks_sent = 0  # chunk topics holding our retained chunks (cleared when fewer are needed)
         self._secagg = getattr(core, "secagg", None)  # a SecureCoordinator's rounds (coordinator/secagg.py)
@@ -209,27 +209,16 @@ class CoordinatorSession:
         """One chunk of an agent's update: its ack is held with it; the assembled update goes on as one."""
         ack = (self._connection, msg.mid, msg.qos)
         try:
-            chunk = chunking.decode_chunk(msg.payload)
+            payload, acks, released = self._update_chunks.add(agent, msg.payload, ack)
         except ProtocolError:
             self.core.handled_ += 1
             self.core.rejected_["chunk"] += 1
             self._unacked.append(ack)
             return "chunk"
-        for k in self._update_chunks.keys_of(agent):
-            if k[1] != chunk.digest:  # the agent moved on: that update will never complete
-                self._update_chunks.drop(k)
-        key = (agent, chunk.digest)
-        self._chunk_acks.setdefault(key, []).append(ack)
-        try:
-            payload = self._update_chunks.add(chunk, key=agent)
-        except ProtocolError:
-            payload = None
-            self._update_chunks.drop(key)
-        for k in self._update_chunks.take_dropped():
-            self._unacked.extend(self._chunk_acks.pop(k, []))  # nothing of them is kept
+        self._unacked.extend(released)  # chunks of updates that can never complete: nothing of them is kept
         if payload is None:
             return None
-        return self._take_update(self.core.topics.update(agent), payload, msg.retain, self._chunk_acks.pop(key, []))
+        return self._take_update(self.core.topics.update(agent), payload, msg.retain, acks)
 
     def _take_retained(self, topic: str, payload: bytes) -> None:
         """The retained model at start-up: whole, or assembled from its chunks and manifest."""
