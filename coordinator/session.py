@@ -170,22 +170,10 @@ class CoordinatorSession:
             if reason is not None:
                 self.rejections(reason, msg.topic)
             return
-        if self._secagg is not None and self._secagg.owns(msg.topic):
-            with self.lock:  # secure aggregation: acked through the same group commit as updates
-                self.core.handle_secagg(msg.topic, msg.payload, retained=msg.retain)
+        if (handle := self._handler_for(msg.topic)) is not None:
+            with self.lock:  # acked through the same group commit as updates
+                handle(msg.topic, msg.payload, msg.retain)
                 self._unacked.append((self._connection, msg.mid, msg.qos))
-            self._wake.set()
-            return
-        if self.core.topics.agent_of_schema(msg.topic) is not None:
-            with self.lock:  # retained by design: each agent's column names and labels
-                self.core.handle_schema(msg.topic, msg.payload)
-                self._unacked.append((self._connection, msg.mid, msg.qos))  # acked once committed
-            self._wake.set()
-            return
-        if self.core.topics.agent_of_stats(msg.topic) is not None:
-            with self.lock:  # retained by design: the newest statistics of each agent
-                self.core.handle_statistics(msg.topic, msg.payload)
-                self._unacked.append((self._connection, msg.mid, msg.qos))  # acked once committed
             self._wake.set()
             return
         with self.lock:
@@ -193,6 +181,20 @@ class CoordinatorSession:
         self._wake.set()
         if reason is not None:
             self.rejections(reason, msg.topic)
+
+    def _handler_for(self, topic: str):
+        """The core's handler(topic, payload, retained) for the other topics it reads, or None.
+
+        Secure-aggregation rounds; each agent's schema and statistics (retained by design,
+        so the newest copy of each stands)."""
+        core = self.core
+        if self._secagg is not None and self._secagg.owns(topic):
+            return lambda t, p, retained: core.handle_secagg(t, p, retained=retained)
+        if core.topics.agent_of_schema(topic) is not None:
+            return lambda t, p, retained: core.handle_schema(t, p)
+        if core.topics.agent_of_stats(topic) is not None:
+            return lambda t, p, retained: core.handle_statistics(t, p)
+        return None
 
     def _take_update(self, topic: str, payload: bytes, retain: bool, acks: list) -> str | None:
         """Hold an update until start-up is done, or fold it in; its acks wait for the commit (under the lock)."""
