@@ -40,6 +40,7 @@ from protocol.model_spec import ONE_CLASS_SHIFT, ModelSpec  # noqa: E402
 from protocol.topics import Topics  # noqa: E402
 from simulation.datasets import Dataset, load_dataset  # noqa: E402
 from simulation.inprocess import drive  # noqa: E402
+from bench.report import seed_cell, write_results  # noqa: E402
 from simulation.partition import partition  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "anomaly.json"
@@ -90,19 +91,16 @@ def main() -> None:
         print(seed, round(central[-1], 4), fed[-1], flush=True)
     results = {
         "dataset": "anomaly", "anomaly_rate": 0.05, "agents": args.agents, "epochs": args.epochs, "seeds": args.seeds,
-        "centralized": {"roc_auc": round(float(np.mean(central)), 4), "per_seed": [round(x, 4) for x in central]},
+        "centralized": seed_cell(central, key="roc_auc"),
         # the twin without the origin shift: what a linear one-class SVM does on centred features
         "centralized_no_shift": {"per_seed": [round(x, 4) for x in centred]},
-        "federated": {"roc_auc": round(float(np.mean([f["roc_auc"] for f in fed])), 4),
-                      "per_seed": [round(f["roc_auc"], 4) for f in fed],
-                      "flagged_eval": round(float(np.mean([f["flagged_eval"] for f in fed])), 4),
-                      "flagged_agents": round(float(np.mean([f["flagged_agents"] for f in fed])), 4)},
+        "federated": dict(seed_cell([f["roc_auc"] for f in fed], key="roc_auc"),
+                          flagged_eval=round(float(np.mean([f["flagged_eval"] for f in fed])), 4),
+                          flagged_agents=round(float(np.mean([f["flagged_agents"] for f in fed])), 4)),
     }
     results["gap_roc_auc"] = round(results["centralized"]["roc_auc"] - results["federated"]["roc_auc"], 4)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results))
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, results)
 
 
 if __name__ == "__main__":
