@@ -152,11 +152,16 @@ def parse_dp(args: argparse.Namespace) -> GaussianMechanism | None:
     mechanism = GaussianMechanism(args.dp_clip, args.dp_noise)
     if not 0 < args.dp_delta < 1 or (args.dp_epsilon_budget is not None and not args.dp_epsilon_budget > 0):
         raise ValueError("--dp-delta must be in (0, 1) and --dp-epsilon-budget > 0")
+    require_accounting()
+    return mechanism
+
+
+def require_accounting() -> None:
+    """ValueError (one line, naming the extra) when dp-accounting is not installed."""
     try:
         check_available()
     except ImportError as exc:
         raise ValueError(str(exc)) from None
-    return mechanism
 
 
 def parse_stats_noise(args: argparse.Namespace) -> StatsMechanism | None:
@@ -168,10 +173,7 @@ def parse_stats_noise(args: argparse.Namespace) -> StatsMechanism | None:
     mechanism = StatsMechanism(args.stats_noise, parse_bounds(str(args.stats_clip)))
     if not 0 < args.dp_delta < 1:
         raise ValueError("--dp-delta must be in (0, 1)")
-    try:
-        check_available()
-    except ImportError as exc:
-        raise ValueError(str(exc)) from None
+    require_accounting()
     return mechanism
 
 
