@@ -24,7 +24,7 @@ from coordinator.strategies import DEFAULT_ALPHA, make_strategy
 from coordinator.validation import DEFAULT_MAX_NORM, DEFAULT_SAMPLE_FACTOR, NormBound, UpdateValidator
 from protocol.chunking import MIN_PACKET_BYTES
 from protocol.codec import MODEL_CODECS
-from protocol.config import fleet_tool_parser, parse_layered
+from protocol.config import fleet_tool_parser, parse_layered, require_extra
 from protocol.model_spec import ESTIMATORS, HYPERPARAMETERS, ModelSpec, build_estimator
 from protocol.privacy import GaussianMechanism
 from protocol.schema import column_order
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _defaulted(dp, "--dp-norm-action", choices=("reject", "clip"), default="reject",
                help="central: an update above C is rejected (dp_norm) or scaled down to C (counted as clipped)")
 
-    sec = p.add_argument_group("secure aggregation (fedbuff: the coordinator learns only the sum of each cohort; docs/security.md)")
+    sec = p.add_argument_group("secure aggregation (fedbuff: the coordinator learns only the sum of each cohort; needs pip install 'fedmq[secagg]'; docs/security.md)")
     sec.add_argument("--secure-aggregation", action="store_true",
                      help="run fedbuff over masked cohorts of --buffer-size agents; updates in the clear are refused "
                      "(the agents need --secure-aggregation too)")
@@ -195,6 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         elif any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget)):
             raise ValueError("--dp-clip, --dp-noise and --dp-epsilon-budget need --dp-mode local or central")
         if args.secure_aggregation:  # coordinator/secagg.py
+            require_extra("cryptography", "secagg", "--secure-aggregation")
             from coordinator.secagg import SecAggRounds, SecureCentralDP, SecureFedBuff  # cryptography: only when asked for
 
             if args.strategy != "fedbuff" or args.dp_mode == "local":

@@ -16,7 +16,7 @@ from edge_agent.trainer import DEFAULT_MAX_CLASSES, DEFAULT_MAX_FEATURES, DEFAUL
 from protocol.chunking import MIN_PACKET_BYTES
 from protocol.accounting import check_available
 from protocol.codec import CodecSpec
-from protocol.config import fleet_tool_parser, parse_layered
+from protocol.config import fleet_tool_parser, parse_layered, require_extra
 from protocol.privacy import GaussianMechanism
 from protocol.stats_privacy import StatsMechanism, parse_bounds
 from protocol.tabular import DataError
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "window; min and max not sent), also under local DP (with --stats-clip)")
     dp.add_argument("--stats-clip", metavar="B|LO:HI,...",
                     help="clip every value to [-B, B], or feature i to LO_i:HI_i, before --stats-noise")
-    sec = p.add_argument_group("secure aggregation")
+    sec = p.add_argument_group("secure aggregation (needs pip install 'fedmq[secagg]')")
     sec.add_argument("--secure-aggregation", action="store_true",
                      help="never send an update in the clear: mask it in a cohort (the coordinator needs --secure-aggregation)")
 
@@ -136,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.limits = ModelLimits(args.max_classes, args.max_features, args.max_model_bytes)
         args.dp = parse_dp(args)
         args.stats_noise_mechanism = parse_stats_noise(args)
+        if args.secure_aggregation:
+            require_extra("cryptography", "secagg", "--secure-aggregation")
     except ValueError as exc:
         parser.error(str(exc))
     return args

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,20 @@ def optional_extra(prog: str, extra: str):
         return run
 
     return wrap
+
+
+def require_extra(module: str, extra: str, feature: str) -> None:
+    """ValueError (one line naming the extra) when `feature` needs `module` and it is not installed.
+
+    Checked while the configuration is parsed, so `--secure-aggregation` on a plain
+    `pip install fedmq` is a configuration error (exit 2), not a traceback at the first round.
+    """
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or module).split(".")[0] != module.split(".")[0]:
+            raise
+        raise ValueError(f"{feature} needs {module}, which is not installed: pip install 'fedmq[{extra}]'") from None
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
