@@ -173,6 +173,7 @@ class Result:
     round_id: bytes
     seconds: float
     members: list[str] = field(default_factory=list)  # whose deltas are in the sum
+    base_version: int = 0  # the oldest model version the members trained on (their key announcements)
 
 
 class SecAggRounds:
@@ -199,6 +200,9 @@ class SecAggRounds:
             raise ValueError(f"--dp-clip {l2_clip} is below the quantization step of {n_params} coordinates")
         self.l2_clip = l2_clip
         self.eligible = eligible  # agent -> may it join a cohort (a DP budget); None: all
+        # deltas trained before this version (the newest feature-scaling change) wait for a retrain:
+        # a cohort's sum is re-expressed as a whole, so its members share one scaling
+        self.min_version = 0
         self.keys: dict[str, Announcement] = {}
         self.spent: set[bytes] = set()  # key ids already used in a cohort
         self.offline: set[str] = set()
@@ -332,7 +336,7 @@ class SecAggRounds:
     def ready(self) -> list[str]:
         """Agents a cohort may take now: a fresh key, not offline."""
         return [a for a, ann in self.keys.items() if ann.key_id not in self.spent and a not in self.offline
-                and (self.eligible is None or self.eligible(a))]
+                and ann.version >= self.min_version and (self.eligible is None or self.eligible(a))]
 
     def _maybe_start(self, now: float) -> None:
         ready = self.ready()
@@ -396,7 +400,8 @@ class SecAggRounds:
             self._abort("bad_shares", str(exc))
             return
         count = len(r.masked)
-        self._result = Result(sa.dequantize_sum(total, r.scale), count, r.id, now - r.started, sorted(r.masked))
+        self._result = Result(sa.dequantize_sum(total, r.scale), count, r.id, now - r.started, sorted(r.masked),
+                              min(r.members[a].version for a in r.masked))
         self.completed_ += 1
         self.summed_ += count
         self.last_seconds_ = now - r.started
@@ -516,10 +521,15 @@ class SecureCoordinator(Coordinator):
 
     def tick(self, now: float | None = None) -> bool:
         """Advance the round; True when a completed round stepped the model."""
+        history = self.rescales.history
+        self.secagg.min_version = history[-1][0] if history else 0
         result = self.secagg.tick(now)
         if result is None:
             return False
-        new = self.strategy.add_sum(self.params_, result.total, result.count, result.members)
+        # trained under the scaling of its members' base version (one for the whole cohort, as
+        # cohorts are drawn within one scaling): the sum is re-expressed like a single delta
+        total = self.rescales.catch_up(result.total, result.base_version)
+        new = self.strategy.add_sum(self.params_, total, result.count, result.members)
         if not _finite_on_the_wire(new):
             self.rejected_["non_finite_model"] += result.count
             return False

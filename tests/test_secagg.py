@@ -614,3 +614,69 @@ def test_no_cohort_goes_out_before_the_checkpoint_that_holds_its_round(tmp_path,
         publisher.loop_stop()
         publisher.disconnect()
         watcher.close()
+
+
+# --- a scaling change while a round is in flight (issue 19.3) ---------------------------------
+
+
+def _secure_core(k: int = 4, t: int = 3):
+    from coordinator.secagg import SecureCoordinator, SecureFedBuff
+    from coordinator.strategies import make_strategy
+    from coordinator.validation import UpdateValidator
+    from protocol.model_spec import ModelSpec
+
+    spec = ModelSpec("sgd-classifier", 4, (0, 1, 2))
+    rounds = SecAggRounds(TOPICS, spec.n_params, k, t, clip=1.0)
+    strategy = SecureFedBuff(make_strategy("fedbuff", buffer_size=k))
+    core = SecureCoordinator(TOPICS, spec, strategy, UpdateValidator(TOPICS, spec.n_params), secagg=rounds)
+    return core, rounds, spec
+
+
+def test_a_cohort_sum_made_under_the_old_scaling_is_re_expressed_before_it_is_applied():
+    """The members trained on version 0 (raw features); the scaling changes while their round runs:
+    the sum goes into the model converted to the new scaling, exactly as each delta would be."""
+    from protocol.statistics import Scaling, identity, reexpress
+
+    core, rounds, spec = _secure_core()
+    clients = {f"a{i}": SecAggClient(f"a{i}", TOPICS) for i in range(4)}
+    rng = np.random.default_rng(7)
+    deltas = {a: rng.normal(0, 0.2, spec.n_params) for a in clients}
+    for a, d in deltas.items():
+        rounds.handle(*clients[a].hold(d, 0)[:2])
+    rounds.tick(0.0)
+    wire = rounds.take_outbox()
+    new = Scaling(np.array([1.0, -2.0, 0.5, 3.0]), np.array([2.0, 0.5, 4.0, 1.5]))
+    for _ in range(3):  # cohort -> shares -> inbox -> masked -> unmask -> reveal
+        for topic, payload, _ in wire:
+            for c in clients.values():
+                if c.owns(topic):
+                    for tp, p, _ in c.on_message(topic, payload):
+                        rounds.handle(tp, p, 0.0)
+        wire = rounds.take_outbox()
+    before = core.params_.copy()
+    # the fleet's statistics refine the scaling now (what Coordinator._refresh_scaling does)
+    core.params_ = core.rescales.change(core.version_ + 1, new, [core.params_])[0]
+    core.version_ += 1
+    assert core.tick(0.0), "the round completes and steps the model"
+    total = _expected(rounds, deltas, deltas)
+    want = reexpress(before, spec.coef_shape, identity(4), new) + \
+        core.strategy.inner.server_lr * reexpress(total, spec.coef_shape, identity(4), new) / 4
+    assert np.allclose(core.params_, want, atol=1e-9)
+
+
+def test_a_cohort_is_never_drawn_across_a_scaling_change():
+    """Keys of deltas trained before the newest scaling are not taken into a cohort: one sum is
+    re-expressed as a whole, so its members must share the scaling they trained under."""
+    from protocol.statistics import Scaling
+
+    core, rounds, spec = _secure_core()
+    clients = {f"a{i}": SecAggClient(f"a{i}", TOPICS) for i in range(4)}
+    for i, (a, c) in enumerate(clients.items()):
+        rounds.handle(*c.hold(np.zeros(spec.n_params), 0)[:2])
+    core.params_ = core.rescales.change(core.version_ + 1, Scaling(np.ones(4), np.full(4, 2.0)), [core.params_])[0]
+    core.version_ += 1
+    core.tick(0.0)
+    assert rounds.round is None and rounds.ready() == [], "stale-scaling deltas wait for a retrain"
+    for a, c in list(clients.items())[:2]:
+        rounds.handle(*c.hold(np.zeros(spec.n_params), core.version_)[:2])
+    assert sorted(rounds.ready()) == ["a0", "a1"]
