@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.privacy import gaussian_noise
+from protocol.privacy import lattice_release
 from protocol.statistics import FeatureStats, describe, from_sums
 
 
@@ -92,15 +92,19 @@ class StatsMechanism:
         lo, hi = self.ranges(X.shape[1])
         return np.clip(X, lo, hi)  # NaN passes through np.clip unchanged
 
-    def noised_sums(self, X: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(count, sum, sumsq) of the clipped rows of `X` plus the Gaussian noise, before post-processing."""
+    def noised_sums(self, X: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(count, sum, sumsq) of the clipped rows of `X` plus the noise, before post-processing: the
+        bound-scaled vector (count, sum/B, sumsq/B^2) released by the discrete Gaussian mechanism
+        (protocol/privacy.py) with sensitivity sqrt(3d), then scaled back."""
         count, total, squares = describe(self.clip(X)).sums()
         d = len(count)
-        s_count, s_sum, s_sq = self.stds(d)
-        return (count + gaussian_noise(d, 1.0, rng) * s_count, total + gaussian_noise(d, 1.0, rng) * s_sum,
-                squares + gaussian_noise(d, 1.0, rng) * s_sq)
+        lo, hi = self.ranges(d)
+        bound = np.maximum(np.abs(lo), np.abs(hi))
+        scaled = np.concatenate([count, total / bound, squares / (bound * bound)])
+        noised = lattice_release(scaled, self.sensitivity(d), self.noise_multiplier, rng)
+        return noised[:d], noised[d:2 * d] * bound, noised[2 * d:] * bound * bound
 
-    def release(self, X: np.ndarray, rng: np.random.Generator) -> FeatureStats:
+    def release(self, X: np.ndarray, rng) -> FeatureStats:
         """One noised release of `X`'s statistics, ready for the wire: count rounded and >= 0, sumsq >= 0,
         min and max the declared bounds (not the data's)."""
         count, total, squares = self.noised_sums(X, rng)
