@@ -35,6 +35,7 @@ IDLE = "idle"  # has sent its update for the newest model it holds; waits for a 
 OFFLINE = "offline"  # stopped cleanly, or the broker published the last will
 ERROR = "error"  # cannot train on the fleet's model (the reason is in the status); waits for another
 BUDGET_SPENT = "budget_spent"  # local DP: one more update would exceed --dp-epsilon-budget; sends no more
+STATES = (ONLINE, TRAINING, IDLE, OFFLINE, ERROR, BUDGET_SPENT)  # every state a status can say (docs/monitoring.md)
 
 
 class Agent:

@@ -54,18 +54,18 @@ CLAIMS: list[tuple[str, str, callable]] = [
     ("README.md", r"2-core machine at (\d+) KB each", lambda: thousands(results("scale")["memory_per_agent_kb"])),
     ("README.md", r"peaks ([\d.]+) MB above the import floor",
      lambda: f"{results('edge-x86_64')['vs_targets']['rss_over_floor_mb']:.1f}"),
-    # README.md, the update format
-    ("README.md", r"a 650-parameter int8 update is about ([\d,]+) bytes",
+    # docs/protocol.md, the update format (moved from README.md)
+    ("docs/protocol.md", r"a 650-parameter int8 update is about ([\d,]+) bytes",
      lambda: thousands(results("wire")["codecs"]["int8"]["bytes_per_update"])),
-    ("README.md", r"about [\d,]+ bytes, ([\d.]+)x smaller than its float64 parameters",
+    ("docs/protocol.md", r"about [\d,]+ bytes, ([\d.]+)x smaller than its float64 parameters",
      lambda: f"{results('wire')['codecs']['int8']['ratio_message_vs_float64_params']:.1f}"),
-    # README.md, the model codecs
-    ("README.md", r"digits: ([\d,]+) -> [\d,]+ bytes per model",
+    # docs/models-and-data.md, the model codecs (moved from README.md)
+    ("docs/models-and-data.md", r"digits: ([\d,]+) -> [\d,]+ bytes per model",
      lambda: thousands(results("model_codec")["results"]["digits"]["float32"]["model_bytes"])),
-    ("README.md", r"digits: [\d,]+ -> ([\d,]+) bytes per model",
+    ("docs/models-and-data.md", r"digits: [\d,]+ -> ([\d,]+) bytes per model",
      lambda: thousands(results("model_codec")["results"]["digits"]["int8"]["model_bytes"])),
-    # README.md, the fedmq-monitor sample: 650-parameter int8 updates
-    ("README.md", r"pi-\d idle 42 0 42 2/15 0s ago (\d+) ",
+    # docs/monitoring.md, the fedmq-monitor sample: 650-parameter int8 updates
+    ("docs/monitoring.md", r"pi-\d idle 42 0 42 2/15 0s ago (\d+) ",
      lambda: thousands(results("wire")["codecs"]["int8"]["bytes_per_update"])),
     # docs/benchmarks.md, the summary table
     ("docs/benchmarks.md", r"whole message ([\d.]+)x \(delta [\d.]+x\); accuracy \+[\d.]+ pt vs float32",
@@ -82,29 +82,29 @@ CLAIMS: list[tuple[str, str, callable]] = [
     ("docs/benchmarks.md", r"1,000 connected in ([\d.]+) s", lambda: f"{results('scale')['all_connected_after_s']:.2f}"),
     ("docs/benchmarks.md", r"connected in [\d.]+ s, ([\d,]+) updates/s", lambda: thousands(int(results("scale")["updates_per_s"]))),
     ("docs/benchmarks.md", r"updates/s, ([\d.]+) KB per agent", lambda: f"{results('scale')['memory_per_agent_kb']:.1f}"),
-    # README.md, the int4 model codec (bench/results/model_codec.json)
-    ("README.md", r"and so does int4 \(([\d,]+)\s+bytes\)",
+    # docs/models-and-data.md, the int4 model codec (bench/results/model_codec.json)
+    ("docs/models-and-data.md", r"and so does int4 \(([\d,]+)\s+bytes\)",
      lambda: thousands(results("model_codec")["results"]["digits"]["int4"]["model_bytes"])),
-    ("README.md", r"as a device holds them score ([\d.]+) points below",
+    ("docs/models-and-data.md", r"as a device holds them score ([\d.]+) points below",
      lambda: f"{100 * (results('model_codec')['results']['digits']['int4']['mean_accuracy'] - results('model_codec')['results']['digits']['int4']['mean_device_accuracy']):.2f}"),
-    # README.md, device bytes beside Flower (bench/results/device_bytes.json, the best row within a point)
-    ("README.md", r"a device pays ([\d,]+) bytes per round on digits",
+    # docs/models-and-data.md, device bytes beside Flower (bench/results/device_bytes.json, the best row within a point)
+    ("docs/models-and-data.md", r"a device pays ([\d,]+) bytes per round on digits",
      lambda: thousands(best_device_row()["total_bytes_per_round"])),
-    ("README.md", r"bytes per round on digits against Flower 1\.41's ([\d,]+)",
+    ("docs/models-and-data.md", r"bytes per round on digits against Flower 1\.41's ([\d,]+)",
      lambda: thousands(results("device_bytes")["flower"]["total_bytes_per_round"])),
-    ("README.md", r"against Flower 1\.41's [\d,]+ \(([\d.]+)x fewer",
+    ("docs/models-and-data.md", r"against Flower 1\.41's [\d,]+ \(([\d.]+)x fewer",
      lambda: f"{best_device_row()['bytes_ratio_vs_flower']:.1f}"),
-    # README.md, the 1,000,100-parameter rows of bench/results/device_bytes.json
-    ("README.md", r"a device pays ([\d,]+) bytes per round at that size",
+    # docs/models-and-data.md, the 1,000,100-parameter rows of bench/results/device_bytes.json
+    ("docs/models-and-data.md", r"a device pays ([\d,]+) bytes per round at that size",
      lambda: thousands(results("device_bytes")["large"]["fedmq"][1]["total_bytes_per_round"])),
-    ("README.md", r"bytes per round at that size against Flower 1\.41's ([\d,]+)",
+    ("docs/models-and-data.md", r"bytes per round at that size against Flower 1\.41's ([\d,]+)",
      lambda: thousands(results("device_bytes")["large"]["flower"]["total_bytes_per_round"])),
-    ("README.md", r"and ([\d,]+) with `--min-model-interval 2`",
+    ("docs/models-and-data.md", r"and ([\d,]+) with `--min-model-interval 2`",
      lambda: thousands(results("device_bytes")["large"]["fedmq"][2]["total_bytes_per_round"])),
-    # README.md, the model codec paragraph
-    ("README.md", r"digits: ([\d,]+) -> [\d,]+\s+bytes per model",
+    # docs/models-and-data.md, the model codec paragraph
+    ("docs/models-and-data.md", r"digits: ([\d,]+) -> [\d,]+\s+bytes per model",
      lambda: thousands(results("model_codec")["results"]["digits"]["float32"]["model_bytes"])),
-    ("README.md", r"digits: [\d,]+ -> ([\d,]+)\s+bytes per model",
+    ("docs/models-and-data.md", r"digits: [\d,]+ -> ([\d,]+)\s+bytes per model",
      lambda: thousands(results("model_codec")["results"]["digits"]["int8"]["model_bytes"])),
 ]
 
@@ -126,18 +126,24 @@ def prose(text: str) -> str:
     return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
 
 
-def test_every_figure_in_the_readme_prose_is_a_claim():
-    text = " ".join(prose((ROOT / "README.md").read_text()).split())
+# README.md and the pages that took its text when it was cut down (issue 22): swept alike
+SWEPT = ["README.md", "docs/protocol.md", "docs/models-and-data.md", "docs/monitoring.md", "docs/hardening.md",
+         "docs/cli.md"]
+
+
+@pytest.mark.parametrize("doc", SWEPT)
+def test_every_figure_in_the_readme_prose_is_a_claim(doc):
+    text = " ".join(prose((ROOT / doc).read_text()).split())
     covered = []
-    for doc, pattern, _ in CLAIMS:
-        if doc == "README.md":
+    for claimed, pattern, _ in CLAIMS:
+        if claimed == doc:
             covered += [m.span(1) for m in re.finditer(pattern, text)]
     loose = [m.group(0) for m in _UNIT.finditer(text)
              if not any(a <= m.start() < b or m.start() <= a < m.end() for a, b in covered)]
     # not measurements: sizes the protocol defines, limits, targets and ratios of the spec
     allowed = {"8 MiB", "0.5 pt"}
     loose = [f for f in loose if f not in allowed and not re.fullmatch(r"\d+x", f)]
-    assert not loose, f"README.md quotes figures no claim in tests/test_figures.py ties to bench/results: {loose}"
+    assert not loose, f"{doc} quotes figures no claim in tests/test_figures.py ties to bench/results: {loose}"
 
 
 def test_figures_about_other_projects_name_their_source():
