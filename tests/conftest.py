@@ -24,3 +24,21 @@ def mosquitto(tmp_path):
     """A real mosquitto on a free loopback port, stopped after the test."""
     with Mosquitto(tmp_path / "broker") as broker:
         yield broker
+
+
+@pytest.fixture
+def nats_node(tmp_path):
+    """One real nats-server (JetStream, MQTT listener, partition mapping with 4 partitions), stopped after."""
+    from tier.cluster import NatsCluster
+
+    with NatsCluster(tmp_path / "nats", nodes_count=1, partitions=4) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def nats_cluster(tmp_path):
+    """Three real nats-servers in one cluster (R3 streams), 4 partitions, stopped after."""
+    from tier.cluster import NatsCluster
+
+    with NatsCluster(tmp_path / "nats", nodes_count=3, partitions=4) as cluster:
+        yield cluster
