@@ -1,0 +1,56 @@
+"""Issue 20, point 2: scripts/tier-cluster brings up a 3-node JetStream cluster with MQTT listeners
+and the partition mapping, and takes it down again on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fleet import ROOT
+
+
+def test_launcher_starts_a_partitioned_cluster_and_stops_it(tmp_path):
+    proc = subprocess.Popen([str(ROOT / "scripts" / "tier-cluster"), "--dir", str(tmp_path / "c"), "--partitions", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        ready = {}
+        reader = threading.Thread(target=lambda: ready.update(json.loads(proc.stdout.readline() or "{}")), daemon=True)
+        reader.start()
+        reader.join(60)
+        assert len(ready.get("mqtt", [])) == 3 and ready["partitions"] == 3, proc.stderr.read() if proc.poll() else ready
+        ports = [int(url.rsplit(":", 1)[1]) for url in ready["mqtt"]]
+        seen: dict[str, set] = {}
+        done = threading.Event()
+        sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="w", protocol=mqtt.MQTTv311)
+        sub.on_message = lambda c, u, m: (seen.setdefault(m.topic.split("/")[4], set()).add(m.topic.split("/")[3]),
+                                          len(seen) == 12 and sum(map(len, seen.values())) == 12 and done.set())
+        sub.connect("127.0.0.1", ports[2])
+        sub.loop_start()
+        sub.subscribe("fedmq/f/upd/+/+", 1)[1]
+        pubs = []
+        for port in ports[:2]:  # two nodes publish the same agents: each still lands on one partition
+            p = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"p{port}", protocol=mqtt.MQTTv311)
+            p.connect("127.0.0.1", port)
+            p.loop_start()
+            pubs.append(p)
+        for _ in range(3):  # until the subscription has spread over the routes
+            for p in pubs:
+                for a in range(12):
+                    p.publish(f"fedmq/f/update/a{a}", b"x", qos=1).wait_for_publish(10)
+            if done.wait(3):
+                break
+        assert len(seen) == 12 and all(len(parts) == 1 for parts in seen.values()), seen
+        assert len({next(iter(parts)) for parts in seen.values()}) == 3  # all 3 partitions used
+        for c in (sub, *pubs):
+            c.loop_stop()
+            c.disconnect()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    out = subprocess.run(["pgrep", "-f", str(tmp_path / "c")], capture_output=True, text=True)
+    assert out.stdout.strip() == ""  # no nats-server left behind
