@@ -14,6 +14,7 @@ import numpy as np
 from coordinator.aggregation import parse_aggregate
 from coordinator.privacy import PrivateCoordinator, guard, make_policy
 from coordinator.rate_limit import RateLimit
+from coordinator.presence import Presence
 from coordinator.schema import FleetSchema, SchemaDiscovery, discover
 from coordinator.server import Coordinator
 from coordinator.session import CoordinatorSession
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     _defaulted(a, "--alpha", type=float, default=DEFAULT_ALPHA, help="fedasync mixing weight in (0, 1], times the staleness weight")
     _defaulted(a, "--staleness", default="polynomial:0.5",
                help="staleness weight w(s): constant, polynomial:A = (1+s)^-A, or hinge:A,B = 1 up to s=B, then 1/(A(s-B)+1)")
-    _defaulted(a, "--buffer-size", type=int, default=5, help="K: updates per step (fedbuff) or per round (fedavg)")
+    _defaulted(a, "--buffer-size", type=int, default=5, help="K: updates per step (fedbuff) or per round (fedavg); while fewer agents are online "
+               "(by their retained statuses) K is their number")
     _defaulted(a, "--buffer-timeout", type=float, default=30.0,
                help="fedbuff/fedavg: step with the updates buffered so far once the oldest waited this many "
                "seconds, so fewer live agents than K never stall the fleet; 0: wait for K")
@@ -341,6 +343,7 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
                                    columns=args.spec.columns)
         if args.feature_stats else None,
         schema=FleetSchema(args.topics, args.spec),
+        presence=Presence(args.topics) if args.strategy != "fedasync" and not args.secure_aggregation else None,
     )
     core.checkpoint()  # an unwritable --checkpoint-dir is a configuration error, found now
     return core

@@ -56,6 +56,12 @@ class StatusCollector:
         yield counter("fedmq_sequence_gaps", "Updates agents made that never arrived (holes in their seq)", status.get("gaps", 0))
         yield counter("fedmq_buffer_timeouts", "Buffers stepped by --buffer-timeout before they filled",
                       status.get("buffer_timeouts", 0))
+        buffer = status.get("buffer")  # fedbuff/fedavg: K, and K as the agents online make it (coordinator/presence.py)
+        if isinstance(buffer, dict):
+            yield gauge("fedmq_buffer_size", "K: updates per step as configured (--buffer-size)", buffer["size"])
+            yield gauge("fedmq_buffer_effective_size", "K now: min(K, agents online) when their statuses are known",
+                        buffer["effective"])
+            yield gauge("fedmq_live_agents", "Agents whose retained status says they train", buffer["live_agents"])
         failing = status.get("checkpoint_failing")
         yield gauge("fedmq_checkpoint_failing", "1 while checkpoints fail (nothing is acknowledged meanwhile)", 1 if failing else 0)
         if failing:

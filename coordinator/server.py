@@ -15,6 +15,7 @@ from collections import Counter, OrderedDict
 import numpy as np
 
 from coordinator.evaluation import FleetEvaluation, score
+from coordinator.presence import Presence
 from coordinator.schema import FleetSchema
 from coordinator.statistics import FleetStatistics, Rescales
 from coordinator.status import build_status
@@ -50,6 +51,7 @@ class Coordinator:
         statistics: FleetStatistics | None = None,
         model_codec: str = "float32",
         schema: FleetSchema | None = None,
+        presence: Presence | None = None,
     ) -> None:
         self.topics = topics
         self.spec = spec
@@ -90,6 +92,7 @@ class Coordinator:
         self.rescales = Rescales(spec)
         self.stats_seen_ = -1  # statistics.changes_ when the scaling was last refreshed
         self.schema = schema  # every agent's column names judged against the spec (coordinator/schema.py)
+        self.presence = presence  # agents online by their statuses: the buffer's size follows them
         if resume:
             self._restore(resume)
 
@@ -170,6 +173,27 @@ class Coordinator:
         if self.statistics is None:
             return "statistics_off"
         return self.statistics.handle(topic, payload)
+
+    def handle_agent_status(self, topic: str, payload: bytes) -> str | None:
+        """Take one agent's retained status (or last will): the buffer follows the agents online.
+
+        A buffer that is full for the fewer agents left steps at once. None if used, else the
+        refusal reason (counted with the rejections)."""
+        if self.presence is None:
+            return "presence_off"
+        reason = self.presence.handle(topic, payload)
+        if reason is not None:
+            self.rejected_[reason] += 1
+        elif self.strategy.resize(self.presence.count):
+            pending = self.strategy.pending
+            new = self.strategy.flush(self.params_)
+            if new is not None and _finite_on_the_wire(new):
+                log.info("%d agent(s) online: stepping with the %d buffered update(s)", self.presence.count, pending)
+                self._step(new)
+            elif new is not None:
+                self.rejected_["non_finite_model"] += pending
+                self.buffer_since_ = None
+        return reason
 
     def handle_schema(self, topic: str, payload: bytes) -> str | None:
         """Take one agent's schema announcement; None if decoded (matching or not), else the reason."""
@@ -282,6 +306,8 @@ class Coordinator:
             status["statistics"] = dict(self.statistics.summary(), scaled=self.rescales.current is not None)
         if self.schema is not None:
             status["schema"] = self.schema.summary()
+        if (buffer := self.strategy.buffer()) is not None:
+            status["buffer"] = buffer
         return status
 
     # --- durability --------------------------------------------------------------------

@@ -139,6 +139,8 @@ class CoordinatorSession:
         stats += [(f, 1) for f in self._secagg.subscriptions] if self._secagg is not None else []  # coordinator/secagg.py
         stats += [(topics.all_update_chunks, 1)]
         stats += [(topics.all_schemas, 1)] if self.core.schema is not None else []
+        if self.core.presence is not None and self._secagg is None:  # secure aggregation reads them itself
+            stats += [(topics.all_agent_statuses, 1)]
         if self._connected_once:
             client.subscribe([(topics.all_updates, 1), *stats])
             self._republish.set()  # a broker without persistence has lost the retained model
@@ -185,8 +187,8 @@ class CoordinatorSession:
     def _handler_for(self, topic: str):
         """The core's handler(topic, payload, retained) for the other topics it reads, or None.
 
-        Secure-aggregation rounds; each agent's schema and statistics (retained by design,
-        so the newest copy of each stands)."""
+        Secure-aggregation rounds; each agent's schema, statistics and status (retained by
+        design, so the newest copy of each stands)."""
         core = self.core
         if self._secagg is not None and self._secagg.owns(topic):
             return lambda t, p, retained: core.handle_secagg(t, p, retained=retained)
@@ -194,6 +196,8 @@ class CoordinatorSession:
             return lambda t, p, retained: core.handle_schema(t, p)
         if core.topics.agent_of_stats(topic) is not None:
             return lambda t, p, retained: core.handle_statistics(t, p)
+        if core.topics.agent_of_status(topic) is not None:
+            return lambda t, p, retained: core.handle_agent_status(t, p)
         return None
 
     def _take_update(self, topic: str, payload: bytes, retain: bool, acks: list) -> str | None:

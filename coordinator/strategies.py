@@ -46,6 +46,15 @@ class Strategy(ABC):
         """Apply what is pending now (a buffer that cannot fill); None when nothing is."""
         return None
 
+    def resize(self, live: int) -> bool:
+        """The number of agents online changed (coordinator/presence.py); True when what is
+        pending is now a full buffer (the caller flushes it)."""
+        return False
+
+    def buffer(self) -> dict | None:
+        """For the status: the configured and the effective buffer size (buffered rules), else None."""
+        return None
+
     def state(self) -> dict:
         """What a checkpoint must hold so that pending updates survive a crash."""
         return {}
@@ -79,6 +88,9 @@ class FedAsync(Strategy):
 class FedBuff(Strategy):
     """Buffer K updates, then step by the server learning rate times their aggregate.
 
+    K shrinks to the agents online when fewer are (`resize`), so a small fleet steps on
+    every agent's update rather than waiting for --buffer-timeout.
+
     x <- x + eta * sum(n_i w(s_i) delta_i) / sum(n_i)  (Nguyen et al., 2022, sample-weighted),
     or a robust coordinate-wise median / trimmed mean of the w(s_i) delta_i.
     """
@@ -103,15 +115,28 @@ class FedBuff(Strategy):
         self._aggregate = parse_aggregate(aggregate)
         self._deltas: list[np.ndarray] = []
         self._samples: list[float] = []
+        self.live = 0  # agents online (coordinator/presence.py); 0: unknown, the buffer is K
 
     @property
     def pending(self) -> int:
         return len(self._deltas)
 
+    @property
+    def effective_size(self) -> int:
+        """K = min(K, live agents): a fleet smaller than K fills its buffer once every agent sent."""
+        return min(self.buffer_size, self.live) if self.live > 0 else self.buffer_size
+
+    def resize(self, live: int) -> bool:
+        self.live = max(0, int(live))
+        return 0 < self.effective_size <= self.pending
+
+    def buffer(self) -> dict:
+        return {"size": self.buffer_size, "effective": self.effective_size, "live_agents": self.live}
+
     def add(self, params, delta, n_samples, staleness, base=None):
         self._deltas.append(self.staleness(staleness) * np.asarray(delta, dtype=np.float64))
         self._samples.append(float(n_samples))
-        if len(self._deltas) < self.buffer_size:
+        if len(self._deltas) < self.effective_size:
             return None
         return self.flush(params)
 

@@ -316,12 +316,18 @@ def test_checkpoint_disk_full_acknowledges_nothing_and_says_so(tmp_path, mosquit
 
 
 def test_fedbuff_with_fewer_agents_than_k_still_steps(tmp_path, mosquitto):
+    """3 agents train, 2 more say they are online but never send (so K stays 5): the buffer
+    steps on its timeout (with only the 3, K would be 3: tests/test_fedbuff_live.py)."""
     paths = write_parts(tmp_path, 3)
+    watcher = TopicWatcher(mosquitto.port, T.everything)
+    for ghost in ("ghost0", "ghost1"):
+        watcher.client.publish(T.agent_status(ghost), json.dumps({"agent": ghost, "state": "idle"}),
+                               qos=1, retain=True).wait_for_publish(10)
     coord = coordinator(tmp_path, mosquitto, "--strategy", "fedbuff", "--buffer-size", "5", "--buffer-timeout", "2")
     fleet = agents(tmp_path, mosquitto, paths, "--resend-after", "0")
-    watcher = TopicWatcher(mosquitto.port, T.everything)
     try:
-        progress(watcher, 3, 40, "fedbuff K=5 with 3 agents to step on its timeout")
+        progress(watcher, 3, 40, "fedbuff K=5 with 3 agents sending to step on its timeout")
+        assert status(watcher)["buffer"] == {"size": 5, "effective": 5, "live_agents": 5}
     except BaseException:
         teardown(fleet, coord, watcher)
         raise

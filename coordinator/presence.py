@@ -1,0 +1,57 @@
+"""Which agents are online, from their retained statuses and last wills (``agent/<id>/status``).
+
+An agent publishes its state retained (online, training, idle, error, budget_spent) and
+leaves a last will saying offline, so the broker tells the coordinator who can still send
+updates. fedbuff/fedavg size their buffer by it (K = min(K, live agents), see
+`FedBuff.resize`): a fleet smaller than K steps on every live agent's update instead of once
+per --buffer-timeout.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from protocol.topics import Topics
+
+# States of an agent that will send updates (edge_agent/agent.py); error, budget_spent and offline will not.
+LIVE_STATES = frozenset({"online", "training", "idle"})
+MAX_STATUS_BYTES = 16 * 1024  # an agent's status is a few hundred bytes; anything larger is refused unread
+MAX_AGENTS = 100_000  # agents tracked: a bound on memory against a flood of ids
+
+
+class Presence:
+    """The agents whose newest status says they train, counted; refused statuses counted by reason."""
+
+    def __init__(self, topics: Topics, max_agents: int = MAX_AGENTS) -> None:
+        self.topics = topics
+        self.max_agents = max_agents
+        self.live: set[str] = set()
+        self.refused_: Counter[str] = Counter()
+
+    def handle(self, topic: str, payload: bytes) -> str | None:
+        """Take one status (empty: cleared); None if used, else the refusal reason (counted)."""
+        agent = self.topics.agent_of_status(topic)
+        reason = None
+        if agent is None:
+            reason = "status_topic"
+        elif len(payload) > MAX_STATUS_BYTES:
+            reason = "status_oversize"
+        else:
+            try:
+                state = json.loads(payload).get("state") if payload else "offline"
+            except (ValueError, AttributeError, RecursionError):
+                state, reason = None, "status_decode"
+            if reason is None:
+                if state in LIVE_STATES and (agent in self.live or len(self.live) < self.max_agents):
+                    self.live.add(agent)
+                else:
+                    self.live.discard(agent)
+        if reason is not None:
+            self.refused_[reason] += 1
+        return reason
+
+    @property
+    def count(self) -> int:
+        """Agents online that will send updates."""
+        return len(self.live)

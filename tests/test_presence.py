@@ -1,0 +1,63 @@
+"""Agents online from their statuses (coordinator/presence.py) and the buffer that follows them, without a broker."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from coordinator.presence import MAX_STATUS_BYTES, Presence
+from coordinator.server import Coordinator
+from coordinator.strategies import FedBuff, make_strategy
+from coordinator.validation import UpdateValidator
+from protocol.model_spec import ModelSpec
+from protocol.topics import Topics
+
+T = Topics("live")
+
+
+def status(agent: str, state: str) -> tuple[str, bytes]:
+    return T.agent_status(agent), json.dumps({"agent": agent, "state": state}).encode()
+
+
+def test_live_agents_follow_states_and_last_wills_and_bad_statuses_are_counted():
+    p = Presence(T, max_agents=3)
+    for agent, state in (("a", "online"), ("b", "training"), ("c", "idle"), ("d", "idle")):
+        assert p.handle(*status(agent, state)) is None
+    assert p.live == {"a", "b", "c"}  # d is past the bound: not counted
+    p.handle(*status("b", "error"))  # cannot train on the fleet's model
+    p.handle(*status("c", "offline"))  # its last will
+    p.handle(T.agent_status("a"), b"")  # its retained status cleared
+    assert p.count == 0
+    assert p.handle(T.agent_status("e"), b"x" * (MAX_STATUS_BYTES + 1)) == "status_oversize"
+    assert p.handle(T.agent_status("e"), b"[1, 2") == "status_decode"
+    assert p.handle(T.agent_status("e"), b"[1, 2]") == "status_decode"
+    assert p.handle(T.update("e"), b"{}") == "status_topic"
+    assert dict(p.refused_) == {"status_oversize": 1, "status_decode": 2, "status_topic": 1}
+
+
+def test_fedbuff_buffer_is_min_of_k_and_live_agents():
+    s = FedBuff(buffer_size=5)
+    params = np.zeros(2)
+    assert s.effective_size == 5  # no status seen: K
+    assert not s.resize(3)
+    assert s.buffer() == {"size": 5, "effective": 3, "live_agents": 3}
+    assert s.add(params, np.ones(2), 1, 0) is None and s.add(params, np.ones(2), 1, 0) is None
+    assert s.resize(2)  # one left: the two buffered are a full buffer
+    assert s.resize(9) is False and s.effective_size == 5
+
+
+def test_an_agent_leaving_steps_the_buffer_it_was_holding_up():
+    spec = ModelSpec("sgd-classifier", 2, (0, 1))
+    core = Coordinator(T, spec, make_strategy("fedbuff", buffer_size=5), UpdateValidator(T, spec.n_params),
+                       presence=Presence(T))
+    for agent in ("a", "b", "c"):
+        core.handle_agent_status(*status(agent, "idle"))
+    core.strategy.add(core.params_, np.ones(spec.n_params), 1, 0)
+    core.strategy.add(core.params_, np.ones(spec.n_params), 1, 0)
+    assert core.version_ == 0
+    core.handle_agent_status(*status("c", "offline"))
+    assert core.version_ == 1 and core.strategy.pending == 0
+    assert core.status()["buffer"] == {"size": 5, "effective": 2, "live_agents": 2}
+    assert core.handle_agent_status(T.agent_status("x"), b"{") == "status_decode"
+    assert core.status()["rejected"] == {"status_decode": 1}
