@@ -219,6 +219,28 @@ def pi_footprint_rows() -> list[str]:
     ]
 
 
+INSTALL_LABELS = {None: "`pip install fedmq` (the agent)",
+                  "dp": "`pip install 'fedmq[dp]'` (`--dp-*`, `--stats-noise`)",
+                  "secagg": "`pip install 'fedmq[secagg]'` (`--secure-aggregation`)"}
+
+
+def pi_extras_rows() -> list[str]:
+    """docs/raspberry-pi.md's table of what each extra costs, from bench/results/install-x86_64.json."""
+    data = results("install-x86_64")
+    base = data["base"]
+    rows = [f"| {INSTALL_LABELS[None]} | {base['venv_mb']:.1f} MB | | {', '.join(base['added'])} |"]
+    for extra, cell in data["extras"].items():
+        rows.append(f"| {INSTALL_LABELS[extra]} | {cell['venv_mb']:.1f} MB | +{cell['extra_mb']:.1f} MB | "
+                    f"{', '.join(cell['extra_packages'])} |")
+    return rows
+
+
+def test_pi_extras_table_is_the_results_file():
+    text = (ROOT / "docs" / "raspberry-pi.md").read_text()
+    for row in pi_extras_rows():
+        assert row in text.splitlines(), f"docs/raspberry-pi.md lacks, from bench/results/install-x86_64.json:\n{row}"
+
+
 def test_pi_footprint_table_is_the_results_files():
     text = (ROOT / "docs" / "raspberry-pi.md").read_text()
     table = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| |")]
