@@ -194,6 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     epsilon_budget=args.dp_epsilon_budget, norm_action=args.dp_norm_action)
             except ImportError as exc:
                 raise ValueError(str(exc)) from None
+            check_central_dp(args)
         elif any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget)):
             raise ValueError("--dp-clip, --dp-noise and --dp-epsilon-budget need --dp-mode local or central")
         if args.secure_aggregation:  # coordinator/secagg.py
@@ -229,6 +230,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as exc:
         parser.error(str(exc))
     return args
+
+
+def check_central_dp(args: argparse.Namespace) -> None:
+    """ValueError (one line) on a flag that central DP's guarantee cannot carry (issue 19)."""
+    if args.dp_mode != "central":
+        return
+    if args.norm_factor is not None:
+        raise ValueError("central DP refuses --norm-factor: a median of other agents' norms would decide whether an "
+                         "update enters the noised sum (--dp-clip bounds each update)")
+    if args.feature_stats:
+        raise ValueError("central DP refuses --feature-stats: the model would carry the exact merged feature "
+                         "scaling, un-noised (standardize the features on the devices instead)")
+    if not args.checkpoint_dir:
+        raise ValueError("central DP needs --checkpoint-dir: the fleet's privacy ledger must survive a restart")
 
 
 def parse_classes(text: str | None) -> tuple:

@@ -44,7 +44,8 @@ class StatusCollector:
 
         yield gauge("fedmq_model_version", "Version of the global model", status["version"])
         yield counter("fedmq_updates_accepted", "Updates folded into the global model", status["accepted"])
-        yield counter("fedmq_updates_clipped", "Accepted updates clipped to the norm bound", status["clipped"])
+        if status["clipped"] is not None:  # null under central DP: an un-noised clip bit (coordinator/privacy.py)
+            yield counter("fedmq_updates_clipped", "Accepted updates clipped to the norm bound", status["clipped"])
         rejected = CounterMetricFamily("fedmq_updates_rejected", "Updates refused, by reason", labels=["fleet", "reason"])
         for reason, count in status["rejected"].items():
             rejected.add_metric([status["fleet"], reason], count)

@@ -36,11 +36,12 @@ from coordinator.server import Coordinator
 from coordinator.strategies import FedBuff, Strategy
 from coordinator.validation import UpdateValidator, Verdict
 from protocol import accounting
-from protocol.privacy import GaussianMechanism, gaussian_noise, secure_rng
+from protocol.privacy import GaussianMechanism, clip, gaussian_noise, secure_rng
 
 log = logging.getLogger(__name__)
 
 DP_MODES = ("local", "central")
+NORM_REASONS = ("dp_norm", "norm")  # rejections whose count says one update's norm (hidden under central DP)
 
 
 class Policy(Protocol):
@@ -172,7 +173,9 @@ class CentralDP(Strategy):
 
     def restore(self, state: dict) -> None:
         """Take back a buffer and the account; agents the checkpoint did not name count under one placeholder."""
-        self.inner.restore(state)
+        # re-clipped: a buffer re-expressed for a new feature scaling can grow past C (issue 19.3)
+        deltas = [clip(d, self.mechanism.clip_norm)[0] for d in state.get("deltas", [])]
+        self.inner.restore(dict(state, deltas=deltas))
         agents = list(state.get("agents") or [])
         self._members = (agents + ["(restored)"] * self.pending)[: self.pending]
         self.contributions = Counter({str(k): int(v) for k, v in (state.get("contributions") or {}).items()})
@@ -200,6 +203,14 @@ class LocalDPLedger:
         """Count the update for its agent (as sent: the agent spent its budget on it either way)."""
         self.contributions[verdict.update.agent_id] += 1
         return verdict
+
+    def state(self) -> dict:
+        """The counts for the checkpoint (a restarted coordinator continues the fleet's epsilon)."""
+        return {"contributions": dict(self.contributions)}
+
+    def restore(self, state: dict | None) -> None:
+        """Take back `state()`."""
+        self.contributions = Counter({str(k): int(v) for k, v in ((state or {}).get("contributions") or {}).items()})
 
     def report(self) -> dict:
         """The epsilon the counted updates imply at the fleet's sigma; the agents' statuses are authoritative."""
@@ -245,9 +256,28 @@ class PrivateCoordinator(Coordinator):
         self.privacy = privacy
         super().__init__(*args, **kwargs)
 
+    def state(self) -> dict:
+        """The core's checkpoint with the local ledger (the central one is in the strategy's buffer state)."""
+        state = super().state()
+        if isinstance(self.privacy, LocalDPLedger):
+            state["local_dp_ledger"] = self.privacy.state()
+        return state
+
+    def _restore(self, state: dict) -> None:
+        super()._restore(state)
+        if isinstance(self.privacy, LocalDPLedger):
+            self.privacy.restore(state.get("local_dp_ledger"))
+
     def status(self, now: float | None = None) -> dict:
-        """The ordinary status with `privacy`: epsilon of the worst-off agent at delta, and how it was counted."""
+        """The ordinary status with `privacy`: epsilon of the worst-off agent at delta, and how it was counted.
+
+        Under central DP the clip bits are not published: `clipped` is null and `rejected` has no
+        `dp_norm` or `norm`, since each moves by exactly one on one agent's over-C update (un-noised).
+        """
         status = super().status(now)
+        if isinstance(self.privacy, CentralDP):
+            status["clipped"] = None
+            status["rejected"] = {k: v for k, v in status["rejected"].items() if k not in NORM_REASONS}
         try:
             status["privacy"] = self.privacy.report()
         except Exception:  # the status must still go out; say the account is unavailable

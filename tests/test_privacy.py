@@ -186,7 +186,7 @@ def test_central_mode_refuses_an_update_above_c():
     assert core.handle_update(TOPICS.update("b"), update_payload("b", 1, [0.6, 0.0, 0.0, 0.0])) is None
     assert core.rejected_["dp_norm"] == 1 and core.accepted_ == 1 and core.version_ == 0
     status = core.status()
-    assert status["rejected"]["dp_norm"] == 1 and status["privacy"]["mode"] == "central"
+    assert "dp_norm" not in status["rejected"] and status["privacy"]["mode"] == "central"  # un-noised clip bit: hidden
     clipping, dp = central_core(k=1, action="clip", sigma=1e-9)
     assert clipping.handle_update(TOPICS.update("a"), update_payload("a", 1, [3.0, 4.0, 0, 0])) is None
     assert clipping.clipped_ == 1 and np.linalg.norm(clipping.params_) == pytest.approx(1.0, rel=1e-6)
@@ -239,7 +239,8 @@ def test_central_mode_needs_a_buffered_mean():
         coordinator_args(base + ["--dp-mode", "central", "--dp-clip", "1", "--dp-noise", "1"])  # fedasync
     with pytest.raises(SystemExit):
         coordinator_args(base + ["--dp-clip", "1"])  # no mode
-    args = coordinator_args(base + ["--strategy", "fedbuff", "--dp-mode", "central", "--dp-clip", "1", "--dp-noise", "1"])
+    args = coordinator_args(base + ["--strategy", "fedbuff", "--dp-mode", "central", "--dp-clip", "1", "--dp-noise", "1",
+                                    "--checkpoint-dir", "/tmp/unused"])
     assert isinstance(args.strategy_obj, CentralDP)
 
 
@@ -314,12 +315,11 @@ def test_central_dp_fleet_epsilon_over_mosquitto(tmp_path, mosquitto):
         paths.append(tmp_path / f"a{i}.csv")
         write_csv(paths[-1], X[i * 300:(i + 1) * 300], Y[i * 300:(i + 1) * 300])
     watcher = TopicWatcher(mosquitto.port, TOPICS.everything)
-    coordinator = spawn(
-        "coordinator", "--broker", mosquitto.url, "--fleet", TOPICS.fleet, "--model", "sgd-classifier",
-        "--classes", ",".join(map(str, range(10))), "--n-features", 64, "--publish-interval", "0.2",
-        "--strategy", "fedbuff", "--buffer-size", "2", "--dp-mode", "central", "--dp-clip", "5", "--dp-noise", "2",
-        "--dp-norm-action", "clip", "--dp-epsilon-budget", "10", log=tmp_path / "coordinator.log",
-    )
+    argv = ("coordinator", "--broker", mosquitto.url, "--fleet", TOPICS.fleet, "--model", "sgd-classifier",
+            "--classes", ",".join(map(str, range(10))), "--n-features", 64, "--publish-interval", "0.2",
+            "--strategy", "fedbuff", "--buffer-size", "2", "--dp-mode", "central", "--dp-clip", "5", "--dp-noise", "2",
+            "--dp-norm-action", "clip", "--dp-epsilon-budget", "10", "--checkpoint-dir", tmp_path / "ckpt")
+    coordinator = spawn(*argv, log=tmp_path / "coordinator.log")
     agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", TOPICS.fleet, "--id", f"a{i}", "--data", p,
                     log=tmp_path / f"a{i}.log") for i, p in enumerate(paths)]
     allowed = accounting.max_contributions(2.0, DELTA, 10.0)
@@ -331,6 +331,14 @@ def test_central_dp_fleet_epsilon_over_mosquitto(tmp_path, mosquitto):
         assert privacy["mode"] == "central" and privacy["epsilon"] <= 10.0
         assert privacy["epsilon"] == pytest.approx(accounting.epsilon(2.0, allowed, DELTA), abs=1e-6)
         assert status["strategy"] == "fedbuff+central-dp" and status["fleet_eval"] == {}
+        # issue 19.7: a restarted coordinator continues the fleet's epsilon (it was 0 after a restart)
+        assert stop(coordinator) == 0
+        coordinator = spawn(*argv, log=tmp_path / "coordinator2.log")
+        again = watcher.wait_for(
+            lambda: (s := watcher.json(TOPICS.coordinator_status)) and s.get("started_at") != status["started_at"]
+            and s, 60, "the restarted coordinator's status")
+        assert privacy["epsilon"] > 0 and again["privacy"]["epsilon"] == pytest.approx(privacy["epsilon"], abs=1e-9)
+        assert again["privacy"]["contributions_max"] == allowed
     finally:
         for proc in agents:
             stop(proc)

@@ -504,7 +504,7 @@ def test_cli_takes_secure_aggregation_with_central_dp_and_refuses_local_dp():
 
     base = ["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--model", "sgd-classifier", "--n-features", "4",
             "--classes", "0,1", "--strategy", "fedbuff", "--buffer-size", "3", "--secure-aggregation"]
-    args = parse_args(base + ["--dp-mode", "central", "--dp-clip", "1.5", "--dp-noise", "0.8"])
+    args = parse_args(base + ["--dp-mode", "central", "--dp-clip", "1.5", "--dp-noise", "0.8", "--checkpoint-dir", "/tmp/x"])
     assert args.strategy_obj.name == "fedbuff+secagg+central-dp" and args.dp_policy is None
     assert args.secagg_rounds.l2_clip == 1.5 and args.secagg_rounds.eligible is not None
     with pytest.raises(SystemExit):
