@@ -35,7 +35,10 @@ IDLE = "idle"  # has sent its update for the newest model it holds; waits for a 
 OFFLINE = "offline"  # stopped cleanly, or the broker published the last will
 ERROR = "error"  # cannot train on the fleet's model (the reason is in the status); waits for another
 BUDGET_SPENT = "budget_spent"  # local DP: one more update would exceed --dp-epsilon-budget; sends no more
-STATES = (ONLINE, TRAINING, IDLE, OFFLINE, ERROR, BUDGET_SPENT)  # every state a status can say (docs/monitoring.md)
+UNHEARD = "unheard"  # its updates do not reach the coordinator, or no model comes (the reason is in the status)
+# causes of UNHEARD (Agent.set_unheard)
+REFUSED, NO_MODEL, NO_PROGRESS = "refused", "no_model", "no_progress"
+STATES = (ONLINE, TRAINING, IDLE, OFFLINE, ERROR, BUDGET_SPENT, UNHEARD)  # every state a status can say (docs/monitoring.md)
 
 
 class Agent:
@@ -89,6 +92,9 @@ class Agent:
         self.resend_jitter = random.Random(seed).uniform(1.0, 1.5)
         self.resend_now_ = False  # the coordinator restarted: send afresh at once
         self.error_: tuple[int, str] | None = None  # (model version, why it cannot be trained on)
+        self.unheard_: tuple[str, str] | None = None  # (cause, why nothing is heard): see set_unheard
+        self.unusable_models_ = 0  # model messages it could not use (said once per reason, counted in the status)
+        self.unusable_said_: set[str] = set()
         self.updates_sent_ = 0
         self.last_metrics_: dict[str, float] = {}
         self.training_ = False
@@ -124,7 +130,11 @@ class Agent:
         try:
             model = decode_model(payload, fleet=self.topics.fleet)
         except ProtocolError as exc:
-            log.warning("ignoring an unusable model message: %s", exc)
+            self.unusable_models_ += 1
+            if str(exc) not in self.unusable_said_:  # once per reason, then only the status counter
+                self.unusable_said_.add(str(exc))
+                log.warning("ignoring an unusable model message: %s (said once; counted as unusable_models in the "
+                            "status)", exc)
             return False
         held = self.model_
         if held is not None and model.version == held.version and model.started_at != held.started_at \
@@ -139,8 +149,27 @@ class Agent:
             log.info("the fleet's model spec changed at version %d; starting error feedback afresh", model.version)
             self.feedback.reset()
         self.model_ = model
+        if self.unheard_ is not None and self.unheard_[0] in (NO_MODEL, NO_PROGRESS):
+            self.unheard_ = None  # a model came, or a newer one: the coordinator is there and hears the fleet
         log.debug("global model version %d received", model.version)
         return True
+
+    def set_unheard(self, cause: str, reason: str) -> bool:
+        """Say (state unheard, once per cause) that nothing this agent sends is heard; True if new.
+
+        Causes: REFUSED (an MQTT 5 broker answered an update with a failure reason code, e.g. not
+        authorized; cleared by an update it takes), NO_MODEL (connected, no model within the
+        bound) and NO_PROGRESS (no model newer than its last update's base within the bound; the
+        coordinator may never receive its updates); the last two clear when a newer model comes.
+        """
+        new = self.unheard_ is None or self.unheard_[0] != cause
+        self.unheard_ = (cause, reason)
+        return new
+
+    def heard(self, cause: str) -> None:
+        """The broker took an update (REFUSED no longer holds)."""
+        if self.unheard_ is not None and self.unheard_[0] == cause:
+            self.unheard_ = None
 
     def due(self, now: float | None = None) -> bool:
         """Train now? A newer model than the last trained one, and enough new samples;
@@ -289,20 +318,22 @@ class Agent:
 
     @property
     def state(self) -> str:
-        """online, training, idle or budget_spent (see the constants above); offline is the session's to say."""
+        """online, training, idle, error, unheard or budget_spent (see the constants above); offline is the session's to say."""
         if self.training_:
             return TRAINING
         if self.budget_spent:
             return BUDGET_SPENT
         if self.error_ is not None and self.model_ is not None and self.error_[0] == self.model_.version:
             return ERROR
+        if self.unheard_ is not None:
+            return UNHEARD
         if self.model_ is not None and self.trained_version_ >= self.model_.version:
             return IDLE
         return ONLINE
 
     def phase(self, state: str | None = None) -> str:
         """The state without the round cycle: once an update was sent, online, training and idle
-        are one phase ("working"); error, budget_spent and offline are phases of their own."""
+        are one phase ("working"); error, unheard, budget_spent and offline are phases of their own."""
         state = state or self.state
         return "working" if state in (ONLINE, TRAINING, IDLE) and self.updates_sent_ else state
 
@@ -337,6 +368,10 @@ class Agent:
         }
         if status["state"] == ERROR:
             status["error"] = self.error_[1]
+        if status["state"] == UNHEARD:
+            status["reason"] = self.unheard_[1]
+        if self.unusable_models_:
+            status["unusable_models"] = self.unusable_models_
         if self.dp_budget is not None:  # local DP: this agent's epsilon at delta over the updates it made
             status["privacy"] = dict(self.dp_budget.report(), clip=self.dp.clip_norm)
         if self.statistics.noise is not None:  # --stats-noise: epsilon at delta per row over the releases made

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fleet name: topics live under <prefix>/<fleet>/",
     )
     p.add_argument("--id", metavar="ID", help="this agent's id, unique in the fleet (required)")
+    p.add_argument("--allow-other-username", action="store_true",
+                   help="let --username differ from --id: only for a broker whose ACL does not tie an agent's topics "
+                   "to its username (the shipped broker/acl does, and drops such an agent's updates)")
 
     d = p.add_argument_group("data (one of --data, --data-dir, --data-source)")
     d.add_argument("--data", metavar="FILE.csv", help="CSV with a header; rows appended later are picked up")
@@ -106,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="republish the retained status as a heartbeat this often; it is published anyway on "
                    "every change of state (connected, first update, error, budget spent, offline), not per "
                    "round: the update itself says that; 0: only on changes (default: 60)")
+    r.add_argument("--unheard-after", type=float, default=120.0, metavar="SECONDS",
+                   help="say state unheard (with the reason) when no model, or no model newer than the last update's "
+                   "base, came this long: its updates may never reach the coordinator; with --mqtt-version 5 a "
+                   "refused update says so at once; 0: never (default: 120)")
     r.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="logging level (default: INFO)")
     return p
@@ -116,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_layered(parser, argv, required=("broker", "fleet", "id"))
     if sum(bool(x) for x in (args.data, args.data_dir, args.data_source)) != 1:
         parser.error("give exactly one of --data, --data-dir or --data-source")
+    if args.username and args.username != args.id and not args.allow_other_username:
+        parser.error(f"--id {args.id!r} and --username {args.username!r} differ: the broker's ACL lets an agent publish "
+                     "only under its own username, so every update would be dropped (give the same, or "
+                     "--allow-other-username for a broker whose ACL does not tie them)")
     try:
         args.topics = Topics(args.fleet, args.topic_prefix)
         args.topics.update(args.id)  # validates the id
@@ -125,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError("--local-epochs and --batch-size must be >= 1")
         if args.min_new_samples < 0 or args.status_interval < 0 or (args.window is not None and args.window < 1):
             raise ValueError("--min-new-samples and --status-interval must be >= 0, --window >= 1")
+        if args.unheard_after < 0:
+            raise ValueError("--unheard-after must be >= 0 (0: never)")
         if args.resend_after < 0 or args.min_model_interval < 0:
             raise ValueError("--resend-after and --min-model-interval must be >= 0 (0: never, every version)")
         if args.poll_interval <= 0 or args.connect_timeout <= 0 or (args.train_every is not None and args.train_every <= 0):
@@ -221,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         agent.secure = SecAggClient(agent.agent_id, args.topics)
     session = AgentSession(agent, args.settings, connect_timeout=args.connect_timeout,
                            poll_interval=args.poll_interval, status_interval=args.status_interval,
-                           min_model_interval=args.min_model_interval, max_packet_bytes=args.max_packet_bytes)
+                           min_model_interval=args.min_model_interval, max_packet_bytes=args.max_packet_bytes,
+                           unheard_after=args.unheard_after)
     stop = threading.Event()
     watchdog: list[threading.Timer] = []
 

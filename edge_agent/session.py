@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 
-from edge_agent.agent import OFFLINE, TRAINING, Agent, offline_status
+from edge_agent.agent import NO_MODEL, NO_PROGRESS, OFFLINE, REFUSED, TRAINING, Agent, offline_status
 from edge_agent.chunks import ModelChunks, update_packets
 from protocol import chunking
 from protocol.transport import BrokerSettings, connect, make_client
@@ -58,6 +58,7 @@ class AgentSession:
         max_packet_bytes: int | None = None,
         min_model_interval: float = 0.0,
         slow_round_after: float = 1.0,
+        unheard_after: float = 120.0,
     ) -> None:
         self.agent = agent
         self.settings = settings
@@ -66,6 +67,10 @@ class AgentSession:
         self.status_interval = status_interval
         self.min_model_interval = min_model_interval
         self.slow_round_after = slow_round_after
+        self.unheard_after = unheard_after  # seconds without a (newer) model before the status says unheard; 0: never
+        self._connected_at: float | None = None  # monotonic, of the first connection
+        self._in_flight: dict[int, str] = {}  # mid -> what was published (update seq N), for an MQTT 5 refusal
+        self._foreign_said: set[str] = set()  # topics of another fleet the broker delivered (said once each)
         self._last_status = time.monotonic()  # of the last status published
         self._models_paused = False  # unsubscribed until _models_due_at (--min-model-interval)
         self._models_due_at = 0.0  # monotonic
@@ -88,6 +93,7 @@ class AgentSession:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
 
     # --- paho callbacks (network thread) ---------------------------------------------
 
@@ -97,6 +103,8 @@ class AgentSession:
                 log.error("broker refused the connection: %s", reason_code)
             return
         self._connected_once = True
+        if self._connected_at is None:
+            self._connected_at = time.monotonic()
         # QoS 0: the model is retained, so every (re)subscription brings the newest, and the
         # broker queues no stale models for an offline device (docs/architecture.md)
         if not self._models_paused:
@@ -127,6 +135,9 @@ class AgentSession:
             return
         if self._models_paused:  # sent before the broker took our unsubscribe: the newest comes on resubscribing
             return
+        if not self._ours(msg.topic):
+            self._foreign(msg.topic)
+            return
         try:
             payload = self.chunks.on_message(msg.topic, msg.payload)  # a whole model, or None while chunks are missing
             newer = payload is not None and self.agent.on_model(payload)
@@ -138,6 +149,62 @@ class AgentSession:
             if self.min_model_interval > 0:
                 self._pause_models()
             self.wake.set()
+
+    def _ours(self, topic: str) -> bool:
+        """A topic this session subscribes to (the fleet's model and its chunks)."""
+        topics = self.agent.topics
+        return topic == topics.model or mqtt.topic_matches_sub(topics.all_model_chunks, topic)
+
+    def _foreign(self, topic: str) -> None:
+        """The broker delivers a topic we never asked for: a session of this broker account kept the
+        subscription of an earlier run (another --fleet; the broker names sessions after the user).
+        Said once per topic, and unsubscribed (network thread)."""
+        if topic not in self._foreign_said:
+            self._foreign_said.add(topic)
+            log.warning("the broker delivers %s, but this agent runs fleet %r (%s): its session kept an earlier "
+                        "run's subscription (same broker account, another --fleet); unsubscribing from it",
+                        topic, self.agent.topics.fleet, self.agent.topics.model)
+            self.client.unsubscribe(topic)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        """MQTT 5: the broker's PUBACK says whether it took a message (3.1.1 always says yes)."""
+        what = self._in_flight.pop(mid, None)
+        if what is None:  # a status, statistics, schema or secure-aggregation message
+            return
+        if not reason_code.is_failure:
+            if self.agent.unheard_ is not None and self.agent.unheard_[0] == REFUSED:
+                self.agent.heard(REFUSED)
+                log.info("the broker took %s: the earlier refusal is over", what)
+                self.publish_status()
+            return
+        user = self.settings.username or "(anonymous)"
+        reason = (f"the broker refused {what} on {self.agent.topics.update(self.agent.agent_id)}: {reason_code} "
+                  f"(its ACL does not let user {user} publish there: check --fleet, and that --id is the account's username)")
+        if self.agent.set_unheard(REFUSED, reason):
+            log.error("%s; nothing this agent sends reaches the coordinator", reason)
+            self.publish_status()
+
+    def _check_heard(self) -> None:
+        """3.1.1 cannot say a publish was refused: no model (or no newer one) within the bound says it (main thread)."""
+        if not self.unheard_after or self._connected_at is None or self.agent.unheard_ is not None:
+            return
+        now, agent, topics = time.monotonic(), self.agent, self.agent.topics
+        if agent.model_ is None and now - self._connected_at >= self.unheard_after:
+            cause, reason = NO_MODEL, (
+                f"no model on {topics.model} within {self.unheard_after:g} s: no coordinator serves fleet "
+                f"{topics.fleet!r} on this broker, or its ACL does not let user {self.settings.username or '(anonymous)'} "
+                f"read it (check --fleet)")
+        elif agent.updates_sent_ and agent.model_.version <= agent.base_version_ \
+                and now - agent.last_train_at_ >= self.unheard_after:
+            cause, reason = NO_PROGRESS, (
+                f"no model newer than version {agent.base_version_} within {self.unheard_after:g} s of update seq "
+                f"{agent.seq_}: the coordinator may not receive this agent's updates (check --fleet, and that --id "
+                f"is the broker account's username)")
+        else:
+            return
+        agent.set_unheard(cause, reason)
+        log.warning("%s", reason)
+        self.publish_status()
 
     def _pause_models(self) -> None:
         """Stop listening for models until --min-model-interval has passed (network thread):
@@ -179,7 +246,10 @@ class AgentSession:
 
     def _publish_update(self, out: Outgoing, held: bool = False) -> None:
         for topic, packet in update_packets(self.agent.topics, self.agent.agent_id, out.payload, self.max_packet_bytes):
-            self.client.publish(topic, packet, qos=1)  # chunks on update/<id>/chunk when over the packet limit
+            info = self.client.publish(topic, packet, qos=1)  # chunks on update/<id>/chunk when over the packet limit
+            if len(self._in_flight) > 1000:  # acks that raced ahead of this line: never a leak
+                self._in_flight.clear()
+            self._in_flight[info.mid] = f"update seq {out.seq}"
         log.info("sent %supdate: version %d, seq %d, %d bytes, %s", "held " if held else "",
                  out.version, out.seq, len(out.payload), format_metrics(out.metrics))
 
@@ -252,6 +322,7 @@ class AgentSession:
                     self.train_and_send()
                 if self._models_paused and time.monotonic() >= self._models_due_at:
                     self._resume_models()
+                self._check_heard()
                 if self.status_interval and time.monotonic() - self._last_status >= self.status_interval:
                     self.publish_status()
         finally:
