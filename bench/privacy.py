@@ -102,6 +102,9 @@ def summarise(runs: list[dict], metric: str, epsilon: float | None, sigma: float
         out.update(epsilon=max(r["epsilon"] for r in runs), delta=DELTA, noise_multiplier=round(sigma, 4),
                    clip=clip_norm, noise_std_on_sum=round(sigma * clip_norm, 6))
         out["noise_std_per_coordinate_of_step"] = round(sigma * clip_norm / (k if "releases" in runs[0] else np.sqrt(k)), 6)
+        # the same releases under the replace-one relation (sensitivity 2C, issue 19.6): what a device whose
+        # participation is public gets; the fedmq-agent CLI's default
+        out["epsilon_replace_one"] = max(accounting.epsilon(sigma, r["contributions_max"], DELTA, "replace-one") for r in runs)
     out["runs"] = runs
     return out
 

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     _defaulted(dp, "--dp-delta", type=float, default=1e-5, help="report epsilon at this delta")
     dp.add_argument("--dp-epsilon-budget", type=float, metavar="EPSILON",
                     help="central: refuse (dp_budget) an update that would take its agent's epsilon above this (default: none)")
+    dp.add_argument("--dp-neighbours", choices=("add-remove", "replace-one"),
+                    help="the neighbour relation epsilon is reported under: add-remove (sensitivity C) or replace-one "
+                    "(2C: one device's data swapped for any other) (default: replace-one for local, add-remove for central)")
     _defaulted(dp, "--dp-norm-action", choices=("reject", "clip"), default="reject",
                help="central: an update above C is rejected (dp_norm) or scaled down to C (counted as clipped)")
 
@@ -191,12 +194,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             try:
                 args.strategy_obj, args.dp_policy = make_policy(
                     args.dp_mode, args.strategy_obj, GaussianMechanism(args.dp_clip, args.dp_noise), args.dp_delta,
-                    epsilon_budget=args.dp_epsilon_budget, norm_action=args.dp_norm_action)
+                    epsilon_budget=args.dp_epsilon_budget, norm_action=args.dp_norm_action,
+                    neighbours=args.dp_neighbours)
             except ImportError as exc:
                 raise ValueError(str(exc)) from None
             check_central_dp(args)
-        elif any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget)):
-            raise ValueError("--dp-clip, --dp-noise and --dp-epsilon-budget need --dp-mode local or central")
+        elif any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget, args.dp_neighbours)):
+            raise ValueError("--dp-clip, --dp-noise, --dp-epsilon-budget and --dp-neighbours need --dp-mode local or central")
         if args.secure_aggregation:  # coordinator/secagg.py
             require_extra("cryptography", "secagg", "--secure-aggregation")
             from coordinator.secagg import SecAggRounds, SecureCentralDP, SecureFedBuff  # cryptography: only when asked for
@@ -204,6 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if args.strategy != "fedbuff" or args.dp_mode == "local":
                 raise ValueError("--secure-aggregation needs --strategy fedbuff and no --dp-mode local")
             dp = None
+            if args.dp_mode == "central" and args.dp_neighbours == "replace-one":
+                raise ValueError("--secure-aggregation accounts central DP under add-remove only: drop --dp-neighbours replace-one")
             if args.dp_mode == "central":  # noise on each cohort's decoded sum; the agents clip to --dp-clip
                 dp = SecureCentralDP(GaussianMechanism(args.dp_clip, args.dp_noise), args.dp_delta,
                                      epsilon_budget=args.dp_epsilon_budget)

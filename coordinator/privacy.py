@@ -65,7 +65,8 @@ class CentralDP(Strategy):
         *,
         epsilon_budget: float | None = None,
         norm_action: str = "reject",
-        rng: np.random.Generator | None = None,
+        rng=None,
+        neighbours: str = "add-remove",
     ) -> None:
         if not isinstance(inner, FedBuff):  # FedAvg is a FedBuff
             raise ValueError("central DP needs a buffer to noise: use --strategy fedbuff or fedavg, not "
@@ -75,7 +76,7 @@ class CentralDP(Strategy):
                              "(a median or trimmed mean has no sensitivity the noise is calibrated to)")
         if norm_action not in ("reject", "clip"):
             raise ValueError(f"DP norm action must be reject or clip, got {norm_action!r}")
-        accounting.epsilon(mechanism.noise_multiplier, 1, delta)  # checks delta and that dp-accounting is installed
+        accounting.epsilon(mechanism.noise_multiplier, 1, delta, neighbours)  # checks delta, relation and the install
         if epsilon_budget is not None and not epsilon_budget > 0:
             raise ValueError(f"--dp-epsilon-budget must be > 0, got {epsilon_budget}")
         self.inner = inner
@@ -83,6 +84,7 @@ class CentralDP(Strategy):
         self.delta = delta
         self.epsilon_budget = epsilon_budget
         self.norm_action = norm_action
+        self.neighbours = neighbours
         self.rng = rng if rng is not None else secure_rng()
         self.name = f"{inner.name}+central-dp"
         self.contributions: Counter[str] = Counter()  # agent -> buffers released with its update
@@ -117,7 +119,7 @@ class CentralDP(Strategy):
         if agent in self._members:
             return Verdict("dp_repeat", update, staleness=verdict.staleness)
         if self.epsilon_budget is not None and accounting.epsilon(
-            self.mechanism.noise_multiplier, self.contributions[agent] + 1, self.delta
+            self.mechanism.noise_multiplier, self.contributions[agent] + 1, self.delta, self.neighbours
         ) > self.epsilon_budget:
             return Verdict("dp_budget", update, staleness=verdict.staleness)
         delta = verdict.delta
@@ -184,7 +186,7 @@ class CentralDP(Strategy):
     def report(self) -> dict:
         """The fleet's account: epsilon of the worst-off agent over the released buffers."""
         report = accounting.fleet_report(self.contributions, self.mechanism.noise_multiplier, self.delta,
-                                         "central", self.mechanism.clip_norm, self.releases)
+                                         "central", self.mechanism.clip_norm, self.releases, self.neighbours)
         report.update(buffer_size=self.buffer_size, epsilon_budget=self.epsilon_budget,
                       noise_std_per_update=round(self.noise_per_update * self.mechanism.clip_norm, 9))
         return report
@@ -193,10 +195,11 @@ class CentralDP(Strategy):
 class LocalDPLedger:
     """Local DP at the coordinator: count each agent's accepted updates, report the epsilon they imply."""
 
-    def __init__(self, mechanism: GaussianMechanism, delta: float) -> None:
-        accounting.epsilon(mechanism.noise_multiplier, 1, delta)  # checks delta and the install
+    def __init__(self, mechanism: GaussianMechanism, delta: float, neighbours: str = "add-remove") -> None:
+        accounting.epsilon(mechanism.noise_multiplier, 1, delta, neighbours)  # checks delta, relation and the install
         self.mechanism = mechanism
         self.delta = delta
+        self.neighbours = neighbours
         self.contributions: Counter[str] = Counter()
 
     def screen(self, verdict: Verdict) -> Verdict:
@@ -215,7 +218,7 @@ class LocalDPLedger:
     def report(self) -> dict:
         """The epsilon the counted updates imply at the fleet's sigma; the agents' statuses are authoritative."""
         report = accounting.fleet_report(self.contributions, self.mechanism.noise_multiplier, self.delta,
-                                         "local", self.mechanism.clip_norm)
+                                         "local", self.mechanism.clip_norm, neighbours=self.neighbours)
         report["source"] = "updates received x the fleet's --dp-noise"
         return report
 
@@ -288,17 +291,27 @@ class PrivateCoordinator(Coordinator):
 
 def make_policy(
     mode: str, strategy: Strategy, mechanism: GaussianMechanism, delta: float, *,
-    epsilon_budget: float | None = None, norm_action: str = "reject",
+    epsilon_budget: float | None = None, norm_action: str = "reject", neighbours: str | None = None,
 ) -> tuple[Strategy, Policy]:
-    """(the strategy to run, the DP policy) for `mode` local or central; ValueError on a bad combination."""
+    """(the strategy to run, the DP policy) for `mode` local or central; ValueError on a bad combination.
+
+    `neighbours` defaults to the mode's: add-remove for central, replace-one for local (`default_neighbours`)."""
+    neighbours = neighbours or default_neighbours(mode)
     if mode == "central":
-        central = CentralDP(strategy, mechanism, delta, epsilon_budget=epsilon_budget, norm_action=norm_action)
+        central = CentralDP(strategy, mechanism, delta, epsilon_budget=epsilon_budget, norm_action=norm_action,
+                            neighbours=neighbours)
         return central, central
     if mode == "local":
         if epsilon_budget is not None:
             raise ValueError("under local DP each agent keeps its own budget: give --dp-epsilon-budget to the agents")
-        return strategy, LocalDPLedger(mechanism, delta)
+        return strategy, LocalDPLedger(mechanism, delta, neighbours)
     raise ValueError(f"unknown DP mode {mode!r}: use {' or '.join(DP_MODES)}")
+
+
+def default_neighbours(mode: str) -> str:
+    """Local DP: replace-one (a device's updates are seen by the broker, so its participation is public);
+    central DP: add-remove (DP-FedAvg's relation; the model readers do not see who took part)."""
+    return "replace-one" if mode == "local" else "add-remove"
 
 
 def guard(validator: UpdateValidator, policy: Policy) -> PrivacyGate:

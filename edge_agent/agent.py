@@ -72,6 +72,7 @@ class Agent:
         dp: GaussianMechanism | None = None,
         dp_delta: float = 1e-5,
         dp_epsilon_budget: float | None = None,
+        dp_neighbours: str = "add-remove",
         stats_noise: StatsMechanism | None = None,
     ) -> None:
         self.agent_id = check_name("agent id", agent_id)
@@ -112,7 +113,7 @@ class Agent:
         if dp is not None:
             from protocol.accounting import Budget  # needs the dp extra
 
-            self.dp_budget = Budget(dp.noise_multiplier, dp_delta, dp_epsilon_budget)
+            self.dp_budget = Budget(dp.noise_multiplier, dp_delta, dp_epsilon_budget, neighbours=dp_neighbours)
         elif dp_epsilon_budget is not None:
             raise ValueError("--dp-epsilon-budget needs local DP: give --dp-clip and --dp-noise")
 

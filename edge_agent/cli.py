@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="report epsilon at this delta in the status (default: 1e-5)")
     dp.add_argument("--dp-epsilon-budget", type=float, metavar="EPSILON",
                     help="stop sending (state budget_spent) once the next update would take epsilon above this (default: none)")
+    dp.add_argument("--dp-neighbours", choices=("add-remove", "replace-one"), default="replace-one",
+                    help="the neighbour relation of the epsilon (status privacy.neighbours) and the budget: replace-one "
+                    "(sensitivity 2C: this device's data swapped for any other; its participation is public to the "
+                    "broker) or add-remove (sensitivity C) (default: replace-one)")
 
     dp.add_argument("--stats-noise", type=float, metavar="SIGMA",
                     help="send the feature statistics noised (Gaussian, noise multiplier SIGMA, per row of the "
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                   min_new_samples=args.min_new_samples, train_every=args.train_every, seed=args.seed,
                   resend_after=args.resend_after or None,
                   dp=args.dp, dp_delta=args.dp_delta, dp_epsilon_budget=args.dp_epsilon_budget,
-                  stats_noise=args.stats_noise_mechanism)
+                  dp_neighbours=args.dp_neighbours, stats_noise=args.stats_noise_mechanism)
     agent.new_samples_ = rows
     if args.secure_aggregation:  # edge_agent/secagg.py
         if args.dp is not None:

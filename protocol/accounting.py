@@ -1,9 +1,12 @@
 """Privacy accounting over Google's dp-accounting: epsilon at a delta for n Gaussian releases.
 
 Each contribution of a device (an update it sends under local DP, or a buffer its update
-was part of under central DP) is one `GaussianDpEvent` with the noise multiplier sigma:
-sensitivity C (the clipping norm) under the add-or-remove-one-device relation, noise
-standard deviation sigma C. The events are composed with `dp_accounting.rdp.RdpAccountant`
+was part of under central DP) is one Gaussian release of noise std sigma C. Its
+sensitivity depends on the neighbour relation (`NEIGHBOURS`, as Flower's
+`NeighboringRelation`): C under add-remove (the output with or without the device), 2C
+under replace-one (the device's data swapped for any other: the relation that means
+something when the device's participation is public). One release is then one
+`GaussianDpEvent` of multiplier sigma (add-remove) or sigma / 2 (replace-one). The events are composed with `dp_accounting.rdp.RdpAccountant`
 and converted to epsilon at delta.
 
 No sampling amplification is claimed: agents choose when to train, nobody samples them
@@ -35,6 +38,16 @@ def check_available() -> None:
     _dp()
 
 
+NEIGHBOURS = ("add-remove", "replace-one")
+
+
+def event_multiplier(noise_multiplier: float, neighbours: str = "add-remove") -> float:
+    """The GaussianDpEvent multiplier of one release: noise std / sensitivity (C, or 2C for replace-one)."""
+    if neighbours not in NEIGHBOURS:
+        raise ValueError(f"--dp-neighbours must be {' or '.join(NEIGHBOURS)}, got {neighbours!r}")
+    return noise_multiplier / 2 if neighbours == "replace-one" else noise_multiplier
+
+
 def _check(noise_multiplier: float, delta: float) -> None:
     if not noise_multiplier > 0 or not math.isfinite(noise_multiplier):
         raise ValueError(f"noise multiplier must be a finite number > 0, got {noise_multiplier}")
@@ -43,9 +56,11 @@ def _check(noise_multiplier: float, delta: float) -> None:
 
 
 @lru_cache(maxsize=4096)
-def epsilon(noise_multiplier: float, contributions: int, delta: float) -> float:
-    """Epsilon at `delta` after `contributions` Gaussian releases with `noise_multiplier` (RDP)."""
+def epsilon(noise_multiplier: float, contributions: int, delta: float, neighbours: str = "add-remove") -> float:
+    """Epsilon at `delta` after `contributions` Gaussian releases with `noise_multiplier` (RDP),
+    under the `neighbours` relation."""
     _check(noise_multiplier, delta)
+    noise_multiplier = event_multiplier(noise_multiplier, neighbours)
     if contributions < 0:
         raise ValueError(f"contributions must be >= 0, got {contributions}")
     if contributions == 0:
@@ -56,17 +71,18 @@ def epsilon(noise_multiplier: float, contributions: int, delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-def max_contributions(noise_multiplier: float, delta: float, budget: float, limit: int = 1_000_000) -> int:
+def max_contributions(noise_multiplier: float, delta: float, budget: float, limit: int = 1_000_000,
+                      neighbours: str = "add-remove") -> int:
     """The most releases whose epsilon stays <= `budget` (0 if even one exceeds it)."""
     if not budget > 0:
         return 0
     lo, hi = 0, 1
-    while hi <= limit and epsilon(noise_multiplier, hi, delta) <= budget:
+    while hi <= limit and epsilon(noise_multiplier, hi, delta, neighbours) <= budget:
         lo, hi = hi, hi * 2
     hi = min(hi, limit + 1)
     while hi - lo > 1:  # epsilon(lo) <= budget < epsilon(hi)
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if epsilon(noise_multiplier, mid, delta) <= budget else (lo, mid)
+        lo, hi = (mid, hi) if epsilon(noise_multiplier, mid, delta, neighbours) <= budget else (lo, mid)
     return lo
 
 
@@ -97,9 +113,11 @@ class Budget:
     delta: float
     epsilon_budget: float | None = None
     contributions: int = 0
+    neighbours: str = "add-remove"
 
     def __post_init__(self) -> None:
         _check(self.noise_multiplier, self.delta)
+        event_multiplier(self.noise_multiplier, self.neighbours)
         if self.epsilon_budget is not None and not self.epsilon_budget > 0:
             raise ValueError(f"--dp-epsilon-budget must be > 0, got {self.epsilon_budget}")
         check_available()
@@ -107,11 +125,11 @@ class Budget:
     @property
     def epsilon(self) -> float:
         """Epsilon spent so far, at `delta`."""
-        return epsilon(self.noise_multiplier, self.contributions, self.delta)
+        return epsilon(self.noise_multiplier, self.contributions, self.delta, self.neighbours)
 
     def epsilon_after(self, more: int = 1) -> float:
         """Epsilon if `more` contributions were made now."""
-        return epsilon(self.noise_multiplier, self.contributions + more, self.delta)
+        return epsilon(self.noise_multiplier, self.contributions + more, self.delta, self.neighbours)
 
     def can_contribute(self) -> bool:
         """True while one more contribution stays within the budget (always without one)."""
@@ -129,14 +147,15 @@ class Budget:
             "noise_multiplier": self.noise_multiplier,
             "contributions": self.contributions,
             "epsilon_budget": self.epsilon_budget,
+            "neighbours": self.neighbours,
             "accountant": "rdp",
         }
 
 
 def fleet_report(counts: Mapping[str, int], noise_multiplier: float, delta: float, mode: str,
-                 clip_norm: float, releases: int | None = None) -> dict:
+                 clip_norm: float, releases: int | None = None, neighbours: str = "add-remove") -> dict:
     """The fleet's account: the largest epsilon any device reached (the worst-off device) and the spread."""
-    eps = sorted(epsilon(noise_multiplier, n, delta) for n in counts.values())
+    eps = sorted(epsilon(noise_multiplier, n, delta, neighbours) for n in counts.values())
     report = {
         "mode": mode,
         "epsilon": eps[-1] if eps else 0.0,
@@ -146,6 +165,7 @@ def fleet_report(counts: Mapping[str, int], noise_multiplier: float, delta: floa
         "clip": clip_norm,
         "agents": len(eps),
         "contributions_max": max(counts.values(), default=0),
+        "neighbours": neighbours,
         "accountant": "rdp",
     }
     if releases is not None:

@@ -114,6 +114,28 @@ def test_accountant_helpers():
     assert report["contributions_max"] == 5 and report["agents"] == 3
 
 
+def test_replace_one_is_sensitivity_2c_from_dp_accounting():
+    """Issue 19.6: replace-one doubles the sensitivity; the bench's 1 / 3 / 8 read 2.14 / 6.64 / 18.83."""
+    for sigma, n in ((18.0938, 20), (6.6797, 20), (2.8535, 20), (1.5, 7)):
+        direct = rdp.RdpAccountant()
+        direct.compose(dp_accounting.GaussianDpEvent(sigma / 2), n)  # std sigma C over a shift of 2C
+        assert accounting.epsilon(sigma, n, DELTA, "replace-one") == pytest.approx(direct.get_epsilon(DELTA), rel=1e-9)
+    assert [round(accounting.epsilon(s, 20, DELTA, "replace-one"), 2) for s in (18.0938, 6.6797, 2.8535)] == [2.14, 6.64, 18.83]
+    with pytest.raises(ValueError, match="--dp-neighbours"):
+        accounting.epsilon(1.0, 1, DELTA, "swap")
+    agent = agent_args(["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--id", "a", "--data", "x.csv",
+                        "--dp-clip", "1", "--dp-noise", "1"])
+    assert agent.dp_neighbours == "replace-one"
+    base = ["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--model", "sgd-regressor", "--n-features", "3",
+            "--strategy", "fedbuff", "--dp-clip", "1", "--dp-noise", "1"]
+    assert coordinator_args(base + ["--dp-mode", "local"]).dp_policy.neighbours == "replace-one"
+    central = coordinator_args(base + ["--dp-mode", "central", "--checkpoint-dir", "/tmp/unused"]).dp_policy
+    assert central.neighbours == "add-remove" and central.report()["neighbours"] == "add-remove"
+    swapped = coordinator_args(base + ["--dp-mode", "central", "--checkpoint-dir", "/tmp/unused",
+                                       "--dp-neighbours", "replace-one"]).dp_policy
+    assert swapped.neighbours == "replace-one"
+
+
 # --- the agent (local DP) ----------------------------------------------------------------
 
 
@@ -272,7 +294,9 @@ def test_local_dp_agent_publishes_its_epsilon_over_mosquitto(tmp_path, mosquitto
     data = tmp_path / "agent.csv"
     write_csv(data, X[:300], Y[:300])
     sigma, budget = 1.5, 25.0
-    allowed = accounting.max_contributions(sigma, DELTA, budget)
+    # issue 19.6: the CLIs' default relation under local DP is replace-one (sensitivity 2C)
+    allowed = accounting.max_contributions(sigma, DELTA, budget, neighbours="replace-one")
+    assert allowed < accounting.max_contributions(sigma, DELTA, budget)
     watcher = TopicWatcher(mosquitto.port, TOPICS.everything)
     coordinator = spawn(
         "coordinator", "--broker", mosquitto.url, "--fleet", TOPICS.fleet, "--model", "sgd-classifier",
@@ -289,13 +313,15 @@ def test_local_dp_agent_publishes_its_epsilon_over_mosquitto(tmp_path, mosquitto
             lambda: (s := watcher.json(TOPICS.agent_status("dev1"))) and s.get("state") == "budget_spent" and s,
             60, "the agent to spend its budget")
         assert status["privacy"]["contributions"] == allowed == status["updates_sent"]
-        assert status["privacy"]["epsilon"] == pytest.approx(accounting.epsilon(sigma, allowed, DELTA), abs=1e-6)
+        assert status["privacy"]["epsilon"] == pytest.approx(accounting.epsilon(sigma / 2, allowed, DELTA), abs=1e-6)
         assert status["privacy"]["epsilon"] <= budget and status["privacy"]["delta"] == DELTA
+        assert status["privacy"]["neighbours"] == "replace-one"
         assert "metrics" not in status and status["samples"] is None
         fleet = watcher.wait_for(
             lambda: (s := watcher.json(TOPICS.coordinator_status)) and (s.get("privacy") or {}).get("contributions_max") == allowed and s,
             30, "the coordinator to count every update")
         assert fleet["privacy"]["mode"] == "local" and fleet["privacy"]["epsilon"] == pytest.approx(status["privacy"]["epsilon"], abs=1e-6)
+        assert fleet["privacy"]["neighbours"] == "replace-one"
     finally:
         stop(agent)
         stop(coordinator)
@@ -359,6 +385,9 @@ def test_docs_quote_the_privacy_results_exactly():
                 row = f"| {eps} | {results[name]['local'][f'epsilon_{eps}'][f'median_{metric}']} | "
                 for text in docs.values():
                     assert row in text and f"{cell[f'median_{metric}']} | ({cell['epsilon']:.4f}, {cell['delta']:g})" in text
+            local = results[name]["local"][f"epsilon_{eps}"]
+            for text in docs.values():  # issue 19.6: the replace-one epsilon of the same releases
+                assert f"| {local['noise_multiplier']} | {local['epsilon_replace_one']:.4f} |" in text
 
 
 def test_central_account_and_buffer_survive_a_checkpoint(tmp_path):
