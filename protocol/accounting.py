@@ -2,8 +2,7 @@
 
 Each contribution of a device (an update it sends under local DP, or a buffer its update
 was part of under central DP) is one Gaussian release of noise std sigma C. Its
-sensitivity depends on the neighbour relation (`NEIGHBOURS`, as Flower's
-`NeighboringRelation`): C under add-remove (the output with or without the device), 2C
+sensitivity depends on the neighbour relation (`NEIGHBOURS`): C under add-remove (the output with or without the device), 2C
 under replace-one (the device's data swapped for any other: the relation that means
 something when the device's participation is public). One release is then one
 `GaussianDpEvent` of multiplier sigma (add-remove) or sigma / 2 (replace-one). The events are composed with `dp_accounting.rdp.RdpAccountant`
