@@ -16,6 +16,8 @@ from edge_agent.data import DataSource
 from edge_agent.error_feedback import ErrorFeedback
 from edge_agent.statistics import LocalStatistics, prepare_features
 from edge_agent.trainer import LocalTrainer
+# the values of the status's "state" field live in protocol/agent_states.py (the monitor reads them too)
+from protocol.agent_states import BUDGET_SPENT, ERROR, IDLE, OFFLINE, ONLINE, STATES, TRAINING, UNHEARD  # noqa: F401
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, UpdateMessage, decode_model, encode_update
 from protocol.model_spec import ModelSpec
@@ -28,17 +30,8 @@ from protocol.topics import Topics, check_name
 
 log = logging.getLogger(__name__)
 
-# Values of the "state" field of the retained agent status.
-ONLINE = "online"  # connected; no model yet, or a newer model waiting to be trained on
-TRAINING = "training"  # a local round is running
-IDLE = "idle"  # has sent its update for the newest model it holds; waits for a newer one
-OFFLINE = "offline"  # stopped cleanly, or the broker published the last will
-ERROR = "error"  # cannot train on the fleet's model (the reason is in the status); waits for another
-BUDGET_SPENT = "budget_spent"  # local DP: one more update would exceed --dp-epsilon-budget; sends no more
-UNHEARD = "unheard"  # its updates do not reach the coordinator, or no model comes (the reason is in the status)
 # causes of UNHEARD (Agent.set_unheard)
 REFUSED, NO_MODEL, NO_PROGRESS = "refused", "no_model", "no_progress"
-STATES = (ONLINE, TRAINING, IDLE, OFFLINE, ERROR, BUDGET_SPENT, UNHEARD)  # every state a status can say (docs/monitoring.md)
 
 
 class Agent:

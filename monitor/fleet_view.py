@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from monitor.values import counts, latest, mapping, number, numbers, text, whole
+from protocol.agent_states import REASON_FIELDS, STATES
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_METRICS, decode_model, decode_update
 from protocol.schema import decode_schema
@@ -21,7 +22,6 @@ from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 
-AGENT_STATES = ("online", "training", "idle", "offline")
 MAX_JSON_BYTES = 64 * 1024  # status documents are a few hundred bytes
 
 
@@ -31,6 +31,7 @@ class AgentView:
 
     agent: str
     state: str | None = None  # None: no status seen yet
+    reason: str | None = None  # why, in a state that says why (error, unheard)
     base_version: int | None = None  # model version its newest update was trained from
     model_version: int | None = None  # newest model it says it holds
     updates_seen: int = 0  # update messages this monitor received
@@ -210,10 +211,11 @@ class FleetView:
         if doc.get("agent") != agent_id:
             raise ProtocolError("agent_mismatch", f"status of {doc.get('agent')!r} on the topic of {agent_id!r}")
         state = doc.get("state")
-        if state not in AGENT_STATES:
+        if state not in STATES:  # the agent's own list (protocol/agent_states.py): every state it can say is shown
             raise ProtocolError("schema", f"unknown agent state {state!r}")
         agent = self._agent(agent_id)
         agent.state = state  # the last will says only offline: the other fields keep what was known
+        agent.reason = text(doc, REASON_FIELDS.get(state, "reason"), limit=300)
         agent.base_version = whole(doc, "version", agent.base_version)
         agent.model_version = whole(doc, "model_version", agent.model_version)
         agent.updates_sent = whole(doc, "updates_sent", agent.updates_sent)

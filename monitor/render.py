@@ -14,7 +14,8 @@ from rich.text import Text
 LEGEND = ("base: model version of the agent's newest update; stale: version - base; model: newest model it holds; "
           "upd: updates seen here/sent in all; last: its newest update; rows: local samples; "
           "eval: its score of the global model on its own data")
-STATE_STYLES = {"online": "cyan", "training": "yellow", "idle": "green", "offline": "red"}
+STATE_STYLES = {"online": "cyan", "training": "yellow", "idle": "green", "offline": "red", "error": "bold red",
+                "unheard": "bold magenta", "budget_spent": "yellow"}
 
 
 def render(snapshot: dict) -> Group:
@@ -70,11 +71,14 @@ def agents_table(snapshot: dict) -> Table:
     """One row per agent: state, base version and staleness, updates seen/sent, last update."""
     agents = snapshot["agents"]
     show_bad = any(a["bad"] for a in agents)  # a column only when there is something in it
+    show_reason = any(a.get("reason") for a in agents)
     table = Table(title=f"{len(agents)} agents", title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True,
                   caption=LEGEND, caption_justify="left")
     for name in ("agent", "state", "base", "stale", "model", "upd", "last", "bytes", "rows", "eval") \
             + (("bad",) if show_bad else ()):
         table.add_column(name, justify="left" if name in ("agent", "state") else "right", no_wrap=True)
+    if show_reason:  # why an agent in error or unheard does not train or is not heard
+        table.add_column("reason", justify="left", overflow="fold", min_width=20)
     now = snapshot["time"]
     for a in agents:
         state = a["state"] or "?"
@@ -84,7 +88,8 @@ def agents_table(snapshot: dict) -> Table:
             _ago(a["last_update_time"], now), _fmt(a["last_update_bytes"]), _fmt(a["samples"]),
             Text(agent_eval(a["metrics"])),
         ]
-        table.add_row(*row, *([Text(str(a["bad"]), style="red")] if show_bad else []))
+        table.add_row(*row, *([Text(str(a["bad"]), style="red")] if show_bad else []),
+                      *([Text(a.get("reason") or "")] if show_reason else []))
     return table
 
 

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from coordinator.cli import build_parser as coordinator_parser
-from edge_agent.agent import STATES
+from protocol.agent_states import STATES
 from edge_agent.cli import build_parser as agent_parser
 from fleet import ROOT
 from monitor.cli import build_parser as monitor_parser

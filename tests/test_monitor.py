@@ -325,3 +325,48 @@ def test_schema_announcements_are_a_known_topic_and_garbage_on_them_is_counted()
     assert view.feed(T.schema("b"), b"\xc1", NOW) == "schema:decode"
     assert view.feed(T.schema("a"), b"", NOW) is None  # cleared
     assert view.snapshot(NOW)["schema"] == {}
+
+
+def status_in(state: str, agent_id: str) -> bytes:
+    """The retained status a real `Agent` publishes in `state` (issue 22 point 3)."""
+    from edge_agent.agent import NO_MODEL, Agent
+    from edge_agent.data import ArraySource
+    from edge_agent.trainer import LocalTrainer
+
+    agent = Agent(agent_id, T, ArraySource(np.zeros((4, 4)), np.zeros(4, dtype=int)), LocalTrainer())
+    agent.on_model(model(3))
+    if state == "error":
+        agent.error_ = (3, "columns do not match the fleet's: missing column(s) 'alcohol'")
+    elif state == "unheard":
+        agent.set_unheard(NO_MODEL, f"no model on {T.model} within 120 s (check --fleet)")
+    doc = agent.status(None if state in ("error", "unheard", "online") else state)
+    assert doc["state"] == state, doc
+    return json.dumps(doc).encode()
+
+
+def test_once_shows_every_agent_state_with_its_reason(mosquitto):
+    """Every state protocol/agent_states.py lists, as the agent publishes it, is a row; error and unheard with why."""
+    from protocol.agent_states import REASON_FIELDS, STATES
+
+    watcher = TopicWatcher(mosquitto.port, T.everything)
+    try:
+        for state in STATES:
+            watcher.client.publish(T.agent_status(f"in-{state}"), status_in(state, f"in-{state}"), qos=1,
+                                   retain=True).wait_for_publish(WAIT)
+        proc = run_monitor("--broker", mosquitto.url, "--fleet", FLEET, "--once", "--wait", "1", "--json")
+        table = run_monitor("--broker", mosquitto.url, "--fleet", FLEET, "--once", "--wait", "1")
+    finally:
+        watcher.close()
+    assert proc.returncode == 0 and table.returncode == 0, proc.stderr + table.stderr
+    snap = json.loads(proc.stdout)
+    rows = {a["agent"]: a for a in snap["agents"]}
+    assert snap["bad"]["count"] == 0, snap["bad"]
+    assert {rows[f"in-{s}"]["state"] for s in STATES if f"in-{s}" in rows} == set(STATES), rows
+    assert "alcohol" in rows["in-error"]["reason"] and "--fleet" in rows["in-unheard"]["reason"]
+    assert set(REASON_FIELDS) == {"error", "unheard"}
+    assert f"{len(STATES)} agents" in table.stdout, table.stdout
+    for state in STATES:
+        line = next(line for line in table.stdout.splitlines() if f"in-{state} " in line)
+        assert state in line, line
+    words = " ".join(table.stdout.split())  # the reason column folds long reasons over lines
+    assert "'alcohol'" in words and "(check --fleet)" in words, table.stdout
