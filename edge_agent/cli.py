@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("reporting")
     r.add_argument("--status-interval", type=float, default=60.0, metavar="SECONDS",
                    help="republish the retained status as a heartbeat this often; it is published anyway on "
-                   "every change of state (connected, first update, error, budget spent, offline), not per "
-                   "round: the update itself says that; 0: only on changes (default: 60)")
+                   "every change of state (connected, first update, error, unheard, budget spent, offline) and "
+                   "within 5 s of every new base version (at most one per 5 s), not per round: the update "
+                   "itself says that; 0: no heartbeat (default: 60)")
     r.add_argument("--unheard-after", type=float, default=120.0, metavar="SECONDS",
                    help="say state unheard (with the reason) when no model, or no model newer than the last update's "
                    "base, came this long: its updates may never reach the coordinator; with --mqtt-version 5 a "

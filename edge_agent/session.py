@@ -59,6 +59,7 @@ class AgentSession:
         min_model_interval: float = 0.0,
         slow_round_after: float = 1.0,
         unheard_after: float = 120.0,
+        version_status_bound: float = 5.0,
     ) -> None:
         self.agent = agent
         self.settings = settings
@@ -72,6 +73,9 @@ class AgentSession:
         self._in_flight: dict[int, str] = {}  # mid -> what was published (update seq N), for an MQTT 5 refusal
         self._foreign_said: set[str] = set()  # topics of another fleet the broker delivered (said once each)
         self._last_status = time.monotonic()  # of the last status published
+        # a new base version is in the retained status within this many seconds (at most one status per bound)
+        self.version_status_bound = version_status_bound
+        self._status_version: int | None = None  # the base version the last published status showed
         self._models_paused = False  # unsubscribed until _models_due_at (--min-model-interval)
         self._models_due_at = 0.0  # monotonic
         self.models_taken = 0  # models handed to the agent that were newer than the one held
@@ -228,6 +232,7 @@ class AgentSession:
         if not self.client.is_connected():
             return None
         self._last_status = time.monotonic()
+        self._status_version = self.agent.base_version_
         doc = json.dumps(self.agent.status(state), separators=(",", ":"))
         return self.client.publish(self.agent.topics.agent_status(self.agent.agent_id), doc, qos=1, retain=True)
 
@@ -325,6 +330,8 @@ class AgentSession:
                 self._check_heard()
                 if self.status_interval and time.monotonic() - self._last_status >= self.status_interval:
                     self.publish_status()
+                elif self._version_status_due():
+                    self.publish_status()
         finally:
             self.close()
 
@@ -341,9 +348,16 @@ class AgentSession:
             self.send(Outgoing(payload, self.agent.seq_, self.agent.base_version_, self.agent.last_metrics_))
         elif self.agent.secure is not None and self.client.is_connected():  # a delta held: announce its fresh key
             self._publish_secagg([self.agent.secure.announcement()])
-        if self.agent.status_changed() or self._said_training:
+        if self.agent.status_changed() or self._said_training or self._version_status_due():
             self._said_training = False
             self.publish_status()
+
+    def _version_status_due(self) -> bool:
+        """The base version moved since the last status, and the last one is `version_status_bound` old:
+        so the retained status is at most that far behind the agent's newest update (and no more than
+        one status per bound goes out, however fast the fleet's versions move)."""
+        return self.agent.base_version_ != self._status_version \
+            and time.monotonic() - self._last_status >= self.version_status_bound
 
     def _say_training(self) -> None:
         """A round is taking long: say so (timer thread; paho's publish is thread-safe)."""
