@@ -106,6 +106,7 @@ acl="$out/acl.tmp"
     echo "topic read fedmq/$agent_fleet/secagg/inbox/$user"
     echo "topic read fedmq/$agent_fleet/secagg/cohort"
     echo "topic read fedmq/$agent_fleet/secagg/unmask"
+    echo "topic read fedmq/$agent_fleet/secagg/key/+"  # every peer's announced keys, to check the cohort's
   done
 } > "$acl"
 chmod 644 "$acl"  # no secret in it; mosquitto must read it

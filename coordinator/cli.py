@@ -118,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--secagg-threshold", type=int, metavar="T",
                      help="shares needed to unmask; fewer surviving agents abort the round (default: K // 2 + 1)")
     _defaulted(sec, "--secagg-clip", type=float, default=10.0, help="agents clip each coordinate to [-CLIP, CLIP] before quantizing")
-    _defaulted(sec, "--secagg-timeout", type=float, default=10.0, help="seconds each stage of a round waits for answers")
+    _defaulted(sec, "--secagg-timeout", type=float, default=10.0, help="seconds at most each stage of a round waits for answers")
+    _defaulted(sec, "--secagg-grace", type=float, default=2.0,
+               help="once T members have answered a stage, seconds it waits for the rest (at once if they are offline)")
+    _defaulted(sec, "--secagg-backoff", type=float, default=30.0,
+               help="a member that misbehaves in a round (no answer, shares that do not open, a bad reveal) is left out "
+               "of cohorts for this many seconds, doubled per further strike (at most an hour); a good round clears it")
 
     o = p.add_argument_group("publishing, durability, evaluation")
     _defaulted(o, "--publish-interval", type=float, default=1.0,
@@ -219,6 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.secagg_threshold = args.secagg_threshold or args.buffer_size // 2 + 1
             args.secagg_rounds = SecAggRounds(args.topics, args.spec.n_params, args.buffer_size, args.secagg_threshold,
                                               clip=args.secagg_clip, timeout=args.secagg_timeout,
+                                              grace=args.secagg_grace, backoff=args.secagg_backoff,
                                               l2_clip=args.dp_clip if dp else None, eligible=dp.eligible if dp else None)
             args.strategy_obj = SecureFedBuff(args.strategy_obj, dp)
         args.norm = NormBound(args.max_update_norm, args.norm_factor, sample_factor=args.sample_factor)

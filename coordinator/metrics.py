@@ -71,6 +71,18 @@ class StatusCollector:
         if isinstance(status.get("schema"), dict):  # coordinator/schema.py
             yield gauge("fedmq_schema_mismatched", "Agents whose columns are not the fleet's (they do not train)",
                         status["schema"]["mismatched"])
+        secagg = status.get("secure_aggregation")  # coordinator/secagg.py: only with --secure-aggregation
+        if isinstance(secagg, dict):
+            yield counter("fedmq_secagg_rounds_completed", "Secure-aggregation rounds whose sum stepped the model",
+                          secagg["completed"])
+            for name, doc, key in (("fedmq_secagg_rounds_aborted", "Secure-aggregation rounds aborted, by reason", "aborted"),
+                                   ("fedmq_secagg_excluded", "Members left out of cohorts for misbehaving, by reason", "excluded")):
+                family = CounterMetricFamily(name, doc, labels=["fleet", "reason"])
+                for reason, count in (secagg.get(key) or {}).items():
+                    family.add_metric([status["fleet"], reason], count)
+                yield family
+            yield gauge("fedmq_secagg_excluded_now", "Members sitting out their back-off now",
+                        len(secagg.get("excluded_now") or {}))
         score = GaugeMetricFamily("fedmq_eval_score", "Global model on --eval-csv", labels=["fleet", "metric"])
         for metric in ("accuracy", "r2", "roc_auc", "flagged"):
             if status.get(metric) is not None:

@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CLIP = 10.0
 DEFAULT_TIMEOUT = 10.0
+DEFAULT_GRACE = 2.0  # seconds a stage waits for the rest once t members have answered
+DEFAULT_BACKOFF = 30.0  # first exclusion of a member that misbehaved; doubles per strike
+MAX_BACKOFF = 3600.0
 
 
 class SecureCentralDP:
@@ -144,6 +147,7 @@ class Announcement:
     c: bytes
     s: bytes
     version: int
+    b_hash: bytes = b""  # SHA-256 commitment to the self-mask seed (sa.seed_commitment)
 
 
 @dataclass
@@ -162,6 +166,7 @@ class Round:
     masked: dict[str, np.ndarray] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     reveals: dict[str, dict] = field(default_factory=dict)
+    complaints: dict[str, list[str]] = field(default_factory=dict)  # member -> members whose share to it did not open
 
 
 @dataclass
@@ -182,8 +187,11 @@ class SecAggRounds:
     def __init__(
         self, topics: Topics, n_params: int, k: int, threshold: int, *,
         clip: float = DEFAULT_CLIP, timeout: float = DEFAULT_TIMEOUT, l2_clip: float | None = None,
-        eligible=None,
+        eligible=None, grace: float = DEFAULT_GRACE, backoff: float = DEFAULT_BACKOFF,
     ) -> None:
+        for flag, value in (("--secagg-timeout", timeout), ("--secagg-grace", grace), ("--secagg-backoff", backoff)):
+            if not value > 0:
+                raise ValueError(f"{flag} must be > 0, got {value}")
         if k < 2:
             raise ValueError(f"a secure-aggregation cohort needs K >= 2 agents, got {k}")
         if not k // 2 < threshold <= k:
@@ -194,6 +202,8 @@ class SecAggRounds:
         self.threshold = threshold
         self.clip = clip
         self.timeout = timeout
+        self.grace = grace
+        self.backoff = backoff
         self.scale = sa.choose_scale(clip, k)
         # central DP: agents clip each delta to L2 norm l2_clip, quantization included (edge_agent/secagg.py)
         if l2_clip is not None and not l2_clip > 2 * sa.quantization_margin(n_params, self.scale):
@@ -216,6 +226,12 @@ class SecAggRounds:
         self.last_round_: bytes | None = None  # id of the newest completed round
         self.resumed_ = 0  # rounds taken up again from a checkpoint after a restart
         self._result: Result | None = None
+        # members that misbehaved in a round (no answer, garbage shares, a bad reveal) are left out of
+        # cohorts for backoff * 2^(strikes - 1) seconds; a round they complete clears their strikes
+        self.strikes: Counter[str] = Counter()
+        self.banned: dict[str, tuple[float, str]] = {}  # agent -> (monotonic time it may return, why)
+        self.excluded_: Counter[str] = Counter()  # exclusions by reason
+        self.now_ = 0.0
 
     @property
     def subscriptions(self) -> list[str]:
@@ -234,10 +250,13 @@ class SecAggRounds:
     def handle(self, topic: str, payload: bytes, now: float | None = None) -> str | None:
         """Take one message; None if used, else why it was refused (counted)."""
         now = time.monotonic() if now is None else now
+        self.now_ = now
         try:
             agent = self.topics.agent_of_status(topic)
             if agent is not None:
                 self._status(agent, payload)
+                if self.round is not None:
+                    self._hurry(now)
                 return None
             kind, agent = self.topics.secagg_of(topic) or (None, None)
             if kind == "key":
@@ -268,12 +287,12 @@ class SecAggRounds:
             self.keys.pop(agent, None)
             return
         m = sa.decode(payload, "key")
-        key_id, c, s, version = m.get("key_id"), m.get("c"), m.get("s"), m.get("version")
-        for value, n, what in ((key_id, 16, "key id"), (c, 32, "c key"), (s, 32, "s key")):
+        key_id, c, s, version, b_hash = m.get("key_id"), m.get("c"), m.get("s"), m.get("version"), m.get("b_hash")
+        for value, n, what in ((key_id, 16, "key id"), (c, 32, "c key"), (s, 32, "s key"), (b_hash, 32, "seed commitment")):
             sa._check_len(value, n, what)
         if not isinstance(version, int):
             raise sa.SecAggError("key announcement without a model version")
-        self.keys[agent] = Announcement(key_id, c, s, version)
+        self.keys[agent] = Announcement(key_id, c, s, version, b_hash)
 
     def _current(self, m: dict, agent: str, stage: str) -> Round:
         r = self.round
@@ -295,38 +314,55 @@ class SecAggRounds:
         r.shares[agent] = to
         if len(r.shares) == len(r.members):
             self._close_shares(now)
+        else:
+            self._hurry(now)
 
     def _masked(self, agent: str, m: dict, now: float) -> None:
         r = self._current(m, agent, "masked")
         if agent not in r.u1 or agent in r.masked:
             raise sa.SecAggError("masked input from outside U1, or twice")
+        bad = m.get("bad", [])
+        if not isinstance(bad, list) or not set(bad) <= set(r.u1) - {agent} or len(set(bad)) != len(bad):
+            raise sa.SecAggError("a masked input names members outside U1 as bad")
         r.masked[agent] = sa.unpack_vector(m.get("y"), self.n_params)
+        if bad:
+            r.complaints[agent] = sorted(bad)
         if len(r.masked) == len(r.u1):
             self._close_masked(now)
+        else:
+            self._hurry(now)
 
     def _reveal(self, agent: str, m: dict, now: float) -> None:
         r = self._current(m, agent, "reveal")
         b, s = m.get("b"), m.get("s")
         if agent not in r.masked or agent in r.reveals:
             raise sa.SecAggError("reveal from a non-survivor, or twice")
-        if not isinstance(b, dict) or not isinstance(s, dict) or set(b) != set(r.masked) or set(s) != set(r.dropped):
+        bad = set(r.complaints.get(agent, ()))  # it holds no share of the members it named
+        if not isinstance(b, dict) or not isinstance(s, dict) or set(b) != set(r.masked) - bad \
+                or set(s) != set(r.dropped) - bad:
             raise sa.SecAggError("a reveal must hold a share of every survivor's seed and every dropped agent's key")
         r.reveals[agent] = {"b": b, "s": s}
-        if len(r.reveals) >= r.threshold:
+        if len(r.reveals) == len(r.masked):
             self._finish(now)
+        else:
+            self._hurry(now)
 
     # --- the clock ---------------------------------------------------------------------
 
     def tick(self, now: float | None = None) -> Result | None:
         """Close a stage past its deadline, start a cohort when K agents are ready; a completed round's sum."""
         now = time.monotonic() if now is None else now
+        self.now_ = now
         r = self.round
         if r is not None and now >= r.deadline:
             if r.stage == "shares":
                 self._close_shares(now)
             elif r.stage == "masked":
                 self._close_masked(now)
+            elif len(r.reveals) >= r.threshold:
+                self._finish(now)
             else:
+                self._exclude(set(r.masked) - set(r.reveals), "no_reveal", now)
                 self._abort("too_few_reveals", f"{len(r.reveals)} of {r.threshold} reveals")
         if self.round is None:
             self._maybe_start(now)
@@ -334,9 +370,44 @@ class SecAggRounds:
         return result
 
     def ready(self) -> list[str]:
-        """Agents a cohort may take now: a fresh key, not offline."""
+        """Agents a cohort may take now: a fresh key, not offline, not excluded."""
         return [a for a, ann in self.keys.items() if ann.key_id not in self.spent and a not in self.offline
-                and ann.version >= self.min_version and (self.eligible is None or self.eligible(a))]
+                and ann.version >= self.min_version and not self._banned(a)
+                and (self.eligible is None or self.eligible(a))]
+
+    # --- members that misbehave ----------------------------------------------------------
+
+    def _banned(self, agent: str) -> bool:
+        ban = self.banned.get(agent)
+        if ban is not None and ban[0] <= self.now_:
+            del self.banned[agent]
+            return False
+        return ban is not None
+
+    def _exclude(self, agents, reason: str, now: float) -> None:
+        """Leave `agents` out of the next cohorts for a back-off that doubles with each strike."""
+        for agent in sorted(agents):
+            self.strikes[agent] += 1
+            seconds = min(self.backoff * 2 ** (self.strikes[agent] - 1), MAX_BACKOFF)
+            self.banned[agent] = (now + seconds, reason)
+            self.excluded_[reason] += 1
+            log.warning("secure aggregation: %s excluded from cohorts for %g s (%s, strike %d)",
+                        agent, seconds, reason, self.strikes[agent])
+
+    def _stage_sets(self, r: Round) -> tuple[set, set]:
+        """(who answered, who is expected) at the round's stage."""
+        return {"shares": (set(r.shares), set(r.members)), "masked": (set(r.masked), set(r.u1)),
+                "reveal": (set(r.reveals), set(r.masked))}[r.stage]
+
+    def _hurry(self, now: float) -> None:
+        """Bring the stage's deadline forward: `grace` seconds once t have answered; now if everyone
+        not yet answered is offline (a member that joined and left)."""
+        r = self.round
+        answered, expected = self._stage_sets(r)
+        if len(answered) >= r.threshold:
+            r.deadline = min(r.deadline, now + self.grace)
+            if expected - answered <= self.offline:
+                r.deadline = min(r.deadline, now)
 
     def _maybe_start(self, now: float) -> None:
         ready = self.ready()
@@ -370,6 +441,7 @@ class SecAggRounds:
     def _close_shares(self, now: float) -> None:
         r = self.round
         r.u1 = sorted(r.shares)
+        self._exclude(set(r.members) - set(r.shares), "no_shares", now)
         if len(r.u1) < r.threshold:
             self._abort("too_few_shares", f"{len(r.u1)} of {len(r.members)} sent shares, {r.threshold} needed")
             return
@@ -378,28 +450,56 @@ class SecAggRounds:
 
     def _close_masked(self, now: float) -> None:
         r = self.round
+        self._exclude(set(r.u1) - set(r.masked), "no_masked_input", now)
         if len(r.masked) < r.threshold:
             self._abort("too_few_inputs", f"{len(r.masked)} of {len(r.u1)} sent a masked input, {r.threshold} needed")
             return
         r.dropped = [a for a in r.u1 if a not in r.masked]
+        # a member named by two others (or by every other member) as sending a share that does not open
+        accusers = Counter(b for bad in r.complaints.values() for b in bad)
+        self._exclude({b for b, n in accusers.items() if n >= min(2, len(r.u1) - 1)}, "bad_shares", now)
+        # every secret the unmasking needs must have t holders of a good share among the survivors
+        short = [a for a in r.u1 if len([h for h in r.masked if a not in r.complaints.get(h, ())]) < r.threshold]
+        if short:
+            self._abort("bad_shares", f"too few good shares of {', '.join(short)}'s secrets")
+            return
         r.stage, r.deadline = "reveal", now + self.timeout
         self._unmask_request(r)
 
     def _finish(self, now: float) -> None:
+        """Unmask from the reveals: every secret checked against its commitment (a seed's hash, a mask
+        key's announced public key), shares off the polynomial named and their holders excluded, the
+        decoded sum range-checked."""
         r = self.round
+        self._exclude(set(r.masked) - set(r.reveals), "no_reveal", now)
+        points = sa.share_points(list(r.members))
+        holder = {x: a for a, x in points.items()}
+        off: set[str] = set()
         try:
-            seeds = {a: self._combine(r, "b", a) for a in r.masked}
+            seeds = {}
+            for a in r.masked:
+                ann = r.members[a]
+                seeds[a], bad = self._combine(r, "b", a, lambda sec, ann=ann: sa.seed_commitment(sec, ann.key_id) == ann.b_hash)
+                off.update(holder.get(x, "?") for x in bad)
             keys = {}
             for a in r.dropped:
-                private = self._combine(r, "s", a)
-                if sa.KeyPair.from_private(private).public != r.members[a].s:
-                    raise sa.SecAggError(f"the shares of {a}'s key do not give its announced key")
-                keys[a] = private
+                ann = r.members[a]
+                keys[a], bad = self._combine(r, "s", a, lambda sec, ann=ann: sa.KeyPair.from_private(sec).public == ann.s)
+                off.update(holder.get(x, "?") for x in bad)
             total = sa.unmask(r.masked, seeds, keys, {a: r.members[a].s for a in r.u1}, r.id)
         except sa.SecAggError as exc:
-            self._abort("bad_shares", str(exc))
+            self._exclude(off, "bad_reveal", now)
+            self._abort("bad_reveal", str(exc))
+            return
+        self._exclude(off, "bad_reveal", now)  # the sum below is from the other members' good shares
+        try:
+            sa.check_sum_range(total, len(r.masked), r.scale, self.clip)
+        except sa.SecAggError as exc:
+            self._abort("out_of_range", str(exc))
             return
         count = len(r.masked)
+        for a in set(r.reveals) - off:
+            self.strikes.pop(a, None)  # a whole round answered well clears the strikes
         self._result = Result(sa.dequantize_sum(total, r.scale), count, r.id, now - r.started, sorted(r.masked),
                               min(r.members[a].version for a in r.masked))
         self.completed_ += 1
@@ -410,14 +510,16 @@ class SecAggRounds:
                  r.id.hex()[:8], count, len(r.dropped), now - r.started)
         self.round = None
 
-    def _combine(self, r: Round, which: str, agent: str) -> bytes:
+    def _combine(self, r: Round, which: str, agent: str, check) -> tuple[bytes, list[int]]:
         shares = {}
         for reveal in r.reveals.values():
+            if agent not in reveal[which]:
+                continue  # its holder named the member's share as bad
             x, y = reveal[which][agent]
             if not isinstance(x, int) or not isinstance(y, bytes) or x in shares:
                 raise sa.SecAggError("malformed or repeated share point")
             shares[x] = int.from_bytes(y, "big")
-        return sa.combine(shares, r.threshold)
+        return sa.combine_verified(shares, r.threshold, check)
 
     def _abort(self, reason: str, detail: str) -> None:
         r = self.round
@@ -439,10 +541,12 @@ class SecAggRounds:
         return {
             "round": None if r is None else {
                 "id": r.id, "threshold": r.threshold, "scale": r.scale, "stage": r.stage,
-                "members": {a: [ann.key_id, ann.c, ann.s, ann.version] for a, ann in r.members.items()},
+                "members": {a: [ann.key_id, ann.c, ann.s, ann.version, ann.b_hash] for a, ann in r.members.items()},
                 "shares": r.shares, "u1": r.u1, "masked": {a: sa.pack_vector(y) for a, y in r.masked.items()},
-                "dropped": r.dropped, "reveals": r.reveals,
+                "dropped": r.dropped, "reveals": r.reveals, "complaints": r.complaints,
             },
+            "strikes": dict(self.strikes), "excluded": dict(self.excluded_),
+            "banned": {a: [max(0.0, until - self.now_), why] for a, (until, why) in self.banned.items()},
             "spent": sorted(self.spent & live),  # only ids that may still come back (retained keys)
             "completed": self.completed_, "aborted": dict(self.aborted_), "summed": self.summed_,
             "resumed": self.resumed_,
@@ -458,6 +562,10 @@ class SecAggRounds:
         self.aborted_ = Counter(state.get("aborted", {}))
         self.summed_ = state.get("summed", 0)
         self.resumed_ = state.get("resumed", 0)
+        self.strikes = Counter(state.get("strikes", {}))
+        self.excluded_ = Counter(state.get("excluded", {}))
+        self.now_ = now
+        self.banned = {a: (now + float(left), why) for a, (left, why) in state.get("banned", {}).items()}
         m = state.get("round")
         if m is None:
             return
@@ -468,7 +576,7 @@ class SecAggRounds:
         r = Round(m["id"], {a: Announcement(*e) for a, e in m["members"].items()}, m["threshold"], m["scale"],
                   m["stage"], now + self.timeout, now, shares=m["shares"], u1=list(m["u1"]),
                   masked={a: sa.unpack_vector(y, self.n_params) for a, y in m["masked"].items()},
-                  dropped=list(m["dropped"]), reveals=m["reveals"])
+                  dropped=list(m["dropped"]), reveals=m["reveals"], complaints=m.get("complaints", {}))
         self.round = r
         self.resumed_ += 1
         if r.stage == "shares":
@@ -486,6 +594,9 @@ class SecAggRounds:
         return {"k": self.k, "threshold": self.threshold, "clip": self.clip, "scale": self.scale,
                 "completed": self.completed_, "aborted": dict(self.aborted_), "summed": self.summed_,
                 "refused": dict(self.refused_), "ready": len(self.ready()),
+                "excluded": dict(self.excluded_),  # members left out of cohorts, by reason
+                "excluded_now": {a: why for a, (until, why) in sorted(self.banned.items())[:20] if until > self.now_},
+                "grace": self.grace, "backoff": self.backoff,
                 "stage": r.stage if r else None, "round": r.id.hex() if r else None, "resumed": self.resumed_,
                 "last_round": self.last_round_.hex() if self.last_round_ else None,
                 "last_round_seconds": self.last_seconds_}

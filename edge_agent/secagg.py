@@ -5,9 +5,15 @@ The agent holds its newest float delta instead of publishing it. For each delta 
 announces fresh X25519 keys, retained on `secagg/key/<id>`. A cohort naming it with exactly
 those keys takes the delta (spent, whatever becomes of the round: the agent then trains
 afresh): it sends encrypted Shamir shares of its self-mask seed b and mask key s_sk, then,
-given U1 and the shares addressed to it, its masked input, then, asked to unmask, the shares
-of the survivors' seeds and of the dropped agents' keys. It answers each round once and
+given U1 and the shares addressed to it, its masked input (naming the members whose share to it
+did not open: forged, altered, garbage), then, asked to unmask, the shares of the survivors' seeds
+and of the dropped agents' keys (none of a member it named). It answers each round once and
 never reveals both a seed share and a key share of the same agent.
+
+The agent reads every member's retained key announcement itself (the ACL lets only agent X
+write `secagg/key/X`) and refuses a cohort whose keys are not the announced ones: a coordinator
+that substitutes a peer's keys (to hold both ends of the pairwise masks) gets no shares and no
+masked input from it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ log = logging.getLogger(__name__)
 
 Message = tuple[str, bytes, bool]  # topic, payload, retain
 
+# At most this many peers' key announcements are held (a bound on memory against a flood of ids;
+# a cohort naming a peer not held is refused, as one naming a substituted key).
+MAX_DIRECTORY = 100_000
+
 
 @dataclass
 class _Keys:
@@ -33,6 +43,7 @@ class _Keys:
     c: sa.KeyPair
     s: sa.KeyPair
     version: int
+    seed: bytes  # the self-mask seed b, committed to (its hash) in the announcement
 
 
 @dataclass
@@ -49,6 +60,7 @@ class _Round:
     stage: str = "shares"  # shares sent -> masked sent -> revealed
     shares: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # sender -> (x, b share, s share)
     u1: list[str] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)  # members of U1 whose share did not open (complained of)
 
 
 class SecAggClient:
@@ -61,18 +73,20 @@ class SecAggClient:
         self._delta: np.ndarray | None = None
         self._keys: _Keys | None = None
         self._round: _Round | None = None
+        self._directory: dict[str, tuple[bytes, bytes, bytes]] = {}  # peer -> its announced (key id, c, s)
         self.rounds_ = 0  # rounds this agent masked an input in
         self.refused_ = 0
 
     @property
     def subscriptions(self) -> list[str]:
-        """What the agent reads: the public cohort and unmask topics and its own inbox."""
+        """What the agent reads: the public cohort and unmask topics, its own inbox, every key announcement."""
         t = self.topics
-        return [t.secagg_cohort, t.secagg_unmask, t.secagg("inbox", self.agent_id)]
+        return [t.secagg_cohort, t.secagg_unmask, t.secagg("inbox", self.agent_id), t.all_secagg("key")]
 
     def owns(self, topic: str) -> bool:
         """A topic `on_message` takes."""
-        return topic in self.subscriptions
+        kind = self.topics.secagg_of(topic)
+        return topic in self.subscriptions or (kind is not None and kind[0] == "key")
 
     def wants_delta(self, model_version: int) -> bool:
         """Train now: no delta held, or the one held is older than the model."""
@@ -83,7 +97,7 @@ class SecAggClient:
         """Keep `delta` (trained on `version`) for the next cohort; the key announcement to publish."""
         with self._lock:
             self._delta = np.asarray(delta, dtype=np.float64).copy()
-            self._keys = _Keys(os.urandom(16), sa.KeyPair.generate(), sa.KeyPair.generate(), version)
+            self._keys = _Keys(os.urandom(16), sa.KeyPair.generate(), sa.KeyPair.generate(), version, sa.new_seed())
             return self._announcement()
 
     def announcement(self) -> Message | None:
@@ -94,12 +108,17 @@ class SecAggClient:
     def _announcement(self) -> Message:
         k = self._keys
         return (self.topics.secagg("key", self.agent_id),
-                sa.encode("key", key_id=k.key_id, c=k.c.public, s=k.s.public, version=k.version), True)
+                sa.encode("key", key_id=k.key_id, c=k.c.public, s=k.s.public, version=k.version,
+                          b_hash=sa.seed_commitment(k.seed, k.key_id)), True)
 
     def on_message(self, topic: str, payload: bytes) -> list[Message]:
         """The replies to one message; a refused message is logged and answered with nothing."""
         with self._lock:
             try:
+                kind = self.topics.secagg_of(topic)
+                if kind is not None and kind[0] == "key":
+                    self._peer_key(kind[1], payload)
+                    return []
                 if topic == self.topics.secagg_cohort:
                     return self._cohort(sa.decode(payload, "cohort"))
                 if topic == self.topics.secagg("inbox", self.agent_id):
@@ -112,6 +131,17 @@ class SecAggClient:
             return []
 
     # --- the stages --------------------------------------------------------------------
+
+    def _peer_key(self, peer: str, payload: bytes) -> None:
+        """Remember `peer`'s announced keys, to check the coordinator's cohort against them."""
+        if not payload:  # a retained announcement cleared
+            self._directory.pop(peer, None)
+            return
+        m = sa.decode(payload, "key")
+        entry = tuple(sa._check_len(m.get(f), n, f) for f, n in (("key_id", 16), ("c", 32), ("s", 32)))
+        if peer not in self._directory and len(self._directory) >= MAX_DIRECTORY:
+            raise sa.SecAggError(f"more than {MAX_DIRECTORY} peers' keys held")
+        self._directory[peer] = entry
 
     def _cohort(self, m: dict) -> list[Message]:
         members = m.get("members")
@@ -137,10 +167,10 @@ class SecAggClient:
         if l2_clip is not None and (not isinstance(l2_clip, float) or not 2 * sa.quantization_margin(n, scale) < l2_clip < 1e300):
             raise sa.SecAggError(f"cohort L2 clip {l2_clip!r} is not a usable bound")
         for e in members:
-            sa._check_len(e[2], 32, "c key")
-            sa._check_len(e[3], 32, "s key")
+            if e[0] != self.agent_id and self._directory.get(e[0]) != (e[1], e[2], e[3]):
+                raise sa.SecAggError(f"the cohort's keys for {e[0]} are not the ones it announced (substituted)")
         r = _Round(round_id, keys, {a: (e[2], e[3]) for a, e in entry.items()}, t, scale, clip,
-                   self._delta, sa.new_seed(), l2_clip)
+                   self._delta, keys.seed, l2_clip)
         self._delta, self._keys = None, None  # spent: a new delta brings new keys
         points = sa.share_points(list(r.members))
         b_shares = sa.split(r.seed, t, list(points.values()))
@@ -168,21 +198,27 @@ class SecAggClient:
         if not isinstance(shares, dict) or set(shares) != set(u1) - {self.agent_id}:
             raise sa.SecAggError("a share from every other member of U1 is needed")
         points = sa.share_points(list(r.members))
-        opened = {}
+        opened, bad = {}, []
         for sender, sealed in shares.items():
             key = sa.share_key(r.keys.c.private, r.members[sender][0], r.id)
-            x, b, s = sa.open_share(key, r.id, sender, self.agent_id, sealed)
-            if x != points[self.agent_id]:
-                raise sa.SecAggError(f"the share from {sender} is for another point")
+            try:
+                x, b, s = sa.open_share(key, r.id, sender, self.agent_id, sealed)
+                if x != points[self.agent_id]:
+                    raise sa.SecAggError(f"the share from {sender} is for another point")
+            except sa.SecAggError as exc:  # masking needs no share: mask, and name the sender
+                log.warning("secure aggregation: %s", exc)
+                bad.append(sender)
+                continue
             opened[sender] = (x, b, s)
         r.shares.update(opened)
-        r.u1 = sorted(u1)
+        r.u1, r.bad = sorted(u1), sorted(bad)
         delta = sa.clip_l2(r.delta, r.l2_clip, r.scale) if r.l2_clip is not None else r.delta
         y = sa.mask(self.agent_id, sa.quantize(delta, r.scale, r.clip), r.seed, r.keys.s.private,
                     {a: r.members[a][1] for a in r.u1}, r.id)
         r.stage = "masked"
         self.rounds_ += 1
-        return [(self.topics.secagg("masked", self.agent_id), sa.encode("masked", round=r.id, y=sa.pack_vector(y)), False)]
+        return [(self.topics.secagg("masked", self.agent_id),
+                 sa.encode("masked", round=r.id, y=sa.pack_vector(y), bad=r.bad), False)]
 
     def _unmask(self, m: dict) -> list[Message]:
         r = self._round
@@ -198,7 +234,8 @@ class SecAggClient:
             raise sa.SecAggError("fewer survivors than the threshold, or this agent not among them")
         r.stage = "revealed"  # once, whatever follows
         n = sa.SHARE_BYTES
-        b = {a: [r.shares[a][0], r.shares[a][1].to_bytes(n, "big")] for a in survivors}
-        s = {a: [r.shares[a][0], r.shares[a][2].to_bytes(n, "big")] for a in dropped}
+        # no share of a member whose share did not open (the coordinator knows: the masked input named it)
+        b = {a: [r.shares[a][0], r.shares[a][1].to_bytes(n, "big")] for a in survivors if a not in r.bad}
+        s = {a: [r.shares[a][0], r.shares[a][2].to_bytes(n, "big")] for a in dropped if a not in r.bad}
         self._round = None
         return [(self.topics.secagg("reveal", self.agent_id), sa.encode("reveal", round=r.id, b=b, s=s), False)]

@@ -135,7 +135,9 @@ class AgentSession:
                 self._publish_secagg(self.agent.secure.on_message(msg.topic, msg.payload))
             except Exception:  # an exception here would end paho's network thread
                 log.exception("failed to take a secure-aggregation message")
-            self.wake.set()  # a delta spent in a cohort: train a fresh one
+            kind = self.agent.topics.secagg_of(msg.topic)
+            if kind is None or kind[0] != "key":  # a peer's key announcement changes nothing here
+                self.wake.set()  # a delta spent in a cohort: train a fresh one
             return
         if self._models_paused:  # sent before the broker took our unsubscribe: the newest comes on resubscribing
             return

@@ -120,9 +120,20 @@ def check_scale(scale: float, clip: float, k: int) -> None:
         raise SecAggError(f"scale {scale} x clip {clip} x {k} inputs overflows {MODULUS_BITS}-bit sums")
 
 
-def choose_scale(clip: float, k: int) -> float:
+# The sum of honest inputs fills 1/2^8 of the signed 32-bit range: a garbage masked input or reveal
+# decodes to values over the whole range, which `check_sum_range` then refuses (each coordinate
+# has 255 chances in 256 to show it). The step left is still clip / (k 2^23) or finer.
+RANGE_HEADROOM_BITS = 8
+
+
+def max_scale(clip: float, k: int) -> float:
     """The largest scale at which k inputs clipped to [-clip, clip] cannot overflow the signed sum."""
-    scale = (MODULUS // 2 - 1 - k) / (k * clip)
+    return (MODULUS // 2 - 1 - k) / (k * clip)
+
+
+def choose_scale(clip: float, k: int) -> float:
+    """The scale a cohort quantizes with: `max_scale` less RANGE_HEADROOM_BITS of headroom."""
+    scale = max_scale(clip, k) / 2**RANGE_HEADROOM_BITS
     check_scale(scale, clip, k)
     return scale
 
@@ -224,24 +235,82 @@ def split(secret: bytes, t: int, xs: list[int]) -> dict[int, int]:
     return shares
 
 
-def combine(shares: dict[int, int], t: int) -> bytes:
-    """The secret from at least `t` shares {x: y} (Lagrange at 0 over the first t)."""
-    if len(shares) < t or t < 1:
-        raise SecAggError(f"{len(shares)} share(s), {t} needed")
-    points = sorted(shares.items())[:t]
-    if any(not 0 < x < PRIME or not 0 <= y < PRIME for x, y in points):
-        raise SecAggError("a share is outside the field")
-    secret = 0
+def _interpolate(points: list[tuple[int, int]], at: int) -> int:
+    """The value at `at` of the polynomial of degree len(points) - 1 through `points` (Lagrange)."""
+    value = 0
     for i, (xi, yi) in enumerate(points):
         num, den = 1, 1
         for j, (xj, _) in enumerate(points):
             if i != j:
-                num = num * (-xj) % PRIME
+                num = num * (at - xj) % PRIME
                 den = den * (xi - xj) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
-    if secret >= 2 ** (8 * SEED_BYTES):
+        value = (value + yi * num * pow(den, -1, PRIME)) % PRIME
+    return value
+
+
+def _checked_points(shares: dict[int, int], t: int) -> list[tuple[int, int]]:
+    if len(shares) < t or t < 1:
+        raise SecAggError(f"{len(shares)} share(s), {t} needed")
+    points = sorted(shares.items())
+    if any(not 0 < x < PRIME or not 0 <= y < PRIME for x, y in points):
+        raise SecAggError("a share is outside the field")
+    return points
+
+
+def _as_secret(value: int) -> bytes | None:
+    return value.to_bytes(SEED_BYTES, "big") if value < 2 ** (8 * SEED_BYTES) else None
+
+
+def combine(shares: dict[int, int], t: int) -> bytes:
+    """The secret from at least `t` shares {x: y} (Lagrange at 0 over the first t)."""
+    secret = _as_secret(_interpolate(_checked_points(shares, t)[:t], 0))
+    if secret is None:
         raise SecAggError("shares do not combine to a 32-byte secret (inconsistent shares)")
-    return secret.to_bytes(SEED_BYTES, "big")
+    return secret
+
+
+# t-subsets tried to find shares that give a committed secret: C(10, 6) = 210 covers any
+# cohort of 10 with t = 6; past the bound the secret is refused as unrecoverable
+MAX_SUBSETS = 5000
+
+
+def combine_verified(shares: dict[int, int], t: int, check) -> tuple[bytes, list[int]]:
+    """(the secret, the points of the shares off its polynomial) from shares {x: y}.
+
+    `check(secret)` says whether a candidate is the committed secret (its hash, or the public key
+    of a private key). The first t shares are tried, then other t-subsets (at most MAX_SUBSETS),
+    until one gives a secret that checks; every share beyond those t is then cross-checked against
+    their polynomial, so an altered share is found whether or not it was among the first t.
+    SecAggError when no t shares give a secret that checks.
+    """
+    points = _checked_points(shares, t)
+    from itertools import combinations, islice
+
+    for subset in islice(combinations(points, t), MAX_SUBSETS):
+        secret = _as_secret(_interpolate(list(subset), 0))
+        if secret is not None and check(secret):
+            base = list(subset)
+            off = [x for x, y in points if (x, y) not in subset and _interpolate(base, x) != y]
+            return secret, off
+    raise SecAggError(f"no {t} of {len(points)} shares give the committed secret")
+
+
+def seed_commitment(seed: bytes, key_id: bytes) -> bytes:
+    """SHA-256 of a self-mask seed, bound to the key announcement that carries it."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(b"fedmq secagg seed|" + _check_len(key_id, 16, "key id") + _check_len(seed, SEED_BYTES, "seed"))
+    return digest.finalize()
+
+
+def check_sum_range(total: np.ndarray, count: int, scale: float, clip: float) -> None:
+    """SecAggError unless every coordinate of a decoded sum of `count` quantized inputs is one the honest
+    inputs could make: |sum| <= count * (clip * scale + 1/2). A garbage masked input or reveal
+    decodes to values spread over the whole int32 range."""
+    signed = np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.int64)
+    bound = count * (clip * scale + 0.5)
+    worst = int(np.abs(signed).max()) if signed.size else 0
+    if worst > bound:
+        raise SecAggError(f"the decoded sum reaches {worst / scale:.3g}, past {count} inputs of at most {clip}")
 
 
 # --- encrypted shares --------------------------------------------------------------------

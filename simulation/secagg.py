@@ -55,7 +55,11 @@ def run_round(
             costs.coordinator_cpu += time.process_time() - t0
 
     for agent, delta in deltas.items():
-        to_coordinator(agent, [agent_call(agent, clients[agent].hold, delta, version)])
+        message = agent_call(agent, clients[agent].hold, delta, version)
+        to_coordinator(agent, [message])
+        for peer, client in clients.items():  # the retained announcement reaches every agent too
+            costs.received[peer] += len(message[1])
+            agent_call(peer, client.on_message, message[0], message[1])
     for _ in range(8):  # at most cohort, inbox, unmask, and a timeout per stage
         t0 = time.process_time()
         result = rounds.tick(clock[0])
@@ -77,6 +81,15 @@ def run_round(
                 to_coordinator(agent, agent_call(agent, client.on_message, topic, payload))
     costs.wall = time.perf_counter() - start
     return None, costs
+
+
+def announce(rounds: SecAggRounds, clients: dict[str, SecAggClient], message: tuple[str, bytes, bool],
+             now: float = 0.0) -> None:
+    """Deliver a key announcement as the broker does: to the coordinator and to every agent."""
+    topic, payload, _ = message
+    rounds.handle(topic, payload, now)
+    for client in clients.values():
+        client.on_message(topic, payload)
 
 
 def _gone(stage: str, topic: str, rounds: SecAggRounds) -> bool:

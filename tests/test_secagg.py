@@ -12,7 +12,7 @@ from coordinator.secagg import SecAggRounds
 from edge_agent.secagg import SecAggClient
 from protocol import secagg as sa
 from protocol.topics import Topics
-from simulation.secagg import run_round
+from simulation.secagg import announce, run_round
 
 TOPICS = Topics("sa")
 
@@ -46,7 +46,8 @@ def test_masked_sum_decodes_exactly_to_the_sum_of_quantized_updates():
 
 def test_sums_at_the_overflow_bound_do_not_wrap():
     k, clip = 5, 2.0
-    scale = sa.choose_scale(clip, k)
+    scale = sa.max_scale(clip, k)
+    assert sa.choose_scale(clip, k) == scale / 2**sa.RANGE_HEADROOM_BITS
     x = np.full(3, clip)
     total = sum(sa.quantize(x, scale, clip) for _ in range(k)).astype(np.uint32)
     assert np.allclose(sa.dequantize_sum(total, scale), k * clip)
@@ -125,10 +126,14 @@ def test_fewer_than_t_survivors_abort_cleanly_and_the_next_round_completes():
     rounds, clients, deltas = _cohort(10, 6)
     result, _ = run_round(rounds, clients, deltas, drop={f"a{i:02d}": "masked" for i in range(5)})
     assert result is None and rounds.aborted_ == {"too_few_inputs": 1} and rounds.round is None
-    result, _ = run_round(rounds, clients, deltas, drop={f"a{i:02d}": "shares" for i in range(5)})
+    assert rounds.excluded_ == {"no_masked_input": 5}  # the silent five sit out their back-off
+    assert sorted(rounds.banned) == [f"a{i:02d}" for i in range(5)]
+    # past their back-off (30 s) they are taken again
+    result, _ = run_round(rounds, clients, deltas, drop={f"a{i:02d}": "shares" for i in range(5)}, now=1000.0)
     assert result is None and rounds.aborted_["too_few_shares"] == 1
-    result, _ = run_round(rounds, clients, deltas)  # fresh keys, all back
+    result, _ = run_round(rounds, clients, deltas, now=2000.0)  # fresh keys, all back (past 60 s)
     assert result is not None and result.count == 10 and rounds.completed_ == 1
+    assert not rounds.strikes, "a round completed well clears the strikes"
 
 
 # --- forged and replayed shares -----------------------------------------------------------------
@@ -138,7 +143,7 @@ def _to_inbox(k=4, t=3):
     """A round run up to the inboxes; returns (rounds, clients, inbox payloads by agent)."""
     rounds, clients, deltas = _cohort(k, t)
     for a, d in deltas.items():
-        rounds.handle(*clients[a].hold(d, 0)[:2])
+        announce(rounds, clients, clients[a].hold(d, 0))
     rounds.tick(0.0)
     [(_, cohort, _)] = rounds.take_outbox()
     for a, c in clients.items():
@@ -148,18 +153,26 @@ def _to_inbox(k=4, t=3):
     return rounds, clients, inboxes
 
 
-def test_a_forged_share_is_refused_and_nothing_is_masked():
+def _bad_named(reply) -> list[str]:
+    [(topic, payload, _)] = reply
+    assert TOPICS.secagg_of(topic)[0] == "masked"
+    return sa.decode(payload, "masked")["bad"]
+
+
+def test_a_forged_share_is_refused_and_its_sender_named():
+    """A share that does not open is not taken: the agent still masks (masking needs no share) and
+    names the sender in its masked input; the coordinator knows it holds no share of it."""
     rounds, clients, inboxes = _to_inbox()
     m = sa.decode(inboxes["a00"], "inbox")
     sealed = bytearray(m["shares"]["a01"])
     sealed[-1] ^= 1
     m["shares"]["a01"] = bytes(sealed)
     forged = sa.encode("inbox", **{k: v for k, v in m.items() if k != "type"})
-    assert clients["a00"].on_message(TOPICS.secagg("inbox", "a00"), forged) == []
-    assert clients["a00"].refused_ == 1
-    # the genuine inbox is still answered with a masked input
-    [(topic, _, _)] = clients["a00"].on_message(TOPICS.secagg("inbox", "a00"), inboxes["a00"])
-    assert topic == TOPICS.secagg("masked", "a00")
+    assert _bad_named(clients["a00"].on_message(TOPICS.secagg("inbox", "a00"), forged)) == ["a01"]
+    assert "a01" not in clients["a00"]._round.shares
+    # the genuine inbox names nobody
+    _, clients, inboxes = _to_inbox()
+    assert _bad_named(clients["a00"].on_message(TOPICS.secagg("inbox", "a00"), inboxes["a00"])) == []
 
 
 def test_a_share_for_another_recipient_or_round_is_refused():
@@ -167,7 +180,7 @@ def test_a_share_for_another_recipient_or_round_is_refused():
     m0, m1 = sa.decode(inboxes["a00"], "inbox"), sa.decode(inboxes["a01"], "inbox")
     m0["shares"]["a02"] = m1["shares"]["a02"]  # a02's share for a01, handed to a00
     swapped = sa.encode("inbox", **{k: v for k, v in m0.items() if k != "type"})
-    assert clients["a00"].on_message(TOPICS.secagg("inbox", "a00"), swapped) == []
+    assert _bad_named(clients["a00"].on_message(TOPICS.secagg("inbox", "a00"), swapped)) == ["a02"]
     # the right key, the share bound to its round: under another round id it does not open
     r = clients["a02"]._round
     key = sa.share_key(r.keys.c.private, r.members["a00"][0], r.id)
@@ -179,6 +192,32 @@ def test_a_share_for_another_recipient_or_round_is_refused():
     rounds2, clients2, inboxes2 = _to_inbox()
     assert clients2["a02"].on_message(TOPICS.secagg("inbox", "a02"), inboxes["a02"]) == []
     assert clients2["a02"].refused_ == 1
+
+
+def test_a_coordinator_substituting_a_peers_keys_gets_no_shares_and_no_masked_input():
+    """Issue 19.9: a malicious coordinator swaps a03's announced keys for its own in the cohort (to hold
+    both ends of a00's pairwise masks and decrypt its shares). Agents check every entry against the
+    retained announcements they read themselves, and answer nothing."""
+    rounds, clients, deltas = _cohort(4, 3)
+    for a, d in deltas.items():
+        announce(rounds, clients, clients[a].hold(d, 0))
+    rounds.tick(0.0)
+    [(topic, cohort, _)] = rounds.take_outbox()
+    m = sa.decode(cohort, "cohort")
+    mallory_c, mallory_s = sa.KeyPair.generate(), sa.KeyPair.generate()
+    m["members"] = [[a, kid, mallory_c.public, mallory_s.public] if a == "a03" else [a, kid, c, s]
+                    for a, kid, c, s in m["members"]]
+    forged = sa.encode("cohort", **{k: v for k, v in m.items() if k != "type"})
+    for a in ("a00", "a01", "a02"):
+        assert clients[a].on_message(topic, forged) == [], f"{a} masked towards a substituted key"
+        assert clients[a].refused_ == 1
+    # a peer whose announcement the agent never read is refused the same way
+    stranger = SecAggClient("a00", TOPICS)
+    stranger.on_message(*clients["a00"].announcement()[:2])
+    stranger._keys, stranger._delta = clients["a00"]._keys, clients["a00"]._delta
+    assert stranger.on_message(topic, cohort) == [] and stranger.refused_ == 1
+    # the genuine cohort is answered by all
+    assert all(len(c.on_message(topic, cohort)) == 1 for c in clients.values())
 
 
 def test_a_replayed_inbox_or_unmask_request_is_not_answered_twice():
@@ -261,8 +300,8 @@ def test_production_acl_agents_publish_only_their_own_and_read_only_theirs_or_pu
         ("coordinator", s("cohort"), True), ("coordinator", s("inbox/a1"), True), ("coordinator", s("inbox/a2"), True),
         ("coordinator", s("key/a1"), False), ("coordinator", s("masked/a1"), False),
     ]
-    readers = {"coordinator": ("key/", "share/", "masked/", "reveal/"), "a1": ("cohort", "unmask", "inbox/a1"),
-               "a2": ("cohort", "unmask", "inbox/a2")}
+    readers = {"coordinator": ("key/", "share/", "masked/", "reveal/"), "a1": ("cohort", "unmask", "inbox/a1", "key/"),
+               "a2": ("cohort", "unmask", "inbox/a2", "key/")}
     try:
         for c in clients.values():
             c.wait_ready()
@@ -300,7 +339,7 @@ def test_a_round_restored_from_its_checkpoint_completes_once_with_the_exact_sum(
     stage's messages, the rest answer (those that did answer ignore the repeat) and the sum is exact."""
     rounds, clients, deltas = _cohort(6, 4, seed=3)
     for a, d in deltas.items():
-        rounds.handle(*clients[a].hold(d, 0)[:2])
+        announce(rounds, clients, clients[a].hold(d, 0))
     rounds.tick(0.0)
     wire = rounds.take_outbox()
     order = ["shares", "masked", "reveal"]
@@ -344,7 +383,7 @@ def test_a_round_restored_from_its_checkpoint_completes_once_with_the_exact_sum(
 def test_spent_keys_survive_a_restart():
     rounds, clients, deltas = _cohort(3, 2)
     for a, d in deltas.items():
-        rounds.handle(*clients[a].hold(d, 0)[:2])
+        announce(rounds, clients, clients[a].hold(d, 0))
     rounds.tick(0.0)
     restarted = SecAggRounds(TOPICS, 40, 3, 2, clip=1.0)
     restarted.restore(_checkpointed(rounds), now=0.0)
@@ -356,7 +395,7 @@ def test_spent_keys_survive_a_restart():
 
 def rounds_key(rounds: SecAggRounds, agent: str) -> bytes:
     ann = rounds.keys[agent]
-    return sa.encode("key", key_id=ann.key_id, c=ann.c, s=ann.s, version=ann.version)
+    return sa.encode("key", key_id=ann.key_id, c=ann.c, s=ann.s, version=ann.version, b_hash=ann.b_hash)
 
 
 def test_kill_9_of_the_coordinator_mid_round_resumes_the_round_once_and_the_fleet_carries_on(tmp_path, mosquitto):
@@ -383,7 +422,8 @@ def test_kill_9_of_the_coordinator_mid_round_resumes_the_round_once_and_the_flee
     args = ["coordinator", "--broker", mosquitto.url, "--fleet", fleet.fleet, "--model", "sgd-classifier",
             "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features,
             "--checkpoint-dir", tmp_path / "ckpt", "--publish-interval", "0.5", "--strategy", "fedbuff",
-            "--buffer-size", "4", "--secure-aggregation", "--secagg-timeout", "6"]
+            "--buffer-size", "4", "--secure-aggregation", "--secagg-timeout", "6",
+            "--secagg-grace", "6"]  # the round stays pinned at its share stage until the kill
     coordinator = spawn(*args, log=tmp_path / "coordinator.log")
     agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", fleet.fleet, "--id", f"a{i}",
                     "--data", tmp_path / f"a{i}.csv", "--secure-aggregation", "--poll-interval", "0.2",
@@ -402,7 +442,8 @@ def test_kill_9_of_the_coordinator_mid_round_resumes_the_round_once_and_the_flee
         watcher.wait_for(lambda: sec().get("completed", 0) >= 1, timeout=90, what="a first masked round")
         # a member that never answers, preferred by the coordinator (the freshest model version)
         pair = lambda: sa.KeyPair.generate().public  # noqa: E731
-        ghost.publish(fleet.secagg("key", "ghost"), sa.encode("key", key_id=bytes(16), c=pair(), s=pair(), version=10**6),
+        ghost.publish(fleet.secagg("key", "ghost"), sa.encode("key", key_id=bytes(16), c=pair(), s=pair(), version=10**6,
+                                                              b_hash=bytes(32)),
                       qos=1, retain=True).wait_for_publish(5)
         cohort = watcher.wait_for(lambda: next((c for c in cohorts() if "ghost" in [m[0] for m in c["members"]]), None),
                                   timeout=60, what="a cohort with the silent member")
@@ -463,9 +504,9 @@ def test_with_central_dp_the_agents_clip_to_c_quantization_included_and_the_sum_
 def test_a_cohort_without_a_usable_l2_clip_is_refused_by_the_agent():
     rounds = SecAggRounds(TOPICS, 40, 3, 2, clip=1.0, l2_clip=1.0)
     client = SecAggClient("a00", TOPICS)
-    rounds.handle(*client.hold(np.zeros(40), 0)[:2])
+    announce(rounds, {"a00": client}, client.hold(np.zeros(40), 0))
     for a in ("a01", "a02"):
-        rounds.handle(*SecAggClient(a, TOPICS).hold(np.zeros(40), 0)[:2])
+        announce(rounds, {"a00": client}, SecAggClient(a, TOPICS).hold(np.zeros(40), 0))
     rounds.tick(0.0)
     [(topic, cohort, _)] = rounds.take_outbox()
     m = sa.decode(cohort, "cohort")
@@ -642,7 +683,7 @@ def test_a_cohort_sum_made_under_the_old_scaling_is_re_expressed_before_it_is_ap
     rng = np.random.default_rng(7)
     deltas = {a: rng.normal(0, 0.2, spec.n_params) for a in clients}
     for a, d in deltas.items():
-        rounds.handle(*clients[a].hold(d, 0)[:2])
+        announce(rounds, clients, clients[a].hold(d, 0))
     rounds.tick(0.0)
     wire = rounds.take_outbox()
     new = Scaling(np.array([1.0, -2.0, 0.5, 3.0]), np.array([2.0, 0.5, 4.0, 1.5]))
@@ -671,12 +712,178 @@ def test_a_cohort_is_never_drawn_across_a_scaling_change():
 
     core, rounds, spec = _secure_core()
     clients = {f"a{i}": SecAggClient(f"a{i}", TOPICS) for i in range(4)}
-    for i, (a, c) in enumerate(clients.items()):
-        rounds.handle(*c.hold(np.zeros(spec.n_params), 0)[:2])
+    for a, c in clients.items():
+        announce(rounds, clients, c.hold(np.zeros(spec.n_params), 0))
     core.params_ = core.rescales.change(core.version_ + 1, Scaling(np.ones(4), np.full(4, 2.0)), [core.params_])[0]
     core.version_ += 1
     core.tick(0.0)
     assert rounds.round is None and rounds.ready() == [], "stale-scaling deltas wait for a retrain"
     for a, c in list(clients.items())[:2]:
-        rounds.handle(*c.hold(np.zeros(spec.n_params), core.version_)[:2])
+        announce(rounds, clients, c.hold(np.zeros(spec.n_params), core.version_))
     assert sorted(rounds.ready()) == ["a0", "a1"]
+
+
+# --- verifiable reveals (issue 19.8) and members that misbehave (issue 18.7) --------------------
+
+
+def _run_to(rounds, clients, stage_topic, now=0.0, skip=()):
+    """Deliver the round's messages until the coordinator publishes `stage_topic`; returns its payload.
+    `skip`: agents that stay silent."""
+    rounds.tick(now)
+    wire = rounds.take_outbox()
+    for _ in range(4):
+        for topic, payload, _ in wire:
+            if topic == stage_topic:
+                return payload
+            for a, c in clients.items():
+                if c.owns(topic) and a not in skip:
+                    for tp, p, _ in c.on_message(topic, payload):
+                        rounds.handle(tp, p, now)
+        wire = rounds.take_outbox()
+    raise AssertionError(f"no {stage_topic}")
+
+
+def _reveals(rounds, clients, deltas):
+    for a, d in deltas.items():
+        announce(rounds, clients, clients[a].hold(d, 0))
+    unmask = _run_to(rounds, clients, TOPICS.secagg_unmask)
+    return [m for c in clients.values() for m in c.on_message(TOPICS.secagg_unmask, unmask)]
+
+
+def _altered(reveal, which: str, of: str, add: int = 1):
+    topic, payload, retain = reveal
+    m = sa.decode(payload, "reveal")
+    x, y = m[which][of]
+    m[which][of] = [x, ((int.from_bytes(y, "big") + add) % sa.PRIME).to_bytes(sa.SHARE_BYTES, "big")]
+    return topic, sa.encode("reveal", **{k: v for k, v in m.items() if k != "type"}), retain
+
+
+def test_a_reveal_with_one_share_plus_one_is_named_and_the_sum_comes_from_the_good_shares():
+    """One member adds 1 to its share of another's self-mask seed. The seed's hash was committed in the
+    key announcement: the first t shares give another seed, which fails it; t good shares give the
+    committed one, the altered share is off their polynomial, its member is named and excluded."""
+    rounds, clients, deltas = _cohort(6, 4, seed=11)
+    reveals = _reveals(rounds, clients, deltas)
+    cheat = next(i for i, (t, _, _) in enumerate(reveals) if t.endswith("/a00"))
+    reveals[cheat] = _altered(reveals[cheat], "b", "a03")
+    for topic, payload, _ in reveals:
+        assert rounds.handle(topic, payload, 0.0) is None
+    result = rounds.tick(0.0)
+    assert result is not None and np.array_equal(result.total, _expected(rounds, deltas, deltas))
+    assert rounds.excluded_ == {"bad_reveal": 1} and rounds.banned["a00"][1] == "bad_reveal"
+
+
+def test_a_bad_reveal_that_cannot_be_outvoted_aborts_instead_of_a_garbage_sum():
+    """Only t reveals arrive and one is altered: no t good shares exist; the round aborts (bad_reveal),
+    it never yields a wrong sum."""
+    rounds, clients, deltas = _cohort(6, 4, seed=12)
+    reveals = _reveals(rounds, clients, deltas)[:4]
+    reveals[0] = _altered(reveals[0], "b", "a05")
+    for topic, payload, _ in reveals:
+        rounds.handle(topic, payload, 0.0)
+    assert rounds.tick(0.0) is None and rounds.round is not None  # waits for the others, at most grace
+    assert rounds.tick(0.0 + rounds.grace) is None
+    assert rounds.aborted_ == {"bad_reveal": 1} and rounds.completed_ == 0
+
+
+def test_a_garbage_masked_input_is_caught_by_the_range_check():
+    rounds, clients, deltas = _cohort(4, 3, seed=13)
+    for a, d in deltas.items():
+        announce(rounds, clients, clients[a].hold(d, 0))
+    inboxes = {}
+    rounds.tick(0.0)
+    [(topic, cohort, _)] = rounds.take_outbox()
+    for c in clients.values():
+        for tp, p, _ in c.on_message(topic, cohort):
+            rounds.handle(tp, p, 0.0)
+    for tp, p, _ in rounds.take_outbox():
+        inboxes[TOPICS.secagg_of(tp)[1]] = (tp, p)
+    for a, c in clients.items():
+        [(tp, p, _)] = c.on_message(*inboxes[a])
+        if a == "a01":  # random bytes instead of its masked input
+            p = sa.encode("masked", round=sa.decode(p, "masked")["round"], y=np.random.default_rng(0).bytes(4 * 40), bad=[])
+        rounds.handle(tp, p, 0.0)
+    [(tp, unmask, _)] = rounds.take_outbox()
+    for c in clients.values():
+        for t2, p2, _ in c.on_message(tp, unmask):
+            rounds.handle(t2, p2, 0.0)
+    assert rounds.tick(0.0) is None and rounds.aborted_ == {"out_of_range": 1}
+
+
+def test_garbage_shares_abort_the_round_at_once_and_the_member_sits_out_the_next_cohorts():
+    """Issue 18.7: a01 sends shares that open for nobody. The others mask anyway and name it; the
+    round, which cannot recover a01's secrets, aborts as soon as the masked inputs are in (no stage
+    timeout), a01 is excluded (bad_shares) with a back-off doubling per strike, and the next cohort,
+    without it, completes."""
+    rounds, clients, deltas = _cohort(5, 3, seed=14)
+    evil = clients["a01"]
+    honest = evil.on_message
+
+    def garbage(topic, payload):
+        out = honest(topic, payload)
+        if topic == TOPICS.secagg_cohort and out:
+            m = sa.decode(out[0][1], "share")
+            m["to"] = {peer: bytes(len(v)) for peer, v in m["to"].items()}
+            out = [(out[0][0], sa.encode("share", **{k: v for k, v in m.items() if k != "type"}), False)]
+        return out
+
+    evil.on_message = garbage
+    for a, d in deltas.items():
+        announce(rounds, clients, clients[a].hold(d, 0))
+    rounds.tick(0.0)
+    wire = rounds.take_outbox()
+    for _ in range(3):
+        for topic, payload, _ in wire:
+            for c in clients.values():
+                if c.owns(topic):
+                    for tp, p, _ in c.on_message(topic, payload):
+                        rounds.handle(tp, p, 0.0)
+        wire = rounds.take_outbox()
+    assert rounds.aborted_ == {"bad_shares": 1} and rounds.round is None, "aborted at once, at time 0"
+    assert rounds.banned["a01"] == (rounds.backoff, "bad_shares") and rounds.excluded_ == {"bad_shares": 1}
+    evil.on_message = honest
+    k4 = SecAggRounds(TOPICS, 40, 4, 3, clip=1.0)  # the same fleet, cohorts of 4: a01 left out
+    k4.banned, k4.strikes = rounds.banned, rounds.strikes
+    result, _ = run_round(k4, clients, deltas, now=1.0)
+    assert result is not None and "a01" not in result.members and result.count == 4
+    # a second strike doubles the back-off
+    k4._exclude({"a01"}, "bad_shares", 100.0)
+    assert k4.banned["a01"][0] == 100.0 + 2 * rounds.backoff
+
+
+def test_a_member_that_never_masks_costs_the_grace_not_the_timeout_and_is_excluded():
+    rounds, clients, deltas = _cohort(5, 3, seed=15)
+    for a, d in deltas.items():
+        announce(rounds, clients, clients[a].hold(d, 0))
+    rounds.tick(0.0)
+    wire = rounds.take_outbox()
+    for topic, payload, _ in wire:  # cohort: everyone shares
+        for c in clients.values():
+            for tp, p, _ in c.on_message(topic, payload):
+                rounds.handle(tp, p, 0.0)
+    for topic, payload, _ in rounds.take_outbox():  # inboxes: a02 keeps its masked input
+        for a, c in clients.items():
+            if c.owns(topic) and a != "a02":
+                for tp, p, _ in c.on_message(topic, payload):
+                    rounds.handle(tp, p, 0.0)
+    assert rounds.round.stage == "masked" and rounds.round.deadline == rounds.grace < rounds.timeout
+    rounds.tick(rounds.grace)
+    assert rounds.round.stage == "reveal" and rounds.round.dropped == ["a02"]
+    assert rounds.banned["a02"][1] == "no_masked_input"
+
+
+def test_a_member_that_joins_and_leaves_closes_the_stage_when_its_offline_status_arrives():
+    rounds, clients, deltas = _cohort(5, 3, seed=16)
+    for a, d in deltas.items():
+        announce(rounds, clients, clients[a].hold(d, 0))
+    rounds.tick(0.0)
+    [(topic, cohort, _)] = rounds.take_outbox()
+    for a, c in clients.items():
+        if a != "a04":
+            for tp, p, _ in c.on_message(topic, cohort):
+                rounds.handle(tp, p, 0.5)
+    assert rounds.round.stage == "shares" and rounds.round.deadline == 0.5 + rounds.grace
+    rounds.handle(TOPICS.agent_status("a04"), b'{"state": "offline"}', 0.6)
+    rounds.tick(0.6)
+    assert rounds.round.stage == "masked" and "a04" not in rounds.round.u1
+    assert rounds.banned["a04"][1] == "no_shares"
