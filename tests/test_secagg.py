@@ -887,3 +887,37 @@ def test_a_member_that_joins_and_leaves_closes_the_stage_when_its_offline_status
     rounds.tick(0.6)
     assert rounds.round.stage == "masked" and "a04" not in rounds.round.u1
     assert rounds.banned["a04"][1] == "no_shares"
+
+
+# --- one hostile member against the real coordinator process (issue 18.7) ----------------------
+
+
+@pytest.mark.parametrize("attack,reason", [("garbage-shares", "bad_shares"), ("join-and-leave", "no_shares"),
+                                           ("no-masked-input", "no_masked_input")])
+def test_one_hostile_member_is_excluded_with_its_reason_and_the_rounds_go_on(tmp_path, mosquitto, attack, reason):
+    """10 members over mosquitto, cohorts of 5, the real coordinator process; a00 attacks. It is left
+    out of cohorts for its back-off after its first offence, counted by reason in the status and in
+    Prometheus, and the other nine keep completing rounds."""
+    import socket
+    import urllib.request
+
+    from simulation.secagg_mqtt import run_fleet
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+
+    def scrape():
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    out = run_fleet(mosquitto.url, "127.0.0.1", mosquitto.port, tmp_path, fleet=f"hostile{attack[:4]}", n_agents=10, k=5,
+                    attack=attack, seconds=8.0, extra=("--metrics-port", str(metrics_port)), probe=scrape)
+    sec, cohorts = out["status"], out["cohorts"]
+    assert sec["excluded"].get(reason, 0) >= 1, sec
+    named = [i for i, members in enumerate(cohorts) if "a00" in members]
+    assert named, "the hostile member was never in a cohort: nothing was attacked"
+    assert len(named) == 1, f"a00 was taken into {len(named)} cohorts within its 30 s back-off"
+    assert len(cohorts) - named[-1] > 5 and out["completed"] >= 5, f"the fleet stalled: {out['completed']} rounds, {sec}"
+    print(attack, out["completed"], "rounds,", len(named), "cohort(s) with a00;", sec["excluded"], sec["aborted"])
+    assert f'fedmq_secagg_excluded_total{{fleet="hostile{attack[:4]}",reason="{reason}"}}' in out["probe"]
