@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from protocol.agent_states import IDLE, ONLINE, TRAINING
 from protocol.topics import Topics
 
-# States of an agent that will send updates (edge_agent/agent.py); error, budget_spent and offline will not.
-LIVE_STATES = frozenset({"online", "training", "idle"})
+# States of an agent that will send updates (protocol/agent_states.py); error, budget_spent and offline will not.
+LIVE_STATES = frozenset({ONLINE, TRAINING, IDLE})
 MAX_STATUS_BYTES = 16 * 1024  # an agent's status is a few hundred bytes; anything larger is refused unread
 MAX_AGENTS = 100_000  # agents tracked: a bound on memory against a flood of ids
 

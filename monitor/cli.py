@@ -8,11 +8,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from monitor.report import ReportError, plot, read_log, series
 from protocol.config import CliParser, fleet_tool_parser, optional_extra, parse_layered
 from protocol.topics import Topics
-from protocol.transport import BrokerError, settings_from_args
+from protocol.transport import BrokerError, read_password, settings_from_args
 
 log = logging.getLogger("monitor")
 
@@ -33,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", action="store_true",
                    help="print snapshots as JSON (one line each) instead of tables; without --once, one per --refresh")
     o.add_argument("--refresh", type=float, default=1.0, metavar="SECONDS", help="seconds between redraws (default: 1)")
+    w = p.add_argument_group("web view (docs/web-view.md)")
+    w.add_argument("--web", type=int, metavar="PORT",
+                   help="serve the web fleet view on this port instead of the terminal view: a page that connects "
+                   "to the broker itself over MQTT over WebSockets and draws the fleet live (--broker is not used)")
+    w.add_argument("--web-host", default="127.0.0.1", metavar="HOST",
+                   help="address the web view listens on (default: 127.0.0.1, this machine only)")
+    w.add_argument("--ws-url", metavar="URL",
+                   help="the broker's MQTT-over-WebSocket listener as the browser reaches it, ws://HOST:PORT or "
+                   "wss://HOST:PORT (default: port 9001 of the host the page was loaded from)")
+    w.add_argument("--web-share-login", action="store_true",
+                   help="hand --username and the --password-file password to the page so it connects at once; "
+                   "without it the page asks. Anyone who can load the page gets that login: use the read-only monitor user")
     o.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="logging level, on stderr (default: WARNING)")
     return p
@@ -41,16 +54,52 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Layered arguments (flags > FEDMQ_* > --config); exits 2 with one line on bad config."""
     parser = build_parser()
-    args = parse_layered(parser, argv, required=("broker", "fleet"))
+    args = parse_layered(parser, argv, required=("fleet",))
     try:
         args.topics = Topics(args.fleet, args.topic_prefix)
-        args.settings = settings_from_args(args)
+        if args.web is not None:
+            check_web_args(args)
+        elif not args.broker:
+            raise ValueError("--broker is required (or FEDMQ_BROKER / broker in --config), unless --web")
+        else:
+            args.settings = settings_from_args(args)
         for name in ("wait", "refresh", "connect_timeout"):
             if not getattr(args, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     except ValueError as exc:
         parser.error(str(exc))
     return args
+
+
+def check_web_args(args: argparse.Namespace) -> None:
+    """ValueError (one line) for a bad --web, --ws-url or shared login."""
+    if not 0 < args.web < 65536:
+        raise ValueError(f"--web must be a port in 1-65535, got {args.web}")
+    if args.ws_url is not None:
+        parts = urlsplit(args.ws_url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.password:
+            raise ValueError(f"--ws-url {args.ws_url!r} must look like ws://HOST:PORT or wss://HOST:PORT (no password)")
+    args.web_password = read_password(args.password_file) if args.web_share_login else None
+    if args.web_share_login and args.web_password is None:
+        raise ValueError("--web-share-login needs the password: --password-file or FEDMQ_PASSWORD")
+
+
+def run_web(args: argparse.Namespace, stop: threading.Event) -> int:
+    """Serve the web view until SIGINT/SIGTERM; 1 if the port cannot be bound."""
+    from monitor.web_server import make_server, page_config, serve_until
+
+    config = page_config(args.topics, ws_url=args.ws_url, username=args.username, password=args.web_password)
+    try:
+        server = make_server(args.web_host, args.web, config)
+    except OSError as exc:
+        print(f"fedmq-monitor: error: cannot serve the web view on {args.web_host}:{args.web}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    host, port = server.server_address[:2]
+    broker = args.ws_url or f"ws://<this host>:{config['ws_port']}"
+    print(f"fedmq-monitor: the web view of fleet {args.fleet} is on http://{host}:{port}/ (broker {broker})", flush=True)
+    serve_until(server, stop)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # the parser printed its one-line error, or --help
         return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.web is not None:  # the stdlib alone: no extra needed
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return run_web(args, stop)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     try:
         from monitor import live
     except ImportError as exc:  # rich is an extra

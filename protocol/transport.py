@@ -82,14 +82,7 @@ class BrokerSettings:
                 raise ValueError(f"{label} not found: {path}")
         if bool(cert_file) != bool(key_file):
             raise ValueError("a client certificate needs its key and the other way round")
-        password = None
-        if password_file:
-            try:
-                password = Path(password_file).read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"cannot read password file {password_file}: {exc.strerror}") from None
-        elif os.environ.get("FEDMQ_PASSWORD"):
-            password = os.environ["FEDMQ_PASSWORD"]
+        password = read_password(password_file)
         return cls(
             host=parts.hostname,
             port=port,
@@ -120,6 +113,16 @@ def add_broker_options(parser) -> None:
     group.add_argument(
         "--connect-timeout", type=float, default=10.0, help="seconds to wait for the first connection before giving up"
     )
+
+
+def read_password(password_file: str | None) -> str | None:
+    """The password from `password_file`, else FEDMQ_PASSWORD, else None; ValueError if the file is unreadable."""
+    if password_file:
+        try:
+            return Path(password_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read password file {password_file}: {exc.strerror}") from None
+    return os.environ.get("FEDMQ_PASSWORD") or None
 
 
 def settings_from_args(args) -> BrokerSettings:

@@ -29,8 +29,12 @@ FLEET = "acl"
 OTHER_FLEET = "other-fleet"  # b1's
 
 
-def production_conf(creds: Path, data: Path, plain_port: int, tls_port: int, *, size_line: str | None = None) -> str:
-    """broker/mosquitto.conf with paths and ports for this machine, and no log_dest (stderr, or the helper's file)."""
+def production_conf(creds: Path, data: Path, plain_port: int, tls_port: int, *, size_line: str | None = None,
+                    ws_port: int | None = None) -> str:
+    """broker/mosquitto.conf with paths and ports for this machine, and no log_dest (stderr, or the helper's file).
+
+    The WebSocket listener (9001) moves to `ws_port`, a free one by default; mosquitto 2.0
+    binds it on every interface whatever the address (broker/mosquitto.conf says why)."""
     conf = (BROKER_DIR / "mosquitto.conf").read_text()
     conf = conf.replace("/mosquitto/config/passwd", str(creds / "passwd"))
     conf = conf.replace("/mosquitto/config/acl", str(creds / "acl"))
@@ -38,6 +42,7 @@ def production_conf(creds: Path, data: Path, plain_port: int, tls_port: int, *, 
     conf = conf.replace("/mosquitto/data/", f"{data}/")
     conf = re.sub(r"^listener 1883$", f"listener {plain_port} 127.0.0.1", conf, flags=re.M)
     conf = re.sub(r"^listener 8883$", f"listener {tls_port} 127.0.0.1", conf, flags=re.M)
+    conf = re.sub(r"^listener 9001$", f"listener {ws_port or free_port()}", conf, flags=re.M)
     conf = re.sub(r"^log_dest stdout$", "", conf, flags=re.M)
     if size_line is not None:
         conf = re.sub(r"^message_size_limit .*$", size_line, conf, flags=re.M)
@@ -53,12 +58,12 @@ def make_credentials(out: Path, *agents: str, fleet: str = FLEET) -> Path:
 
 
 def start_production_broker(workdir: Path, creds: Path, **kw) -> Mosquitto:
-    plain_port, tls_port = free_port(), free_port()
+    plain_port, tls_port, ws_port = free_port(), free_port(), kw.pop("ws_port", None) or free_port()
     (workdir / "data").mkdir(parents=True)
     broker = Mosquitto(workdir, allow_anonymous=False,
-                       extra_conf=production_conf(creds, workdir / "data", plain_port, tls_port, **kw))
-    broker.start(also=(plain_port, tls_port))
-    broker.plain_port, broker.tls_port = plain_port, tls_port
+                       extra_conf=production_conf(creds, workdir / "data", plain_port, tls_port, ws_port=ws_port, **kw))
+    broker.start(also=(plain_port, tls_port, ws_port))
+    broker.plain_port, broker.tls_port, broker.ws_port = plain_port, tls_port, ws_port
     return broker
 
 

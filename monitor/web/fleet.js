@@ -1,0 +1,210 @@
+"use strict";
+// What a watcher of <prefix>/<fleet>/# has learnt about the fleet, as pure state: the page's twin
+// of monitor/fleet_view.py. No MQTT and no DOM here. FleetState.feed(topic, bytes, now) takes every
+// message; nothing fed to it throws: a payload it cannot read is counted under "<kind>: <reason>".
+// The topic layout and the agent states come from the server's /config.json (protocol/topics.py,
+// protocol/agent_states.py); the msgpack decoder is passed in (@msgpack/msgpack's decode).
+(function (root) {
+  const MAX_HISTORY = 2000;  // chart points kept (one per coordinator status)
+  const MAX_JSON_BYTES = 64 * 1024;  // as monitor/fleet_view.py
+  const MAX_AGENTS = 10000;
+
+  class Bad extends Error {
+    constructor(reason, message) { super(message); this.reason = reason; }
+  }
+
+  // The value of the single "+" level of `pattern` in `topic` ("#" at the end matches the rest), or null.
+  function plusLevel(pattern, topic) {
+    const p = pattern.split("/"), t = topic.split("/");
+    let found = "";
+    for (let i = 0; i < p.length; i++) {
+      if (p[i] === "#") return i === p.length - 1 ? (found || t.slice(i).join("/")) : null;
+      if (i >= t.length) return null;
+      if (p[i] === "+") { if (!t[i]) return null; found = t[i]; continue; }
+      if (p[i] !== t[i]) return null;
+    }
+    return p.length === t.length ? found : null;
+  }
+
+  const isInt = (v) => Number.isInteger(v);
+  const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
+  const str = (v, limit = 200) => (typeof v === "string" ? v.slice(0, limit) : null);
+  const obj = (v) => (v && typeof v === "object" && !Array.isArray(v) ? v : null);
+  const toInt = (v) => (typeof v === "bigint" ? Number(v) : v);  // msgpack may give a BigInt for uint64
+
+  function jsonObject(bytes) {
+    if (bytes.length > MAX_JSON_BYTES) throw new Bad("oversize", `${bytes.length} bytes of JSON`);
+    let doc;
+    try { doc = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes)); }
+    catch (e) { throw new Bad("json", `not JSON: ${e.message}`); }
+    if (!obj(doc)) throw new Bad("schema", "expected a JSON object");
+    return doc;
+  }
+
+  // Parameters of a model spec (protocol/model_spec.py ModelSpec.n_params): rows x (features + 1).
+  function nParams(spec) {
+    const n = spec.n_features;
+    if (!isInt(n)) return null;
+    const classes = Array.isArray(spec.classes) ? spec.classes.length : 0;
+    const rows = spec.estimator === "sgd-classifier" ? (classes === 2 ? 1 : classes) : 1;
+    return rows * n + rows;
+  }
+
+  class FleetState {
+    constructor(config, decode) {
+      this.config = config;
+      this.decode = decode;
+      this.agents = new Map();
+      this.model = null;
+      this.coordinator = null;
+      this.history = [];  // [{t, version, score}] one per coordinator status seen
+      this.bad = new Map();
+      this.lastBad = null;
+      this.messages = 0;
+      this.secagg = new Map();  // secure-aggregation messages seen, by kind
+    }
+
+    classify(topic) {
+      const t = this.config.topics;
+      if (topic === t.model) return ["model", null];
+      if (topic === t.coordinator) return ["coordinator", null];
+      for (const kind of ["update_chunk", "update", "status", "stats", "schema", "model_chunk", "secagg"]) {
+        const level = plusLevel(t[kind], topic);
+        if (level !== null) return [kind, level];
+      }
+      return ["topic", null];
+    }
+
+    feed(topic, bytes, now) {
+      this.messages += 1;
+      const [kind, agent] = this.classify(topic);
+      try {
+        if (kind === "topic") throw new Bad("unknown", `not a topic of fleet ${this.config.fleet}`);
+        if (bytes.length === 0) { this.clear(kind, agent); return null; }
+        if (kind === "model") this.onModel(bytes, now);
+        else if (kind === "coordinator") this.onCoordinator(bytes, now);
+        else if (kind === "update") this.onUpdate(agent, bytes, now);
+        else if (kind === "status") this.onStatus(agent, bytes, now);
+        else if (kind === "secagg") this.secagg.set(agent.split("/")[0], (this.secagg.get(agent.split("/")[0]) || 0) + 1);
+        else if (kind === "update_chunk" && this.agents.has(agent)) this.agents.get(agent).lastSeen = now;
+        // stats, schema and model chunks: their presence is enough (their contents are the coordinator's)
+        return null;
+      } catch (e) {
+        const reason = e instanceof Bad ? e.reason : "internal";
+        const key = `${kind}: ${reason}`;
+        this.bad.set(key, (this.bad.get(key) || 0) + 1);
+        this.lastBad = `${topic}: ${e.message}`.slice(0, 200);
+        if (this.agents.has(agent)) this.agents.get(agent).bad += 1;
+        return key;
+      }
+    }
+
+    clear(kind, agent) {
+      if (kind === "model") this.model = null;
+      else if (kind === "coordinator") this.coordinator = null;
+      else if (kind === "status") this.agents.delete(agent);
+      else if (kind === "update") throw new Bad("empty", "empty update payload");
+    }
+
+    onModel(bytes, now) {
+      let msg;
+      try { msg = this.decode(bytes); } catch (e) { throw new Bad("msgpack", `not msgpack: ${e.message}`); }
+      if (!obj(msg)) throw new Bad("schema", "the model message is not a map");
+      const version = toInt(msg.version);
+      if (!isInt(version)) throw new Bad("schema", "model without an integer version");
+      if (msg.type === "manifest") {  // a chunked model (protocol/chunking.py): the manifest is retained last
+        this.model = { version, bytes: isInt(toInt(msg.bytes)) ? toInt(msg.bytes) : bytes.length, codec: "chunked",
+                       chunks: toInt(msg.chunks), estimator: null, nParams: null, receivedAt: now };
+        return;
+      }
+      if (msg.type !== "model") throw new Bad("schema", `unexpected message type ${String(msg.type).slice(0, 32)}`);
+      const spec = obj(msg.spec) || {};
+      this.model = { version, bytes: bytes.length, codec: str(msg.codec, 32) || "float32", chunks: null,
+                     estimator: str(spec.estimator, 64), nParams: nParams(spec),
+                     nFeatures: isInt(spec.n_features) ? spec.n_features : null,
+                     scaled: obj(msg.scaling) !== null, time: num(msg.time), receivedAt: now };
+    }
+
+    onCoordinator(bytes, now) {
+      const doc = jsonObject(bytes);
+      if (!isInt(doc.version)) throw new Bad("schema", "coordinator status without an integer version");
+      this.coordinator = doc;
+      const score = num(doc.accuracy) !== null ? num(doc.accuracy) : num(doc.r2);
+      const t = num(doc.updated_at) || now;
+      const last = this.history[this.history.length - 1];
+      if (!last || last.t !== t) {
+        this.history.push({ t, version: doc.version, score });
+        if (this.history.length > MAX_HISTORY) this.history.splice(0, this.history.length - MAX_HISTORY);
+      }
+    }
+
+    agent(id) {
+      if (!this.agents.has(id)) {
+        if (this.agents.size >= MAX_AGENTS) throw new Bad("too_many_agents", `more than ${MAX_AGENTS} agents`);
+        this.agents.set(id, { id, state: null, since: null, reason: null, modelVersion: null, base: null,
+                              updatesSeen: 0, updatesSent: null, lastSeq: null, samples: null, codec: null,
+                              epsilon: null, statsEpsilon: null, lastSeen: null, lastUpdateBytes: null, bad: 0 });
+      }
+      return this.agents.get(id);
+    }
+
+    onUpdate(id, bytes, now) {
+      let msg;
+      try { msg = this.decode(bytes); } catch (e) { throw new Bad("msgpack", `not msgpack: ${e.message}`); }
+      // [format, "update", seq, base, samples, delta, metrics] (protocol/messages.py)
+      if (!Array.isArray(msg) || msg.length !== 7 || msg[1] !== "update") throw new Bad("schema", "not an update array");
+      const seq = toInt(msg[2]), base = toInt(msg[3]), samples = toInt(msg[4]);
+      if (!isInt(base) || !isInt(seq)) throw new Bad("schema", "update without integer seq and base");
+      const a = this.agent(id);
+      a.updatesSeen += 1;
+      a.base = base;
+      a.lastSeq = seq;
+      if (isInt(samples)) a.samples = samples;
+      a.lastUpdateBytes = bytes.length;
+      a.lastSeen = now;
+    }
+
+    onStatus(id, bytes, now) {
+      const doc = jsonObject(bytes);
+      if (doc.agent !== id) throw new Bad("agent_mismatch", `status of ${String(doc.agent).slice(0, 64)} on the topic of ${id}`);
+      if (!this.config.states.includes(doc.state)) throw new Bad("schema", `unknown agent state ${String(doc.state).slice(0, 32)}`);
+      const a = this.agent(id);
+      a.state = doc.state;  // the last will says only offline: the other fields keep what was known
+      a.reason = str(doc[this.config.reason_fields[doc.state] || "reason"], 300);  // why, in the field its state uses
+      if (num(doc.since) !== null) a.since = doc.since;
+      if (isInt(doc.version)) a.base = a.updatesSeen ? a.base : doc.version;
+      if (isInt(doc.model_version)) a.modelVersion = doc.model_version;
+      if (isInt(doc.updates_sent)) a.updatesSent = doc.updates_sent;
+      if (isInt(doc.samples)) a.samples = doc.samples;
+      if (str(doc.codec, 32)) a.codec = str(doc.codec, 32);
+      const privacy = obj(doc.privacy), statsPrivacy = obj(doc.stats_privacy);
+      if (privacy && num(privacy.epsilon) !== null) a.epsilon = privacy.epsilon;
+      if (statsPrivacy && num(statsPrivacy.epsilon) !== null) a.statsEpsilon = statsPrivacy.epsilon;
+      const t = num(doc.time);
+      a.lastSeen = Math.max(a.lastSeen || 0, t || now);
+    }
+
+    // The newest version known: the coordinator's status may be ahead of the published model.
+    get version() {
+      const v = [this.model && this.model.version, this.coordinator && this.coordinator.version].filter(isInt);
+      return v.length ? Math.max(...v) : null;
+    }
+
+    staleness(a) {
+      return this.version === null || a.base === null ? null : this.version - a.base;
+    }
+
+    // Agents per state, in the order of config.states, and "unknown" for those with no status yet.
+    stateCounts() {
+      const counts = new Map(this.config.states.map((s) => [s, 0]));
+      for (const a of this.agents.values()) {
+        const s = a.state || "unknown";
+        counts.set(s, (counts.get(s) || 0) + 1);
+      }
+      return counts;
+    }
+  }
+
+  root.FleetState = FleetState;
+  root.plusLevel = plusLevel;
+})(typeof window !== "undefined" ? window : globalThis);

@@ -1,0 +1,254 @@
+"""The web fleet view (`fedmq-monitor --web`) in a real headless Chromium against a real fleet.
+
+The broker is mosquitto with broker/mosquitto.conf as shipped (its WebSocket listener on a free
+port, the password file and ACL make-credentials.sh writes); the coordinator, two agents and
+the web server are real processes. The page logs in as the read-only monitor user over MQTT
+over WebSockets and everything asserted is read from its DOM. Bad input: a wrong password and a
+port that is no WebSocket listener each leave a clear message on the page.
+
+The screenshot docs/web-view.md shows is made here: FEDMQ_WRITE_SCREENSHOT=1 writes it to
+docs/images/web-view.png (otherwise it goes to the test's temporary directory only, so a test
+run leaves the checkout clean).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from browser import CHROMIUM, Chromium
+from fleet import ROOT, spawn, stop
+from mosquitto import free_port
+from protocol.agent_states import IDLE, ONLINE, REASON_FIELDS, STATES, TRAINING
+from protocol.tabular import write_csv
+from protocol.topics import Topics
+from test_broker_acl import Client, make_credentials, start_production_broker
+
+FLEET = "web"
+T = Topics(FLEET)
+WAIT = 45  # seconds: bound on every wait for the fleet or the page (2 busy cores)
+SCREENSHOT = ROOT / "docs" / "images" / "web-view.png"
+
+needs_browser = pytest.mark.skipif(
+    not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+    reason="Debian's chromium is not installed (scripts/setup --test installs it; CI requires it)")
+
+
+def start_web(tmp_path: Path, name: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """`fedmq-monitor --web PORT ...` as a process; (process, page URL) once it says where it is."""
+    port = free_port()
+    log = tmp_path / f"{name}.log"
+    proc = spawn("monitor", "--web", str(port), "--fleet", FLEET, *args, log=log)
+    deadline = time.monotonic() + WAIT
+    while "the web view of fleet" not in (log.read_text() if log.exists() else ""):
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"the web server did not start: {log.read_text()}"
+        time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """The production broker (with its WebSocket listener), a coordinator and two agents, all real."""
+    tmp = tmp_path_factory.mktemp("web-fleet")
+    creds = make_credentials(tmp / "creds", "a0", "a1", "intruder", fleet=FLEET)
+    broker = start_production_broker(tmp / "broker", creds)
+    rng = np.random.default_rng(0)
+    for name, n in (("a0", 200), ("a1", 200), ("eval", 300)):
+        X = rng.normal(size=(n, 4))
+        write_csv(tmp / f"{name}.csv", X, (X[:, 0] > 0).astype(int) + (X[:, 1] > 0))
+    login = lambda user: ("--username", user, "--password-file", str(creds / "secrets" / f"{user}.password"))  # noqa: E731
+    url = f"mqtt://127.0.0.1:{broker.plain_port}"
+    procs = [spawn("coordinator", "--broker", url, "--fleet", FLEET, "--model", "sgd-classifier", "--n-features", 4,
+                   "--classes", "0,1,2", "--publish-interval", "0.3", "--eval-csv", tmp / "eval.csv",
+                   *login("coordinator"), log=tmp / "coordinator.log")]
+    procs += [spawn("edge_agent", "--broker", url, "--fleet", FLEET, "--id", a, "--data", tmp / f"{a}.csv",
+                    "--status-interval", "2", *login(a), log=tmp / f"{a}.log") for a in ("a0", "a1")]
+    try:
+        yield {"tmp": tmp, "creds": creds, "broker": broker, "procs": procs, "login": login}
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        broker.stop()
+    for log in tmp.glob("*.log"):
+        assert "Traceback" not in log.read_text(), log
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    with Chromium(tmp_path_factory.mktemp("chromium")) as chromium:
+        yield chromium
+
+
+def text(browser: Chromium, selector: str) -> str:
+    return browser.evaluate(f"(document.querySelector({json.dumps(selector)}) || {{}}).textContent || ''")
+
+
+def agent_row(browser: Chromium, agent: str) -> list[str]:
+    return browser.evaluate(
+        f"[...(document.querySelector('#agents tr[data-agent=\"{agent}\"]') || {{cells: []}}).cells].map(c => c.textContent)")
+
+
+# the page against a live fleet ----------------------------------------------------------------
+
+@needs_browser
+def test_the_page_shows_the_fleet_learning_live(fleet, browser, tmp_path):
+    ws = f"ws://127.0.0.1:{fleet['broker'].ws_port}/"
+    web, page = start_web(tmp_path, "web", "--ws-url", ws, *fleet["login"]("monitor"), "--web-share-login")
+    try:
+        browser.open(page)
+        browser.wait_for("document.getElementById('conn').dataset.kind === 'ok'", WAIT, "the page to connect")
+        assert "connected to" in text(browser, "#conn") and "monitor" in text(browser, "#conn")
+        # both agents listed, with a state of the one list (protocol/agent_states.py) and an update seen
+        browser.wait_for("['a0', 'a1'].every(a => { const r = document.querySelector(`#agents tr[data-agent=\"${a}\"]`);"
+                         " return r && / seen/.test(r.cells[7].textContent) && !r.cells[7].textContent.startsWith('0 '); })",
+                         WAIT, "both agents with an update")
+        for agent in ("a0", "a1"):
+            row = agent_row(browser, agent)
+            assert row[1] in (ONLINE, TRAINING, IDLE), row
+            assert re.fullmatch(r"\d+", row[6]), row  # staleness: a number once an update was seen
+        # the version moves while the page watches, and the chart draws it
+        first = int(browser.wait_for("(t => /^\\d[\\d,]*$/.test(t) && t)(document.getElementById('version').textContent)",
+                                     WAIT, "a version").replace(",", ""))
+        browser.wait_for(f"parseInt(document.getElementById('version').textContent.replace(/,/g, '')) > {first}",
+                         WAIT, f"the version to move past {first}")
+        browser.wait_for("+document.getElementById('chart-version').dataset.points >= 2", WAIT, "two chart points")
+        browser.wait_for("/^0\\.\\d{3}$/.test(document.getElementById('score').textContent)", WAIT, "the held-out accuracy")
+        # the model message decoded in the browser (msgpack): codec, size, parameters (3 classes x (4 + 1))
+        model = browser.wait_for("(t => t.includes('params') && t)(document.getElementById('model').textContent)", WAIT,
+                                 "the decoded model")
+        assert "float32" in model and "15 params" in model and "sgd-classifier" in model, model
+        assert re.fullmatch(r"\d+ B", text(browser, "#model-size")), text(browser, "#model-size")
+
+        # a rejected update appears with its reason: garbage on the intruder's own update topic
+        intruder = Client(fleet["broker"], fleet["creds"], "intruder").wait_ready()
+        intruder.publish(T.update("intruder"), b"\xc1 not msgpack")
+        # and an agent that cannot train says why (its retained status, as a real agent in error publishes it)
+        intruder.publish(T.agent_status("intruder"), json.dumps(
+            {"agent": "intruder", "state": "error", "error": "the model has 9 features, the data 4"}).encode(), retain=True)
+        intruder.paho.disconnect()
+        reasons = browser.wait_for("[...document.querySelectorAll('#rejected tbody tr')].map(r => r.cells[0].textContent)"
+                                   ".join(' ') || null", WAIT, "a rejected update in the table")
+        assert "decode" in reasons, reasons
+        browser.wait_for("(r => r && r.cells[1].textContent === 'error')(document.querySelector('#agents tr[data-agent=\"intruder\"]'))",
+                         WAIT, "the agent in error")
+        assert agent_row(browser, "intruder")[3] == "the model has 9 features, the data 4"
+        # an agent that stops is shown offline, the other keeps working
+        assert stop(fleet["procs"][2]) == 0  # a1
+        browser.wait_for("(r => r && r.cells[1].textContent === 'offline')(document.querySelector('#agents tr[data-agent=\"a1\"]'))",
+                         WAIT, "a1 offline")
+        assert agent_row(browser, "a0")[1] != "offline"
+        assert "1 offline" in text(browser, "#agent-states") and "1 error" in text(browser, "#agent-states")
+        assert not [line for line in browser.console if line.startswith("exception")], browser.console
+
+        shot = browser.screenshot(tmp_path / "web-view.png")
+        assert shot.stat().st_size > 20_000  # a drawn page, not a blank one
+        if os.environ.get("FEDMQ_WRITE_SCREENSHOT"):
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            shutil.copy(shot, SCREENSHOT)
+    finally:
+        assert stop(web) == 0
+
+
+# bad input: the page says what is wrong -------------------------------------------------------
+
+def log_in(browser: Chromium, page: str, url: str, password: str) -> None:
+    """Open the page (no shared login: it asks) and submit the form."""
+    browser.open(page)
+    browser.wait_for("!document.getElementById('login').hidden", WAIT, "the login form")
+    browser.evaluate(f"""(() => {{
+        document.getElementById('login-url').value = {json.dumps(url)};
+        document.getElementById('login-password').value = {json.dumps(password)};
+        document.getElementById('login-connect').click(); return true; }})()""")
+
+
+@needs_browser
+def test_wrong_credentials_and_a_refused_websocket_are_clear_messages(fleet, browser, tmp_path):
+    web, page = start_web(tmp_path, "web-ask")  # no --ws-url: the form proposes port 9001 of the page's host
+    try:
+        browser.open(page)
+        browser.wait_for("!document.getElementById('login').hidden", WAIT, "the login form")
+        assert browser.evaluate("document.getElementById('login-url').value") == "ws://127.0.0.1:9001/"
+        assert browser.evaluate("document.getElementById('login-user').value") == "monitor"
+        assert "log in to the broker" in text(browser, "#conn")
+
+        ws = f"ws://127.0.0.1:{fleet['broker'].ws_port}/"
+        log_in(browser, page, ws, "not the password")
+        message = browser.wait_for("(c => c.dataset.kind === 'error' && c.textContent)(document.getElementById('conn'))",
+                                   WAIT, "the refused login")
+        assert "refused the login of monitor: wrong username or password" in message, message
+        assert not browser.evaluate("document.getElementById('login').hidden")  # the form is back
+
+        # the plain MQTT port speaks no WebSocket: the broker drops the HTTP upgrade
+        not_ws = f"ws://127.0.0.1:{fleet['broker'].plain_port}/"
+        password = (fleet["creds"] / "secrets" / "monitor.password").read_text().strip()
+        log_in(browser, page, not_ws, password)
+        message = browser.wait_for("(c => c.dataset.kind === 'error' && c.textContent)(document.getElementById('conn'))",
+                                   WAIT, "the refused WebSocket")
+        assert f"cannot open a WebSocket to {not_ws}" in message, message
+        # nothing listening at all: the same clear line
+        closed = f"ws://127.0.0.1:{free_port()}/"
+        log_in(browser, page, closed, password)
+        message = browser.wait_for("(c => c.dataset.kind === 'error' && c.textContent)(document.getElementById('conn'))",
+                                   WAIT, "the closed port")
+        assert f"cannot open a WebSocket to {closed}" in message, message
+    finally:
+        assert stop(web) == 0
+
+
+# the server: files, config, flags (no browser) --------------------------------------------------
+
+def test_the_server_hands_out_the_page_and_a_config_without_state(tmp_path):
+    web, page = start_web(tmp_path, "web-files", "--ws-url", "wss://broker.example:9443", "--topic-prefix", "plant")
+    try:
+        config = json.load(urllib.request.urlopen(page + "config.json", timeout=10))
+        assert config["states"] == list(STATES) and config["reason_fields"] == REASON_FIELDS  # the one list
+        topics = Topics(FLEET, "plant")
+        assert config["subscribe"] == topics.everything and config["topics"]["update"] == topics.all_updates
+        assert config["topics"]["status"] == "plant/web/agent/+/status"
+        assert config["ws_url"] == "wss://broker.example:9443" and config["username"] == "monitor"
+        assert "password" not in config  # not without --web-share-login
+        with urllib.request.urlopen(page, timeout=10) as res:
+            assert "script-src 'self'" in res.headers["Content-Security-Policy"]
+            assert b'src="vendor/mqtt.min.js"' in res.read()
+        for path in ("vendor/mqtt.min.js", "vendor/msgpack.min.js", "vendor/mqtt.LICENSE.md", "vendor/msgpack.LICENSE"):
+            assert len(urllib.request.urlopen(page + path, timeout=10).read()) > 500, path
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(page + "../pyproject.toml", timeout=10)
+        assert err.value.code == 404
+    finally:
+        assert stop(web) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--web", "0"], "--web must be a port"),
+    (["--web", "8080", "--ws-url", "http://x:9001"], "--ws-url 'http://x:9001' must look like ws://"),
+    (["--web", "8080", "--web-share-login"], "--web-share-login needs the password"),
+])
+def test_bad_web_flags_are_one_line(args, message, monkeypatch):
+    monkeypatch.delenv("FEDMQ_PASSWORD", raising=False)
+    proc = subprocess.run([sys.executable, "-m", "monitor", "--fleet", FLEET, *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_web_port_taken_is_one_line(tmp_path):
+    web, page = start_web(tmp_path, "web-first")
+    try:
+        port = page.rsplit(":", 1)[1].strip("/")
+        proc = subprocess.run([sys.executable, "-m", "monitor", "--fleet", FLEET, "--web", port], capture_output=True,
+                              text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 1 and "cannot serve the web view on 127.0.0.1" in proc.stderr, proc.stderr
+    finally:
+        assert stop(web) == 0
