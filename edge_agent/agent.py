@@ -14,6 +14,7 @@ import numpy as np
 
 from edge_agent.data import DataSource
 from edge_agent.error_feedback import ErrorFeedback
+from edge_agent.privacy_state import PrivacyStore
 from edge_agent.statistics import LocalStatistics, prepare_features
 from edge_agent.trainer import LocalTrainer
 # the values of the status's "state" field live in protocol/agent_states.py (the monitor reads them too)
@@ -67,6 +68,7 @@ class Agent:
         dp_epsilon_budget: float | None = None,
         dp_neighbours: str = "add-remove",
         stats_noise: StatsMechanism | None = None,
+        privacy_store: PrivacyStore | None = None,
     ) -> None:
         self.agent_id = check_name("agent id", agent_id)
         self.topics = topics
@@ -109,6 +111,16 @@ class Agent:
             self.dp_budget = Budget(dp.noise_multiplier, dp_delta, dp_epsilon_budget, neighbours=dp_neighbours)
         elif dp_epsilon_budget is not None:
             raise ValueError("--dp-epsilon-budget needs local DP: give --dp-clip and --dp-noise")
+        # the privacy ledger across restarts (edge_agent/privacy_state.py): loaded by the CLI, saved before each release
+        self.privacy_store = privacy_store
+        if privacy_store is not None and privacy_store.state is not None:
+            saved = privacy_store.state
+            if self.dp_budget is not None:
+                self.dp_budget.contributions = saved.updates
+            if stats_noise is not None:
+                self.statistics.releases_ = saved.stats_releases
+                self.statistics.sent_rows_ = saved.stats_rows
+                self.statistics.last_payload_ = saved.stats_payload
 
     @property
     def budget_spent(self) -> bool:
@@ -198,12 +210,33 @@ class Agent:
         if poll:
             self._poll()
         X, _ = self.source.data()
+        releases = self.statistics.releases_
         try:
-            return self.statistics.payload_if_due(X, self.source.columns)
+            payload = self.statistics.payload_if_due(X, self.source.columns)
         except ValueError as exc:  # --stats-clip declares ranges for another feature count
             log.error("feature statistics not sent: %s", exc)
             self.statistics.sent_rows_ = len(X)  # not again until the window grows
             return None
+        if self.statistics.releases_ != releases and not self._persist():  # a fresh noised release: on disk first
+            return None
+        return payload
+
+    def _persist(self) -> bool:
+        """Save the privacy ledger (fsync'd) before a release; False (logged) when the disk refuses."""
+        store = self.privacy_store
+        if store is None or store.state is None:
+            return True
+        state = store.state
+        state.updates = self.dp_budget.contributions if self.dp_budget is not None else 0
+        state.stats_releases = self.statistics.releases_
+        state.stats_rows = self.statistics.sent_rows_
+        state.stats_payload = self.statistics.last_payload_
+        try:
+            store.save()
+        except OSError as exc:
+            log.error("cannot save the privacy state file %s (%s): nothing released", store.path, exc)
+            return False
+        return True
 
     def schema_payload(self) -> bytes | None:
         """The window's column names and label set for `Topics.schema`, when new or changed; else None."""
@@ -277,6 +310,8 @@ class Agent:
             return None
         if self.dp_budget is not None:
             self.dp_budget.record()  # the noised update exists now: it is spent whether or not it arrives
+            if not self._persist():  # on disk before it leaves, or it does not leave
+                return None
         self.seq_ += 1
         self.updates_sent_ += 1
         self.base_version_ = model.version
@@ -366,10 +401,12 @@ class Agent:
             status["reason"] = self.unheard_[1]
         if self.unusable_models_:
             status["unusable_models"] = self.unusable_models_
+        ledger = {} if self.privacy_store is None or self.privacy_store.state is None else \
+            {"reset_at": self.privacy_store.state.reset_at}  # when --reset-privacy-state started this ledger
         if self.dp_budget is not None:  # local DP: this agent's epsilon at delta over the updates it made
-            status["privacy"] = dict(self.dp_budget.report(), clip=self.dp.clip_norm)
+            status["privacy"] = dict(self.dp_budget.report(), clip=self.dp.clip_norm, **ledger)
         if self.statistics.noise is not None:  # --stats-noise: epsilon at delta per row over the releases made
-            status["stats_privacy"] = self.statistics.report()
+            status["stats_privacy"] = dict(self.statistics.report(), **ledger)
         return status
 
 

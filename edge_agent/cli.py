@@ -11,6 +11,7 @@ import threading
 
 from edge_agent.agent import Agent
 from edge_agent.data import CallableSource, CSVDirectory, CSVFile, DataSource
+from edge_agent.privacy_state import PrivacyStore, StateError
 from edge_agent.session import AgentSession
 from edge_agent.trainer import DEFAULT_MAX_CLASSES, DEFAULT_MAX_FEATURES, DEFAULT_MAX_MODEL_BYTES, LocalTrainer, ModelLimits
 from protocol.chunking import MIN_PACKET_BYTES
@@ -104,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "window; min and max not sent), also under local DP (with --stats-clip)")
     dp.add_argument("--stats-clip", metavar="B|LO:HI,...",
                     help="clip every value to [-B, B], or feature i to LO_i:HI_i, before --stats-noise")
+    dp.add_argument("--state-file", metavar="FILE",
+                    help="the privacy ledger across restarts (needed with local DP or --stats-noise): the updates and "
+                    "statistics released so far and the last noised statistics, written and fsync'd before each release")
+    dp.add_argument("--reset-privacy-state", action="store_true",
+                    help="start a new ledger (epsilon 0, said in the status as reset_at) when --state-file is missing or "
+                    "corrupt; without it the agent refuses to start. A valid file is always continued")
     sec = p.add_argument_group("secure aggregation (needs pip install 'fedmq[secagg]')")
     sec.add_argument("--secure-aggregation", action="store_true",
                      help="never send an update in the clear: mask it in a cohort (the coordinator needs --secure-aggregation)")
@@ -154,6 +161,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.limits = ModelLimits(args.max_classes, args.max_features, args.max_model_bytes)
         args.dp = parse_dp(args)
         args.stats_noise_mechanism = parse_stats_noise(args)
+        if (args.dp is not None or args.stats_noise_mechanism is not None) and not args.state_file:
+            raise ValueError("local DP and --stats-noise need --state-file: the privacy ledger must survive a restart")
+        if args.dp is None and args.stats_noise_mechanism is None and (args.state_file or args.reset_privacy_state):
+            raise ValueError("--state-file and --reset-privacy-state go with local DP (--dp-clip, --dp-noise) or --stats-noise")
         if args.secure_aggregation:
             require_extra("cryptography", "secagg", "--secure-aggregation")
     except ValueError as exc:
@@ -197,6 +208,16 @@ def parse_stats_noise(args: argparse.Namespace) -> StatsMechanism | None:
     return mechanism
 
 
+def privacy_identity(args: argparse.Namespace) -> dict:
+    """What a state file must match: this agent, and the mechanisms its epsilon was counted under."""
+    stats = args.stats_noise_mechanism
+    return {
+        "agent": args.id, "fleet": args.fleet,
+        "dp": None if args.dp is None else [args.dp.noise_multiplier, args.dp_delta, args.dp_neighbours],
+        "stats": None if stats is None else [stats.noise_multiplier, args.dp_delta, str(args.stats_clip)],
+    }
+
+
 def open_source(args: argparse.Namespace) -> DataSource:
     """The data source the flags name (DataError if it does not exist); not read yet."""
     if args.data:
@@ -222,13 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"fedmq-agent: error: {exc}", file=sys.stderr)
         return 2
+    store = None
+    if args.state_file:  # edge_agent/privacy_state.py
+        store = PrivacyStore(args.state_file, privacy_identity(args))
+        try:
+            store.load_or_reset(args.reset_privacy_state)
+        except (StateError, OSError) as exc:
+            print(f"fedmq-agent: error: {exc}", file=sys.stderr)
+            return 2
     trainer = LocalTrainer(args.local_epochs, args.batch_size, random_state=args.seed, limits=args.limits,
                            train_metrics=args.train_metrics)
     agent = Agent(args.id, args.topics, source, trainer, args.codec,
                   min_new_samples=args.min_new_samples, train_every=args.train_every, seed=args.seed,
                   resend_after=args.resend_after or None,
                   dp=args.dp, dp_delta=args.dp_delta, dp_epsilon_budget=args.dp_epsilon_budget,
-                  dp_neighbours=args.dp_neighbours, stats_noise=args.stats_noise_mechanism)
+                  dp_neighbours=args.dp_neighbours, stats_noise=args.stats_noise_mechanism, privacy_store=store)
     agent.new_samples_ = rows
     if args.secure_aggregation:  # edge_agent/secagg.py
         if args.dp is not None:

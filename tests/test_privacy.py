@@ -124,7 +124,7 @@ def test_replace_one_is_sensitivity_2c_from_dp_accounting():
     with pytest.raises(ValueError, match="--dp-neighbours"):
         accounting.epsilon(1.0, 1, DELTA, "swap")
     agent = agent_args(["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--id", "a", "--data", "x.csv",
-                        "--dp-clip", "1", "--dp-noise", "1"])
+                        "--dp-clip", "1", "--dp-noise", "1", "--state-file", "s"])
     assert agent.dp_neighbours == "replace-one"
     base = ["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--model", "sgd-regressor", "--n-features", "3",
             "--strategy", "fedbuff", "--dp-clip", "1", "--dp-noise", "1"]
@@ -187,7 +187,9 @@ def test_agent_cli_refuses_half_given_dp(capsys):
                   ["--dp-clip", "1", "--dp-noise", "0"], ["--dp-clip", "1", "--dp-noise", "1", "--dp-delta", "2"]):
         with pytest.raises(SystemExit):
             agent_args(base + extra)
-    args = agent_args(base + ["--dp-clip", "1", "--dp-noise", "1.2", "--dp-epsilon-budget", "8"])
+    with pytest.raises(SystemExit):  # issue 19.1: the ledger must survive a restart
+        agent_args(base + ["--dp-clip", "1", "--dp-noise", "1.2"])
+    args = agent_args(base + ["--dp-clip", "1", "--dp-noise", "1.2", "--dp-epsilon-budget", "8", "--state-file", "s"])
     assert args.dp == GaussianMechanism(1.0, 1.2) and args.dp_epsilon_budget == 8
 
 
@@ -306,7 +308,7 @@ def test_local_dp_agent_publishes_its_epsilon_over_mosquitto(tmp_path, mosquitto
     agent = spawn(
         "edge_agent", "--broker", mosquitto.url, "--fleet", TOPICS.fleet, "--id", "dev1", "--data", data,
         "--dp-clip", "1", "--dp-noise", sigma, "--dp-epsilon-budget", budget, "--status-interval", "0",
-        log=tmp_path / "agent.log",
+        "--state-file", tmp_path / "dev1.state", "--reset-privacy-state", log=tmp_path / "agent.log",
     )
     try:
         status = watcher.wait_for(

@@ -122,7 +122,7 @@ def test_agent_cli_stats_noise():
                   ["--stats-noise", "1", "--stats-clip", "-3"], ["--stats-noise", "1", "--stats-clip", "2:1"]):
         with pytest.raises(SystemExit):
             agent_args(base + extra)
-    args = agent_args(base + ["--stats-noise", "1.5", "--stats-clip", "0:1,-2:3"])
+    args = agent_args(base + ["--stats-noise", "1.5", "--stats-clip", "0:1,-2:3", "--state-file", "s"])
     assert args.stats_noise_mechanism == StatsMechanism(1.5, ((0.0, 1.0), (-2.0, 3.0)))
     assert agent_args(base).stats_noise_mechanism is None
     assert parse_bounds("4") == 4.0
