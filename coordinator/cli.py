@@ -259,14 +259,24 @@ def check_central_dp(args: argparse.Namespace) -> None:
 
 
 def parse_classes(text: str | None) -> tuple:
-    """``0,1,2`` -> (0, 1, 2); labels that are not all integers stay strings."""
+    """``0,1,2`` -> (0, 1, 2); ValueError for a label that is not a number: CSV labels are read
+    as numbers, so ``cat,dog`` would match no agent's rows and every row would be skipped."""
     if not text:
         return ()
     labels = [c.strip() for c in text.split(",") if c.strip()]
+    words = [c for c in labels if not _is_number(c)]
+    if words:
+        raise ValueError(f"--classes {', '.join(map(repr, words[:3]))}: class labels are numbers (agents read CSV "
+                         "labels as numbers, so these would match no row); give the numeric labels your CSVs use, "
+                         "e.g. 0,1,2, and map names to numbers when you write the CSVs")
+    return tuple(int(c) if c.lstrip("+-").isdigit() else float(c) for c in labels)
+
+
+def _is_number(text: str) -> bool:
     try:
-        return tuple(int(c) for c in labels)
+        return np.isfinite(float(text))
     except ValueError:
-        return tuple(labels)
+        return False
 
 
 def parse_hyperparameters(text: str) -> dict:

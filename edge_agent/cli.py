@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"fedmq-agent: error: {exc}", file=sys.stderr)
         return 2
+    if rows == 0:  # not an error (a device may log later), but said: it trains on nothing until rows come
+        log.warning("%s has no data rows yet: waiting for rows to be appended before training",
+                    args.data or args.data_dir or args.data_source)
     store = None
     if args.state_file:  # edge_agent/privacy_state.py
         store = PrivacyStore(args.state_file, privacy_identity(args))

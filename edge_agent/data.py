@@ -71,6 +71,8 @@ class CSVFile(DataSource):
         self._lines = 0  # lines consumed, for the line numbers in warnings
         self._header: list[str] | None = None
         self._polled = False
+        if self.path.is_dir():
+            raise DataError(f"{self.path}: is a directory: give --data-dir {self.path} to read every *.csv in it")
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such file")
 

@@ -34,7 +34,21 @@ class CliParser(argparse.ArgumentParser):
     the one line that matters; the usage is what --help is for. Subparsers inherit the class.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --password must never be taken for --password-file
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        argv = sys.argv[1:] if args is None else list(args)
+        if any(a == "--password" or a.startswith("--password=") for a in argv):
+            self.error("there is no --password flag (a password on the command line shows in ps and the shell "
+                       "history): put it in a file given with --password-file FILE, or set FEDMQ_PASSWORD")
+        return super().parse_known_args(argv, namespace)
+
     def error(self, message: str):  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):  # never echo the values: one may be a password
+            flags = [word for word in message.split()[2:] if word.startswith("-")]
+            message = "unrecognized arguments: " + " ".join(flags) + " (values not shown)"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

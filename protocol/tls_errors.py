@@ -43,3 +43,33 @@ def tls_refusal(url: str, cert_file: str | None, exc: ssl.SSLError) -> str | Non
     else:
         why = "certificate required: no client certificate given"
     return f"{head} ({why}): {ssl_text(exc)}; {CERTIFICATE_HINT}"
+
+
+def speaks_tls(host: str, port: int, timeout: float = 1.5) -> bool:
+    """Does the listener on host:port answer a TLS ClientHello with a ServerHello? (certificate not checked).
+
+    Asked only after a connection failed in a way a TLS/plain mismatch explains, so the one
+    line can say which port or scheme to use instead of waiting for the connect timeout.
+    """
+    import socket
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                return True  # handshake done: it speaks TLS
+    except ssl.SSLError as exc:  # an alert (e.g. a client certificate required) is TLS too; garbage is not
+        return "_ALERT_" in (exc.reason or "")
+    except OSError:  # reset, EOF, timeout: a plain listener closing on bytes it cannot parse
+        return False
+
+
+def plain_to_tls_hint(url: str, host: str, port: int) -> str:
+    return (f"broker at {url} speaks TLS on port {port}, not plain MQTT: use mqtts://{host}:{port} with --ca-file "
+            "(the broker's plain port is usually 1883)")
+
+
+def tls_to_plain_hint(url: str, host: str, port: int) -> str:
+    return (f"broker at {url} does not speak TLS on port {port}: use mqtt://{host}:{port} there, or the broker's "
+            "TLS port (usually 8883)")

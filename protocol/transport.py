@@ -6,10 +6,12 @@ and may not import each other (see docs/architecture.md).
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,7 +21,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-from protocol.tls_errors import CERTIFICATE_HINT, ssl_text, tls_refusal
+from protocol.tls_errors import CERTIFICATE_HINT, plain_to_tls_hint, speaks_tls, ssl_text, tls_refusal, tls_to_plain_hint
+
+log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: keep a persistent session a week
 
@@ -42,6 +46,7 @@ class BrokerSettings:
     password: str | None = None
     mqtt_version: str = "3.1.1"
     keepalive: int = 30
+    port_given: bool = True  # False: the URL named no port and the MQTT default is used (said at connect)
 
     @property
     def url(self) -> str:
@@ -94,6 +99,7 @@ class BrokerSettings:
             password=password,
             mqtt_version=mqtt_version,
             keepalive=keepalive,
+            port_given=parts.port is not None,
         )
 
 
@@ -233,11 +239,14 @@ def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 1
         # once, over TLS a handshake failure looks the same, so that waits for the timeout
         if "rc" not in outcome and "tls" not in outcome:
             outcome["closed"] = True
-            if not settings.tls and settings.mqtt_version == "5":
+            if not settings.tls:  # MQTT 5 to a 3.1.1 broker, or plain MQTT to a TLS port: asked below
                 done.set()
         if previous_disconnect:
             previous_disconnect(c, userdata, flags, reason_code, properties)
 
+    if not settings.port_given:
+        log.warning("the broker URL names no port: connecting to %s (the %s default)", settings.url,
+                    "mqtts://" if settings.tls else "mqtt://")
     kwargs = {}
     if settings.mqtt_version == "5":
         persistent = getattr(client, "_fedmq_persistent", True)
@@ -256,14 +265,26 @@ def connect(client: mqtt.Client, settings: BrokerSettings, *, timeout: float = 1
             client.connect(settings.host, settings.port, settings.keepalive, **kwargs)
         except ssl.SSLError as exc:
             refusal = tls_refusal(settings.url, settings.cert_file, exc)
+            if refusal is None and not speaks_tls(settings.host, settings.port):
+                refusal = tls_to_plain_hint(settings.url, settings.host, settings.port)
             raise BrokerError(refusal or f"TLS handshake with {settings.url} failed: {exc.reason or exc}") from None
         except OSError as exc:
+            if settings.tls and isinstance(exc, (ConnectionResetError, ConnectionAbortedError)) \
+                    and not speaks_tls(settings.host, settings.port):  # a plain listener dropping our ClientHello
+                raise BrokerError(tls_to_plain_hint(settings.url, settings.host, settings.port)) from None
             raise BrokerError(f"cannot reach broker at {settings.url}: {exc.strerror or exc}") from None
         if not start_loop:
             return
         client.loop_start()
         try:
+            deadline = time.monotonic() + timeout
             done.wait(timeout)
+            if outcome.get("closed") and "rc" not in outcome and not settings.tls:
+                if speaks_tls(settings.host, settings.port):  # our CONNECT was garbage to a TLS listener
+                    raise BrokerError(plain_to_tls_hint(settings.url, settings.host, settings.port))
+                if settings.mqtt_version != "5":  # not that: wait out the timeout as before
+                    done.clear()
+                    done.wait(max(0.0, deadline - time.monotonic()))
             if "rc" in outcome:
                 rc = outcome["rc"]
                 if rc.is_failure and settings.mqtt_version == "5" and rc.value in (0x01, 0x84):
