@@ -84,6 +84,8 @@ class LocalTrainer:
         self.random_state = random_state
         self.rng = np.random.default_rng(random_state)
         self.estimator_ = None
+        self.skipped_labels_ = 0  # rows of the last round whose label is not a class of the model (status: skipped_labels)
+        self._said: set[tuple] = set()  # what a warning about the data already said (once, not every round)
         self.spec_: ModelSpec | None = None
 
     def train(self, model: ModelMessage, X: np.ndarray, y: np.ndarray) -> TrainResult | None:
@@ -104,6 +106,13 @@ class LocalTrainer:
             text = " ".join(str(exc).split())
             raise ValueError(f"training failed: {type(exc).__name__}: {text}") from None
 
+    def _say_once(self, key: tuple, message: str, *args) -> None:
+        """A warning about the local data, once per distinct situation: on a device it would
+        otherwise repeat every round, forever (the status counts it instead)."""
+        if key not in self._said:
+            self._said.add(key)
+            log.warning(message, *args)
+
     def _train(self, model: ModelMessage, X: np.ndarray, y: np.ndarray) -> TrainResult | None:
         spec = model.spec
         X = np.asarray(X, dtype=np.float64)
@@ -117,11 +126,14 @@ class LocalTrainer:
             known = np.isin(y, np.asarray(spec.classes))
             skipped = int((~known).sum())
             if skipped:
-                log.warning("skipping %d of %d rows whose label is not one of the model's classes %s",
-                            skipped, len(y), list(spec.classes))
+                self._say_once(("labels", spec.classes),
+                               "skipping %d of %d rows whose label is not one of the model's classes %s (said once "
+                               "while it holds; counted as skipped_labels in the status)",
+                               skipped, len(y), list(spec.classes))
                 X, y = X[known], y[known]
+        self.skipped_labels_ = skipped
         if len(y) == 0:
-            log.warning("no usable rows to train on")
+            self._say_once(("no rows",), "no usable rows to train on")
             return None
         if self.spec_ != spec or self.estimator_ is None:
             self.estimator_ = build_estimator(spec, model.params, random_state=self.random_state)
