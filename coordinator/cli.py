@@ -14,6 +14,7 @@ import numpy as np
 from coordinator.aggregation import parse_aggregate
 from coordinator.privacy import PrivateCoordinator, guard, make_policy
 from coordinator.rate_limit import RateLimit
+from coordinator.chunks import MAX_HELD, TIMEOUT_S
 from coordinator.presence import Presence
 from coordinator.schema import FleetSchema, SchemaDiscovery, discover
 from coordinator.server import Coordinator
@@ -135,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-packet-bytes", type=int, metavar="BYTES",
                    help="the broker's packet limit (e.g. 131072 for AWS IoT Core): a larger model is sent as "
                    "retained chunks under model/chunk/<i> with a manifest on the model topic (default: no limit)")
+    _defaulted(o, "--max-held-chunks", type=int, default=MAX_HELD,
+               help="acknowledgements of chunked updates' chunks held back until their update is committed, in "
+               "total (one agent: half); keep it below the broker's max_inflight_messages, or one agent's partial "
+               "update stalls every other (past it, acks go out at once and the chunks are kept)")
+    _defaulted(o, "--chunk-timeout", type=float, default=TIMEOUT_S, metavar="SECONDS",
+               help="drop a chunked update not complete this many seconds after its first chunk (counted)")
     o.add_argument("--checkpoint-dir",
                    help="checkpoint the model, its version and the replay state here before each publish and resume "
                    "from it on start (a newer retained model of the same spec on the broker wins: versions never go back)")
@@ -235,6 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
         if args.max_packet_bytes is not None and args.max_packet_bytes < MIN_PACKET_BYTES:
             raise ValueError(f"--max-packet-bytes must be at least {MIN_PACKET_BYTES}")
+        if args.max_held_chunks < 1 or not args.chunk_timeout > 0:
+            raise ValueError("--max-held-chunks must be >= 1 and --chunk-timeout > 0")
         if args.max_staleness < 0 or args.buffer_timeout < 0:
             raise ValueError("--max-staleness and --buffer-timeout must be >= 0")
         if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
@@ -400,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         on_publish = start_metrics(args.metrics_port) if args.metrics_port else None
         session = CoordinatorSession(core, args.settings, connect_timeout=args.connect_timeout,
                                      metrics_log=args.metrics_log, audit_log=args.audit_log, on_publish=on_publish,
-                                     max_packet_bytes=args.max_packet_bytes)
+                                     max_packet_bytes=args.max_packet_bytes, max_held_chunks=args.max_held_chunks,
+                                     chunk_timeout=args.chunk_timeout)
     except (DataError, CheckpointError, ValueError, OSError) as exc:  # OSError: TLS files, ports
         print(f"fedmq-coordinator: error: {_one_line(exc)}", file=sys.stderr)
         return 2

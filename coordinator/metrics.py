@@ -63,6 +63,13 @@ class StatusCollector:
             yield gauge("fedmq_buffer_effective_size", "K now: min(K, agents online) when their statuses are known",
                         buffer["effective"])
             yield gauge("fedmq_live_agents", "Agents whose retained status says they train", buffer["live_agents"])
+        chunks = status.get("chunks")  # chunked updates (coordinator/chunks.py): the acks held from the broker's window
+        if isinstance(chunks, dict):
+            yield gauge("fedmq_chunk_partial_updates", "Chunked updates partly received", chunks["partial"])
+            yield gauge("fedmq_chunk_held_acks", "Chunk acknowledgements held back until their update commits",
+                        chunks["held_acks"])
+            yield counter("fedmq_chunk_acks_released", "Chunk acknowledgements released early by --max-held-chunks",
+                          chunks["acks_released"])
         failing = status.get("checkpoint_failing")
         yield gauge("fedmq_checkpoint_failing", "1 while checkpoints fail (nothing is acknowledged meanwhile)", 1 if failing else 0)
         if failing:

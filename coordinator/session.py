@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from coordinator.audit import AuditLog
-from coordinator.chunks import UpdateChunks
+from coordinator.chunks import MAX_HELD, TIMEOUT_S, UpdateChunks
 from coordinator.server import Coordinator
 from coordinator.status import encode_status
 from coordinator.store import CheckpointError
@@ -81,6 +81,8 @@ class CoordinatorSession:
         on_publish=None,
         retained_grace: float = 0.5,
         max_packet_bytes: int | None = None,
+        max_held_chunks: int = MAX_HELD,
+        chunk_timeout: float = TIMEOUT_S,
     ) -> None:
         self.core = core
         self.max_packet_bytes = max_packet_bytes  # the broker's packet limit: larger models go as chunks
@@ -115,7 +117,7 @@ class CoordinatorSession:
         self._republish = threading.Event()
         # chunked messages (protocol/chunking.py): update chunks stay unacknowledged until the
         # update they assemble is committed; the retained model's chunks are read at start-up
-        self._update_chunks = UpdateChunks(max_bytes=EARLY_MAX_BYTES)
+        self._update_chunks = UpdateChunks(core.validator.max_bytes, max_held=max_held_chunks, timeout=chunk_timeout)
         self._model_chunks = chunking.Collector(max_bytes=2 * MAX_MESSAGE_BYTES, max_partial=3)
         self._model_chunks_sent = 0  # chunk topics holding our retained chunks (cleared when fewer are needed)
         self._secagg = getattr(core, "secagg", None)  # a SecureCoordinator's rounds (coordinator/secagg.py)
@@ -212,19 +214,20 @@ class CoordinatorSession:
         return reason
 
     def _take_chunk(self, agent: str, msg) -> str | None:
-        """One chunk of an agent's update: its ack is held with it; the assembled update goes on as one."""
-        ack = (self._connection, msg.mid, msg.qos)
-        try:
-            payload, acks, released = self._update_chunks.add(agent, msg.payload, ack)
-        except ProtocolError:
+        """One chunk of an agent's update: its ack held (bounded) with it; the assembled update goes on as one."""
+        taken = self._update_chunks.add(agent, msg.payload, (self._connection, msg.mid, msg.qos))
+        reason = self._chunks_done(taken)
+        if taken.update is None:
+            return reason
+        return self._take_update(self.core.topics.update(agent), taken.update, msg.retain, taken.acks) or reason
+
+    def _chunks_done(self, taken) -> str | None:
+        """Release what `taken` lets go and count the partial updates it dropped (under the lock)."""
+        self._unacked.extend(taken.release)  # acknowledged with the next commit; dropped sets leave nothing behind
+        for reason in taken.dropped:
             self.core.handled_ += 1
-            self.core.rejected_["chunk"] += 1
-            self._unacked.append(ack)
-            return "chunk"
-        self._unacked.extend(released)  # chunks of updates that can never complete: nothing of them is kept
-        if payload is None:
-            return None
-        return self._take_update(self.core.topics.update(agent), payload, msg.retain, acks)
+            self.core.rejected_[reason] += 1
+        return taken.dropped[-1] if taken.dropped else None
 
     def _take_retained(self, topic: str, payload: bytes) -> None:
         """The retained model at start-up: whole, or assembled from its chunks and manifest."""
@@ -319,6 +322,7 @@ class CoordinatorSession:
         with self.lock:
             if self.core.tick():
                 force = True  # a buffer stepped on its timeout: tell the waiting agents at once
+            expired = self._chunks_done(self._update_chunks.expire())
             key = (self.core.version_, self.core.handled_)
             publish = connected and self.core.ready and (force or self.core.publish_due())
             acks, self._unacked = self._unacked, []
@@ -327,7 +331,9 @@ class CoordinatorSession:
             state = self.core.state() if (key != self._committed or outbox) and self.core.checkpoint_dir else None
             published_before = (self.core.published_version_, self.core.last_publish_)
             payload = self.core.model_payload() if publish else None
-            status, handled = self.core.status(), self.core.handled_
+            status, handled = self._status(), self.core.handled_
+        if expired is not None:
+            self.rejections(expired, self.core.topics.all_update_chunks)
         offset = self.audit.write(lines) if self.audit else None
         if state is not None:
             if offset is not None:
@@ -340,7 +346,7 @@ class CoordinatorSession:
                     if outbox:  # nor is anything of a round that is not durable sent
                         self._secagg.outbox[:0] = outbox
                     self.core.published_version_, self.core.last_publish_ = published_before
-                    status = self.core.status()
+                    status = self._status()
                 self._report_checkpoint_failure(exc, status, handled, connected)
                 return False
             self.core.audit_position_ = state.get("audit", self.core.audit_position_)
@@ -363,6 +369,13 @@ class CoordinatorSession:
         ]
         self._after_publish(status, len(payload))
         return True
+
+    def _status(self) -> dict:
+        """The core's status, and the chunked updates' when there were any (under the lock)."""
+        status = self.core.status()
+        if (chunks := self._update_chunks.summary()) is not None:
+            status["chunks"] = chunks
+        return status
 
     def _publish_model(self, payload: bytes, version: int) -> list:
         """The model on its retained topic, or over the packet limit its retained chunks, then the manifest."""
