@@ -375,7 +375,7 @@ def test_make_credentials_keeps_earlier_agents_and_rejects_reserved_ids(tmp_path
     out = make_credentials(tmp_path / "c", "a1")
     make_credentials(out, "a2", fleet=OTHER_FLEET)
     users = [line.split(":")[0] for line in (out / "passwd").read_text().splitlines()]
-    assert sorted(users) == ["a1", "a2", "coordinator", "monitor"]
+    assert sorted(users) == ["a1", "a2", "coordinator", "health", "monitor"]
     acl = (out / "acl").read_text()
     assert acl.startswith((BROKER_DIR / "acl").read_text())
     assert f"user a1\ntopic write fedmq/{FLEET}/update/a1\n" in acl and f"topic read fedmq/{OTHER_FLEET}/model" in acl
@@ -389,7 +389,7 @@ def test_make_credentials_keeps_earlier_agents_and_rejects_reserved_ids(tmp_path
     assert (out / "acl").read_text() == acl
     for path in [out / "passwd", *(out / "secrets").iterdir(), *(out / "certs").glob("*.key")]:
         assert path.stat().st_mode & 0o777 == 0o600, path
-    for bad in ("monitor", "coordinator", "a/b", "+"):
+    for bad in ("monitor", "coordinator", "health", "a/b", "+"):
         done = subprocess.run([str(BROKER_DIR / "make-credentials.sh"), str(out), "--fleet", FLEET, bad],
                               capture_output=True, text=True)
         assert done.returncode == 2, (bad, done)

@@ -353,8 +353,8 @@ def test_every_service_has_a_healthcheck_and_dependencies_are_healthy(compose):
     for name in ("coordinator", "agent-1", "agent-2", "agent-3"):
         assert compose["services"][name]["depends_on"]["broker"]["condition"] == "service_healthy"
     broker_hc = compose["services"]["broker"]["healthcheck"]["test"][1]
-    assert "/run/secrets/monitor.password" in broker_hc
-    assert "monitor.password" in compose["services"]["broker"]["secrets"]
+    assert "-u health" in broker_hc and "/run/secrets/health.password" in broker_hc  # never a live monitor's login
+    assert "health.password" in compose["services"]["broker"]["secrets"]
 
 
 def test_named_volumes_are_declared(compose):
