@@ -1,6 +1,6 @@
 """Secure aggregation costs (issue 15): per-agent bytes and CPU per round and round latency for
-K = 5, 10, 20, 50; drop-out tolerance (K = 10, t = 6); accuracy against plain fedbuff with the same
-quantization. In one process (simulation/secagg.py: the exact payloads MQTT would carry, no broker).
+K = 5, 10, 20, 50; drop-out tolerance (K = 10, t = 6); accuracy against plain fedbuff on the float
+deltas (no clip, no quantization), with the adaptive clip and with the clip fixed at 10. In one process (simulation/secagg.py: the exact payloads MQTT would carry, no broker).
 Writes bench/results/secagg.json (its other entries, from the modes below and bench/secagg_mqtt.py,
 are kept).
 
@@ -81,34 +81,58 @@ def dropouts() -> list[dict]:
     return out
 
 
-def accuracy(k: int = 5, agents: int = 20, steps: int = 40, seed: int = 0) -> dict:
-    """Digits, Dirichlet 0.5: fedbuff on quantized deltas in the clear vs the same through masked rounds."""
+def _fleet(seed: int, agents: int):
     ds = load_dataset("digits", seed=seed)
     spec = ModelSpec("sgd-classifier", ds.n_features, ds.classes)
-    parts = partition(ds.y_train, agents, "dirichlet:0.5", seed=seed)
-    out = {}
-    for mode in ("plain_quantized", "secure"):
-        rng = np.random.default_rng(seed)
-        trainers = [LocalTrainer(random_state=seed + i) for i in range(agents)]
-        rounds = SecAggRounds(TOPICS, spec.n_params, k, k // 2 + 1, clip=10.0)
-        clients = {f"a{i:02d}": SecAggClient(f"a{i:02d}", TOPICS) for i in range(agents)}
-        params = np.zeros(spec.n_params)
-        for step in range(steps):
-            model = ModelMessage("bench", step, spec, params.astype(np.float32))
-            chosen = rng.choice(agents, k, replace=False)
-            deltas = {f"a{i:02d}": trainers[i].train(model, ds.X_train[parts[i]], ds.y_train[parts[i]]).delta for i in chosen}
-            if mode == "secure":
-                for a in clients:  # a fresh round for the chosen: the others hold nothing
-                    clients[a]._keys = None
-                rounds.keys.clear()
-                result, _ = run_round(rounds, {a: clients[a] for a in deltas}, deltas, version=step)
-                total, count = result.total, result.count
-            else:
-                total = sum(sa.dequantize_sum(sa.quantize(d, rounds.scale, 10.0), rounds.scale) for d in deltas.values())
-                count = len(deltas)
-            params = params + total / count
-        out[mode] = round(score(spec, params, ds.X_test, ds.y_test)["accuracy"], 4)
-    return dict(out, k=k, agents=agents, steps=steps, dataset="digits", partition="dirichlet:0.5")
+    return ds, spec, partition(ds.y_train, agents, "dirichlet:0.5", seed=seed)
+
+
+def accuracy_once(mode: str, seed: int, k: int = 5, agents: int = 20, steps: int = 40) -> dict:
+    """Digits, Dirichlet 0.5, fedbuff steps over cohorts of `k`: `plain` sums the float deltas in the
+    clear (no clip, no quantization); `secure` through masked rounds with the adaptive clip (from 10,
+    target 1% of coordinates clipped, as the CLI defaults); `secure_fixed_10` with the clip fixed at 10."""
+    ds, spec, parts = _fleet(seed, agents)
+    rng = np.random.default_rng(seed)
+    trainers = [LocalTrainer(random_state=seed + i) for i in range(agents)]
+    rounds = SecAggRounds(TOPICS, spec.n_params, k, k // 2 + 1, clip=10.0,
+                          clip_target=0.01 if mode == "secure" else None)
+    clients = {f"a{i:02d}": SecAggClient(f"a{i:02d}", TOPICS) for i in range(agents)}
+    params = np.zeros(spec.n_params)
+    clipped = []
+    for step in range(steps):
+        model = ModelMessage("bench", step, spec, params.astype(np.float32))
+        chosen = rng.choice(agents, k, replace=False)
+        deltas = {f"a{i:02d}": trainers[i].train(model, ds.X_train[parts[i]], ds.y_train[parts[i]]).delta for i in chosen}
+        if mode == "plain":
+            total, count = sum(deltas.values()), len(deltas)
+        else:
+            clipped.append(sum(sa.clipped_count(d, rounds.clip) for d in deltas.values()) / (k * spec.n_params))
+            for a in clients:  # a fresh round for the chosen: the others hold nothing
+                clients[a]._keys = None
+            rounds.keys.clear()
+            result, _ = run_round(rounds, {a: clients[a] for a in deltas}, deltas, version=step)
+            total, count = result.total, result.count
+        params = params + total / count
+    out = {"seed": seed, "accuracy": round(score(spec, params, ds.X_test, ds.y_test)["accuracy"], 4)}
+    if clipped:
+        out.update(first_round_clipped=round(clipped[0], 4), median_clipped=round(statistics.median(clipped), 4),
+                   final_clip=round(rounds.clip, 2))
+    return out
+
+
+def accuracy(seeds: int = 5, k: int = 5, agents: int = 20, steps: int = 40) -> dict:
+    """`accuracy_once` per mode over `seeds` seeds: medians with min and max."""
+    out = {"k": k, "agents": agents, "steps": steps, "seeds": seeds, "dataset": "digits", "partition": "dirichlet:0.5",
+           "clip_target": 0.01, "initial_clip": 10.0}
+    for mode in ("plain", "secure", "secure_fixed_10"):
+        runs = [accuracy_once(mode, seed, k, agents, steps) for seed in range(seeds)]
+        acc = [r["accuracy"] for r in runs]
+        cell = {"median": round(statistics.median(acc), 4), "min": min(acc), "max": max(acc), "runs": runs}
+        if mode != "plain":
+            cell["median_first_round_clipped"] = round(statistics.median(r["first_round_clipped"] for r in runs), 4)
+            cell["median_clipped"] = round(statistics.median(r["median_clipped"] for r in runs), 4)
+        out[mode] = cell
+    return out
 
 
 def machine() -> str:

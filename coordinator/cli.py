@@ -118,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(the agents need --secure-aggregation too)")
     sec.add_argument("--secagg-threshold", type=int, metavar="T",
                      help="shares needed to unmask; fewer surviving agents abort the round (default: K // 2 + 1)")
-    _defaulted(sec, "--secagg-clip", type=float, default=10.0, help="agents clip each coordinate to [-CLIP, CLIP] before quantizing")
+    _defaulted(sec, "--secagg-clip", type=float, default=10.0,
+               help="agents clip each coordinate to [-CLIP, CLIP] before quantizing: the first cohort's clip, then "
+               "adapted (--secagg-clip-target); with --dp-mode central it is --dp-clip, fixed")
+    _defaulted(sec, "--secagg-clip-target", type=float, default=0.01,
+               help="after each round the clip moves towards leaving this fraction of coordinates clipped, from the "
+               "cohort's count of clipped coordinates summed inside the mask; 0 keeps --secagg-clip fixed")
     _defaulted(sec, "--secagg-timeout", type=float, default=10.0, help="seconds at most each stage of a round waits for answers")
     _defaulted(sec, "--secagg-grace", type=float, default=2.0,
                help="once T members have answered a stage, seconds it waits for the rest (at once if they are offline)")
@@ -232,6 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.secagg_rounds = SecAggRounds(args.topics, args.spec.n_params, args.buffer_size, args.secagg_threshold,
                                               clip=args.secagg_clip, timeout=args.secagg_timeout,
                                               grace=args.secagg_grace, backoff=args.secagg_backoff,
+                                              clip_target=args.secagg_clip_target or None,
                                               l2_clip=args.dp_clip if dp else None, eligible=dp.eligible if dp else None)
             args.strategy_obj = SecureFedBuff(args.strategy_obj, dp)
         args.norm = NormBound(args.max_update_norm, args.norm_factor, sample_factor=args.sample_factor)

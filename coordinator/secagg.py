@@ -161,6 +161,8 @@ class Round:
     stage: str  # shares, masked, reveal
     deadline: float
     started: float
+    clip: float = DEFAULT_CLIP  # the per-coordinate clip this round's members quantized with
+    count_clipped: bool = False  # the masked inputs carry one more coordinate: how many were clipped
     shares: dict[str, dict[str, bytes]] = field(default_factory=dict)
     u1: list[str] = field(default_factory=list)
     masked: dict[str, np.ndarray] = field(default_factory=dict)
@@ -188,6 +190,7 @@ class SecAggRounds:
         self, topics: Topics, n_params: int, k: int, threshold: int, *,
         clip: float = DEFAULT_CLIP, timeout: float = DEFAULT_TIMEOUT, l2_clip: float | None = None,
         eligible=None, grace: float = DEFAULT_GRACE, backoff: float = DEFAULT_BACKOFF,
+        clip_target: float | None = None,
     ) -> None:
         for flag, value in (("--secagg-timeout", timeout), ("--secagg-grace", grace), ("--secagg-backoff", backoff)):
             if not value > 0:
@@ -200,7 +203,13 @@ class SecAggRounds:
         self.n_params = n_params
         self.k = k
         self.threshold = threshold
+        if clip_target is not None and not 0 < clip_target < 1:
+            raise ValueError(f"--secagg-clip-target must be in (0, 1), got {clip_target}")
+        if l2_clip is not None:  # a delta of L2 norm <= C has every coordinate within C: clip nothing more
+            clip, clip_target = l2_clip, None  # and no clip count, an un-noised statistic, under central DP
         self.clip = clip
+        self.clip_target = clip_target  # adapt the clip after each round towards this fraction clipped
+        self.clipped_fraction_: float | None = None  # of the last completed round's coordinates
         self.timeout = timeout
         self.grace = grace
         self.backoff = backoff
@@ -324,7 +333,7 @@ class SecAggRounds:
         bad = m.get("bad", [])
         if not isinstance(bad, list) or not set(bad) <= set(r.u1) - {agent} or len(set(bad)) != len(bad):
             raise sa.SecAggError("a masked input names members outside U1 as bad")
-        r.masked[agent] = sa.unpack_vector(m.get("y"), self.n_params)
+        r.masked[agent] = sa.unpack_vector(m.get("y"), self.n_params + r.count_clipped)
         if bad:
             r.complaints[agent] = sorted(bad)
         if len(r.masked) == len(r.u1):
@@ -418,14 +427,16 @@ class SecAggRounds:
         ready.sort(key=lambda a: -self.keys[a].version)  # the freshest deltas first, ties at random
         members = {a: self.keys[a] for a in sorted(ready[: self.k])}
         self.spent.update(ann.key_id for ann in members.values())
-        r = Round(os.urandom(16), members, self.threshold, self.scale, "shares", now + self.timeout, now)
+        r = Round(os.urandom(16), members, self.threshold, self.scale, "shares", now + self.timeout, now,
+                  clip=self.clip, count_clipped=self.clip_target is not None)
         self.round = r
         self.outbox.append(self._cohort_message(r))
         log.info("secure aggregation: cohort of %d agents, round %s, threshold %d", len(members), r.id.hex()[:8], r.threshold)
 
     def _cohort_message(self, r: Round) -> tuple[str, bytes, bool]:
         return (self.topics.secagg_cohort, sa.encode(
-            "cohort", round=r.id, threshold=r.threshold, clip=self.clip, scale=r.scale, n=self.n_params,
+            "cohort", round=r.id, threshold=r.threshold, clip=r.clip, scale=r.scale, n=self.n_params,
+            **({"count_clipped": True} if r.count_clipped else {}),
             members=[[a, ann.key_id, ann.c, ann.s] for a, ann in r.members.items()],
             **({"l2_clip": float(self.l2_clip)} if self.l2_clip is not None else {})), False)
 
@@ -492,12 +503,20 @@ class SecAggRounds:
             self._abort("bad_reveal", str(exc))
             return
         self._exclude(off, "bad_reveal", now)  # the sum below is from the other members' good shares
+        count = len(r.masked)
+        clipped = int(total[-1]) if r.count_clipped else 0
+        total = total[:self.n_params]
         try:
-            sa.check_sum_range(total, len(r.masked), r.scale, self.clip)
+            sa.check_sum_range(total, count, r.scale, r.clip)
+            if clipped > count * self.n_params:
+                raise sa.SecAggError(f"{clipped} clipped coordinates claimed of {count * self.n_params}")
         except sa.SecAggError as exc:
             self._abort("out_of_range", str(exc))
             return
-        count = len(r.masked)
+        if r.count_clipped:  # the next cohorts' clip, from this one's (summed) count of clipped coordinates
+            self.clipped_fraction_ = clipped / (count * self.n_params)
+            self.clip = sa.adapt_clip(r.clip, self.clipped_fraction_, self.clip_target)
+            self.scale = sa.choose_scale(self.clip, self.k)
         for a in set(r.reveals) - off:
             self.strikes.pop(a, None)  # a whole round answered well clears the strikes
         self._result = Result(sa.dequantize_sum(total, r.scale), count, r.id, now - r.started, sorted(r.masked),
@@ -540,12 +559,13 @@ class SecAggRounds:
         live = {ann.key_id for ann in self.keys.values()} | ({ann.key_id for ann in r.members.values()} if r else set())
         return {
             "round": None if r is None else {
-                "id": r.id, "threshold": r.threshold, "scale": r.scale, "stage": r.stage,
+                "id": r.id, "threshold": r.threshold, "scale": r.scale, "stage": r.stage, "clip": r.clip,
+                "count_clipped": r.count_clipped,
                 "members": {a: [ann.key_id, ann.c, ann.s, ann.version, ann.b_hash] for a, ann in r.members.items()},
                 "shares": r.shares, "u1": r.u1, "masked": {a: sa.pack_vector(y) for a, y in r.masked.items()},
                 "dropped": r.dropped, "reveals": r.reveals, "complaints": r.complaints,
             },
-            "strikes": dict(self.strikes), "excluded": dict(self.excluded_),
+            "strikes": dict(self.strikes), "excluded": dict(self.excluded_), "clip": self.clip,
             "banned": {a: [max(0.0, until - self.now_), why] for a, (until, why) in self.banned.items()},
             "spent": sorted(self.spent & live),  # only ids that may still come back (retained keys)
             "completed": self.completed_, "aborted": dict(self.aborted_), "summed": self.summed_,
@@ -562,6 +582,9 @@ class SecAggRounds:
         self.aborted_ = Counter(state.get("aborted", {}))
         self.summed_ = state.get("summed", 0)
         self.resumed_ = state.get("resumed", 0)
+        if self.clip_target is not None and state.get("clip"):
+            self.clip = float(state["clip"])  # the adapted clip goes on where it was
+            self.scale = sa.choose_scale(self.clip, self.k)
         self.strikes = Counter(state.get("strikes", {}))
         self.excluded_ = Counter(state.get("excluded", {}))
         self.now_ = now
@@ -569,13 +592,16 @@ class SecAggRounds:
         m = state.get("round")
         if m is None:
             return
-        if m["threshold"] != self.threshold or len(m["members"]) != self.k or m["scale"] != self.scale:
-            log.warning("secure aggregation: the checkpoint's round is for another K, threshold or clip; not resumed")
+        if m["threshold"] != self.threshold or len(m["members"]) != self.k \
+                or bool(m.get("count_clipped")) != (self.clip_target is not None):
+            log.warning("secure aggregation: the checkpoint's round is for another K, threshold or clip rule; not resumed")
             self.aborted_["restart"] += 1
             return
+        wire = self.n_params + bool(m.get("count_clipped"))
         r = Round(m["id"], {a: Announcement(*e) for a, e in m["members"].items()}, m["threshold"], m["scale"],
-                  m["stage"], now + self.timeout, now, shares=m["shares"], u1=list(m["u1"]),
-                  masked={a: sa.unpack_vector(y, self.n_params) for a, y in m["masked"].items()},
+                  m["stage"], now + self.timeout, now, clip=float(m.get("clip", self.clip)),
+                  count_clipped=bool(m.get("count_clipped")), shares=m["shares"], u1=list(m["u1"]),
+                  masked={a: sa.unpack_vector(y, wire) for a, y in m["masked"].items()},
                   dropped=list(m["dropped"]), reveals=m["reveals"], complaints=m.get("complaints", {}))
         self.round = r
         self.resumed_ += 1
@@ -592,6 +618,7 @@ class SecAggRounds:
         """For the status: rounds completed and aborted, the current stage, agents ready."""
         r = self.round
         return {"k": self.k, "threshold": self.threshold, "clip": self.clip, "scale": self.scale,
+                "clip_target": self.clip_target, "clipped_fraction": self.clipped_fraction_,
                 "completed": self.completed_, "aborted": dict(self.aborted_), "summed": self.summed_,
                 "refused": dict(self.refused_), "ready": len(self.ready()),
                 "excluded": dict(self.excluded_),  # members left out of cohorts, by reason

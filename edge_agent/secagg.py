@@ -57,6 +57,7 @@ class _Round:
     delta: np.ndarray
     seed: bytes
     l2_clip: float | None = None  # central DP's C: the delta is clipped to it, quantization included
+    count_clipped: bool = False  # append how many coordinates the clip changed (summed inside the mask)
     stage: str = "shares"  # shares sent -> masked sent -> revealed
     shares: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # sender -> (x, b share, s share)
     u1: list[str] = field(default_factory=list)
@@ -169,8 +170,11 @@ class SecAggClient:
         for e in members:
             if e[0] != self.agent_id and self._directory.get(e[0]) != (e[1], e[2], e[3]):
                 raise sa.SecAggError(f"the cohort's keys for {e[0]} are not the ones it announced (substituted)")
+        count_clipped = m.get("count_clipped", False)
+        if not isinstance(count_clipped, bool):
+            raise sa.SecAggError("count_clipped must be true or false")
         r = _Round(round_id, keys, {a: (e[2], e[3]) for a, e in entry.items()}, t, scale, clip,
-                   self._delta, keys.seed, l2_clip)
+                   self._delta, keys.seed, l2_clip, count_clipped)
         self._delta, self._keys = None, None  # spent: a new delta brings new keys
         points = sa.share_points(list(r.members))
         b_shares = sa.split(r.seed, t, list(points.values()))
@@ -213,7 +217,10 @@ class SecAggClient:
         r.shares.update(opened)
         r.u1, r.bad = sorted(u1), sorted(bad)
         delta = sa.clip_l2(r.delta, r.l2_clip, r.scale) if r.l2_clip is not None else r.delta
-        y = sa.mask(self.agent_id, sa.quantize(delta, r.scale, r.clip), r.seed, r.keys.s.private,
+        x = sa.quantize(delta, r.scale, r.clip)
+        if r.count_clipped:  # one more coordinate: the cohort's sum of it is all the coordinator learns
+            x = np.append(x, np.uint32(sa.clipped_count(delta, r.clip)))
+        y = sa.mask(self.agent_id, x, r.seed, r.keys.s.private,
                     {a: r.members[a][1] for a in r.u1}, r.id)
         r.stage = "masked"
         self.rounds_ += 1

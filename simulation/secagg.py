@@ -54,12 +54,14 @@ def run_round(
             rounds.handle(topic, payload, clock[0])
             costs.coordinator_cpu += time.process_time() - t0
 
+    announced = []
     for agent, delta in deltas.items():
         message = agent_call(agent, clients[agent].hold, delta, version)
         to_coordinator(agent, [message])
-        for peer, client in clients.items():  # the retained announcement reaches every agent too
-            costs.received[peer] += len(message[1])
-            agent_call(peer, client.on_message, message[0], message[1])
+        announced.append(message)
+    for peer, client in clients.items():  # the retained announcements reach every agent too (one clock read
+        costs.received[peer] += sum(len(m[1]) for m in announced)  # per agent: process_time is not free)
+        agent_call(peer, lambda c=client: [c.on_message(t, p) for t, p, _ in announced])
     for _ in range(8):  # at most cohort, inbox, unmask, and a timeout per stage
         t0 = time.process_time()
         result = rounds.tick(clock[0])

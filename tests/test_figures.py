@@ -384,6 +384,10 @@ def secagg_rows() -> list[str]:
              f"| {r['agent_cpu_ms']} |" for r in data["mqtt"]["results"]]
     rows += [f"| {r['k']} | {r['threshold']} | {r['agent_cpu_ms']} | {x86[r['k']]['agent_cpu_ms']} | {r['coordinator_cpu_ms']} |"
              for r in data["aarch64_emulated"]["costs"]]
+    reasons = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"  # noqa: E731
+    rows += [f"| {r['attack']} | {r['completed']} | {r['vs_honest'] * 100:.0f}% | "
+             f"{'' if r['cohorts_with_attacker'] is None else r['cohorts_with_attacker']} | {reasons(r['excluded'])} | "
+             f"{reasons(r['aborted'])} |" for r in data["hostile"]["results"]]
     return rows
 
 
@@ -396,9 +400,18 @@ def test_secagg_tables_are_the_results_file():
     assert f"{data['machine']}, {data['method']}" in prose
     assert f"by the root's {data['aarch64_emulated']['machine']} under qemu-user" in prose
     assert f"bench/results/secagg.json, about 30 s), {data['mqtt']['machine']}." in prose
+    assert f"`hostile` entry, {data['hostile']['machine']}): {data['hostile']['method']}." in prose
     assert f"at K = 50 that alone is about 50 x {next(r for r in data['mqtt']['results'] if r['k'] == 50)['agent_cpu_ms']} ms" in prose
     acc = data["accuracy"]
-    assert f"deltas {acc['plain_quantized']:.4f}, through masked rounds {acc['secure']:.4f}" in prose
+    cell = lambda c: f"{c['median']:.4f} [{c['min']:.4f}, {c['max']:.4f}]"  # noqa: E731
+    pc = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    secure, fixed = acc["secure"], acc["secure_fixed_10"]
+    assert f"(no clip, no quantization) {cell(acc['plain'])}" in prose
+    assert f"the CLI defaults) {cell(secure)}, where the first round clipped {pc(secure['median_first_round_clipped'])}" in prose
+    assert f"and the median round {pc(secure['median_clipped'])}, the clip ending near " \
+        f"{round(sorted(r['final_clip'] for r in secure['runs'])[len(secure['runs']) // 2])}" in prose
+    assert f"(the old default) {cell(fixed)}, where the first round clipped {pc(fixed['median_first_round_clipped'])} " \
+        f"and the median round {pc(fixed['median_clipped'])}." in prose
     for kind in ("masked", "reveal"):
         for r in (d for d in data["dropouts"] if d["vanish_before"] == kind):
             assert f"{r['vanished']}: {'exact' if r['exact'] else 'NOT exact'} ({r['summed']} summed)" in prose

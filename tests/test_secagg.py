@@ -921,3 +921,51 @@ def test_one_hostile_member_is_excluded_with_its_reason_and_the_rounds_go_on(tmp
     assert len(cohorts) - named[-1] > 5 and out["completed"] >= 5, f"the fleet stalled: {out['completed']} rounds, {sec}"
     print(attack, out["completed"], "rounds,", len(named), "cohort(s) with a00;", sec["excluded"], sec["aborted"])
     assert f'fedmq_secagg_excluded_total{{fleet="hostile{attack[:4]}",reason="{reason}"}}' in out["probe"]
+
+
+# --- the adaptive clip (issue 19.11) ------------------------------------------------------------
+
+
+def test_adapt_clip_is_a_bounded_geometric_step_towards_the_target():
+    assert sa.adapt_clip(10.0, 0.68, 0.01) == pytest.approx(10.0 * math.exp(5 * 0.67))  # about 28x
+    assert sa.adapt_clip(10.0, 0.0, 0.01) == pytest.approx(10.0 * math.exp(-0.05))
+    assert sa.adapt_clip(10.0, 0.01, 0.01) == 10.0
+    assert sa.adapt_clip(1e6, 1.0, 0.01) == sa.CLIP_BOUNDS[1] and sa.adapt_clip(1e-6, 0.0, 0.5) == sa.CLIP_BOUNDS[0]
+    with pytest.raises(sa.SecAggError):
+        sa.adapt_clip(1.0, 1.5, 0.01)
+
+
+def test_the_clip_follows_the_cohorts_summed_count_of_clipped_coordinates():
+    """Deltas of std 30 under the default clip of 10 lose 74% of their coordinates to the clip. The
+    masked inputs carry one more coordinate, the agent's count of clipped ones; the coordinator learns
+    only the cohort's total and moves the clip: within three rounds under 2% are clipped; every sum
+    is exact for the clip its round used."""
+    n, k = 200, 5
+    rounds = SecAggRounds(TOPICS, n, k, 3, clip=10.0, clip_target=0.01)
+    clients = {f"a{i}": SecAggClient(f"a{i}", TOPICS) for i in range(k)}
+    rng = np.random.default_rng(3)
+    fractions = []
+    for step in range(4):
+        deltas = {a: rng.normal(0, 30, n) for a in clients}
+        clip = rounds.clip
+        truth = sum(sa.clipped_count(d, clip) for d in deltas.values()) / (k * n)
+        result, _ = run_round(rounds, clients, deltas, now=100.0 * step)
+        assert result is not None and result.total.shape == (n,)
+        assert rounds.clipped_fraction_ == truth, "the summed count is the cohort's exact count"
+        fractions.append(truth)
+        scale = sa.choose_scale(clip, k)  # the round's own clip and scale, whatever the next one's
+        exact = sum(np.rint(np.clip(d, -clip, clip) * scale).astype(np.int64) for d in deltas.values()) / scale
+        assert np.array_equal(result.total, exact)
+    assert fractions[0] > 0.7 and fractions[-1] < 0.02 and rounds.clip > 50
+    assert rounds.report()["clipped_fraction"] == fractions[-1]
+
+
+def test_under_central_dp_the_clip_is_c_and_no_count_is_sent():
+    rounds = SecAggRounds(TOPICS, 40, 3, 2, clip=10.0, l2_clip=0.5, clip_target=0.01)
+    assert rounds.clip == 0.5 and rounds.clip_target is None
+    clients = {f"a{i}": SecAggClient(f"a{i}", TOPICS) for i in range(3)}
+    for a, c in clients.items():
+        announce(rounds, clients, c.hold(np.ones(40), 0))
+    rounds.tick(0.0)
+    [(_, cohort, _)] = rounds.take_outbox()
+    assert "count_clipped" not in sa.decode(cohort, "cohort")
