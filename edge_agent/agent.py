@@ -69,6 +69,7 @@ class Agent:
         dp_neighbours: str = "add-remove",
         stats_noise: StatsMechanism | None = None,
         privacy_store: PrivacyStore | None = None,
+        private: bool = False,
     ) -> None:
         self.agent_id = check_name("agent id", agent_id)
         self.topics = topics
@@ -113,6 +114,7 @@ class Agent:
             raise ValueError("--dp-epsilon-budget needs local DP: give --dp-clip and --dp-noise")
         # the privacy ledger across restarts (edge_agent/privacy_state.py): loaded by the CLI, saved before each release
         self.privacy_store = privacy_store
+        self.private_ = private  # --private: as private as local DP without noising the updates (central-DP fleets)
         if privacy_store is not None and privacy_store.state is not None:
             saved = privacy_store.state
             if self.dp_budget is not None:
@@ -121,6 +123,12 @@ class Agent:
                 self.statistics.releases_ = saved.stats_releases
                 self.statistics.sent_rows_ = saved.stats_rows
                 self.statistics.last_payload_ = saved.stats_payload
+
+    @property
+    def private(self) -> bool:
+        """Local DP or secure aggregation: nothing exact about the data may leave (issue 19.2) -- no
+        un-noised statistics, no row or missing-cell count in the status, no label set in the schema."""
+        return self.dp is not None or self.secure is not None or self.private_
 
     @property
     def budget_spent(self) -> bool:
@@ -203,9 +211,10 @@ class Agent:
     def statistics_payload(self, poll: bool = True) -> bytes | None:
         """The window's feature statistics for `Topics.stats` when due (first, or data grew); else None.
 
-        Under local DP nothing un-noised about the data travels: only noised statistics (--stats-noise), else none.
+        Under local DP or secure aggregation nothing un-noised about the data travels: only noised
+        (and accounted) statistics (--stats-noise), else none.
         """
-        if self.dp is not None and self.statistics.noise is None:
+        if self.private and self.statistics.noise is None:
             return None
         if poll:
             self._poll()
@@ -239,11 +248,14 @@ class Agent:
         return True
 
     def schema_payload(self) -> bytes | None:
-        """The window's column names and label set for `Topics.schema`, when new or changed; else None."""
+        """The window's column names and label set for `Topics.schema`, when new or changed; else None.
+
+        Private (local DP, secure aggregation): the column names only; the labels come from the
+        coordinator's --classes, since the label set a device holds is data about it."""
         columns = self.source.columns
         if columns is None or len(self.source) == 0:
             return None
-        schema = of_data(columns, self.source.data()[1])
+        schema = Schema(tuple(columns)) if self.private else of_data(columns, self.source.data()[1])
         if schema == self.schema_sent_:
             return None
         self.schema_sent_ = schema
@@ -323,11 +335,11 @@ class Agent:
                 seq=self.seq_,
                 base_version=model.version,
                 # under local DP nothing un-noised about the data travels: no sample count, no metrics
-                n_samples=1 if self.dp is not None else result.n_samples,
+                n_samples=1 if self.private else result.n_samples,
                 delta=encoded,
                 # the round's metrics travel here, not in the status: eval_* (and train_* if the trainer
                 # was asked for them), float32 on the wire
-                metrics={} if self.dp is not None else dict(result.metrics),
+                metrics={} if self.private else dict(result.metrics),
             )
         )
 
@@ -388,10 +400,10 @@ class Agent:
             "version": self.base_version_,
             "model_version": self.model_.version if self.model_ else None,
             "updates_sent": self.updates_sent_,
-            "samples": None if self.dp is not None else len(self.source),
+            "samples": None if self.private else len(self.source),
             "codec": str(self.feedback.spec),
             "last_update_time": None if self.last_update_time_ is None else round(self.last_update_time_, 3),
-            "missing": self.missing_,
+            "missing": None if self.private else self.missing_,
             "scaled": bool(self.model_ is not None and self.model_.scaling is not None),
             "time": round(time.time(), 3),
         }

@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "window; min and max not sent), also under local DP (with --stats-clip)")
     dp.add_argument("--stats-clip", metavar="B|LO:HI,...",
                     help="clip every value to [-B, B], or feature i to LO_i:HI_i, before --stats-noise")
+    dp.add_argument("--private", action="store_true",
+                    help="publish nothing exact about the data, as under local DP and --secure-aggregation: no "
+                    "statistics unless --stats-noise, no row or missing-cell count in the status, no label set in the "
+                    "schema (the coordinator's --classes gives them); for fleets under central DP")
     dp.add_argument("--state-file", metavar="FILE",
                     help="the privacy ledger across restarts (needed with local DP or --stats-noise): the updates and "
                     "statistics released so far and the last noised statistics, written and fsync'd before each release")
@@ -260,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                   min_new_samples=args.min_new_samples, train_every=args.train_every, seed=args.seed,
                   resend_after=args.resend_after or None,
                   dp=args.dp, dp_delta=args.dp_delta, dp_epsilon_budget=args.dp_epsilon_budget,
-                  dp_neighbours=args.dp_neighbours, stats_noise=args.stats_noise_mechanism, privacy_store=store)
+                  dp_neighbours=args.dp_neighbours, stats_noise=args.stats_noise_mechanism, privacy_store=store,
+                  private=args.private)
     agent.new_samples_ = rows
     if args.secure_aggregation:  # edge_agent/secagg.py
         if args.dp is not None:

@@ -5,7 +5,8 @@ labels it holds on ``<prefix>/<fleet>/schema/<agent>`` (msgpack, retained, QoS 1
 
     {"format": 2, "type": "schema", "columns": [str, ...], "labels": [int, ...] or nil}
 
-(`labels` nil: the labels are not a small set of integers, i.e. regression targets). The
+(`labels` nil: the labels are not a small set of integers, i.e. regression targets, or the
+agent is private -- local DP, secure aggregation, --private -- and keeps its label set). The
 coordinator fixes the spec from the first agents (`fix_spec`); every side then checks an
 agent's announcement against it with `mismatch` (one line, the same words on both sides)
 and maps the agent's columns onto the fleet's by name with `column_order`.
@@ -102,7 +103,8 @@ def fix_spec(first: Sequence[Schema], estimator: str, hyperparameters: dict | No
     agree = [s for s in usable if frozenset(s.columns) == frozenset(chosen.columns)]
     if estimator == "sgd-classifier" and not classes:
         if any(s.labels is None for s in agree):
-            raise ValueError("an agent announced labels that are not a small set of integers: give --classes")
+            raise ValueError("an agent announced no label set (a private agent, or labels that are not a small set "
+                             "of integers): give --classes")
         classes = tuple(sorted({v for s in agree for v in s.labels}))
         if len(classes) < 2:
             raise ValueError(f"the first agents hold only the label(s) {list(classes)}: give --classes, "
