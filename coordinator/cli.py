@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--dp-neighbours", choices=("add-remove", "replace-one"),
                     help="the neighbour relation epsilon is reported under: add-remove (sensitivity C) or replace-one "
                     "(2C: one device's data swapped for any other) (default: replace-one for local, add-remove for central)")
-    _defaulted(dp, "--dp-norm-action", choices=("reject", "clip"), default="reject",
-               help="central: an update above C is rejected (dp_norm) or scaled down to C (counted as clipped)")
+    _defaulted(dp, "--dp-norm-action", choices=("reject", "clip"), default="clip",
+               help="central: an update above C is scaled down to C, or rejected (dp_norm; the accepted count then "
+               "moves by one less on an over-C update, an un-noised bit)")
 
     sec = p.add_argument_group("secure aggregation (fedbuff: the coordinator learns only the sum of each cohort; needs pip install 'fedmq[secagg]'; docs/security.md)")
     sec.add_argument("--secure-aggregation", action="store_true",

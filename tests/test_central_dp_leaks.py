@@ -50,6 +50,13 @@ def test_coordinator_cli_refuses_what_central_dp_cannot_carry(tmp_path, extra, s
     assert "Traceback" not in proc.stderr
 
 
+def test_central_dp_clips_by_default_so_that_acceptance_says_nothing_of_a_norm(tmp_path):
+    from coordinator.cli import parse_args
+
+    args = parse_args(BASE + ["--checkpoint-dir", str(tmp_path)])
+    assert args.strategy_obj.norm_action == "clip"  # a rejection would move `accepted` by one less
+
+
 @pytest.mark.parametrize("action", ["reject", "clip"])
 def test_no_clip_bit_reaches_the_status_or_prometheus(action):
     core, dp = central(action)
