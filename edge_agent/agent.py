@@ -413,7 +413,7 @@ class Agent:
             status["reason"] = self.unheard_[1]
         if self.unusable_models_:
             status["unusable_models"] = self.unusable_models_
-        if getattr(self.trainer, "skipped_labels_", 0):
+        if getattr(self.trainer, "skipped_labels_", 0) and not self.private:  # a row count: data
             status["skipped_labels"] = self.trainer.skipped_labels_
         ledger = {} if self.privacy_store is None or self.privacy_store.state is None else \
             {"reset_at": self.privacy_store.state.reset_at}  # when --reset-privacy-state started this ledger

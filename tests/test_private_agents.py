@@ -70,3 +70,19 @@ def test_a_monitor_capture_recovers_no_row_count_mean_or_label_of_a_private_agen
         assert not np.array_equal(noised.count, np.full(64, rows[agent]))
         assert np.abs(noised.mean - data[agent].mean(axis=0)).max() > 0.01
         assert (noised.min[noised.count > 0] == -16).all() and (noised.max[noised.count > 0] == 16).all()
+
+
+def test_a_private_agent_does_not_count_its_skipped_labels_in_the_status():
+    from edge_agent.agent import Agent
+    from edge_agent.data import ArraySource
+    from edge_agent.trainer import LocalTrainer
+    from protocol.messages import ModelMessage, encode_model
+    from protocol.model_spec import ModelSpec
+    from protocol.privacy import GaussianMechanism
+
+    spec = ModelSpec("sgd-classifier", 64, (0, 1))  # the data also holds labels 2..9: rows skipped
+    model = encode_model(ModelMessage(TOPICS.fleet, 1, spec, np.zeros(spec.n_params)))
+    for dp, counted in ((None, True), (GaussianMechanism(1.0, 1.0), False)):
+        agent = Agent("a", TOPICS, ArraySource(X[:100], Y[:100]), LocalTrainer(random_state=0), seed=0, dp=dp)
+        assert agent.on_model(model) and agent.make_update() is not None
+        assert ("skipped_labels" in agent.status()) is counted
