@@ -217,6 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             except ImportError as exc:
                 raise ValueError(str(exc)) from None
             check_central_dp(args)
+            if args.dp_mode == "local" and args.model == "sgd-classifier" and not args.classes_given:
+                raise ValueError("under local DP the agents announce no label set: give --classes")
         elif any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget, args.dp_neighbours)):
             raise ValueError("--dp-clip, --dp-noise, --dp-epsilon-budget and --dp-neighbours need --dp-mode local or central")
         if args.secure_aggregation:  # coordinator/secagg.py

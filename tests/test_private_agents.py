@@ -86,3 +86,14 @@ def test_a_private_agent_does_not_count_its_skipped_labels_in_the_status():
         agent = Agent("a", TOPICS, ArraySource(X[:100], Y[:100]), LocalTrainer(random_state=0), seed=0, dp=dp)
         assert agent.on_model(model) and agent.make_update() is not None
         assert ("skipped_labels" in agent.status()) is counted
+
+
+def test_the_coordinator_takes_the_classes_from_its_flags_under_local_dp(capsys):
+    from coordinator.cli import parse_args
+
+    base = ["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--model", "sgd-classifier", "--n-features", "64",
+            "--dp-mode", "local", "--dp-clip", "1", "--dp-noise", "1"]
+    with pytest.raises(SystemExit):
+        parse_args(base)
+    assert "give --classes" in capsys.readouterr().err
+    assert parse_args(base + ["--classes", "0,1"]).spec.classes == (0, 1)
