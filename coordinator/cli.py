@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     _defaulted(dp, "--dp-delta", type=float, default=1e-5, help="report epsilon at this delta")
     dp.add_argument("--dp-epsilon-budget", type=float, metavar="EPSILON",
                     help="central: refuse (dp_budget) an update that would take its agent's epsilon above this (default: none)")
+    dp.add_argument("--dp-noise-by", choices=("coordinator", "agents"),
+                    help="with --secure-aggregation and --dp-mode central, who adds the noise: coordinator (to each "
+                    "decoded cohort sum) or agents (each member adds its share inside its masked input, so the "
+                    "coordinator never decodes an un-noised sum: distributed DP) (default: coordinator)")
     dp.add_argument("--dp-neighbours", choices=("add-remove", "replace-one"),
                     help="the neighbour relation epsilon is reported under: add-remove (sensitivity C) or replace-one "
                     "(2C: one device's data swapped for any other) (default: replace-one for local, add-remove for central)")
@@ -221,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 raise ValueError("under local DP the agents announce no label set: give --classes")
         elif any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget, args.dp_neighbours)):
             raise ValueError("--dp-clip, --dp-noise, --dp-epsilon-budget and --dp-neighbours need --dp-mode local or central")
+        if args.dp_noise_by is not None and not (args.secure_aggregation and args.dp_mode == "central"):
+            raise ValueError("--dp-noise-by needs --secure-aggregation and --dp-mode central")
         if args.secure_aggregation:  # coordinator/secagg.py
             require_extra("cryptography", "secagg", "--secure-aggregation")
             from coordinator.secagg import SecAggRounds, SecureCentralDP, SecureFedBuff  # cryptography: only when asked for
@@ -232,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 raise ValueError("--secure-aggregation accounts central DP under add-remove only: drop --dp-neighbours replace-one")
             if args.dp_mode == "central":  # noise on each cohort's decoded sum; the agents clip to --dp-clip
                 dp = SecureCentralDP(GaussianMechanism(args.dp_clip, args.dp_noise), args.dp_delta,
-                                     epsilon_budget=args.dp_epsilon_budget)
+                                     epsilon_budget=args.dp_epsilon_budget, noise_by=args.dp_noise_by or "coordinator")
                 args.strategy_obj, args.dp_policy = args.strategy_obj.inner, None  # no per-update screen: none is seen
             if args.spec is None:
                 raise ValueError("--secure-aggregation needs the spec up front: give --n-features (and --classes)")
@@ -241,7 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                               clip=args.secagg_clip, timeout=args.secagg_timeout,
                                               grace=args.secagg_grace, backoff=args.secagg_backoff,
                                               clip_target=args.secagg_clip_target or None,
-                                              l2_clip=args.dp_clip if dp else None, eligible=dp.eligible if dp else None)
+                                              l2_clip=args.dp_clip if dp else None, eligible=dp.eligible if dp else None,
+                                              noise=dp.agent_noise(args.secagg_threshold) if dp else None)
             args.strategy_obj = SecureFedBuff(args.strategy_obj, dp)
         args.norm = NormBound(args.max_update_norm, args.norm_factor, sample_factor=args.sample_factor)
         args.rate = RateLimit(args.max_agent_rate) if args.max_agent_rate is not None else None

@@ -65,12 +65,18 @@ class SecureCentralDP:
     One agent takes part in a cohort at most once, so removing one agent moves the sum by at most
     C, as for `CentralDP`; each agent's epsilon is the RDP composition of the cohorts it was
     summed in, and with `epsilon_budget` an agent is no longer taken into a cohort once one more
-    would exceed it. The guarantee is for what is published (the models): the coordinator itself
-    decodes the sum before adding the noise.
+    would exceed it. With `noise_by="coordinator"` the guarantee is for what is published (the
+    models): the coordinator decodes the sum before adding the noise. With `noise_by="agents"`
+    (distributed DP) each member adds N_Z(0, (sigma C)^2 / t) itself, on the quantization lattice,
+    inside its masked input: any t or more honest survivors put at least (sigma C)^2 of noise in
+    the sum, so the coordinator only ever decodes a noised sum and adds nothing.
     """
 
     def __init__(self, mechanism: GaussianMechanism, delta: float, *, epsilon_budget: float | None = None,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, noise_by: str = "coordinator") -> None:
+        if noise_by not in ("coordinator", "agents"):
+            raise ValueError(f"--dp-noise-by must be coordinator or agents, got {noise_by!r}")
+        self.noise_by = noise_by
         accounting.epsilon(mechanism.noise_multiplier, 1, delta)  # checks delta and that dp-accounting is installed
         if epsilon_budget is not None and not epsilon_budget > 0:
             raise ValueError(f"--dp-epsilon-budget must be > 0, got {epsilon_budget}")
@@ -87,11 +93,17 @@ class SecureCentralDP:
             self.mechanism.noise_multiplier, self.contributions[agent] + 1, self.delta) <= self.epsilon_budget
 
     def release(self, total: np.ndarray, members: list[str]) -> np.ndarray:
-        """The sum with its noise; the members' contributions counted."""
-        noisy = np.asarray(total, dtype=np.float64) + gaussian_noise(np.shape(total), self.mechanism.std, self.rng)
+        """The sum with its noise (already in it when the agents add it); the members' contributions counted."""
+        noisy = np.asarray(total, dtype=np.float64)
+        if self.noise_by == "coordinator":
+            noisy = noisy + gaussian_noise(np.shape(total), self.mechanism.std, self.rng)
         self.contributions.update(members)
         self.releases += 1
         return noisy
+
+    def agent_noise(self, threshold: int) -> float | None:
+        """Distributed DP: the std each of a cohort's members adds, sigma C / sqrt(t); None if the coordinator noises."""
+        return self.mechanism.std / float(np.sqrt(threshold)) if self.noise_by == "agents" else None
 
     def state(self) -> dict:
         return {"contributions": dict(self.contributions), "releases": self.releases}
@@ -104,7 +116,7 @@ class SecureCentralDP:
     def report(self) -> dict:
         report = accounting.fleet_report(self.contributions, self.mechanism.noise_multiplier, self.delta,
                                          "central", self.mechanism.clip_norm, self.releases)
-        report.update(epsilon_budget=self.epsilon_budget, secure_aggregation=True)
+        report.update(epsilon_budget=self.epsilon_budget, secure_aggregation=True, noise_by=self.noise_by)
         return report
 
 
@@ -190,7 +202,7 @@ class SecAggRounds:
         self, topics: Topics, n_params: int, k: int, threshold: int, *,
         clip: float = DEFAULT_CLIP, timeout: float = DEFAULT_TIMEOUT, l2_clip: float | None = None,
         eligible=None, grace: float = DEFAULT_GRACE, backoff: float = DEFAULT_BACKOFF,
-        clip_target: float | None = None,
+        clip_target: float | None = None, noise: float | None = None,
     ) -> None:
         for flag, value in (("--secagg-timeout", timeout), ("--secagg-grace", grace), ("--secagg-backoff", backoff)):
             if not value > 0:
@@ -213,7 +225,10 @@ class SecAggRounds:
         self.timeout = timeout
         self.grace = grace
         self.backoff = backoff
-        self.scale = sa.choose_scale(clip, k)
+        if noise is not None and (l2_clip is None or not noise > 0):
+            raise ValueError("agents' noise (distributed DP) needs an L2 clip and a std > 0")
+        self.noise = noise  # distributed DP: the std each member adds (float units)
+        self.scale = sa.choose_scale(clip, k, noise or 0.0)
         # central DP: agents clip each delta to L2 norm l2_clip, quantization included (edge_agent/secagg.py)
         if l2_clip is not None and not l2_clip > 2 * sa.quantization_margin(n_params, self.scale):
             raise ValueError(f"--dp-clip {l2_clip} is below the quantization step of {n_params} coordinates")
@@ -437,6 +452,7 @@ class SecAggRounds:
         return (self.topics.secagg_cohort, sa.encode(
             "cohort", round=r.id, threshold=r.threshold, clip=r.clip, scale=r.scale, n=self.n_params,
             **({"count_clipped": True} if r.count_clipped else {}),
+            **({"noise": float(self.noise)} if self.noise is not None else {}),
             members=[[a, ann.key_id, ann.c, ann.s] for a, ann in r.members.items()],
             **({"l2_clip": float(self.l2_clip)} if self.l2_clip is not None else {})), False)
 
@@ -507,7 +523,7 @@ class SecAggRounds:
         clipped = int(total[-1]) if r.count_clipped else 0
         total = total[:self.n_params]
         try:
-            sa.check_sum_range(total, count, r.scale, r.clip)
+            sa.check_sum_range(total, count, r.scale, r.clip, self.noise or 0.0)
             if clipped > count * self.n_params:
                 raise sa.SecAggError(f"{clipped} clipped coordinates claimed of {count * self.n_params}")
         except sa.SecAggError as exc:

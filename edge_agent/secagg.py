@@ -58,6 +58,7 @@ class _Round:
     seed: bytes
     l2_clip: float | None = None  # central DP's C: the delta is clipped to it, quantization included
     count_clipped: bool = False  # append how many coordinates the clip changed (summed inside the mask)
+    noise: float | None = None  # distributed DP: the std (float units) of the noise this agent adds
     stage: str = "shares"  # shares sent -> masked sent -> revealed
     shares: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # sender -> (x, b share, s share)
     u1: list[str] = field(default_factory=list)
@@ -173,8 +174,12 @@ class SecAggClient:
         count_clipped = m.get("count_clipped", False)
         if not isinstance(count_clipped, bool):
             raise sa.SecAggError("count_clipped must be true or false")
+        noise = m.get("noise")
+        if noise is not None and (l2_clip is None or not isinstance(noise, float) or not 0 < noise * scale < 2.0**46
+                                  or scale * sa.noise_room(noise, k) >= sa.MODULUS // 2):
+            raise sa.SecAggError(f"cohort noise {noise!r} is not usable (it needs an L2 clip, and must fit the sum)")
         r = _Round(round_id, keys, {a: (e[2], e[3]) for a, e in entry.items()}, t, scale, clip,
-                   self._delta, keys.seed, l2_clip, count_clipped)
+                   self._delta, keys.seed, l2_clip, count_clipped, noise)
         self._delta, self._keys = None, None  # spent: a new delta brings new keys
         points = sa.share_points(list(r.members))
         b_shares = sa.split(r.seed, t, list(points.values()))
@@ -218,6 +223,8 @@ class SecAggClient:
         r.u1, r.bad = sorted(u1), sorted(bad)
         delta = sa.clip_l2(r.delta, r.l2_clip, r.scale) if r.l2_clip is not None else r.delta
         x = sa.quantize(delta, r.scale, r.clip)
+        if r.noise is not None:  # distributed DP: the coordinator never decodes an un-noised sum
+            x = sa.add_noise(x, r.noise, r.scale)
         if r.count_clipped:  # one more coordinate: the cohort's sum of it is all the coordinator learns
             x = np.append(x, np.uint32(sa.clipped_count(delta, r.clip)))
         y = sa.mask(self.agent_id, x, r.seed, r.keys.s.private,

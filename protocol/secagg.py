@@ -132,9 +132,19 @@ def max_scale(clip: float, k: int) -> float:
     return (MODULUS // 2 - 1 - k) / (k * clip)
 
 
-def choose_scale(clip: float, k: int) -> float:
-    """The scale a cohort quantizes with: `max_scale` less RANGE_HEADROOM_BITS of headroom."""
-    scale = max_scale(clip, k) / 2**RANGE_HEADROOM_BITS
+# Distributed DP: each agent's noise is bounded, in the sum's range, by NOISE_SIGMAS standard deviations
+NOISE_SIGMAS = 12
+
+
+def noise_room(noise: float, k: int) -> float:
+    """What the agents' noise (std `noise` each, float units) may add to a sum of k: NOISE_SIGMAS sqrt(k) noise."""
+    return NOISE_SIGMAS * noise * float(np.sqrt(k))
+
+
+def choose_scale(clip: float, k: int, noise: float = 0.0) -> float:
+    """The scale a cohort quantizes with: k inputs in [-clip, clip] plus the agents' noise (distributed
+    DP) fill 1/2^RANGE_HEADROOM_BITS of the signed 32-bit range."""
+    scale = (MODULUS // 2 - 1 - k) / (k * clip + noise_room(noise, k)) / 2**RANGE_HEADROOM_BITS
     check_scale(scale, clip, k)
     return scale
 
@@ -182,6 +192,15 @@ def clip_l2(delta: np.ndarray, l2_clip: float, scale: float) -> np.ndarray:
         raise SecAggError(f"L2 clip {l2_clip} is below the quantization step")
     norm = float(np.linalg.norm(delta))
     return delta * (bound / norm) if norm > bound else delta
+
+
+def add_noise(x: np.ndarray, noise: float, scale: float) -> np.ndarray:
+    """A quantized input plus this agent's share of distributed DP noise: a discrete Gaussian of std
+    noise x scale on the integers (the quantization lattice), drawn from the OS CSPRNG."""
+    from protocol.privacy import discrete_gaussian, secure_rng
+
+    z = discrete_gaussian(x.size, noise * scale, secure_rng()).astype(np.int64)
+    return ((np.asarray(x, dtype=np.uint32).astype(np.int64) + z) % MODULUS).astype(np.uint32)
 
 
 def dequantize_sum(total: np.ndarray, scale: float) -> np.ndarray:
@@ -335,12 +354,12 @@ def seed_commitment(seed: bytes, key_id: bytes) -> bytes:
     return digest.finalize()
 
 
-def check_sum_range(total: np.ndarray, count: int, scale: float, clip: float) -> None:
+def check_sum_range(total: np.ndarray, count: int, scale: float, clip: float, noise: float = 0.0) -> None:
     """SecAggError unless every coordinate of a decoded sum of `count` quantized inputs is one the honest
-    inputs could make: |sum| <= count * (clip * scale + 1/2). A garbage masked input or reveal
-    decodes to values spread over the whole int32 range."""
+    inputs could make: |sum| <= count * (clip * scale + 1/2), plus `noise_room` with distributed DP.
+    A garbage masked input or reveal decodes to values spread over the whole int32 range."""
     signed = np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.int64)
-    bound = count * (clip * scale + 0.5)
+    bound = count * (clip * scale + 0.5) + noise_room(noise, count) * scale
     worst = int(np.abs(signed).max()) if signed.size else 0
     if worst > bound:
         raise SecAggError(f"the decoded sum reaches {worst / scale:.3g}, past {count} inputs of at most {clip}")

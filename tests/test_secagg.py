@@ -552,8 +552,10 @@ def test_cli_takes_secure_aggregation_with_central_dp_and_refuses_local_dp():
         parse_args(base + ["--dp-mode", "local", "--dp-clip", "1.5", "--dp-noise", "0.8"])
 
 
-def test_real_agents_with_central_dp_over_masked_rounds(tmp_path, mosquitto):
-    """Real processes: --secure-aggregation --dp-mode central; the status accounts every summed delta."""
+@pytest.mark.parametrize("noise_by", ["coordinator", "agents"])
+def test_real_agents_with_central_dp_over_masked_rounds(tmp_path, mosquitto, noise_by):
+    """Real processes: --secure-aggregation --dp-mode central, the noise added by the coordinator or
+    (distributed DP) by the agents inside their masked inputs; the status accounts every summed delta."""
     pytest.importorskip("dp_accounting")
     from fleet import TopicWatcher, spawn, stop
     from protocol.tabular import write_csv
@@ -570,7 +572,7 @@ def test_real_agents_with_central_dp_over_masked_rounds(tmp_path, mosquitto):
         "coordinator", "--broker", mosquitto.url, "--fleet", fleet.fleet, "--model", "sgd-classifier",
         "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features, "--checkpoint-dir", tmp_path / "ckpt",
         "--publish-interval", "0.5", "--strategy", "fedbuff", "--buffer-size", "3", "--secure-aggregation",
-        "--secagg-timeout", "5", "--dp-mode", "central", "--dp-clip", "5", "--dp-noise", "0.5",
+        "--secagg-timeout", "5", "--dp-mode", "central", "--dp-clip", "5", "--dp-noise", "0.5", "--dp-noise-by", noise_by,
         log=tmp_path / "coordinator.log")
     agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", fleet.fleet, "--id", f"a{i}",
                     "--data", tmp_path / f"a{i}.csv", "--secure-aggregation", "--poll-interval", "0.2",
@@ -584,6 +586,7 @@ def test_real_agents_with_central_dp_over_masked_rounds(tmp_path, mosquitto):
         assert status["strategy"] == "fedbuff+secagg+central-dp"
         privacy, sec = status["privacy"], status["secure_aggregation"]
         assert privacy["mode"] == "central" and privacy["epsilon"] > 0 and privacy["releases"] == sec["completed"]
+        assert privacy["noise_by"] == noise_by
         assert status["accepted"] == sec["summed"] and sec["aborted"] == {}
         assert not [t for t, _ in watcher.history if fleet.agent_of_update(t)]
     finally:
@@ -969,3 +972,60 @@ def test_under_central_dp_the_clip_is_c_and_no_count_is_sent():
     rounds.tick(0.0)
     [(_, cohort, _)] = rounds.take_outbox()
     assert "count_clipped" not in sa.decode(cohort, "cohort")
+
+
+# --- distributed DP: the agents add the noise (issue 19, "Also") -------------------------------
+
+
+def test_with_distributed_dp_the_coordinator_only_ever_decodes_a_noised_sum():
+    """Each member adds N_Z(0, (sigma C)^2 / t) inside its masked input: the decoded sum differs from the
+    exact sum of the clipped, quantized deltas by noise of std sigma C sqrt(count / t) >= sigma C, and the
+    coordinator adds nothing. Checked on 4000 coordinates: the std within 5%, mean near 0, normal."""
+    from coordinator.secagg import SecureCentralDP
+    from protocol.privacy import GaussianMechanism
+
+    k, t, n, c, sigma = 5, 3, 4000, 0.5, 2.0
+    dp = SecureCentralDP(GaussianMechanism(c, sigma), 1e-5, noise_by="agents")
+    rounds = SecAggRounds(TOPICS, n, k, t, clip=1.0, l2_clip=c, noise=dp.agent_noise(t))
+    clients = {f"a{i}": SecAggClient(f"a{i}", TOPICS) for i in range(k)}
+    rng = np.random.default_rng(5)
+    deltas = {a: rng.normal(0, 0.01, n) for a in clients}
+    result, _ = run_round(rounds, clients, deltas)
+    assert result is not None and result.count == k
+    exact = sum(np.rint(sa.clip_l2(d, c, rounds.scale) * rounds.scale).astype(np.int64) for d in deltas.values()) / rounds.scale
+    noise = result.total - exact
+    want = sigma * c * math.sqrt(k / t)
+    assert abs(noise.std() / want - 1) < 0.05 and abs(noise.mean()) < 4 * want / math.sqrt(n)
+    assert stats.normaltest(noise).pvalue > 1e-3
+    released = dp.release(result.total, result.members)
+    assert np.array_equal(released, result.total), "the coordinator adds no noise of its own"
+    assert dp.contributions == {a: 1 for a in clients} and dp.report()["noise_by"] == "agents"
+
+
+def test_an_agent_refuses_distributed_noise_without_an_l2_clip():
+    rounds = SecAggRounds(TOPICS, 40, 3, 2, clip=1.0, l2_clip=0.5, noise=0.1)
+    clients = {f"a{i}": SecAggClient(f"a{i}", TOPICS) for i in range(3)}
+    for a, c in clients.items():
+        announce(rounds, clients, c.hold(np.zeros(40), 0))
+    rounds.tick(0.0)
+    [(topic, cohort, _)] = rounds.take_outbox()
+    m = sa.decode(cohort, "cohort")
+    assert m["noise"] == 0.1
+    del m["l2_clip"]
+    assert clients["a0"].on_message(topic, sa.encode("cohort", **{k: v for k, v in m.items() if k != "type"})) == []
+    assert clients["a0"].refused_ == 1
+
+
+def test_cli_takes_distributed_dp_only_with_secure_aggregation_and_central_dp():
+    pytest.importorskip("dp_accounting")
+    from coordinator.cli import parse_args
+
+    base = ["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--model", "sgd-classifier", "--n-features", "4",
+            "--classes", "0,1", "--strategy", "fedbuff", "--buffer-size", "5", "--checkpoint-dir", "/tmp/x",
+            "--dp-mode", "central", "--dp-clip", "1.5", "--dp-noise", "0.8"]
+    args = parse_args(base + ["--secure-aggregation", "--dp-noise-by", "agents"])
+    assert args.secagg_rounds.noise == pytest.approx(0.8 * 1.5 / math.sqrt(3))  # t = 5 // 2 + 1
+    assert args.strategy_obj.dp.noise_by == "agents"
+    assert parse_args(base + ["--secure-aggregation"]).secagg_rounds.noise is None
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--dp-noise-by", "agents"])  # no secure aggregation: nobody else to share the noise
