@@ -427,3 +427,22 @@ def test_model_codec_table_is_the_results_file():
         row = (f"| {name} | {cells} | {r['int8']['mean_diff_vs_float32']:+.4f} | {r['int4']['mean_diff_vs_float32']:+.4f} "
                f"| {r['int4']['mean_device_accuracy']:.4f} | " + " / ".join(thousands(r[c]["model_bytes"]) for c in codecs) + " |")
         assert row in text, f"docs/benchmarks.md lacks the row bench/results/model_codec.json gives: {row!r}"
+
+
+def test_privacy_tables_show_the_spread_of_the_seeds():
+    """Issue 19.11: bench/privacy.py's cells are medians of 5 seeds with their min and max, and both
+    docs show the spread beside each median (test_privacy.py checks the medians and epsilons)."""
+    data = results("privacy")
+    assert data["config"]["seeds"] >= 5
+    span = lambda c, m: f"[{c[f'min_{m}']:.4f}, {c[f'max_{m}']:.4f}]"  # noqa: E731
+    for doc in ("docs/benchmarks.md", "docs/security.md"):
+        text = (ROOT / doc).read_text()
+        for name in ("digits", "linear"):
+            m, nd = data[name]["metric"], data[name]["no_dp"]
+            assert f"median [min, max] of {data['config']['seeds']} seeds; no DP: {nd[f'median_{m}']} {span(nd, m)})" in text
+            for eps in ("1", "3", "8"):
+                local, central = data[name]["local"][f"epsilon_{eps}"], data[name]["central"][f"epsilon_{eps}"]
+                assert f"| {local['epsilon_replace_one']:.4f} | {span(local, m)} | {span(central, m)} |" in text, (doc, name, eps)
+    security = (ROOT / "docs/security.md").read_text()
+    for k, c in data["central_buffer_sweep_linear_epsilon_3"].items():
+        assert f"| {k} | {c['median_r2']} | ({c['epsilon']:.4f}, {c['delta']:g}) | {c['noise_std_per_coordinate_of_step']} |" in security
