@@ -24,6 +24,7 @@ import csv
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from coordinator.schema import FleetSchema, SchemaDiscovery  # noqa: E402
+from coordinator.schema import GRACE_S, FleetSchema, SchemaDiscovery  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 from coordinator.statistics import FleetStatistics  # noqa: E402
 from coordinator.strategies import make_strategy  # noqa: E402
@@ -84,7 +85,7 @@ def schema_fleet(ds: Dataset, *, agents: int, epochs: int, seed: int, workdir: P
     discovery = SchemaDiscovery(agents=agents)
     for agent in fleet:
         discovery.add(TOPICS, TOPICS.schema(agent.agent_id), agent.schema_payload())
-    assert discovery.done()
+    assert discovery.done(now=time.monotonic() + GRACE_S)  # as after the grace for the retained announcements
     spec = discovery.spec("sgd-classifier", {})
     order = column_order(names, spec)  # the held-out split in the fleet's order
     X_test = ds.X_test if order is None else ds.X_test[:, order]

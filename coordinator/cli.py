@@ -8,13 +8,14 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
 from coordinator.aggregation import parse_aggregate
+from coordinator.chunks import MAX_HELD, TIMEOUT_S
 from coordinator.privacy import PrivateCoordinator, guard, make_policy
 from coordinator.rate_limit import RateLimit
-from coordinator.chunks import MAX_HELD, TIMEOUT_S
 from coordinator.presence import Presence
 from coordinator.schema import FleetSchema, SchemaDiscovery, discover
 from coordinator.server import Coordinator
@@ -51,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--classes",
                    help="comma-separated class labels, e.g. 0,1,2 (classifiers; default: the labels of the first agents)")
     _defaulted(m, "--schema-agents", type=int, default=1,
-               help="without --n-features (or a classifier's --classes): fix the spec once this many agents "
-               "announced their column names and labels; the most common column set wins")
+               help="without --n-features (or a classifier's --classes): fix the spec once a column set is held "
+               "by this many agents and by more than half of those that announced; a discovered spec another "
+               "column set out-votes is discovered again")
     m.add_argument("--schema-wait", type=float, metavar="SECONDS",
                    help="fix the spec this many seconds after the first announcement even if fewer than "
                    "--schema-agents came (default: wait for them)")
@@ -335,15 +337,17 @@ def check_hyperparameters(spec: ModelSpec) -> None:
             getattr(estimator, check)()
 
 
-def resolve_spec(args: argparse.Namespace, stop: threading.Event) -> bool:
-    """Set `args.spec` when the flags left it open: from the checkpoint, else from the fleet's first agents.
+def resolve_spec(args: argparse.Namespace, stop: threading.Event, *, from_checkpoint: bool = True) -> bool:
+    """Set `args.spec` when the flags left it open: from the checkpoint (unless the fleet's schema
+    is being discovered again), else from a majority of the fleet's agents.
 
     False when `stop` came before enough agents announced. ValueError, CheckpointError or
     BrokerError with one line.
     """
     if args.spec is not None:
         return True
-    resume = load_checkpoint(args.checkpoint_dir) if args.checkpoint_dir else None
+    args.spec_discovered = True
+    resume = load_checkpoint(args.checkpoint_dir) if args.checkpoint_dir and from_checkpoint else None
     if resume is not None and resume["spec"].estimator == args.model:
         args.spec = resume["spec"]  # the spec fixed before: versions and agents stay on it
         log.info("the model spec (%d features) comes from the checkpoint", args.spec.n_features)
@@ -356,14 +360,28 @@ def resolve_spec(args: argparse.Namespace, stop: threading.Event) -> bool:
     if not discover(args.settings, args.topics, discovery, connect_timeout=args.connect_timeout, stop=stop):
         return False
     args.spec = discovery.spec(args.model, args.hyper, n_features=args.n_features, classes=args.classes_given)
+    args.known_schemas = discovery.usable()
     log.info("spec fixed from %d agent(s): %d features (%s)%s", len(discovery.first), args.spec.n_features,
              ", ".join(args.spec.columns[:8]) + (", ..." if args.spec.n_features > 8 else ""),
              f", classes {list(args.spec.classes)}" if args.spec.is_classifier else "")
     return True
 
 
-def build_coordinator(args: argparse.Namespace) -> Coordinator:
-    """The core from parsed arguments; DataError, CheckpointError or ValueError with one line."""
+@dataclass(frozen=True)
+class Rediscovery:
+    """What a coordinator whose discovered schema lost its majority hands to the next spec's."""
+
+    version: int  # the new spec starts above it: versions never go backwards
+    count: int  # times the schema was discovered again
+    highest_seq: dict  # the dedup state: no update is taken twice
+    gaps: int
+
+
+def build_coordinator(args: argparse.Namespace, after: Rediscovery | None = None) -> Coordinator:
+    """The core from parsed arguments; DataError, CheckpointError or ValueError with one line.
+
+    A checkpoint of another spec than a discovered one (the schema was discovered again) is
+    left behind but for its version, dedup state and rediscovery count (`after`)."""
     eval_data = load_csv(args.eval_csv, args.label_column) if args.eval_csv else None
     if eval_data is not None:
         X, y = eval_data
@@ -384,6 +402,14 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
             if unknown:
                 raise DataError(f"{args.eval_csv}: labels {unknown[:5]} are not among --classes")
     resume = load_checkpoint(args.checkpoint_dir) if args.checkpoint_dir else None
+    discovered = getattr(args, "spec_discovered", False)
+    if resume is not None and resume["spec"] == args.spec:
+        after = None  # discovered again as it was: go on from the checkpoint
+    elif resume is not None and discovered:
+        if after is None or resume["version"] > after.version:
+            after = Rediscovery(resume["version"], (resume.get("schema_agents") or {}).get("rediscovered", 0) + 1,
+                                resume.get("highest_seq", {}), resume.get("gaps", 0))
+        resume = None
     validator = UpdateValidator(
         args.topics, args.spec.n_params, max_staleness=args.max_staleness,
         norm=args.norm, norm_action=args.norm_action, max_bytes=args.max_message_bytes, rate=args.rate,
@@ -404,42 +430,60 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
         statistics=FleetStatistics(args.topics, args.spec.n_features, min_agents=args.stats_min_agents,
                                    columns=args.spec.columns)
         if args.feature_stats else None,
-        schema=FleetSchema(args.topics, args.spec),
+        schema=FleetSchema(args.topics, args.spec, discovered=discovered, quorum=args.schema_agents,
+                           known=getattr(args, "known_schemas", None)),
         presence=Presence(args.topics) if args.strategy != "fedasync" and not args.secure_aggregation else None,
     )
+    if after is not None:
+        core.version_ = after.version + 1
+        core.validator.restore(after.highest_seq, after.gaps)
+        core.schema.rediscovered_ = after.count
+        log.info("the fleet's schema discovered again (%d time(s)): version %d with the new spec", after.count,
+                 core.version_)
     core.checkpoint()  # an unwritable --checkpoint-dir is a configuration error, found now
     return core
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the coordinator until SIGINT/SIGTERM; 0 on a clean stop, 1 broker error, 2 bad config."""
+    """Run the coordinator until SIGINT/SIGTERM; 0 on a clean stop, 1 broker error, 2 bad config.
+
+    A schema discovered from the fleet that loses its majority (coordinator/schema.py) is
+    discovered again and the coordinator goes on with the new spec, above the old version."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if not resolve_spec(args, stop):
-            return 0
-        core = build_coordinator(args)
-        on_publish = start_metrics(args.metrics_port) if args.metrics_port else None
-        session = CoordinatorSession(core, args.settings, connect_timeout=args.connect_timeout,
-                                     metrics_log=args.metrics_log, audit_log=args.audit_log, on_publish=on_publish,
-                                     max_packet_bytes=args.max_packet_bytes, max_held_chunks=args.max_held_chunks,
-                                     chunk_timeout=args.chunk_timeout)
-    except (DataError, CheckpointError, ValueError, OSError) as exc:  # OSError: TLS files, ports
-        print(f"fedmq-coordinator: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except BrokerError as exc:  # while waiting for the fleet's schema
-        print(f"fedmq-coordinator: error: {exc}", file=sys.stderr)
-        return 1
-    log.info("fleet %s: %s with %d parameters, strategy %s, version %d",
-             args.fleet, args.model, args.spec.n_params, args.strategy, core.version_)
-    try:
-        session.run(stop)
-    except BrokerError as exc:
-        print(f"fedmq-coordinator: error: {exc}", file=sys.stderr)
-        return 1
+    on_publish, after = None, None
+    while True:
+        try:
+            if not resolve_spec(args, stop, from_checkpoint=after is None):
+                return 0
+            core = build_coordinator(args, after=after)
+            if on_publish is None and args.metrics_port:
+                on_publish = start_metrics(args.metrics_port)
+            session = CoordinatorSession(core, args.settings, connect_timeout=args.connect_timeout,
+                                         metrics_log=args.metrics_log, audit_log=args.audit_log, on_publish=on_publish,
+                                         max_packet_bytes=args.max_packet_bytes, max_held_chunks=args.max_held_chunks,
+                                         chunk_timeout=args.chunk_timeout)
+        except (DataError, CheckpointError, ValueError, OSError) as exc:  # OSError: TLS files, ports
+            print(f"fedmq-coordinator: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        except BrokerError as exc:  # while waiting for the fleet's schema
+            print(f"fedmq-coordinator: error: {exc}", file=sys.stderr)
+            return 1
+        log.info("fleet %s: %s with %d parameters, strategy %s, version %d",
+                 args.fleet, args.model, args.spec.n_params, args.strategy, core.version_)
+        try:
+            session.run(stop)
+        except BrokerError as exc:
+            print(f"fedmq-coordinator: error: {exc}", file=sys.stderr)
+            return 1
+        if stop.is_set() or core.schema is None or not core.schema.lost_:
+            break
+        after = Rediscovery(core.version_, core.schema.rediscovered_ + 1, dict(core.validator.highest_seq),
+                            core.validator.gaps_)
+        args = parse_args(argv)  # a fresh strategy and buffer for the new spec
     log.info("stopped at version %d", core.version_)
     return 0
 

@@ -78,6 +78,13 @@ class StatusCollector:
         if isinstance(status.get("schema"), dict):  # coordinator/schema.py
             yield gauge("fedmq_schema_mismatched", "Agents whose columns are not the fleet's (they do not train)",
                         status["schema"]["mismatched"])
+            yield counter("fedmq_schema_rediscovered", "Times the fleet's discovered schema lost its majority and was "
+                          "discovered again", status["schema"].get("rediscovered", 0))
+            refused = CounterMetricFamily("fedmq_schema_rejected", "Schema announcements refused, by reason "
+                                          "(labels: an inflated label set)", labels=["fleet", "reason"])
+            for reason, count in status["schema"].get("rejected", {}).items():
+                refused.add_metric([status["fleet"], reason], count)
+            yield refused
         secagg = status.get("secure_aggregation")  # coordinator/secagg.py: only with --secure-aggregation
         if isinstance(secagg, dict):
             yield counter("fedmq_secagg_rounds_completed", "Secure-aggregation rounds whose sum stepped the model",

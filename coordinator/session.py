@@ -257,7 +257,8 @@ class CoordinatorSession:
 
         The loop wakes for every message (group commit: what arrives during one commit is
         committed by the next) and at least every quarter publish interval.
-        On `stop`: a last commit and publish, bounded wait for delivery, disconnect.
+        On `stop` (or when the fleet's discovered schema lost its majority, coordinator/schema.py):
+        a last commit and publish, bounded wait for delivery, disconnect.
         """
         connect(self.client, self.settings, timeout=self.connect_timeout)
         try:
@@ -266,7 +267,7 @@ class CoordinatorSession:
             self.step(force=True)
             tick = min(self.core.publish_interval / 4, 1.0)
             last_step = time.monotonic()
-            while not stop.is_set():
+            while not stop.is_set() and not (self.core.schema is not None and self.core.schema.lost_):
                 self._wake.wait(tick)
                 while (now := time.monotonic()) < last_step + COMMIT_SPACING_S \
                         and now - self._last_message_at < COMMIT_IDLE_S and not stop.wait(COMMIT_IDLE_S):

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 
 import msgpack
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet import TopicWatcher, spawn, stop
-from mosquitto import Mosquitto
+from mosquitto import Mosquitto, free_port
 from protocol import chunking
 from protocol.messages import ModelMessage, decode_model, decode_update, encode_model
 from protocol.model_spec import ModelSpec
@@ -260,10 +261,13 @@ def test_one_agents_chunk_attacks_never_freeze_the_fleet_nor_after_a_restart(tmp
         write_csv(paths[-1], X[i::4][:300], y[i::4][:300])
     write_csv(tmp_path / "eval.csv", X[1200:], y[1200:])
 
+    metrics_port = free_port()
+
     def coordinator(name: str):
         return spawn("coordinator", "--broker", b.url, "--fleet", H.fleet, "--model", "sgd-classifier",
                      "--n-features", 64, "--classes", ",".join(map(str, range(10))), "--eval-csv", tmp_path / "eval.csv",
                      "--checkpoint-dir", tmp_path / "ckpt", "--publish-interval", "0.2", "--chunk-timeout", "2",
+                     "--metrics-port", metrics_port,
                      log=tmp_path / f"{name}.log")
 
     with Mosquitto(tmp_path / "broker", extra_conf="max_inflight_messages 20") as b:
@@ -290,6 +294,7 @@ def test_one_agents_chunk_attacks_never_freeze_the_fleet_nor_after_a_restart(tmp
             counted = watcher.wait_for(lambda: (r := status().get("rejected", {})).get("chunk_timeout", 0) >= 1 and r,
                                        TIMEOUT, "the last partial set to time out")
             chunks = status()["chunks"]
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=20).read().decode()
         finally:
             evil.loop_stop()
             evil.disconnect()
@@ -303,4 +308,6 @@ def test_one_agents_chunk_attacks_never_freeze_the_fleet_nor_after_a_restart(tmp
     assert counted.get("chunk", 0) >= 1 and counted.get("chunk_oversize", 0) >= 1, counted
     assert counted.get("chunk_superseded", 0) >= 1, counted
     assert chunks["acks_released"] >= 1 and chunks["held_acks"] <= chunks["max_held_acks"], chunks
+    assert f'fedmq_updates_rejected_total{{fleet="{H.fleet}",reason="chunk_oversize"}}' in body
+    assert f'fedmq_chunk_held_acks{{fleet="{H.fleet}"}}' in body
     print("longest gaps between versions (s):", gaps, "counted:", counted)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.schema import FleetSchema, SchemaDiscovery
+from coordinator.schema import FleetSchema, SchemaDiscovery, majority, refused_labels
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, decode_model, encode_model
 from protocol.model_spec import ModelSpec
@@ -178,3 +178,50 @@ def test_prometheus_shows_the_one_class_scores_and_the_mismatched_agents():
     samples = {(s.name, s.labels.get("metric")): s.value for family in collector.collect() for s in family.samples}
     assert samples[("fedmq_eval_score", "roc_auc")] == 0.91 and samples[("fedmq_eval_score", "flagged")] == 0.21
     assert samples[("fedmq_schema_mismatched", None)] == 1 and samples[("fedmq_fleet_eval", "flagged")] == 0.2
+
+
+def test_the_fleets_columns_need_a_majority_and_a_quorum():
+    xy, abc = Schema(("x", "y"), (0, 1)), Schema(("a", "b", "c"), (0, 1))
+    assert majority({"evil": xy, "h0": abc}) is None  # one against one: no majority
+    assert majority({"evil": xy, "h0": abc, "h1": abc}) == frozenset("abc")
+    assert majority({"evil": xy, "h0": abc, "h1": abc}, quorum=3) is None
+    assert majority({"h0": abc, "h1": abc}, among=5) is None  # 2 of the 5 agents known
+
+
+def test_an_inflated_label_set_is_refused_with_a_reason_and_left_out_of_the_classes():
+    honest = {f"h{i}": Schema(("a", "b", "c"), (i, i + 1)) for i in range(3)}  # non-IID: few labels each
+    assert refused_labels(honest) == {}
+    fleet = dict(honest, evil=Schema(("a", "b", "c"), tuple(range(1000))))
+    assert "labels refused: 996 label(s)" in refused_labels(fleet)["evil"]
+    d = SchemaDiscovery()
+    for agent, schema in fleet.items():
+        d.add(TOPICS, TOPICS.schema(agent), encode_schema(schema), now=0.0)
+    assert d.spec("sgd-classifier", {}).classes == (0, 1, 2, 3)
+
+
+def test_one_agent_announcing_first_is_out_voted_and_the_spec_lost():
+    """Seen red with the first announcement deciding the spec for good."""
+    xy, abc = Schema(("x", "y"), (0, 1)), Schema(("a", "b", "c"), (0, 1))
+    d = SchemaDiscovery()
+    d.add(TOPICS, TOPICS.schema("evil"), encode_schema(xy), now=0.0)
+    assert not d.done(now=0.1) and d.done(now=0.6)  # a grace for the other retained announcements
+    fleet = FleetSchema(TOPICS, d.spec("sgd-classifier", {}), discovered=True, known=d.usable())
+    fleet.handle(TOPICS.schema("h0"), encode_schema(abc))
+    assert not fleet.lost_  # one against one
+    fleet.handle(TOPICS.schema("h1"), encode_schema(abc))
+    assert fleet.lost_ and "missing column(s) 'x', 'y'" in fleet.summary()["reasons"]["h1"]
+    pinned = FleetSchema(TOPICS, fix_spec([xy], "sgd-classifier"))  # the operator's flags: never lost
+    for agent in ("h0", "h1", "h2"):
+        pinned.handle(TOPICS.schema(agent), encode_schema(abc))
+    assert not pinned.lost_
+    restarted = FleetSchema(TOPICS, fix_spec([abc], "sgd-classifier"), discovered=True)
+    restarted.restore({"agents": {"evil": "no", "h0": None, "h1": None, "h2": None}})
+    restarted.handle(TOPICS.schema("evil"), encode_schema(xy))  # the first retained one after a restart
+    assert not restarted.lost_  # 1 of the 4 agents the checkpoint knows
+
+
+def test_an_agent_inflating_the_classes_is_named_and_counted():
+    fleet = FleetSchema(TOPICS, fix_spec([ABC], "sgd-classifier"))
+    fleet.handle(TOPICS.schema("evil"), encode_schema(Schema(ABC.columns, tuple(range(100)))))
+    summary = fleet.summary()
+    assert "labels refused: 98 label(s)" in summary["reasons"]["evil"] and summary["rejected"] == {"labels": 1}
