@@ -48,6 +48,7 @@ from edge_agent.secagg import SecAggClient  # noqa: E402
 from protocol.topics import Topics  # noqa: E402
 from protocol.transport import BrokerSettings, connect, make_client  # noqa: E402
 from simulation.mosquitto import Mosquitto  # noqa: E402
+from simulation.secagg_mqtt import StatusWatcher  # noqa: E402
 
 
 class Capture:
@@ -140,50 +141,26 @@ class Agent:
         self.client.loop_stop()
 
 
-class Watcher:
+class Watcher(StatusWatcher):
     """Arrival times of cohorts and models, and the newest coordinator status."""
 
     def __init__(self, topics: Topics, settings: BrokerSettings) -> None:
-        self.topics = topics
-        self.cond = threading.Condition()
-        self.cohorts: list[float] = []
+        self.cohort_times: list[float] = []
         self.versions: dict[int, float] = {}
-        self.status: dict = {}
-        self.client = make_client(settings, f"bench-{topics.fleet}-watcher", persistent=False)
-        subscribed = threading.Event()
-        self.client.on_connect = lambda c, *a: c.subscribe(
-            [(topics.secagg_cohort, 1), (topics.model, 1), (topics.coordinator_status, 1)])
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.on_message = self._on_message
-        connect(self.client, settings, timeout=10)
-        assert subscribed.wait(10), "watcher could not subscribe"
+        super().__init__(topics, settings)
 
-    def _on_message(self, client, userdata, msg) -> None:
+    def filters(self) -> list[str]:
+        return [*super().filters(), self.topics.model]
+
+    def take(self, topic: str, payload: bytes) -> None:
         now = time.monotonic()
-        with self.cond:
-            if msg.topic == self.topics.secagg_cohort:
-                self.cohorts.append(now)
-            elif msg.topic == self.topics.coordinator_status and msg.payload:
-                self.status = json.loads(msg.payload)
-            elif msg.topic == self.topics.model and msg.payload:
-                from protocol.messages import decode_model
+        super().take(topic, payload)
+        if topic == self.topics.secagg_cohort:
+            self.cohort_times.append(now)
+        elif topic == self.topics.model and payload:
+            from protocol.messages import decode_model
 
-                self.versions.setdefault(decode_model(msg.payload, fleet=self.topics.fleet).version, now)
-            self.cond.notify_all()
-
-    def wait(self, predicate, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not (value := predicate()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-                self.cond.wait(left)
-            return value
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+            self.versions.setdefault(decode_model(payload, fleet=self.topics.fleet).version, now)
 
 
 def run_k(broker: Mosquitto, workdir: Path, k: int, rounds: int, seed: int = 0) -> dict:
@@ -210,7 +187,7 @@ def run_k(broker: Mosquitto, workdir: Path, k: int, rounds: int, seed: int = 0) 
             capture = Capture(workdir / f"k{k}-r{r}.pcap", broker.port)
             for a in agents:
                 a.hold(rng.normal(0, 0.1, N_PARAMS), version - 1)
-            watcher.wait(lambda: len(watcher.cohorts) > r, 120, f"cohort {r}")
+            watcher.wait(lambda: len(watcher.cohort_times) > r, 120, f"cohort {r}")
             watcher.wait(lambda: version in watcher.versions and
                          (watcher.status.get("secure_aggregation") or {}).get("completed", 0) >= version, 120,
                          f"round {r} stepped the model")
@@ -221,7 +198,7 @@ def run_k(broker: Mosquitto, workdir: Path, k: int, rounds: int, seed: int = 0) 
             sec = watcher.status["secure_aggregation"]
             assert sec["aborted"] == {} and watcher.status["accepted"] == k * version, watcher.status
             rows.append({
-                "round_ms": (watcher.versions[version] - watcher.cohorts[r]) * 1e3,
+                "round_ms": (watcher.versions[version] - watcher.cohort_times[r]) * 1e3,
                 "coordinator_round_ms": sec["last_round_seconds"] * 1e3,
                 "up": statistics.median(w.get("up", 0) for _, w in per),
                 "down": statistics.median(w.get("down", 0) for _, w in per),

@@ -118,19 +118,27 @@ class StatusWatcher:
         self.cohorts: list[list[str]] = []
         self.client = make_client(settings, f"live-{topics.fleet}-watcher", persistent=False)
         subscribed = threading.Event()
-        self.client.on_connect = lambda c, *a: c.subscribe([(topics.secagg_cohort, 1), (topics.coordinator_status, 1)])
+        self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in self.filters()])
         self.client.on_subscribe = lambda *a: subscribed.set()
         self.client.on_message = self._on_message
         connect(self.client, settings, timeout=10)
         if not subscribed.wait(10):
             raise TimeoutError("the watcher could not subscribe")
 
+    def filters(self) -> list[str]:
+        """What it subscribes to (a subclass may add topics and `take` them)."""
+        return [self.topics.secagg_cohort, self.topics.coordinator_status]
+
+    def take(self, topic: str, payload: bytes) -> None:
+        """One message, under the condition's lock."""
+        if topic == self.topics.coordinator_status and payload:
+            self.status = json.loads(payload)
+        elif topic == self.topics.secagg_cohort:
+            self.cohorts.append([m[0] for m in sa.decode(payload, "cohort")["members"]])
+
     def _on_message(self, client, userdata, msg) -> None:
         with self.cond:
-            if msg.topic == self.topics.coordinator_status and msg.payload:
-                self.status = json.loads(msg.payload)
-            elif msg.topic == self.topics.secagg_cohort:
-                self.cohorts.append([m[0] for m in sa.decode(msg.payload, "cohort")["members"]])
+            self.take(msg.topic, msg.payload)
             self.cond.notify_all()
 
     def secagg(self) -> dict:

@@ -691,12 +691,7 @@ def test_a_cohort_sum_made_under_the_old_scaling_is_re_expressed_before_it_is_ap
     wire = rounds.take_outbox()
     new = Scaling(np.array([1.0, -2.0, 0.5, 3.0]), np.array([2.0, 0.5, 4.0, 1.5]))
     for _ in range(3):  # cohort -> shares -> inbox -> masked -> unmask -> reveal
-        for topic, payload, _ in wire:
-            for c in clients.values():
-                if c.owns(topic):
-                    for tp, p, _ in c.on_message(topic, payload):
-                        rounds.handle(tp, p, 0.0)
-        wire = rounds.take_outbox()
+        wire = _deliver(rounds, clients, wire)
     before = core.params_.copy()
     # the fleet's statistics refine the scaling now (what Coordinator._refresh_scaling does)
     core.params_ = core.rescales.change(core.version_ + 1, new, [core.params_])[0]
@@ -729,20 +724,26 @@ def test_a_cohort_is_never_drawn_across_a_scaling_change():
 # --- verifiable reveals (issue 19.8) and members that misbehave (issue 18.7) --------------------
 
 
-def _run_to(rounds, clients, stage_topic, now=0.0, skip=()):
-    """Deliver the round's messages until the coordinator publishes `stage_topic`; returns its payload.
+def _deliver(rounds, clients, wire, now=0.0, skip=()):
+    """Hand the coordinator's messages to the agents that read them, their replies back; the next outbox.
     `skip`: agents that stay silent."""
+    for topic, payload, _ in wire:
+        for a, c in clients.items():
+            if c.owns(topic) and a not in skip:
+                for tp, p, _ in c.on_message(topic, payload):
+                    rounds.handle(tp, p, now)
+    return rounds.take_outbox()
+
+
+def _run_to(rounds, clients, stage_topic, now=0.0):
+    """Deliver the round's messages until the coordinator publishes `stage_topic`; returns its payload."""
     rounds.tick(now)
     wire = rounds.take_outbox()
     for _ in range(4):
-        for topic, payload, _ in wire:
-            if topic == stage_topic:
-                return payload
-            for a, c in clients.items():
-                if c.owns(topic) and a not in skip:
-                    for tp, p, _ in c.on_message(topic, payload):
-                        rounds.handle(tp, p, now)
-        wire = rounds.take_outbox()
+        found = [payload for topic, payload, _ in wire if topic == stage_topic]
+        if found:
+            return found[0]
+        wire = _deliver(rounds, clients, wire, now)
     raise AssertionError(f"no {stage_topic}")
 
 
@@ -836,12 +837,7 @@ def test_garbage_shares_abort_the_round_at_once_and_the_member_sits_out_the_next
     rounds.tick(0.0)
     wire = rounds.take_outbox()
     for _ in range(3):
-        for topic, payload, _ in wire:
-            for c in clients.values():
-                if c.owns(topic):
-                    for tp, p, _ in c.on_message(topic, payload):
-                        rounds.handle(tp, p, 0.0)
-        wire = rounds.take_outbox()
+        wire = _deliver(rounds, clients, wire)
     assert rounds.aborted_ == {"bad_shares": 1} and rounds.round is None, "aborted at once, at time 0"
     assert rounds.banned["a01"] == (rounds.backoff, "bad_shares") and rounds.excluded_ == {"bad_shares": 1}
     evil.on_message = honest
@@ -859,16 +855,8 @@ def test_a_member_that_never_masks_costs_the_grace_not_the_timeout_and_is_exclud
     for a, d in deltas.items():
         announce(rounds, clients, clients[a].hold(d, 0))
     rounds.tick(0.0)
-    wire = rounds.take_outbox()
-    for topic, payload, _ in wire:  # cohort: everyone shares
-        for c in clients.values():
-            for tp, p, _ in c.on_message(topic, payload):
-                rounds.handle(tp, p, 0.0)
-    for topic, payload, _ in rounds.take_outbox():  # inboxes: a02 keeps its masked input
-        for a, c in clients.items():
-            if c.owns(topic) and a != "a02":
-                for tp, p, _ in c.on_message(topic, payload):
-                    rounds.handle(tp, p, 0.0)
+    inboxes = _deliver(rounds, clients, rounds.take_outbox())  # cohort: everyone shares
+    _deliver(rounds, clients, inboxes, skip=("a02",))  # inboxes: a02 keeps its masked input
     assert rounds.round.stage == "masked" and rounds.round.deadline == rounds.grace < rounds.timeout
     rounds.tick(rounds.grace)
     assert rounds.round.stage == "reveal" and rounds.round.dropped == ["a02"]
@@ -880,11 +868,7 @@ def test_a_member_that_joins_and_leaves_closes_the_stage_when_its_offline_status
     for a, d in deltas.items():
         announce(rounds, clients, clients[a].hold(d, 0))
     rounds.tick(0.0)
-    [(topic, cohort, _)] = rounds.take_outbox()
-    for a, c in clients.items():
-        if a != "a04":
-            for tp, p, _ in c.on_message(topic, cohort):
-                rounds.handle(tp, p, 0.5)
+    _deliver(rounds, clients, rounds.take_outbox(), now=0.5, skip=("a04",))
     assert rounds.round.stage == "shares" and rounds.round.deadline == 0.5 + rounds.grace
     rounds.handle(TOPICS.agent_status("a04"), b'{"state": "offline"}', 0.6)
     rounds.tick(0.6)
