@@ -152,6 +152,13 @@ class Coordinator:
         now = time.monotonic() if now is None else now
         if now - self.buffer_since_ < self.buffer_timeout:
             return False
+        if not self._flush(f"buffer timeout after {self.buffer_timeout:g} s"):
+            return False
+        self.timeouts_ += 1
+        return True
+
+    def _flush(self, why: str) -> bool:
+        """Step with what the buffer holds now (never to a model that is not finite); True if it did."""
         pending = self.strategy.pending
         new = self.strategy.flush(self.params_)
         self.buffer_since_ = None
@@ -160,8 +167,7 @@ class Coordinator:
         if not _finite_on_the_wire(new):
             self.rejected_["non_finite_model"] += pending
             return False
-        log.info("buffer timeout: stepping with %d pending update(s) after %g s", pending, self.buffer_timeout)
-        self.timeouts_ += 1
+        log.info("%s: stepping with %d pending update(s)", why, pending)
         self._step(new)
         return True
 
@@ -185,14 +191,7 @@ class Coordinator:
         if reason is not None:
             self.rejected_[reason] += 1
         elif self.strategy.resize(self.presence.count):
-            pending = self.strategy.pending
-            new = self.strategy.flush(self.params_)
-            if new is not None and _finite_on_the_wire(new):
-                log.info("%d agent(s) online: stepping with the %d buffered update(s)", self.presence.count, pending)
-                self._step(new)
-            elif new is not None:
-                self.rejected_["non_finite_model"] += pending
-                self.buffer_since_ = None
+            self._flush(f"{self.presence.count} agent(s) online")
         return reason
 
     def handle_schema(self, topic: str, payload: bytes) -> str | None:
