@@ -69,6 +69,7 @@ class Coordinator:
         self.version_ = 0
         self.handled_ = 0  # payloads seen, accepted or not
         self.accepted_ = 0
+        self.samples_accepted_ = 0  # rows behind the accepted updates: the model's `steps` (a typical agent's share)
         self.rejected_: Counter[str] = Counter()
         self.clipped_ = 0
         self.staleness_sum_ = 0
@@ -128,6 +129,7 @@ class Coordinator:
         if self.strategy.pending and self.buffer_since_ is None:
             self.buffer_since_ = time.monotonic()
         self.accepted_ += 1
+        self.samples_accepted_ += verdict.n_samples
         self.clipped_ += verdict.clipped
         self.staleness_sum_ += verdict.staleness
         self.staleness_max_ = max(self.staleness_max_, verdict.staleness)
@@ -259,7 +261,15 @@ class Coordinator:
             self.published_.popitem(last=False)
         return encode_model(ModelMessage(self.topics.fleet, self.version_, self.spec, self.params_,
                                          started_at=self.started_at, scaling=self.rescales.current,
-                                         codec=self.model_codec))
+                                         codec=self.model_codec, steps=self.steps))
+
+    @property
+    def steps(self) -> int:
+        """The rows a typical agent has trained on so far (accepted rows / agents that sent them):
+        a restarted device continues its learning-rate schedule from there, not from step 1
+        (with the default learning_rate 'optimal', step 1 is a large step: accuracy dipped ~15
+        points for ~20 s after every restart of the agents)."""
+        return self.samples_accepted_ // max(1, len(self.validator.highest_seq))
 
     def adopt(self, model: ModelMessage) -> bool:
         """Continue from a newer model of this fleet and spec (the broker's retained one).
@@ -324,6 +334,7 @@ class Coordinator:
             "buffer_timeouts": self.timeouts_,
             "audit": dict(self.audit_position_),
             "accepted": self.accepted_,
+            "samples_accepted": self.samples_accepted_,
             "rejected": dict(self.rejected_),
             "clipped": self.clipped_,
             "staleness_sum": self.staleness_sum_,
@@ -372,6 +383,7 @@ class Coordinator:
         self.timeouts_ = state.get("buffer_timeouts", 0)
         self.audit_position_ = state.get("audit") or {}
         self.accepted_ = state.get("accepted", 0)
+        self.samples_accepted_ = state.get("samples_accepted", 0)
         self.rejected_.update(state.get("rejected", {}))
         self.clipped_ = state.get("clipped", 0)
         self.staleness_sum_ = state.get("staleness_sum", 0)

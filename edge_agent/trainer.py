@@ -137,6 +137,8 @@ class LocalTrainer:
             return None
         if self.spec_ != spec or self.estimator_ is None:
             self.estimator_ = build_estimator(spec, model.params, random_state=self.random_state)
+            if model.steps:  # continue the fleet's learning-rate schedule, not from step 1 (a large step)
+                self.estimator_.t_ = 1.0 + model.steps * self.local_epochs
             self.spec_ = spec
         else:
             set_flat_params(self.estimator_, spec, model.params)

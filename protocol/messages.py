@@ -94,6 +94,9 @@ class ModelMessage:
     started_at: float | None = None  # the publishing coordinator's start (wall clock)
     scaling: object | None = None  # protocol.statistics.Scaling the params are expressed for, if any
     codec: str = "float32"  # how params travel (codec.MODEL_CODECS); decoded params are what was sent
+    # local SGD steps (rows trained) of a typical agent so far: a device that (re)starts from this
+    # model starts its learning-rate schedule there instead of at step 1 (edge_agent/trainer.py)
+    steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ def encode_model(msg: ModelMessage) -> bytes:
             **({} if scales is None else {"scales": scales}),
             **({} if msg.started_at is None else {"started_at": msg.started_at}),
             **({} if msg.scaling is None else {"scaling": _scaling_wire(msg.scaling)}),
+            **({"steps": int(msg.steps)} if msg.steps else {}),
         },
         use_bin_type=True,
     )
@@ -164,8 +168,16 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
         time=_number(wire, "time"),
         started_at=_number(wire, "started_at") if "started_at" in wire else None,
         scaling=_scaling(wire["scaling"], spec.n_features) if "scaling" in wire else None,
+        steps=_steps(wire.get("steps", 0)),
         codec=model_codec,
     )
+
+
+def _steps(value: object) -> int:
+    """The model's `steps`: a non-negative int below 2^53 (optional: 0 when absent)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+        raise ProtocolError("schema", f"model steps must be a non-negative integer, got {value!r}")
+    return value
 
 
 def _scaling_wire(scaling) -> dict:
