@@ -96,6 +96,23 @@ class NormBound:
             self.recent.popitem(last=False)
 
 
+NORM_CHUNK = 8192  # below the length at which OpenBLAS splits a dot product over its threads
+
+
+def l2_norm(x: np.ndarray) -> float:
+    """The Euclidean norm of a float64 vector, one BLAS thread at a time.
+
+    np.linalg.norm hands a vector of 1e5 values to a multi-threaded dot product; on a host whose
+    cores are busy each call waits for a descheduled BLAS thread, on every update (the norm rows
+    of bench/throughput.py's stage costs, docs/benchmarks.md).
+    """
+    total = 0.0
+    for i in range(0, x.size, NORM_CHUNK):
+        c = x[i:i + NORM_CHUNK]
+        total += float(np.dot(c, c))
+    return float(np.sqrt(total))
+
+
 def metrics_problem(metrics: dict[str, float]) -> str | None:
     """Why reported metrics are impossible (accuracy outside [0, 1], a negative loss, r2 > 1), else None."""
     for key, value in metrics.items():
@@ -191,7 +208,7 @@ class UpdateValidator:
             delta = codec.decode(msg.delta).astype(np.float64)
         except ProtocolError as exc:  # keep the update: the audit log names its agent and seq
             return Verdict(exc.reason, msg, staleness=staleness)
-        norm = float(np.linalg.norm(delta))  # float64: float32 squares of wire values can overflow
+        norm = l2_norm(delta)  # float64: float32 squares of wire values can overflow
         bound = self.norm.limit()
         clipped = False
         if norm > bound:

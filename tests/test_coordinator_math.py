@@ -119,3 +119,26 @@ def test_parse_staleness_says_what_is_wrong():
     with pytest.raises(ValueError, match="use constant, polynomial:A or hinge:A,B"):
         parse_staleness("exponential:2")
     assert str(parse_staleness("hinge:10,4")) == "hinge:10,4"
+
+
+def test_fedasync_leaves_its_inputs_alone():
+    """The in-place mix works on a new array: the caller's model, base and delta are unchanged
+    (seen red mixing into `delta` in place)."""
+    params, base, delta = np.array([1.0, 2.0]), np.array([0.5, 1.5]), np.array([4.0, -4.0])
+    copies = [params.copy(), base.copy(), delta.copy()]
+    s = FedAsync(alpha=0.5)
+    np.testing.assert_allclose(s.add(params, delta, 1, 0, base), 0.5 * params + 0.5 * (base + delta))
+    np.testing.assert_allclose(s.add(params, delta, 1, 0), params + 0.5 * delta)
+    for before, after in zip(copies, (params, base, delta)):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_l2_norm_in_chunks_is_the_norm():
+    """Chunked below OpenBLAS's threading length, the norm is still the whole vector's (seen red
+    dropping the last chunk)."""
+    from coordinator.validation import NORM_CHUNK, l2_norm
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, NORM_CHUNK, NORM_CHUNK + 1, 100_000):
+        x = rng.normal(size=n)
+        assert l2_norm(x) == pytest.approx(float(np.linalg.norm(x)), rel=1e-12)
