@@ -3,17 +3,22 @@
 The digits fleet: 20 agents, one process each, standardized digits dealt into 20 stratified
 shards, one local epoch per update; 400 updates in all. Each fedmq configuration (model
 codec, update codec, --min-model-interval) runs against a real mosquitto and coordinator
-(fedasync); Flower 1.41 runs the identical task (bench/flower_baseline.py: FedAvg over the
-20 clients for 20 rounds) from a separate venv, so flwr never enters fedmq's dependencies.
+(fedasync at its default --publish-interval); Flower 1.41 runs the identical task
+(bench/flower_baseline.py: FedAvg over the 20 clients for 20 rounds) from a separate venv, so
+flwr never enters fedmq's dependencies, twice: sending float64 (NumPyClient's default for
+scikit-learn's coefficients) and cast to float32.
 
 Bytes: tcpdump on loopback, every IP packet of each device's connection (IPv4 + TCP headers
 + payload: MQTT or gRPC/HTTP2 framing and TCP ACKs included; loopback's 14-byte link header
 is not), from connect to goodbye, divided by the updates that device sent. CPU per update:
-user + system of each device process (/proc), from its 2nd update to its last (steady
-state: imports and the first model excluded). RSS: the peak (VmHWM). Writes
-bench/results/device_bytes.json.
+user + system of each device process (/proc), over the same windows for both systems: from
+its 1st update to its last, and from its 2nd to its last (each update marked by the first
+50 ms sample that saw it), so the CPU a process spends after its last update (Flower's client
+tearing down its run) is reported apart, not per update. Accuracy: for fedmq the retained
+model as devices decode it (int8/int4 values), for Flower its global model. RSS: the peak
+(VmHWM). Writes bench/results/device_bytes.json.
 
-    python bench/device_bytes.py [--flower-python /work/flower-venv/bin/python] [--quick]
+    python bench/device_bytes.py [--flower-python .flwr-venv/bin/python] [--large no]
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from simulation.mosquitto import Mosquitto, free_port  # noqa: E402
 AGENTS = 20
 UPDATES = 400
 TICK = os.sysconf("SC_CLK_TCK")
-FLOWER_PYTHON = "/work/flower-venv/bin/python"
+FLOWER_PYTHON = str(ROOT / ".flwr-venv" / "bin" / "python")
+FLOWER_DTYPES = ("float64", "float32")  # what Flower's NumPyClient sends by default, and cast to fedmq's float32
 BIG_CLASSES, BIG_FEATURES = 100, 10_000
 BIG_AGENTS, BIG_UPDATES = 4, 20
 PACKET_LIMIT = 131072  # AWS IoT Core's 128 KB
@@ -61,7 +67,7 @@ class Task:
     agents: int
     updates: int
     max_packet_bytes: int | None = None  # mosquitto's max_packet_size and both sides' --max-packet-bytes
-    publish_interval: float = 0.1
+    publish_interval: float | None = None  # the coordinator's --publish-interval; None: its default
 
 
 def write_big_task(workdir: Path, agents: int, rows: int = 200, seed: int = 0) -> None:
@@ -91,17 +97,26 @@ def write_task(workdir: Path, agents: int, seed: int = 0) -> int:
 
 @dataclass
 class Device:
-    """One device process and what was sampled of it."""
+    """One device process and what was sampled of it.
+
+    `marks[n]` is the process's CPU at the first sample that saw its n-th update, read the
+    same way for fedmq and Flower: the CPU windows between two marks are the only CPU
+    figures, so nothing a process spends after its last update (Flower's client waits for
+    and tears down its run) enters a per-update figure.
+    """
 
     proc: subprocess.Popen
     log: Path
     pattern: str  # a line per update in its log
-    samples: list[tuple[int, float]] = field(default_factory=list)  # (updates so far, CPU seconds)
+    marks: dict[int, float] = field(default_factory=dict)  # updates so far -> CPU seconds when first seen
+    cpu_end: float = 0.0  # the newest CPU reading (the whole life of the process when it is done)
     hwm_kb: int = 0
     port: int | None = None
+    updates: int = 0
+    _read: int = 0  # bytes of the log already counted
 
     def sample(self) -> None:
-        """Read updates (log lines), CPU (utime + stime) and peak RSS of the live process."""
+        """Read updates (new log lines), CPU (utime + stime) and peak RSS of the live process."""
         try:
             stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
             status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -111,23 +126,40 @@ class Device:
         cpu = (int(fields[11]) + int(fields[12])) / TICK
         hwm = re.search(r"VmHWM:\s+(\d+)", status)
         self.hwm_kb = max(self.hwm_kb, int(hwm.group(1)) if hwm else 0)
-        updates = self.log.read_text(errors="replace").count(self.pattern)
-        if not self.samples or self.samples[-1][0] != updates:
-            self.samples.append((updates, cpu))
-        else:
-            self.samples[-1] = (updates, cpu)  # the CPU up to the newest sample of this count
+        with open(self.log, "rb") as fh:
+            fh.seek(self._read)
+            new = fh.read()
+        cut = new.rfind(b"\n") + 1  # whole lines only
+        self._read += cut
+        self.updates += new[:cut].decode(errors="replace").count(self.pattern)
+        self.marks.setdefault(self.updates, cpu)
+        self.cpu_end = cpu
 
-    @property
-    def updates(self) -> int:
-        return self.samples[-1][0] if self.samples else 0
 
-    def steady_cpu(self) -> tuple[float, int]:
-        """CPU seconds and updates from the 2nd update on."""
-        first = next(((u, c) for u, c in self.samples if u >= 2), None)
-        last = self.samples[-1] if self.samples else None
-        if first is None or last[0] <= first[0]:
-            return 0.0, 0
-        return last[1] - first[1], last[0] - first[0]
+CPU_WINDOWS = {"first_to_last": 1, "second_to_last": 2}  # window name -> the update it starts at
+
+
+def cpu_window(marks: dict[int, float], start: int) -> tuple[float, int]:
+    """CPU seconds and updates from update `start` to the last update (both as first seen; when
+    two updates fell between samples, from the first mark after `start`)."""
+    last = max(marks, default=0)
+    first = min((n for n in marks if n >= start), default=last)
+    if last <= first:
+        return 0.0, 0
+    return marks[last] - marks[first], last - first
+
+
+def cpu_figures(devices: list["Device"]) -> dict:
+    """Per-update CPU over each window of CPU_WINDOWS (the same for every system measured),
+    and the CPU after the last update (not per update: it is the run's wind-down)."""
+    out = {}
+    for name, start in CPU_WINDOWS.items():
+        spans = [cpu_window(d.marks, start) for d in devices]
+        cpu, counted = sum(s[0] for s in spans), sum(s[1] for s in spans)
+        out[name] = round(1000 * cpu / counted, 2) if counted else None
+    tails = [d.cpu_end - d.marks[max(d.marks)] for d in devices if d.marks]
+    return {"cpu_ms_per_update": out,
+            "cpu_ms_after_last_update": round(1000 * float(np.mean(tails)), 1) if tails else None}
 
 
 class Capture:
@@ -281,16 +313,18 @@ def measure(devices: list[Device], server_port: int, capture: Capture, done, tim
     """Sample the devices until done() or timeout; then the bytes of their connections."""
     pids = {d.proc.pid: d for d in devices}
     deadline = time.monotonic() + timeout
+    ports_at = 0.0
     while time.monotonic() < deadline:
         for d in devices:
             d.sample()
         missing = {pid for pid, d in pids.items() if d.port is None}
-        if missing:
+        if missing and time.monotonic() - ports_at > 0.5:  # ss reads all of /proc: not at every sample
+            ports_at = time.monotonic()
             for pid, port in client_ports(missing, server_port).items():
                 pids[pid].port = port
         if done():
             break
-        time.sleep(0.25)  # sampling /proc: there is no event to wait on
+        time.sleep(0.05)  # sampling /proc: there is no event to wait on
     else:
         raise RuntimeError("the run did not finish in time")
     for d in devices:
@@ -315,15 +349,13 @@ def summarize(devices: list[Device], wire: dict[int, dict[str, int]]) -> dict:
             k = kinds.setdefault(kind, [0.0, 0.0])
             k[0] += size / d.updates / len(devices)
             k[1] += count / d.updates / len(devices)
-    cpu = sum(d.steady_cpu()[0] for d in devices)
-    counted = sum(d.steady_cpu()[1] for d in devices)
     return {
         "updates_per_device": round(float(np.mean(updates)), 2),
         "up_bytes_per_round": round(float(np.mean(ups)), 1),
         "down_bytes_per_round": round(float(np.mean(downs)), 1),
         "total_bytes_per_round": round(float(np.mean(ups) + np.mean(downs)), 1),
         "packets_per_round": round(float(np.mean(packets)), 2),
-        "cpu_ms_per_update": round(1000 * cpu / counted, 2) if counted else None,
+        **cpu_figures(devices),
         "rss_mb": round(float(np.mean([d.hwm_kb for d in devices])) / 1024, 1),
         "breakdown": {k: {"bytes_per_round": round(v[0], 1), "packets_per_round": round(v[1], 3)}
                       for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
@@ -359,7 +391,9 @@ def run_fedmq(workdir: Path, task: Task, *, model_codec: str | None, codec: str,
     capture = Capture(run_dir / "capture.pcap", broker.port)
     coordinator_args = ["--broker", broker.url, "--fleet", topics.fleet, "--model", "sgd-classifier",
                         "--n-features", task.n_features, "--classes", ",".join(map(str, range(task.classes))),
-                        "--publish-interval", task.publish_interval, "--eval-csv", task.data / "test.csv"]
+                        "--eval-csv", task.data / "test.csv"]
+    if task.publish_interval is not None:
+        coordinator_args += ["--publish-interval", task.publish_interval]
     if limit:
         coordinator_args += ["--max-packet-bytes", limit]
     if model_codec is not None:
@@ -390,14 +424,18 @@ def run_fedmq(workdir: Path, task: Task, *, model_codec: str | None, codec: str,
         capture.stop()
         watcher.loop_stop()
         watcher.disconnect()
-        broker.stop()
+        try:
+            held = device_accuracy(broker, topics, task.data / "test.csv")
+        finally:
+            broker.stop()
     figures = summarize(devices, pcap_bytes(capture.path, broker.port))
     statuses = [n for topic, n in state["agent_status"].items()]
     figures.update({
         "task": task.name, "max_packet_bytes": limit,
         "model_codec": model_codec or "float32 (no --model-codec in this coordinator)",
         "codec": codec, "min_model_interval": interval,
-        "accuracy": status.get("accuracy"), "accepted": status.get("accepted"),
+        "accuracy": held["accuracy"], "accuracy_of": f"the retained model as devices decode it (version {held['version']})",
+        "coordinator_accuracy": status.get("accuracy"), "accepted": status.get("accepted"),
         "status_messages_per_device": round(float(np.mean([len(s) for s in statuses])), 2),
         "status_bytes_per_message": round(float(np.mean([np.mean(s) for s in statuses])), 1),
     })
@@ -405,24 +443,61 @@ def run_fedmq(workdir: Path, task: Task, *, model_codec: str | None, codec: str,
     return figures
 
 
-def run_flower(workdir: Path, python: str, task: Task) -> dict:
-    """Flower 1.41 on the same shards; returns the device figures and the final accuracy."""
+def device_accuracy(broker: Mosquitto, topics: Topics, test_csv: Path, timeout: float = 30.0) -> dict:
+    """Accuracy of the retained model (whole or chunked) decoded as a device decodes it: the
+    int8/int4 values devices hold, not the coordinator's float64 model."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from coordinator.evaluation import score
+    from edge_agent.chunks import ModelChunks
+    from protocol.messages import decode_model
+    from protocol.tabular import load_csv
+
+    chunks, got, done = ModelChunks(topics, max_bytes=64 * 2**20), {}, threading.Event()
+
+    def on_message(client, userdata, msg):
+        payload = chunks.on_message(msg.topic, msg.payload)
+        if payload is not None and not done.is_set():
+            got["model"] = decode_model(payload, fleet=topics.fleet, max_bytes=64 * 2**20)
+            done.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-held-{os.getpid()}")
+    client.on_message = on_message
+    client.connect(broker.host, broker.port)
+    client.subscribe([(topics.model, 1), (topics.all_model_chunks, 1)])
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            raise RuntimeError("no retained model to score")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    model = got["model"]
+    X, y = load_csv(test_csv)
+    return {"version": model.version, "accuracy": score(model.spec, model.params, X, y)["accuracy"]}
+
+
+def run_flower(workdir: Path, python: str, task: Task, dtype: str = "float64") -> dict:
+    """Flower 1.41 on the same shards, parameters in `dtype` both ways; the device figures and the final accuracy."""
     agents, rounds = task.agents, task.updates // task.agents
-    run_dir = workdir / f"flower-{task.name}"
+    run_dir = workdir / f"flower-{task.name}-{dtype}"
     run_dir.mkdir()
     port = free_port()
     capture = Capture(run_dir / "capture.pcap", port)
     address = f"127.0.0.1:{port}"
     script = ROOT / "bench" / "flower_baseline.py"
     server = spawn([python, script, "server", "--address", address, "--data", task.data, "--clients", agents,
-                    "--rounds", rounds, "--classes", task.classes], run_dir / "server.log")
+                    "--rounds", rounds, "--classes", task.classes, "--dtype", dtype], run_dir / "server.log")
     devices = []
     try:
         time.sleep(3)  # flwr's server imports for seconds before it listens; clients retry anyway
         for i in range(agents):
             log = run_dir / f"client{i}.log"
             devices.append(Device(spawn([python, script, "client", "--address", address, "--data", task.data,
-                                         "--index", i, "--classes", task.classes], log), log, "fit "))
+                                         "--index", i, "--classes", task.classes, "--dtype", dtype], log), log, "fit "))
         measure(devices, port, capture, lambda: server.poll() is not None, 600)
         for d in devices:
             d.proc.wait(30)
@@ -437,8 +512,21 @@ def run_flower(workdir: Path, python: str, task: Task) -> dict:
     import importlib.metadata  # noqa: F401  (version from the venv that ran it)
     version = subprocess.run([python, "-c", "import flwr; print(flwr.__version__)"], capture_output=True,
                              text=True).stdout.strip()
-    figures.update({"flwr": version, "rounds": rounds, "accuracy": float(rounds_seen[-1][1]) if rounds_seen else None})
+    figures.update({"flwr": version, "dtype": dtype, "rounds": rounds, "accuracy": float(rounds_seen[-1][1]) if rounds_seen else None})
     return figures
+
+
+def versus_flower(row: dict, flowers: dict[str, dict]) -> dict:
+    """A fedmq row against Flower: bytes for each dtype Flower sent, CPU per window, accuracy points."""
+    out = {}
+    for dtype, flower in flowers.items():
+        suffix = "" if dtype == "float64" else f"_{dtype}"
+        out[f"bytes_ratio_vs_flower{suffix}"] = round(flower["total_bytes_per_round"] / row["total_bytes_per_round"], 2)
+        out[f"cpu_ratio_vs_flower{suffix}"] = {
+            w: round(row["cpu_ms_per_update"][w] / flower["cpu_ms_per_update"][w], 2)
+            for w in CPU_WINDOWS if row["cpu_ms_per_update"][w] and flower["cpu_ms_per_update"][w]}
+        out[f"accuracy_points_vs_flower{suffix}"] = round(100 * (row["accuracy"] - flower["accuracy"]), 2)
+    return out
 
 
 def supported_model_codecs() -> list[str] | None:
@@ -489,37 +577,40 @@ def main() -> None:
                 continue
             if task is large:
                 write_big_task(large.data, large.agents)
-            flower = None
+            flowers = {}
             if Path(args.flower_python).exists() and not args.no_flower:
-                flower = run_flower(workdir, args.flower_python, task)
-                print("flower", json.dumps(flower), flush=True)
+                for dtype in FLOWER_DTYPES:
+                    flowers[dtype] = run_flower(workdir, args.flower_python, task, dtype)
+                    print("flower", json.dumps(flowers[dtype]), flush=True)
             fedmq = []
             for mc, codec, interval in task_configs:
                 fedmq.append(run_fedmq(workdir, task, model_codec=mc, codec=codec, interval=interval))
                 print("fedmq", json.dumps(fedmq[-1]), flush=True)
             for row in fedmq:
-                if flower is not None:
-                    row["bytes_ratio_vs_flower"] = round(flower["total_bytes_per_round"] / row["total_bytes_per_round"], 2)
-                    row["cpu_ratio_vs_flower"] = round(row["cpu_ms_per_update"] / flower["cpu_ms_per_update"], 2)
-                    row["accuracy_points_vs_flower"] = round(100 * (row["accuracy"] - flower["accuracy"]), 2)
-            runs[task.name] = (flower, fedmq)
+                row.update(versus_flower(row, flowers))
+            runs[task.name] = (flowers, fedmq)
         took = time.monotonic() - started
-    flower, fedmq = runs.get("digits", (None, []))
+    flowers, fedmq = runs.get("digits", ({}, []))
+    missing = f"not run: {args.flower_python} missing"
     result = {
         "benchmark": "device_bytes", "dataset": "digits (standardized, 20 stratified shards)",
-        "agents": args.agents, "updates": args.updates, "strategy": "fedasync, --publish-interval 0.1",
+        "agents": args.agents, "updates": args.updates,
+        "strategy": "fedasync at the coordinator's default --publish-interval",
         "method": "tcpdump on lo: IP bytes (IP + TCP headers + payload) of each device connection, connect to "
-                  "goodbye, per update the device sent; CPU user+system from the 2nd update on (/proc); RSS VmHWM",
-        "model_codecs_available": codecs, "seconds": round(took, 1),
-        "flower": flower if flower is not None else f"not run: {args.flower_python} missing",
+                  "goodbye, per update the device sent; CPU user+system (/proc) per update over the same windows "
+                  "for every system: first_to_last (1st to last update) and second_to_last (2nd to last), "
+                  "each mark the first sample (every 50 ms) that saw that update; RSS VmHWM",
+        "cpu_windows": list(CPU_WINDOWS), "model_codecs_available": codecs, "seconds": round(took, 1),
+        "flower": flowers.get("float64", missing), "flower_float32": flowers.get("float32", missing),
         "fedmq": fedmq,
     }
     if "large" in runs:
+        large_flowers = runs["large"][0]
         result["large"] = {
             "task": f"{BIG_CLASSES} classes x {BIG_FEATURES:,} sparse binary features (1,000,100 parameters), "
                     f"{BIG_AGENTS} agents, {BIG_UPDATES} updates, mosquitto max_packet_size {PACKET_LIMIT} and "
                     f"--max-packet-bytes {PACKET_LIMIT} on both sides, --publish-interval 0.5",
-            "flower": runs["large"][0] if runs["large"][0] is not None else "not run",
+            "flower": large_flowers.get("float64", "not run"), "flower_float32": large_flowers.get("float32", "not run"),
             "fedmq": runs["large"][1],
         }
     args.out.write_text(json.dumps(result, indent=1) + "\n")

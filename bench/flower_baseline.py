@@ -1,10 +1,11 @@
 """Flower 1.41 on the tasks of bench/device_bytes.py (digits; 100 classes x 10,000 features): one server or one client process.
 
 Run by bench/device_bytes.py with a Python that has flwr (kept out of fedmq's dependencies:
-`python -m venv /work/flower-venv && /work/flower-venv/bin/pip install 'flwr==1.41.*' scikit-learn`).
+`python -m venv .flwr-venv && .flwr-venv/bin/pip install 'flwr==1.41.*' scikit-learn`).
 FedAvg over every client each round; a client continues the global SGDClassifier with one
 partial_fit call over its shuffled shard (the same local epoch as a fedmq agent) and returns
-its parameters; the server scores the global model on the test set after every round.
+its parameters (in --dtype: float64, NumPyClient's default for scikit-learn, or float32);
+the server scores the global model on the test set after every round.
 
     python bench/flower_baseline.py server --address 127.0.0.1:PORT --data DIR --clients 20 --rounds 20
     python bench/flower_baseline.py client --address 127.0.0.1:PORT --data DIR --index I
@@ -50,15 +51,16 @@ def run_client(args: argparse.Namespace) -> None:
 
     class Client(fl.client.NumPyClient):
         def get_parameters(self, config):
-            return [est.coef_, est.intercept_]
+            return [est.coef_.astype(args.dtype), est.intercept_.astype(args.dtype)]
 
         def fit(self, parameters, config):
-            est.coef_, est.intercept_ = np.array(parameters[0]), np.array(parameters[1])
+            # scikit-learn trains in float64 (X's type) whatever the wire carried
+            est.coef_, est.intercept_ = np.array(parameters[0], np.float64), np.array(parameters[1], np.float64)
             order = rng.permutation(len(y))
             est.partial_fit(X[order], y[order])
             fits[0] += 1
             print(f"fit {fits[0]}", flush=True)
-            return [est.coef_, est.intercept_], len(y), {}
+            return [est.coef_.astype(args.dtype), est.intercept_.astype(args.dtype)], len(y), {}
 
         def evaluate(self, parameters, config):
             return 0.0, len(y), {}
@@ -75,14 +77,15 @@ def run_server(args: argparse.Namespace) -> None:
     shapes = [est.coef_.shape, est.intercept_.shape]
 
     def evaluate(server_round, parameters, config):
-        est.coef_, est.intercept_ = np.array(parameters[0]).reshape(shapes[0]), np.array(parameters[1]).reshape(shapes[1])
+        est.coef_ = np.array(parameters[0], np.float64).reshape(shapes[0])
+        est.intercept_ = np.array(parameters[1], np.float64).reshape(shapes[1])
         accuracy = float(np.mean(est.predict(X_test) == y_test))
         print(f"round {server_round} accuracy {accuracy:.4f}", flush=True)
         return 0.0, {"accuracy": accuracy}
 
     strategy = fl.server.strategy.FedAvg(
         fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=args.clients, min_available_clients=args.clients,
-        initial_parameters=fl.common.ndarrays_to_parameters([np.zeros(shapes[0]), np.zeros(shapes[1])]),
+        initial_parameters=fl.common.ndarrays_to_parameters([np.zeros(shapes[0], args.dtype), np.zeros(shapes[1], args.dtype)]),
         evaluate_fn=evaluate,
     )
     fl.server.start_server(server_address=args.address, config=fl.server.ServerConfig(num_rounds=args.rounds),
@@ -98,6 +101,7 @@ def main() -> None:
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="the parameters' type on the wire, both ways")
     p.add_argument("--classes", type=int, default=10, help="labels 0..N-1 (100 for the 1,000,100-parameter task)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")

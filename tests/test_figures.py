@@ -94,6 +94,10 @@ CLAIMS: list[tuple[str, str, callable]] = [
      lambda: thousands(results("device_bytes")["flower"]["total_bytes_per_round"])),
     ("docs/models-and-data.md", r"against Flower 1\.41's [\d,]+ \(([\d.]+)x fewer",
      lambda: f"{best_device_row()['bytes_ratio_vs_flower']:.1f}"),
+    ("docs/models-and-data.md", r"within a point of Flower's accuracy; ([\d.]+)x fewer than\s+Flower cast to float32",
+     lambda: f"{best_device_row()['bytes_ratio_vs_flower_float32']:.1f}"),
+    ("docs/models-and-data.md", r"Flower cast to float32, whose ([\d,]+) bytes per round",
+     lambda: thousands(results("device_bytes")["flower_float32"]["total_bytes_per_round"])),
     # docs/models-and-data.md, the 1,000,100-parameter rows of bench/results/device_bytes.json
     ("docs/models-and-data.md", r"a device pays ([\d,]+) bytes per round at that size",
      lambda: thousands(results("device_bytes")["large"]["fedmq"][1]["total_bytes_per_round"])),
@@ -309,18 +313,26 @@ def test_edge_rows_of_the_benchmarks_page_are_the_results_files():
 
 def device_bytes_rows(data: dict | None = None) -> list[str]:
     """docs/benchmarks.md's device table (section 9), row by row, from bench/results/device_bytes.json
-    (`data`: its "large" entry for the 1,000,100-parameter table)."""
+    (`data`: its "large" entry for the 1,000,100-parameter table): bytes against Flower sending
+    float64 and float32, CPU per update over the same two windows for every row."""
     data = data or results("device_bytes")
-    flower = data["flower"]
+
+    def cpu(r: dict) -> str:
+        return " | ".join(f"{r['cpu_ms_per_update'][w]:.1f} ms" for w in ("first_to_last", "second_to_last"))
+
     rows = []
     for r in data["fedmq"]:
         rows.append(f"| fedmq, model {r['model_codec']}, update {r['codec']}, --min-model-interval {r['min_model_interval']:g} "
                     f"| {thousands(r['up_bytes_per_round'])} | {thousands(r['down_bytes_per_round'])} "
                     f"| {thousands(r['total_bytes_per_round'])} | {r['bytes_ratio_vs_flower']:.1f}x "
-                    f"| {r['cpu_ms_per_update']:.1f} ms | {r['rss_mb']:.0f} MB | {r['accuracy']:.3f} |")
-    rows.append(f"| Flower {flower['flwr']} (bench/flower_baseline.py), FedAvg, float64 | {thousands(flower['up_bytes_per_round'])} "
-                f"| {thousands(flower['down_bytes_per_round'])} | {thousands(flower['total_bytes_per_round'])} | 1.0x "
-                f"| {flower['cpu_ms_per_update']:.1f} ms | {flower['rss_mb']:.0f} MB | {flower['accuracy']:.3f} |")
+                    f"| {r['bytes_ratio_vs_flower_float32']:.1f}x | {cpu(r)} | {r['rss_mb']:.0f} MB | {r['accuracy']:.3f} |")
+    for key in ("flower", "flower_float32"):
+        f = data[key]
+        rows.append(f"| Flower {f['flwr']} (bench/flower_baseline.py), FedAvg, {f['dtype']} | {thousands(f['up_bytes_per_round'])} "
+                    f"| {thousands(f['down_bytes_per_round'])} | {thousands(f['total_bytes_per_round'])} "
+                    f"| {data['flower']['total_bytes_per_round'] / f['total_bytes_per_round']:.1f}x "
+                    f"| {data['flower_float32']['total_bytes_per_round'] / f['total_bytes_per_round']:.1f}x "
+                    f"| {cpu(f)} | {f['rss_mb']:.0f} MB | {f['accuracy']:.3f} |")
     return rows
 
 
