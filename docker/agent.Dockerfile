@@ -40,7 +40,8 @@ RUN case "${TARGETPLATFORM:-linux/$(uname -m)}" in \
  && pip install --no-cache-dir . \
  && rm -rf /src
 
-RUN groupadd --non-unique --gid "${FEDMQ_GID}" fedmq \
+RUN if [ "${FEDMQ_UID}" = 0 ]; then echo "FEDMQ_UID=0: the fedmq images never run as root; run python deploy/check_host.py" >&2; exit 1; fi \
+ && groupadd --non-unique --gid "${FEDMQ_GID}" fedmq \
  && useradd --non-unique --uid "${FEDMQ_UID}" --gid "${FEDMQ_GID}" --home-dir /data --no-create-home \
       --shell /usr/sbin/nologin fedmq \
  && mkdir -p /data && chown fedmq:fedmq /data

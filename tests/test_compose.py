@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -436,3 +437,57 @@ def test_systemd_unit():
     # W^X would break numpy/OpenBLAS in the venv; /opt must only need reading
     assert "MemoryDenyWriteExecute" not in settings
     assert all("/opt" not in v for v in settings["ReadWritePaths"])
+
+
+# ---------------------------------------------------------------- host defaults (issue 22 point 6)
+
+def test_every_published_port_defaults_to_loopback(compose):
+    published = [p for s in compose["services"].values() for p in s.get("ports", [])]
+    assert len(published) >= 3
+    for port in published:
+        text = port if isinstance(port, str) else f"{port.get('host_ip', '')}:{port['published']}:{port['target']}"
+        assert text.startswith("127.0.0.1:"), f"{port!r} is published on every interface by default"
+
+
+def test_the_images_refuse_to_run_as_root():
+    for dockerfile in DOCKERFILES:
+        text = (ROOT / dockerfile).read_text()
+        assert re.search(r'if \[ "\$\{FEDMQ_UID\}" = 0 \]; then .*exit 1; fi', text), f"{dockerfile} builds for uid 0"
+        assert "ARG FEDMQ_UID=10001" in text
+
+
+def _check_host(env: Path, secrets: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "deploy" / "check_host.py"), "--env", str(env),
+                           "--secrets", str(secrets)], capture_output=True, text=True, timeout=60)
+
+
+def test_check_host_names_a_taken_port_in_one_line_and_sets_a_non_root_uid(tmp_path):
+    readme = DEPLOY_README.read_text()
+    assert "python deploy/check_host.py" in readme and readme.index("check_host.py") < readme.index(
+        "docker compose up --build"), "deploy/README.md checks the host before compose creates any container"
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "monitor.password").write_text("x")
+    env = tmp_path / ".env"
+    ports = {}
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        ports["FEDMQ_BROKER_PORT"] = held.getsockname()[1]
+        for var in ("FEDMQ_BROKER_TLS_PORT", "FEDMQ_METRICS_PORT"):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports[var] = s.getsockname()[1]
+        text = (ROOT / ".env.example").read_text()
+        for var, port in ports.items():
+            text = re.sub(rf"^{var}=.*$", f"{var}={port}", text, flags=re.M)
+        env.write_text(text)
+        taken = _check_host(env, secrets)
+    assert taken.returncode == 1, taken
+    line, = taken.stderr.strip().splitlines()
+    assert f"port {ports['FEDMQ_BROKER_PORT']} (FEDMQ_BROKER_PORT) is taken" in line and "set FEDMQ_BROKER_PORT" in line
+    free = _check_host(env, secrets)
+    assert free.returncode == 0, free
+    values = dict(re.findall(r"^(FEDMQ_[UG]ID)=(\d+)$", env.read_text(), re.M))
+    assert int(values["FEDMQ_UID"]) != 0 and int(values["FEDMQ_GID"]) != 0, values
+    if os.getuid() == 0:  # root: the fixed service uid, which now owns the secrets it must read
+        assert values["FEDMQ_UID"] == "10001" and (secrets / "monitor.password").stat().st_uid == 10001
