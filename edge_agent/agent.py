@@ -126,8 +126,9 @@ class Agent:
 
     @property
     def private(self) -> bool:
-        """Local DP or secure aggregation: nothing exact about the data may leave (issue 19.2) -- no
-        un-noised statistics, no row or missing-cell count in the status, no label set in the schema."""
+        """Local DP, secure aggregation or --private: nothing exact about the data may leave (issue 19.2) --
+        no un-noised statistics, no row, missing-cell or skipped-label count in the status, no label set in
+        the schema, sample count 1 and no metrics in an update."""
         return self.dp is not None or self.secure is not None or self.private_
 
     @property
@@ -211,8 +212,7 @@ class Agent:
     def statistics_payload(self, poll: bool = True) -> bytes | None:
         """The window's feature statistics for `Topics.stats` when due (first, or data grew); else None.
 
-        Under local DP or secure aggregation nothing un-noised about the data travels: only noised
-        (and accounted) statistics (--stats-noise), else none.
+        A private agent (see `private`) sends only noised (and accounted) statistics (--stats-noise), else none.
         """
         if self.private and self.statistics.noise is None:
             return None
