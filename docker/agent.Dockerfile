@@ -27,13 +27,14 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-# setuptools needs every package listed in pyproject.toml to build, so all five are copied.
+# setuptools needs every package listed in pyproject.toml to build, so all six are copied.
 COPY pyproject.toml README.md ./
 COPY protocol/ protocol/
 COPY edge_agent/ edge_agent/
 COPY coordinator/ coordinator/
 COPY simulation/ simulation/
 COPY monitor/ monitor/
+COPY tier/ tier/
 RUN case "${TARGETPLATFORM:-linux/$(uname -m)}" in \
       linux/arm/v7|linux/armv7l|linux/armv8l) [ -z "$PIWHEELS" ] || export PIP_EXTRA_INDEX_URL="$PIWHEELS" ;; \
     esac \
