@@ -147,6 +147,7 @@ class UpdateValidator:
         rate: RateLimit | None = None,
         max_seq_ahead: float = 86_400.0,
         clock=time.time,
+        reorder_window: int = 0,
     ) -> None:
         if norm_action not in ("reject", "clip"):
             raise ValueError(f"norm action must be reject or clip, got {norm_action!r}")
@@ -162,6 +163,10 @@ class UpdateValidator:
         self.clock = clock
         self.highest_seq: dict[str, int] = {}
         self.gaps_ = 0  # updates agents made that never arrived (see protocol.sequence)
+        # seqs of a hole (at most `reorder_window` per agent) that may still arrive late: a broker that
+        # redelivers out of order (NATS JetStream after a failover) delivers them after a newer one
+        self.reorder_window = reorder_window
+        self.missing: dict[str, set[int]] = {}
 
     def check(self, topic: str, payload: bytes, version: int, admit=None) -> Verdict:
         """Validate one payload against the model at `version`.
@@ -190,15 +195,20 @@ class UpdateValidator:
         if msg.base_version > version:
             return Verdict("future_base", msg)
         last = self.highest_seq.get(msg.agent_id)
-        if last is not None and msg.seq <= last:
+        late = last is not None and msg.seq <= last and msg.seq in self.missing.get(msg.agent_id, ())
+        if last is not None and msg.seq <= last and not late:
             return Verdict("replay", msg)
         if msg.seq > (self.clock() + self.max_seq_ahead) * 1e6:
             return Verdict("future_seq", msg)
         if last is None and len(self.highest_seq) >= self.max_agents:
             return Verdict("too_many_agents", msg)
-        if last is not None:
-            self.gaps_ += missing_between(last, msg.seq)
-        self.highest_seq[msg.agent_id] = msg.seq
+        if late:  # a hole filled after all: once only
+            self.missing[msg.agent_id].discard(msg.seq)
+            self.gaps_ -= 1
+        else:
+            if last is not None:
+                self._hole(msg.agent_id, last, msg.seq)
+            self.highest_seq[msg.agent_id] = msg.seq
         staleness = version - msg.base_version
         if staleness > self.max_staleness:
             return Verdict("too_stale", msg, staleness=staleness)
@@ -220,7 +230,17 @@ class UpdateValidator:
         self.norm.accepted(norm, n_samples, msg.agent_id)
         return Verdict(None, msg, delta, staleness, clipped, n_samples)
 
-    def restore(self, highest_seq: dict[str, int], gaps: int = 0) -> None:
-        """Take over the per-agent sequence numbers and the gap count of a checkpoint."""
+    def _hole(self, agent: str, last: int, seq: int) -> None:
+        hole = missing_between(last, seq)
+        self.gaps_ += hole
+        if self.reorder_window and hole:
+            missing = self.missing.setdefault(agent, set())
+            missing.update(range(max(last + 1, seq - self.reorder_window), seq))
+            while len(missing) > self.reorder_window:  # the oldest count as lost for good
+                missing.discard(min(missing))
+
+    def restore(self, highest_seq: dict[str, int], gaps: int = 0, missing: dict | None = None) -> None:
+        """Take over the per-agent sequence numbers, the gap count and the open holes of a checkpoint."""
         self.highest_seq.update(highest_seq)
         self.gaps_ = gaps
+        self.missing.update({agent: set(seqs) for agent, seqs in (missing or {}).items()})

@@ -198,11 +198,24 @@ class NatsCluster:
             node.proc.kill()
             node.proc.wait(10)
 
-    def restart(self, i: int, timeout: float = 30.0) -> None:
-        """Start node i again (same ports, same store) and wait for it."""
+    def restart(self, i: int, timeout: float = 60.0, settle: float = 5.0) -> None:
+        """Start node i again (same ports, same store) and wait until every node has reported healthy
+        (JetStream current) for `settle` seconds in a row: only then can the cluster lose another node."""
         self.kill(i)
         self._spawn(self.nodes[i])
-        self.wait_ready(timeout, [self.nodes[i]])
+        deadline = time.monotonic() + timeout
+        healthy_since = None
+        while True:
+            self.wait_ready(max(1.0, deadline - time.monotonic()))
+            if all(_healthy(n, strict=True) for n in self.nodes):
+                healthy_since = healthy_since or time.monotonic()
+                if time.monotonic() - healthy_since >= settle:
+                    return
+            else:
+                healthy_since = None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster not healthy within {timeout:g} s of restarting {self.nodes[i].name}")
+            time.sleep(0.2)  # polling health endpoints
 
     def stop(self, timeout: float = 10.0) -> None:
         for node in self.nodes:
@@ -226,9 +239,11 @@ class NatsCluster:
         self.stop()
 
 
-def _healthy(node: Node) -> bool:
+def _healthy(node: Node, strict: bool = False) -> bool:
+    """/healthz answers ok; `strict`: also every stream and consumer of this node is current."""
+    query = "?details=true" if strict else ""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/healthz", timeout=1) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/healthz{query}", timeout=2) as r:
             return r.status == 200
     except OSError:
         return False

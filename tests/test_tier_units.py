@@ -1,0 +1,83 @@
+"""Issue 20: the tier's pure parts without a broker: late (reordered) updates, partials, the root's rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.staleness import Polynomial
+from coordinator.strategies import FedBuff
+from coordinator.validation import UpdateValidator
+from protocol import codec
+from protocol.errors import ProtocolError
+from protocol.messages import UpdateMessage, encode_update
+from protocol.topics import Topics
+from tier.partial import Partial, PartialSum, decode_partial, encode_partial
+from tier.steps import RootFedAsync, RootFedBuff
+
+TOPICS = Topics("u")
+RNG = np.random.default_rng(0)
+
+
+def _payload(seq: int) -> bytes:
+    return encode_update(UpdateMessage("a", seq, 0, 10, codec.encode(np.ones(4) * 0.1, "float32", RNG)))
+
+
+@pytest.mark.parametrize("window", [0, 8])
+def test_an_update_delivered_after_a_newer_one_counts_once_within_the_reorder_window(window):
+    v = UpdateValidator(TOPICS, 4, reorder_window=window)
+    topic = TOPICS.update("a")
+    assert v.check(topic, _payload(1), 0).reason is None
+    assert v.check(topic, _payload(4), 0).reason is None  # 2 and 3 redelivered later
+    assert v.gaps_ == 2
+    late = v.check(topic, _payload(2), 0).reason
+    assert late == (None if window else "replay")
+    assert v.check(topic, _payload(2), 0).reason == "replay"  # once only
+    assert v.check(topic, _payload(4), 0).reason == "replay"
+    assert v.gaps_ == (1 if window else 2)
+
+
+def test_the_reorder_window_is_bounded_per_agent():
+    v = UpdateValidator(TOPICS, 4, reorder_window=8)
+    topic = TOPICS.update("a")
+    v.check(topic, _payload(1), 0)
+    v.check(topic, _payload(1000), 0)  # a hole of 998: only the newest 8 stay open
+    assert len(v.missing["a"]) == 8
+    assert v.check(topic, _payload(500), 0).reason == "replay"
+    assert v.check(topic, _payload(995), 0).reason is None
+
+
+def test_partial_round_trip_and_hostile_partials():
+    p = Partial(3, 7, 12, np.arange(5.0), 20.0, 2, [("a", 1, 0), ("b", 9, 1)], 1.0, 0.5)
+    q = decode_partial(encode_partial(p), 5)
+    assert (q.partition, q.epoch, q.seq, q.weight, q.count, q.covers) == (3, 7, 12, 20.0, 2, p.covers)
+    assert np.array_equal(q.weighted_sum, p.weighted_sum)
+    bad = [b"\x00junk", encode_partial(p)[:-3], encode_partial(Partial(3, 7, 12, np.arange(4.0), 20.0, 2, p.covers)),
+           encode_partial(Partial(3, 7, 12, np.array([np.nan] * 5), 20.0, 2, p.covers)),
+           encode_partial(Partial(3, 7, 12, np.arange(5.0), 20.0, 3, p.covers))]
+    for data in bad:
+        with pytest.raises(ProtocolError):
+            decode_partial(data, 5)
+
+
+def test_root_fedbuff_over_partials_equals_one_coordinators_fedbuff():
+    deltas = [RNG.normal(size=6) for _ in range(6)]
+    samples = [5, 10, 20, 5, 1, 7]
+    stale = [0, 1, 3, 0, 2, 5]
+    weight = Polynomial(0.5)
+    single = FedBuff(6, 0.5, weight)
+    params = np.ones(6)
+    for d, n, s in zip(deltas, samples, stale):
+        out = single.add(params, d, n, s)
+    parts = [PartialSum(6, weight), PartialSum(6, weight)]  # two partitions, uneven split
+    for i, (d, n, s) in enumerate(zip(deltas, samples, stale)):
+        parts[i % 3 == 0].add(None, d, n, s)
+    root = RootFedBuff(6, 6, 0.5)
+    for part in parts:
+        root.add(*part.take())
+    assert root.ready()
+    assert np.allclose(root.step(params), out)
+    assert root.count == 0 and not root.ready()
+    fa = RootFedAsync(6, 0.5)
+    fa.add(np.full(6, 4.0), 2.0, 1)
+    assert np.allclose(fa.step(np.zeros(6)), 1.0)

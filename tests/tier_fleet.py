@@ -1,0 +1,242 @@
+"""Test tools for the scale-out tier: a NATS cluster, roots and workers as real processes, a publisher
+of pre-encoded updates that fails over between nodes, and the audit-log checks of exactly-once."""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from fleet import spawn
+from protocol import codec
+from protocol.messages import UpdateMessage, decode_model, encode_update
+from protocol.topics import Topics
+from tier.cluster import NatsCluster
+from tier.mqtt_link import Link, parse_urls
+
+FLEET = "tierf"
+TOPICS = Topics(FLEET)
+N_FEATURES = 9
+
+
+class Tier:
+    """Roots and workers of one fleet on `cluster`, each a process with its own log."""
+
+    def __init__(self, cluster: NatsCluster, workdir: Path, *, partitions: int, buffer_size: int = 5) -> None:
+        self.cluster = cluster
+        self.workdir = Path(workdir)
+        self.partitions = partitions
+        self.buffer_size = buffer_size
+        self.audit = self.workdir / "audit.jsonl"
+        self.roots: dict[str, object] = {}
+        self.workers: dict[str, object] = {}
+        self._n = 0
+
+    def _common(self) -> list[str]:
+        c = self.cluster
+        return ["--nats", ",".join(c.nats_urls), "--mqtt", ",".join(c.mqtt_urls), "--fleet", FLEET,
+                "--replicas", str(c.replicas)]
+
+    def start_root(self) -> str:
+        self._n += 1
+        rid = f"root{self._n}"
+        self.roots[rid] = spawn("tier.root", *self._common(), "--model", "sgd-regressor", "--n-features", N_FEATURES,
+                                "--partitions", self.partitions,
+                                "--buffer-size", self.buffer_size, "--buffer-timeout", "1", "--audit-log", self.audit,
+                                "--id", rid, log=self.workdir / f"{rid}.log")
+        return rid
+
+    def start_worker(self) -> str:
+        self._n += 1
+        wid = f"worker{self._n}"
+        self.workers[wid] = spawn("tier.worker", *self._common(), "--partitions", self.partitions, "--id", wid,
+                                  log=self.workdir / f"{wid}.log")
+        return wid
+
+    def kill(self, name: str) -> None:
+        """kill -9, no chance to save anything."""
+        proc = self.roots.pop(name, None) or self.workers.pop(name)
+        proc.kill()
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in [*self.roots.values(), *self.workers.values()]:
+            proc.kill()
+            proc.wait(10)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(self.workdir.glob("*.log")))
+
+
+class ModelWatch:
+    """Every model version the fleet receives, in order of arrival, with its time (failover over the nodes)."""
+
+    def __init__(self, cluster: NatsCluster) -> None:
+        self.versions: list[tuple[float, int]] = []
+        self.status: dict = {}
+        self.lock = threading.Lock()
+        self.link = Link(parse_urls(cluster.mqtt_urls), "test-model-watch", persistent=False,
+                         on_message=self._on_message,
+                         on_connect=lambda c, *a: c.subscribe([(TOPICS.model, 1), (TOPICS.coordinator_status, 1)]))
+        self.link.start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if msg.topic == TOPICS.coordinator_status:
+            self.status = json.loads(msg.payload)
+            return
+        with self.lock:
+            self.versions.append((time.monotonic(), decode_model(msg.payload).version))
+
+    @property
+    def version(self) -> int:
+        """The newest version received (a stale retained copy delivered later does not lower it)."""
+        with self.lock:
+            return max((v for _, v in self.versions), default=-1)
+
+    def wait_version_above(self, version: int, timeout: float) -> float | None:
+        """Seconds until a version above `version` arrived, or None."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.version > version:
+                return time.monotonic() - start
+            time.sleep(0.05)  # polling a counter a paho thread sets
+        return None
+
+    def close(self) -> None:
+        self.link.close()
+
+
+class Publisher:
+    """Devices: `agents` ids publishing pre-encoded QoS 1 updates at `rate`/s over failover connections.
+
+    An update without a PUBACK after `resend_s` is published again (a device's resend-after):
+    duplicates are the tier's to absorb. `sent` is every (agent, seq) made."""
+
+    def __init__(self, cluster: NatsCluster, watch: ModelWatch, *, agents: int = 24, rate: float = 40.0,
+                 resend_s: float = 6.0, connections: int = 2) -> None:
+        self.watch = watch
+        self.agents = agents
+        self.rate = rate
+        self.resend_s = resend_s
+        rng = np.random.default_rng(0)
+        self.delta = codec.encode(rng.normal(size=N_FEATURES + 1) * 0.01, "int8", rng)
+        nodes = parse_urls(cluster.mqtt_urls)
+        self.links = [Link(nodes, f"test-dev-{i}", persistent=False, start=i) for i in range(connections)]
+        for link in self.links:
+            link.start()
+        self.sent: list[tuple[str, int]] = []
+        self.outstanding: dict[tuple[str, int], tuple[float, bytes, object]] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        assert all(link.wait(30) for link in self.links), "devices cannot connect to the cluster"
+        self.thread.start()
+
+    def _publish(self, key, payload) -> None:
+        link = self.links[hash(key[0]) % len(self.links)]
+        try:
+            info = link.client.publish(TOPICS.update(key[0]), payload, qos=1)
+        except (RuntimeError, ValueError):
+            info = None
+        self.outstanding[key] = (time.monotonic(), payload, info)
+
+    def _run(self) -> None:
+        seqs = collections.Counter()
+        i = 0
+        start = time.monotonic()
+        while not self.stopping.is_set():
+            agent = f"dev{i % self.agents}"
+            seqs[agent] += 1
+            key = (agent, seqs[agent])
+            payload = encode_update(UpdateMessage(agent, seqs[agent], max(self.watch.version, 0), 10, self.delta))
+            self.sent.append(key)
+            self._publish(key, payload)
+            self._resend()
+            i += 1
+            self.stopping.wait(max(0.0, start + i / self.rate - time.monotonic()))
+
+    def _resend(self) -> None:
+        now = time.monotonic()
+        for key, (at, payload, info) in list(self.outstanding.items()):
+            if _acked(info):
+                del self.outstanding[key]
+            elif now - at > self.resend_s:
+                self._publish(key, payload)
+
+    def stop_and_drain(self, timeout: float) -> bool:
+        """Stop making updates; True once every one was acknowledged by the broker."""
+        self.stopping.set()
+        self.thread.join(10)
+        deadline = time.monotonic() + timeout
+        while self.outstanding and time.monotonic() < deadline:
+            self._resend()
+            time.sleep(0.1)
+        return not self.outstanding
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+
+
+def _acked(info) -> bool:
+    try:
+        return info is not None and info.is_published()
+    except (RuntimeError, ValueError):  # "not currently connected": not acknowledged, resent later
+        return False
+
+
+def read_audit(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_folded(path: Path, sent: list, timeout: float) -> list[dict]:
+    """The audit records once every sent (agent, seq) is in them (or at the timeout)."""
+    want = set(sent)
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_audit(path)
+        if want <= {(r["agent"], r["seq"]) for r in records} or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def check_exactly_once(records: list[dict], sent: list) -> None:
+    assert records, "the audit log is empty: nothing to check against"
+    counted = collections.Counter((r["agent"], r["seq"]) for r in records)
+    lost = set(sent) - set(counted)
+    twice = {k: v for k, v in counted.items() if v > 1}
+    extra = set(counted) - set(sent)
+    assert not lost, f"{len(lost)} update(s) lost, e.g. {sorted(lost)[:5]}"
+    assert not twice, f"{len(twice)} update(s) counted more than once, e.g. {sorted(twice.items())[:5]}"
+    assert not extra, f"audit names updates nobody sent: {sorted(extra)[:5]}"
+
+
+def check_one_owner_at_a_time(records: list[dict]) -> None:
+    """Per partition, the folded partials' epochs never go back as their seq goes up: no two owners interleave."""
+    by_partition = collections.defaultdict(dict)
+    for r in records:
+        by_partition[r["partition"]][r["pseq"]] = r["epoch"]
+    for partition, epochs in by_partition.items():
+        ordered = [epochs[s] for s in sorted(epochs)]
+        assert ordered == sorted(ordered), f"partition {partition}: owners interleave: {ordered}"
+        assert sorted(epochs) == list(range(1, len(epochs) + 1)), f"partition {partition}: partial seq gap"
+
+
+def check_monotone(records: list[dict], watch: ModelWatch) -> int:
+    """The root's versions, in commit order across every failover, never go back; returns how many
+    stale retained copies the watcher was handed (a node catching up may deliver an older retained
+    model to a reconnecting subscriber: agents ignore a model older than theirs)."""
+    versions = [r["version"] for r in records]
+    assert versions, "no version in the audit log"
+    assert all(b >= a for a, b in zip(versions, versions[1:])), f"a version went backwards: {versions}"
+    seen = [v for _, v in watch.versions]
+    assert seen and max(seen) >= versions[-1] - 1, "the fleet never received the newest models"
+    return sum(1 for a, b in zip(seen, seen[1:]) if b < a)

@@ -1,0 +1,366 @@
+"""The root of the scale-out tier: one active writer of the global model, any number of standbys.
+
+Every root process campaigns for the lease `root` (tier/lease.py); the holder drains the
+partial aggregates from JetStream (durable pull consumer, explicit ack), folds each partition's
+partials in gap-free order ((partition, seq) high-water mark in its checkpoint: a repeat is
+dropped, one that arrives ahead of a missing predecessor is handed back for later), steps the
+model with the root rule (tier/steps.py), then commits: audit lines (every (agent, seq) a folded
+partial covers), the fenced checkpoint (model, version, high-water marks, buffer), the retained
+model over MQTT, and only then the acks of the partials. A standby that wins the lease restores
+the checkpoint and carries on at its version: versions never go backwards across a failover.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from coordinator.audit import AuditLog
+from coordinator.cli import parse_classes
+from coordinator.status import encode_status
+from protocol.errors import ProtocolError
+from protocol.messages import ModelMessage, decode_model, encode_model
+from protocol.model_spec import ESTIMATORS, ModelSpec
+from protocol.topics import Topics
+from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
+from tier.mqtt_link import Link, parse_urls
+from tier.nats_io import Nats
+from tier.partial import decode_partial
+from tier.steps import RootRule, make_rule
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "root"
+ACK_WAIT_S = 5.0
+BATCH = 256
+STANDBY_POLL_S = 0.25
+ECHO_S = 3.0  # the root subscribes to its own model: one not seen back within this is a dead connection
+
+
+class Root:
+    """Campaigns for the root lease and, while it holds it, folds partials into the model."""
+
+    def __init__(self, nats: Nats, mqtt_nodes, topics: Topics, spec: ModelSpec, rule: RootRule, *,
+                 root_id: str, audit_log: str | None = None, buffer_timeout: float = 5.0,
+                 publish_interval: float = 0.2, partitions: int = 32) -> None:
+        self.nats = nats
+        self.topics = topics
+        self.spec = spec
+        self.rule = rule
+        self.root_id = root_id
+        self.audit_path = audit_log
+        self.buffer_timeout = buffer_timeout
+        self.publish_interval = publish_interval
+        self.partitions = partitions
+        self.lease = Lease(nats, "root", root_id)
+        self.keeper = Keeper()
+        self.record = FencedRecord(nats, "root")
+        self.retained_version = -1
+        self.retained_seen = threading.Event()
+        self._last_pub = 0.0
+        self.link = Link(mqtt_nodes, f"fedmq-root-{topics.fleet}-{root_id}", persistent=False,
+                         on_message=self._on_retained, on_connect=lambda c, *a: c.subscribe(topics.model, 1))
+        self.params = np.zeros(spec.n_params)
+        self.version = 0
+        self.published = -1
+        self.hwm: dict[str, int] = {}
+        self.epochs: dict[str, int] = {}
+        self.folded = 0
+        self.partials = 0
+        self.duplicates = 0
+        self.rejected = 0
+        self.buffer_since: float | None = None
+        self.started_at = time.time()
+        self.audit: AuditLog | None = None
+        self.sub = None
+
+    def _on_retained(self, client, userdata, msg) -> None:
+        try:
+            model = decode_model(msg.payload)
+            if model.fleet == self.topics.fleet:
+                self.retained_version = max(self.retained_version, model.version)
+                self.retained_seen.set()
+        except (ProtocolError, ValueError, TypeError):
+            pass
+
+    # life cycle ----------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        self.link.start()
+        vacancy = Vacancy(grace=0.5)
+        while not stop.is_set():
+            if not vacancy.try_acquire(self.lease):
+                stop.wait(STANDBY_POLL_S)  # standby
+                continue
+            self.keeper.add(self.lease)
+            try:
+                self._take_over()
+                self._serve(stop)
+            except Fenced as exc:
+                log.warning("root %s fenced out: %s; back to standby", self.root_id, exc)
+            except Exception:
+                log.exception("root %s: unexpected error; back to standby", self.root_id)
+            self.keeper.remove(self.lease)
+            self.lease.revision = None
+        self.keeper.stop()
+        self.lease.release()
+        self.link.close()
+
+    def _take_over(self) -> None:
+        state = self.record.read() or {}
+        if not state and self.link.wait(5):
+            self.retained_seen.wait(1.0)  # no checkpoint: the broker's retained model, if there is one
+        if state:
+            self.params = np.frombuffer(state["params"], dtype="<f8").copy()
+            self.version = int(state["version"])
+            self.hwm = dict(state["hwm"])
+            self.epochs = dict(state["epochs"])
+            self.rule.restore(state["buffer"])
+            self.folded, self.partials = state.get("folded", 0), state.get("partials", 0)
+            self.duplicates = state.get("duplicates", 0)
+        if self.retained_version > self.version:  # never publish a version the fleet has already passed
+            log.warning("retained model at version %d is ahead of the checkpoint (%d): continuing above it",
+                        self.retained_version, self.version)
+            self.version = self.retained_version
+        self.audit = AuditLog(self.audit_path, state.get("audit")) if self.audit_path else None
+        self.record.write(self._state())  # claim: a previous holder's next write now fails
+        if not state:  # the workers read the spec from the claim
+            self._wait_for_partitions()
+        self.published = -1
+        log.info("root %s active at epoch %d, version %d, %d update(s) folded so far",
+                 self.root_id, self.lease.epoch, self.version, self.folded)
+        while True:  # JetStream may be electing a leader: retry while the lease holds
+            try:
+                self.sub = self.nats.call(self._subscribe, 10)
+                break
+            except Exception as exc:
+                if self.lease.revision is None:
+                    raise Fenced("root lease lost while subscribing") from None
+                log.info("subscribing to the partials: %s; retrying", exc)
+                time.sleep(0.5)
+
+    def _wait_for_partitions(self) -> None:
+        """A new fleet: publish the first model (devices start on it) only once every partition's session
+        exists, since NATS keeps QoS 1 messages only for subscriptions that exist."""
+        want = {f"p{n}" for n in range(self.partitions)}
+        waited = 0.0
+        while True:
+            try:
+                keys = set(self.nats.call(lambda: self.nats.state.keys(), 5))
+            except Exception:  # no keys yet
+                keys = set()
+            if want <= keys:
+                return
+            if not self.lease.renew():
+                raise Fenced("root lease lost while waiting for the partitions")
+            if waited % 5 < 0.25:
+                log.info("waiting for partition workers: %d of %d partitions claimed", len(want & keys), len(want))
+            time.sleep(0.25)  # polling the bucket's keys
+            waited += 0.25
+
+    async def _subscribe(self):
+        js, stream = self.nats.js, self.nats.names["partials"]
+        try:  # a fresh consumer: what the previous holder fetched and never acked comes back at once
+            await js.delete_consumer(stream, CONSUMER)
+        except NotFoundError:
+            pass
+        config = api.ConsumerConfig(durable_name=CONSUMER, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S,
+                                    max_ack_pending=20_000, deliver_policy=api.DeliverPolicy.ALL)
+        return await js.pull_subscribe(f"{self.nats.prefix}.{self.nats.fleet.replace('.', '_')}.partial.>",
+                                       durable=CONSUMER, stream=stream, config=config)
+
+    def _serve(self, stop: threading.Event) -> None:
+        acks, dirty = [], False  # partials folded but not yet covered by a checkpoint
+        while not stop.is_set():
+            if self.lease.revision is None:
+                raise Fenced("root lease lost")
+            msgs = self._fetch()
+            naks, lines = [], []
+            for msg in msgs:
+                verdict = self._fold(msg.data, lines)
+                (naks if verdict == "later" else acks).append(msg)
+            while self.rule.ready():
+                self._step()
+                dirty = True
+            if self.rule.count and self.buffer_since is not None \
+                    and time.monotonic() - self.buffer_since >= self.buffer_timeout:
+                self._step()
+                dirty = True
+            if lines and self.audit is not None and self.audit.write(lines) is None:
+                raise Fenced("audit log not writable")  # another root may do better
+            dirty = dirty or bool(acks)
+            if dirty:
+                try:
+                    self._commit()
+                    dirty = False
+                except TimeoutError as exc:  # a node down: retried with the next batch, nothing acked
+                    log.debug("root checkpoint retried: %s", exc)
+            if not dirty:
+                self._publish()
+                for msg in acks:
+                    self._settle(msg.ack)
+                acks = []
+            for msg in naks:
+                self._settle(lambda m=msg: m.nak(delay=0.2))
+
+    def _settle(self, fn) -> None:
+        """Ack or nak one partial; a failure only means JetStream delivers it again (and it is a duplicate)."""
+        try:
+            self.nats.call(fn, 5)
+        except Exception as exc:
+            log.debug("ack: %s", exc)
+
+    def _fetch(self) -> list:
+        try:
+            return self.nats.call(lambda: self.sub.fetch(BATCH, timeout=0.2), 3)
+        except (NatsTimeout, TimeoutError):
+            return []
+        except Exception as exc:  # JetStream electing a leader after a node died: nothing this time
+            log.debug("fetching partials: %s", exc)
+            time.sleep(0.1)
+            return []
+
+    # the fold --------------------------------------------------------------------------------
+
+    def _fold(self, data: bytes, lines: list[str]) -> str:
+        """'folded', 'duplicate', 'fenced', 'rejected', or 'later' (a predecessor is missing)."""
+        try:
+            p = decode_partial(data, self.spec.n_params)
+        except ProtocolError as exc:
+            log.warning("unreadable partial dropped: %s", exc)
+            self.rejected += 1
+            return "rejected"
+        key = str(p.partition)
+        if p.seq <= self.hwm.get(key, 0):
+            self.duplicates += 1
+            return "duplicate"
+        if p.epoch < self.epochs.get(key, 0):  # an older owner's, after the new one committed: fencing
+            self.rejected += 1
+            return "fenced"
+        if p.seq != self.hwm.get(key, 0) + 1:
+            return "later"
+        self.hwm[key] = p.seq
+        self.epochs[key] = p.epoch
+        self.rule.add(p.weighted_sum, p.weight, p.count)
+        if self.buffer_since is None:
+            self.buffer_since = time.monotonic()
+        self.folded += p.count
+        self.partials += 1
+        now = round(time.time(), 3)
+        for agent, seq, base in p.covers:
+            lines.append(json.dumps({"t": now, "partition": p.partition, "epoch": p.epoch, "pseq": p.seq,
+                                     "agent": agent, "seq": seq, "base": base, "version": self.version,
+                                     "arrived": round(p.oldest, 3)}) + "\n")
+        return "folded"
+
+    def _step(self) -> None:
+        new = self.rule.step(self.params)
+        self.buffer_since = None
+        if not np.isfinite(new.astype(np.float32)).all():
+            log.error("a step would make the model non-finite on the wire: dropped")
+            return
+        self.params = new
+        self.version += 1
+
+    def _state(self) -> dict:
+        return {
+            "epoch": self.lease.epoch, "owner": self.root_id, "version": self.version, "spec": self.spec.to_wire(),
+            "params": np.ascontiguousarray(self.params, dtype="<f8").tobytes(), "hwm": self.hwm,
+            "epochs": self.epochs, "buffer": self.rule.state(), "folded": self.folded, "partials": self.partials,
+            "duplicates": self.duplicates, "audit": self._audit_offset(),
+        }
+
+    def _audit_offset(self) -> int | None:
+        return None if self.audit is None else self.audit.file.tell()
+
+    def _commit(self) -> None:
+        if not self.lease.valid:
+            raise TimeoutError("root lease not confirmed lately")
+        try:
+            self.record.write(self._state())
+        except Fenced:
+            raise
+        except Exception as exc:
+            raise TimeoutError(str(exc)) from None
+
+    def _publish(self) -> None:
+        if self.version == self.published or time.monotonic() - self._last_pub < self.publish_interval:
+            return
+        body = encode_model(ModelMessage(self.topics.fleet, self.version, self.spec, self.params,
+                                         started_at=self.started_at))
+        if self.published > self.retained_version and time.monotonic() - self._last_pub > ECHO_S:
+            self.link.bounce()  # our own last model never came back: the connection is not carrying
+            self._last_pub = time.monotonic()
+            return
+        if self.link.publish(self.topics.model, body, retain=True):
+            self.published = self.version
+            self._last_pub = time.monotonic()
+            status = {"fleet": self.topics.fleet, "role": "root", "root": self.root_id, "version": self.version,
+                      "folded": self.folded, "partials": self.partials, "duplicates": self.duplicates,
+                      "rejected": self.rejected, "partitions": len(self.hwm), "time": time.time()}
+            self.link.publish(self.topics.coordinator_status, encode_status(status), retain=True, timeout=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tier.root",
+        description="Root of fedmq's scale-out tier: one active writer (NATS KV lease, the others stand by) that "
+                    "folds the partition workers' partial aggregates and publishes the retained model.",
+    )
+    parser.add_argument("--nats", required=True, help="comma-separated nats:// URLs of the cluster's nodes")
+    parser.add_argument("--mqtt", required=True, help="comma-separated mqtt:// URLs of the nodes' MQTT listeners")
+    parser.add_argument("--fleet", required=True, help="fleet name")
+    parser.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")
+    parser.add_argument("--partitions", type=int, default=32, help="N of the cluster's partition(N, agent) mapping")
+    parser.add_argument("--model", required=True, choices=sorted(ESTIMATORS), help="the fleet's estimator")
+    parser.add_argument("--n-features", type=int, required=True, help="number of input features")
+    parser.add_argument("--classes", help="comma-separated class labels (classifiers)")
+    parser.add_argument("--strategy", default="fedbuff", choices=("fedbuff", "fedasync"), help="root rule")
+    parser.add_argument("--buffer-size", type=int, default=5, help="fedbuff: updates per step (over all partitions)")
+    parser.add_argument("--server-lr", type=float, default=1.0, help="fedbuff: server learning rate")
+    parser.add_argument("--alpha", type=float, default=0.3, help="fedasync: mixing weight per partial")
+    parser.add_argument("--buffer-timeout", type=float, default=5.0, help="step a buffer that waited this long")
+    parser.add_argument("--audit-log", help="JSON lines: every (agent, seq) folded, with its partial")
+    parser.add_argument("--id", default=f"{socket.gethostname()}-{os.getpid()}", help="this root's id")
+    parser.add_argument("--replicas", type=int, default=3, choices=(1, 3), help="JetStream replicas of the tier's state")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        topics = Topics(args.fleet, args.topic_prefix)
+        spec = ModelSpec(args.model, args.n_features, parse_classes(args.classes))
+        rule = make_rule(args.strategy, spec.n_params, buffer_size=args.buffer_size, server_lr=args.server_lr,
+                         alpha=args.alpha)
+        nats = Nats(args.nats.split(","), args.fleet, prefix=args.topic_prefix, replicas=args.replicas,
+                    name=f"fedmq-root-{args.id}")
+        root = Root(nats, parse_urls(args.mqtt), topics, spec, rule, root_id=args.id, audit_log=args.audit_log,
+                    buffer_timeout=args.buffer_timeout, partitions=args.partitions)
+    except (ValueError, OSError, TimeoutError) as exc:
+        print(f"tier root: {exc}", file=sys.stderr)
+        return 2
+    root.run(stop)
+    nats.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Partition worker: the coordinator's core per owned partition, committing partial aggregates.
+
+A worker owns partitions by lease (tier/lease.py). For each it restores the partition's
+checkpoint, connects the partition's MQTT persistent session (client id `agg-<fleet>-p<P>`,
+subscribed to `<prefix>/<fleet>/upd/<P>/+`, manual acks) and folds every update through a
+`coordinator.server.Coordinator` (validation, (agent, seq) dedup, staleness, norm bound) whose
+strategy only sums (tier/partial.py). The group commit, every FLUSH_S:
+
+1. the partition checkpoint (dedup state + the new partial) is written over the revision this
+   owner last saw (FencedRecord: a second owner cannot also write);
+2. the partial is published to JetStream with Nats-Msg-Id `<fleet>-p<P>-<seq>` (PubAck = stored R3);
+3. only then are the device messages it covers acknowledged over MQTT.
+
+A crash anywhere leaves the messages unacknowledged: NATS redelivers them to the next owner,
+which restores the checkpoint (its dedup state says which are already in a partial) and
+republishes the checkpoint's partial (the root drops a (partition, seq) it already folded).
+The global version for staleness comes from the retained model (an ordinary subscription).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from coordinator.server import Coordinator
+from coordinator.staleness import parse_staleness
+from coordinator.validation import NormBound, UpdateValidator
+from protocol.errors import ProtocolError
+import numpy as np
+
+from protocol.messages import ModelMessage, decode_model, decode_update
+from protocol.model_spec import ModelSpec
+from protocol.topics import Topics, check_name
+from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
+from tier.mqtt_link import Link, drop, parse_urls
+from tier.nats_io import Nats, partial_subject
+from tier.partial import Partial, PartialSum, encode_partial
+
+log = logging.getLogger(__name__)
+
+FLUSH_S = 0.1  # group commit interval of a partition
+HOLD_S = 10.0  # an update trained on a model newer than the one we know waits this long for it
+SCAN_S = 0.5  # how often free partitions are looked for and leases renewed
+SUBSCRIBE_TIMEOUT_S = 10.0
+# JetStream redelivers an unacknowledged message after a newer one (a node died, a session moved):
+# the seqs of a hole stay acceptable, up to this many per agent (coordinator/validation.py)
+REORDER_WINDOW = 256
+
+
+class Partition:
+    """One owned partition: MQTT session, Coordinator core, fenced checkpoint, unacknowledged messages."""
+
+    def __init__(self, worker: "Worker", number: int, lease: Lease) -> None:
+        self.worker = worker
+        self.number = number
+        self.lease = lease
+        topics = worker.topics
+        spec = worker.model.spec
+        self.strategy = PartialSum(spec.n_params, worker.staleness)
+        validator = UpdateValidator(topics, spec.n_params, max_staleness=worker.max_staleness,
+                                    norm=NormBound(worker.max_norm), reorder_window=REORDER_WINDOW)
+        self.core = Coordinator(topics, spec, self.strategy, validator, buffer_timeout=None, history=1)
+        self.core.audit = self._audit
+        self.record = FencedRecord(worker.nats, f"p{number}")
+        self.lock = threading.Lock()
+        self.covers: list = []
+        self.oldest: float | None = None
+        self.unacked: list = []  # (connection, mid, qos)
+        self.held: list = []  # updates on a model newer than ours: (arrived, topic, payload, retain, ack)
+        self.staged: tuple | None = None  # (state, partial bytes | None, acks): written but not yet published/acked
+        self.seq = 0
+        self.lost = False
+        self.link: Link | None = None
+
+    # start-up ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        state = self.record.read() or {}
+        self.core.validator.restore(state.get("highest_seq", {}), state.get("gaps", 0), state.get("missing"))
+        self.core.accepted_ = state.get("accepted", 0)
+        self.seq = state.get("seq", 0)
+        self.adopt(self.worker.model)
+        # the session's subscription first: NATS keeps QoS 1 messages only for subscriptions that exist,
+        # and the root publishes the fleet's first model only once every partition has claimed its key
+        prefix, fleet = self.worker.topics.prefix, self.worker.topics.fleet
+        subscribed = threading.Event()
+        self.link = Link(self.worker.mqtt_nodes, f"agg-{fleet}-p{self.number}", persistent=True,
+                         start=self.number, manual_ack=True, on_message=self._on_message,
+                         on_connect=lambda c, *a: c.subscribe(f"{prefix}/{fleet}/upd/{self.number}/+", 1))
+        self.link.client.on_subscribe = lambda *a: subscribed.set()
+        self.link.start()
+        if not subscribed.wait(SUBSCRIBE_TIMEOUT_S):
+            drop(self.link)
+            raise TimeoutError(f"no SUBACK for partition {self.number} within {SUBSCRIBE_TIMEOUT_S:g} s")
+        claim = dict(state, epoch=self.lease.epoch, owner=self.worker.worker_id)
+        self.record.write(claim)  # Fenced if another owner wrote since our read
+        if state.get("pending"):  # the previous owner's last partial may never have reached JetStream
+            self.staged = (dict(claim, written=True), state["pending"], [])
+        log.info("partition %d: epoch %d, restored %d agent(s), partial seq %d", self.number, self.lease.epoch,
+                 len(self.core.validator.highest_seq), self.seq)
+
+    def adopt(self, model) -> None:
+        if model is not None:
+            with self.lock:
+                self.core.adopt(model)
+
+    # network thread -----------------------------------------------------------------------
+
+    def _audit(self, topic, update, reason, staleness) -> None:
+        if reason is None and update is not None:
+            self.covers.append((update.agent_id, update.seq, update.base_version))
+            if self.oldest is None:
+                self.oldest = time.time()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        ack = (self.link.connection, msg.mid, msg.qos)
+        agent = msg.topic.rsplit("/", 1)[-1]
+        try:
+            topic = self.worker.topics.update(check_name("agent id", agent))
+        except ValueError:
+            topic = msg.topic  # the core counts it as a bad topic
+        with self.lock:
+            if self._newer_base(topic, msg.payload):
+                self.held.append((time.monotonic(), topic, msg.payload, msg.retain, ack))
+                return
+            self.core.handle_update(topic, msg.payload, retained=msg.retain)
+            self.unacked.append(ack)
+
+    def _newer_base(self, topic: str, payload: bytes) -> bool:
+        agent = self.worker.topics.agent_of_update(topic)
+        if agent is None:
+            return False
+        try:
+            return decode_update(payload, agent).base_version > self.core.version_
+        except (ProtocolError, ValueError, TypeError):
+            return False
+
+    # main thread --------------------------------------------------------------------------
+
+    def release_held(self) -> None:
+        """Fold the held updates whose model we now know (or that waited HOLD_S: then judged as they are)."""
+        if self.held and time.monotonic() - self.held[0][0] > HOLD_S / 2:
+            self.worker.refresh_model()  # the retained model is late: the root's checkpoint has the version
+        with self.lock:
+            now, keep = time.monotonic(), []
+            for item in self.held:
+                arrived, topic, payload, retain, ack = item
+                if now - arrived < HOLD_S and self._newer_base(topic, payload):
+                    keep.append(item)
+                    continue
+                self.core.handle_update(topic, payload, retained=retain)
+                self.unacked.append(ack)
+            self.held = keep
+
+    def commit(self) -> None:
+        """One group commit (see the module docstring); retried as a whole while a step fails."""
+        if self.lease.revision is None:
+            raise Fenced(f"lease of partition {self.number} lost")
+        if not self.lease.valid:  # not renewed lately (JetStream electing a leader): not now
+            raise TimeoutError(f"lease of partition {self.number} not confirmed lately")
+        if self.staged is None:
+            with self.lock:
+                if not self.unacked:
+                    return
+                total, weight, count = self.strategy.take()
+                covers, self.covers = self.covers, []
+                acks, self.unacked = self.unacked, []
+                oldest, self.oldest = self.oldest, None
+                body = None
+                if count:
+                    self.seq += 1
+                    body = encode_partial(Partial(self.number, self.lease.epoch, self.seq, total, weight, count,
+                                                  covers, time.time(), oldest or time.time()))
+                state = {
+                    "epoch": self.lease.epoch, "owner": self.worker.worker_id, "seq": self.seq, "pending": body,
+                    "highest_seq": dict(self.core.validator.highest_seq), "gaps": self.core.validator.gaps_,
+                    "missing": {a: sorted(m) for a, m in self.core.validator.missing.items() if m},
+                    "accepted": self.core.accepted_,
+                }
+            self.staged = (state, body, acks)
+            self.record.write(state)
+        elif not self.staged[0].get("written"):
+            self.record.write(self.staged[0])
+        self.staged[0]["written"] = True
+        state, body, acks = self.staged
+        if body is not None:
+            nats = self.worker.nats
+            subject = partial_subject(nats.prefix, nats.fleet, self.number)
+            headers = {"Nats-Msg-Id": f"{nats.fleet}-p{self.number}-{state['seq']}"}
+            nats.call(lambda: nats.js.publish(subject, body, headers=headers, timeout=5), 8)
+        for connection, mid, qos in acks:
+            if connection == self.link.connection:  # a mid of an older connection is redelivered anyway
+                self.link.client.ack(mid, qos)
+        self.staged = None
+
+    def stop(self, graceful: bool) -> None:
+        if self.link is not None:
+            if graceful:
+                self.link.close()
+            else:
+                drop(self.link)
+        if graceful:
+            self.lease.release()
+
+
+class Worker:
+    """Holds up to a fair share of the fleet's partitions and serves each (see the module docstring)."""
+
+    def __init__(self, nats: Nats, mqtt_nodes, topics: Topics, *, partitions: int, worker_id: str,
+                 max_partitions: int | None = None, staleness: str = "constant", max_staleness: int = 1000,
+                 max_norm: float | None = None) -> None:
+        self.nats = nats
+        self.mqtt_nodes = mqtt_nodes
+        self.topics = topics
+        self.partitions = partitions
+        self.worker_id = worker_id
+        self.max_partitions = max_partitions or partitions
+        self.staleness = parse_staleness(staleness)
+        self.max_staleness = max_staleness
+        self.max_norm = max_norm if max_norm is not None else 1e6
+        self.model = None
+        self.owned: dict[int, Partition] = {}
+        self.presence = Lease(nats, f"w_{worker_id}", worker_id)
+        self.keeper = Keeper()
+        self.vacancy = Vacancy(grace=SCAN_S)
+        self.model_seen = threading.Event()
+        self.watcher = Link(mqtt_nodes, f"agg-{topics.fleet}-model-{worker_id}", persistent=False,
+                            on_message=self._on_model, on_connect=lambda c, *a: c.subscribe(topics.model, 1))
+
+    def _on_model(self, client, userdata, msg) -> None:
+        try:
+            model = decode_model(msg.payload)
+        except (ProtocolError, ValueError, TypeError):
+            log.warning("unreadable model on %s", msg.topic)
+            return
+        if model.fleet != self.topics.fleet or (self.model is not None and model.version <= self.model.version):
+            return
+        self.model = model
+        self.model_seen.set()
+        for part in list(self.owned.values()):
+            part.adopt(model)
+
+    def refresh_model(self) -> None:
+        """Adopt the root's checkpointed model when it is newer than the last retained one we got."""
+        try:
+            state = FencedRecord(self.nats, "root").read()
+        except Exception as exc:
+            log.debug("root checkpoint: %s", exc)
+            return
+        if state and "spec" in state and (self.model is None or int(state["version"]) > self.model.version):
+            self.model_seen.set()
+            self.model = ModelMessage(self.topics.fleet, int(state["version"]), ModelSpec.from_wire(state["spec"]),
+                                      np.frombuffer(state["params"], dtype="<f8").copy())
+            for part in list(self.owned.values()):
+                part.adopt(self.model)
+
+    def live_workers(self) -> int:
+        try:
+            keys = self.nats.call(lambda: self.nats.leases.keys(), 5)
+        except Exception:  # no keys yet, or a node down: count ourselves
+            return 1
+        return max(1, sum(1 for k in keys if k.startswith("w_")))
+
+    def rebalance(self) -> None:
+        """Renew what we hold, give up what we lost, win free partitions up to our fair share."""
+        if self.presence.revision is None and self.presence.acquire():
+            self.keeper.add(self.presence)
+        for number, part in list(self.owned.items()):
+            if part.lost or part.lease.revision is None:
+                log.warning("partition %d lost", number)
+                self.keeper.remove(part.lease)
+                part.stop(graceful=False)
+                del self.owned[number]
+        share = min(self.max_partitions, math.ceil(self.partitions / self.live_workers()))
+        if len(self.owned) > share:  # a worker joined: hand the highest partitions back
+            for number in sorted(self.owned, reverse=True)[:len(self.owned) - share]:
+                part = self.owned.pop(number)
+                self.keeper.remove(part.lease)
+                try:
+                    part.commit()
+                except Exception as exc:  # its messages stay unacknowledged: the next owner gets them
+                    log.warning("partition %d: last commit before hand-over failed: %s", number, exc)
+                part.stop(graceful=True)
+                log.info("partition %d handed over (fair share %d)", number, share)
+        for number in range(self.partitions):
+            if len(self.owned) >= share:
+                break
+            if number in self.owned:
+                continue
+            lease = Lease(self.nats, f"p{number}", self.worker_id)
+            try:
+                if not self.vacancy.try_acquire(lease):
+                    continue
+                part = Partition(self, number, lease)
+                self.keeper.add(lease)
+                part.start()
+            except Exception as exc:
+                log.warning("partition %d: cannot take it over: %s", number, exc)
+                self.keeper.remove(lease)
+                lease.release()
+                continue
+            self.owned[number] = part
+
+    def run(self, stop: threading.Event) -> None:
+        self.watcher.start()
+        if self.presence.acquire():
+            self.keeper.add(self.presence)
+        while not stop.is_set() and not self.model_seen.wait(0.5):
+            self.refresh_model()  # a new fleet: the root's checkpoint has the spec before any model is out
+            if self.model is not None:
+                break
+            log.info("waiting for the root (its retained model on %s or its checkpoint)", self.topics.model)
+        next_scan = 0.0
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= next_scan:
+                self.rebalance()
+                next_scan = now + SCAN_S
+            for number, part in list(self.owned.items()):
+                try:
+                    part.release_held()
+                    part.commit()
+                except Fenced as exc:
+                    log.warning("partition %d: %s; giving it up", number, exc)
+                    part.lost = True
+                except Exception as exc:  # a node down: the staged commit is retried
+                    log.debug("partition %d: commit retried: %s", number, exc)
+            stop.wait(FLUSH_S)
+        for number, part in list(self.owned.items()):
+            try:
+                part.commit()
+            except Exception as exc:
+                log.warning("partition %d: final commit failed: %s", number, exc)
+            part.stop(graceful=True)
+        self.keeper.stop()
+        self.presence.release()
+        self.watcher.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tier.worker",
+        description="Partition worker of fedmq's scale-out tier: owns partitions by NATS KV lease, validates and "
+                    "dedups their updates with the coordinator's core and commits partial aggregates to JetStream.",
+    )
+    parser.add_argument("--nats", required=True, help="comma-separated nats:// URLs of the cluster's nodes")
+    parser.add_argument("--mqtt", required=True, help="comma-separated mqtt:// URLs of the nodes' MQTT listeners")
+    parser.add_argument("--fleet", required=True, help="fleet name")
+    parser.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")
+    parser.add_argument("--partitions", type=int, default=32, help="N of the cluster's partition(N, agent) mapping")
+    parser.add_argument("--max-partitions", type=int, help="own at most this many partitions (default: fair share)")
+    parser.add_argument("--id", default=f"{socket.gethostname()}-{os.getpid()}", help="this worker's id")
+    parser.add_argument("--staleness", default="constant", help="constant, polynomial:A or hinge:A,B")
+    parser.add_argument("--max-staleness", type=int, default=1000, help="reject updates staler than this")
+    parser.add_argument("--max-update-norm", type=float, help="reject updates with a larger L2 norm")
+    parser.add_argument("--replicas", type=int, default=3, choices=(1, 3), help="JetStream replicas of the tier's state")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("coordinator.server").setLevel(logging.WARNING)  # "continuing from version N" per partition
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        topics = Topics(args.fleet, args.topic_prefix)
+        nats = Nats(args.nats.split(","), args.fleet, prefix=args.topic_prefix, replicas=args.replicas,
+                    name=f"fedmq-worker-{args.id}")
+        worker = Worker(nats, parse_urls(args.mqtt), topics, partitions=args.partitions, worker_id=args.id,
+                        max_partitions=args.max_partitions, staleness=args.staleness,
+                        max_staleness=args.max_staleness, max_norm=args.max_update_norm)
+    except (ValueError, OSError, TimeoutError) as exc:
+        print(f"tier worker: {exc}", file=sys.stderr)
+        return 2
+    worker.run(stop)
+    nats.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
