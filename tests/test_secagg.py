@@ -1013,3 +1013,69 @@ def test_cli_takes_distributed_dp_only_with_secure_aggregation_and_central_dp():
     assert parse_args(base + ["--secure-aggregation"]).secagg_rounds.noise is None
     with pytest.raises(SystemExit):
         parse_args(base + ["--dp-noise-by", "agents"])  # no secure aggregation: nobody else to share the noise
+
+
+def test_real_agents_refuse_a_cohort_whose_keys_a_malicious_coordinator_substituted(tmp_path, mosquitto):
+    """Issue 19.9 across the process boundary: three real agent processes over mosquitto, and in place of
+    the coordinator a client that publishes the model, reads their key announcements and sends a cohort
+    in which a2's keys are its own. No agent sends a share (each logs the substitution); the genuine
+    cohort that follows is answered by all three, so they were listening."""
+    import time
+
+    import msgpack
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from fleet import TopicWatcher, spawn, stop
+    from protocol.messages import ModelMessage, encode_model
+    from protocol.model_spec import ModelSpec
+    from protocol.tabular import write_csv
+    from simulation.datasets import load_dataset
+
+    fleet = Topics("samitm")
+    ds = load_dataset("digits", seed=0)
+    spec = ModelSpec("sgd-classifier", ds.n_features, ds.classes)
+    for i in range(3):
+        write_csv(tmp_path / f"a{i}.csv", ds.X_train[i * 200:(i + 1) * 200], ds.y_train[i * 200:(i + 1) * 200])
+    watcher = TopicWatcher(mosquitto.port, fleet.everything)
+    mallory = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="mallory")
+    mallory.connect("127.0.0.1", mosquitto.port)
+    mallory.loop_start()
+    mallory.publish(fleet.model, encode_model(ModelMessage(fleet.fleet, 1, spec, np.zeros(spec.n_params))), qos=1,
+                    retain=True).wait_for_publish(5)
+    agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", fleet.fleet, "--id", f"a{i}",
+                    "--data", tmp_path / f"a{i}.csv", "--secure-aggregation", "--poll-interval", "0.2",
+                    log=tmp_path / f"a{i}.log") for i in range(3)]
+
+    def keys():
+        return {fleet.secagg_of(t)[1]: msgpack.unpackb(p, raw=False) for t, p in watcher.latest.items()
+                if (fleet.secagg_of(t) or ("",))[0] == "key" and p}
+
+    def shares(round_id):
+        return {fleet.secagg_of(t)[1] for t, p in watcher.history if (fleet.secagg_of(t) or ("",))[0] == "share"
+                and msgpack.unpackb(p, raw=False)["round"] == round_id}
+
+    def cohort(round_id, members):
+        return sa.encode("cohort", round=round_id, threshold=2, clip=10.0, scale=sa.choose_scale(10.0, 3),
+                         n=spec.n_params, members=members)
+
+    try:
+        announced = watcher.wait_for(lambda: len(keys()) == 3 and keys(), 90, "three key announcements")
+        genuine = [[a, m["key_id"], m["c"], m["s"]] for a, m in sorted(announced.items())]
+        fake = sa.KeyPair.generate().public, sa.KeyPair.generate().public
+        forged = [[a, kid, *fake] if a == "a2" else [a, kid, c, s] for a, kid, c, s in genuine]
+        mallory.publish(fleet.secagg_cohort, cohort(b"F" * 16, forged), qos=1).wait_for_publish(5)
+        logs = [tmp_path / f"a{i}.log" for i in range(2)]
+        deadline = time.monotonic() + 30
+        while not all("are not the ones it announced (substituted)" in p.read_text() for p in logs):
+            assert time.monotonic() < deadline, "a0 and a1 did not log the substituted keys"
+            time.sleep(0.1)  # polling the agents' logs: no event marks a refusal on the wire
+        mallory.publish(fleet.secagg_cohort, cohort(b"G" * 16, genuine), qos=1).wait_for_publish(5)
+        watcher.wait_for(lambda: shares(b"G" * 16) == {"a0", "a1", "a2"}, 30, "shares for the genuine cohort")
+        assert shares(b"F" * 16) <= {"a2"}, "an agent sent shares under substituted keys"
+    finally:
+        for proc in agents:
+            stop(proc)
+        mallory.loop_stop()
+        mallory.disconnect()
+        watcher.close()
