@@ -6,7 +6,7 @@ usage() {
   cat <<'EOF'
 Usage: make-credentials.sh OUTDIR [--fleet FLEET AGENT_ID ...]
 
-Creates, for the users coordinator, monitor, health (the Docker healthcheck) and each AGENT_ID (username = agent id) of FLEET:
+Creates, for the users coordinator, monitor, health (the Docker healthcheck), web (the web fleet view) and each AGENT_ID (username = agent id) of FLEET:
   OUTDIR/passwd                          mosquitto password file, rebuilt from secrets/ on every run
   OUTDIR/secrets/<user>.password         each user's random password, mode 600; clients read it
                                          with --password-file, never from a command-line flag
@@ -20,8 +20,8 @@ Creates, for the users coordinator, monitor, health (the Docker healthcheck) and
 Existing passwords and certificates are kept: run it again with new ids to add agents.
 To revoke an agent or change a password, delete OUTDIR/secrets/<user>.password and run it again
 (then reload the broker: kill -HUP). Delete OUTDIR/certs to make a new CA.
-Agent ids and fleets: 1-64 characters from A-Z a-z 0-9 _ . - ; "coordinator", "monitor" and
-"health" are reserved. An agent belongs to one fleet: to move it, delete OUTDIR/fleets/<agent> first.
+Agent ids and fleets: 1-64 characters from A-Z a-z 0-9 _ . - ; "coordinator", "monitor",
+"health" and "web" are reserved. An agent belongs to one fleet: to move it, delete OUTDIR/fleets/<agent> first.
 EOF
 }
 
@@ -43,7 +43,7 @@ command -v openssl >/dev/null || { echo "openssl not found (apt-get install open
 for agent in "$@"; do
   [[ "$agent" =~ ^[A-Za-z0-9_.-]{1,64}$ ]] || { echo "invalid agent id: '$agent' (1-64 of A-Z a-z 0-9 _ . -)" >&2; exit 2; }
   # the ACL gives these two names their own rights: an agent must never share them
-  [[ "$agent" != coordinator && "$agent" != monitor && "$agent" != health ]] || { echo "agent id '$agent' is reserved" >&2; exit 2; }
+  [[ "$agent" != coordinator && "$agent" != monitor && "$agent" != health && "$agent" != web ]] || { echo "agent id '$agent' is reserved" >&2; exit 2; }
 done
 mkdir -p "$out/secrets" "$out/certs" "$out/fleets"
 for agent in "$@"; do  # before any file is written: an agent stays in its fleet
@@ -53,8 +53,8 @@ done
 chmod 700 "$out/secrets"
 umask 077  # keys and secrets readable by their owner only; certificates are opened up below
 
-# Passwords: random, one file each, for coordinator, monitor, health and the agents named now.
-for user in coordinator monitor health "$@"; do
+# Passwords: random, one file each, for coordinator, monitor, health, web and the agents named now.
+for user in coordinator monitor health web "$@"; do
   secret="$out/secrets/$user.password"
   [[ -s "$secret" ]] || openssl rand -hex 24 > "$secret"
 done
@@ -79,7 +79,7 @@ done
 chmod 600 "$passwd"
 mv -f "$passwd" "$out/passwd"
 
-# The ACL: broker/acl (coordinator, monitor, health), then each agent's own topics in its own fleet only.
+# The ACL: broker/acl (coordinator, monitor, health, web), then each agent's own topics in its own fleet only.
 for agent in "$@"; do
   echo "$fleet" > "$out/fleets/$agent"
 done
@@ -89,7 +89,7 @@ acl="$out/acl.tmp"
   echo
   echo "# Agents (written by make-credentials.sh from $out/fleets/): each its own topics in its own fleet."
   for user in "${users[@]}"; do
-    [[ "$user" != coordinator && "$user" != monitor && "$user" != health ]] || continue
+    [[ "$user" != coordinator && "$user" != monitor && "$user" != health && "$user" != web ]] || continue
     agent_fleet=$(cat "$out/fleets/$user" 2>/dev/null || true)
     [[ -n "$agent_fleet" ]] || { echo "agent '$user' has no fleet: run again with --fleet FLEET $user" >&2; rm -f "$acl"; exit 2; }
     echo "user $user"

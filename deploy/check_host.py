@@ -6,7 +6,7 @@
 - FEDMQ_UID/FEDMQ_GID: your uid/gid, so the containers can read the 0600 secret files compose
   mounts unchanged; as root, a fixed non-root uid (10001) instead, given the secret files, so
   no image runs as uid 0.
-- FEDMQ_BROKER_PORT, FEDMQ_BROKER_TLS_PORT, FEDMQ_METRICS_PORT: each must be free on the address
+- FEDMQ_BROKER_PORT, FEDMQ_BROKER_TLS_PORT, FEDMQ_METRICS_PORT, FEDMQ_BROKER_WS_PORT, FEDMQ_WEB_PORT: each must be free on the address
   compose publishes it on; a taken one (a mosquitto already on the host holds 1883) is one line
   naming the variable to change, exit 1, before any container is created.
 """
@@ -26,6 +26,8 @@ PORTS = (  # (variable, its default, the variable holding the address it is publ
     ("FEDMQ_BROKER_PORT", 1883, None, "127.0.0.1"),
     ("FEDMQ_BROKER_TLS_PORT", 8883, "FEDMQ_BROKER_TLS_BIND", "127.0.0.1"),
     ("FEDMQ_METRICS_PORT", 9100, None, "127.0.0.1"),
+    ("FEDMQ_BROKER_WS_PORT", 9001, None, "127.0.0.1"),  # MQTT over WebSockets (the web view's page)
+    ("FEDMQ_WEB_PORT", 8080, None, "127.0.0.1"),  # the web view
 )
 
 

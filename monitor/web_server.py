@@ -71,7 +71,7 @@ def page_config(topics: Topics, *, ws_url: str | None, username: str | None,
         "reason_fields": REASON_FIELDS,
         "ws_url": ws_url,
         "ws_port": DEFAULT_WS_PORT,
-        "username": username or "monitor",
+        "username": username or "web",  # broker/acl's read-only login for the page
         **({"password": password} if password is not None else {}),
     }
 

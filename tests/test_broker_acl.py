@@ -375,7 +375,7 @@ def test_make_credentials_keeps_earlier_agents_and_rejects_reserved_ids(tmp_path
     out = make_credentials(tmp_path / "c", "a1")
     make_credentials(out, "a2", fleet=OTHER_FLEET)
     users = [line.split(":")[0] for line in (out / "passwd").read_text().splitlines()]
-    assert sorted(users) == ["a1", "a2", "coordinator", "health", "monitor"]
+    assert sorted(users) == ["a1", "a2", "coordinator", "health", "monitor", "web"]
     acl = (out / "acl").read_text()
     assert acl.startswith((BROKER_DIR / "acl").read_text())
     assert f"user a1\ntopic write fedmq/{FLEET}/update/a1\n" in acl and f"topic read fedmq/{OTHER_FLEET}/model" in acl
@@ -389,7 +389,7 @@ def test_make_credentials_keeps_earlier_agents_and_rejects_reserved_ids(tmp_path
     assert (out / "acl").read_text() == acl
     for path in [out / "passwd", *(out / "secrets").iterdir(), *(out / "certs").glob("*.key")]:
         assert path.stat().st_mode & 0o777 == 0o600, path
-    for bad in ("monitor", "coordinator", "health", "a/b", "+"):
+    for bad in ("monitor", "coordinator", "health", "web", "a/b", "+"):
         done = subprocess.run([str(BROKER_DIR / "make-credentials.sh"), str(out), "--fleet", FLEET, bad],
                               capture_output=True, text=True)
         assert done.returncode == 2, (bad, done)
@@ -443,3 +443,20 @@ def test_our_clients_ask_for_their_username_as_client_id(broker, creds):
     client.loop_stop()
     anonymous = make_client(BrokerSettings.from_url("mqtt://127.0.0.1:1"), "fedmq-sim-x-a1")
     assert anonymous._client_id == b"fedmq-sim-x-a1"
+
+
+def test_the_web_view_login_reads_the_fleets_and_publishes_nothing(broker, creds):
+    """`web` (fedmq-monitor --web's page) has the monitor's read rights under its own session."""
+    web = Client(broker, creds, "web", "fedmq/#").wait_ready()
+    monitor, coordinator = Client(broker, creds, "monitor", "fedmq/#").wait_ready(), Client(broker, creds, "coordinator").wait_ready()
+    try:
+        for topic in (t("update/web"), t("agent/web/status"), t("model"), t("coordinator/status")):
+            web.publish(topic, b"from web")  # acknowledged and dropped
+        coordinator.publish(t("model"), b"end")  # after the above: once it arrives, they would have
+        for client in (web, monitor):
+            client.wait_for(t("model"), b"end")
+        assert not [m for m in monitor.received if m[1] == b"from web"], monitor.received
+        assert web.disconnects == 0 and monitor.disconnects == 0  # two users: neither took the other's session
+    finally:
+        for c in (web, monitor, coordinator):
+            c.close()

@@ -158,7 +158,7 @@ def test_compose_has_the_fleet(compose):
 
 
 def test_coordinator_command_parses_with_the_real_parser(compose, tmp_path):
-    services = our_services(compose, "docker/coordinator.Dockerfile")
+    services = {n: s for n, s in our_services(compose, "docker/coordinator.Dockerfile").items() if "entrypoint" not in s}
     assert services
     for name, service in services.items():
         cmd = command_of(service)
@@ -178,6 +178,27 @@ def test_coordinator_command_parses_with_the_real_parser(compose, tmp_path):
         assert_on_a_mount(service, args.checkpoint_dir, writable=True)
         assert_on_a_mount(service, args.eval_csv)
         assert_on_a_mount(service, args.metrics_log, writable=True)
+
+
+def test_web_view_command_parses_and_stays_on_loopback(compose, tmp_path):
+    """The web service: fedmq-monitor --web from the coordinator's image, as the read-only web user."""
+    import monitor.cli
+
+    web = compose["services"]["web"]
+    assert build_of(web)[1] == "docker/coordinator.Dockerfile" and web["entrypoint"] == ["fedmq-monitor"]
+    cmd = command_of(web)
+    args = monitor.cli.build_parser().parse_args(cmd)
+    assert args.web == 8080 and args.fleet == "demo" and args.username == "web" and args.web_share_login
+    assert_password_is_a_secret(web, args.password_file)
+    secret = tmp_path / "password"
+    secret.write_text("x\n")
+    full = monitor.cli.parse_args(cmd + ["--password-file", str(secret)])
+    assert full.web_password == "x"
+    # the page and the broker's WebSocket listener are published on the host's loopback only
+    assert web["ports"] == ["127.0.0.1:8080:8080"]
+    assert f"127.0.0.1:9001:9001" in compose["services"]["broker"]["ports"]
+    assert args.ws_url == "ws://localhost:9001"
+    assert web["depends_on"]["broker"]["condition"] == "service_healthy"
 
 
 def test_agent_commands_parse_with_the_real_parser(compose, tmp_path):

@@ -3,7 +3,8 @@
 The steps are read from deploy/README.md's "Docker Compose demo" block and run in a copy of
 the checkout; the last one (`docker compose up --build`) runs detached with `--wait`, which
 returns once every service's healthcheck passes. Then the coordinator's retained status, read
-with the monitor credentials, must reach accuracy >= 0.9; `docker compose down` and `up` again
+with the monitor credentials, must reach accuracy >= 0.9, and the web view at deploy/README.md's
+address, in headless Chromium, must connect by itself and show the three agents and that accuracy; `docker compose down` and `up` again
 must resume from the checkpoint volume (a status from the new coordinator process at the same
 or a later version); everything, volumes included, is removed at the end.
 
@@ -30,7 +31,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_README = ROOT / "deploy" / "README.md"
-SERVICES = {"broker", "coordinator", "agent-1", "agent-2", "agent-3"}
+SERVICES = {"broker", "coordinator", "web", "agent-1", "agent-2", "agent-3"}
 REQUIRED = os.environ.get("FEDMQ_REQUIRE_COMPOSE") == "1"
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
@@ -147,6 +148,22 @@ class StatusWatch:
         self.client.disconnect()
 
 
+def see_it_in_a_browser(url: str, workdir: Path) -> None:
+    """deploy/README.md's address in headless Chromium: the page connects by itself and shows the fleet."""
+    from browser import CHROMIUM, Chromium
+
+    if not Path(CHROMIUM).exists():
+        if REQUIRED:
+            pytest.fail("FEDMQ_REQUIRE_COMPOSE=1 but chromium is missing (scripts/setup --test installs it)")
+        return
+    with Chromium(workdir) as browser:
+        browser.open(url)
+        browser.wait_for("document.getElementById('conn').dataset.kind === 'ok'", 60, "the page to connect")
+        browser.wait_for("document.querySelectorAll('#agents tbody tr').length === 3", 60, "the three agents")
+        browser.wait_for("/^0\\.9\\d\\d$|^1\\.000$/.test(document.getElementById('score').textContent)", 120,
+                         "the held-out accuracy >= 0.9")
+
+
 def test_compose_demo_learns_and_resumes_after_down_and_up(engine, tmp_path):
     steps = readme_steps()
     assert steps[-1] == "docker compose up --build", f"deploy/README.md's last step changed: {steps[-1]!r}"
@@ -161,7 +178,8 @@ def test_compose_demo_learns_and_resumes_after_down_and_up(engine, tmp_path):
             env.pop(name)
     # this machine may run its own mosquitto on 1883: the stack's host ports go to free ones, written
     # into .env as soon as a step made it (deploy/check_host.py, the next step, checks them)
-    ports = {"FEDMQ_BROKER_PORT": free_port(), "FEDMQ_BROKER_TLS_PORT": free_port(), "FEDMQ_METRICS_PORT": free_port()}
+    ports = {key: free_port() for key in ("FEDMQ_BROKER_PORT", "FEDMQ_BROKER_TLS_PORT", "FEDMQ_METRICS_PORT",
+                                          "FEDMQ_BROKER_WS_PORT", "FEDMQ_WEB_PORT")}
     for line in steps[:-1]:
         _run(line, cwd=work, env=env, timeout=300)
         if (work / ".env").exists() and "ports set" not in (work / ".env").read_text():
@@ -202,6 +220,7 @@ def test_compose_demo_learns_and_resumes_after_down_and_up(engine, tmp_path):
         watch.close()
         watch = None
         assert before["version"] >= first["version"] > 0
+        see_it_in_a_browser(f"http://localhost:{ports['FEDMQ_WEB_PORT']}/", tmp_path / "chromium")
 
         _run([*compose, "down"], cwd=work, env=env, timeout=300)
         # watching before `up`: the restarted coordinator's first status (it publishes one at

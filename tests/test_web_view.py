@@ -62,7 +62,7 @@ def start_web(tmp_path: Path, name: str, *args: str) -> tuple[subprocess.Popen, 
 def fleet(tmp_path_factory):
     """The production broker (with its WebSocket listener), a coordinator and two agents, all real."""
     tmp = tmp_path_factory.mktemp("web-fleet")
-    creds = make_credentials(tmp / "creds", "a0", "a1", "intruder", fleet=FLEET)
+    creds = make_credentials(tmp / "creds", "a0", "a1", "intruder", fleet=FLEET)  # and coordinator, monitor, web
     broker = start_production_broker(tmp / "broker", creds)
     rng = np.random.default_rng(0)
     for name, n in (("a0", 200), ("a1", 200), ("eval", 300)):
@@ -105,11 +105,11 @@ def agent_row(browser: Chromium, agent: str) -> list[str]:
 @needs_browser
 def test_the_page_shows_the_fleet_learning_live(fleet, browser, tmp_path):
     ws = f"ws://127.0.0.1:{fleet['broker'].ws_port}/"
-    web, page = start_web(tmp_path, "web", "--ws-url", ws, *fleet["login"]("monitor"), "--web-share-login")
+    web, page = start_web(tmp_path, "web", "--ws-url", ws, *fleet["login"]("web"), "--web-share-login")
     try:
         browser.open(page)
         browser.wait_for("document.getElementById('conn').dataset.kind === 'ok'", WAIT, "the page to connect")
-        assert "connected to" in text(browser, "#conn") and "monitor" in text(browser, "#conn")
+        assert "connected to" in text(browser, "#conn") and "as web" in text(browser, "#conn")
         # both agents listed, with a state of the one list (protocol/agent_states.py) and an update seen
         browser.wait_for("['a0', 'a1'].every(a => { const r = document.querySelector(`#agents tr[data-agent=\"${a}\"]`);"
                          " return r && / seen/.test(r.cells[7].textContent) && !r.cells[7].textContent.startsWith('0 '); })",
@@ -180,19 +180,19 @@ def test_wrong_credentials_and_a_refused_websocket_are_clear_messages(fleet, bro
         browser.open(page)
         browser.wait_for("!document.getElementById('login').hidden", WAIT, "the login form")
         assert browser.evaluate("document.getElementById('login-url').value") == "ws://127.0.0.1:9001/"
-        assert browser.evaluate("document.getElementById('login-user').value") == "monitor"
+        assert browser.evaluate("document.getElementById('login-user').value") == "web"
         assert "log in to the broker" in text(browser, "#conn")
 
         ws = f"ws://127.0.0.1:{fleet['broker'].ws_port}/"
         log_in(browser, page, ws, "not the password")
         message = browser.wait_for("(c => c.dataset.kind === 'error' && c.textContent)(document.getElementById('conn'))",
                                    WAIT, "the refused login")
-        assert "refused the login of monitor: wrong username or password" in message, message
+        assert "refused the login of web: wrong username or password" in message, message
         assert not browser.evaluate("document.getElementById('login').hidden")  # the form is back
 
         # the plain MQTT port speaks no WebSocket: the broker drops the HTTP upgrade
         not_ws = f"ws://127.0.0.1:{fleet['broker'].plain_port}/"
-        password = (fleet["creds"] / "secrets" / "monitor.password").read_text().strip()
+        password = (fleet["creds"] / "secrets" / "web.password").read_text().strip()
         log_in(browser, page, not_ws, password)
         message = browser.wait_for("(c => c.dataset.kind === 'error' && c.textContent)(document.getElementById('conn'))",
                                    WAIT, "the refused WebSocket")
@@ -203,6 +203,18 @@ def test_wrong_credentials_and_a_refused_websocket_are_clear_messages(fleet, bro
         message = browser.wait_for("(c => c.dataset.kind === 'error' && c.textContent)(document.getElementById('conn'))",
                                    WAIT, "the closed port")
         assert f"cannot open a WebSocket to {closed}" in message, message
+
+        # one session per user: another client logging in as web (paho, which reconnects) takes the page's
+        # session over; mosquitto 2.0 only closes it, so the page tells by the repeated closes and stops
+        log_in(browser, page, ws, password)
+        browser.wait_for("document.getElementById('conn').dataset.kind === 'ok'", WAIT, "the page to connect")
+        other = Client(fleet["broker"], fleet["creds"], "web").wait_ready()
+        try:
+            message = browser.wait_for("(c => c.dataset.kind === 'error' && c.textContent)(document.getElementById('conn'))",
+                                       WAIT, "the taken-over session")
+            assert "another client logged in as web and took this session over" in message, message
+        finally:
+            other.close()
     finally:
         assert stop(web) == 0
 
@@ -217,7 +229,7 @@ def test_the_server_hands_out_the_page_and_a_config_without_state(tmp_path):
         topics = Topics(FLEET, "plant")
         assert config["subscribe"] == topics.everything and config["topics"]["update"] == topics.all_updates
         assert config["topics"]["status"] == "plant/web/agent/+/status"
-        assert config["ws_url"] == "wss://broker.example:9443" and config["username"] == "monitor"
+        assert config["ws_url"] == "wss://broker.example:9443" and config["username"] == "web"
         assert "password" not in config  # not without --web-share-login
         with urllib.request.urlopen(page, timeout=10) as res:
             assert "script-src 'self'" in res.headers["Content-Security-Policy"]

@@ -9,9 +9,11 @@
   // reconnecting. mosquitto 2 answers a wrong password with 135 (not authorized).
   const BAD_LOGIN = "wrong username or password (or the user may not log in)";
   const AUTH_CODES = { 134: BAD_LOGIN, 135: BAD_LOGIN, 4: BAD_LOGIN, 5: BAD_LOGIN };
-  const TAKEN_OVER = 142;
+  const TAKEN_OVER = 142;  // MQTT 5 "session taken over", where the broker says it (mosquitto 2.0 just closes)
+  const FLAP = { drops: 3, seconds: 30 };  // closed this often right after logging in: someone else has the session
 
   let config = null, state = null, client = null, everConnected = false, stopped = false, attempts = 0, dirty = false;
+  let drops = [];  // times (ms) the broker closed a session this page had logged in
 
   function setConn(kind, text) {
     const el = $("conn");
@@ -233,7 +235,7 @@
   function connect(url, username, password) {
     if (client) client.end(true);
     state = new FleetState(config, MessagePack.decode);
-    everConnected = false; stopped = false; attempts = 0;
+    everConnected = false; stopped = false; attempts = 0; drops = [];
     setConn("warn", `connecting to ${url} as ${username}…`);
     client = mqtt.connect(url, {
       protocolVersion: 5, username, password, clean: true, keepalive: 30,
@@ -246,7 +248,7 @@
       $("login").hidden = true;
       client.subscribe(config.subscribe, { qos: 0 }, (err, granted) => {
         if (err || (granted && granted.some((g) => g.qos >= 128))) {
-          stop("error", `the broker does not let ${username} read ${config.subscribe}: give the page the monitor login (broker/acl)`);
+          stop("error", `the broker does not let ${username} read ${config.subscribe}: give the page a read-only login such as web or monitor (broker/acl)`);
         }
       });
     });
@@ -256,15 +258,22 @@
       if (reason) stop("error", `the broker at ${url} refused the login of ${username}: ${reason} (MQTT reason ${err.code})`);
       else if (!stopped) setConn(everConnected ? "warn" : "error", `broker ${url}: ${err && err.message ? err.message : err}`);
     });
+    const takenOver = (how) => stop("error", `another client logged in as ${username} and took this session over (${how}): ` +
+      "the broker keeps one session per user, so give each viewer its own read-only user");
+    let live = false;
+    client.on("connect", () => { live = true; });
     client.on("disconnect", (packet) => {
-      if (packet && packet.reasonCode === TAKEN_OVER) {
-        stop("error", `another client logged in as ${username} and took this session over: the broker keeps one session ` +
-                      "per user, so give each viewer (and the healthcheck) its own read-only user");
-      }
+      if (packet && packet.reasonCode === TAKEN_OVER) takenOver("MQTT reason 142");
     });
     client.on("close", () => {
       if (stopped) return;
       attempts += 1;
+      if (live) {  // a session that had logged in was closed: a takeover looks like this, again and again
+        live = false;
+        const now = Date.now();
+        drops = drops.filter((t) => now - t < FLAP.seconds * 1000).concat([now]);
+        if (drops.length >= FLAP.drops) { takenOver(`closed ${drops.length} times in ${FLAP.seconds} s right after logging in`); return; }
+      }
       if (everConnected) setConn("warn", `lost the broker at ${url}; reconnecting (attempt ${attempts})…`);
       else setConn("error", `cannot open a WebSocket to ${url} (attempt ${attempts}): the broker refused it or is not ` +
                             "listening there; mosquitto needs a listener with protocol websockets (broker/mosquitto.conf)");
