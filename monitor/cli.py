@@ -54,13 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Layered arguments (flags > FEDMQ_* > --config); exits 2 with one line on bad config."""
     parser = build_parser()
-    args = parse_layered(parser, argv, required=("fleet",))
+    args = parse_layered(parser, argv)
+    for name in ("broker", "fleet"):  # --web needs no broker: the page connects to it, not this process
+        if not getattr(args, name) and not (name == "broker" and args.web is not None):
+            parser.error(f"--{name} is required (or FEDMQ_{name.upper()} / {name} in --config)"
+                         + (", unless --web" if name == "broker" else ""))
     try:
         args.topics = Topics(args.fleet, args.topic_prefix)
         if args.web is not None:
             check_web_args(args)
-        elif not args.broker:
-            raise ValueError("--broker is required (or FEDMQ_BROKER / broker in --config), unless --web")
         else:
             args.settings = settings_from_args(args)
         for name in ("wait", "refresh", "connect_timeout"):
