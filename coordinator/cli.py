@@ -24,7 +24,8 @@ from coordinator.staleness import parse_staleness
 from coordinator.statistics import FleetStatistics
 from coordinator.store import CheckpointError, load_checkpoint
 from coordinator.strategies import DEFAULT_ALPHA, make_strategy
-from coordinator.validation import DEFAULT_MAX_NORM, DEFAULT_SAMPLE_FACTOR, NormBound, UpdateValidator
+from coordinator.validation import (BYTES_PER_AGENT, DEFAULT_MAX_AGENTS, DEFAULT_MAX_NORM, DEFAULT_SAMPLE_FACTOR,
+                                   REPLAY_BUDGET_BYTES, NormBound, UpdateValidator)
 from protocol.chunking import MIN_PACKET_BYTES
 from protocol.codec import MODEL_CODECS
 from protocol.config import fleet_tool_parser, parse_layered, require_extra
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     _defaulted(v, "--norm-action", choices=("reject", "clip"), default="reject",
                help="an update above the bound is rejected (norm) or scaled down to it (counted as clipped)")
     _defaulted(v, "--max-message-bytes", type=int, default=4 * 1024 * 1024, help="refuse larger update payloads (oversize)")
+    _defaulted(v, "--max-agents", type=int, default=DEFAULT_MAX_AGENTS,
+               help="refuse (too_many_agents) updates of agents beyond this many: the replay state (each "
+               f"agent's newest seq) is never forgotten; the default is a {REPLAY_BUDGET_BYTES // 2**20} MiB budget "
+               f"at {BYTES_PER_AGENT} bytes per agent")
     v.add_argument("--max-agent-rate", type=float, metavar="PER_MINUTE",
                    help="at most this many updates per agent per minute, in bursts of up to as many; more are "
                    "refused (rate) before decoding, so one flooding agent cannot own the model (default: none)")
@@ -413,6 +418,7 @@ def build_coordinator(args: argparse.Namespace, after: Rediscovery | None = None
     validator = UpdateValidator(
         args.topics, args.spec.n_params, max_staleness=args.max_staleness,
         norm=args.norm, norm_action=args.norm_action, max_bytes=args.max_message_bytes, rate=args.rate,
+        max_agents=args.max_agents,
     )
     options = {}
     if args.dp_policy is not None:  # updates reach the strategy only through the DP screen

@@ -54,6 +54,9 @@ class StatusCollector:
         yield gauge("fedmq_staleness_mean", "Mean staleness of accepted updates", status["staleness"]["mean"])
         yield gauge("fedmq_staleness_max", "Largest staleness of an accepted update", status["staleness"]["max"])
         yield gauge("fedmq_agents", "Agents whose updates were seen", status["agents"])
+        if status.get("max_agents") is not None:
+            yield gauge("fedmq_agents_max", "Agents the replay state holds at most (more: too_many_agents)",
+                        status["max_agents"])
         yield counter("fedmq_sequence_gaps", "Updates agents made that never arrived (holes in their seq)", status.get("gaps", 0))
         yield counter("fedmq_buffer_timeouts", "Buffers stepped by --buffer-timeout before they filled",
                       status.get("buffer_timeouts", 0))
@@ -70,6 +73,10 @@ class StatusCollector:
                         chunks["held_acks"])
             yield counter("fedmq_chunk_acks_released", "Chunk acknowledgements released early by --max-held-chunks",
                           chunks["acks_released"])
+        checkpoints = status.get("checkpoints") or {}
+        yield counter("fedmq_checkpoints_written", "Checkpoints written", checkpoints.get("written", 0))
+        yield counter("fedmq_checkpoints_deferred",
+                      "Commits that wrote no checkpoint: only refused payloads since the last one", checkpoints.get("deferred", 0))
         failing = status.get("checkpoint_failing")
         yield gauge("fedmq_checkpoint_failing", "1 while checkpoints fail (nothing is acknowledged meanwhile)", 1 if failing else 0)
         if failing:

@@ -8,10 +8,12 @@ accepted or counted under a rejection reason.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict
 
+import msgpack
 import numpy as np
 
 from coordinator.evaluation import FleetEvaluation, score
@@ -30,6 +32,13 @@ from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Checkpoint keys that do not make a checkpoint due by themselves (`Coordinator.durable_key`):
+# counters, and what a refused payload moves (its agent's seq); the model, its buffer and the
+# statistics are followed by cheaper keys (version, accepted, statistics changes); the spec is fixed.
+NOT_DURABLE_ALONE = frozenset({
+    "fleet", "spec", "version", "params", "buffer", "accepted", "rejected", "clipped", "staleness_sum",
+    "staleness_max", "highest_seq", "gaps", "buffer_timeouts", "audit", "statistics",
+})
 
 
 class Coordinator:
@@ -78,6 +87,7 @@ class Coordinator:
         self.buffer_since_: float | None = None  # monotonic time the oldest pending update arrived
         self.timeouts_ = 0  # buffers stepped by --buffer-timeout before they were full
         self.checkpoint_failing_: dict | None = None  # {"error", "since"} while checkpoints fail
+        self.checkpoints_: Counter[str] = Counter()  # written; deferred (only refused payloads since the last)
         self.history = history
         # version -> exactly what agents received (float32 values, as they decode them)
         self.published_: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -305,9 +315,11 @@ class Coordinator:
             scores=self.scores_,
             fleet_eval=self.fleet_eval.summary(),
             agents=len(self.validator.highest_seq),
+            max_agents=self.validator.max_agents,
             gaps=self.validator.gaps_,
             buffer_timeouts=self.timeouts_,
             checkpoint_failing=self.checkpoint_failing_,
+            checkpoints=self.checkpoints_,
             started_at=self.started_at,
             now=time.time() if now is None else now,
         )
@@ -344,6 +356,18 @@ class Coordinator:
             "schema_agents": self.schema.state() if self.schema is not None else None,
         }
 
+    def durable_key(self, state: dict) -> tuple:
+        """Changes exactly when `state` holds something a checkpoint must keep beyond counters.
+
+        A refused payload leaves it as it was (issue 18: rejected payloads wrote a checkpoint
+        each); any state key not listed in NOT_DURABLE_ALONE (schema agents, secure-aggregation
+        rounds, whatever comes next) is followed by its digest, so a new kind of state is safe.
+        """
+        rest = {k: v for k, v in state.items() if k not in NOT_DURABLE_ALONE}
+        packed = msgpack.packb(rest, use_bin_type=True, default=_packable)
+        changes = self.statistics.changes_ if self.statistics is not None else 0
+        return self.version_, self.accepted_, changes, hashlib.blake2b(packed, digest_size=16).digest()
+
     def checkpoint(self, state: dict | None = None) -> None:
         """Save `state` (default `state()`) atomically to `checkpoint_dir`, if any.
 
@@ -360,6 +384,7 @@ class Coordinator:
             else:
                 self.checkpoint_failing_["error"] = str(exc)
             raise
+        self.checkpoints_["written"] += 1
         if self.checkpoint_failing_ is not None:
             log.info("checkpoints succeed again (failing since %.0f s)", time.time() - self.checkpoint_failing_["since"])
             self.checkpoint_failing_ = None
@@ -396,6 +421,15 @@ class Coordinator:
         self.stats_seen_ = self.statistics.changes_ if self.statistics is not None and self.rescales.current else -1
         log.info("resumed from checkpoint at version %d%s", self.version_,
                  f" with {self.strategy.pending} buffered update(s)" if self.strategy.pending else "")
+
+
+def _packable(value: object) -> object:
+    """msgpack's fallback in `durable_key`: arrays by their bytes, anything else by its repr."""
+    if isinstance(value, np.ndarray):
+        return value.tobytes()
+    if isinstance(value, (set, frozenset)):
+        return sorted(map(repr, value))
+    return repr(value)
 
 
 def _finite_on_the_wire(params: np.ndarray) -> bool:

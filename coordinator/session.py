@@ -44,6 +44,11 @@ EARLY_MAX_BYTES = 64 * 1024 * 1024
 # a broker with a small window (mosquitto's default is 20) waits for our acknowledgements.
 COMMIT_SPACING_S = 0.05
 COMMIT_IDLE_S = 0.005
+# A commit writes a checkpoint only when committed state changed (`Coordinator.durable_key`);
+# what refused payloads change (rejection counters, their seq, the audit lines) rides with
+# the next real checkpoint or, at the latest, this long after: hostile traffic cannot turn
+# into SD-card writes (issue 18).
+COUNTERS_COMMIT_S = 5.0
 
 
 class RejectionLog:
@@ -102,6 +107,8 @@ class CoordinatorSession:
         self._wake = threading.Event()  # set by the network thread: something to commit
         self._last_message_at = 0.0  # monotonic, set by the network thread on every message
         self._committed: tuple | None = None
+        self._durable: tuple | None = None  # `Coordinator.durable_key` of the newest checkpoint written
+        self._durable_at = float("-inf")
         self._status_handled = -1
         self._status_at = float("-inf")
         self._checkpoint_error_at = float("-inf")
@@ -329,7 +336,7 @@ class CoordinatorSession:
             acks, self._unacked = self._unacked, []
             lines = self.audit.take() if self.audit else []
             outbox = self.core.take_outbox() if self._secagg is not None else []  # a round moved on: commit it first
-            state = self.core.state() if (key != self._committed or outbox) and self.core.checkpoint_dir else None
+            state = self._state_to_write(key, outbox, force)
             published_before = (self.core.published_version_, self.core.last_publish_)
             payload = self.core.model_payload() if publish else None
             status, handled = self._status(), self.core.handled_
@@ -337,6 +344,7 @@ class CoordinatorSession:
             self.rejections(expired, self.core.topics.all_update_chunks)
         offset = self.audit.write(lines) if self.audit else None
         if state is not None:
+            durable = state.pop("durable_key")
             if offset is not None:
                 state["audit"] = {"path": self.audit.path, "offset": offset}
             try:
@@ -351,6 +359,7 @@ class CoordinatorSession:
                 self._report_checkpoint_failure(exc, status, handled, connected)
                 return False
             self.core.audit_position_ = state.get("audit", self.core.audit_position_)
+            self._durable, self._durable_at = durable, time.monotonic()
         self._committed = key
         # secure-aggregation cohort, inboxes, unmask requests: only from a committed round, which a
         # restarted coordinator resumes and sends again (coordinator/secagg.py)
@@ -377,6 +386,21 @@ class CoordinatorSession:
         if (chunks := self._update_chunks.summary()) is not None:
             status["chunks"] = chunks
         return status
+
+    def _state_to_write(self, key: tuple, outbox: list, force: bool) -> dict | None:
+        """The state to checkpoint now (under the lock), or None: nothing handled since the last
+        commit, or only refused payloads within COUNTERS_COMMIT_S of the last checkpoint."""
+        core = self.core
+        if not core.checkpoint_dir or (key == self._committed and not outbox):
+            return None
+        state = core.state()
+        durable = core.durable_key(state)
+        if durable == self._durable and not outbox and not force \
+                and time.monotonic() - self._durable_at < COUNTERS_COMMIT_S:
+            core.checkpoints_["deferred"] += 1
+            return None
+        state["durable_key"] = durable
+        return state
 
     def _publish_model(self, payload: bytes, version: int) -> list:
         """The model on its retained topic, or over the packet limit its retained chunks, then the manifest."""

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 # Every key of the document, in the order it is written.
 FIELDS = (
     "fleet", "version", "published_version", "accepted", "rejected", "clipped", "pending",
-    "staleness", "accuracy", "r2", "fleet_eval", "agents", "gaps", "buffer_timeouts",
-    "checkpoint_failing", "strategy", "started_at", "uptime_s", "updated_at",
+    "staleness", "accuracy", "r2", "fleet_eval", "agents", "max_agents", "gaps", "buffer_timeouts",
+    "checkpoint_failing", "checkpoints", "strategy", "started_at", "uptime_s", "updated_at",
 )
 
 
@@ -34,9 +34,11 @@ def build_status(
     scores: Mapping[str, float],
     fleet_eval: Mapping[str, float],
     agents: int,
+    max_agents: int | None = None,
     gaps: int = 0,
     buffer_timeouts: int = 0,
     checkpoint_failing: Mapping | None = None,
+    checkpoints: Mapping[str, int] | None = None,
     started_at: float,
     now: float,
 ) -> dict:
@@ -44,8 +46,10 @@ def build_status(
 
     `staleness` is over accepted updates; `fleet_eval` is what the agents measured of the
     global model on their own data, sample-weighted (see coordinator.evaluation).
+    `max_agents` is the bound on `agents` (the replay state; more are refused as too_many_agents);
     `gaps` counts updates agents made that never arrived (coordinator.validation.SeqTracker);
-    `checkpoint_failing` is null, or the error and since when while nothing can be made durable.
+    `checkpoint_failing` is null, or the error and since when while nothing can be made durable;
+    `checkpoints` counts those written and the commits deferred (only refused payloads since the last).
     """
     return {
         "fleet": fleet,
@@ -62,9 +66,11 @@ def build_status(
            if "flagged" in scores else {}),
         "fleet_eval": {k: _finite(v) for k, v in sorted(fleet_eval.items())},
         "agents": agents,
+        "max_agents": max_agents,
         "gaps": gaps,
         "buffer_timeouts": buffer_timeouts,
         "checkpoint_failing": dict(checkpoint_failing) if checkpoint_failing else None,
+        "checkpoints": {"written": (checkpoints or {}).get("written", 0), "deferred": (checkpoints or {}).get("deferred", 0)},
         "strategy": strategy,
         "started_at": started_at,
         "uptime_s": round(now - started_at, 3),

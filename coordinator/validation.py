@@ -39,6 +39,13 @@ class Verdict:
     n_samples: int = 0  # the weight to give it: its sample count, capped by the relative bound
 
 
+# The replay state (the highest seq of every agent, never forgotten) costs at most
+# BYTES_PER_AGENT per agent with 64-character ids (the longest), counting the copy and the
+# msgpack a commit makes of it (tests/test_replay_bound.py measures it); a budget of
+# REPLAY_BUDGET_BYTES sets the default bound on agents (--max-agents): 131,072.
+REPLAY_BUDGET_BYTES = 64 * 1024 * 1024
+BYTES_PER_AGENT = 512
+DEFAULT_MAX_AGENTS = REPLAY_BUDGET_BYTES // BYTES_PER_AGENT
 DEFAULT_MAX_NORM = 1e6  # far above any real SGD delta, far below what overflows float32 in a sum
 DEFAULT_SAMPLE_FACTOR = 4.0
 REFRESH = 8
@@ -142,13 +149,15 @@ class UpdateValidator:
         max_staleness: int = 1000,
         norm: NormBound | None = None,
         norm_action: str = "reject",
-        max_agents: int = 1_000_000,
+        max_agents: int = DEFAULT_MAX_AGENTS,
         max_bytes: int = MAX_MESSAGE_BYTES,
         rate: RateLimit | None = None,
         max_seq_ahead: float = 86_400.0,
         clock=time.time,
         reorder_window: int = 0,
     ) -> None:
+        if max_agents < 1:
+            raise ValueError(f"--max-agents must be at least 1, got {max_agents}")
         if norm_action not in ("reject", "clip"):
             raise ValueError(f"norm action must be reject or clip, got {norm_action!r}")
         self.topics = topics
