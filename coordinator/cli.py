@@ -460,16 +460,16 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    on_publish, after = None, None
+    on_status, after = None, None
     while True:
         try:
             if not resolve_spec(args, stop, from_checkpoint=after is None):
                 return 0
             core = build_coordinator(args, after=after)
-            if on_publish is None and args.metrics_port:
-                on_publish = start_metrics(args.metrics_port)
+            if on_status is None and args.metrics_port:
+                on_status = start_metrics(args.metrics_port)
             session = CoordinatorSession(core, args.settings, connect_timeout=args.connect_timeout,
-                                         metrics_log=args.metrics_log, audit_log=args.audit_log, on_publish=on_publish,
+                                         metrics_log=args.metrics_log, audit_log=args.audit_log, on_status=on_status,
                                          max_packet_bytes=args.max_packet_bytes, max_held_chunks=args.max_held_chunks,
                                          chunk_timeout=args.chunk_timeout)
         except (DataError, CheckpointError, ValueError, OSError) as exc:  # OSError: TLS files, ports

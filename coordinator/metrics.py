@@ -82,6 +82,13 @@ class StatusCollector:
         if failing:
             yield gauge("fedmq_checkpoint_failing_since_seconds", "Wall-clock time checkpoints began to fail", failing["since"])
         yield gauge("fedmq_uptime_seconds", "Seconds since the coordinator started", status["uptime_s"])
+        refused = CounterMetricFamily("fedmq_messages_refused", "Statistics, schema and secure-aggregation messages "
+                                      "refused, by topic kind and reason", labels=["fleet", "kind", "reason"])
+        for kind, section, key in (("statistics", "statistics", "rejected"), ("schema", "schema", "rejected"),
+                                   ("secure_aggregation", "secure_aggregation", "refused")):
+            for reason, count in ((status.get(section) or {}).get(key) or {}).items():
+                refused.add_metric([status["fleet"], kind, reason], count)
+        yield refused
         if isinstance(status.get("schema"), dict):  # coordinator/schema.py
             yield gauge("fedmq_schema_mismatched", "Agents whose columns are not the fleet's (they do not train)",
                         status["schema"]["mismatched"])

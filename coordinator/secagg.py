@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from coordinator.presence import MAX_STATUS_BYTES
 from coordinator.server import Coordinator, _finite_on_the_wire
 from coordinator.strategies import FedBuff, Strategy
 from protocol import accounting
@@ -278,6 +279,9 @@ class SecAggRounds:
         try:
             agent = self.topics.agent_of_status(topic)
             if agent is not None:
+                if len(payload) > MAX_STATUS_BYTES:  # bounded before json, as in coordinator/presence.py
+                    self.refused_["status_oversize"] += 1
+                    return "status_oversize"
                 self._status(agent, payload)
                 if self.round is not None:
                     self._hurry(now)
@@ -286,7 +290,7 @@ class SecAggRounds:
             if kind == "key":
                 self._key(agent, payload)
             elif kind in ("share", "masked", "reveal"):
-                getattr(self, f"_{kind}")(agent, sa.decode(payload, kind), now)
+                getattr(self, f"_{kind}")(agent, sa.decode(payload, kind, members=self.k, n_params=self.n_params), now)
             else:
                 raise sa.SecAggError(f"not a secure-aggregation topic: {topic}")
         except sa.SecAggError as exc:
@@ -302,7 +306,7 @@ class SecAggRounds:
     def _status(self, agent: str, payload: bytes) -> None:
         try:
             state = json.loads(payload).get("state") if payload else "offline"
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return
         (self.offline.add if state == "offline" else self.offline.discard)(agent)
 
@@ -310,7 +314,7 @@ class SecAggRounds:
         if not payload:  # retained key cleared
             self.keys.pop(agent, None)
             return
-        m = sa.decode(payload, "key")
+        m = sa.decode(payload, "key", members=self.k)
         key_id, c, s, version, b_hash = m.get("key_id"), m.get("c"), m.get("s"), m.get("version"), m.get("b_hash")
         for value, n, what in ((key_id, 16, "key id"), (c, 32, "c key"), (s, 32, "s key"), (b_hash, 32, "seed commitment")):
             sa._check_len(value, n, what)

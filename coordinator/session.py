@@ -84,6 +84,7 @@ class CoordinatorSession:
         metrics_log: str | None = None,
         audit_log: str | None = None,
         on_publish=None,
+        on_status=None,
         retained_grace: float = 0.5,
         max_packet_bytes: int | None = None,
         max_held_chunks: int = MAX_HELD,
@@ -95,7 +96,8 @@ class CoordinatorSession:
         self.connect_timeout = connect_timeout
         self.retained_grace = retained_grace
         self.metrics_log = Path(metrics_log) if metrics_log else None
-        self.on_publish = on_publish  # callback(status) after each model publish, e.g. metrics
+        self.on_publish = on_publish  # callback(status) after each model publish
+        self.on_status = on_status  # callback(status) after every status publish, with a model or not: metrics
         self.lock = threading.Lock()  # guards `core` and `_unacked` between the two threads
         position = core.audit_position_
         committed_audit = position.get("offset") if position.get("path") == _abspath(audit_log) else None
@@ -430,6 +432,8 @@ class CoordinatorSession:
         if connected and (handled != self._status_handled or failing) and now - self._status_at >= self.core.publish_interval:
             self._status_handled, self._status_at = handled, now
             self.client.publish(self.core.topics.coordinator_status, encode_status(status), qos=1, retain=True)
+            if self.on_status:
+                self.on_status(status)
 
     def _report_checkpoint_failure(self, exc: CheckpointError, status: dict, handled: int, connected: bool) -> None:
         now = time.monotonic()
@@ -448,6 +452,8 @@ class CoordinatorSession:
                 log.error("cannot append to the metrics log %s: %s", self.metrics_log, exc.strerror or exc)
         if self.on_publish:
             self.on_publish(status)
+        if self.on_status:
+            self.on_status(status)
         log.info(
             "published version %d (%d bytes): accepted %d, rejected %d%s",
             status["version"], size, status["accepted"], sum(status["rejected"].values()),

@@ -36,6 +36,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.exceptions import InvalidTag
 
+from protocol.errors import ProtocolError
+from protocol.messages import MAX_STR, WireLimits, _unpack
+
 MODULUS_BITS = 32
 MODULUS = 2**MODULUS_BITS
 # Shamir's field: the Mersenne prime 2^521 - 1 holds any 32-byte secret
@@ -401,6 +404,21 @@ def share_points(members: list[str]) -> dict[str, int]:
 # --- wire messages (msgpack maps; the topic names the sender) ----------------------------
 
 MAX_SECAGG_BYTES = 64 * 1024 * 1024
+MAX_MEMBERS = 10_000  # the largest cohort a message may describe, unless the reader knows its own K
+MAX_FIELD_BYTES = 1024  # a key, a sealed share, a share of a seed: each far smaller
+
+
+def limits(kind: str, *, members: int = MAX_MEMBERS, n_params: int | None = None) -> tuple[int, WireLimits]:
+    """The largest `kind` message for a cohort of `members` (and a masked input of `n_params`),
+    and its msgpack bounds: checked before anything is decoded (issue 18: one 8 MiB key
+    message of empty arrays cost the coordinator 606 MB once built)."""
+    if kind == "masked":
+        vector = 4 * n_params if n_params is not None else MAX_SECAGG_BYTES
+        return 1024 + vector, WireLimits(max_objects=16, max_depth=1, max_array=16, max_map=16, max_bin=vector)
+    per_member = 2 * (MAX_STR + 3 + MAX_FIELD_BYTES + 5)  # a reveal holds two maps of the cohort
+    return (min(MAX_SECAGG_BYTES, 1024 + (members + 1) * per_member),
+            WireLimits(max_objects=64 + 10 * (members + 1), max_depth=3, max_array=members + 1,
+                       max_map=max(16, members + 1), max_bin=MAX_FIELD_BYTES))
 
 
 def encode(kind: str, **fields) -> bytes:
@@ -410,16 +428,15 @@ def encode(kind: str, **fields) -> bytes:
     return msgpack.packb({"type": kind, **fields}, use_bin_type=True)
 
 
-def decode(payload: bytes, kind: str) -> dict:
-    """The fields of a `kind` message; SecAggError for anything else."""
-    import msgpack
-
-    if not isinstance(payload, (bytes, bytearray)) or len(payload) > MAX_SECAGG_BYTES:
+def decode(payload: bytes, kind: str, *, members: int = MAX_MEMBERS, n_params: int | None = None) -> dict:
+    """The fields of a `kind` message, bounded before decoding by `limits`; SecAggError for anything else."""
+    max_bytes, bounds = limits(kind, members=members, n_params=n_params)
+    if not isinstance(payload, (bytes, bytearray)):
         raise SecAggError("not a secure-aggregation message (size)")
     try:
-        message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except Exception as exc:
-        raise SecAggError(f"undecodable {kind} message: {type(exc).__name__}") from None
+        message = _unpack(payload, max_bytes, bounds)
+    except ProtocolError as exc:
+        raise SecAggError(f"refused {kind} message: {exc}") from None
     if not isinstance(message, dict) or message.get("type") != kind:
         raise SecAggError(f"expected a {kind} message")
     return message

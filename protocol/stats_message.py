@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 
 from protocol.errors import ProtocolError
-from protocol.messages import FORMAT_VERSION, WireLimits, _check_header, _unpack
+from protocol.messages import FORMAT_VERSION, MAX_STR, WireLimits, _check_header, _unpack
 from protocol.statistics import FeatureStats, Scaling, from_sums
 
 STATS_FIELDS = ("count", "sum", "sumsq", "min", "max")
@@ -29,6 +29,13 @@ MAX_NAMED = 10_000  # column names a statistics message may carry (protocol/mess
 MAX_STATS_BYTES += MAX_NAMED * 260
 STATS_LIMITS = WireLimits(max_objects=1 + 2 * 8 + MAX_NAMED, max_depth=2, max_array=MAX_NAMED, max_map=8,
                           max_bin=8 * MAX_FEATURES)
+
+
+def stats_bytes(n_features: int | None) -> int:
+    """The largest statistics payload of `n_features` features (each named): refused past it unread."""
+    if n_features is None:
+        return MAX_STATS_BYTES
+    return min(MAX_STATS_BYTES, 256 + len(STATS_FIELDS) * (16 + 8 * n_features) + min(n_features, MAX_NAMED) * (MAX_STR + 3))
 
 
 def _bin(vector: np.ndarray) -> bytes:
@@ -60,7 +67,7 @@ def decode_stats(payload: bytes, n_features: int | None = None, columns: tuple[s
     With the fleet's `columns`, statistics that name their columns are put in that order
     (ProtocolError "columns" when the names are not the fleet's).
     """
-    wire = _unpack(payload, MAX_STATS_BYTES, STATS_LIMITS)
+    wire = _unpack(payload, stats_bytes(n_features), STATS_LIMITS)
     if not isinstance(wire, dict):
         raise ProtocolError("schema", f"a stats message must be a map, got {type(wire).__name__}")
     _check_header(wire, "stats")
