@@ -414,7 +414,7 @@ def limits(kind: str, *, members: int = MAX_MEMBERS, n_params: int | None = None
     message of empty arrays cost the coordinator 606 MB once built)."""
     if kind == "masked":
         vector = 4 * n_params if n_params is not None else MAX_SECAGG_BYTES
-        return 1024 + vector, WireLimits(max_objects=16, max_depth=1, max_array=16, max_map=16, max_bin=vector)
+        return 1024 + vector, WireLimits(max_objects=64, max_depth=3, max_array=16, max_map=16, max_bin=vector)
     per_member = 2 * (MAX_STR + 3 + MAX_FIELD_BYTES + 5)  # a reveal holds two maps of the cohort
     return (min(MAX_SECAGG_BYTES, 1024 + (members + 1) * per_member),
             WireLimits(max_objects=64 + 10 * (members + 1), max_depth=3, max_array=members + 1,
