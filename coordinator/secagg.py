@@ -290,7 +290,7 @@ class SecAggRounds:
             if kind == "key":
                 self._key(agent, payload)
             elif kind in ("share", "masked", "reveal"):
-                getattr(self, f"_{kind}")(agent, sa.decode(payload, kind, members=self.k, n_params=self.n_params), now)
+                getattr(self, f"_{kind}")(agent, sa.decode(payload, kind, members=self.k, n_params=self.n_params + 1), now)  # + a clipped count
             else:
                 raise sa.SecAggError(f"not a secure-aggregation topic: {topic}")
         except sa.SecAggError as exc:
