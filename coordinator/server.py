@@ -226,13 +226,26 @@ class Coordinator:
         if not self._scaling_due():
             return
         self.stats_seen_ = self.statistics.changes_
-        new = self.statistics.scaling()
+        try:
+            new = self.statistics.scaling()
+        except Exception:  # a bug of ours (or statistics we failed to bound) must not end the coordinator
+            log.exception("cannot merge the fleet's statistics; keeping the scaling in force")
+            self.statistics.rejected_["merge"] = self.statistics.rejected_.get("merge", 0) + 1
+            return
         if new is None or new == self.rescales.current:
             return
         buffer = self.strategy.state()
         deltas = list(buffer.get("deltas", []))
         history = list(self.published_.items())
-        out = self.rescales.change(self.version_ + 1, new, [self.params_, *deltas, *(p for _, p in history)])
+        old = self.rescales.current
+        with np.errstate(all="ignore"):
+            out = self.rescales.change(self.version_ + 1, new, [self.params_, *deltas, *(p for _, p in history)])
+        if not all(np.isfinite(v).all() for v in out) or not _finite_on_the_wire(out[0]):
+            self.rescales.current = old  # the model re-expressed would not be finite on the wire: keep it as it is
+            self.rescales.history.pop()
+            self.statistics.rejected_["scaling_overflow"] = self.statistics.rejected_.get("scaling_overflow", 0) + 1
+            log.warning("refused a fleet scaling that would take the model beyond float32; keeping the one in force")
+            return
         self.params_ = out[0]
         if deltas:
             self.strategy.restore(dict(buffer, deltas=out[1:1 + len(deltas)]))

@@ -111,6 +111,7 @@ class CoordinatorSession:
         self._committed: tuple | None = None
         self._durable: tuple | None = None  # `Coordinator.durable_key` of the newest checkpoint written
         self._durable_at = float("-inf")
+        self._unpublishable: int | None = None  # a version model_payload could not encode (logged once)
         self._status_handled = -1
         self._status_at = float("-inf")
         self._checkpoint_error_at = float("-inf")
@@ -340,7 +341,7 @@ class CoordinatorSession:
             outbox = self.core.take_outbox() if self._secagg is not None else []  # a round moved on: commit it first
             state = self._state_to_write(key, outbox, force)
             published_before = (self.core.published_version_, self.core.last_publish_)
-            payload = self.core.model_payload() if publish else None
+            payload = self._model_payload() if publish else None
             status, handled = self._status(), self.core.handled_
         if expired is not None:
             self.rejections(expired, self.core.topics.all_update_chunks)
@@ -388,6 +389,17 @@ class CoordinatorSession:
         if (chunks := self._update_chunks.summary()) is not None:
             status["chunks"] = chunks
         return status
+
+    def _model_payload(self) -> bytes | None:
+        """The model to publish, or None when it cannot be encoded (logged once per version): nothing
+        a device sent may end the coordinator, even through a bug of ours (under the lock)."""
+        try:
+            return self.core.model_payload()
+        except Exception:
+            if self._unpublishable != self.core.version_:
+                log.exception("cannot encode version %d for publishing; the previous model stays", self.core.version_)
+                self._unpublishable = self.core.version_
+            return None
 
     def _state_to_write(self, key: tuple, outbox: list, force: bool) -> dict | None:
         """The state to checkpoint now (under the lock), or None: nothing handled since the last

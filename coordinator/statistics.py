@@ -14,7 +14,7 @@ import numpy as np
 
 from protocol.errors import ProtocolError
 from protocol.model_spec import ONE_CLASS_SHIFT, ModelSpec
-from protocol.statistics import FeatureStats, Scaling, identity, merge_all, reexpress, scaling_of
+from protocol.statistics import FeatureStats, Scaling, identity, reexpress, robust_merge, scaling_of
 from protocol.stats_message import decode_stats
 from protocol.topics import Topics
 
@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 # At most this many agents' statistics are held: a bound on memory against a flood of ids
 # (an agent's statistics are never dropped to make room: that would move the scaling).
 MAX_AGENTS = 100_000
+# No one agent decides the fleet's scaling (issue 18): its count weighs at most this many times the
+# median count, and per feature this fraction of the agents with the most extreme means (and
+# variances) at each end is left out; below 5 agents nothing is trimmed.
+STATS_COUNT_FACTOR = 4.0
+STATS_TRIM = 0.2
 
 
 class FleetStatistics:
@@ -74,8 +79,10 @@ class FleetStatistics:
         return len(self.by_agent) >= self.min_agents
 
     def merged(self) -> FeatureStats | None:
-        """Every agent's statistics merged (agents in sorted order: reproducible)."""
-        return merge_all(self.by_agent[a] for a in sorted(self.by_agent))
+        """Every agent's statistics merged robustly (`robust_merge`: counts capped at STATS_COUNT_FACTOR x
+        their median, the STATS_TRIM fraction of extreme agents left out per feature; agents in sorted order)."""
+        return robust_merge([self.by_agent[a] for a in sorted(self.by_agent)], trim=STATS_TRIM,
+                            count_factor=STATS_COUNT_FACTOR)
 
     def scaling(self) -> Scaling | None:
         """The scaling the merged statistics give; None before any agent reported."""

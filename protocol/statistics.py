@@ -87,6 +87,47 @@ def merge_all(parts: Iterable[FeatureStats]) -> FeatureStats | None:
     return merged
 
 
+def robust_merge(parts: list[FeatureStats], *, trim: float = 0.2, count_factor: float = 4.0) -> FeatureStats | None:
+    """The agents' statistics merged so that no one agent decides them; None when there are none.
+
+    Per feature, over the agents that saw it: each count is capped at `count_factor` x their
+    median count (from 3 agents on), then the `trim` fraction of agents with the lowest and as
+    many with the highest means are left out of the mean and of the spread between agents, and
+    likewise by variance out of the variance within agents. Nothing is trimmed below 5 agents
+    (at 0.2): there, with no cap binding, this is the exact pooled merge (`merge_all`).
+    """
+    if not parts:
+        return None
+    count = np.stack([p.count for p in parts])
+    mean = np.stack([p.mean for p in parts])
+    var = np.where(count > 0, np.stack([p.m2 for p in parts]) / np.maximum(count, 1.0), 0.0)
+    present = count > 0
+    n = present.sum(axis=0)
+    with np.errstate(all="ignore"):
+        median = np.nanmedian(np.where(present, count, np.nan), axis=0) if (n > 0).any() else np.zeros(n.shape)
+    cap = np.where(n >= 3, count_factor * np.nan_to_num(median), np.inf)
+    weight = np.where(present, np.minimum(count, cap), 0.0)
+    cut = np.floor(trim * n).astype(np.int64)
+    by_mean, by_var = weight * _middle(mean, present, cut), weight * _middle(var, present, cut)
+    total, spread = by_mean.sum(axis=0), by_var.sum(axis=0)
+    safe, safe_spread = np.maximum(total, np.finfo(float).tiny), np.maximum(spread, np.finfo(float).tiny)
+    merged_mean = np.where(total > 0, (by_mean * mean).sum(axis=0) / safe, 0.0)
+    between = (by_mean * (mean - merged_mean) ** 2).sum(axis=0) / safe
+    within = (by_var * var).sum(axis=0) / safe_spread
+    kept = by_mean > 0
+    low = np.where(kept, np.stack([p.min for p in parts]), np.inf).min(axis=0)
+    high = np.where(kept, np.stack([p.max for p in parts]), -np.inf).max(axis=0)
+    return FeatureStats(total, merged_mean, np.where(total > 0, (within + between) * total, 0.0), low, high)
+
+
+def _middle(values: np.ndarray, present: np.ndarray, cut: np.ndarray) -> np.ndarray:
+    """Per column, True for the present entries ranked `cut` or more from either end."""
+    order = np.argsort(np.where(present, values, np.inf), axis=0, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(len(values))[:, None].repeat(values.shape[1], axis=1), axis=0)
+    return present & (rank >= cut) & (rank < present.sum(axis=0) - cut)
+
+
 @dataclass(frozen=True, eq=False)
 class Scaling:
     """What every side standardizes with: z = (x - mean) / scale, missing x taken as mean."""

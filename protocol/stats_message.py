@@ -31,6 +31,12 @@ STATS_LIMITS = WireLimits(max_objects=1 + 2 * 8 + MAX_NAMED, max_depth=2, max_ar
                           max_bin=8 * MAX_FEATURES)
 
 
+# Bounds every statistics message is held to (issue 18): a count no agent's window reaches, and
+# values so large that no sum, square or merge of them can overflow float64.
+MAX_STATS_COUNT = 10**9
+MAX_STATS_VALUE = 1e100
+
+
 def stats_bytes(n_features: int | None) -> int:
     """The largest statistics payload of `n_features` features (each named): refused past it unread."""
     if n_features is None:
@@ -88,8 +94,21 @@ def decode_stats(payload: bytes, n_features: int | None = None, columns: tuple[s
         raise ProtocolError("non_finite", "sum, sumsq, min and max must be finite where count > 0")
     if (squares[present] < 0).any() or (low[present] > high[present]).any():
         raise ProtocolError("schema", "sumsq must be >= 0 and min <= max")
+    _check_bounds(count[present], total[present], squares[present], low[present], high[present])
     return from_sums(count, np.where(present, total, 0.0), np.where(present, squares, 0.0),
                      np.where(present, low, np.inf), np.where(present, high, -np.inf))
+
+
+def _check_bounds(count: np.ndarray, total: np.ndarray, squares: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:
+    """Counts within MAX_STATS_COUNT, values within MAX_STATS_VALUE, a variance >= 0 (present features)."""
+    if (count > MAX_STATS_COUNT).any():
+        raise ProtocolError("stats_count", f"a count above {MAX_STATS_COUNT:.0e} rows")
+    mean, mean_square = total / count, squares / count
+    if not (np.abs(low) <= MAX_STATS_VALUE).all() or not (np.abs(high) <= MAX_STATS_VALUE).all() \
+            or not (np.abs(mean) <= MAX_STATS_VALUE).all() or not (mean_square <= MAX_STATS_VALUE ** 2).all():
+        raise ProtocolError("stats_range", f"values beyond +-{MAX_STATS_VALUE:.0e}")
+    if (mean_square - mean * mean < -1e-9 * mean_square).any():
+        raise ProtocolError("stats_variance", "sumsq / count < (sum / count)^2: a negative variance")
 
 
 def scaling_to_wire(scaling: Scaling) -> dict:
