@@ -17,6 +17,7 @@ from coordinator.chunks import MAX_HELD, TIMEOUT_S
 from coordinator.privacy import PrivateCoordinator, guard, make_policy
 from coordinator.rate_limit import RateLimit
 from coordinator.presence import Presence
+from protocol.pace import DEFAULT_JITTER, DEFAULT_MAX_INTERVAL, MAX_JITTER, Steering
 from coordinator.schema import FleetSchema, SchemaDiscovery, discover
 from coordinator.server import Coordinator
 from coordinator.session import CoordinatorSession
@@ -143,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
                help="a member that misbehaves in a round (no answer, shares that do not open, a bad reveal) is left out "
                "of cohorts for this many seconds, doubled per further strike (at most an hour); a good round clears it")
 
+    pg = p.add_argument_group("pace steering (the model tells each device how often to train and report; "
+                              "docs/architecture.md)")
+    _defaulted(pg, "--target-updates-per-s", type=float, default=0.0, metavar="RATE",
+               help="updates a second wanted from the whole fleet: every device is asked to report once per "
+               "(agents online / RATE) seconds, randomised, so the update rate and the model downloads stay near "
+               "RATE as the fleet grows; 0: no steering, devices keep their own schedule")
+    _defaulted(pg, "--pace-min-interval", type=float, default=1.0, metavar="SECONDS",
+               help="the shortest report interval asked of a device (a small fleet is not driven faster)")
+    _defaulted(pg, "--pace-max-interval", type=float, default=DEFAULT_MAX_INTERVAL, metavar="SECONDS",
+               help="the longest report interval asked of a device (a huge fleet reports above RATE rather "
+               "than devices going silent)")
+    _defaulted(pg, "--pace-jitter", type=float, default=DEFAULT_JITTER, metavar="FRACTION",
+               help=f"devices draw each wait uniformly in interval x [1 - F, 1 + F] so they spread out; 0..{MAX_JITTER}")
+
     o = p.add_argument_group("publishing, durability, evaluation")
     _defaulted(o, "--publish-interval", type=float, default=1.0,
                help="publish the model at most once per this many seconds, so bursts of updates are coalesced")
@@ -257,6 +272,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                               l2_clip=args.dp_clip if dp else None, eligible=dp.eligible if dp else None,
                                               noise=dp.agent_noise(args.secagg_threshold) if dp else None)
             args.strategy_obj = SecureFedBuff(args.strategy_obj, dp)
+        args.steering = None
+        if args.target_updates_per_s:
+            if args.secure_aggregation:
+                raise ValueError("--target-updates-per-s does not combine with --secure-aggregation: cohorts set "
+                                 "their own pace")
+            args.steering = Steering(args.target_updates_per_s, args.pace_min_interval, args.pace_max_interval,
+                                     args.pace_jitter)
         args.norm = NormBound(args.max_update_norm, args.norm_factor, sample_factor=args.sample_factor)
         args.rate = RateLimit(args.max_agent_rate) if args.max_agent_rate is not None else None
         args.settings = settings_from_args(args)
@@ -438,7 +460,9 @@ def build_coordinator(args: argparse.Namespace, after: Rediscovery | None = None
         if args.feature_stats else None,
         schema=FleetSchema(args.topics, args.spec, discovered=discovered, quorum=args.schema_agents,
                            known=getattr(args, "known_schemas", None)),
-        presence=Presence(args.topics) if args.strategy != "fedasync" and not args.secure_aggregation else None,
+        presence=Presence(args.topics) if (args.strategy != "fedasync" or args.steering) and not args.secure_aggregation
+        else None,
+        steering=args.steering,
     )
     if after is not None:
         core.version_ = after.version + 1

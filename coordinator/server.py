@@ -26,6 +26,7 @@ from coordinator.strategies import Strategy
 from coordinator.validation import UpdateValidator, Verdict
 from protocol.codec import MODEL_CODECS, decode_params, encode_params
 from protocol.messages import ModelMessage, encode_model
+from protocol.pace import Pace, Steering
 from protocol.model_spec import ModelSpec
 from protocol.statistics import standardize
 from protocol.topics import Topics
@@ -61,6 +62,7 @@ class Coordinator:
         model_codec: str = "float32",
         schema: FleetSchema | None = None,
         presence: Presence | None = None,
+        steering: Steering | None = None,
     ) -> None:
         self.topics = topics
         self.spec = spec
@@ -104,6 +106,10 @@ class Coordinator:
         self.stats_seen_ = -1  # statistics.changes_ when the scaling was last refreshed
         self.schema = schema  # every agent's column names judged against the spec (coordinator/schema.py)
         self.presence = presence  # agents online by their statuses: the buffer's size follows them
+        # pace steering (protocol/pace.py): the model tells every device how often to report, from the agents online
+        if steering is not None and presence is None:
+            raise ValueError("pace steering needs the agents' statuses (presence) to count the fleet")
+        self.steering = steering
         if resume:
             self._restore(resume)
 
@@ -284,7 +290,12 @@ class Coordinator:
             self.published_.popitem(last=False)
         return encode_model(ModelMessage(self.topics.fleet, self.version_, self.spec, self.params_,
                                          started_at=self.started_at, scaling=self.rescales.current,
-                                         codec=self.model_codec, steps=self.steps))
+                                         codec=self.model_codec, steps=self.steps, pace=self.pace))
+
+    @property
+    def pace(self) -> Pace | None:
+        """The report interval asked of every device now (None: not steered)."""
+        return None if self.steering is None else self.steering.pace(self.presence.count)
 
     @property
     def steps(self) -> int:
@@ -342,6 +353,8 @@ class Coordinator:
             status["schema"] = self.schema.summary()
         if (buffer := self.strategy.buffer()) is not None:
             status["buffer"] = buffer
+        if (pace := self.pace) is not None:
+            status["pace"] = dict(pace.to_wire(), agents_online=self.presence.count)
         return status
 
     # --- durability --------------------------------------------------------------------

@@ -22,6 +22,7 @@ from protocol.agent_states import BUDGET_SPENT, ERROR, IDLE, OFFLINE, ONLINE, ST
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, UpdateMessage, decode_model, encode_update
 from protocol.model_spec import ModelSpec
+from protocol.pace import DEFAULT_MAX_INTERVAL, Pace, bounded
 from protocol.privacy import GaussianMechanism, secure_rng
 from protocol.stats_privacy import StatsMechanism
 from protocol.schema import Schema, column_order, encode_schema, mismatch, of_data
@@ -49,6 +50,11 @@ class Agent:
     in [1, 1.5), so a fleet does not resend in step) of the last update, or the coordinator
     restarted (the same version republished with another `started_at`), the agent trains
     again on the model it holds and sends a fresh update.
+
+    Pace (protocol/pace.py): a model message may ask how often to report. The agent then
+    trains no sooner than a wait drawn around that interval after its last round, whatever
+    `train_every` says (and resends no sooner either); the interval is capped at `max_pace`
+    seconds, so a hostile model message cannot silence the device for longer.
     """
 
     def __init__(
@@ -70,6 +76,7 @@ class Agent:
         stats_noise: StatsMechanism | None = None,
         privacy_store: PrivacyStore | None = None,
         private: bool = False,
+        max_pace: float = DEFAULT_MAX_INTERVAL,
     ) -> None:
         self.agent_id = check_name("agent id", agent_id)
         self.topics = topics
@@ -88,6 +95,9 @@ class Agent:
         self.resend_after = resend_after
         self.resend_jitter = random.Random(seed).uniform(1.0, 1.5)
         self.resend_now_ = False  # the coordinator restarted: send afresh at once
+        self.max_pace = max_pace  # the longest report interval a model message can ask of this device
+        self.pace_rng = random.Random(f"{agent_id}:{seed}") if seed is not None else random.Random()
+        self.next_round_at_ = 0.0  # monotonic: under a pace, no round before this
         self.error_: tuple[int, str] | None = None  # (model version, why it cannot be trained on)
         self.unheard_: tuple[str, str] | None = None  # (cause, why nothing is heard): see set_unheard
         self.unusable_models_ = 0  # model messages it could not use (said once per reason, counted in the status)
@@ -130,6 +140,11 @@ class Agent:
         no un-noised statistics, no row, missing-cell or skipped-label count in the status, no label set in
         the schema, sample count 1 and no metrics in an update."""
         return self.dp is not None or self.secure is not None or self.private_
+
+    @property
+    def pace(self) -> Pace | None:
+        """The held model's pace within this device's bounds (None: not steered)."""
+        return None if self.model_ is None else bounded(self.model_.pace, self.max_pace)
 
     @property
     def budget_spent(self) -> bool:
@@ -197,6 +212,8 @@ class Agent:
             return False  # said once for this version; waits for a model it can train on
         if self.secure is not None:  # a fresh delta whenever the held one went into a cohort or is stale
             return self.secure.wants_delta(self.model_.version)
+        if self.pace is not None and now < self.next_round_at_:
+            return False  # the coordinator's pace: not yet, whatever else is due
         if self.train_every is not None and now - self.last_train_at_ >= self.train_every:
             return self.new_samples_ > 0 or self.model_.version > self.trained_version_
         if self.model_.version > self.trained_version_:
@@ -312,6 +329,8 @@ class Agent:
             self.training_ = False
         self.trained_version_ = model.version
         self.last_train_at_ = time.monotonic()
+        pace = self.pace
+        self.next_round_at_ = self.last_train_at_ + (pace.wait(self.pace_rng) if pace is not None else 0.0)
         self.new_samples_ = 0
         if result is None:
             return None
@@ -411,6 +430,8 @@ class Agent:
             status["error"] = self.error_[1]
         if status["state"] == UNHEARD:
             status["reason"] = self.unheard_[1]
+        if (pace := self.pace) is not None:
+            status["pace"] = round(pace.interval, 3)
         if self.unusable_models_:
             status["unusable_models"] = self.unusable_models_
         if getattr(self.trainer, "skipped_labels_", 0) and not self.private:  # a row count: data

@@ -18,6 +18,7 @@ from protocol.chunking import MIN_PACKET_BYTES
 from protocol.accounting import check_available
 from protocol.codec import CodecSpec
 from protocol.config import fleet_tool_parser, parse_layered, require_extra
+from protocol.pace import DEFAULT_MAX_INTERVAL
 from protocol.privacy import GaussianMechanism
 from protocol.stats_privacy import StatsMechanism, parse_bounds
 from protocol.tabular import DataError
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take a model at most this often: after one, stop listening and read the newest retained "
                    "model once this long has passed, skipping the versions between (fewer wake-ups and "
                    "downloads); 0: every version (default: 0)")
+    t.add_argument("--max-pace", type=float, default=DEFAULT_MAX_INTERVAL, metavar="SECONDS",
+                   help="the longest report interval this device accepts when the coordinator steers the fleet's pace "
+                   "(a model message asking for more is capped here); under a pace the device trains and reports "
+                   "once per a random wait around the interval, whatever --train-every says, and downloads the model "
+                   f"once per round (default: {DEFAULT_MAX_INTERVAL:g})")
     t.add_argument("--seed", type=int, help="random seed for shuffling and stochastic rounding (default: random)")
 
     lim = p.add_argument_group("limits (what this device accepts from the fleet; a model beyond them is refused, "
@@ -154,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError("--min-new-samples and --status-interval must be >= 0, --window >= 1")
         if args.unheard_after < 0:
             raise ValueError("--unheard-after must be >= 0 (0: never)")
+        if not args.max_pace >= 0:
+            raise ValueError("--max-pace must be >= 0 (0: ignore the coordinator's pace)")
         if args.resend_after < 0 or args.min_model_interval < 0:
             raise ValueError("--resend-after and --min-model-interval must be >= 0 (0: never, every version)")
         if args.poll_interval <= 0 or args.connect_timeout <= 0 or (args.train_every is not None and args.train_every <= 0):
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                   resend_after=args.resend_after or None,
                   dp=args.dp, dp_delta=args.dp_delta, dp_epsilon_budget=args.dp_epsilon_budget,
                   dp_neighbours=args.dp_neighbours, stats_noise=args.stats_noise_mechanism, privacy_store=store,
-                  private=args.private)
+                  private=args.private, max_pace=args.max_pace)
     agent.new_samples_ = rows
     if args.secure_aggregation:  # edge_agent/secagg.py
         if args.dp is not None:

@@ -45,6 +45,8 @@ class AgentSession:
     `min_model_interval` (seconds, 0 = every version): after taking a model the session
     unsubscribes from the model topic and subscribes again once that long has passed; the
     broker then sends the newest retained model, so the versions between are never downloaded.
+    Under a pace (protocol/pace.py) it does the same until the agent's next round is due: one
+    model download per round, the newest, just before training on it.
     """
 
     def __init__(
@@ -152,7 +154,7 @@ class AgentSession:
             return
         if newer:
             self.models_taken += 1
-            if self.min_model_interval > 0:
+            if self.min_model_interval > 0 or self.agent.pace is not None:
                 self._pause_models()
             self.wake.set()
 
@@ -201,7 +203,7 @@ class AgentSession:
                 f"{topics.fleet!r} on this broker, or its ACL does not let user {self.settings.username or '(anonymous)'} "
                 f"read it (check --fleet)")
         elif agent.updates_sent_ and agent.model_.version <= agent.base_version_ \
-                and now - agent.last_train_at_ >= self.unheard_after:
+                and now - max(agent.last_train_at_, agent.next_round_at_) >= self.unheard_after:
             cause, reason = NO_PROGRESS, (
                 f"no model newer than version {agent.base_version_} within {self.unheard_after:g} s of update seq "
                 f"{agent.seq_}: the coordinator may not receive this agent's updates (check --fleet, and that --id "
@@ -218,6 +220,11 @@ class AgentSession:
         self._models_paused = True
         self._models_due_at = time.monotonic() + self.min_model_interval
         self.client.unsubscribe([self.agent.topics.model, self.agent.topics.all_model_chunks])
+
+    def _models_resume_at(self) -> float:
+        """When to listen for models again: --min-model-interval after the last one, and under a pace not
+        before the agent's next round."""
+        return max(self._models_due_at, self.agent.next_round_at_ if self.agent.pace is not None else 0.0)
 
     def _resume_models(self) -> None:
         """Subscribe again, as on connecting: the broker sends the newest retained model (or its
@@ -317,7 +324,7 @@ class AgentSession:
                 self.send_schema()
                 wait = self.poll_interval
                 if self._models_paused:
-                    wait = max(0.0, min(wait, self._models_due_at - time.monotonic()))
+                    wait = max(0.0, min(wait, self._models_resume_at() - time.monotonic()))
                 self.wake.wait(wait)
                 self.wake.clear()
                 if stop.is_set():
@@ -327,7 +334,7 @@ class AgentSession:
                     self.client.subscribe(self.agent.topics.all_model_chunks, qos=0)  # the broker resends the retained ones
                 if self.agent.due():
                     self.train_and_send()
-                if self._models_paused and time.monotonic() >= self._models_due_at:
+                if self._models_paused and time.monotonic() >= self._models_resume_at():
                     self._resume_models()
                 self._check_heard()
                 if self.status_interval and time.monotonic() - self._last_status >= self.status_interval:

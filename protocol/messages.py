@@ -9,7 +9,9 @@ Model (coordinator -> agents, retained, sent rarely: a self-describing map)::
               one float32 per block of spec.n_features parameters),
      "started_at": float (optional: when the publishing coordinator started),
      "scaling": {"mean": bin, "scale": bin} (optional: the fleet's feature scaling, see
-                protocol/stats_message.py; params are for features standardized with it)}
+                protocol/stats_message.py; params are for features standardized with it),
+     "pace": {"interval": float, "jitter": float} (optional: how often each device should train
+             and report, see protocol/pace.py; older agents ignore it)}
 
 An agent that sees the same version again with another `started_at` knows the coordinator
 restarted (its last update may have been lost with a broker's state) and sends afresh.
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from protocol import codec
+from protocol import codec, pace as pacing
 from protocol.errors import ProtocolError
 from protocol.model_spec import ModelSpec
 
@@ -97,6 +99,7 @@ class ModelMessage:
     # local SGD steps (rows trained) of a typical agent so far: a device that (re)starts from this
     # model starts its learning-rate schedule there instead of at step 1 (edge_agent/trainer.py)
     steps: int = 0
+    pace: pacing.Pace | None = None  # the report interval asked of every device (protocol/pace.py), if steered
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ def encode_model(msg: ModelMessage) -> bytes:
             **({} if msg.started_at is None else {"started_at": msg.started_at}),
             **({} if msg.scaling is None else {"scaling": _scaling_wire(msg.scaling)}),
             **({"steps": int(msg.steps)} if msg.steps else {}),
+            **({} if msg.pace is None else {"pace": msg.pace.to_wire()}),
         },
         use_bin_type=True,
     )
@@ -170,7 +174,15 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
         scaling=_scaling(wire["scaling"], spec.n_features) if "scaling" in wire else None,
         steps=_steps(wire.get("steps", 0)),
         codec=model_codec,
+        pace=_pace(wire["pace"]) if "pace" in wire else None,
     )
+
+
+def _pace(wire: object) -> pacing.Pace:
+    try:
+        return pacing.from_wire(wire)
+    except ValueError as exc:
+        raise ProtocolError("schema", str(exc)) from None
 
 
 def _steps(value: object) -> int:
