@@ -20,9 +20,9 @@ from tier_fleet import (ModelWatch, Publisher, Tier, check_exactly_once, check_m
 
 KILLS = 3
 RECOVERY_S = {"worker": 10.0, "root": 10.0,
-              # a NATS node's death costs a Raft election of every stream and consumer it led (4-9 s in
-              # nats-server 2.15, not configurable) and MQTT CONNECTs stall ~5 s per node meanwhile: measured
-              # 6-14 s on this 2-core box (docs/architecture.md); the 10 s is not met for this kind
+              # a NATS node's death costs a Raft election of every stream and consumer it led (not
+              # configurable in nats-server 2.15) and MQTT CONNECTs stall meanwhile (docs/architecture.md):
+              # the 10 s is not always met for this kind
               "nats": 20.0}
 SEED = int(os.environ.get("FEDMQ_KILL_SEED", random.randrange(1 << 30)))
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from fleet import spawn
 from protocol import codec

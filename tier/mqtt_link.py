@@ -12,7 +12,6 @@ import logging
 import socket
 import threading
 
-import paho.mqtt.client as mqtt
 
 from protocol.transport import BrokerSettings, make_client
 

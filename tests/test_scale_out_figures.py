@@ -1,0 +1,21 @@
+"""Issue 20, point 6: the scale-out figures in docs/benchmarks.md are bench/results/scale_out.json's,
+rendered by bench/scale_out.py's own `markdown` (so a rerun that changes a figure fails here until
+the page is regenerated)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmarks_page_shows_the_scale_out_results():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from scale_out import markdown
+
+    result = json.loads((ROOT / "bench" / "results" / "scale_out.json").read_text())
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert markdown(result) in page
+    assert result["connections"]["connections_held"] > 0 and all(r["folded"] == r["updates"] for r in result["tier"])

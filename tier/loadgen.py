@@ -1,0 +1,149 @@
+"""An asyncio MQTT 3.1.1 load generator: thousands of real connections from one process.
+
+Each connection is a raw socket speaking just what a device needs (CONNECT, QoS 1 PUBLISH and
+its PUBACK, PINGREQ); payloads are encoded before the clock starts, so the generator measures
+the tier, not msgpack. paho's one thread per client is what stalls the simulator near 5,000
+agents; here a connection costs a coroutine and two buffers. Used by bench/scale_out.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _string(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("!H", len(b)) + b
+
+
+def connect_packet(client_id: str, keepalive: int = 600) -> bytes:
+    body = _string("MQTT") + bytes([4, 0x02]) + struct.pack("!H", keepalive) + _string(client_id)
+    return bytes([0x10]) + _remaining_length(len(body)) + body
+
+
+def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
+    body = _string(topic) + struct.pack("!H", packet_id) + payload
+    return bytes([0x32]) + _remaining_length(len(body)) + body
+
+
+class Connection:
+    """One MQTT 3.1.1 client (clean session); `publish` resolves when the broker's PUBACK arrives."""
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: dict[int, asyncio.Future] = {}
+        self.next_id = 0
+        self.task: asyncio.Task | None = None
+
+    async def open(self, host: str, port: int, timeout: float = 30.0, local_host: str | None = None) -> None:
+        self.reader, self.writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, local_addr=(local_host, 0) if local_host else None), timeout)
+        self.writer.write(connect_packet(self.client_id))
+        head = await asyncio.wait_for(self.reader.readexactly(4), timeout)
+        if head[0] != 0x20 or head[3] != 0:
+            raise ConnectionError(f"{self.client_id}: CONNACK refused ({head.hex()})")
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                first = (await self.reader.readexactly(1))[0]
+                length, shift = 0, 0
+                while True:
+                    b = (await self.reader.readexactly(1))[0]
+                    length |= (b & 0x7F) << shift
+                    shift += 7
+                    if not b & 0x80:
+                        break
+                body = await self.reader.readexactly(length) if length else b""
+                if first >> 4 == 4 and len(body) >= 2:  # PUBACK
+                    future = self.pending.pop(struct.unpack("!H", body[:2])[0], None)
+                    if future is not None and not future.done():
+                        future.set_result(time.time())
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionError(f"{self.client_id}: connection lost"))
+            self.pending.clear()
+
+    def publish(self, topic: str, payload: bytes) -> asyncio.Future:
+        """Send a QoS 1 PUBLISH; the future holds the wall-clock time its PUBACK arrived."""
+        self.next_id = self.next_id % 65535 + 1
+        future = asyncio.get_running_loop().create_future()
+        self.pending[self.next_id] = future
+        self.writer.write(publish_packet(topic, payload, self.next_id))
+        return future
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.write(b"\xe0\x00")  # DISCONNECT
+                self.writer.close()
+            except (ConnectionError, OSError):
+                pass
+        if self.task is not None:
+            self.task.cancel()
+
+
+async def open_many(n: int, ports: list[int], prefix: str, host: str = "127.0.0.1", concurrency: int = 200,
+                    timeout: float = 30.0) -> list[Connection]:
+    """`n` connections spread over `ports`, at most `concurrency` handshakes at a time."""
+    gate = asyncio.Semaphore(concurrency)
+    conns = [Connection(f"{prefix}-{i}") for i in range(n)]
+
+    async def one(i: int, conn: Connection) -> None:
+        async with gate:
+            for attempt in range(3):  # a broker busy creating its MQTT streams may close a first CONNECT
+                try:
+                    await conn.open(host, ports[i % len(ports)], timeout)
+                    return
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    if attempt == 2:
+                        raise
+                    await asyncio.sleep(0.5)
+
+    if conns:  # the first alone: NATS creates its MQTT streams on the first connection of an account
+        await one(0, conns[0])
+    await asyncio.gather(*(one(i, c) for i, c in enumerate(conns) if i))
+    return conns
+
+
+async def send(conns: list[Connection], messages: list[tuple[str, bytes]], *, rate: float | None = None,
+               window: int = 64) -> list[tuple[float, float]]:
+    """Publish `messages` (topic, payload) round-robin over `conns`, at most `window` unacknowledged per
+    connection, at `rate`/s if given (else as fast as the acks come); (sent, acked) wall times per message."""
+    gates = [asyncio.Semaphore(window) for _ in conns]
+    times: list[tuple[float, float]] = [(0.0, 0.0)] * len(messages)
+    start = time.monotonic()
+
+    async def track(i: int, gate: asyncio.Semaphore, future: asyncio.Future, sent: float) -> None:
+        try:
+            times[i] = (sent, await future)
+        finally:
+            gate.release()
+
+    tasks = []
+    for i, (topic, payload) in enumerate(messages):
+        if rate:
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        k = i % len(conns)
+        await gates[k].acquire()
+        sent = time.time()
+        tasks.append(asyncio.ensure_future(track(i, gates[k], conns[k].publish(topic, payload), sent)))
+    await asyncio.gather(*tasks)
+    return times
