@@ -15,6 +15,7 @@ from simulation.datasets import DATASETS, centralized_baseline, load_dataset
 from simulation.fleet import SimConfig, Simulation
 from simulation.partition import parse_scheme
 from simulation.report import plot, summary_rows
+from simulation.stragglers import DROPOUT_MODES, parse_duty_cycle, parse_speed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--straggler-factor", type=float, default=d.straggler_factor, help="how many times slower a straggler is")
     p.add_argument("--dropout", type=float, default=d.dropout, help="chance an agent drops off after a round")
     p.add_argument("--dropout-time", type=float, default=d.dropout_time, help="seconds a dropped agent stays away")
+    p.add_argument("--dropout-mode", choices=DROPOUT_MODES, default=d.dropout_mode,
+                   help="hold: an agent drops after a round and sends it on return; lose: it drops mid-round and the round is lost")
+    p.add_argument("--speed", default=d.speed,
+                   help="device speeds: fixed, or lognormal:SIGMA (each agent's round time x exp(N(0, SIGMA^2)), a heavy tail)")
+    p.add_argument("--duty-cycle", default=d.duty_cycle, metavar="ON,OFF",
+                   help="agents are awake ON seconds, then asleep (offline) OFF seconds, from a random phase")
     p.add_argument("--network-delay", type=float, default=d.network_delay, help="extra seconds before each update is sent")
     p.add_argument("--publish-interval", type=float, default=d.publish_interval, help="coordinator's minimum seconds between models")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for data split, stragglers and training")
@@ -75,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError("--feature-skew must be >= 0")
         if not 0 <= args.stragglers <= 1 or not 0 <= args.dropout <= 1:
             raise ValueError("--stragglers and --dropout are fractions in [0, 1]")
+        parse_speed(args.speed)
+        parse_duty_cycle(args.duty_cycle)
         if args.broker:
             BrokerSettings.from_url(args.broker)
     except ValueError as exc:

@@ -30,6 +30,7 @@ from protocol.transport import BrokerSettings, make_client
 from simulation.client_loop import ClientLoop
 from simulation.datasets import Dataset, skew_features
 from simulation.partition import partition
+from simulation.stragglers import first_sleep, parse_duty_cycle, slowdowns
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class SimConfig:
     straggler_factor: float = 10.0
     dropout: float = 0.0
     dropout_time: float = 5.0
+    dropout_mode: str = "hold"  # hold: drop after a round, send it on return; lose: drop mid-round, work lost
+    speed: str = "fixed"  # fixed or lognormal:SIGMA, each device's slowdown (simulation/stragglers.py)
+    duty_cycle: str | None = None  # ON,OFF seconds awake and asleep, from a random phase
     network_delay: float = 0.0
     publish_interval: float = 0.5
     fleet: str = "sim"
@@ -84,6 +88,8 @@ class Traffic:
     updates_sent: int = 0
     models_received: int = 0
     connected: int = 0
+    sleeps: int = 0  # duty-cycle sleeps begun
+    lost_rounds: int = 0  # rounds lost to a mid-round dropout
 
 
 class VirtualAgent:
@@ -91,7 +97,8 @@ class VirtualAgent:
 
     def __init__(self, agent: Agent, settings: BrokerSettings, loop: ClientLoop, pool: ThreadPoolExecutor,
                  traffic: Traffic, *, slowdown: float, round_time: float, network_delay: float,
-                 dropout: float, dropout_time: float, rng: np.random.Generator) -> None:
+                 dropout: float, dropout_time: float, rng: np.random.Generator,
+                 dropout_mode: str = "hold", duty: tuple[float, float] | None = None) -> None:
         self.agent = agent
         self.loop = loop
         self.pool = pool
@@ -102,9 +109,13 @@ class VirtualAgent:
         self.network_delay = network_delay
         self.dropout = dropout
         self.dropout_time = dropout_time
+        self.dropout_mode = dropout_mode
+        self.duty = duty
         self.rng = rng
         self.busy = False
         self.offline = False
+        self.asleep = False
+        self.connected_once = False
         self.held: bytes | None = None
         topics = agent.topics
         self.client = make_client(settings, f"fedmq-sim-{topics.fleet}-{agent.agent_id}", persistent=False)
@@ -114,8 +125,32 @@ class VirtualAgent:
         loop.attach(self.client)
 
     def connect(self) -> None:
-        """Open the connection (on the loop thread)."""
+        """Open the connection (on the loop thread), or sleep first when the duty cycle says so."""
+        if self.duty is not None:
+            awake, change_in = first_sleep(self.rng, *self.duty)
+            if not awake:
+                self.asleep = self.offline = True
+                self.loop.call_later(change_in, self._wake)
+                return
+            self.loop.call_later(change_in, self._sleep)
+        self.connected_once = True
         self.client.connect(self.settings.host, self.settings.port, self.settings.keepalive)
+
+    def _sleep(self) -> None:
+        """Duty cycle: go offline for OFF seconds (a round under way is held for the return)."""
+        self.asleep = self.offline = True
+        self.traffic.sleeps += 1
+        self.client.disconnect()
+        self.loop.call_later(self.duty[1], self._wake)
+
+    def _wake(self) -> None:
+        self.asleep = False
+        self.loop.call_later(self.duty[0], self._sleep)
+        if not self.connected_once:
+            self.connected_once, self.offline = True, False
+            self.client.connect(self.settings.host, self.settings.port, self.settings.keepalive)
+        else:
+            self._reconnect()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
@@ -136,6 +171,8 @@ class VirtualAgent:
             self.loop.call_later(1.0, self._reconnect)
 
     def _reconnect(self) -> None:
+        if self.asleep:  # its wake-up reconnects
+            return
         self.offline = False
         try:
             self.client.reconnect()
@@ -170,8 +207,15 @@ class VirtualAgent:
         self.busy = False
         if payload is None:
             return
+        if self.asleep:  # fell asleep while training: sent on waking
+            self.held = payload
+            return
         if self.dropout and self.rng.random() < self.dropout:
-            self.held, self.offline = payload, True
+            if self.dropout_mode == "lose":
+                self.traffic.lost_rounds += 1
+            else:
+                self.held = payload
+            self.offline = True
             self.client.disconnect()
             self.loop.call_later(self.dropout_time, self._reconnect)
             return
@@ -228,6 +272,8 @@ class Simulation:
         parts = partition(self.dataset.y_train, c.agents, c.partition, seed=c.seed)
         n_slow = int(round(c.stragglers * c.agents))
         slow = set(rng.choice(c.agents, size=n_slow, replace=False).tolist()) if n_slow else set()
+        speeds = slowdowns(np.random.default_rng([c.seed, 1]), c.agents, c.speed)
+        duty = parse_duty_cycle(c.duty_cycle)
         agents = []
         for i, rows in enumerate(parts):
             X = self.dataset.X_train[rows]
@@ -240,9 +286,9 @@ class Simulation:
                           c.codec, seed=c.seed + i)
             agents.append(VirtualAgent(
                 agent, self.settings, loop, pool, self.traffic,
-                slowdown=c.straggler_factor if i in slow else 1.0, round_time=c.round_time,
+                slowdown=speeds[i] * (c.straggler_factor if i in slow else 1.0), round_time=c.round_time,
                 network_delay=c.network_delay, dropout=c.dropout, dropout_time=c.dropout_time,
-                rng=np.random.default_rng(c.seed * 7919 + i),
+                rng=np.random.default_rng(c.seed * 7919 + i), dropout_mode=c.dropout_mode, duty=duty,
             ))
         return agents
 
@@ -290,6 +336,8 @@ class Simulation:
             "staleness": status["staleness"],
             "fleet_eval": status["fleet_eval"],
             "updates_sent": self.traffic.updates_sent,
+            "sleeps": self.traffic.sleeps,
+            "lost_rounds": self.traffic.lost_rounds,
             "bytes_up": self.traffic.bytes_up,
             "bytes_down": self.traffic.bytes_down,
             "bytes_per_update": self.traffic.bytes_up / max(1, self.traffic.updates_sent),
