@@ -1,10 +1,11 @@
 """Scale benchmark: how many virtual agents stay connected and train at once on this
 machine, and the memory each costs. Real agents, real MQTT clients, one mosquitto.
 
-    python bench/scale.py [--agents 1000] [--duration 60]
+    python bench/scale.py [--agents 1000,5000] [--duration 60] [--out bench/results/scale.json]
 
-Prints JSON: agents connected at peak, updates accepted, per-agent memory (process RSS
-growth from building and connecting the agents, divided by their number).
+Prints JSON per fleet size: agents connected at peak, updates accepted, final r2 beside the
+staleness of the accepted updates (mean, max), per-agent memory (process RSS growth from
+building and connecting the agents, divided by their number).
 """
 
 from __future__ import annotations
@@ -26,25 +27,27 @@ from simulation.datasets import make_linear  # noqa: E402
 from simulation.fleet import SimConfig, Simulation  # noqa: E402
 from simulation.mosquitto import Mosquitto  # noqa: E402
 
+# Updates staler than this many versions are refused before their delta is decoded. A fleet
+# that offers more updates than the coordinator takes builds a backlog whose staleness grows
+# without bound; fedbuff's polynomial:0.5 weight then lets stale deltas pile up into a divergent
+# step (docs/benchmarks.md section 4). 20 versions: about four publishes at this rate.
+MAX_STALENESS = 20
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--agents", type=int, default=1000)
-    p.add_argument("--duration", type=float, default=60.0)
-    p.add_argument("--rows-per-agent", type=int, default=20)
-    args = p.parse_args()
+
+def run(agents: int, duration: float, rows_per_agent: int, max_staleness: int) -> dict:
+    """One fleet of `agents` for `duration` seconds; its figures, staleness beside r2."""
     me = psutil.Process()
-    dataset = make_linear(n_samples=int(args.rows_per_agent * args.agents / 0.75) + 10, n_features=10)
+    dataset = make_linear(n_samples=int(rows_per_agent * agents / 0.75) + 10, n_features=10)
     rss_before = me.memory_info().rss
     peak = {"connected": 0, "rss": rss_before}
-    config = SimConfig(agents=args.agents, partition="iid", strategy="fedbuff", buffer_size=50,
-                       duration=args.duration, round_time=0.0, publish_interval=1.0, fleet="scale",
-                       hyperparameters={"eta0": 0.01})
+    config = SimConfig(agents=agents, partition="iid", strategy="fedbuff", buffer_size=50,
+                       duration=duration, round_time=0.0, publish_interval=1.0, fleet="scale",
+                       hyperparameters={"eta0": 0.01}, max_staleness=max_staleness)
 
     def watch(sim: Simulation) -> None:
         peak["connected"] = max(peak["connected"], sim.traffic.connected)
         peak["rss"] = max(peak["rss"], me.memory_info().rss)
-        if sim.traffic.connected >= args.agents and "all_connected_s" not in peak:
+        if sim.traffic.connected >= agents and "all_connected_s" not in peak:
             peak["all_connected_s"] = round(time.monotonic() - sim.started_at, 2)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,17 +56,41 @@ def main() -> None:
             sim = Simulation(config, dataset, BrokerSettings.from_url(broker.url))
             result = sim.run(progress=watch)
             broker_rss = psutil.Process(broker.proc.pid).memory_info().rss
-    print(json.dumps({
-        "benchmark": "scale", "agents": args.agents, "duration_s": args.duration,
+    return {
+        "agents": agents, "duration_s": duration, "max_staleness": max_staleness,
         "threads_in_process": threading.active_count(),
         "peak_connected": peak["connected"], "all_connected_after_s": peak.get("all_connected_s"),
-        "updates_sent": result["updates_sent"], "accepted": result["accepted"], "versions": result["version"],
+        "updates_sent": result["updates_sent"], "accepted": result["accepted"], "rejected": result["rejected"],
+        "versions": result["version"],
         "updates_per_s": round(result["accepted"] / result["wall_time_s"], 1),
         "final_r2": result["final_score"],
+        "staleness_mean": round(result["staleness"]["mean"], 1), "staleness_max": result["staleness"]["max"],
         "process_rss_before_mb": round(rss_before / 2**20, 1), "process_rss_peak_mb": round(peak["rss"] / 2**20, 1),
-        "memory_per_agent_kb": round((peak["rss"] - rss_before) / args.agents / 1024, 1),
+        "memory_per_agent_kb": round((peak["rss"] - rss_before) / agents / 1024, 1),
         "mosquitto_rss_mb": round(broker_rss / 2**20, 1),
-    }, indent=1))
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--agents", default="1000,5000", help="fleet sizes, comma-separated, one run each")
+    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--rows-per-agent", type=int, default=20)
+    p.add_argument("--max-staleness", type=int, default=MAX_STALENESS,
+                   help="the coordinator's --max-staleness (versions) for every run")
+    p.add_argument("--before", type=int, metavar="MAX_STALENESS",
+                   help="also run the largest fleet with this --max-staleness (the old default: 1000), as `before`")
+    p.add_argument("--out", type=Path, help="also write the JSON here (bench/results/scale.json)")
+    args = p.parse_args()
+    sizes = [int(n) for n in args.agents.split(",")]
+    runs = [run(n, args.duration, args.rows_per_agent, args.max_staleness) for n in sizes]
+    result = {"benchmark": "scale", **runs[0], "runs": runs}
+    if args.before is not None:
+        result["before"] = run(max(sizes), args.duration, args.rows_per_agent, args.before)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -458,3 +458,41 @@ def test_privacy_tables_show_the_spread_of_the_seeds():
     security = (ROOT / "docs/security.md").read_text()
     for k, c in data["central_buffer_sweep_linear_epsilon_3"].items():
         assert f"| {k} | {c['median_r2']} | ({c['epsilon']:.4f}, {c['delta']:g}) | {c['noise_std_per_coordinate_of_step']} |" in security
+
+
+def test_benchmarks_quote_the_1e5_profile_exactly():
+    """docs/benchmarks.md's 1e5 paragraph is bench/results/throughput_1e5.json: the sweeps' ratios and
+    rates, the stage costs and the serial bound (seen red on a changed ratio)."""
+    text = " ".join((ROOT / "docs" / "benchmarks.md").read_text().split())
+    data = results("throughput_1e5")
+    runs, row = data["repeat_runs"]["by_params"]["100000"], data["results"][0]
+    st = row["stages_us"]
+    ratios = ", ".join(format(r["ratio"], ".2f") for r in runs[:-1])
+    assert f"gave {ratios} and {runs[-1]['ratio']:.2f} of raw paho" in text
+    assert (f"({', '.join(thousands(r['fedmq_per_s']) for r in runs[:-1])} and {thousands(runs[-1]['fedmq_per_s'])} updates/s "
+            f"against {', '.join(thousands(r['raw_paho_per_s']) for r in runs[:-1])} and "
+            f"{thousands(runs[-1]['raw_paho_per_s'])} msg/s raw)") in text
+    assert sum(r["ratio"] >= 0.7 for r in runs) == 2 and "at or above 0.7 in two of the three" in text
+    for quoted in (f"{thousands(st['norm_numpy_linalg_mean'])} us per call", f"against {thousands(st['norm_chunked_mean'])} us taken",
+                   f"{thousands(st['fedasync_add_before'])} us (best of 5), against {thousands(st['fedasync_add'])} us in place",
+                   f"decode int8 {st['codec_decode_int8']:.0f} us", f"float64 copy {st['to_float64']:.0f} us",
+                   f"range check {st['finite_on_the_wire']:.0f} us", f"msgpack {st['msgpack_decode_update']:.0f} us",
+                   f"{thousands(st['handle_update_whole'])} us for the whole", f"({thousands(st['checkpoint_per_commit'])} us per group commit",
+                   f"caps the ratio at {row['serial_bound_ratio']:.2f} of raw"):
+        assert quoted in text, quoted
+
+
+def test_scale_table_is_the_results_file_and_5000_agents_converge():
+    """docs/benchmarks.md section 4's rows are bench/results/scale.json, staleness beside r2; the
+    5,000-agent r2 is within 0.01 of the 1,000-agent run's and the unbounded run is the divergent
+    one (seen red on a changed staleness cell)."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    data = results("scale")
+    for label, r in (("1,000", data["runs"][0]), ("5,000", data["runs"][1]), ("5,000, before", data["before"])):
+        row = (f"| {label} | {r['max_staleness']} | {thousands(r['accepted'])} | {thousands(r['rejected'].get('too_stale', 0))} "
+               f"| {r['updates_per_s']:.1f} | {r['staleness_mean']:.1f} / {r['staleness_max']} | {r['final_r2']:.4f} |")
+        assert row in text, row
+    small, large = data["runs"]
+    assert (small["agents"], large["agents"]) == (1000, 5000)
+    assert abs(large["final_r2"] - small["final_r2"]) <= 0.01
+    assert data["before"]["final_r2"] < 0.9 and data["before"]["staleness_max"] > large["staleness_max"]
