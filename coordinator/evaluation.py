@@ -28,11 +28,13 @@ def score(spec: ModelSpec, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> 
 
 
 class FleetEvaluation:
-    """Sample-weighted mean of what agents report about the global model on their own data.
+    """The median over agents of what each reports about the global model on its own data.
 
     Agents evaluate the model they received before training and send `eval_*` metrics with
     their update; the newest report of each of the `max_agents` most recently reporting
-    agents counts, so agents that left long ago drop out.
+    agents is one vote, whatever sample count it claims (issue 18: one agent claiming 10^9
+    samples reported the fleet's accuracy), so agents that left long ago drop out and a
+    minority cannot move the result outside what the others report.
     """
 
     def __init__(self, max_agents: int = 10_000) -> None:
@@ -49,11 +51,9 @@ class FleetEvaluation:
             self._latest.popitem(last=False)
 
     def summary(self) -> dict[str, float]:
-        """{"loss": ..., "accuracy" or "r2": ...}: each metric's sample-weighted mean."""
-        totals: dict[str, list[float]] = {}
-        for n, evals in self._latest.values():
+        """{"loss": ..., "accuracy" or "r2": ...}: each metric's median over the agents reporting it."""
+        votes: dict[str, list[float]] = {}
+        for _, evals in self._latest.values():
             for key, value in evals.items():
-                acc = totals.setdefault(key[len("eval_"):], [0.0, 0.0])
-                acc[0] += n * value
-                acc[1] += n
-        return {key: s / n for key, (s, n) in totals.items() if n}
+                votes.setdefault(key[len("eval_"):], []).append(value)
+        return {key: float(np.median(values)) for key, values in votes.items()}

@@ -66,6 +66,12 @@ class StatusCollector:
             yield gauge("fedmq_buffer_effective_size", "K now: min(K, agents online) when their statuses are known",
                         buffer["effective"])
             yield gauge("fedmq_live_agents", "Agents whose retained status says they train", buffer["live_agents"])
+        if isinstance(status.get("bounded"), dict):  # fedbuff/fedavg: one agent's weight in a buffer bounded
+            bounded = CounterMetricFamily("fedmq_updates_bounded", "Updates whose weight an agent's bound lowered, by reason",
+                                          labels=["fleet", "reason"])
+            for reason, count in status["bounded"].items():
+                bounded.add_metric([status["fleet"], reason], count)
+            yield bounded
         chunks = status.get("chunks")  # chunked updates (coordinator/chunks.py): the acks held from the broker's window
         if isinstance(chunks, dict):
             yield gauge("fedmq_chunk_partial_updates", "Chunked updates partly received", chunks["partial"])
@@ -117,7 +123,7 @@ class StatusCollector:
                 score.add_metric([status["fleet"], metric], status[metric])
         yield score
         fleet_eval = GaugeMetricFamily(
-            "fedmq_fleet_eval", "Sample-weighted metrics the agents report of the global model", labels=["fleet", "metric"]
+            "fedmq_fleet_eval", "Median over agents of the metrics they report of the global model", labels=["fleet", "metric"]
         )
         for metric, value in status["fleet_eval"].items():
             if value is not None:

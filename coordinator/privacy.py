@@ -137,7 +137,7 @@ class CentralDP(Strategy):
 
     # --- the strategy ----------------------------------------------------------------------
 
-    def add(self, params, delta, n_samples, staleness, base=None):
+    def add(self, params, delta, n_samples, staleness, base=None, agent=None):
         agent, self._next_agent = self._next_agent, None
         if agent is None:
             raise RuntimeError("CentralDP.add without PrivacyGate.check: wire the strategy with guard()")

@@ -139,7 +139,7 @@ class Coordinator:
         update = verdict.update
         base = self.published_.get(update.base_version)
         delta = self.rescales.catch_up(verdict.delta, update.base_version)  # trained under an older scaling
-        new = self.strategy.add(self.params_, delta, verdict.n_samples, verdict.staleness, base)
+        new = self.strategy.add(self.params_, delta, verdict.n_samples, verdict.staleness, base, agent=update.agent_id)
         if new is not None and not _finite_on_the_wire(new):  # overflow: never publish it
             return "non_finite_model"
         if self.strategy.pending and self.buffer_since_ is None:
@@ -351,6 +351,8 @@ class Coordinator:
             status["statistics"] = dict(self.statistics.summary(), scaled=self.rescales.current is not None)
         if self.schema is not None:
             status["schema"] = self.schema.summary()
+        if isinstance(bounded := getattr(self.strategy, "bounded_", None), Counter):  # fedbuff, fedavg
+            status["bounded"] = {"repeat_agent": bounded["repeat_agent"], "weight_cap": bounded["weight_cap"]}
         if (buffer := self.strategy.buffer()) is not None:
             status["buffer"] = buffer
         if (pace := self.pace) is not None:

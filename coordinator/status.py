@@ -45,7 +45,7 @@ def build_status(
     """The status document; `accuracy` (classifier) or `r2` (regressor) is None until scored.
 
     `staleness` is over accepted updates; `fleet_eval` is what the agents measured of the
-    global model on their own data, sample-weighted (see coordinator.evaluation).
+    global model on their own data, the median over agents (see coordinator.evaluation).
     `max_agents` is the bound on `agents` (the replay state; more are refused as too_many_agents);
     `gaps` counts updates agents made that never arrived (coordinator.validation.SeqTracker);
     `checkpoint_failing` is null, or the error and since when while nothing can be made durable;

@@ -9,6 +9,7 @@ it is still collecting.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from coordinator.staleness import Constant, StalenessFn
 
 # fedasync's mixing weight: 0.6 followed the newest non-IID agent too closely (docs/benchmarks.md)
 DEFAULT_ALPHA = 0.3
+# In a buffer an agent holds one row (its newest update), and no row weighs more than this many
+# times the median row (from 3 rows on): one device cannot own a buffer (issue 18).
+BUFFER_WEIGHT_FACTOR = 2.0
 
 
 class Strategy(ABC):
@@ -30,11 +34,13 @@ class Strategy(ABC):
 
     @abstractmethod
     def add(
-        self, params: np.ndarray, delta: np.ndarray, n_samples: int, staleness: int, base: np.ndarray | None = None
+        self, params: np.ndarray, delta: np.ndarray, n_samples: int, staleness: int, base: np.ndarray | None = None,
+        agent: str | None = None,
     ) -> np.ndarray | None:
         """Fold in one accepted update; new parameters if the model changed, else None.
 
-        `base` is the published model the update was computed from, when still known.
+        `base` is the published model the update was computed from, when still known; `agent`
+        its sender (None: shares its agent with no other update).
         """
 
     @property
@@ -79,7 +85,7 @@ class FedAsync(Strategy):
         self.alpha = alpha
         self.staleness = staleness
 
-    def add(self, params, delta, n_samples, staleness, base=None):
+    def add(self, params, delta, n_samples, staleness, base=None, agent=None):
         # x + a (local - x), in place on one new array: at 1e5 parameters the four temporaries
         # of (1 - a) x + a local cost more than decoding the update (docs/benchmarks.md)
         a = self.alpha * self.staleness(staleness)
@@ -101,6 +107,11 @@ class FedBuff(Strategy):
 
     x <- x + eta * sum(n_i w(s_i) delta_i) / sum(n_i)  (Nguyen et al., 2022, sample-weighted),
     or a robust coordinate-wise median / trimmed mean of the w(s_i) delta_i.
+
+    One row per agent: an agent's newer update replaces its older one in the buffer
+    (`bounded_["repeat_agent"]`), and at the step no n_i exceeds BUFFER_WEIGHT_FACTOR x the
+    buffer's median (`bounded_["weight_cap"]`): one agent's claimed counts or volume cannot
+    own the mean.
     """
 
     name = "fedbuff"
@@ -123,6 +134,8 @@ class FedBuff(Strategy):
         self._aggregate = parse_aggregate(aggregate)
         self._deltas: list[np.ndarray] = []
         self._samples: list[float] = []
+        self._agents: list[str | None] = []
+        self.bounded_: Counter[str] = Counter()
         self.live = 0  # agents online (coordinator/presence.py); 0: unknown, the buffer is K
 
     @property
@@ -141,9 +154,15 @@ class FedBuff(Strategy):
     def buffer(self) -> dict:
         return {"size": self.buffer_size, "effective": self.effective_size, "live_agents": self.live}
 
-    def add(self, params, delta, n_samples, staleness, base=None):
-        self._deltas.append(self.staleness(staleness) * np.asarray(delta, dtype=np.float64))
+    def add(self, params, delta, n_samples, staleness, base=None, agent=None):
+        row = self.staleness(staleness) * np.asarray(delta, dtype=np.float64)
+        if agent is not None and agent in self._agents:  # its newer update replaces the older
+            i = self._agents.index(agent)
+            del self._deltas[i], self._samples[i], self._agents[i]
+            self.bounded_["repeat_agent"] += 1
+        self._deltas.append(row)
         self._samples.append(float(n_samples))
+        self._agents.append(agent)
         if len(self._deltas) < self.effective_size:
             return None
         return self.flush(params)
@@ -151,22 +170,33 @@ class FedBuff(Strategy):
     def flush(self, params):
         if not self._deltas:
             return None
-        step = self._aggregate(np.stack(self._deltas), np.asarray(self._samples))
-        self._deltas = []
-        self._samples = []
+        step = self._aggregate(np.stack(self._deltas), self._capped(np.asarray(self._samples)))
+        self._deltas, self._samples, self._agents = [], [], []
         return params + self.server_lr * step
 
+    def _capped(self, weights: np.ndarray) -> np.ndarray:
+        """`weights` with none above BUFFER_WEIGHT_FACTOR x their median (from 3 rows on), counted."""
+        if len(weights) < 3:
+            return weights
+        cap = BUFFER_WEIGHT_FACTOR * float(np.median(weights))
+        over = weights > cap
+        if cap > 0 and over.any():
+            self.bounded_["weight_cap"] += int(over.sum())
+            return np.minimum(weights, cap)
+        return weights
+
     def state(self) -> dict:
-        # new lists on every change (never mutated in place once handed out), so a
-        # snapshot taken under the session's lock stays valid while it is written
-        return {"deltas": list(self._deltas), "samples": list(self._samples)}
+        # copies: a snapshot taken under the session's lock stays valid while it is written
+        return {"deltas": list(self._deltas), "samples": list(self._samples), "row_agents": list(self._agents)}
 
     def restore(self, state: dict) -> None:
         deltas, samples = state.get("deltas", []), state.get("samples", [])
-        if len(deltas) != len(samples) or len(deltas) >= self.buffer_size:
+        agents = list(state.get("row_agents") or [None] * len(deltas))
+        if len(deltas) != len(samples) or len(agents) != len(deltas) or len(deltas) >= self.buffer_size:
             raise ValueError(f"buffer of {len(deltas)} updates does not fit a buffer size of {self.buffer_size}")
         self._deltas = [np.asarray(d, dtype=np.float64) for d in deltas]
         self._samples = [float(n) for n in samples]
+        self._agents = [a if isinstance(a, str) else None for a in agents]
 
 
 class FedAvg(FedBuff):

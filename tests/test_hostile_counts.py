@@ -1,0 +1,107 @@
+"""Issue 18, point 3: one agent's claimed sample counts own neither the fleet evaluation nor a buffer.
+
+Before: the 4x-median cap on claimed counts starts once 10 agents were seen, so in a fleet of
+6 one agent claiming 10^9 samples reported the fleet evaluation (accuracy 0.99999) and owned
+the fedbuff mean. Now the fleet evaluation is the median over agents of each agent's newest
+report (one vote per agent), and a fedbuff buffer takes each agent once (its updates in one
+buffer are averaged into one row) with a weight of at most BUFFER_WEIGHT_FACTOR x the
+buffer's median agent weight. Real mosquitto, the real coordinator and 5 real agents on
+digits; the hostile agent is a client sending, for every model, 3 updates that flip the model
+(delta = -2 x params) with 10^9 samples and eval_accuracy 0.99999.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fleet import TopicWatcher, spawn, stop
+from protocol import codec
+from protocol.messages import UpdateMessage, decode_model, encode_update
+from protocol.tabular import write_csv
+from protocol.topics import Topics
+from simulation.datasets import load_dataset
+from simulation.mosquitto import free_port
+from simulation.partition import partition
+
+FLEET = "counts"
+T = Topics(FLEET)
+HONEST = 5
+WAIT = 90
+
+
+class HostileAgent:
+    """Answers every model with `per_model` flipping updates claiming 10^9 samples and a perfect evaluation."""
+
+    def __init__(self, port: int, per_model: int = 3) -> None:
+        self.per_model = per_model
+        self.sent = 0
+        self.seq = int(time.time() * 1e6)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"evil-{os.getpid()}")
+        self.client.on_connect = lambda c, *a: c.subscribe(T.model, qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.publish(T.agent_status("evil"), json.dumps({"agent": "evil", "state": "training"}), qos=1, retain=True)
+        self.client.loop_start()
+        self.lock = threading.Lock()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            model = decode_model(msg.payload, fleet=FLEET)
+        except Exception:
+            return
+        enc = codec.encode(-2.0 * np.asarray(model.params), "float32", np.random.default_rng(0))
+        for _ in range(self.per_model):
+            self.seq += 1
+            update = UpdateMessage("evil", self.seq, model.version, 10**9, enc, {"eval_accuracy": 0.99999, "eval_loss": 0.0})
+            client.publish(T.update("evil"), encode_update(update), qos=1)
+            self.sent += 1
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_one_agent_claiming_a_billion_samples_owns_neither_the_evaluation_nor_the_buffer(tmp_path, mosquitto):
+    ds = load_dataset("digits", seed=0)
+    paths = []
+    for i, idx in enumerate(partition(ds.y_train, HONEST, "iid", seed=0)):
+        paths.append(tmp_path / f"a{i}.csv")
+        write_csv(paths[-1], ds.X_train[idx], ds.y_train[idx])
+    write_csv(tmp_path / "eval.csv", ds.X_test, ds.y_test)
+    port = free_port()
+    watcher = TopicWatcher(mosquitto.port, T.coordinator_status)
+    coordinator = spawn("coordinator", "--broker", mosquitto.url, "--fleet", FLEET, "--model", "sgd-classifier",
+                        "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features,
+                        "--strategy", "fedbuff", "--eval-csv", tmp_path / "eval.csv", "--publish-interval", "0.3",
+                        "--metrics-port", port, log=tmp_path / "coordinator.log")
+    evil = HostileAgent(mosquitto.port)
+    agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", FLEET, "--id", f"a{i}", "--data", p,
+                    log=tmp_path / f"a{i}.log") for i, p in enumerate(paths)]
+    status = lambda: watcher.json(T.coordinator_status) or {}  # noqa: E731
+    try:
+        # the flips do not own the mean: the fleet learns as one would without them
+        final = watcher.wait_for(lambda: (s := status()).get("version", 0) >= 12 and (s.get("accuracy") or 0) >= 0.85
+                                 and s, WAIT, "12 versions and accuracy >= 0.85")
+        assert evil.sent >= 3 * 6, f"the hostile agent sent only {evil.sent} updates"
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        evil.close()
+        for proc in agents:
+            stop(proc)
+        code = stop(coordinator)
+        watcher.close()
+    assert code == 0
+    print(f"\nversion {final['version']}: accuracy {final['accuracy']}, fleet_eval {final['fleet_eval']}, "
+          f"bounded {final.get('bounded')}, hostile updates sent {evil.sent}")
+    assert final["fleet_eval"]["accuracy"] < 0.99, final["fleet_eval"]  # the hostile claim is one vote of 6
+    assert abs(final["fleet_eval"]["accuracy"] - final["accuracy"]) < 0.15, final
+    assert final["bounded"]["repeat_agent"] > 0 and final["bounded"]["weight_cap"] > 0, final["bounded"]
+    assert f'fedmq_updates_bounded_total{{fleet="{FLEET}",reason="repeat_agent"}}' in metrics
