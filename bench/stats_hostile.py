@@ -32,14 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.raw_data import TOPICS, raw_dataset  # noqa: E402
 from bench.report import seed_cell, write_results  # noqa: E402
-from coordinator.server import Coordinator  # noqa: E402
-from coordinator.statistics import FleetStatistics  # noqa: E402
-from coordinator.strategies import make_strategy  # noqa: E402
-from coordinator.validation import UpdateValidator  # noqa: E402
+from bench.stats_noise import stats_core  # noqa: E402
 from edge_agent.agent import Agent  # noqa: E402
 from edge_agent.data import ArraySource  # noqa: E402
 from edge_agent.trainer import LocalTrainer  # noqa: E402
-from protocol.model_spec import ModelSpec  # noqa: E402
 from protocol.statistics import FeatureStats, describe  # noqa: E402
 from protocol.stats_message import encode_stats  # noqa: E402
 from simulation.datasets import Dataset  # noqa: E402
@@ -74,10 +70,7 @@ def hostile_stats(X: np.ndarray, attack: str) -> bytes:
 
 def federated(ds: Dataset, attack: str | None, *, epochs: int, seed: int) -> float:
     """Test accuracy of a fedasync fleet of AGENTS scaled by its federated statistics, a5 hostile under `attack`."""
-    spec = ModelSpec(ds.model, ds.n_features, ds.classes)
-    core = Coordinator(TOPICS, spec, make_strategy("fedasync", alpha=0.5), UpdateValidator(TOPICS, spec.n_params),
-                       publish_interval=0, eval_data=(ds.X_test, ds.y_test),
-                       statistics=FleetStatistics(TOPICS, ds.n_features))
+    core = stats_core(ds)
     fleet = []
     for i, idx in enumerate(partition(ds.y_train, AGENTS, "iid", seed=seed)):
         agent = Agent(f"a{i}", TOPICS, ArraySource(ds.X_train[idx], ds.y_train[idx]),

@@ -51,12 +51,17 @@ def declared_ranges(ds: Dataset) -> tuple[tuple[float, float], ...]:
     return tuple((float(a), float(b)) for a, b in zip(lo, hi))
 
 
-def federated(ds: Dataset, noise: StatsMechanism | None, *, agents: int, epochs: int, seed: int) -> float:
-    """Test accuracy of a fedasync fleet scaled by its (noised when `noise`) federated statistics."""
+def stats_core(ds: Dataset) -> Coordinator:
+    """The in-process fedasync coordinator of the statistics benchmarks, merging feature statistics."""
     spec = ModelSpec(ds.model, ds.n_features, ds.classes)
-    core = Coordinator(TOPICS, spec, make_strategy("fedasync", alpha=0.5), UpdateValidator(TOPICS, spec.n_params),
+    return Coordinator(TOPICS, spec, make_strategy("fedasync", alpha=0.5), UpdateValidator(TOPICS, spec.n_params),
                        publish_interval=0, eval_data=(ds.X_test, ds.y_test),
                        statistics=FleetStatistics(TOPICS, ds.n_features))
+
+
+def federated(ds: Dataset, noise: StatsMechanism | None, *, agents: int, epochs: int, seed: int) -> float:
+    """Test accuracy of a fedasync fleet scaled by its (noised when `noise`) federated statistics."""
+    core = stats_core(ds)
     fleet = []
     for i, idx in enumerate(partition(ds.y_train, agents, "iid", seed=seed)):
         agent = Agent(f"a{i}", TOPICS, ArraySource(ds.X_train[idx], ds.y_train[idx]),
