@@ -42,12 +42,13 @@ class Presence:
             try:
                 state = json.loads(payload).get("state") if payload else "offline"
             except (ValueError, AttributeError, RecursionError):
+                state = None
+            if not isinstance(state, str):  # undecodable, or a list or map (unhashable: the set lookup would raise)
                 state, reason = None, "status_decode"
-            if reason is None:
-                if state in LIVE_STATES and (agent in self.live or len(self.live) < self.max_agents):
-                    self.live.add(agent)
-                else:
-                    self.live.discard(agent)
+            if state in LIVE_STATES and (agent in self.live or len(self.live) < self.max_agents):
+                self.live.add(agent)
+            else:
+                self.live.discard(agent)  # offline, error, budget_spent, or a status we cannot read
         if reason is not None:
             self.refused_[reason] += 1
         return reason

@@ -186,7 +186,10 @@ class CoordinatorSession:
             return
         if (handle := self._handler_for(msg.topic)) is not None:
             with self.lock:  # acked through the same group commit as updates
-                handle(msg.topic, msg.payload, msg.retain)
+                try:
+                    handle(msg.topic, msg.payload, msg.retain)
+                except Exception:  # a bug of ours must not end paho's network thread (acked: not redelivered)
+                    log.exception("unexpected error on %s", msg.topic)
                 self._unacked.append((self._connection, msg.mid, msg.qos))
             self._wake.set()
             return

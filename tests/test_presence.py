@@ -61,3 +61,13 @@ def test_an_agent_leaving_steps_the_buffer_it_was_holding_up():
     assert core.status()["buffer"] == {"size": 5, "effective": 2, "live_agents": 2}
     assert core.handle_agent_status(T.agent_status("x"), b"{") == "status_decode"
     assert core.status()["rejected"] == {"status_decode": 1}
+
+
+def test_a_status_whose_state_is_no_string_is_refused_and_the_agent_not_counted():
+    """Red team: {"state": []} raised TypeError (unhashable) out of paho's on_message; seen red."""
+    p = Presence(T)
+    assert p.handle(T.agent_status("a"), b'{"state": "online"}') is None
+    for payload in (b'{"state": []}', b'{"state": {"x": 1}}', b'{"state": 7}', b'{}'):
+        assert p.handle(T.agent_status("a"), payload) == "status_decode"
+        assert p.count == 0
+        p.handle(T.agent_status("a"), b'{"state": "online"}')
