@@ -144,3 +144,30 @@ def test_the_coordinator_paces_by_the_agents_online():
     assert decode_model(unsteered.model_payload()).pace is None and "pace" not in unsteered.status()
     with pytest.raises(ValueError):
         Coordinator(TOPICS, SPEC, FedAsync(), UpdateValidator(TOPICS, SPEC.n_params), steering=Steering(2.0))
+
+
+REQUIRED = ["--broker", "mqtt://127.0.0.1:1883", "--fleet", "t", "--model", "sgd-classifier", "--classes", "0,1", "--n-features", "2"]
+
+
+@pytest.mark.parametrize("extra", [["--target-updates-per-s", "-1"], ["--target-updates-per-s", "nan"],
+                                   ["--target-updates-per-s", "2", "--pace-min-interval", "0"],
+                                   ["--target-updates-per-s", "2", "--pace-min-interval", "9", "--pace-max-interval", "3"],
+                                   ["--target-updates-per-s", "2", "--pace-jitter", "1.5"],
+                                   ["--target-updates-per-s", "2", "--strategy", "fedbuff", "--secure-aggregation"]])
+def test_bad_pace_flags_are_one_line_errors(extra, capsys):
+    from coordinator.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*REQUIRED, *extra])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("fedmq-coordinator: error:") and "pace" in last, last
+
+
+def test_pace_flags_build_the_steering_and_turn_presence_on():
+    from coordinator.cli import build_coordinator, parse_args
+
+    args = parse_args([*REQUIRED, "--strategy", "fedasync", "--target-updates-per-s", "3", "--pace-jitter", "0.2"])
+    core = build_coordinator(args)
+    assert core.steering == Steering(3.0, 1.0, 600.0, 0.2) and core.presence is not None
+    assert parse_args(REQUIRED).steering is None
