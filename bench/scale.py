@@ -2,6 +2,11 @@
 machine, and the memory each costs. Real agents, real MQTT clients, one mosquitto.
 
     python bench/scale.py [--agents 1000,5000] [--duration 60] [--out bench/results/scale.json]
+    python bench/scale.py --target-updates-per-s 100 --paced-only --out bench/results/scale.json
+
+--target-updates-per-s also runs every fleet size with pace steering (the coordinator asks each
+agent to report once per agents / RATE seconds, protocol/pace.py) as `paced`; --paced-only runs
+only those and keeps the other sections of an existing --out file.
 
 Prints JSON per fleet size: agents connected at peak, updates accepted, final r2 beside the
 staleness of the accepted updates (mean, max), per-agent memory (process RSS growth from
@@ -34,7 +39,7 @@ from simulation.mosquitto import Mosquitto  # noqa: E402
 MAX_STALENESS = 20
 
 
-def run(agents: int, duration: float, rows_per_agent: int, max_staleness: int) -> dict:
+def run(agents: int, duration: float, rows_per_agent: int, max_staleness: int, target: float = 0.0) -> dict:
     """One fleet of `agents` for `duration` seconds; its figures, staleness beside r2."""
     me = psutil.Process()
     dataset = make_linear(n_samples=int(rows_per_agent * agents / 0.75) + 10, n_features=10)
@@ -42,7 +47,8 @@ def run(agents: int, duration: float, rows_per_agent: int, max_staleness: int) -
     peak = {"connected": 0, "rss": rss_before}
     config = SimConfig(agents=agents, partition="iid", strategy="fedbuff", buffer_size=50,
                        duration=duration, round_time=0.0, publish_interval=1.0, fleet="scale",
-                       hyperparameters={"eta0": 0.01}, max_staleness=max_staleness)
+                       hyperparameters={"eta0": 0.01}, max_staleness=max_staleness,
+                       target_updates_per_s=target)
 
     def watch(sim: Simulation) -> None:
         peak["connected"] = max(peak["connected"], sim.traffic.connected)
@@ -57,7 +63,8 @@ def run(agents: int, duration: float, rows_per_agent: int, max_staleness: int) -
             result = sim.run(progress=watch)
             broker_rss = psutil.Process(broker.proc.pid).memory_info().rss
     return {
-        "agents": agents, "duration_s": duration, "max_staleness": max_staleness,
+        "agents": agents, "duration_s": duration, "max_staleness": max_staleness, "target_updates_per_s": target,
+        "pace": result["pace"],
         "threads_in_process": threading.active_count(),
         "peak_connected": peak["connected"], "all_connected_after_s": peak.get("all_connected_s"),
         "updates_sent": result["updates_sent"], "accepted": result["accepted"], "rejected": result["rejected"],
@@ -80,13 +87,25 @@ def main() -> None:
                    help="the coordinator's --max-staleness (versions) for every run")
     p.add_argument("--before", type=int, metavar="MAX_STALENESS",
                    help="also run the largest fleet with this --max-staleness (the old default: 1000), as `before`")
+    p.add_argument("--target-updates-per-s", type=float, default=0.0, metavar="RATE",
+                   help="also run every fleet size with pace steering at RATE updates/s, as `paced`")
+    p.add_argument("--paced-only", action="store_true",
+                   help="run only the paced fleets; the other sections of an existing --out file are kept")
     p.add_argument("--out", type=Path, help="also write the JSON here (bench/results/scale.json)")
     args = p.parse_args()
     sizes = [int(n) for n in args.agents.split(",")]
-    runs = [run(n, args.duration, args.rows_per_agent, args.max_staleness) for n in sizes]
-    result = {"benchmark": "scale", **runs[0], "runs": runs}
-    if args.before is not None:
-        result["before"] = run(max(sizes), args.duration, args.rows_per_agent, args.before)
+    if args.paced_only and not args.target_updates_per_s:
+        p.error("--paced-only needs --target-updates-per-s")
+    if args.paced_only:
+        result = json.loads(args.out.read_text()) if args.out and args.out.exists() else {"benchmark": "scale"}
+    else:
+        runs = [run(n, args.duration, args.rows_per_agent, args.max_staleness) for n in sizes]
+        result = {"benchmark": "scale", **runs[0], "runs": runs}
+        if args.before is not None:
+            result["before"] = run(max(sizes), args.duration, args.rows_per_agent, args.before)
+    if args.target_updates_per_s:
+        result["paced"] = [run(n, args.duration, args.rows_per_agent, args.max_staleness, args.target_updates_per_s)
+                           for n in sizes]
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

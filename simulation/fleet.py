@@ -7,6 +7,7 @@ thread pool for training, so a thousand of them cost memory, not threads.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from coordinator.presence import Presence
 from coordinator.server import Coordinator
 from coordinator.session import CoordinatorSession
 from coordinator.staleness import parse_staleness
@@ -25,6 +27,7 @@ from edge_agent.agent import Agent
 from edge_agent.data import ArraySource
 from edge_agent.trainer import LocalTrainer
 from protocol.model_spec import ModelSpec
+from protocol.pace import Steering
 from protocol.topics import Topics
 from protocol.transport import BrokerSettings, make_client
 from simulation.client_loop import ClientLoop
@@ -72,6 +75,7 @@ class SimConfig:
     train_workers: int = 2
     raw_units: bool = False  # bundled data in its own units, scaled only by the federated statistics
     feature_skew: float = 0.0  # each agent's own gain (10^+-skew) and offset (+-skew deviations) per feature
+    target_updates_per_s: float = 0.0  # pace steering (protocol/pace.py): the coordinator's target; 0: not steered
 
     @property
     def feature_stats(self) -> bool:
@@ -98,8 +102,10 @@ class VirtualAgent:
     def __init__(self, agent: Agent, settings: BrokerSettings, loop: ClientLoop, pool: ThreadPoolExecutor,
                  traffic: Traffic, *, slowdown: float, round_time: float, network_delay: float,
                  dropout: float, dropout_time: float, rng: np.random.Generator,
-                 dropout_mode: str = "hold", duty: tuple[float, float] | None = None) -> None:
+                 dropout_mode: str = "hold", duty: tuple[float, float] | None = None,
+                 report_status: bool = False) -> None:
         self.agent = agent
+        self.report_status = report_status  # publish the retained status on connecting (a steered fleet)
         self.loop = loop
         self.pool = pool
         self.traffic = traffic
@@ -157,6 +163,9 @@ class VirtualAgent:
             log.error("%s refused: %s", self.agent.agent_id, reason_code)
             return
         self.traffic.connected += 1
+        if self.report_status:  # the coordinator counts the fleet by these (coordinator/presence.py)
+            client.publish(self.agent.topics.agent_status(self.agent.agent_id),
+                           json.dumps(self.agent.status(), separators=(",", ":")), qos=1, retain=True)
         client.subscribe(self.agent.topics.model, qos=1)
         stats = self.agent.statistics_payload()  # retained: sent once, and again if the window grew
         if stats is not None:
@@ -220,8 +229,20 @@ class VirtualAgent:
             self.loop.call_later(self.dropout_time, self._reconnect)
             return
         self._publish(payload)
-        if self.agent.model_ and self.agent.model_.version > self.agent.trained_version_:
+        if self.agent.pace is not None:  # steered: like AgentSession, one model download per round
+            self._pause_models()
+        elif self.agent.model_ and self.agent.model_.version > self.agent.trained_version_:
             self._maybe_train()  # a newer model arrived while we trained
+
+    def _pause_models(self) -> None:
+        """Under a pace: stop listening until the next round is due, then subscribe again; the broker
+        sends the newest retained model, which starts that round (the agent's own pace gate decides)."""
+        self.client.unsubscribe(self.agent.topics.model)
+        self.loop.call_later(max(0.0, self.agent.next_round_at_ - time.monotonic()), self._resume_models)
+
+    def _resume_models(self) -> None:
+        if not self.offline:
+            self.client.subscribe(self.agent.topics.model, qos=1)
 
     def _publish(self, payload: bytes) -> None:
         self.client.publish(self.agent.topics.update(self.agent.agent_id), payload, qos=1)
@@ -262,9 +283,11 @@ class Simulation:
                                  buffer_size=c.buffer_size, server_lr=c.server_lr, aggregate=c.aggregate)
         validator = UpdateValidator(self.topics, self.spec.n_params, max_staleness=c.max_staleness,
                                     norm=NormBound(c.max_update_norm))
+        steering = Steering(c.target_updates_per_s) if c.target_updates_per_s else None
         return Coordinator(self.topics, self.spec, strategy, validator, publish_interval=c.publish_interval,
                            eval_data=(self.dataset.X_test, self.dataset.y_test),
-                           statistics=FleetStatistics(self.topics, self.spec.n_features) if c.feature_stats else None)
+                           statistics=FleetStatistics(self.topics, self.spec.n_features) if c.feature_stats else None,
+                           presence=Presence(self.topics) if steering else None, steering=steering)
 
     def build_agents(self, loop: ClientLoop, pool: ThreadPoolExecutor) -> list[VirtualAgent]:
         c = self.config
@@ -289,6 +312,7 @@ class Simulation:
                 slowdown=speeds[i] * (c.straggler_factor if i in slow else 1.0), round_time=c.round_time,
                 network_delay=c.network_delay, dropout=c.dropout, dropout_time=c.dropout_time,
                 rng=np.random.default_rng(c.seed * 7919 + i), dropout_mode=c.dropout_mode, duty=duty,
+                report_status=bool(c.target_updates_per_s),
             ))
         return agents
 
@@ -334,8 +358,10 @@ class Simulation:
             "accepted": status["accepted"],
             "rejected": status["rejected"],
             "staleness": status["staleness"],
+            "pace": status.get("pace"),
             "fleet_eval": status["fleet_eval"],
             "updates_sent": self.traffic.updates_sent,
+            "models_received": self.traffic.models_received,
             "sleeps": self.traffic.sleeps,
             "lost_rounds": self.traffic.lost_rounds,
             "bytes_up": self.traffic.bytes_up,

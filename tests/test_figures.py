@@ -496,3 +496,23 @@ def test_scale_table_is_the_results_file_and_5000_agents_converge():
     assert (small["agents"], large["agents"]) == (1000, 5000)
     assert abs(large["final_r2"] - small["final_r2"]) <= 0.01
     assert data["before"]["final_r2"] < 0.9 and data["before"]["staleness_max"] > large["staleness_max"]
+
+
+
+def test_paced_scale_table_is_the_results_file():
+    """docs/benchmarks.md section 4's pace-steered rows are bench/results/scale.json's `paced` runs
+    (seen red on a changed cell), 1,000 and 5,000 agents each within 0.01 of the unpaced 1,000 run's r2."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    data = results("scale")
+    small, large = data["paced"]
+    assert (small["agents"], large["agents"]) == (1000, 5000)
+    for r in (small, large):
+        row = (f"| {thousands(r['agents'])} | {r['target_updates_per_s']:g} ({r['pace']['interval']:g} s) | {r['max_staleness']} "
+               f"| {thousands(r['updates_sent'])} | {thousands(r['accepted'])} | {thousands(r['rejected'].get('too_stale', 0))} "
+               f"| {r['updates_per_s']:.1f} | {r['staleness_mean']:.1f} / {r['staleness_max']} | {r['final_r2']:.4f} |")
+        assert row in text, row
+        assert r["pace"]["agents_online"] == r["agents"]
+        assert abs(r["final_r2"] - data["runs"][0]["final_r2"]) <= 0.01
+    assert f"({small['updates_per_s']:.1f} accepted a second for a target of {small['target_updates_per_s']:g})" in text
+    assert f"falls from {data['runs'][0]['staleness_mean']:.1f} to {small['staleness_mean']:.1f} versions" in text
+    assert f"the {thousands(large['updates_sent'])} updates sent" in text

@@ -48,3 +48,25 @@ def test_cli_on_the_embedded_broker(tmp_path):
     assert result["accepted"] > 0 and result["final_score"] > 0.5
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "centralized accuracy" in proc.stdout + proc.stderr
+
+
+def test_simulated_agents_obey_the_coordinators_pace(mosquitto):
+    """Steered (--target-updates-per-s), the virtual agents report their statuses, the coordinator
+    counts them and asks for one report per agents / target seconds, and the fleet keeps to it:
+    unsteered, these 20 agents send on every model (hundreds of updates in 8 s). Seen red without the
+    agents' statuses (the coordinator counts no agents online) and without the pause
+    between rounds (a download per published model, and the fleet stalls after its first round:
+    the pace gate holds every agent back and no one is left to move the model)."""
+    agents, target, duration = 20, 4.0, 8.0
+    config = SimConfig(agents=agents, duration=duration, partition="iid", round_time=0.05, seed=2,
+                       fleet="simpace", target_updates_per_s=target)
+    result = Simulation(config, load_dataset("digits", seed=2), BrokerSettings.from_url(mosquitto.url)).run()
+    assert result["pace"] is not None, "the coordinator was not steered"
+    assert result["pace"]["agents_online"] == agents
+    assert result["pace"]["interval"] == agents / target
+    # the first round of each agent comes at once, then about `target` a second (and the fleet keeps
+    # going); room for the rounds started under the first model's interval (1 s: no agents counted yet)
+    assert agents + 2 * target <= result["updates_sent"] <= 2 * agents + 1.5 * target * duration, result["updates_sent"]
+    assert result["accepted"] >= agents
+    # and like a real agent it downloads the model once per round (its subscription paused between)
+    assert result["models_received"] <= 2 * result["updates_sent"], (result["models_received"], result["updates_sent"])
