@@ -66,6 +66,11 @@ class StatusCollector:
             yield gauge("fedmq_buffer_effective_size", "K now: min(K, agents online) when their statuses are known",
                         buffer["effective"])
             yield gauge("fedmq_live_agents", "Agents whose retained status says they train", buffer["live_agents"])
+        pace = status.get("pace")  # --target-updates-per-s: what the model asks of every device (protocol/pace.py)
+        if isinstance(pace, dict):
+            yield gauge("fedmq_pace_interval_seconds", "Report interval the model asks of every device",
+                        pace["interval"])
+            yield gauge("fedmq_pace_agents_online", "Agents online the pace is divided among", pace["agents_online"])
         if isinstance(status.get("bounded"), dict):  # fedbuff/fedavg: one agent's weight in a buffer bounded
             bounded = CounterMetricFamily("fedmq_updates_bounded", "Updates whose weight an agent's bound lowered, by reason",
                                           labels=["fleet", "reason"])

@@ -140,6 +140,15 @@ def test_the_coordinator_paces_by_the_agents_online():
     for i in range(8):
         core.handle_agent_status(TOPICS.agent_status(f"a{i}"), b'{"state": "offline"}')
     assert decode_model(core.model_payload()).pace.interval == 2.0
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from coordinator.metrics import StatusCollector
+
+    collector, registry = StatusCollector(), CollectorRegistry()
+    registry.register(collector)
+    collector.update(core.status())
+    text = generate_latest(registry).decode()
+    assert 'fedmq_pace_interval_seconds{fleet="t"} 2.0' in text and 'fedmq_pace_agents_online{fleet="t"} 4.0' in text
     unsteered = coordinator(None)
     assert decode_model(unsteered.model_payload()).pace is None and "pace" not in unsteered.status()
     with pytest.raises(ValueError):
