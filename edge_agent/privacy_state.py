@@ -9,12 +9,15 @@ a ledger started that way says so in the status (`reset_at`) for as long as it l
 
 Format: JSON `{"format": 1, "sha256": hex, "state": {...}}`, the digest over the
 canonical JSON of `state`; written to a temporary file, fsync'd, renamed over the old one
-and the directory fsync'd.
+and the directory fsync'd. One process at a time: `load_or_reset` takes an exclusive lock
+(`<file>.lock`, held while the process lives), since two processes on one ledger would each
+spend the budget the file records once.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
@@ -74,10 +77,12 @@ class PrivacyStore:
         self.path = os.path.abspath(path)
         self.identity = identity
         self.state: PrivacyState | None = None
+        self._lock = None  # the open lock file, held for the life of the process
 
     def load_or_reset(self, reset: bool) -> PrivacyState:
         """The saved state; a fresh one (reset_at now, saved) only when the file is missing or corrupt
-        and `reset`; else StateError (one line naming --reset-privacy-state)."""
+        and `reset`; else StateError (one line naming --reset-privacy-state, or the process holding it)."""
+        self._take_lock()
         try:
             self.state = self._load()
         except StateError as exc:
@@ -86,6 +91,19 @@ class PrivacyStore:
             self.state = PrivacyState(identity=self.identity, reset_at=time.time())
             self.save()
         return self.state
+
+    def _take_lock(self) -> None:
+        """Hold `<file>.lock` exclusively; StateError when another live process holds it."""
+        if self._lock is not None:
+            return
+        lock = open(f"{self.path}.lock", "a+")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise StateError(f"privacy state file {self.path} is in use by another agent process (it holds "
+                             f"{self.path}.lock): one process per --state-file, or both would spend its budget") from None
+        self._lock = lock
 
     def _load(self) -> PrivacyState:
         hint = "pass --reset-privacy-state to start a new privacy ledger (its epsilon starts at 0)"

@@ -124,3 +124,21 @@ def test_noised_statistics_are_re_sent_as_the_same_bytes_after_a_restart(tmp_pat
     assert len(set(released())) == 1  # three lifetimes, one noised release (was one fresh noise per restart)
     saved = json.loads(state.read_text())["state"]
     assert saved["stats_releases"] == 1
+
+
+def test_a_second_process_on_the_same_state_file_is_refused(tmp_path, mosquitto):
+    """Red team: two processes on one ledger each spent the budget it records once (both loaded
+    0 updates, the file kept the last writer's count). Seen red: the second process ran on."""
+    data, state = tmp_path / "a.csv", tmp_path / "dev1.state"
+    write_csv(data, X[:100], Y[:100])
+    argv = agent_argv(mosquitto.url, data, state, "--dp-clip", "1", "--dp-noise", SIGMA)
+    first = spawn(*argv, "--reset-privacy-state", log=tmp_path / "first.log")
+    try:
+        watcher = TopicWatcher(mosquitto.port, TOPICS.agent_status("dev1"))
+        watcher.wait_for(lambda: watcher.json(TOPICS.agent_status("dev1")), 60, "the first process's status")
+        watcher.close()
+        one_error_line(run_agent_cli(*argv), "in use by another agent process", str(state))
+        assert first.poll() is None
+    finally:
+        assert stop(first) == 0
+    assert run_agent_cli(*argv, "--connect-timeout", "0.5", "--broker", "mqtt://127.0.0.1:1").returncode == 1  # free again
