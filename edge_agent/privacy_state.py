@@ -20,6 +20,7 @@ import base64
 import fcntl
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,16 +59,29 @@ def _to_json(state: PrivacyState) -> dict:
     return doc
 
 
+def _count(value: object) -> int:
+    """A count as saved: a whole number >= 0 (ValueError otherwise: 2.5, Infinity, true, "3")."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("a count must be a whole number >= 0")
+    return value
+
+
 def _from_json(doc: dict) -> PrivacyState:
     payload = doc.get("stats_payload")
-    state = PrivacyState(
-        identity=dict(doc["identity"]), updates=int(doc["updates"]), stats_releases=int(doc["stats_releases"]),
-        stats_rows=None if doc.get("stats_rows") is None else int(doc["stats_rows"]),
+    return PrivacyState(
+        identity=dict(doc["identity"]), updates=_count(doc["updates"]), stats_releases=_count(doc["stats_releases"]),
+        stats_rows=None if doc.get("stats_rows") is None else _count(doc["stats_rows"]),
         stats_payload=None if payload is None else base64.b64decode(payload, validate=True),
-        reset_at=doc.get("reset_at"), created_at=float(doc.get("created_at", 0.0)))
-    if state.updates < 0 or state.stats_releases < 0:
-        raise ValueError("negative counts")
-    return state
+        reset_at=_moment(doc.get("reset_at")), created_at=_moment(doc.get("created_at", 0.0)))
+
+
+def _moment(value: object) -> float | None:
+    """A saved time (it goes into the status): None or a finite number of seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError("a time must be a finite number")
+    return float(value)
 
 
 class PrivacyStore:
@@ -119,7 +133,7 @@ class PrivacyStore:
             if doc.get("format") != FORMAT or doc.get("sha256") != _digest(doc["state"]):
                 raise ValueError("checksum")
             state = _from_json(doc["state"])
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
             raise StateError(f"privacy state file {self.path} is corrupt: {hint}") from None
         if state.identity != self.identity:
             changed = sorted(k for k in set(state.identity) | set(self.identity)

@@ -142,3 +142,20 @@ def test_a_second_process_on_the_same_state_file_is_refused(tmp_path, mosquitto)
     finally:
         assert stop(first) == 0
     assert run_agent_cli(*argv, "--connect-timeout", "0.5", "--broker", "mqtt://127.0.0.1:1").returncode == 1  # free again
+
+
+@pytest.mark.parametrize("field, value", [("updates", float("inf")), ("updates", 2.5), ("updates", True),
+                                          ("stats_releases", "3"), ("stats_rows", -1), ("reset_at", "soon"),
+                                          ("created_at", float("nan"))])
+def test_a_checksummed_state_with_a_bad_field_is_corrupt_in_one_line(tmp_path, field, value):
+    """Red team: a file whose digest matches but whose count is Infinity raised OverflowError (a
+    traceback, not the one line); 2.5 was taken as 2. Seen red on both."""
+    from edge_agent.privacy_state import PrivacyStore, StateError, _digest
+
+    identity = {"agent": "dev1"}
+    state = {"identity": identity, "updates": 1, "stats_releases": 0, "stats_rows": None, "stats_payload": None,
+             "reset_at": None, "created_at": 0.0, field: value}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"format": 1, "sha256": _digest(state), "state": state}))
+    with pytest.raises(StateError, match="corrupt"):
+        PrivacyStore(str(path), identity).load_or_reset(False)
