@@ -6,7 +6,7 @@ machine, and the memory each costs. Real agents, real MQTT clients, one mosquitt
 
 --target-updates-per-s also runs every fleet size with pace steering (the coordinator asks each
 agent to report once per agents / RATE seconds, protocol/pace.py) as `paced`; --paced-only runs
-only those and keeps the other sections of an existing --out file.
+only those and keeps the other sections of an existing --out file (--section names theirs).
 
 Prints JSON per fleet size: agents connected at peak, updates accepted, final r2 beside the
 staleness of the accepted updates (mean, max), per-agent memory (process RSS growth from
@@ -39,7 +39,8 @@ from simulation.mosquitto import Mosquitto  # noqa: E402
 MAX_STALENESS = 20
 
 
-def run(agents: int, duration: float, rows_per_agent: int, max_staleness: int, target: float = 0.0) -> dict:
+def run(agents: int, duration: float, rows_per_agent: int, max_staleness: int, target: float = 0.0,
+        pace_min_interval: float = 1.0) -> dict:
     """One fleet of `agents` for `duration` seconds; its figures, staleness beside r2."""
     me = psutil.Process()
     dataset = make_linear(n_samples=int(rows_per_agent * agents / 0.75) + 10, n_features=10)
@@ -48,7 +49,7 @@ def run(agents: int, duration: float, rows_per_agent: int, max_staleness: int, t
     config = SimConfig(agents=agents, partition="iid", strategy="fedbuff", buffer_size=50,
                        duration=duration, round_time=0.0, publish_interval=1.0, fleet="scale",
                        hyperparameters={"eta0": 0.01}, max_staleness=max_staleness,
-                       target_updates_per_s=target)
+                       target_updates_per_s=target, pace_min_interval=pace_min_interval)
 
     def watch(sim: Simulation) -> None:
         peak["connected"] = max(peak["connected"], sim.traffic.connected)
@@ -64,7 +65,7 @@ def run(agents: int, duration: float, rows_per_agent: int, max_staleness: int, t
             broker_rss = psutil.Process(broker.proc.pid).memory_info().rss
     return {
         "agents": agents, "duration_s": duration, "max_staleness": max_staleness, "target_updates_per_s": target,
-        "pace": result["pace"],
+        "pace": result["pace"], "pace_min_interval": pace_min_interval,
         "threads_in_process": threading.active_count(),
         "peak_connected": peak["connected"], "all_connected_after_s": peak.get("all_connected_s"),
         "updates_sent": result["updates_sent"], "accepted": result["accepted"], "rejected": result["rejected"],
@@ -89,6 +90,10 @@ def main() -> None:
                    help="also run the largest fleet with this --max-staleness (the old default: 1000), as `before`")
     p.add_argument("--target-updates-per-s", type=float, default=0.0, metavar="RATE",
                    help="also run every fleet size with pace steering at RATE updates/s, as `paced`")
+    p.add_argument("--pace-min-interval", default="1", metavar="SECONDS|fleet",
+                   help="the coordinator's --pace-min-interval in the paced runs (what its first model asks, before "
+                   "any agent is counted); fleet: the fleet's own interval, agents / RATE")
+    p.add_argument("--section", default="paced", help="the results key of the paced runs")
     p.add_argument("--paced-only", action="store_true",
                    help="run only the paced fleets; the other sections of an existing --out file are kept")
     p.add_argument("--out", type=Path, help="also write the JSON here (bench/results/scale.json)")
@@ -104,8 +109,10 @@ def main() -> None:
         if args.before is not None:
             result["before"] = run(max(sizes), args.duration, args.rows_per_agent, args.before)
     if args.target_updates_per_s:
-        result["paced"] = [run(n, args.duration, args.rows_per_agent, args.max_staleness, args.target_updates_per_s)
-                           for n in sizes]
+        def floor(n: int) -> float:
+            return n / args.target_updates_per_s if args.pace_min_interval == "fleet" else float(args.pace_min_interval)
+        result[args.section] = [run(n, args.duration, args.rows_per_agent, args.max_staleness, args.target_updates_per_s,
+                                    floor(n)) for n in sizes]
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

@@ -76,6 +76,7 @@ class SimConfig:
     raw_units: bool = False  # bundled data in its own units, scaled only by the federated statistics
     feature_skew: float = 0.0  # each agent's own gain (10^+-skew) and offset (+-skew deviations) per feature
     target_updates_per_s: float = 0.0  # pace steering (protocol/pace.py): the coordinator's target; 0: not steered
+    pace_min_interval: float = 1.0  # the coordinator's --pace-min-interval
 
     @property
     def feature_stats(self) -> bool:
@@ -283,7 +284,7 @@ class Simulation:
                                  buffer_size=c.buffer_size, server_lr=c.server_lr, aggregate=c.aggregate)
         validator = UpdateValidator(self.topics, self.spec.n_params, max_staleness=c.max_staleness,
                                     norm=NormBound(c.max_update_norm))
-        steering = Steering(c.target_updates_per_s) if c.target_updates_per_s else None
+        steering = Steering(c.target_updates_per_s, c.pace_min_interval) if c.target_updates_per_s else None
         return Coordinator(self.topics, self.spec, strategy, validator, publish_interval=c.publish_interval,
                            eval_data=(self.dataset.X_test, self.dataset.y_test),
                            statistics=FleetStatistics(self.topics, self.spec.n_features) if c.feature_stats else None,

@@ -500,19 +500,25 @@ def test_scale_table_is_the_results_file_and_5000_agents_converge():
 
 
 def test_paced_scale_table_is_the_results_file():
-    """docs/benchmarks.md section 4's pace-steered rows are bench/results/scale.json's `paced` runs
-    (seen red on a changed cell), 1,000 and 5,000 agents each within 0.01 of the unpaced 1,000 run's r2."""
+    """docs/benchmarks.md section 4's pace-steered rows are bench/results/scale.json's `paced` and
+    `paced_fleet_floor` runs (seen red on a changed cell), each within 0.01 of the unpaced 1,000 run's r2."""
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     data = results("scale")
-    small, large = data["paced"]
-    assert (small["agents"], large["agents"]) == (1000, 5000)
-    for r in (small, large):
-        row = (f"| {thousands(r['agents'])} | {r['target_updates_per_s']:g} ({r['pace']['interval']:g} s) | {r['max_staleness']} "
-               f"| {thousands(r['updates_sent'])} | {thousands(r['accepted'])} | {thousands(r['rejected'].get('too_stale', 0))} "
-               f"| {r['updates_per_s']:.1f} | {r['staleness_mean']:.1f} / {r['staleness_max']} | {r['final_r2']:.4f} |")
-        assert row in text, row
-        assert r["pace"]["agents_online"] == r["agents"]
-        assert abs(r["final_r2"] - data["runs"][0]["final_r2"]) <= 0.01
-    assert f"({small['updates_per_s']:.1f} accepted a second for a target of {small['target_updates_per_s']:g})" in text
-    assert f"falls from {data['runs'][0]['staleness_mean']:.1f} to {small['staleness_mean']:.1f} versions" in text
-    assert f"the {thousands(large['updates_sent'])} updates sent" in text
+    for section in ("paced", "paced_fleet_floor"):
+        small, large = data[section]
+        assert (small["agents"], large["agents"]) == (1000, 5000)
+        for r in (small, large):
+            row = (f"| {thousands(r['agents'])} | {r.get('pace_min_interval', 1.0):g} s | {r['pace']['interval']:g} s "
+                   f"| {thousands(r['updates_sent'])} | {thousands(r['accepted'])} | {thousands(r['rejected'].get('too_stale', 0))} "
+                   f"| {r['updates_per_s']:.1f} | {r['staleness_mean']:.1f} / {r['staleness_max']} | {r['final_r2']:.4f} |")
+            assert row in text, row
+            assert r["pace"]["agents_online"] == r["agents"] and r["target_updates_per_s"] == 100
+            assert abs(r["final_r2"] - data["runs"][0]["final_r2"]) <= 0.01
+    small, large = data["paced_fleet_floor"]
+    unpaced = data["runs"][0]
+    assert (f"({small['updates_per_s']:.1f} accepted a second for a target of 100, {thousands(small['accepted'])} of "
+            f"{thousands(small['updates_sent'])} sent\naccepted against {thousands(unpaced['accepted'])} of "
+            f"{thousands(unpaced['updates_sent'])} unpaced)") in text
+    assert f"falls from {unpaced['staleness_mean']:.1f} to\n{small['staleness_mean']:.1f} versions" in text
+    assert f"the {thousands(data['paced'][1]['updates_sent'])} updates sent" in text
+    assert f"{thousands(large['updates_sent'])} sent, and the {thousands(large['rejected']['too_stale'])} refused match" in text
