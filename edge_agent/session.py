@@ -80,6 +80,7 @@ class AgentSession:
         self._status_version: int | None = None  # the base version the last published status showed
         self._models_paused = False  # unsubscribed until _models_due_at (--min-model-interval)
         self._models_due_at = 0.0  # monotonic
+        self._paused_at = 0.0  # monotonic: when the session last stopped listening for models
         self.models_taken = 0  # models handed to the agent that were newer than the one held
         self._said_training = False  # a slow round published "training": say when it ends
         self.wake = threading.Event()  # set by the network thread when a newer model arrived
@@ -218,13 +219,20 @@ class AgentSession:
         """Stop listening for models until --min-model-interval has passed (network thread):
         the model topic and a chunked model's chunks, which would otherwise keep coming."""
         self._models_paused = True
-        self._models_due_at = time.monotonic() + self.min_model_interval
+        self._paused_at = time.monotonic()
+        self._models_due_at = self._paused_at + self.min_model_interval
         self.client.unsubscribe([self.agent.topics.model, self.agent.topics.all_model_chunks])
 
     def _models_resume_at(self) -> float:
         """When to listen for models again: --min-model-interval after the last one, and under a pace not
         before the agent's next round."""
         return max(self._models_due_at, self.agent.next_round_at_ if self.agent.pace is not None else 0.0)
+
+    def _round_wants_newest(self) -> bool:
+        """Under a pace, the round is due and the held model came before it (the session stopped listening
+        before the round): listen again first, so the round trains on the newest model, not the held one."""
+        return self._models_paused and self.agent.pace is not None \
+            and self._paused_at < self.agent.next_round_at_ <= time.monotonic()
 
     def _resume_models(self) -> None:
         """Subscribe again, as on connecting: the broker sends the newest retained model (or its
@@ -332,7 +340,9 @@ class AgentSession:
                 # a chunk was dropped (not while paused: resuming fetches the retained chunks anyway):
                 if self.chunks.stalled() and self.client.is_connected() and not self._models_paused:
                     self.client.subscribe(self.agent.topics.all_model_chunks, qos=0)  # the broker resends the retained ones
-                if self.agent.due():
+                if self._round_wants_newest():
+                    self._resume_models()  # the round waits for the newest model this brings (the wake), not the held one
+                elif self.agent.due():
                     self.train_and_send()
                 if self._models_paused and time.monotonic() >= self._models_resume_at():
                     self._resume_models()

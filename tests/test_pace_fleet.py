@@ -74,3 +74,56 @@ def test_the_update_rate_stays_near_the_target_from_4_to_12_agents(tmp_path, mos
     assert 0.5 * TARGET <= small <= 1.5 * TARGET, small
     assert 0.5 * TARGET <= large <= 1.5 * TARGET, large  # unsteered: about 3x the 4-agent rate
     assert large < 1.6 * small, (small, large)
+
+
+def test_a_paced_round_trains_on_the_newest_model_not_the_held_one(mosquitto):
+    """At its round a paced device listens again and trains on what that brings, even with --train-every
+    and new rows due on the model it holds. Seen red with the round checked before resubscribing: the
+    second update was based on version 1, the model held since the first round."""
+    import threading
+
+    import numpy as np
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge_agent.agent import Agent
+    from edge_agent.data import ArraySource
+    from edge_agent.session import AgentSession
+    from edge_agent.trainer import LocalTrainer
+    from protocol.messages import ModelMessage, decode_update, encode_model
+    from protocol.model_spec import ModelSpec
+    from protocol.pace import Pace
+    from protocol.transport import BrokerSettings
+
+    ds = load_dataset("digits", seed=0)
+    spec = ModelSpec("sgd-classifier", ds.n_features, tuple(ds.classes))
+    updates = TopicWatcher(mosquitto.port, T.all_updates)
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pace-publisher")
+    publisher.connect("127.0.0.1", mosquitto.port)
+    publisher.loop_start()
+
+    def publish(version: int) -> None:
+        payload = encode_model(ModelMessage(FLEET, version, spec, np.zeros(spec.n_params), pace=Pace(3.0, 0.0)))
+        publisher.publish(T.model, payload, qos=1, retain=True).wait_for_publish(10)
+
+    agent = Agent("solo", T, ArraySource(ds.X_train[:40], ds.y_train[:40]), LocalTrainer(random_state=0), "int8",
+                  seed=0, train_every=0.1)
+    session = AgentSession(agent, BrokerSettings("127.0.0.1", mosquitto.port), status_interval=0, poll_interval=0.2)
+    stop_event = threading.Event()
+    thread = threading.Thread(target=session.run, args=(stop_event,), daemon=True)
+    try:
+        publish(1)
+        thread.start()
+        updates.wait_for(lambda: len(updates.history) >= 1, 30, "the first update")
+        for version in range(2, 5):  # while the device waits out its 3 s interval
+            publish(version)
+        agent.new_samples_ = 10  # new rows: --train-every alone would train now, on the held version 1
+        updates.wait_for(lambda: len(updates.history) >= 2, 30, "the second update")
+    finally:
+        stop_event.set()
+        thread.join(15)
+        publisher.loop_stop()
+        publisher.disconnect()
+        updates.close()
+    bases = [decode_update(p).base_version for _, p in updates.history[:2]]
+    assert bases == [1, 4], bases
