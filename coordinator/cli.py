@@ -33,6 +33,7 @@ from protocol.config import fleet_tool_parser, parse_layered, require_extra
 from protocol.model_spec import ESTIMATORS, HYPERPARAMETERS, ModelSpec, build_estimator
 from protocol.privacy import GaussianMechanism
 from protocol.schema import column_order
+from protocol.stats_message import unnamed_stats_bytes
 from protocol.tabular import DataError, load_csv, read_columns
 from protocol.topics import Topics
 from protocol.transport import BrokerError, settings_from_args
@@ -185,10 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--metrics-port", type=int,
                    help="serve Prometheus metrics on this port at /metrics (needs prometheus-client: pip install 'fedmq[coordinator]')")
     s = p.add_argument_group("feature statistics (federated standardization)")
-    s.add_argument("--feature-stats", action="store_true",
+    s.add_argument("--feature-stats", action=argparse.BooleanOptionalAction,
                    help="merge the agents' per-feature statistics (stats/<agent>) and publish mean and scale with the "
                    "model; agents and --eval-csv standardize with them and missing values take the fleet mean. The "
-                   "first model waits for --stats-min-agents agents' statistics")
+                   "first model waits for --stats-min-agents agents' statistics. Default: on for the linear models, "
+                   "off under --dp-mode or --secure-aggregation, or when an agent's statistics (40 bytes a feature) "
+                   "exceed --max-packet-bytes (what the statistics reveal: docs/security.md)")
     _defaulted(s, "--stats-min-agents", type=int, default=1,
                help="with --feature-stats: agents whose statistics the first model waits for (later ones refine it)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
@@ -279,6 +282,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  "their own pace")
             args.steering = Steering(args.target_updates_per_s, args.pace_min_interval, args.pace_max_interval,
                                      args.pace_jitter)
+        args.feature_stats = feature_stats_default(args)
         args.norm = NormBound(args.max_update_norm, args.norm_factor, sample_factor=args.sample_factor)
         args.rate = RateLimit(args.max_agent_rate) if args.max_agent_rate is not None else None
         args.settings = settings_from_args(args)
@@ -296,6 +300,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as exc:
         parser.error(str(exc))
     return args
+
+
+# Models whose SGD needs standardized features, so --feature-stats is their default.
+STATS_BY_DEFAULT = frozenset({"sgd-classifier", "sgd-regressor", "sgd-one-class-svm"})  # all linear
+
+
+def feature_stats_default(args: argparse.Namespace) -> bool:
+    """--feature-stats as given, else on for a linear model with no privacy flag.
+
+    Devices log raw units and SGD on them diverges, so a newcomer gets the fleet's scaling; but
+    the statistics are exact per-device means, variances and two readings per feature
+    (docs/security.md), so any DP mode or secure aggregation leaves them off unless asked for
+    (central DP refuses them outright: check_central_dp). Nor when one agent's statistics
+    message is larger than --max-packet-bytes (statistics are not chunked).
+    """
+    if args.feature_stats is not None:
+        return args.feature_stats
+    if args.max_packet_bytes is not None and args.n_features and unnamed_stats_bytes(args.n_features) > args.max_packet_bytes:
+        return False  # an agent's statistics would not pass the broker: the first model would wait for ever
+    return args.model in STATS_BY_DEFAULT and args.dp_mode is None and not args.secure_aggregation
 
 
 def check_central_dp(args: argparse.Namespace) -> None:

@@ -77,6 +77,7 @@ class Agent:
         privacy_store: PrivacyStore | None = None,
         private: bool = False,
         max_pace: float = DEFAULT_MAX_INTERVAL,
+        share_statistics: bool = True,
     ) -> None:
         self.agent_id = check_name("agent id", agent_id)
         self.topics = topics
@@ -109,6 +110,7 @@ class Agent:
         self.since_ = time.time()  # wall clock of the last change of phase
         # feature statistics for the fleet (edge_agent/statistics.py), noised with --stats-noise (protocol/stats_privacy.py)
         self.statistics = LocalStatistics(noise=stats_noise, delta=dp_delta)
+        self.share_statistics = share_statistics  # fedmq-agent --no-feature-stats: none leave the device
         self.missing_ = 0  # missing cells imputed in the last round
         self.schema_sent_: Schema | None = None  # the column names and labels last announced (protocol/schema.py)
         # local DP (protocol/privacy.py): clip + noise the float delta before error feedback and the codec
@@ -229,9 +231,10 @@ class Agent:
     def statistics_payload(self, poll: bool = True) -> bytes | None:
         """The window's feature statistics for `Topics.stats` when due (first, or data grew); else None.
 
-        A private agent (see `private`) sends only noised (and accounted) statistics (--stats-noise), else none.
+        A private agent (see `private`) sends only noised (and accounted) statistics (--stats-noise), else none;
+        with --no-feature-stats none at all.
         """
-        if self.private and self.statistics.noise is None:
+        if not self.share_statistics or (self.private and self.statistics.noise is None):
             return None
         if poll:
             self._poll()

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(sensitivity 2C: this device's data swapped for any other; its participation is public to the "
                     "broker) or add-remove (sensitivity C) (default: replace-one)")
 
+    dp.add_argument("--feature-stats", action=argparse.BooleanOptionalAction, default=True,
+                    help="publish the data window's per-feature statistics (count, sum, sum of squares, min, max) on "
+                    "stats/<id> for the coordinator's scaling; --no-feature-stats sends none (the coordinator then "
+                    "needs --no-feature-stats or other agents' statistics). Under local DP only with --stats-noise "
+                    "(default: on)")
     dp.add_argument("--stats-noise", type=float, metavar="SIGMA",
                     help="send the feature statistics noised (Gaussian, noise multiplier SIGMA, per row of the "
                          "window; min and max not sent), also under local DP (with --stats-clip)")
@@ -273,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                   resend_after=args.resend_after or None,
                   dp=args.dp, dp_delta=args.dp_delta, dp_epsilon_budget=args.dp_epsilon_budget,
                   dp_neighbours=args.dp_neighbours, stats_noise=args.stats_noise_mechanism, privacy_store=store,
-                  private=args.private, max_pace=args.max_pace)
+                  private=args.private, max_pace=args.max_pace,
+                  share_statistics=args.feature_stats)
     agent.new_samples_ = rows
     if args.secure_aggregation:  # edge_agent/secagg.py
         if args.dp is not None:

@@ -171,7 +171,7 @@ def _read_toml(parser: argparse.ArgumentParser, path: str) -> dict:
 
 def _convert(parser: argparse.ArgumentParser, action: argparse.Action, value: object, source: str):
     """Convert an environment string or TOML value the way argparse would convert the flag."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if isinstance(value, bool):
             return value
         text = str(value).strip().lower()

@@ -58,6 +58,13 @@ def _vector(wire: dict, key: str, n: int | None) -> np.ndarray:
     return vector
 
 
+def unnamed_stats_bytes(n_features: int) -> int:
+    """An upper bound on a statistics message of `n_features` features without column names
+    (five float64 vectors in bin 32 framing and the header): about 40 bytes a feature, the
+    least an agent's statistics take on the wire (`stats_bytes` is the most a decoder takes)."""
+    return 5 * (8 * n_features + 5) + 64
+
+
 def encode_stats(stats: FeatureStats, columns: tuple[str, ...] | None = None) -> bytes:
     """The statistics payload (naming the features `columns` when given); publish it on ``Topics.stats(agent_id)``."""
     count, total, squares = stats.sums()

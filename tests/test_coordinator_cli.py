@@ -76,3 +76,39 @@ def test_rejections_logged_once_per_reason_per_period(caplog):
         "rejected 1 update(s) as replay (latest on fedmq/f/update/a)",
         "rejected 1 update(s) as norm (latest on fedmq/f/update/b)",
     ]
+
+
+BASE_ARGS = ["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--n-features", "4"]
+
+
+@pytest.mark.parametrize("model, extra, expected", [
+    ("sgd-classifier", [], True),  # devices log raw units: the linear models get the fleet's scaling
+    ("sgd-regressor", [], True),
+    ("sgd-one-class-svm", [], True),
+    ("sgd-classifier", ["--no-feature-stats"], False),
+    ("sgd-classifier", ["--dp-mode", "local", "--dp-clip", "1", "--dp-noise", "1"], False),
+    ("sgd-classifier", ["--dp-mode", "local", "--dp-clip", "1", "--dp-noise", "1", "--feature-stats"], True),
+    ("sgd-classifier", ["--strategy", "fedbuff", "--dp-mode", "central", "--dp-clip", "1", "--dp-noise", "1",
+                        "--checkpoint-dir", "CKPT"], False),
+    ("sgd-classifier", ["--strategy", "fedbuff", "--secure-aggregation"], False),
+    ("sgd-classifier", ["--strategy", "fedbuff", "--secure-aggregation", "--feature-stats"], True),
+    # 4 features: statistics of about 200 bytes fit a 1,024-byte packet limit; 10,000 features (400 kB) do not
+    ("sgd-classifier", ["--max-packet-bytes", "1024"], True),
+    ("sgd-classifier", ["--max-packet-bytes", "131072", "--n-features", "10000"], False),
+])
+def test_feature_stats_default_on_for_linear_models_off_under_privacy_flags(model, extra, expected, tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDMQ_FEATURE_STATS", raising=False)
+    classes = ["--classes", "0,1"] if model == "sgd-classifier" else []
+    extra = [str(tmp_path) if a == "CKPT" else a for a in extra]
+    args = parse_args([*BASE_ARGS, "--model", model, *classes, *extra])
+    assert args.feature_stats is expected
+
+
+def test_feature_stats_off_from_the_environment_and_refused_under_central_dp(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FEDMQ_FEATURE_STATS", "false")
+    assert parse_args([*BASE_ARGS, "--model", "sgd-regressor"]).feature_stats is False
+    monkeypatch.delenv("FEDMQ_FEATURE_STATS")
+    with pytest.raises(SystemExit):
+        parse_args([*BASE_ARGS, "--model", "sgd-regressor", "--strategy", "fedbuff", "--dp-mode", "central",
+                    "--dp-clip", "1", "--dp-noise", "1", "--checkpoint-dir", str(tmp_path), "--feature-stats"])
+    assert "central DP refuses --feature-stats" in capsys.readouterr().err

@@ -81,7 +81,9 @@ def test_one_agent_claiming_a_billion_samples_owns_neither_the_evaluation_nor_th
     coordinator = spawn("coordinator", "--broker", mosquitto.url, "--fleet", FLEET, "--model", "sgd-classifier",
                         "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features,
                         "--strategy", "fedbuff", "--eval-csv", tmp_path / "eval.csv", "--publish-interval", "0.3",
-                        "--metrics-port", port, log=tmp_path / "coordinator.log")
+                        "--metrics-port", port,
+                        "--no-feature-stats",  # the sample claims alone, as written before statistics were the default
+                        log=tmp_path / "coordinator.log")
     evil = HostileAgent(mosquitto.port)
     agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", FLEET, "--id", f"a{i}", "--data", p,
                     log=tmp_path / f"a{i}.log") for i, p in enumerate(paths)]

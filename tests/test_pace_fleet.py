@@ -47,6 +47,7 @@ def test_the_update_rate_stays_near_the_target_from_4_to_12_agents(tmp_path, mos
                         "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features,
                         "--strategy", "fedasync", "--publish-interval", "0.2", "--max-staleness", "1000",
                         "--target-updates-per-s", TARGET, "--pace-min-interval", "0.5",
+                        "--no-feature-stats",  # written for the pace alone, before statistics were the default
                         log=tmp_path / "coordinator.log")
     agents = []
     start = lambda ids: [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", FLEET, "--id", f"agent{i}",  # noqa: E731

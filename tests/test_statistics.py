@@ -216,10 +216,27 @@ def test_the_coordinator_eval_csv_with_gaps_needs_the_fleet_statistics(tmp_path)
     base = ["--broker", "mqtt://127.0.0.1:1", "--fleet", "x", "--model", "sgd-classifier", "--classes", "0,1",
             "--n-features", "2", "--eval-csv", str(path)]
     with pytest.raises(DataError, match="1 missing value.*--feature-stats"):
-        build_coordinator(parse_args(base))
-    core = build_coordinator(parse_args(base + ["--feature-stats", "--stats-min-agents", "2"]))
+        build_coordinator(parse_args(base + ["--no-feature-stats"]))  # the statistics are on by default
+    core = build_coordinator(parse_args(base + ["--stats-min-agents", "2"]))
     assert core.statistics.min_agents == 2 and not core.ready
     core.handle_statistics("fedmq/x/stats/a", encode_stats(describe(np.ones((3, 2)))))
     core.handle_statistics("fedmq/x/stats/b", encode_stats(describe(np.array([[1000.0, 3.0], [2000.0, 5.0]]))))
     core.model_payload()
     assert "accuracy" in core.scores_  # scored on the standardized, imputed eval set
+
+
+def test_an_agent_with_no_feature_stats_sends_none_and_by_default_sends_them():
+    """fedmq-agent --no-feature-stats: nothing about its data leaves the device on stats/<id> (docs/security.md)."""
+    from edge_agent.agent import Agent
+    from edge_agent.cli import parse_args
+    from edge_agent.data import ArraySource
+    from edge_agent.trainer import LocalTrainer
+
+    X = _raw(np.random.default_rng(7), 40, 3)
+    y = (X[:, 0] > 0).astype(int)
+    made = {}
+    for name, argv in (("default", []), ("off", ["--no-feature-stats"])):
+        args = parse_args(["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--id", "a", "--data", "x.csv", *argv])
+        made[name] = Agent("a", TOPICS, ArraySource(X, y), LocalTrainer(), "float32", share_statistics=args.feature_stats)
+    assert decode_stats(made["default"].statistics_payload()).count.max() == 40
+    assert made["off"].statistics_payload() is None
