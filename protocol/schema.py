@@ -47,10 +47,10 @@ class Schema:
             dup = sorted(c for c, n in Counter(self.columns).items() if n > 1)
             raise ValueError(f"duplicate column name(s) {', '.join(map(repr, dup[:5]))}")
         if self.labels is not None:
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in self.labels):
+                raise ValueError("labels must be integers")  # first: a list among them would raise TypeError in set()
             if len(self.labels) > MAX_LABELS or len(set(self.labels)) != len(self.labels):
                 raise ValueError(f"labels must be at most {MAX_LABELS} distinct integers")
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in self.labels):
-                raise ValueError("labels must be integers")
 
 
 def of_data(columns: Sequence[str], y: np.ndarray) -> Schema:

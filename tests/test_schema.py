@@ -225,3 +225,18 @@ def test_an_agent_inflating_the_classes_is_named_and_counted():
     fleet.handle(TOPICS.schema("evil"), encode_schema(Schema(ABC.columns, tuple(range(100)))))
     summary = fleet.summary()
     assert "labels refused: 98 label(s)" in summary["reasons"]["evil"] and summary["rejected"] == {"labels": 1}
+
+
+def test_a_label_that_is_a_list_or_map_is_a_protocol_error():
+    """Red team: labels [[1]] raised TypeError (unhashable) past decode_schema's ValueError
+    handler, out of the schema discovery's paho on_message (its network thread ended, the
+    coordinator waited for a schema forever). Seen red."""
+    import msgpack
+
+    from protocol.messages import FORMAT_VERSION
+
+    for labels in ([[1]], [{"a": 1}], [1, [2]]):
+        payload = msgpack.packb({"format": FORMAT_VERSION, "type": "schema", "columns": ["a"], "labels": labels},
+                                use_bin_type=True)
+        with pytest.raises(ProtocolError, match="labels must be integers"):
+            decode_schema(payload)
