@@ -64,3 +64,34 @@ def test_a_status_with_an_unhashable_state_is_refused_and_the_fleet_goes_on(tmp_
         code = stop(coordinator)
         watcher.close()
     assert code == 0
+
+
+def test_a_retained_schema_with_a_list_label_does_not_wedge_schema_discovery(tmp_path, mosquitto):
+    """Red team, issue 18 point 6: labels [[1]] raised TypeError out of the discovery's paho
+    on_message; its network thread ended and the coordinator never fixed a spec. Seen red: no
+    version within the bound."""
+    import msgpack
+
+    from protocol.messages import FORMAT_VERSION
+
+    ds = load_dataset("digits", seed=0)
+    write_csv(tmp_path / "agent.csv", ds.X_train[:300], ds.y_train[:300])
+    hostile = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="evil")
+    hostile.connect("127.0.0.1", mosquitto.port)
+    hostile.loop_start()
+    bad = msgpack.packb({"format": FORMAT_VERSION, "type": "schema", "columns": ["x"], "labels": [[1]]}, use_bin_type=True)
+    hostile.publish(T.schema("evil"), bad, qos=1, retain=True).wait_for_publish(10)
+    watcher = TopicWatcher(mosquitto.port, T.everything)
+    coordinator = spawn("coordinator", "--broker", mosquitto.url, "--fleet", FLEET, "--model", "sgd-classifier",
+                        "--publish-interval", "0.3", "--checkpoint-dir", tmp_path / "ckpt", log=tmp_path / "coordinator.log")
+    agent = spawn("edge_agent", "--broker", mosquitto.url, "--fleet", FLEET, "--id", "agent0", "--data",
+                  tmp_path / "agent.csv", log=tmp_path / "agent.log")
+    try:
+        watcher.wait_for(lambda: _status(watcher).get("version", 0) >= 1, 60, "a spec discovered and a first version")
+    finally:
+        hostile.loop_stop()
+        hostile.disconnect()
+        stop(agent)
+        code = stop(coordinator)
+        watcher.close()
+    assert code == 0
