@@ -90,7 +90,7 @@ class PartialSum(Strategy):
     def pending(self) -> int:
         return self.count
 
-    def add(self, params, delta, n_samples, staleness, base=None):
+    def add(self, params, delta, n_samples, staleness, base=None, agent=None):
         n = float(n_samples)
         self.weighted_sum += (n * self.staleness(staleness)) * np.asarray(delta, dtype=np.float64)
         self.weight += n
