@@ -6,7 +6,10 @@ on digits with Dirichlet(0.5) partitions. Every attack meets every defence, and 
 all-honest fleet meets every defence too (the cost of a defence without an attack).
 Prints JSON; docs/security.md explains the figures.
 
-    python bench/poisoning.py [--updates 1000] [--seeds 5] [--buffer-size 10]
+    python bench/poisoning.py [--updates 1000] [--seeds 5] [--buffer-size 10] [--jobs 1]
+
+--jobs runs the (attack, defence, seed) cells in that many processes; each run is seeded,
+so the figures are the same as one process's.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +50,12 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
+def one_run(cell: tuple[str, str, int, dict]) -> dict:
+    """One seeded run of an (attack, defence) cell; top level so a process pool can call it."""
+    attack, name, seed, options = cell
+    return run(None if attack == "none" else attack, DEFENCES[name], seed=seed, **options)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--agents", type=int, default=20)
@@ -54,15 +64,16 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--buffer-size", type=int, default=10)
     p.add_argument("--partition", default="dirichlet:0.5")
+    p.add_argument("--jobs", type=int, default=1, help="processes to run the seeded runs in (same figures)")
     args = p.parse_args()
     options = dict(agents=args.agents, attackers=args.attackers, updates=args.updates,
                    buffer_size=args.buffer_size, scheme=args.partition)
-    results: dict[str, dict] = {}
-    for attack in ["none", *ATTACKS]:
-        results[attack] = {}
-        for name, defence in DEFENCES.items():
-            runs = [run(None if attack == "none" else attack, defence, seed=s, **options) for s in range(args.seeds)]
-            results[attack][name] = summarise(runs)
+    results: dict[str, dict] = {attack: {} for attack in ["none", *ATTACKS]}
+    cells = [(attack, name) for attack in results for name in DEFENCES]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        runs = pool.map(one_run, [(a, n, s, options) for a, n in cells for s in range(args.seeds)])
+        for attack, name in cells:
+            results[attack][name] = summarise([next(runs) for _ in range(args.seeds)])
             print(f"{attack:14s} {name:26s} {results[attack][name]['accuracy']:.4f}", file=sys.stderr, flush=True)
     honest = results["none"]["mean"]["accuracy"]
     for cells in results.values():

@@ -190,6 +190,36 @@ def test_security_quotes_the_sybil_results_exactly():
     assert f"reaches {data['all_honest_accuracy']:.4f}" in text
 
 
+POISONING_LABELS = {"mean": "`mean` (plain averaging)", "median": "`median`", "trimmed-mean": "`trimmed-mean:0.2`",
+                    "mean+norm-clip": "`mean`, norm bound, clip", "mean+norm-reject": "`mean`, norm bound, reject",
+                    "median+norm-reject": "`median`, norm bound, reject",
+                    "trimmed-mean+norm-reject": "**`trimmed-mean:0.2`, norm bound, reject**"}
+
+
+def poisoning_rows(name: str = "poisoning") -> list[str]:
+    """docs/security.md's defence x attack table from bench/results/<name>.json: accuracy and points against
+    the all-honest plain mean (`python -c "import tests.test_figures as t; print(*t.poisoning_rows(), sep=chr(10))"`)."""
+    data = results(name)
+    rows = []
+    for defence, label in POISONING_LABELS.items():
+        cells = []
+        for attack in ("none", *data["attacks"]):
+            c = data["results"][attack][defence]
+            reference = attack == "none" and defence == "mean"
+            cells.append(f"{c['accuracy']:.3f}" + ("" if reference else f" ({c['points_vs_all_honest_mean']:+.1f})"))
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def test_security_poisoning_table_is_the_results_file():
+    """docs/security.md's poisoning table is bench/results/poisoning.json, cell by cell (seen red on a changed cell)."""
+    text = (ROOT / "docs" / "security.md").read_text()
+    data = results("poisoning")
+    assert f"against the all-honest plain mean ({data['all_honest_mean_accuracy']:.3f})" in text
+    for row in poisoning_rows():
+        assert row in text, f"docs/security.md lacks the row bench/results/poisoning.json gives: {row!r}"
+
+
 def pi_footprint_rows() -> list[str]:
     """docs/raspberry-pi.md's footprint table, row by row, from bench/results/edge-*.json
     (`python -c "import tests.test_figures as t; print(*t.pi_footprint_rows(), sep=chr(10))"`)."""
