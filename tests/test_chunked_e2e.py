@@ -261,15 +261,19 @@ def test_one_agents_chunk_attacks_never_freeze_the_fleet_nor_after_a_restart(tmp
         write_csv(paths[-1], X[i::4][:300], y[i::4][:300])
     write_csv(tmp_path / "eval.csv", X[1200:], y[1200:])
 
-    metrics_port = free_port()
-
     def coordinator(name: str):
+        # a fresh --metrics-port per start: a port free_port() released is in the ephemeral range, and
+        # between the first coordinator's exit and the restart any outgoing connection on the machine
+        # may take it (CI: "--metrics-port N: Address already in use", exit 2, no status ever)
+        nonlocal metrics_port
+        metrics_port = free_port()
         return spawn("coordinator", "--broker", b.url, "--fleet", H.fleet, "--model", "sgd-classifier",
                      "--n-features", 64, "--classes", ",".join(map(str, range(10))), "--eval-csv", tmp_path / "eval.csv",
                      "--checkpoint-dir", tmp_path / "ckpt", "--publish-interval", "0.2", "--chunk-timeout", "2",
                      "--metrics-port", metrics_port,
                      log=tmp_path / f"{name}.log")
 
+    metrics_port = 0
     with Mosquitto(tmp_path / "broker", extra_conf="max_inflight_messages 20") as b:
         watcher = VersionClock(b.port, H)
         coord = coordinator("coordinator")
