@@ -30,12 +30,13 @@ class Link:
     """One MQTT connection with failover over `nodes`; `connection` counts (re)connections."""
 
     def __init__(self, nodes: list[BrokerSettings], client_id: str, *, persistent: bool, start: int = 0,
-                 on_connect=None, on_message=None, manual_ack: bool = False) -> None:
+                 on_connect=None, on_message=None, on_subscribed=None, manual_ack: bool = False) -> None:
         self.nodes = nodes
         self.index = start % len(nodes)
         self.connection = 0
         self.connected = threading.Event()
         self._user_connect = on_connect
+        self._user_subscribed = on_subscribed
         self.client = make_client(nodes[self.index], client_id, persistent=persistent)
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=2)
         self.client.max_inflight_messages_set(1000)
@@ -44,6 +45,7 @@ class Link:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_subscribe = self._on_subscribe
         if on_message is not None:
             self.client.on_message = on_message
 
@@ -72,6 +74,18 @@ class Link:
         log.info("%s connected to %s", client._client_id.decode(), self.nodes[self.index].url)
         if self._user_connect:
             self._user_connect(client, userdata, flags, reason_code, properties)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        # a NATS node whose JetStream is electing leaders (a peer just died) answers SUBSCRIBE with 0x80
+        # after a 5 s timeout and keeps the connection: it would carry nothing for good, so reconnect
+        # (to the next node), and on_connect subscribes again
+        if any(rc.is_failure for rc in reason_codes):
+            log.warning("%s: subscription refused by %s (%s); reconnecting", client._client_id.decode(),
+                        self.nodes[self.index].url, ", ".join(str(rc) for rc in reason_codes))
+            self.bounce()
+            return
+        if self._user_subscribed:
+            self._user_subscribed()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connection += 1

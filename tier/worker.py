@@ -93,8 +93,8 @@ class Partition:
         subscribed = threading.Event()
         self.link = Link(self.worker.mqtt_nodes, f"agg-{fleet}-p{self.number}", persistent=True,
                          start=self.number, manual_ack=True, on_message=self._on_message,
-                         on_connect=lambda c, *a: c.subscribe(f"{prefix}/{fleet}/upd/{self.number}/+", 1))
-        self.link.client.on_subscribe = lambda *a: subscribed.set()
+                         on_connect=lambda c, *a: c.subscribe(f"{prefix}/{fleet}/upd/{self.number}/+", 1),
+                         on_subscribed=subscribed.set)
         self.link.start()
         if not subscribed.wait(SUBSCRIBE_TIMEOUT_S):
             drop(self.link)
