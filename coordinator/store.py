@@ -142,7 +142,7 @@ def _load(path: Path) -> dict | None:
             version=_count(record.get("version"), "version"),
             highest_seq=_counts(record.get("highest_seq", {}), "highest_seq"),
             accepted=_count(record.get("accepted", 0), "accepted"),
-            samples_accepted=_count(record.get("samples_accepted", 0), "samples_accepted"),
+            typical_samples=_count(record.get("typical_samples", 0), "typical_samples"),
             rejected=_counts(record.get("rejected", {}), "rejected"),
             clipped=_count(record.get("clipped", 0), "clipped"),
             staleness_sum=_count(record.get("staleness_sum", 0), "staleness_sum"),

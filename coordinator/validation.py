@@ -85,6 +85,13 @@ class NormBound:
         """The largest sample count an update is weighted by now."""
         return self._relative(1, self.sample_factor)
 
+    def typical_samples(self) -> int:
+        """The lower median of the recent agents' newest (capped) sample counts, 0 before any.
+
+        The lower one: with two agents, one claiming 10^9 rows, it is the other's count.
+        """
+        return int(statistics.median_low(entry[1] for entry in self.recent.values())) if self.recent else 0
+
     def _relative(self, column: int, factor: float | None) -> float:
         if factor is not None and len(self.recent) >= self.warmup:
             at, median = self._medians.get(column, (-REFRESH, 0.0))

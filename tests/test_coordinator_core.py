@@ -410,3 +410,19 @@ def test_every_checkpoint_keeps_the_audit_position_it_resumed_with(tmp_path):
     resumed = make_core(checkpoint_dir=str(tmp_path), resume=load_checkpoint(tmp_path))
     resumed.checkpoint()  # what fedmq-coordinator does at start-up
     assert load_checkpoint(tmp_path)["audit"] == {"path": "/x/audit.jsonl", "offset": 123}
+
+
+def test_steps_are_a_typical_agents_rows_not_the_sum_of_claims(tmp_path):
+    """The model's `steps` (where a fresh estimator starts its learning-rate schedule) is the rounds per
+    agent x the lower median of recent counts: two claims of 10^9 rows before the sample cap's warm-up
+    once set it to 10^8 for good (the poisoning bench's robust setting fell 0.925 -> 0.756)."""
+    core = make_core(checkpoint_dir=str(tmp_path))
+    for seq in (1, 2):
+        core.handle_update(*update("evil", seq=seq, base=core.version_, n=10**9))
+    for seq in (1, 2):
+        for agent in ("a1", "a2", "a3"):
+            core.handle_update(*update(agent, seq=seq, base=core.version_, n=30))
+    assert core.accepted_ == 8 and decode_model(core.model_payload()).steps == 2 * 30
+    core.checkpoint()
+    resumed = make_core(resume=load_checkpoint(tmp_path))  # no update since: the checkpoint's typical count
+    assert decode_model(resumed.model_payload()).steps == 2 * 30
