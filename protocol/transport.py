@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
+from protocol import mqtt_receive
 from protocol.tls_errors import CERTIFICATE_HINT, plain_to_tls_hint, speaks_tls, ssl_text, tls_refusal, tls_to_plain_hint
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def make_client(
     messages) across disconnects. `will` is (topic, payload), sent QoS 1 retained.
     """
     v5 = settings.mqtt_version == "5"
+    mqtt_receive.install()  # one copy of each received payload, not three (protocol/mqtt_receive.py)
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=settings.username or client_id,
