@@ -100,6 +100,7 @@ acl="$out/acl.tmp"
     echo "topic write fedmq/$agent_fleet/agent/$user/status"
     echo "topic read fedmq/$agent_fleet/model"
     echo "topic read fedmq/$agent_fleet/model/chunk/+"
+    echo "topic read fedmq/$agent_fleet/ack/$user"  # the coordinator's acks of its own updates (protocol/acks.py)
     for kind in key share masked reveal; do  # secure aggregation: its own messages only
       echo "topic write fedmq/$agent_fleet/secagg/$kind/$user"
     done

@@ -16,6 +16,7 @@ from collections import Counter, OrderedDict
 import msgpack
 import numpy as np
 
+from coordinator.acks import PendingAcks
 from coordinator.evaluation import FleetEvaluation, score
 from coordinator.presence import Presence
 from coordinator.schema import FleetSchema
@@ -98,6 +99,9 @@ class Coordinator:
         self.fleet_eval = FleetEvaluation()
         # audit(topic, update or None, reason or None, staleness) after every payload
         self.audit = None
+        # per agent, the highest seq accepted since the last commit: the commit that holds it acks it (protocol/acks.py)
+        self.acks = PendingAcks()
+        self.acks_served = False  # the transport publishes those acks: the model says so ("acks": true)
         self.audit_position_: dict = {}  # {"path", "offset"}: the audit log's length the last checkpoint covers
         # federated feature statistics (coordinator/statistics.py): params_ are for features
         # standardized with rescales.current (raw features while it is None)
@@ -131,6 +135,8 @@ class Coordinator:
             verdict, reason = Verdict("internal"), "internal"
         if reason is not None:
             self.rejected_[reason] += 1
+        else:
+            self.acks.note(verdict.update.agent_id, verdict.update.seq)
         if self.audit is not None:
             self.audit(topic, verdict.update, reason, verdict.staleness)
         return reason
@@ -289,7 +295,8 @@ class Coordinator:
             self.published_.popitem(last=False)
         return encode_model(ModelMessage(self.topics.fleet, self.version_, self.spec, self.params_,
                                          started_at=self.started_at, scaling=self.rescales.current,
-                                         codec=self.model_codec, steps=self.steps, pace=self.pace))
+                                         codec=self.model_codec, steps=self.steps, pace=self.pace,
+                                         acks=self.acks_served))
 
     @property
     def pace(self) -> Pace | None:

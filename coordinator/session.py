@@ -27,6 +27,7 @@ from coordinator.server import Coordinator
 from coordinator.status import encode_status
 from coordinator.store import CheckpointError
 from protocol import chunking
+from protocol.acks import encode_ack
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_MESSAGE_BYTES, decode_model
 from protocol.transport import BrokerSettings, connect, make_client
@@ -131,6 +132,7 @@ class CoordinatorSession:
         self._model_chunks = chunking.Collector(max_bytes=2 * MAX_MESSAGE_BYTES, max_partial=3)
         self._model_chunks_sent = 0  # chunk topics holding our retained chunks (cleared when fewer are needed)
         self._secagg = getattr(core, "secagg", None)  # a SecureCoordinator's rounds (coordinator/secagg.py)
+        core.acks_served = True  # every commit acks what it made durable, and the model says so
         self.client = make_client(settings, f"fedmq-coordinator-{core.topics.fleet}", persistent=True)
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
@@ -340,6 +342,7 @@ class CoordinatorSession:
             key = (self.core.version_, self.core.handled_)
             publish = connected and self.core.ready and (force or self.core.publish_due())
             acks, self._unacked = self._unacked, []
+            agent_acks = self.core.acks.take()  # sent once this commit is durable (protocol/acks.py)
             lines = self.audit.take() if self.audit else []
             outbox = self.core.take_outbox() if self._secagg is not None else []  # a round moved on: commit it first
             state = self._state_to_write(key, outbox, force)
@@ -358,6 +361,7 @@ class CoordinatorSession:
             except CheckpointError as exc:
                 with self.lock:
                     self._unacked[:0] = acks  # not durable: nothing is acknowledged
+                    self.core.acks.put_back(agent_acks)
                     if outbox:  # nor is anything of a round that is not durable sent
                         self._secagg.outbox[:0] = outbox
                     self.core.published_version_, self.core.last_publish_ = published_before
@@ -375,6 +379,8 @@ class CoordinatorSession:
         for connection, mid, qos in acks:
             if connection == current:
                 self.client.ack(mid, qos)
+        for agent, seq in agent_acks.items():  # retained: a device that reconnects reads its newest at once
+            self.client.publish(topics.ack(agent), encode_ack(seq), qos=1, retain=True)
         if payload is None:
             self._publish_status_if_due(status, handled, connected)
             return False

@@ -33,7 +33,7 @@ from protocol.topics import Topics, check_name
 log = logging.getLogger(__name__)
 
 # causes of UNHEARD (Agent.set_unheard)
-REFUSED, NO_MODEL, NO_PROGRESS = "refused", "no_model", "no_progress"
+REFUSED, NO_MODEL, NO_PROGRESS, UNACKED = "refused", "no_model", "no_progress", "unacked"
 
 
 class Agent:
@@ -192,14 +192,16 @@ class Agent:
         Causes: REFUSED (an MQTT 5 broker answered an update with a failure reason code, e.g. not
         authorized; cleared by an update it takes), NO_MODEL (connected, no model within the
         bound) and NO_PROGRESS (no model newer than its last update's base within the bound; the
-        coordinator may never receive its updates); the last two clear when a newer model comes.
+        coordinator may never receive its updates); those two clear when a newer model comes.
+        UNACKED (a coordinator that serves acks, protocol/acks.py, acknowledged no update sent
+        within the bound) replaces NO_PROGRESS under such a coordinator and clears with an ack.
         """
         new = self.unheard_ is None or self.unheard_[0] != cause
         self.unheard_ = (cause, reason)
         return new
 
     def heard(self, cause: str) -> None:
-        """The broker took an update (REFUSED no longer holds)."""
+        """The broker took an update (REFUSED no longer holds), or the coordinator acknowledged one (UNACKED)."""
         if self.unheard_ is not None and self.unheard_[0] == cause:
             self.unheard_ = None
 

@@ -137,9 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "within 5 s of every new base version (at most one per 5 s), not per round: the update "
                    "itself says that; 0: no heartbeat (default: 60)")
     r.add_argument("--unheard-after", type=float, default=120.0, metavar="SECONDS",
-                   help="say state unheard (with the reason) when no model, or no model newer than the last update's "
-                   "base, came this long: its updates may never reach the coordinator; with --mqtt-version 5 a "
-                   "refused update says so at once; 0: never (default: 120)")
+                   help="say state unheard (with the reason) when no model came this long, or an update sent was "
+                   "not acknowledged by the coordinator this long (on fedmq/<fleet>/ack/<id>, when its model says "
+                   "it sends acks; else: no model newer than the last update's base came): its updates may never "
+                   "reach the coordinator; with --mqtt-version 5 a refused update says so at once; 0: never "
+                   "(default: 120)")
     r.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="logging level (default: INFO)")
     return p

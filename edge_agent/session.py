@@ -16,9 +16,12 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 
-from edge_agent.agent import NO_MODEL, NO_PROGRESS, OFFLINE, REFUSED, TRAINING, Agent, offline_status
+from edge_agent.acks import AckWatch
+from edge_agent.agent import NO_MODEL, NO_PROGRESS, OFFLINE, REFUSED, TRAINING, UNACKED, Agent, offline_status
 from edge_agent.chunks import ModelChunks, update_packets
 from protocol import chunking
+from protocol.acks import decode_ack
+from protocol.errors import ProtocolError
 from protocol.transport import BrokerSettings, connect, make_client
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,9 @@ class AgentSession:
         self.unheard_after = unheard_after  # seconds without a (newer) model before the status says unheard; 0: never
         self._connected_at: float | None = None  # monotonic, of the first connection
         self._in_flight: dict[int, str] = {}  # mid -> what was published (update seq N), for an MQTT 5 refusal
+        self.acks = AckWatch()  # the coordinator's acks of our updates (protocol/acks.py); guarded by _ack_lock
+        self._ack_lock = threading.Lock()
+        self._bad_ack_said = False
         self._foreign_said: set[str] = set()  # topics of another fleet the broker delivered (said once each)
         self._last_status = time.monotonic()  # of the last status published
         # a new base version is in the retained status within this many seconds (at most one status per bound)
@@ -116,6 +122,9 @@ class AgentSession:
         # broker queues no stale models for an offline device (docs/architecture.md)
         if not self._models_paused:
             client.subscribe(self.agent.topics.model, qos=0)
+        with self._ack_lock:
+            self.acks.resumed(time.monotonic())
+        client.subscribe(self.agent.topics.ack(self.agent.agent_id), qos=1)  # retained: the newest comes at once
         if self.agent.secure is not None:  # secure aggregation: the cohort, the unmask requests, its own inbox
             client.subscribe([(t, 1) for t in self.agent.secure.subscriptions])
             self._publish_secagg([self.agent.secure.announcement()])
@@ -142,6 +151,9 @@ class AgentSession:
             if kind is None or kind[0] != "key":  # a peer's key announcement changes nothing here
                 self.wake.set()  # a delta spent in a cohort: train a fresh one
             return
+        if msg.topic == self.agent.topics.ack(self.agent.agent_id):
+            self._on_ack(msg.payload)
+            return
         if self._models_paused:  # sent before the broker took our unsubscribe: the newest comes on resubscribing
             return
         if not self._ours(msg.topic):
@@ -158,6 +170,23 @@ class AgentSession:
             if self.min_model_interval > 0 or self.agent.pace is not None:
                 self._pause_models()
             self.wake.set()
+
+    def _on_ack(self, payload: bytes) -> None:
+        """The coordinator acknowledged our updates up to a seq (network thread): an UNACKED unheard is over."""
+        try:
+            seq = decode_ack(payload)
+        except ProtocolError as exc:
+            if not self._bad_ack_said:
+                self._bad_ack_said = True
+                log.warning("ignoring an unusable ack on %s: %s (said once)", self.agent.topics.ack(self.agent.agent_id),
+                            exc)
+            return
+        with self._ack_lock:
+            newer = self.acks.acked(seq, time.monotonic())
+        if newer and self.agent.unheard_ is not None and self.agent.unheard_[0] == UNACKED:
+            self.agent.heard(UNACKED)
+            log.info("the coordinator acknowledged update seq %d: heard again", seq)
+            self.publish_status()
 
     def _ours(self, topic: str) -> bool:
         """A topic this session subscribes to (the fleet's model and its chunks)."""
@@ -194,16 +223,23 @@ class AgentSession:
             self.publish_status()
 
     def _check_heard(self) -> None:
-        """3.1.1 cannot say a publish was refused: no model (or no newer one) within the bound says it (main thread)."""
+        """3.1.1 cannot say a publish was refused: no model within the bound says it, and then no ack of an
+        update (a coordinator that serves acks), or no newer model (one that does not) (main thread)."""
         if not self.unheard_after or self._connected_at is None or self.agent.unheard_ is not None:
             return
         now, agent, topics = time.monotonic(), self.agent, self.agent.topics
+        unacked = None
+        if agent.model_ is not None and agent.model_.acks and self.client.is_connected():
+            with self._ack_lock:
+                unacked = self.acks.reason(now, self.unheard_after, topics.ack(agent.agent_id))
         if agent.model_ is None and now - self._connected_at >= self.unheard_after:
             cause, reason = NO_MODEL, (
                 f"no model on {topics.model} within {self.unheard_after:g} s: no coordinator serves fleet "
                 f"{topics.fleet!r} on this broker, or its ACL does not let user {self.settings.username or '(anonymous)'} "
                 f"read it (check --fleet)")
-        elif agent.updates_sent_ and agent.model_.version <= agent.base_version_ \
+        elif unacked is not None:
+            cause, reason = UNACKED, unacked
+        elif agent.updates_sent_ and not agent.model_.acks and agent.model_.version <= agent.base_version_ \
                 and now - max(agent.last_train_at_, agent.next_round_at_) >= self.unheard_after:
             cause, reason = NO_PROGRESS, (
                 f"no model newer than version {agent.base_version_} within {self.unheard_after:g} s of update seq "
@@ -272,6 +308,8 @@ class AgentSession:
             if len(self._in_flight) > 1000:  # acks that raced ahead of this line: never a leak
                 self._in_flight.clear()
             self._in_flight[info.mid] = f"update seq {out.seq}"
+        with self._ack_lock:
+            self.acks.sent(out.seq, time.monotonic())
         log.info("sent %supdate: version %d, seq %d, %d bytes, %s", "held " if held else "",
                  out.version, out.seq, len(out.payload), format_metrics(out.metrics))
 

@@ -17,6 +17,7 @@ from protocol.agent_states import REASON_FIELDS, STATES
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_METRICS, decode_model, decode_update
 from protocol.schema import decode_schema
+from protocol.acks import decode_ack
 from protocol.stats_message import decode_stats
 from protocol.topics import Topics
 
@@ -90,6 +91,8 @@ class FleetView:
                 self.stats_rows[agent] = int(decode_stats(payload).count.max(initial=0))
             elif kind == "schema":
                 self.schema_columns[agent] = len(decode_schema(payload).columns)
+            elif kind == "ack":  # the coordinator's ack to one agent (only on a broker whose ACL lets us read it)
+                decode_ack(payload)
             else:
                 self._on_agent_status(agent, payload)
             return None
@@ -151,6 +154,9 @@ class FleetView:
         agent = self.topics.agent_of_schema(topic)
         if agent is not None:
             return "schema", agent
+        agent = self.topics.agent_of_ack(topic)
+        if agent is not None:
+            return "ack", agent
         return "topic", None
 
     def _clear(self, kind: str, agent: str | None) -> None:
@@ -165,6 +171,8 @@ class FleetView:
             self.stats_rows.pop(agent, None)
         elif kind == "schema":
             self.schema_columns.pop(agent, None)
+        elif kind == "ack":
+            pass
         else:
             raise ProtocolError("empty", "empty update payload")
 

@@ -11,7 +11,9 @@ Model (coordinator -> agents, retained, sent rarely: a self-describing map)::
      "scaling": {"mean": bin, "scale": bin} (optional: the fleet's feature scaling, see
                 protocol/stats_message.py; params are for features standardized with it),
      "pace": {"interval": float, "jitter": float} (optional: how often each device should train
-             and report, see protocol/pace.py; older agents ignore it)}
+             and report, see protocol/pace.py; older agents ignore it),
+     "acks": true (optional: the publisher acknowledges each agent's accepted updates on
+             ``<prefix>/<fleet>/ack/<agent>``, protocol/acks.py; agents expect acks only then)}
 
 An agent that sees the same version again with another `started_at` knows the coordinator
 restarted (its last update may have been lost with a broker's state) and sends afresh.
@@ -100,6 +102,7 @@ class ModelMessage:
     # model starts its learning-rate schedule there instead of at step 1 (edge_agent/trainer.py)
     steps: int = 0
     pace: pacing.Pace | None = None  # the report interval asked of every device (protocol/pace.py), if steered
+    acks: bool = False  # the publisher acknowledges accepted updates on Topics.ack (protocol/acks.py)
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ def encode_model(msg: ModelMessage) -> bytes:
             **({} if msg.scaling is None else {"scaling": _scaling_wire(msg.scaling)}),
             **({"steps": int(msg.steps)} if msg.steps else {}),
             **({} if msg.pace is None else {"pace": msg.pace.to_wire()}),
+            **({"acks": True} if msg.acks else {}),
         },
         use_bin_type=True,
     )
@@ -175,6 +179,7 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
         steps=_steps(wire.get("steps", 0)),
         codec=model_codec,
         pace=_pace(wire["pace"]) if "pace" in wire else None,
+        acks=_typed(wire, "acks", bool) if "acks" in wire else False,
     )
 
 

@@ -101,12 +101,7 @@ class Topics:
 
     def agent_of_stats(self, topic: str) -> str | None:
         """The agent id a statistics topic belongs to, or None if `topic` is not one."""
-        head = f"{self.base}/stats/"
-        if topic.startswith(head):
-            agent = topic[len(head):]
-            if _NAME.match(agent):
-                return agent
-        return None
+        return self._agent_after("stats", topic)
 
     def schema(self, agent_id: str) -> str:
         """Where agent `agent_id` announces its column names and labels (msgpack, retained; protocol/schema.py)."""
@@ -119,25 +114,33 @@ class Topics:
 
     def agent_of_schema(self, topic: str) -> str | None:
         """The agent id a schema topic belongs to, or None if `topic` is not one."""
-        head = f"{self.base}/schema/"
-        if topic.startswith(head):
-            agent = topic[len(head):]
-            if _NAME.match(agent):
-                return agent
-        return None
+        return self._agent_after("schema", topic)
 
     def agent_status(self, agent_id: str) -> str:
         """Retained JSON status of one agent; its last will says offline."""
         return f"{self.base}/agent/{check_name('agent id', agent_id)}/status"
 
-    def agent_of_update(self, topic: str) -> str | None:
-        """The agent id an update topic belongs to, or None if `topic` is not one."""
-        head = f"{self.base}/update/"
+    def ack(self, agent_id: str) -> str:
+        """Where the coordinator says, retained, the highest seq of agent `agent_id` it durably accepted
+        (protocol/acks.py); the broker's ACL lets only that agent read it."""
+        return f"{self.base}/ack/{check_name('agent id', agent_id)}"
+
+    def agent_of_ack(self, topic: str) -> str | None:
+        """The agent id of an ack topic, or None."""
+        return self._agent_after("ack", topic)
+
+    def _agent_after(self, kind: str, topic: str) -> str | None:
+        """The agent id of `<base>/<kind>/<agent>`, or None if `topic` is not one."""
+        head = f"{self.base}/{kind}/"
         if topic.startswith(head):
             agent = topic[len(head):]
             if _NAME.match(agent):
                 return agent
         return None
+
+    def agent_of_update(self, topic: str) -> str | None:
+        """The agent id an update topic belongs to, or None if `topic` is not one."""
+        return self._agent_after("update", topic)
 
     def agent_of_status(self, topic: str) -> str | None:
         """The agent id of an agent status topic, or None."""

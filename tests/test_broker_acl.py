@@ -207,6 +207,12 @@ MATRIX = [
     ("coordinator", t("agent/coordinator/status"), set(), False),
     ("coordinator", t("model"), {"a1", "a2", "monitor"}, True),
     ("coordinator", t("coordinator/status"), {"monitor"}, True),
+    # acks (protocol/acks.py): the coordinator writes them, each agent alone reads its own (not the monitor)
+    ("coordinator", t("ack/a1"), {"a1"}, True),
+    ("coordinator", f"fedmq/{OTHER_FLEET}/ack/b1", {"b1"}, True),
+    ("a1", t("ack/a1"), set(), False),  # no agent forges its own ack
+    ("a1", t("ack/a2"), set(), False),
+    ("monitor", t("ack/a1"), set(), False),
 ]
 SUBSCRIPTIONS = {
     "coordinator": ("fedmq/+/update/#", "fedmq/+/agent/+/status", "fedmq/+/stats/+", "fedmq/+/schema/+"),

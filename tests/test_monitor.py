@@ -25,6 +25,7 @@ from monitor.fleet_view import FleetView
 from monitor.live import MonitorSession, show_live
 from monitor.render import render
 from protocol import codec
+from protocol.acks import encode_ack
 from protocol.messages import ModelMessage, UpdateMessage, encode_model, encode_update
 from protocol.model_spec import ModelSpec
 from protocol.tabular import write_csv
@@ -143,6 +144,7 @@ GARBAGE = [
     (T.agent_status("a"), b'{"agent": "a", "state": "idle", "pad": "' + b"x" * 70_000 + b'"}', "status:oversize"),
     (T.coordinator_status, b'{"version": "seven"}', "coordinator:schema"),
     (T.coordinator_status, b"NaN", "coordinator:schema"),
+    (T.ack("z"), b'{"seq": "one"}', "ack:schema"),
     (f"{T.base}/something/else", b"{}", "topic:unknown"),
 ]
 
@@ -150,10 +152,11 @@ GARBAGE = [
 def test_garbage_is_counted_by_reason_and_never_raises():
     view = FleetView(T)
     view.feed(T.agent_status("a"), agent_status("a"), NOW)
+    assert view.feed(T.ack("a"), encode_ack(5), NOW) is None  # an ack (on a broker that lets the monitor read it)
     for topic, payload, reason in GARBAGE:
         assert view.feed(topic, payload, NOW) == reason, (topic, payload[:40])
     snap = view.snapshot(NOW)
-    assert snap["bad"]["count"] == len(GARBAGE) and snap["messages"] == len(GARBAGE) + 1
+    assert snap["bad"]["count"] == len(GARBAGE) and snap["messages"] == len(GARBAGE) + 2
     assert snap["bad"]["reasons"]["status:json"] == 2 and snap["bad"]["last"].startswith(f"{T.base}/something/else")
     (a,) = snap["agents"]  # garbage on a's topics is counted on its row, and makes no new rows
     assert a["bad"] == sum(1 for topic, _, _ in GARBAGE if topic in (T.update("a"), T.agent_status("a")))

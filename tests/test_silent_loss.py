@@ -12,6 +12,7 @@ config and ACL, real agent processes, the statuses read back as the read-only mo
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from test_broker_acl import make_credentials, start_production_broker
 FLEET = "acl"
 SPEC = ModelSpec("sgd-classifier", 4, (0, 1))
 TIMEOUT = 30
+STARTUP = 120  # bound on processes starting (imports) on a loaded machine
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +120,17 @@ def test_id_other_than_username_is_refused_in_one_line(data):
     assert len(lines) == 1 and "'pi-1'" in lines[0] and "'pi-2'" in lines[0] and "--username" in lines[0], out.stderr
 
 
-def test_mqtt5_refused_updates_are_said_once_and_shown_unheard(tmp_path, creds, data):
-    # an ACL that drops a1's updates but lets its status through (deny wins over the grant)
-    acl = creds.parent / "acl-deny"
-    acl.write_text((creds / "acl").read_text() + f"\nuser a1\ntopic deny fedmq/{FLEET}/update/a1\n")
+def deny_updates_of_a1(tmp_path: Path, creds: Path) -> Path:
+    """A copy of the credentials whose ACL drops a1's updates but lets its status through (deny wins
+    over the grant)."""
     creds_copy = tmp_path / "c"
     subprocess.run(["cp", "-r", str(creds), str(creds_copy)], check=True)
-    (creds_copy / "acl").write_text(acl.read_text())
+    (creds_copy / "acl").write_text((creds / "acl").read_text() + f"\nuser a1\ntopic deny fedmq/{FLEET}/update/a1\n")
+    return creds_copy
+
+
+def test_mqtt5_refused_updates_are_said_once_and_shown_unheard(tmp_path, creds, data):
+    creds_copy = deny_updates_of_a1(tmp_path, creds)
     broker = start_production_broker(tmp_path / "broker", creds_copy)
     coordinator = Client(broker, creds_copy, "coordinator")
     monitor = Client(broker, creds_copy, "monitor", subscribe=f"fedmq/{FLEET}/agent/+/status")
@@ -147,6 +153,45 @@ def test_mqtt5_refused_updates_are_said_once_and_shown_unheard(tmp_path, creds, 
     assert text.count("sent update") >= 2, text  # it did send more than one
     refusals = [line for line in text.splitlines() if "refused update" in line]
     assert len(refusals) == 1 and "Not authorized" in refusals[0], text
+
+
+def test_311_updates_the_coordinator_never_acks_are_unheard_while_an_honest_agent_is_heard(tmp_path, creds, data):
+    """The broker drops a1's updates (its ACL) and answers PUBACK all the same; a2 keeps the model moving, so
+    no newer-model rule can tell. The coordinator's per-agent acks can: a1 goes unheard naming its last
+    ack, a2 stays working, and once the ACL lets a1 through (SIGHUP) its first ack makes it heard again."""
+    creds_copy = deny_updates_of_a1(tmp_path, creds)
+    broker = start_production_broker(tmp_path / "broker", creds_copy)
+    monitor = Client(broker, creds_copy, "monitor", subscribe=f"fedmq/{FLEET}/agent/+/status")
+    coordinator = spawn("coordinator", "--broker", broker.url, "--username", "coordinator", "--password-file",
+                        password(creds_copy, "coordinator"), "--fleet", FLEET, "--model", "sgd-classifier",
+                        "--n-features", "4", "--classes", "0,1", "--publish-interval", "0.3", "--no-feature-stats",
+                        log=tmp_path / "coordinator.log")
+    logs = {a: tmp_path / f"{a}.log" for a in ("a1", "a2")}
+    agents = {a: spawn("edge_agent", *agent_args(broker, creds_copy, a, data, "--fleet", FLEET, "--id", a,
+                                                 "--unheard-after", "3", "--no-feature-stats"), log=logs[a])
+              for a in ("a1", "a2")}
+    status = lambda a: f"fedmq/{FLEET}/agent/{a}/status"  # noqa: E731
+    try:
+        for a in agents:  # start-up first (seconds of imports on a loaded machine), then the behaviour's bounds
+            wait_log(logs[a], "sent update", STARTUP)
+        unheard = monitor.wait_json(status("a1"), lambda d: d["state"] == "unheard", TIMEOUT, "a1 to say unheard")
+        assert "acknowledged no update since seq" in unheard["reason"] and "last ack on" in unheard["reason"] \
+            and f"fedmq/{FLEET}/ack/a1" in unheard["reason"], unheard
+        honest = monitor.wait_json(status("a2"), lambda d: d["updates_sent"] >= 3, TIMEOUT, "a2 to send 3 updates")
+        assert honest["state"] in ("online", "training", "idle") and honest["version"] >= 1, honest
+        # the ACL fixed and reloaded: a1's next update is accepted and acked
+        (creds_copy / "acl").write_text((creds / "acl").read_text())
+        broker.proc.send_signal(signal.SIGHUP)
+        heard = monitor.wait_json(status("a1"), lambda d: d["state"] != "unheard", TIMEOUT, "a1 to be heard again")
+        assert heard["state"] in ("online", "training", "idle"), heard
+    finally:
+        codes = {a: stop(p) for a, p in agents.items()}
+        code = stop(coordinator)
+        monitor.close()
+        broker.stop()
+    assert codes == {"a1": 0, "a2": 0} and code == 0, (codes, code)
+    assert "acknowledged no update" not in logs["a2"].read_text(), logs["a2"].read_text()[-2000:]
+    assert "heard again" in logs["a1"].read_text()
 
 
 def test_311_no_model_within_the_bound_is_unheard_with_the_reason(tmp_path, creds, data):

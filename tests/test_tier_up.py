@@ -98,14 +98,31 @@ def test_tier_up_serves_real_agents_and_stops_clean(tmp_path):
             write_csv(tmp_path / f"dev-{i}.csv", X, (X[:, 0] > 0).astype(int))
             agents.append(spawn("edge_agent", "--broker", broker, "--fleet", FLEET, "--id", f"dev-{i}",
                                 "--data", tmp_path / f"dev-{i}.csv", "--train-every", "0.5",
-                                log=tmp_path / f"dev-{i}.log"))
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not (versions and max(versions) >= 3):
-            time.sleep(0.2)  # polling a list a reader thread fills
+                                "--unheard-after", "10", log=tmp_path / f"dev-{i}.log"))
+        def audit() -> list[dict]:
+            path = workdir / "audit.jsonl"
+            return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+        deadline = time.monotonic() + 90  # under load an agent may start seconds after the others: wait for all three
+        while time.monotonic() < deadline and not (versions and max(versions) >= 3 and len({r["agent"] for r in audit()}) == 3):
+            time.sleep(0.2)  # polling a list a reader thread fills and a file the root appends to
         assert versions and max(versions) >= 3, (versions, (tmp_path / "dev-0.log").read_text()[-1500:],
                                                  (workdir / "root1.log").read_text()[-1500:])
-        audit = [json.loads(line) for line in (workdir / "audit.jsonl").read_text().splitlines()]
-        assert {r["agent"] for r in audit} == {"dev-0", "dev-1", "dev-2"}  # the agents' updates made the model
+        assert {r["agent"] for r in audit()} == {"dev-0", "dev-1", "dev-2"}  # the agents' updates made the model
+        # the workers' per-agent acks (protocol/acks.py) reach MQTT subscribers through NATS, retained
+        acks = subprocess.run([*shlex.split(sub_cmd.replace(f"fedmq/{FLEET}/coordinator/status", f"fedmq/{FLEET}/ack/+")),
+                               "-v", "-C", "3", "-W", "20"], capture_output=True, text=True, timeout=30).stdout
+        acked = {line.split()[0].rsplit("/", 1)[1]: json.loads(line.split(None, 1)[1])["seq"]
+                 for line in acks.splitlines()}
+        assert set(acked) == {"dev-0", "dev-1", "dev-2"}, acks
+        folded = lambda: {(r["agent"], r["seq"]) for r in audit()}  # noqa: E731
+        deadline = time.monotonic() + 20  # an acked update's partial is stored: the root folds it soon after
+        while not set(acked.items()) <= folded() and time.monotonic() < deadline:
+            time.sleep(0.2)  # polling a file another process appends to
+        assert set(acked.items()) <= folded(), (acked, audit()[-6:])
+        for i in range(3):
+            log = (tmp_path / f"dev-{i}.log").read_text()
+            assert "sent update" in log and "acknowledged no update" not in log, log[-1500:]
     finally:
         for proc in [*agents, *([watch] if watch else [])]:
             proc.kill()

@@ -298,8 +298,9 @@ class Root:
     def _publish(self) -> None:
         if self.version == self.published or time.monotonic() - self._last_pub < self.publish_interval:
             return
+        # acks=True: the partition workers ack each device's accepted updates (tier/worker.py, protocol/acks.py)
         body = encode_model(ModelMessage(self.topics.fleet, self.version, self.spec, self.params,
-                                         started_at=self.started_at))
+                                         started_at=self.started_at, acks=True))
         if self.published > self.retained_version and time.monotonic() - self._last_pub > ECHO_S:
             self.link.bounce()  # our own last model never came back: the connection is not carrying
             self._last_pub = time.monotonic()

@@ -32,6 +32,7 @@ import time
 from coordinator.server import Coordinator
 from coordinator.staleness import parse_staleness
 from coordinator.validation import NormBound, UpdateValidator
+from protocol.acks import encode_ack
 from protocol.errors import ProtocolError
 import numpy as np
 
@@ -74,7 +75,8 @@ class Partition:
         self.oldest: float | None = None
         self.unacked: list = []  # (connection, mid, qos)
         self.held: list = []  # updates on a model newer than ours: (arrived, topic, payload, retain, ack)
-        self.staged: tuple | None = None  # (state, partial bytes | None, acks): written but not yet published/acked
+        # (state, partial bytes | None, device message acks, agent -> seq to ack): written, not yet published/acked
+        self.staged: tuple | None = None
         self.seq = 0
         self.lost = False
         self.link: Link | None = None
@@ -102,7 +104,7 @@ class Partition:
         claim = dict(state, epoch=self.lease.epoch, owner=self.worker.worker_id)
         self.record.write(claim)  # Fenced if another owner wrote since our read
         if state.get("pending"):  # the previous owner's last partial may never have reached JetStream
-            self.staged = (dict(claim, written=True), state["pending"], [])
+            self.staged = (dict(claim, written=True), state["pending"], [], {})
         log.info("partition %d: epoch %d, restored %d agent(s), partial seq %d", self.number, self.lease.epoch,
                  len(self.core.validator.highest_seq), self.seq)
 
@@ -172,6 +174,7 @@ class Partition:
                 total, weight, count = self.strategy.take()
                 covers, self.covers = self.covers, []
                 acks, self.unacked = self.unacked, []
+                agent_acks = self.core.acks.take()  # to the devices once the partial is stored (protocol/acks.py)
                 oldest, self.oldest = self.oldest, None
                 body = None
                 if count:
@@ -184,12 +187,12 @@ class Partition:
                     "missing": {a: sorted(m) for a, m in self.core.validator.missing.items() if m},
                     "accepted": self.core.accepted_,
                 }
-            self.staged = (state, body, acks)
+            self.staged = (state, body, acks, agent_acks)
             self.record.write(state)
         elif not self.staged[0].get("written"):
             self.record.write(self.staged[0])
         self.staged[0]["written"] = True
-        state, body, acks = self.staged
+        state, body, acks, agent_acks = self.staged
         if body is not None:
             nats = self.worker.nats
             subject = partial_subject(nats.prefix, nats.fleet, self.number)
@@ -198,6 +201,8 @@ class Partition:
         for connection, mid, qos in acks:
             if connection == self.link.connection:  # a mid of an older connection is redelivered anyway
                 self.link.client.ack(mid, qos)
+        for agent, seq in agent_acks.items():  # the same per-agent acks as a lone coordinator's, retained
+            self.link.client.publish(self.worker.topics.ack(agent), encode_ack(seq), qos=1, retain=True)
         self.staged = None
 
     def stop(self, graceful: bool) -> None:
