@@ -23,8 +23,9 @@ class AckWatch:
 
     def sent(self, seq: int, now: float) -> None:
         """An update left (the oldest pending keeps its time when the list is full: what matters is how long
-        the first unacknowledged one has waited)."""
-        if (self.acked_seq is None or seq > self.acked_seq) and len(self.pending) < self.max_pending:
+        the first unacknowledged one has waited). Recorded even at or below the ack held: a device whose
+        clock went back sends seqs the coordinator refuses as replays, and only a newer ack clears them."""
+        if len(self.pending) < self.max_pending:
             self.pending.append((seq, now))
 
     def acked(self, seq: int, now: float) -> bool:

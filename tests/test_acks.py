@@ -82,6 +82,14 @@ def test_an_older_runs_retained_ack_acknowledges_nothing_of_this_run():
     assert watch.overdue(6.0, 5) == (900, 5.0)
 
 
+def test_seqs_below_the_held_ack_wait_for_a_newer_one():
+    watch = AckWatch()
+    watch.acked(500, 0.0)  # retained, from a run whose clock was ahead of this one's
+    watch.sent(400, 1.0)  # the coordinator refuses it as a replay: no newer ack ever comes
+    assert watch.overdue(6.0, 5) == (400, 5.0)
+    assert not watch.acked(500, 7.0) and watch.overdue(7.0, 5) == (400, 6.0)
+
+
 def test_time_offline_does_not_count_and_the_list_is_bounded():
     watch = AckWatch(max_pending=3)
     for seq in range(1, 6):
