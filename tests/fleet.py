@@ -9,8 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -34,6 +36,62 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait(timeout)
+
+
+def stop_all(procs: Sequence[subprocess.Popen], timeout: float = 10) -> list[int]:
+    """`stop` for several processes at once: SIGTERM to all first, so they wind down together."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes.append(proc.wait(timeout))
+    return codes
+
+
+def write_shards(tmp_path: Path, ds, parts: Sequence, prefix: str = "a") -> list[Path]:
+    """One CSV of `ds`'s training rows per index array of `parts` (`<prefix><i>.csv`, the agent
+    reading it is `<prefix><i>`), and eval.csv of its test rows; the paths of the shards."""
+    from protocol.tabular import write_csv
+
+    paths = []
+    for i, rows in enumerate(parts):
+        paths.append(tmp_path / f"{prefix}{i}.csv")
+        write_csv(paths[-1], ds.X_train[rows], ds.y_train[rows])
+    write_csv(tmp_path / "eval.csv", ds.X_test, ds.y_test)
+    return paths
+
+
+@dataclass
+class FleetRun:
+    """The processes of `real_fleet`; `code` is the coordinator's exit code once it was stopped."""
+
+    coordinator: subprocess.Popen
+    agents: list[subprocess.Popen] = field(default_factory=list)
+    code: int | None = None
+
+
+@contextmanager
+def real_fleet(broker, tmp_path: Path, fleet: str, ds, shards: Sequence[Path], *flags,
+               agent_flags: Sequence = ()) -> Iterator[FleetRun]:
+    """A real coordinator (an sgd-classifier on `ds`'s classes and features, then `flags`) and one
+    real agent per shard (its id the shard's name, `agent_flags`) on `broker`; all stopped on exit."""
+    coordinator = spawn("coordinator", "--broker", broker.url, "--fleet", fleet, "--model", "sgd-classifier",
+                        "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features, *flags,
+                        log=tmp_path / "coordinator.log")
+    run = FleetRun(coordinator)
+    try:
+        run.agents += [spawn("edge_agent", "--broker", broker.url, "--fleet", fleet, "--id", path.stem, "--data", path,
+                             *agent_flags, log=tmp_path / f"{path.stem}.log") for path in shards]
+        yield run
+    finally:
+        stop_all(run.agents)
+        run.code = stop(coordinator)
 
 
 class TopicWatcher:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import time
 import urllib.request
 
-from fleet import TopicWatcher, spawn, stop
-from protocol.tabular import write_csv
+from fleet import TopicWatcher, real_fleet, stop, write_shards
 from protocol.topics import Topics
 from simulation.datasets import load_dataset
 from simulation.mosquitto import free_port
@@ -28,41 +27,31 @@ def _status(watcher) -> dict:
 
 def test_three_agents_reach_five_versions_and_085_in_45_s_with_the_default_buffer(tmp_path, mosquitto):
     ds = load_dataset("digits", seed=0)
-    paths = []
-    for i, idx in enumerate(partition(ds.y_train, 3, "iid", seed=0)):
-        paths.append(tmp_path / f"agent{i}.csv")
-        write_csv(paths[-1], ds.X_train[idx], ds.y_train[idx])
-    write_csv(tmp_path / "eval.csv", ds.X_test, ds.y_test)
+    shards = write_shards(tmp_path, ds, partition(ds.y_train, 3, "iid", seed=0), prefix="agent")
     metrics_port = free_port()
     watcher = TopicWatcher(mosquitto.port, T.everything)
     started = time.monotonic()
-    coordinator = spawn("coordinator", "--broker", mosquitto.url, "--fleet", FLEET, "--model", "sgd-classifier",
-                        "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features,
-                        "--strategy", "fedbuff", "--eval-csv", tmp_path / "eval.csv", "--publish-interval", "0.3",
-                        "--checkpoint-dir", tmp_path / "ckpt", "--metrics-port", metrics_port,
-                        log=tmp_path / "coordinator.log")
-    agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", FLEET, "--id", f"agent{i}", "--data", p,
-                    log=tmp_path / f"agent{i}.log") for i, p in enumerate(paths)]
     try:
-        done = watcher.wait_for(lambda: (s := _status(watcher)).get("version", 0) >= 5
-                                and (s.get("accuracy") or 0) >= 0.85 and s, 45, "5 versions and accuracy >= 0.85")
-        elapsed = time.monotonic() - started
-        assert done["buffer_timeouts"] == 0, done  # every step was a full (live-sized) buffer
-        assert done["buffer"] == {"size": 5, "effective": 3, "live_agents": 3}, done
-        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=20).read().decode()
-        assert f'fedmq_buffer_effective_size{{fleet="{FLEET}"}} 3.0' in body
-        assert f'fedmq_live_agents{{fleet="{FLEET}"}} 3.0' in body
+        with real_fleet(mosquitto, tmp_path, FLEET, ds, shards, "--strategy", "fedbuff", "--eval-csv", tmp_path / "eval.csv",
+                        "--publish-interval", "0.3", "--checkpoint-dir", tmp_path / "ckpt",
+                        "--metrics-port", metrics_port) as run:
+            done = watcher.wait_for(lambda: (s := _status(watcher)).get("version", 0) >= 5
+                                    and (s.get("accuracy") or 0) >= 0.85 and s, 45, "5 versions and accuracy >= 0.85")
+            elapsed = time.monotonic() - started
+            assert done["buffer_timeouts"] == 0, done  # every step was a full (live-sized) buffer
+            assert done["buffer"] == {"size": 5, "effective": 3, "live_agents": 3}, done
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=20).read().decode()
+            assert f'fedmq_buffer_effective_size{{fleet="{FLEET}"}} 3.0' in body
+            assert f'fedmq_live_agents{{fleet="{FLEET}"}} 3.0' in body
 
-        stop(agents.pop())  # one leaves (its status says offline): the buffer shrinks to the two left
-        watcher.wait_for(lambda: _status(watcher).get("buffer", {}).get("effective") == 2, 30,
-                         "the buffer to follow the agents online")
-        version = _status(watcher)["version"]
-        watcher.wait_for(lambda: _status(watcher).get("version", 0) >= version + 2, 30, "two more versions from two agents")
-        assert _status(watcher)["buffer_timeouts"] == 0
+            stop(run.agents.pop())  # one leaves (its status says offline): the buffer shrinks to the two left
+            watcher.wait_for(lambda: _status(watcher).get("buffer", {}).get("effective") == 2, 30,
+                             "the buffer to follow the agents online")
+            version = _status(watcher)["version"]
+            watcher.wait_for(lambda: _status(watcher).get("version", 0) >= version + 2, 30,
+                             "two more versions from two agents")
+            assert _status(watcher)["buffer_timeouts"] == 0
     finally:
-        for proc in agents:
-            stop(proc)
-        code = stop(coordinator)
         watcher.close()
-    assert code == 0
+    assert run.code == 0
     print(f"5 versions and accuracy >= 0.85 after {elapsed:.1f} s")

@@ -22,10 +22,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet import TopicWatcher, spawn, stop
+from fleet import TopicWatcher, real_fleet, write_shards
 from protocol import codec
 from protocol.messages import UpdateMessage, decode_model, encode_update
-from protocol.tabular import write_csv
 from protocol.topics import Topics
 from simulation.datasets import load_dataset
 from simulation.mosquitto import free_port
@@ -71,36 +70,25 @@ class HostileAgent:
 
 def test_one_agent_claiming_a_billion_samples_owns_neither_the_evaluation_nor_the_buffer(tmp_path, mosquitto):
     ds = load_dataset("digits", seed=0)
-    paths = []
-    for i, idx in enumerate(partition(ds.y_train, HONEST, "iid", seed=0)):
-        paths.append(tmp_path / f"a{i}.csv")
-        write_csv(paths[-1], ds.X_train[idx], ds.y_train[idx])
-    write_csv(tmp_path / "eval.csv", ds.X_test, ds.y_test)
+    shards = write_shards(tmp_path, ds, partition(ds.y_train, HONEST, "iid", seed=0))
     port = free_port()
     watcher = TopicWatcher(mosquitto.port, T.coordinator_status)
-    coordinator = spawn("coordinator", "--broker", mosquitto.url, "--fleet", FLEET, "--model", "sgd-classifier",
-                        "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features,
-                        "--strategy", "fedbuff", "--eval-csv", tmp_path / "eval.csv", "--publish-interval", "0.3",
-                        "--metrics-port", port,
-                        "--no-feature-stats",  # the sample claims alone, as written before statistics were the default
-                        log=tmp_path / "coordinator.log")
     evil = HostileAgent(mosquitto.port)
-    agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", FLEET, "--id", f"a{i}", "--data", p,
-                    log=tmp_path / f"a{i}.log") for i, p in enumerate(paths)]
     status = lambda: watcher.json(T.coordinator_status) or {}  # noqa: E731
     try:
-        # the flips do not own the mean: the fleet learns as one would without them
-        final = watcher.wait_for(lambda: (s := status()).get("version", 0) >= 12 and (s.get("accuracy") or 0) >= 0.85
-                                 and s, WAIT, "12 versions and accuracy >= 0.85")
-        assert evil.sent >= 3 * 6, f"the hostile agent sent only {evil.sent} updates"
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        with real_fleet(mosquitto, tmp_path, FLEET, ds, shards, "--strategy", "fedbuff", "--eval-csv", tmp_path / "eval.csv",
+                        "--publish-interval", "0.3", "--metrics-port", port,
+                        "--no-feature-stats",  # the sample claims alone, as written before statistics were the default
+                        ) as run:
+            # the flips do not own the mean: the fleet learns as one would without them
+            final = watcher.wait_for(lambda: (s := status()).get("version", 0) >= 12
+                                     and (s.get("accuracy") or 0) >= 0.85 and s, WAIT, "12 versions and accuracy >= 0.85")
+            assert evil.sent >= 3 * 6, f"the hostile agent sent only {evil.sent} updates"
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         evil.close()
-        for proc in agents:
-            stop(proc)
-        code = stop(coordinator)
         watcher.close()
-    assert code == 0
+    assert run.code == 0
     print(f"\nversion {final['version']}: accuracy {final['accuracy']}, fleet_eval {final['fleet_eval']}, "
           f"bounded {final.get('bounded')}, hostile updates sent {evil.sent}")
     assert final["fleet_eval"]["accuracy"] < 0.99, final["fleet_eval"]  # the hostile claim is one vote of 6

@@ -15,10 +15,9 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
-from fleet import TopicWatcher, spawn, stop
+from fleet import TopicWatcher, real_fleet, write_shards
 from protocol.statistics import FeatureStats, describe
 from protocol.stats_message import encode_stats
-from protocol.tabular import write_csv
 from protocol.topics import Topics
 from simulation.datasets import load_dataset
 from simulation.partition import partition
@@ -46,41 +45,30 @@ def raw_stats(n: int, count: float, total: float, squares: float, low: float, hi
 def test_one_hostile_agents_statistics_neither_steer_the_fleet_nor_end_the_coordinator(tmp_path, mosquitto):
     ds = load_dataset("wine", seed=0, raw=True)
     parts = partition(ds.y_train, HONEST + 1, "iid", seed=0)
-    paths = []
-    for i, idx in enumerate(parts[:HONEST]):
-        paths.append(tmp_path / f"a{i}.csv")
-        write_csv(paths[-1], ds.X_train[idx], ds.y_train[idx])
-    write_csv(tmp_path / "eval.csv", ds.X_test, ds.y_test)
+    shards = write_shards(tmp_path, ds, parts[:HONEST])
     watcher = TopicWatcher(mosquitto.port, T.everything)
     evil = watcher.client
     # the hostile agent's statistics are there first (retained): the first scaling is made with them
     evil.publish(T.stats("evil"), shifted(ds.X_train[parts[HONEST]]), qos=1, retain=True).wait_for_publish(WAIT)
-    coordinator = spawn("coordinator", "--broker", mosquitto.url, "--fleet", FLEET, "--model", "sgd-classifier",
-                        "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features,
-                        "--eval-csv", tmp_path / "eval.csv", "--publish-interval", "0.3", "--feature-stats",
-                        "--stats-min-agents", HONEST + 1, log=tmp_path / "coordinator.log")
-    agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", FLEET, "--id", f"a{i}", "--data", p,
-                    log=tmp_path / f"a{i}.log") for i, p in enumerate(paths)]
     status = lambda: watcher.json(T.coordinator_status) or {}  # noqa: E731
     try:
-        trained = watcher.wait_for(lambda: (s := status()).get("statistics", {}).get("agents") == HONEST + 1
-                                   and (s.get("accuracy") or 0) >= 0.9 and s, WAIT,
-                                   "accuracy >= 0.9 with the shifted statistics merged")
-        # statistics whose sum overflows, then huge ones inside every per-message bound
-        n = ds.n_features
-        evil.publish(T.stats("evil2"), raw_stats(n, 1, 1e308, 1.7e308, -1.7e308, 1.7e308), qos=1).wait_for_publish(WAIT)
-        evil.publish(T.stats("evil"), raw_stats(n, 40, 40e99, 40e198, 1e99, 1e99), qos=1).wait_for_publish(WAIT)
-        version = status()["version"]
-        after = watcher.wait_for(lambda: (s := status()).get("version", 0) >= version + 5
-                                 and s["statistics"]["rejected"].get("stats_range") and s, WAIT,
-                                 "5 more versions after the overflowing statistics")
-        assert coordinator.poll() is None, "the coordinator exited"
+        with real_fleet(mosquitto, tmp_path, FLEET, ds, shards, "--eval-csv", tmp_path / "eval.csv",
+                        "--publish-interval", "0.3", "--feature-stats", "--stats-min-agents", HONEST + 1) as run:
+            trained = watcher.wait_for(lambda: (s := status()).get("statistics", {}).get("agents") == HONEST + 1
+                                       and (s.get("accuracy") or 0) >= 0.9 and s, WAIT,
+                                       "accuracy >= 0.9 with the shifted statistics merged")
+            # statistics whose sum overflows, then huge ones inside every per-message bound
+            n = ds.n_features
+            evil.publish(T.stats("evil2"), raw_stats(n, 1, 1e308, 1.7e308, -1.7e308, 1.7e308), qos=1).wait_for_publish(WAIT)
+            evil.publish(T.stats("evil"), raw_stats(n, 40, 40e99, 40e198, 1e99, 1e99), qos=1).wait_for_publish(WAIT)
+            version = status()["version"]
+            after = watcher.wait_for(lambda: (s := status()).get("version", 0) >= version + 5
+                                     and s["statistics"]["rejected"].get("stats_range") and s, WAIT,
+                                     "5 more versions after the overflowing statistics")
+            assert run.coordinator.poll() is None, "the coordinator exited"
     finally:
-        for proc in agents:
-            stop(proc)
-        code = stop(coordinator)
         watcher.close()
-    assert code == 0
+    assert run.code == 0
     print(f"\nshifted statistics of 1 of 6 merged: accuracy {trained['accuracy']}; after the overflow "
           f"{after['accuracy']}, rejected {after['statistics']['rejected']}")
     assert after["accuracy"] >= 0.9, after

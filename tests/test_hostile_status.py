@@ -14,7 +14,7 @@ import json
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet import TopicWatcher, spawn, stop
+from fleet import TopicWatcher, real_fleet, spawn, stop, write_shards
 from protocol.tabular import write_csv
 from protocol.topics import Topics
 from simulation.datasets import load_dataset
@@ -31,39 +31,29 @@ def _status(watcher) -> dict:
 
 def test_a_status_with_an_unhashable_state_is_refused_and_the_fleet_goes_on(tmp_path, mosquitto):
     ds = load_dataset("digits", seed=0)
-    paths = []
-    for i, idx in enumerate(partition(ds.y_train, 2, "iid", seed=0)):
-        paths.append(tmp_path / f"agent{i}.csv")
-        write_csv(paths[-1], ds.X_train[idx], ds.y_train[idx])
+    shards = write_shards(tmp_path, ds, partition(ds.y_train, 2, "iid", seed=0), prefix="agent")
     watcher = TopicWatcher(mosquitto.port, T.everything)
-    coordinator = spawn("coordinator", "--broker", mosquitto.url, "--fleet", FLEET, "--model", "sgd-classifier",
-                        "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features,
-                        "--strategy", "fedbuff", "--publish-interval", "0.3", "--checkpoint-dir", tmp_path / "ckpt",
-                        log=tmp_path / "coordinator.log")
-    agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", FLEET, "--id", f"agent{i}", "--data", p,
-                    "--train-every", "0.5", log=tmp_path / f"agent{i}.log") for i, p in enumerate(paths)]
     hostile = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="evil")
     try:
-        watcher.wait_for(lambda: _status(watcher).get("version", 0) >= 1, 60, "a first version")
-        hostile.connect("127.0.0.1", mosquitto.port)
-        hostile.loop_start()
-        for payload in HOSTILE:
-            hostile.publish(T.agent_status("evil"), json.dumps(payload), qos=1).wait_for_publish(10)
-        refused = watcher.wait_for(lambda: (s := _status(watcher)).get("rejected", {}).get("status_decode", 0)
-                                   >= len(HOSTILE) and s, 30, "the hostile statuses refused")
-        version = refused["version"]
-        watcher.wait_for(lambda: _status(watcher).get("version", 0) >= version + 3, 45,
-                         "three more versions after the hostile statuses")
-        assert _status(watcher)["buffer"]["live_agents"] == 2  # the hostile 'evil' is not counted online
-        assert coordinator.poll() is None
+        with real_fleet(mosquitto, tmp_path, FLEET, ds, shards, "--strategy", "fedbuff", "--publish-interval", "0.3",
+                        "--checkpoint-dir", tmp_path / "ckpt", agent_flags=("--train-every", "0.5")) as run:
+            watcher.wait_for(lambda: _status(watcher).get("version", 0) >= 1, 60, "a first version")
+            hostile.connect("127.0.0.1", mosquitto.port)
+            hostile.loop_start()
+            for payload in HOSTILE:
+                hostile.publish(T.agent_status("evil"), json.dumps(payload), qos=1).wait_for_publish(10)
+            refused = watcher.wait_for(lambda: (s := _status(watcher)).get("rejected", {}).get("status_decode", 0)
+                                       >= len(HOSTILE) and s, 30, "the hostile statuses refused")
+            version = refused["version"]
+            watcher.wait_for(lambda: _status(watcher).get("version", 0) >= version + 3, 45,
+                             "three more versions after the hostile statuses")
+            assert _status(watcher)["buffer"]["live_agents"] == 2  # the hostile 'evil' is not counted online
+            assert run.coordinator.poll() is None
     finally:
         hostile.loop_stop()
         hostile.disconnect()
-        for proc in agents:
-            stop(proc)
-        code = stop(coordinator)
         watcher.close()
-    assert code == 0
+    assert run.code == 0
 
 
 def test_a_retained_schema_with_a_list_label_does_not_wedge_schema_discovery(tmp_path, mosquitto):

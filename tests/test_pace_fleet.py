@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from fleet import TopicWatcher, spawn, stop
+from fleet import TopicWatcher, spawn, stop, stop_all
 from protocol.tabular import write_csv
 from protocol.topics import Topics
 from simulation.datasets import load_dataset
@@ -65,8 +65,7 @@ def test_the_update_rate_stays_near_the_target_from_4_to_12_agents(tmp_path, mos
         time.sleep(4.5)  # one 12-agent interval and a half: all have the new pace
         large = _rate(updates, 9.0)
     finally:
-        for proc in agents:
-            stop(proc)
+        stop_all(agents)
         code = stop(coordinator)
         updates.close()
         status.close()

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from fleet import spawn, stop
+from fleet import spawn, stop_all
 from protocol.tabular import write_csv
 from simulation.datasets import load_dataset
 from simulation.partition import partition
@@ -57,8 +57,7 @@ def test_no_accuracy_drop_beyond_one_point_across_a_restart(tmp_path, mosquitto)
     procs = [coordinator(), *agents()]
     try:
         before = wait(lambda s: s and s[-1]["version"] >= 80, "version 80")
-        for proc in procs:
-            assert stop(proc) == 0
+        assert stop_all(procs) == [0] * len(procs)
         # the fleet's own spread: the worst of its last 10 statuses; a restart may not go 1 point below it
         baseline = min(s["accuracy"] for s in before[-10:])
         assert statistics.median(s["accuracy"] for s in before[-10:]) >= 0.9, before[-10:]
@@ -67,8 +66,7 @@ def test_no_accuracy_drop_beyond_one_point_across_a_restart(tmp_path, mosquitto)
         after = wait(lambda s: len([x for x in s[mark:] if x["version"] > last_version]) >= 8,
                      "8 statuses after the restart")[mark:]
     finally:
-        for proc in procs:
-            stop(proc)
+        stop_all(procs)
     resumed = [s for s in after if s["version"] > last_version]
     assert after[0]["version"] >= last_version, "resumed from the checkpoint"
     worst = min(s["accuracy"] for s in resumed)
