@@ -1,5 +1,7 @@
-"""Datasets the simulator trains on: scikit-learn's bundled sets and a synthetic regression.
+"""Datasets the simulator trains on: scikit-learn's bundled sets and synthetic tasks generated in-process.
 
+`many_classes` and `sensors` are the harder tasks (issue 23): a linear SGD model needs tens of
+federated rounds on them under a non-IID split (`--partition shards:4` and `shards:1`, bench/async_advantage.py).
 All load offline, with a seeded split stratified by class (by decile of y for `linear`).
 """
 
@@ -15,7 +17,7 @@ from sklearn.model_selection import train_test_split
 
 from protocol.model_spec import ONE_CLASS_SHIFT
 
-DATASETS = ("digits", "breast_cancer", "wine", "linear", "anomaly")
+DATASETS = ("digits", "breast_cancer", "wine", "linear", "anomaly", "many_classes", "sensors")
 _BUNDLED = {"digits": skdata.load_digits, "breast_cancer": skdata.load_breast_cancer, "wine": skdata.load_wine}
 
 
@@ -61,6 +63,13 @@ def load_dataset(name: str, *, test_size: float = 0.25, seed: int = 0, raw: bool
     """
     if name == "linear":
         return make_linear(test_size=test_size, seed=seed)
+    if name == "many_classes":
+        return make_many_classes(test_size=test_size, seed=seed)
+    if name == "sensors":  # sensor units unless standardized with the pooled train split (the reference)
+        ds = make_sensors(test_size=test_size, seed=seed)
+        if not raw:
+            ds.X_train, ds.X_test = standardise(ds.X_train, ds.X_test)
+        return ds
     if name == "anomaly":  # sensor units unless standardized with the pooled train split (the reference)
         ds = make_anomaly(test_size=test_size, seed=seed)
         if not raw:
@@ -92,6 +101,47 @@ def make_linear(
     deciles = np.digitize(y, np.quantile(y, np.linspace(0, 1, 11)[1:-1]))
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=deciles)
     return Dataset("linear", "regression", X_train, y_train, X_test, y_test, (), coef, intercept)
+
+
+MANY_CLASSES = 20  # `many_classes`: labels 0..19
+
+
+def make_many_classes(n_samples: int = 8000, n_features: int = 40, *, test_size: float = 0.25, seed: int = 0) -> Dataset:
+    """MANY_CLASSES Gaussian classes in `n_features` dimensions (half informative, the rest noise),
+    one cluster each, overlapping (class_sep 2): a linear model's ceiling is well below 1 and,
+    split one class or a few per device, FedAvg needs tens of rounds to approach it.
+    Drawn by scikit-learn's make_classification (no download); the split is stratified by class."""
+    X, y = skdata.make_classification(n_samples=n_samples, n_features=n_features, n_informative=n_features // 2,
+                                      n_redundant=0, n_classes=MANY_CLASSES, n_clusters_per_class=1,
+                                      class_sep=2.0, flip_y=0.0, random_state=seed)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
+    return Dataset("many_classes", "classification", X_train, y_train, X_test, y_test, tuple(range(MANY_CLASSES)))
+
+
+# `sensors`: sixteen correlated readings (name, mean, deviation in the unit) and a linear target.
+SENSOR_READINGS = tuple((f"{kind}_{i}", mean, std) for i in range(4) for kind, mean, std in
+                        (("temperature_c", 60.0, 5.0), ("pressure_hpa", 1013.0, 15.0),
+                         ("current_a", 12.0, 2.0), ("flow_lpm", 300.0, 40.0)))
+
+
+def make_sensors(n_samples: int = 6000, noise: float = 0.3, *, test_size: float = 0.25, seed: int = 0) -> Dataset:
+    """A regression on sixteen sensor readings in their own units (SENSOR_READINGS), strongly
+    correlated (a few latent factors drive them all: make_regression's effective_rank 2), the
+    target a noisy linear function of them. Correlated inputs make SGD slow to converge: the
+    reason it needs many rounds. The split is stratified by decile of y."""
+    d = len(SENSOR_READINGS)
+    z, y = skdata.make_regression(n_samples=n_samples, n_features=d, n_informative=d // 2, effective_rank=2,
+                                  tail_strength=0.1, noise=0.0, random_state=seed)
+    rng = np.random.default_rng(seed)
+    y = y / y.std()
+    y = y + noise * rng.standard_normal(n_samples)
+    z = z / z.std(axis=0)
+    mean, std = (np.array([s[i] for s in SENSOR_READINGS]) for i in (1, 2))
+    X = mean + std * z
+    deciles = np.digitize(y, np.quantile(y, np.linspace(0, 1, 11)[1:-1]))
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=deciles)
+    return Dataset("sensors", "regression", X_train, y_train, X_test, y_test,
+                   columns=tuple(s[0] for s in SENSOR_READINGS))
 
 
 # The synthetic sensor fleet of `make_anomaly`: (name, mean, deviation) in each sensor's own unit.

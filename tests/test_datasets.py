@@ -99,3 +99,52 @@ def test_centralized_baseline_takes_the_fleet_hyperparameters():
     ds = load_dataset("linear")
     frozen = centralized_baseline(ds, epochs=1, hyperparameters={"learning_rate": "constant", "eta0": 1e-9})
     assert frozen < 0.1 < 0.99 < centralized_baseline(ds, epochs=1)
+
+
+def test_many_classes_is_a_twenty_class_task_a_linear_model_cannot_master():
+    ds = load_dataset("many_classes", seed=0)
+    assert (ds.task, ds.model, ds.n_features, ds.classes) == ("classification", "sgd-classifier", 40, tuple(range(20)))
+    assert (len(ds.y_train), len(ds.y_test)) == (6000, 2000)
+    assert np.array_equal(np.bincount(ds.y_test), np.full(20, 100))  # stratified, balanced
+    assert 0.8 < centralized_baseline(ds, seed=0) < 0.95  # overlapping classes: a ceiling below 1
+
+
+def _one_fedavg_round(ds, scheme: str) -> float:
+    """The test score after one FedAvg round from zero over 10 devices split by `scheme`."""
+    from sklearn.linear_model import SGDClassifier, SGDRegressor
+
+    from simulation.partition import partition
+
+    make = (lambda: SGDClassifier(random_state=0)) if ds.classes else (lambda: SGDRegressor(random_state=0))
+    fits = []
+    for rows in partition(ds.y_train, 10, scheme, seed=0):
+        est = make()
+        est.partial_fit(ds.X_train[rows], ds.y_train[rows], **({"classes": np.array(ds.classes)} if ds.classes else {}))
+        fits.append(est)
+    est.coef_ = np.mean([e.coef_ for e in fits], axis=0)
+    est.intercept_ = np.mean([e.intercept_ for e in fits], axis=0)
+    return est.score(ds.X_test, ds.y_test)
+
+
+@pytest.mark.parametrize("name, scheme", [("many_classes", "shards:4"), ("sensors", "shards:1")])
+def test_the_harder_tasks_are_far_from_their_ceiling_after_one_skewed_round(name, scheme):
+    """What makes them need many rounds: one federated round on a skewed split ends far below
+    the ceiling, while one round on an iid split is close to it."""
+    ds = load_dataset(name, seed=0)
+    ceiling = centralized_baseline(ds, seed=0)
+    assert _one_fedavg_round(ds, scheme) < 0.85 * ceiling
+    assert _one_fedavg_round(ds, "iid") > 0.85 * ceiling
+
+
+def test_sensors_are_correlated_readings_in_their_units_with_a_linear_target():
+    raw = load_dataset("sensors", seed=0, raw=True)
+    assert (raw.task, raw.model, raw.n_features, raw.classes) == ("regression", "sgd-regressor", 16, ())
+    assert raw.columns[:2] == ("temperature_c_0", "pressure_hpa_0")
+    np.testing.assert_allclose(raw.X_train.mean(axis=0)[:2], [60.0, 1013.0], rtol=0.01)  # in the sensors' units
+    ds = load_dataset("sensors", seed=0)
+    np.testing.assert_allclose(ds.X_train.std(axis=0), 1, atol=1e-9)
+    assert np.linalg.cond(np.corrcoef(ds.X_train.T)) > 100  # a few factors drive all sixteen
+    A = np.column_stack([ds.X_train, np.ones(len(ds.X_train))])
+    w, *_ = np.linalg.lstsq(A, ds.y_train, rcond=None)
+    assert ds.y_test.var() * 0.85 > (ds.y_test - np.column_stack([ds.X_test, np.ones(len(ds.X_test))]) @ w).var()
+    assert 0.85 < centralized_baseline(ds, seed=0) <= 1.0

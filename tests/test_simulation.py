@@ -70,3 +70,17 @@ def test_simulated_agents_obey_the_coordinators_pace(mosquitto):
     assert result["accepted"] >= agents
     # and like a real agent it downloads the model once per round (its subscription paused between)
     assert result["models_received"] <= 2 * result["updates_sent"], (result["models_received"], result["updates_sent"])
+
+
+def test_the_harder_tasks_run_in_the_simulator(mosquitto):
+    """`--dataset many_classes` and `--dataset sensors` (issue 23): the sensor regression through a real
+    mosquitto, scored by r2, moves towards its ceiling from a one-decile-per-device split."""
+    from simulation.cli import config_from_args, parse_args
+
+    assert config_from_args(parse_args(["--dataset", "many_classes", "--partition", "shards:4"])).dataset == "many_classes"
+    config = config_from_args(parse_args(["--dataset", "sensors", "--agents", "10", "--partition", "shards:1",
+                                          "--duration", "6", "--round-time", "0.05", "--seed", "2"]))
+    config.fleet = "simsensors"
+    result = Simulation(config, load_dataset("sensors", seed=2), BrokerSettings.from_url(mosquitto.url)).run()
+    assert (result["dataset"], result["metric"]) == ("sensors", "r2")
+    assert result["version"] >= 5 and result["final_score"] > 0.5, result["final_score"]
