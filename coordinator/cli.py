@@ -105,26 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many updates per agent per minute, in bursts of up to as many; more are "
                    "refused (rate) before decoding, so one flooding agent cannot own the model (default: none)")
 
-    dp = p.add_argument_group("differential privacy (needs pip install 'fedmq[dp]'; docs/security.md)")
-    dp.add_argument("--dp-mode", choices=("local", "central"),
-                    help="central: clip each update to --dp-clip and add noise of std --dp-noise x C to the sum of each "
-                    "fedbuff/fedavg buffer; local: the agents noise, the status reports the epsilon their accepted "
-                    "updates imply at --dp-noise (default: no DP)")
-    dp.add_argument("--dp-clip", type=float, metavar="C", help="L2 bound C of one update (central: enforced here)")
-    dp.add_argument("--dp-noise", type=float, metavar="SIGMA", help="noise multiplier sigma (central: of the noise added here)")
-    _defaulted(dp, "--dp-delta", type=float, default=1e-5, help="report epsilon at this delta")
-    dp.add_argument("--dp-epsilon-budget", type=float, metavar="EPSILON",
-                    help="central: refuse (dp_budget) an update that would take its agent's epsilon above this (default: none)")
-    dp.add_argument("--dp-noise-by", choices=("coordinator", "agents"),
-                    help="with --secure-aggregation and --dp-mode central, who adds the noise: coordinator (to each "
-                    "decoded cohort sum) or agents (each member adds its share inside its masked input, so the "
-                    "coordinator never decodes an un-noised sum: distributed DP) (default: coordinator)")
-    dp.add_argument("--dp-neighbours", choices=("add-remove", "replace-one"),
-                    help="the neighbour relation epsilon is reported under: add-remove (sensitivity C) or replace-one "
-                    "(2C: one device's data swapped for any other) (default: replace-one for local, add-remove for central)")
-    _defaulted(dp, "--dp-norm-action", choices=("reject", "clip"), default="clip",
-               help="central: an update above C is scaled down to C, or rejected (dp_norm; the accepted count then "
-               "moves by one less on an over-C update, an un-noised bit)")
+    add_dp_arguments(p)
 
     sec = p.add_argument_group("secure aggregation (fedbuff: the coordinator learns only the sum of each cohort; needs pip install 'fedmq[secagg]'; docs/security.md)")
     sec.add_argument("--secure-aggregation", action="store_true",
@@ -198,6 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_dp_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --dp-* flags (the coordinator's, and the scale-out tier root's under the same names)."""
+    dp = parser.add_argument_group("differential privacy (needs pip install 'fedmq[dp]'; docs/security.md)")
+    dp.add_argument("--dp-mode", choices=("local", "central"),
+                    help="central: clip each update to --dp-clip and add noise of std --dp-noise x C to the sum of each "
+                    "fedbuff/fedavg buffer; local: the agents noise, the status reports the epsilon their accepted "
+                    "updates imply at --dp-noise (default: no DP)")
+    dp.add_argument("--dp-clip", type=float, metavar="C", help="L2 bound C of one update (central: enforced here)")
+    dp.add_argument("--dp-noise", type=float, metavar="SIGMA", help="noise multiplier sigma (central: of the noise added here)")
+    _defaulted(dp, "--dp-delta", type=float, default=1e-5, help="report epsilon at this delta")
+    dp.add_argument("--dp-epsilon-budget", type=float, metavar="EPSILON",
+                    help="central: refuse (dp_budget) an update that would take its agent's epsilon above this (default: none)")
+    dp.add_argument("--dp-noise-by", choices=("coordinator", "agents"),
+                    help="with --secure-aggregation and --dp-mode central, who adds the noise: coordinator (to each "
+                    "decoded cohort sum) or agents (each member adds its share inside its masked input, so the "
+                    "coordinator never decodes an un-noised sum: distributed DP) (default: coordinator)")
+    dp.add_argument("--dp-neighbours", choices=("add-remove", "replace-one"),
+                    help="the neighbour relation epsilon is reported under: add-remove (sensitivity C) or replace-one "
+                    "(2C: one device's data swapped for any other) (default: replace-one for local, add-remove for central)")
+    _defaulted(dp, "--dp-norm-action", choices=("reject", "clip"), default="clip",
+               help="central: an update above C is scaled down to C, or rejected (dp_norm; the accepted count then "
+               "moves by one less on an over-C update, an un-noised bit)")
+
+
 def _defaulted(group, *flags: str, **kwargs) -> None:
     """add_argument with the default written into the help text.
 
@@ -234,22 +239,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.strategy, alpha=args.alpha, staleness=args.staleness_fn,
             buffer_size=args.buffer_size, server_lr=args.server_lr, aggregate=args.aggregate,
         )
-        args.dp_policy = None
+        args.strategy_obj, args.dp_policy = make_dp(args, args.strategy_obj)
         if args.dp_mode is not None:
-            if args.dp_clip is None or args.dp_noise is None:
-                raise ValueError(f"--dp-mode {args.dp_mode} needs --dp-clip and --dp-noise")
-            try:
-                args.strategy_obj, args.dp_policy = make_policy(
-                    args.dp_mode, args.strategy_obj, GaussianMechanism(args.dp_clip, args.dp_noise), args.dp_delta,
-                    epsilon_budget=args.dp_epsilon_budget, norm_action=args.dp_norm_action,
-                    neighbours=args.dp_neighbours)
-            except ImportError as exc:
-                raise ValueError(str(exc)) from None
             check_central_dp(args)
             if args.dp_mode == "local" and args.model == "sgd-classifier" and not args.classes_given:
                 raise ValueError("under local DP the agents announce no label set: give --classes")
-        elif any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget, args.dp_neighbours)):
-            raise ValueError("--dp-clip, --dp-noise, --dp-epsilon-budget and --dp-neighbours need --dp-mode local or central")
         if args.dp_noise_by is not None and not (args.secure_aggregation and args.dp_mode == "central"):
             raise ValueError("--dp-noise-by needs --secure-aggregation and --dp-mode central")
         if args.secure_aggregation:  # coordinator/secagg.py
@@ -320,6 +314,22 @@ def feature_stats_default(args: argparse.Namespace) -> bool:
     if args.max_packet_bytes is not None and args.n_features and unnamed_stats_bytes(args.n_features) > args.max_packet_bytes:
         return False  # an agent's statistics would not pass the broker: the first model would wait for ever
     return args.model in STATS_BY_DEFAULT and args.dp_mode is None and not args.secure_aggregation
+
+
+def make_dp(args: argparse.Namespace, strategy):
+    """(the strategy to run, the DP policy or None) from the --dp-* flags; ValueError (one line) on a bad combination."""
+    if args.dp_mode is None:
+        if any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon_budget, args.dp_neighbours)):
+            raise ValueError("--dp-clip, --dp-noise, --dp-epsilon-budget and --dp-neighbours need --dp-mode local or central")
+        return strategy, None
+    if args.dp_clip is None or args.dp_noise is None:
+        raise ValueError(f"--dp-mode {args.dp_mode} needs --dp-clip and --dp-noise")
+    try:
+        return make_policy(args.dp_mode, strategy, GaussianMechanism(args.dp_clip, args.dp_noise), args.dp_delta,
+                           epsilon_budget=args.dp_epsilon_budget, norm_action=args.dp_norm_action,
+                           neighbours=args.dp_neighbours)
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def check_central_dp(args: argparse.Namespace) -> None:

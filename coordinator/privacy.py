@@ -155,14 +155,19 @@ class CentralDP(Strategy):
         return None if flush is None or not self._members else self._release(flush(params))
 
     def _release(self, new: np.ndarray | None) -> np.ndarray | None:
-        """Add N(0, (sigma C)^2) / k to a step the inner mean made of k updates; count its agents."""
+        """The noisy release of a step the inner mean made of the buffer's updates (None: no step)."""
         if new is None:
             return None
-        k = len(self._members)
+        members, self._members = self._members, []
+        return self.release(new, members)
+
+    def release(self, new: np.ndarray, members: list[str]) -> np.ndarray:
+        """Add N(0, (sigma C)^2) / k to a step the mean of k updates made, one of each of `members`;
+        count them in the account. Public for the scale-out tier's root, whose buffer is partial sums."""
+        k = len(members)
         noise = gaussian_noise(np.shape(new), self.mechanism.std, self.rng)
         new = new + self.inner.server_lr * noise / k
-        self.contributions.update(self._members)
-        self._members = []
+        self.contributions.update(members)
         self.releases += 1
         log.debug("noisy step %d: %d updates, noise std %.4g on the sum", self.releases, k, self.mechanism.std)
         return new

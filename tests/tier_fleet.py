@@ -26,8 +26,10 @@ N_FEATURES = 9
 class Tier:
     """Roots and workers of one fleet on `cluster`, each a process with its own log."""
 
-    def __init__(self, cluster: NatsCluster, workdir: Path, *, partitions: int, buffer_size: int = 5) -> None:
+    def __init__(self, cluster: NatsCluster, workdir: Path, *, partitions: int, buffer_size: int = 5,
+                 root_args: tuple = ()) -> None:
         self.cluster = cluster
+        self.root_args = root_args
         self.workdir = Path(workdir)
         self.partitions = partitions
         self.buffer_size = buffer_size
@@ -47,7 +49,7 @@ class Tier:
         self.roots[rid] = spawn("tier.root", *self._common(), "--model", "sgd-regressor", "--n-features", N_FEATURES,
                                 "--partitions", self.partitions,
                                 "--buffer-size", self.buffer_size, "--buffer-timeout", "1", "--audit-log", self.audit,
-                                "--id", rid, log=self.workdir / f"{rid}.log")
+                                "--id", rid, *self.root_args, log=self.workdir / f"{rid}.log")
         return rid
 
     def start_worker(self) -> str:
@@ -78,6 +80,7 @@ class ModelWatch:
     def __init__(self, cluster: NatsCluster) -> None:
         self.versions: list[tuple[float, int]] = []
         self.status: dict = {}
+        self.latest = None  # the newest model message received
         self.lock = threading.Lock()
         self.link = Link(parse_urls(cluster.mqtt_urls), "test-model-watch", persistent=False,
                          on_message=self._on_message,
@@ -88,8 +91,11 @@ class ModelWatch:
         if msg.topic == TOPICS.coordinator_status:
             self.status = json.loads(msg.payload)
             return
+        model = decode_model(msg.payload)
         with self.lock:
-            self.versions.append((time.monotonic(), decode_model(msg.payload).version))
+            self.versions.append((time.monotonic(), model.version))
+            if self.latest is None or model.version > self.latest.version:
+                self.latest = model
 
     @property
     def version(self) -> int:

@@ -39,6 +39,7 @@ class Partial:
     covers: list = field(default_factory=list)  # [(agent, seq, base_version), ...]
     created: float = 0.0  # worker wall clock at flush (publish-to-fold latency)
     oldest: float = 0.0  # wall clock the oldest covered update arrived at the worker
+    clip: float | None = None  # central DP: the C its updates were clipped to (weight 1 each); None without
 
     @property
     def msg_id(self) -> str:
@@ -50,6 +51,7 @@ def encode_partial(p: Partial) -> bytes:
         "v": 1, "partition": p.partition, "epoch": p.epoch, "seq": p.seq,
         "sum": np.ascontiguousarray(p.weighted_sum, dtype="<f8").tobytes(), "weight": float(p.weight),
         "count": int(p.count), "covers": [list(c) for c in p.covers], "created": p.created, "oldest": p.oldest,
+        "clip": p.clip,
     }, use_bin_type=True)
 
 
@@ -62,7 +64,7 @@ def decode_partial(data: bytes, n_params: int) -> Partial:
         total = np.frombuffer(m["sum"], dtype="<f8")
         p = Partial(int(m["partition"]), int(m["epoch"]), int(m["seq"]), total, float(m["weight"]), int(m["count"]),
                     [(str(a), int(s), int(b)) for a, s, b in m["covers"]], float(m.get("created", 0)),
-                    float(m.get("oldest", 0)))
+                    float(m.get("oldest", 0)), None if m.get("clip") is None else float(m["clip"]))
     except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
         raise ProtocolError("decode", f"not a partial aggregate: {exc}") from None
     if total.shape != (n_params,) or not np.isfinite(total).all() or not np.isfinite(p.weight) or p.weight < 0 \

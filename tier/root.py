@@ -28,7 +28,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from coordinator.audit import AuditLog
-from coordinator.cli import parse_classes
+from coordinator.cli import add_dp_arguments, parse_classes
 from coordinator.status import encode_status
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, decode_model, encode_model
@@ -38,6 +38,7 @@ from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, parse_urls
 from tier.nats_io import Nats
 from tier.partial import decode_partial
+from tier.privacy import RootDP, root_dp
 from tier.steps import RootRule, make_rule
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Root:
 
     def __init__(self, nats: Nats, mqtt_nodes, topics: Topics, spec: ModelSpec, rule: RootRule, *,
                  root_id: str, audit_log: str | None = None, buffer_timeout: float = 5.0,
-                 publish_interval: float = 0.2, partitions: int = 32) -> None:
+                 publish_interval: float = 0.2, partitions: int = 32, dp: RootDP | None = None) -> None:
         self.nats = nats
         self.topics = topics
         self.spec = spec
@@ -64,6 +65,7 @@ class Root:
         self.buffer_timeout = buffer_timeout
         self.publish_interval = publish_interval
         self.partitions = partitions
+        self.dp = dp
         self.lease = Lease(nats, "root", root_id)
         self.keeper = Keeper()
         self.record = FencedRecord(nats, "root")
@@ -130,6 +132,8 @@ class Root:
             self.rule.restore(state["buffer"])
             self.folded, self.partials = state.get("folded", 0), state.get("partials", 0)
             self.duplicates = state.get("duplicates", 0)
+            if self.dp is not None:  # the ledger: what each agent has spent survives the failover
+                self.dp.restore(state.get("dp"))
         if self.retained_version > self.version:  # never publish a version the fleet has already passed
             log.warning("retained model at version %d is ahead of the checkpoint (%d): continuing above it",
                         self.retained_version, self.version)
@@ -251,7 +255,16 @@ class Root:
             return "fenced"
         if p.seq != self.hwm.get(key, 0) + 1:
             return "later"
+        agents = [agent for agent, _, _ in p.covers]
+        verdict = None if self.dp is None else self.dp.verdict(agents, p.clip)
+        if verdict == "later":  # an agent of it is in the buffer: after the release (at most once per release)
+            return verdict
         self.hwm[key] = p.seq
+        if verdict is not None:  # never foldable under central DP: skipped, so the partition's next ones can be
+            self.rejected += 1
+            return verdict
+        if self.dp is not None:
+            self.dp.add(agents)
         self.epochs[key] = p.epoch
         self.rule.add(p.weighted_sum, p.weight, p.count)
         if self.buffer_since is None:
@@ -267,6 +280,8 @@ class Root:
 
     def _step(self) -> None:
         new = self.rule.step(self.params)
+        if self.dp is not None:
+            new = self.dp.release(new)
         self.buffer_since = None
         if not np.isfinite(new.astype(np.float32)).all():
             log.error("a step would make the model non-finite on the wire: dropped")
@@ -280,6 +295,7 @@ class Root:
             "params": np.ascontiguousarray(self.params, dtype="<f8").tobytes(), "hwm": self.hwm,
             "epochs": self.epochs, "buffer": self.rule.state(), "folded": self.folded, "partials": self.partials,
             "duplicates": self.duplicates, "audit": self._audit_offset(),
+            "dp": self.dp.state() if self.dp else None, "dp_config": self.dp.config() if self.dp else None,
         }
 
     def _audit_offset(self) -> int | None:
@@ -311,6 +327,8 @@ class Root:
             status = {"fleet": self.topics.fleet, "role": "root", "root": self.root_id, "version": self.version,
                       "folded": self.folded, "partials": self.partials, "duplicates": self.duplicates,
                       "rejected": self.rejected, "partitions": len(self.hwm), "time": time.time()}
+            if self.dp is not None:
+                status["privacy"] = self.dp.report()
             self.link.publish(self.topics.coordinator_status, encode_status(status), retain=True, timeout=1)
 
 
@@ -335,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--buffer-timeout", type=float, default=5.0, help="step a buffer that waited this long")
     parser.add_argument("--audit-log", help="JSON lines: every (agent, seq) folded, with its partial")
     parser.add_argument("--id", default=f"{socket.gethostname()}-{os.getpid()}", help="this root's id")
+    add_dp_arguments(parser)
     parser.add_argument("--replicas", type=int, default=3, choices=(1, 3), help="JetStream replicas of the tier's state")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
@@ -351,10 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         spec = ModelSpec(args.model, args.n_features, parse_classes(args.classes))
         rule = make_rule(args.strategy, spec.n_params, buffer_size=args.buffer_size, server_lr=args.server_lr,
                          alpha=args.alpha)
+        dp = root_dp(args)
         nats = Nats(args.nats.split(","), args.fleet, prefix=args.topic_prefix, replicas=args.replicas,
                     name=f"fedmq-root-{args.id}")
         root = Root(nats, parse_urls(args.mqtt), topics, spec, rule, root_id=args.id, audit_log=args.audit_log,
-                    buffer_timeout=args.buffer_timeout, partitions=args.partitions)
+                    buffer_timeout=args.buffer_timeout, partitions=args.partitions, dp=dp)
     except (ValueError, OSError, TimeoutError) as exc:
         print(f"tier root: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 
+from coordinator.privacy import guard
 from coordinator.server import Coordinator
 from coordinator.staleness import parse_staleness
 from coordinator.validation import NormBound, UpdateValidator
@@ -43,6 +44,7 @@ from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, drop, parse_urls
 from tier.nats_io import Nats, partial_subject
 from tier.partial import Partial, PartialSum, encode_partial
+from tier.privacy import PartitionDP
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ class Partition:
         self.strategy = PartialSum(spec.n_params, worker.staleness)
         validator = UpdateValidator(topics, spec.n_params, max_staleness=worker.max_staleness,
                                     norm=NormBound(worker.max_norm), reorder_window=REORDER_WINDOW)
+        self.dp = None
+        if worker.dp is not None:  # central DP at the root: clip to C, weight 1, once per agent per partial
+            self.strategy = self.dp = PartitionDP(self.strategy, worker.dp)
+            validator = guard(validator, self.dp)
         self.core = Coordinator(topics, spec, self.strategy, validator, buffer_timeout=None, history=1)
         self.core.audit = self._audit
         self.record = FencedRecord(worker.nats, f"p{number}")
@@ -88,6 +94,8 @@ class Partition:
         self.core.validator.restore(state.get("highest_seq", {}), state.get("gaps", 0), state.get("missing"))
         self.core.accepted_ = state.get("accepted", 0)
         self.seq = state.get("seq", 0)
+        if self.dp is not None:
+            self.dp.restore(state.get("dp"))
         self.adopt(self.worker.model)
         # the session's subscription first: NATS keeps QoS 1 messages only for subscriptions that exist,
         # and the root publishes the fleet's first model only once every partition has claimed its key
@@ -129,11 +137,19 @@ class Partition:
         except ValueError:
             topic = msg.topic  # the core counts it as a bad topic
         with self.lock:
-            if self._newer_base(topic, msg.payload):
+            if self._newer_base(topic, msg.payload) or self._repeat(topic, self.held):
                 self.held.append((time.monotonic(), topic, msg.payload, msg.retain, ack))
                 return
             self.core.handle_update(topic, msg.payload, retained=msg.retain)
             self.unacked.append(ack)
+
+    def _repeat(self, topic: str, waiting: list) -> bool:
+        """Central DP: this agent is in the partial being built, or one of its updates is `waiting`: held for
+        a later partial (unacknowledged) rather than refused as dp_repeat, so nothing is lost."""
+        if self.dp is None:
+            return False
+        agent = self.worker.topics.agent_of_update(topic)
+        return agent in self.dp.members or any(self.worker.topics.agent_of_update(t) == agent for _, t, *_ in waiting)
 
     def _newer_base(self, topic: str, payload: bytes) -> bool:
         agent = self.worker.topics.agent_of_update(topic)
@@ -152,9 +168,10 @@ class Partition:
             self.worker.refresh_model()  # the retained model is late: the root's checkpoint has the version
         with self.lock:
             now, keep = time.monotonic(), []
-            for item in self.held:
+            held, self.held = self.held, []
+            for item in held:
                 arrived, topic, payload, retain, ack = item
-                if now - arrived < HOLD_S and self._newer_base(topic, payload):
+                if now - arrived < HOLD_S and (self._newer_base(topic, payload) or self._repeat(topic, keep)):
                     keep.append(item)
                     continue
                 self.core.handle_update(topic, payload, retained=retain)
@@ -180,12 +197,14 @@ class Partition:
                 if count:
                     self.seq += 1
                     body = encode_partial(Partial(self.number, self.lease.epoch, self.seq, total, weight, count,
-                                                  covers, time.time(), oldest or time.time()))
+                                                  covers, time.time(), oldest or time.time(),
+                                                  self.dp.mechanism.clip_norm if self.dp else None))
                 state = {
                     "epoch": self.lease.epoch, "owner": self.worker.worker_id, "seq": self.seq, "pending": body,
                     "highest_seq": dict(self.core.validator.highest_seq), "gaps": self.core.validator.gaps_,
                     "missing": {a: sorted(m) for a, m in self.core.validator.missing.items() if m},
                     "accepted": self.core.accepted_,
+                    "dp": self.dp.state() if self.dp else None,
                 }
             self.staged = (state, body, acks, agent_acks)
             self.record.write(state)
@@ -231,6 +250,7 @@ class Worker:
         self.max_staleness = max_staleness
         self.max_norm = max_norm if max_norm is not None else 1e6
         self.model = None
+        self.dp: dict | None = None  # the root's central DP settings (tier/privacy.py), from its checkpoint
         self.owned: dict[int, Partition] = {}
         self.presence = Lease(nats, f"w_{worker_id}", worker_id)
         self.keeper = Keeper()
@@ -265,6 +285,20 @@ class Worker:
                                       np.frombuffer(state["params"], dtype="<f8").copy())
             for part in list(self.owned.values()):
                 part.adopt(self.model)
+
+    def read_dp(self, stop: threading.Event) -> None:
+        """The root's DP settings from its checkpoint (written before its first model), before any partition."""
+        while not stop.is_set():
+            try:
+                state = FencedRecord(self.nats, "root").read() or {}
+            except Exception as exc:  # a node down: the partitions wait, their updates stay unacknowledged
+                log.info("reading the root's DP settings: %s; retrying", exc)
+                stop.wait(SCAN_S)
+                continue
+            self.dp = state.get("dp_config")
+            if self.dp:
+                log.info("central DP: updates clipped to C=%g, weight 1, one per agent per partial", self.dp["clip"])
+            return
 
     def live_workers(self) -> int:
         try:
@@ -322,6 +356,7 @@ class Worker:
             if self.model is not None:
                 break
             log.info("waiting for the root (its retained model on %s or its checkpoint)", self.topics.model)
+        self.read_dp(stop)
         next_scan = 0.0
         while not stop.is_set():
             now = time.monotonic()
