@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from fleet import TopicWatcher, spawn, stop, stop_all
+from protocol.messages import decode_update
 from protocol.tabular import write_csv
 from protocol.topics import Topics
 from simulation.datasets import load_dataset
@@ -34,6 +35,22 @@ def _senders(watcher: TopicWatcher) -> set[str]:
     return {T.agent_of_update(topic) for topic, _ in watcher.history}
 
 
+def _wait_paced(watcher: TopicWatcher, version: int, n: int, timeout: float) -> None:
+    """Until each of `n` agents sent an update trained on `version` or newer (published with the
+    pace for `n` agents online): from then on every one of them reports at that pace."""
+    start = len(watcher.history)
+    seen: dict[int, str] = {}
+
+    def paced() -> bool:
+        for i in range(start, len(watcher.history)):
+            if i not in seen:
+                topic, payload = watcher.history[i]
+                seen[i] = T.agent_of_update(topic) if decode_update(payload).base_version >= version else ""
+        return len(set(seen.values()) - {""}) >= n
+
+    watcher.wait_for(paced, timeout, f"an update from each of {n} agents on version {version} or newer")
+
+
 def test_the_update_rate_stays_near_the_target_from_4_to_12_agents(tmp_path, mosquitto):
     ds = load_dataset("digits", seed=0)
     paths = []
@@ -42,7 +59,7 @@ def test_the_update_rate_stays_near_the_target_from_4_to_12_agents(tmp_path, mos
         write_csv(paths[-1], ds.X_train[i * 40:(i + 1) * 40], ds.y_train[i * 40:(i + 1) * 40])
     updates = TopicWatcher(mosquitto.port, T.all_updates)
     status = TopicWatcher(mosquitto.port, T.coordinator_status)
-    online = lambda n: lambda: ((status.json(T.coordinator_status) or {}).get("pace") or {}).get("agents_online") == n  # noqa: E731
+    online = lambda n: lambda: ((s := status.json(T.coordinator_status) or {}).get("pace") or {}).get("agents_online") == n and s  # noqa: E731
     coordinator = spawn("coordinator", "--broker", mosquitto.url, "--fleet", FLEET, "--model", "sgd-classifier",
                         "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features,
                         "--strategy", "fedasync", "--publish-interval", "0.2", "--max-staleness", "1000",
@@ -54,15 +71,15 @@ def test_the_update_rate_stays_near_the_target_from_4_to_12_agents(tmp_path, mos
                                "--data", paths[i], "--seed", i, log=tmp_path / f"agent{i}.log") for i in ids]
     try:
         agents += start(range(4))
-        status.wait_for(online(4), 40, "4 agents online")
+        paced = status.wait_for(online(4), 40, "4 agents online")["version"] + 1  # a model made after it
         updates.wait_for(lambda: len(_senders(updates)) == 4, 40, "an update from each of 4 agents")
-        time.sleep(1.5)  # every agent has taken a model carrying the 4-agent pace (one interval and a half)
+        _wait_paced(updates, paced, 4, 40)
         small = _rate(updates, 6.0)
 
         agents += start(range(4, 12))
-        status.wait_for(online(12), 60, "12 agents online")
+        paced = status.wait_for(online(12), 60, "12 agents online")["version"] + 1
         updates.wait_for(lambda: len(_senders(updates)) == 12, 60, "an update from each of 12 agents")
-        time.sleep(4.5)  # one 12-agent interval and a half: all have the new pace
+        _wait_paced(updates, paced, 12, 60)
         large = _rate(updates, 9.0)
     finally:
         stop_all(agents)
@@ -90,7 +107,7 @@ def test_a_paced_round_trains_on_the_newest_model_not_the_held_one(mosquitto):
     from edge_agent.data import ArraySource
     from edge_agent.session import AgentSession
     from edge_agent.trainer import LocalTrainer
-    from protocol.messages import ModelMessage, decode_update, encode_model
+    from protocol.messages import ModelMessage, encode_model
     from protocol.model_spec import ModelSpec
     from protocol.pace import Pace
     from protocol.transport import BrokerSettings
