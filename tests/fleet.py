@@ -69,11 +69,13 @@ def write_shards(tmp_path: Path, ds, parts: Sequence, prefix: str = "a") -> list
 
 @dataclass
 class FleetRun:
-    """The processes of `real_fleet`; `code` is the coordinator's exit code once it was stopped."""
+    """The processes of `real_fleet`; once stopped, `code` is the coordinator's exit code and
+    `agent_codes` the agents'."""
 
     coordinator: subprocess.Popen
     agents: list[subprocess.Popen] = field(default_factory=list)
     code: int | None = None
+    agent_codes: list[int] = field(default_factory=list)
 
 
 @contextmanager
@@ -90,7 +92,7 @@ def real_fleet(broker, tmp_path: Path, fleet: str, ds, shards: Sequence[Path], *
                              *agent_flags, log=tmp_path / f"{path.stem}.log") for path in shards]
         yield run
     finally:
-        stop_all(run.agents)
+        run.agent_codes = stop_all(run.agents)
         run.code = stop(coordinator)
 
 
