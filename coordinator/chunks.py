@@ -39,6 +39,14 @@ class Taken:
     release: list[Ack] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
 
+    def tally(self, core) -> str | None:
+        """Count each partial set dropped as one handled, rejected payload of `core` (a Coordinator),
+        by reason; the last reason (for the rejection log), or None."""
+        for reason in self.dropped:
+            core.handled_ += 1
+            core.rejected_[reason] += 1
+        return self.dropped[-1] if self.dropped else None
+
 
 class UpdateChunks:
     """Per-agent partial updates (protocol/chunking.py's Collector) and the bounded acks they hold."""

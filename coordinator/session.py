@@ -239,10 +239,7 @@ class CoordinatorSession:
     def _chunks_done(self, taken) -> str | None:
         """Release what `taken` lets go and count the partial updates it dropped (under the lock)."""
         self._unacked.extend(taken.release)  # acknowledged with the next commit; dropped sets leave nothing behind
-        for reason in taken.dropped:
-            self.core.handled_ += 1
-            self.core.rejected_[reason] += 1
-        return taken.dropped[-1] if taken.dropped else None
+        return taken.tally(self.core)
 
     def _take_retained(self, topic: str, payload: bytes) -> None:
         """The retained model at start-up: whole, or assembled from its chunks and manifest."""

@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
-import socket
 import sys
 import threading
 import time
@@ -34,6 +31,7 @@ from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, decode_model, encode_model
 from protocol.model_spec import ESTIMATORS, ModelSpec
 from protocol.topics import Topics
+from tier.cli_args import add_cluster_args, connect_nats, start_logging, stop_on_signals
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, parse_urls
 from tier.nats_io import Nats
@@ -338,11 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Root of fedmq's scale-out tier: one active writer (NATS KV lease, the others stand by) that "
                     "folds the partition workers' partial aggregates and publishes the retained model.",
     )
-    parser.add_argument("--nats", required=True, help="comma-separated nats:// URLs of the cluster's nodes")
-    parser.add_argument("--mqtt", required=True, help="comma-separated mqtt:// URLs of the nodes' MQTT listeners")
-    parser.add_argument("--fleet", required=True, help="fleet name")
-    parser.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")
-    parser.add_argument("--partitions", type=int, default=32, help="N of the cluster's partition(N, agent) mapping")
+    add_cluster_args(parser)
     parser.add_argument("--model", required=True, choices=sorted(ESTIMATORS), help="the fleet's estimator")
     parser.add_argument("--n-features", type=int, required=True, help="number of input features")
     parser.add_argument("--classes", help="comma-separated class labels (classifiers)")
@@ -352,27 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.3, help="fedasync: mixing weight per partial")
     parser.add_argument("--buffer-timeout", type=float, default=5.0, help="step a buffer that waited this long")
     parser.add_argument("--audit-log", help="JSON lines: every (agent, seq) folded, with its partial")
-    parser.add_argument("--id", default=f"{socket.gethostname()}-{os.getpid()}", help="this root's id")
     add_dp_arguments(parser)
-    parser.add_argument("--replicas", type=int, default=3, choices=(1, 3), help="JetStream replicas of the tier's state")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    start_logging(args.log_level)
+    stop = stop_on_signals()
     try:
         topics = Topics(args.fleet, args.topic_prefix)
         spec = ModelSpec(args.model, args.n_features, parse_classes(args.classes))
         rule = make_rule(args.strategy, spec.n_params, buffer_size=args.buffer_size, server_lr=args.server_lr,
                          alpha=args.alpha)
         dp = root_dp(args)
-        nats = Nats(args.nats.split(","), args.fleet, prefix=args.topic_prefix, replicas=args.replicas,
-                    name=f"fedmq-root-{args.id}")
+        nats = connect_nats(args, "root")
         root = Root(nats, parse_urls(args.mqtt), topics, spec, rule, root_id=args.id, audit_log=args.audit_log,
                     buffer_timeout=args.buffer_timeout, partitions=args.partitions, dp=dp)
     except (ValueError, OSError, TimeoutError) as exc:

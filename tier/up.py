@@ -25,7 +25,8 @@ from pathlib import Path
 
 from protocol.model_spec import ESTIMATORS
 from protocol.topics import Topics
-from tier.cluster import DEFAULT_PARTITIONS, NatsCluster, die_with_parent
+from tier.cli_args import add_fleet_args, start_logging, stop_on_signals
+from tier.cluster import NatsCluster, die_with_parent
 from tier.mqtt_link import Link, parse_urls
 
 log = logging.getLogger(__name__)
@@ -178,11 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dir", default=os.environ.get("FEDMQ_TIER_DIR", "tier-up"),
                    help="directory for the logs, configs and JetStream stores (env FEDMQ_TIER_DIR; default tier-up)")
-    p.add_argument("--fleet", default="demo", help="fleet name (default: demo)")
-    p.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")
+    add_fleet_args(p, fleet_default="demo")
     p.add_argument("--nodes", type=int, default=3, choices=(1, 3), help="NATS nodes (3: R3 streams; default 3)")
-    p.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
-                   help=f"N of partition(N, agent), fixed for the life of the fleet (default {DEFAULT_PARTITIONS})")
     p.add_argument("--workers", type=int, default=2, help="partition worker processes (default 2)")
     p.add_argument("--standbys", type=int, default=1, help="standby roots beside the active one (default 1)")
     p.add_argument("--model", default="sgd-classifier", choices=sorted(ESTIMATORS),
@@ -196,13 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step a buffer that waited this many seconds (default 5)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for the first retained model before giving up (default 120)")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging(args.log_level)
     if args.workers < 1 or args.standbys < 0:
         print("tier-up: --workers must be at least 1 and --standbys at least 0", file=sys.stderr)
         return 2
@@ -211,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--audit-log", str(Path(args.dir).resolve() / "audit.jsonl")]
     if args.model != "sgd-regressor" and args.classes:
         root_args += ["--classes", args.classes]
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     try:
         Path(args.dir).mkdir(parents=True, exist_ok=True)
         cluster = NatsCluster(Path(args.dir), args.nodes, args.partitions, args.topic_prefix, die_with_parent=True)

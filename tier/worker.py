@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import signal
-import socket
 import sys
 import threading
 import time
 
 from coordinator.privacy import guard
+from coordinator.chunks import TIMEOUT_S as CHUNK_TIMEOUT_S
+from coordinator.chunks import UpdateChunks
 from coordinator.server import Coordinator
+from coordinator.session import RejectionLog
 from coordinator.staleness import parse_staleness
 from coordinator.validation import NormBound, UpdateValidator
 from protocol.acks import encode_ack
@@ -40,6 +40,8 @@ import numpy as np
 from protocol.messages import ModelMessage, decode_model, decode_update
 from protocol.model_spec import ModelSpec
 from protocol.topics import Topics, check_name
+from tier.cli_args import add_cluster_args, connect_nats, start_logging, stop_on_signals
+from tier.cluster import MQTT_MAX_ACK_PENDING
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, drop, parse_urls
 from tier.nats_io import Nats, partial_subject
@@ -55,6 +57,9 @@ SUBSCRIBE_TIMEOUT_S = 10.0
 # JetStream redelivers an unacknowledged message after a newer one (a node died, a session moved):
 # the seqs of a hole stay acceptable, up to this many per agent (coordinator/validation.py)
 REORDER_WINDOW = 256
+# chunk acks held back until their update's partial is durable, per partition (half per agent): each one
+# takes a slot of the partition session's window on NATS (max_ack_pending), which must stay open to updates
+MAX_HELD_CHUNKS = MQTT_MAX_ACK_PENDING // 2
 
 
 class Partition:
@@ -75,12 +80,16 @@ class Partition:
             validator = guard(validator, self.dp)
         self.core = Coordinator(topics, spec, self.strategy, validator, buffer_timeout=None, history=1)
         self.core.audit = self._audit
+        # chunked updates (update/<agent>/chunk, mapped to updc/<P>/<agent>): assembled with the single
+        # coordinator's bounds; a chunk's ack waits with its update for the partial that covers it
+        self.chunks = UpdateChunks(validator.max_bytes, max_held=worker.max_held_chunks, timeout=worker.chunk_timeout)
+        self.rejections = RejectionLog()
         self.record = FencedRecord(worker.nats, f"p{number}")
         self.lock = threading.Lock()
         self.covers: list = []
         self.oldest: float | None = None
         self.unacked: list = []  # (connection, mid, qos)
-        self.held: list = []  # updates on a model newer than ours: (arrived, topic, payload, retain, ack)
+        self.held: list = []  # updates on a model newer than ours: (arrived, topic, payload, retain, acks)
         # (state, partial bytes | None, device message acks, agent -> seq to ack): written, not yet published/acked
         self.staged: tuple | None = None
         self.seq = 0
@@ -103,7 +112,8 @@ class Partition:
         subscribed = threading.Event()
         self.link = Link(self.worker.mqtt_nodes, f"agg-{fleet}-p{self.number}", persistent=True,
                          start=self.number, manual_ack=True, on_message=self._on_message,
-                         on_connect=lambda c, *a: c.subscribe(f"{prefix}/{fleet}/upd/{self.number}/+", 1),
+                         on_connect=lambda c, *a: c.subscribe([(f"{prefix}/{fleet}/upd/{self.number}/+", 1),
+                                                               (f"{prefix}/{fleet}/updc/{self.number}/+", 1)]),
                          on_subscribed=subscribed.set)
         self.link.start()
         if not subscribed.wait(SUBSCRIBE_TIMEOUT_S):
@@ -131,17 +141,41 @@ class Partition:
 
     def _on_message(self, client, userdata, msg) -> None:
         ack = (self.link.connection, msg.mid, msg.qos)
-        agent = msg.topic.rsplit("/", 1)[-1]
+        kind, agent = msg.topic.rsplit("/", 3)[-3], msg.topic.rsplit("/", 1)[-1]
         try:
             topic = self.worker.topics.update(check_name("agent id", agent))
         except ValueError:
-            topic = msg.topic  # the core counts it as a bad topic
+            topic, kind = msg.topic, "upd"  # the core counts it as a bad topic
         with self.lock:
-            if self._newer_base(topic, msg.payload) or self._repeat(topic, self.held):
-                self.held.append((time.monotonic(), topic, msg.payload, msg.retain, ack))
-                return
-            self.core.handle_update(topic, msg.payload, retained=msg.retain)
-            self.unacked.append(ack)
+            if kind == "updc":
+                reason = self._take_chunk(agent, topic, msg.payload, msg.retain, ack)
+            else:
+                reason = self._take(topic, msg.payload, msg.retain, [ack])
+        if reason is not None:
+            self.rejections(reason, msg.topic)
+
+    def _take(self, topic: str, payload: bytes, retain: bool, acks: list) -> str | None:
+        """Fold one update (or hold it: a newer model, a repeat under central DP); its acks wait for the
+        commit (under the lock)."""
+        if self._newer_base(topic, payload) or self._repeat(topic, self.held):
+            self.held.append((time.monotonic(), topic, payload, retain, acks))
+            return None
+        self.unacked.extend(acks)
+        return self.core.handle_update(topic, payload, retained=retain)
+
+    def _take_chunk(self, agent: str, topic: str, payload: bytes, retain: bool, ack) -> str | None:
+        """One chunk of an agent's update (coordinator/chunks.py): the assembled update goes on as one,
+        with every chunk's ack (under the lock)."""
+        taken = self.chunks.add(agent, payload, ack)
+        reason = self._chunks_done(taken)
+        if taken.update is None:
+            return reason
+        return self._take(topic, taken.update, retain, taken.acks) or reason
+
+    def _chunks_done(self, taken) -> str | None:
+        """Acks released by the bounds go out with the next commit; dropped sets are counted (under the lock)."""
+        self.unacked.extend(taken.release)
+        return taken.tally(self.core)
 
     def _repeat(self, topic: str, waiting: list) -> bool:
         """Central DP: this agent is in the partial being built, or one of its updates is `waiting`: held for
@@ -167,15 +201,17 @@ class Partition:
         if self.held and time.monotonic() - self.held[0][0] > HOLD_S / 2:
             self.worker.refresh_model()  # the retained model is late: the root's checkpoint has the version
         with self.lock:
+            if (expired := self._chunks_done(self.chunks.expire())) is not None:
+                self.rejections(expired, self.worker.topics.all_update_chunks)
             now, keep = time.monotonic(), []
             held, self.held = self.held, []
             for item in held:
-                arrived, topic, payload, retain, ack = item
+                arrived, topic, payload, retain, acks = item
                 if now - arrived < HOLD_S and (self._newer_base(topic, payload) or self._repeat(topic, keep)):
                     keep.append(item)
                     continue
                 self.core.handle_update(topic, payload, retained=retain)
-                self.unacked.append(ack)
+                self.unacked.extend(acks)
             self.held = keep
 
     def commit(self) -> None:
@@ -239,7 +275,8 @@ class Worker:
 
     def __init__(self, nats: Nats, mqtt_nodes, topics: Topics, *, partitions: int, worker_id: str,
                  max_partitions: int | None = None, staleness: str = "constant", max_staleness: int = 1000,
-                 max_norm: float | None = None) -> None:
+                 max_norm: float | None = None, max_held_chunks: int = MAX_HELD_CHUNKS,
+                 chunk_timeout: float = CHUNK_TIMEOUT_S) -> None:
         self.nats = nats
         self.mqtt_nodes = mqtt_nodes
         self.topics = topics
@@ -249,6 +286,9 @@ class Worker:
         self.staleness = parse_staleness(staleness)
         self.max_staleness = max_staleness
         self.max_norm = max_norm if max_norm is not None else 1e6
+        UpdateChunks(1, max_held=max_held_chunks, timeout=chunk_timeout)  # refuses bad bounds in one line
+        self.max_held_chunks = max_held_chunks
+        self.chunk_timeout = chunk_timeout
         self.model = None
         self.dp: dict | None = None  # the root's central DP settings (tier/privacy.py), from its checkpoint
         self.owned: dict[int, Partition] = {}
@@ -390,35 +430,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Partition worker of fedmq's scale-out tier: owns partitions by NATS KV lease, validates and "
                     "dedups their updates with the coordinator's core and commits partial aggregates to JetStream.",
     )
-    parser.add_argument("--nats", required=True, help="comma-separated nats:// URLs of the cluster's nodes")
-    parser.add_argument("--mqtt", required=True, help="comma-separated mqtt:// URLs of the nodes' MQTT listeners")
-    parser.add_argument("--fleet", required=True, help="fleet name")
-    parser.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")
-    parser.add_argument("--partitions", type=int, default=32, help="N of the cluster's partition(N, agent) mapping")
+    add_cluster_args(parser)
     parser.add_argument("--max-partitions", type=int, help="own at most this many partitions (default: fair share)")
-    parser.add_argument("--id", default=f"{socket.gethostname()}-{os.getpid()}", help="this worker's id")
     parser.add_argument("--staleness", default="constant", help="constant, polynomial:A or hinge:A,B")
     parser.add_argument("--max-staleness", type=int, default=1000, help="reject updates staler than this")
     parser.add_argument("--max-update-norm", type=float, help="reject updates with a larger L2 norm")
-    parser.add_argument("--replicas", type=int, default=3, choices=(1, 3), help="JetStream replicas of the tier's state")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--max-held-chunks", type=int, default=MAX_HELD_CHUNKS,
+                        help="acks of chunked updates' chunks held back per partition until the partial covering "
+                             f"their update is durable, half of it per agent (default {MAX_HELD_CHUNKS}: half the "
+                             "session window NATS is configured with; past it, acks go out and the chunks are kept)")
+    parser.add_argument("--chunk-timeout", type=float, default=CHUNK_TIMEOUT_S, metavar="SECONDS",
+                        help="drop a chunked update not complete this many seconds after its first chunk (counted)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging(args.log_level)
     logging.getLogger("coordinator.server").setLevel(logging.WARNING)  # "continuing from version N" per partition
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = stop_on_signals()
     try:
         topics = Topics(args.fleet, args.topic_prefix)
-        nats = Nats(args.nats.split(","), args.fleet, prefix=args.topic_prefix, replicas=args.replicas,
-                    name=f"fedmq-worker-{args.id}")
+        nats = connect_nats(args, "worker")
         worker = Worker(nats, parse_urls(args.mqtt), topics, partitions=args.partitions, worker_id=args.id,
                         max_partitions=args.max_partitions, staleness=args.staleness,
-                        max_staleness=args.max_staleness, max_norm=args.max_update_norm)
+                        max_staleness=args.max_staleness, max_norm=args.max_update_norm,
+                        max_held_chunks=args.max_held_chunks, chunk_timeout=args.chunk_timeout)
     except (ValueError, OSError, TimeoutError) as exc:
         print(f"tier worker: {exc}", file=sys.stderr)
         return 2

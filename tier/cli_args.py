@@ -1,0 +1,61 @@
+"""The command-line flags every process of the scale-out tier shares, defined once.
+
+The root, the partition workers and scripts/tier-up name the same fleet, topic prefix and
+partition count, and the root and workers reach the same cluster: one definition each, so a
+default or a help text cannot drift between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+
+from tier.cluster import DEFAULT_PARTITIONS
+from tier.nats_io import Nats
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def add_fleet_args(parser: argparse.ArgumentParser, *, fleet_default: str | None = None) -> None:
+    """--fleet (required unless `fleet_default`), --topic-prefix, --partitions, --log-level."""
+    if fleet_default is None:
+        parser.add_argument("--fleet", required=True, help="fleet name")
+    else:
+        parser.add_argument("--fleet", default=fleet_default, help=f"fleet name (default: {fleet_default})")
+    parser.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")
+    parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
+                        help=f"N of the cluster's partition(N, agent) mapping, fixed for the life of the fleet "
+                             f"(default {DEFAULT_PARTITIONS})")
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    """The fleet's flags and the cluster a root or worker connects to: --nats, --mqtt, --id, --replicas."""
+    parser.add_argument("--nats", required=True, help="comma-separated nats:// URLs of the cluster's nodes")
+    parser.add_argument("--mqtt", required=True, help="comma-separated mqtt:// URLs of the nodes' MQTT listeners")
+    add_fleet_args(parser)
+    parser.add_argument("--id", default=f"{socket.gethostname()}-{os.getpid()}",
+                        help="this process's id, unique in the fleet (default: host-pid)")
+    parser.add_argument("--replicas", type=int, default=3, choices=(1, 3), help="JetStream replicas of the tier's state")
+
+
+def start_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def stop_on_signals(signals: tuple = (signal.SIGTERM, signal.SIGINT)) -> threading.Event:
+    """An event `signals` set: the process finishes its commits and stops."""
+    stop = threading.Event()
+    for sig in signals:
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def connect_nats(args: argparse.Namespace, role: str) -> Nats:
+    """The NATS connection of a root or worker (`role`) parsed with add_cluster_args."""
+    return Nats(args.nats.split(","), args.fleet, prefix=args.topic_prefix, replicas=args.replicas,
+                name=f"fedmq-{role}-{args.id}")
