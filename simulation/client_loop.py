@@ -41,10 +41,12 @@ class ClientLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the loop thread; True once it has ended (within `timeout`)."""
         self._stop.set()
         self._wake()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def attach(self, client: mqtt.Client) -> None:
         """Let this loop drive `client` (call before connecting it, on the loop thread)."""
@@ -98,6 +100,8 @@ class ClientLoop:
             if self._timers:
                 timeout = max(0.0, min(timeout, self._timers[0][0] - time.monotonic()))
             for key, mask in self.selector.select(timeout):
+                if self._stop.is_set():  # thousands of ready sockets: do not finish the pass first
+                    break
                 client = key.data
                 if client is None:
                     try:

@@ -198,7 +198,10 @@ class VirtualAgent:
     def _maybe_train(self) -> None:
         if not self.busy and not self.offline:
             self.busy = True
-            self.pool.submit(self._train)
+            try:
+                self.pool.submit(self._train)
+            except RuntimeError:  # the run is over and its pool shut down: a model that came in meanwhile
+                self.busy = False
 
     def _train(self) -> None:
         """On a worker thread: train, then hand the publish back to the loop after the simulated delay."""
@@ -344,10 +347,11 @@ class Simulation:
             wall = time.monotonic() - self.started_at
             stop.set()
             coordinator_thread.join(30)
-            loop.stop()
+            stopped = loop.stop(30)  # thousands of clients: one pass of the loop can outlast a short wait
             pool.shutdown(wait=True, cancel_futures=True)
-            for va in agents:
-                va.client.disconnect()
+            if stopped:  # paho clients are not thread-safe: only once the loop no longer drives them
+                for va in agents:
+                    va.client.disconnect()
         status = core.status()
         return {
             "config": vars(c),

@@ -84,3 +84,21 @@ def test_the_harder_tasks_run_in_the_simulator(mosquitto):
     result = Simulation(config, load_dataset("sensors", seed=2), BrokerSettings.from_url(mosquitto.url)).run()
     assert (result["dataset"], result["metric"]) == ("sensors", "r2")
     assert result["version"] >= 5 and result["final_score"] > 0.5, result["final_score"]
+
+
+def test_a_model_arriving_as_the_run_ends_does_not_raise():
+    """At 5,000 agents the client loop was still delivering models when the training pool had shut down:
+    'RuntimeError: cannot schedule new futures after shutdown' killed the loop thread with a traceback."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from simulation.client_loop import ClientLoop
+
+    sim = Simulation(SimConfig(agents=2, partition="iid", fleet="simend"), load_dataset("wine", seed=1),
+                     BrokerSettings.from_url("mqtt://127.0.0.1:1"))
+    loop, pool = ClientLoop(), ThreadPoolExecutor(1)
+    agent = sim.build_agents(loop, pool)[0]
+    pool.shutdown()
+    agent._maybe_train()  # what a model delivered now does
+    assert not agent.busy  # free to train again should another run reuse it
+    loop.start()
+    assert loop.stop(5), "the client loop did not end"
