@@ -17,6 +17,7 @@ from coordinator.chunks import MAX_HELD, TIMEOUT_S
 from coordinator.privacy import PrivateCoordinator, guard, make_policy
 from coordinator.rate_limit import RateLimit
 from coordinator.presence import Presence
+from coordinator.publish_policy import CHANGE, POLICIES, PublishPolicy
 from protocol.pace import DEFAULT_JITTER, DEFAULT_MAX_INTERVAL, MAX_JITTER, Steering
 from coordinator.schema import FleetSchema, SchemaDiscovery, discover
 from coordinator.server import Coordinator
@@ -142,7 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = p.add_argument_group("publishing, durability, evaluation")
     _defaulted(o, "--publish-interval", type=float, default=1.0,
-               help="publish the model at most once per this many seconds, so bursts of updates are coalesced")
+               help="the longest a changed model waits to be published, in seconds (under --publish-policy clock: "
+               "publish at most once per this many seconds, so bursts of updates are coalesced); also the status's "
+               "cadence when only rejections happen")
+    _defaulted(o, "--publish-policy", choices=POLICIES, default=CHANGE,
+               help="change: publish a changed model at once when a step moved it by --publish-min-change or "
+               "--publish-waiting-share of the active agents wait for a newer one, never within "
+               "--publish-min-interval of the last publish, and at the latest after --publish-interval; "
+               "clock: only on the --publish-interval clock")
+    _defaulted(o, "--publish-min-interval", type=float, default=PublishPolicy.min_interval,
+               help="seconds between two model publishes at least (bounds every device's downloads; at most "
+               "--publish-interval)")
+    _defaulted(o, "--publish-min-change", type=float, default=PublishPolicy.min_change,
+               help="relative L2 change of the parameters since the last published model that publishes at once")
+    _defaulted(o, "--publish-waiting-share", type=float, default=PublishPolicy.waiting_share,
+               help="share of the active agents (those whose newest update was trained on the published model or "
+               "the one before) waiting, their update folded and nothing newer to train on, that publishes at once")
     _defaulted(o, "--model-codec", choices=MODEL_CODECS, default="float32",
                help="how the model travels: float16 halves it, int8 (one scale per row) quarters it, int4 (two per "
                "byte) an eighth; the "
@@ -283,6 +299,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for name in ("publish_interval", "max_message_bytes", "connect_timeout"):
             if not getattr(args, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        args.publish_policy_obj = PublishPolicy(args.publish_interval, args.publish_min_interval,
+                                                args.publish_min_change, args.publish_waiting_share, args.publish_policy)
         if args.max_packet_bytes is not None and args.max_packet_bytes < MIN_PACKET_BYTES:
             raise ValueError(f"--max-packet-bytes must be at least {MIN_PACKET_BYTES}")
         if args.max_held_chunks < 1 or not args.chunk_timeout > 0:
@@ -485,7 +503,7 @@ def build_coordinator(args: argparse.Namespace, after: Rediscovery | None = None
 
         options["secagg"] = args.secagg_rounds
     core = (SecureCoordinator if args.secure_aggregation else PrivateCoordinator if args.dp_policy is not None else Coordinator)(
-        args.topics, args.spec, args.strategy_obj, validator, publish_interval=args.publish_interval,
+        args.topics, args.spec, args.strategy_obj, validator, publish_policy=args.publish_policy_obj,
         buffer_timeout=args.buffer_timeout or None,
         eval_data=eval_data, checkpoint_dir=args.checkpoint_dir, resume=resume, **options,
         model_codec=args.model_codec,

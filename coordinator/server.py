@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections import Counter, OrderedDict
 
@@ -19,6 +20,7 @@ import numpy as np
 from coordinator.acks import PendingAcks
 from coordinator.evaluation import FleetEvaluation, score
 from coordinator.presence import Presence
+from coordinator.publish_policy import CLOCK, AgentsWaiting, PublishPolicy, floor, publish_due, relative_change
 from coordinator.schema import FleetSchema
 from coordinator.statistics import FleetStatistics, Rescales
 from coordinator.status import build_status
@@ -64,12 +66,17 @@ class Coordinator:
         schema: FleetSchema | None = None,
         presence: Presence | None = None,
         steering: Steering | None = None,
+        publish_policy: PublishPolicy | None = None,
     ) -> None:
         self.topics = topics
         self.spec = spec
         self.strategy = strategy
         self.validator = validator
-        self.publish_interval = publish_interval
+        # when a changed model goes out (coordinator/publish_policy.py); without one, the clock of publish_interval
+        self.publish_policy = publish_policy or PublishPolicy(max_interval=publish_interval, min_interval=0.0, kind=CLOCK)
+        self.publish_interval = self.publish_policy.max_interval
+        self.waiting_ = AgentsWaiting()  # agents whose update is folded and who hold nothing newer
+        self.published_params_: np.ndarray | None = None  # params_ when last published (what the change is measured from)
         self.buffer_timeout = buffer_timeout
         self.eval_data = eval_data
         self.checkpoint_dir = checkpoint_dir
@@ -155,6 +162,7 @@ class Coordinator:
         self.staleness_sum_ += verdict.staleness
         self.staleness_max_ = max(self.staleness_max_, verdict.staleness)
         self.fleet_eval.report(update.agent_id, verdict.n_samples, update.metrics)
+        self.waiting_.folded(update.agent_id, update.base_version)
         if new is not None:
             self._step(new)
         return None
@@ -268,15 +276,25 @@ class Coordinator:
     # --- publishing ------------------------------------------------------------------
 
     def publish_due(self, now: float | None = None, *, ignore_version: bool = False) -> bool:
-        """The model changed since the last publish and the coalescing interval has passed."""
+        """The model changed since the last publish and its publish policy says now."""
         now = time.monotonic() if now is None else now
-        changed = ignore_version or self.version_ != self.published_version_ or self._scaling_due()
-        return changed and now - self.last_publish_ >= self.publish_interval
+        scaling = self._scaling_due()
+        if not (ignore_version or self.version_ != self.published_version_ or scaling):
+            return False
+        policy, since = self.publish_policy, now - self.last_publish_
+        if publish_due(policy, since_last=since, changed=True, waiting=self.waiting_.waiting, active=self.waiting_.active):
+            return True
+        if policy.kind == CLOCK or since < floor(policy):
+            return False
+        change = math.inf if scaling or ignore_version else relative_change(self.params_, self.published_params_)
+        return publish_due(policy, since_last=since, changed=True, change=change)
 
     def model_payload(self, now: float | None = None) -> bytes:
         """Encode the model for publishing and mark it published (scores it on the eval set)."""
         self._refresh_scaling()
         self.published_version_ = self.version_
+        self.published_params_ = self.params_.copy()
+        self.waiting_.publishing(self.version_)
         self.last_publish_ = time.monotonic() if now is None else now
         if self.eval_data is not None:
             try:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from coordinator.audit import AuditLog
 from coordinator.chunks import MAX_HELD, TIMEOUT_S, UpdateChunks
+from coordinator.publish_policy import floor
 from coordinator.server import Coordinator
 from coordinator.status import encode_status
 from coordinator.store import CheckpointError
@@ -277,7 +278,8 @@ class CoordinatorSession:
             self._catch_up()
             self._republish.clear()
             self.step(force=True)
-            tick = min(self.core.publish_interval / 4, 1.0)
+            # a publish the floor held back goes out within a floor (coordinator/publish_policy.py)
+            tick = min(self.core.publish_interval / 4, max(floor(self.core.publish_policy), 0.01), 1.0)
             last_step = time.monotonic()
             while not stop.is_set() and not (self.core.schema is not None and self.core.schema.lost_):
                 self._wake.wait(tick)

@@ -26,6 +26,7 @@ from nats.js.errors import NotFoundError
 
 from coordinator.audit import AuditLog
 from coordinator.cli import add_dp_arguments, parse_classes
+from coordinator.publish_policy import PublishPolicy, floor, publish_due, relative_change
 from coordinator.status import encode_status
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, decode_model, encode_model
@@ -62,6 +63,9 @@ class Root:
         self.audit_path = audit_log
         self.buffer_timeout = buffer_timeout
         self.publish_interval = publish_interval
+        # the coordinator's publish policy, by the model's change alone (partials carry no agent's waiting)
+        self.publish_policy = PublishPolicy(max_interval=publish_interval, min_interval=min(0.05, publish_interval))
+        self._published_params: np.ndarray | None = None
         self.partitions = partitions
         self.dp = dp
         self.lease = Lease(nats, "root", root_id)
@@ -310,7 +314,9 @@ class Root:
             raise TimeoutError(str(exc)) from None
 
     def _publish(self) -> None:
-        if self.version == self.published or time.monotonic() - self._last_pub < self.publish_interval:
+        since = time.monotonic() - self._last_pub
+        if self.version == self.published or since < floor(self.publish_policy) or not publish_due(
+                self.publish_policy, since_last=since, changed=True, change=relative_change(self.params, self._published_params)):
             return
         # acks=True: the partition workers ack each device's accepted updates (tier/worker.py, protocol/acks.py)
         body = encode_model(ModelMessage(self.topics.fleet, self.version, self.spec, self.params,
@@ -321,6 +327,7 @@ class Root:
             return
         if self.link.publish(self.topics.model, body, retain=True):
             self.published = self.version
+            self._published_params = self.params.copy()
             self._last_pub = time.monotonic()
             status = {"fleet": self.topics.fleet, "role": "root", "root": self.root_id, "version": self.version,
                       "folded": self.folded, "partials": self.partials, "duplicates": self.duplicates,
