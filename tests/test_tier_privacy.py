@@ -17,7 +17,7 @@ from protocol.privacy import GaussianMechanism
 from protocol.topics import Topics
 from tier import root as tier_root
 from tier.partial import PartialSum
-from tier.privacy import PartitionDP, RootDP, root_dp
+from tier.privacy import PartitionDP, RootDP, dp_changed, root_dp
 
 pytest.importorskip("dp_accounting")
 
@@ -67,7 +67,9 @@ def test_the_root_defers_an_agent_already_in_its_buffer_and_noises_once_as_centr
     assert dp.verdict(["a", "b"], 1.0) is None
     dp.add(["a", "b"])
     assert dp.verdict(["c", "a"], 1.0) == "later"  # a is in the buffer: after the release
-    assert dp.verdict(["c"], 2.0) == "later"  # made under another clip
+    assert dp.verdict(["c"], 2.0) == "rejected"  # made under a larger clip (the old settings): its updates exceed C
+    assert dp.verdict(["c"], None) == "rejected"  # made without DP
+    assert dp.verdict(["c"], 0.5) is None  # a smaller clip is within C
     assert dp.verdict(["c", "c"], 1.0) == "rejected"
     assert dp.verdict(["c"], 1.0) is None
     dp.add(["c"])
@@ -82,6 +84,11 @@ def test_the_root_defers_an_agent_already_in_its_buffer_and_noises_once_as_centr
     again = RootDP(CentralDP(FedBuff(3, 0.5), GaussianMechanism(1.0, 0.8), 1e-5))
     again.restore(dp.state())  # the ledger in the root's checkpoint survives a failover
     assert again.members == ["a"] and again.report() == dp.report()
+
+
+def test_a_worker_follows_the_roots_dp_settings_when_they_change():
+    assert not dp_changed(CONFIG, dict(CONFIG)) and not dp_changed(None, {})
+    assert dp_changed(None, CONFIG) and dp_changed(CONFIG, None) and dp_changed(CONFIG, dict(CONFIG, clip=2.0))
 
 
 @pytest.mark.parametrize("flags, message", [

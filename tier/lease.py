@@ -116,10 +116,10 @@ class FencedRecord:
         self.key = key
         self.revision = 0  # 0: the key must not exist yet
 
-    def read(self) -> dict | None:
+    def read(self, timeout: float = 10.0) -> dict | None:
         """The current record (and adopt its revision as the one we write over), or None."""
         try:
-            entry = self.nats.call(lambda: self.nats.state.get(self.key), 10)
+            entry = self.nats.call(lambda: self.nats.state.get(self.key), timeout)
         except (KeyNotFoundError, KeyDeletedError) as exc:
             self.revision = getattr(getattr(exc, "entry", None), "revision", None) or 0
             return None

@@ -12,8 +12,8 @@
   epsilon (`CentralDP.report`) and its checkpoint the ledger, so it survives a failover.
 
 The workers take the DP settings from the root's checkpoint (`config`), never from flags of
-their own, and every partial says the clip it was made under: a root refuses to fold a partial
-of another clip.
+their own, and follow it when it changes; every partial says the clip it was made under, and a
+root drops one made without DP or under a larger clip than its own (its updates could exceed C).
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ def dp_config(central: CentralDP) -> dict:
     return {"mode": "central", "clip": central.mechanism.clip_norm, "noise": central.mechanism.noise_multiplier,
             "delta": central.delta, "epsilon_budget": central.epsilon_budget, "norm_action": central.norm_action,
             "neighbours": central.neighbours}
+
+
+def dp_changed(held: dict | None, root: dict | None) -> bool:
+    """The root's DP settings differ from those a worker's partitions run under."""
+    return (held or None) != (root or None)
 
 
 class PartitionDP(CentralDP):
@@ -90,10 +95,9 @@ class RootDP:
     def verdict(self, agents: list[str], clip: float | None) -> str | None:
         """None if a partial covering `agents`, made under `clip`, may join the buffer now; else
         'later' (an agent already in the buffer: after the release) or 'rejected' (never foldable)."""
-        if clip != self.clip:
-            log.warning("a partial made under clip %s, the root's is %s: not folded (restart the workers)",
-                        clip, self.clip)
-            return "later"
+        if clip is None or clip > self.clip:  # made before the DP settings changed: its updates exceed C
+            log.error("a partial made under clip %s, the root's is %s: dropped, its updates lost", clip, self.clip)
+            return "rejected"
         if len(set(agents)) != len(agents):
             log.error("a partial names one agent twice under central DP: dropped")
             return "rejected"

@@ -46,13 +46,14 @@ from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, drop, parse_urls
 from tier.nats_io import Nats, partial_subject
 from tier.partial import Partial, PartialSum, encode_partial
-from tier.privacy import PartitionDP
+from tier.privacy import PartitionDP, dp_changed
 
 log = logging.getLogger(__name__)
 
 FLUSH_S = 0.1  # group commit interval of a partition
 HOLD_S = 10.0  # an update trained on a model newer than the one we know waits this long for it
 SCAN_S = 0.5  # how often free partitions are looked for and leases renewed
+DP_CHECK_S = 5.0  # how often the root's DP settings are read again (they change only with a root's flags)
 SUBSCRIBE_TIMEOUT_S = 10.0
 # JetStream redelivers an unacknowledged message after a newer one (a node died, a session moved):
 # the seqs of a hole stay acceptable, up to this many per agent (coordinator/validation.py)
@@ -291,6 +292,7 @@ class Worker:
         self.chunk_timeout = chunk_timeout
         self.model = None
         self.dp: dict | None = None  # the root's central DP settings (tier/privacy.py), from its checkpoint
+        self.dp_checked = time.monotonic()
         self.owned: dict[int, Partition] = {}
         self.presence = Lease(nats, f"w_{worker_id}", worker_id)
         self.keeper = Keeper()
@@ -357,16 +359,11 @@ class Worker:
                 self.keeper.remove(part.lease)
                 part.stop(graceful=False)
                 del self.owned[number]
+        self.follow_dp()
         share = min(self.max_partitions, math.ceil(self.partitions / self.live_workers()))
         if len(self.owned) > share:  # a worker joined: hand the highest partitions back
             for number in sorted(self.owned, reverse=True)[:len(self.owned) - share]:
-                part = self.owned.pop(number)
-                self.keeper.remove(part.lease)
-                try:
-                    part.commit()
-                except Exception as exc:  # its messages stay unacknowledged: the next owner gets them
-                    log.warning("partition %d: last commit before hand-over failed: %s", number, exc)
-                part.stop(graceful=True)
+                self.hand_back(number)
                 log.info("partition %d handed over (fair share %d)", number, share)
         for number in range(self.partitions):
             if len(self.owned) >= share:
@@ -386,6 +383,34 @@ class Worker:
                 lease.release()
                 continue
             self.owned[number] = part
+
+    def hand_back(self, number: int) -> None:
+        """Commit what partition `number` holds and give its lease up."""
+        part = self.owned.pop(number)
+        self.keeper.remove(part.lease)
+        try:
+            part.commit()
+        except Exception as exc:  # its messages stay unacknowledged: the next owner gets them
+            log.warning("partition %d: last commit before hand-over failed: %s", number, exc)
+        part.stop(graceful=True)
+
+    def follow_dp(self) -> None:
+        """A root that restarted with other --dp-* flags: hand every partition back, to take them again
+        under the new settings (partials already made under the old ones are the root's to refuse)."""
+        if time.monotonic() < self.dp_checked + DP_CHECK_S:
+            return
+        self.dp_checked = time.monotonic()
+        try:  # a short bound: this runs between commits
+            state = FencedRecord(self.nats, "root").read(timeout=2) or {}
+        except Exception:  # a node down: next time
+            return
+        if "spec" not in state or not dp_changed(self.dp, state.get("dp_config")):
+            return
+        log.warning("the root's DP settings changed (%s -> %s): taking the partitions again under them",
+                    self.dp, state.get("dp_config"))
+        for number in list(self.owned):
+            self.hand_back(number)
+        self.dp = state.get("dp_config")
 
     def run(self, stop: threading.Event) -> None:
         self.watcher.start()
