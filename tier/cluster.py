@@ -150,16 +150,19 @@ class NatsCluster:
     def replicas(self) -> int:
         return 3 if self.nodes_count >= 3 else 1
 
-    def config(self, node: Node) -> str:
-        """The nats-server config of `node` (JSON is valid NATS config syntax)."""
+    def config(self, node: Node, *, host: str = "127.0.0.1", peers: list[str] | None = None) -> str:
+        """The nats-server config of `node` (JSON is valid NATS config syntax), listening on `host`, routed
+        to `peers` (host:port; default the other nodes on loopback). docker-compose.scale.yml mounts the same
+        config made for containers (`compose_configs`)."""
+        peers = peers if peers is not None else [f"127.0.0.1:{n.cluster_port}" for n in self.nodes if n is not node]
         conf: dict = {
             "server_name": node.name,
-            "listen": f"127.0.0.1:{node.client_port}",
-            "http": f"127.0.0.1:{node.http_port}",
+            "listen": f"{host}:{node.client_port}",
+            "http": f"{host}:{node.http_port}",
             "max_payload": self.max_payload,
             "jetstream": {"store_dir": str(node.workdir / "js"), "max_mem": 256 * 1024 ** 2, "max_file": 4 * 1024 ** 3},
             "mqtt": {
-                "listen": f"127.0.0.1:{node.mqtt_port}",
+                "listen": f"{host}:{node.mqtt_port}",
                 "stream_replicas": self.replicas,
                 "ack_wait": MQTT_ACK_WAIT,
                 "max_ack_pending": MQTT_MAX_ACK_PENDING,
@@ -169,8 +172,8 @@ class NatsCluster:
         if self.nodes_count > 1:
             conf["cluster"] = {
                 "name": "fedmq",
-                "listen": f"127.0.0.1:{node.cluster_port}",
-                "routes": [f"nats-route://127.0.0.1:{n.cluster_port}" for n in self.nodes if n is not node],
+                "listen": f"{host}:{node.cluster_port}",
+                "routes": [f"nats-route://{peer}" for peer in peers],
             }
         return json.dumps(conf, indent=2)
 
@@ -251,6 +254,17 @@ class NatsCluster:
         self.stop()
 
 
+def compose_configs(partitions: int = DEFAULT_PARTITIONS, prefix: str = "fedmq") -> dict[str, str]:
+    """The configs of docker-compose.scale.yml's three nodes (service nats-<i>, file deploy/tier/nats-<i>.conf):
+    this module's config with the standard ports inside each container, the peers by service name and the
+    store on the /data volume. scripts/tier-cluster --write-compose-configs DIR writes them."""
+    cluster = NatsCluster(Path("/data"), 3, partitions, prefix)
+    cluster.nodes = [Node(f"n{i}", Path("/data"), 4222, 1883, 8222, 6222) for i in (1, 2, 3)]
+    return {f"nats-{i}.conf": cluster.config(node, host="0.0.0.0",
+                                             peers=[f"nats-{j}:6222" for j in (1, 2, 3) if j != i])
+            for i, node in enumerate(cluster.nodes, 1)}
+
+
 def _healthy(node: Node, strict: bool = False) -> bool:
     """/healthz answers ok; `strict`: also every stream and consumer of this node is current."""
     query = "?details=true" if strict else ""
@@ -282,7 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
                         help="N of partition(N, agent): fixed for the life of the fleet")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the nodes to be ready")
+    parser.add_argument("--write-compose-configs", metavar="DIR",
+                        help="write docker-compose.scale.yml's three node configs into DIR (deploy/tier) and exit")
     args = parser.parse_args(argv)
+    if args.write_compose_configs:
+        out = Path(args.write_compose_configs)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in compose_configs(args.partitions).items():
+            (out / name).write_text(text + "\n")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cluster = NatsCluster(Path(args.dir), args.nodes, args.partitions).start(args.timeout)
