@@ -2,7 +2,7 @@
 
 - In each partition (`PartitionDP`), CentralDP's screen: every update is held to L2 norm <= C
   (clipped or refused as `dp_norm`, --dp-norm-action), an agent is in one partial at most once
-  (`dp_repeat`), an update that would take its agent above --dp-epsilon-budget is refused
+  (the worker holds a second update for the next partial, so `dp_repeat` is only a safeguard), an update that would take its agent above --dp-epsilon-budget is refused
   (`dp_budget`: an agent always reaches the same partition, so the partition's count of its
   updates is exact), and every update has weight 1 in the partial (a sample count is data too).
 - At the root (`RootDP`), a partial naming an agent already in the current buffer is handed back
