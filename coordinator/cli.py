@@ -26,7 +26,8 @@ from coordinator.staleness import parse_staleness
 from coordinator.statistics import FleetStatistics
 from coordinator.store import CheckpointError, load_checkpoint
 from coordinator.strategies import DEFAULT_ALPHA, make_strategy
-from coordinator.validation import (BYTES_PER_AGENT, DEFAULT_MAX_AGENTS, DEFAULT_MAX_NORM, DEFAULT_SAMPLE_FACTOR,
+from coordinator.validation import (BYTES_PER_AGENT, DEFAULT_MAX_AGENTS, DEFAULT_MAX_NORM, DEFAULT_NORM_FACTOR,
+                                   DEFAULT_SAMPLE_FACTOR, NORM_WARMUP,
                                    REPLAY_BUDGET_BYTES, NormBound, UpdateValidator)
 from protocol.chunking import MIN_PACKET_BYTES
 from protocol.codec import MODEL_CODECS
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                help="absolute L2 bound on a decoded update")
     v.add_argument("--norm-factor", type=float,
                    help="relative L2 bound: this many times the median norm of the newest accepted update of each "
-                   "of the last 50 agents, once 10 were seen (default: none)")
+                   f"of the last 50 agents, once {NORM_WARMUP} were seen; 0: off (default {DEFAULT_NORM_FACTOR:g}; off "
+                   "under --secure-aggregation, which sees no single update, and --dp-mode central, which refuses the flag)")
     _defaulted(v, "--sample-factor", type=float, default=DEFAULT_SAMPLE_FACTOR,
                help="weigh an update (in the mean and the fleet evaluation) by at most this many times the "
                "median sample count of the last 50 agents, once 10 were seen, whatever it claims")
@@ -293,7 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.steering = Steering(args.target_updates_per_s, args.pace_min_interval, args.pace_max_interval,
                                      args.pace_jitter)
         args.feature_stats = feature_stats_default(args)
-        args.norm = NormBound(args.max_update_norm, args.norm_factor, sample_factor=args.sample_factor)
+        args.norm = NormBound(args.max_update_norm, norm_factor(args), sample_factor=args.sample_factor)
         args.rate = RateLimit(args.max_agent_rate) if args.max_agent_rate is not None else None
         args.settings = settings_from_args(args)
         for name in ("publish_interval", "max_message_bytes", "connect_timeout"):
@@ -348,6 +350,19 @@ def make_dp(args: argparse.Namespace, strategy):
                            neighbours=args.dp_neighbours)
     except ImportError as exc:
         raise ValueError(str(exc)) from None
+
+
+def norm_factor(args: argparse.Namespace) -> float | None:
+    """The relative norm bound's factor: --norm-factor as given (0: off), else DEFAULT_NORM_FACTOR,
+    except under central DP (a median of other agents' norms must not decide what enters the
+    noised sum: check_central_dp refuses the flag) and secure aggregation (no update is seen alone)."""
+    if args.norm_factor is not None:
+        if args.norm_factor < 0:
+            raise ValueError(f"--norm-factor must be > 0, or 0 for off, got {args.norm_factor:g}")
+        return args.norm_factor or None
+    if args.dp_mode == "central" or args.secure_aggregation:
+        return None
+    return DEFAULT_NORM_FACTOR
 
 
 def check_central_dp(args: argparse.Namespace) -> None:

@@ -48,6 +48,11 @@ BYTES_PER_AGENT = 512
 DEFAULT_MAX_AGENTS = REPLAY_BUDGET_BYTES // BYTES_PER_AGENT
 DEFAULT_MAX_NORM = 1e6  # far above any real SGD delta, far below what overflows float32 in a sum
 DEFAULT_SAMPLE_FACTOR = 4.0
+# The relative norm bound is on by default (issue 18): one sign-flipping agent of 6 took plain
+# fedasync from 0.961 to 0.521 and a fedbuff mean to 0.170; rejecting above 2x the median keeps
+# both within a point (docs/security.md). Off under central DP and secure aggregation (coordinator/cli.py).
+DEFAULT_NORM_FACTOR = 2.0
+NORM_WARMUP = 3  # agents seen before the relative norm bound starts: no one agent owns a median of 3
 REFRESH = 8
 
 
@@ -56,14 +61,16 @@ class NormBound:
 
     The references are medians over the newest accepted update of each of the last `window`
     distinct agents, so no agent owns them by volume: a flood from one id is one entry. The
-    relative bounds start once `warmup` agents were seen and are refreshed every REFRESH
+    relative norm bound starts once `norm_warmup` agents were seen (a fleet of 6 must have it),
+    the sample cap once `warmup` were; both are refreshed every REFRESH
     accepted updates (the hot path pays for a median once in that many). The sample count an update claims
     is capped at `sample_factor` x the median count (on by default): in a sample-weighted
     mean, and in the fleet evaluation, a count is as much influence as a norm.
     """
 
     def __init__(self, max_norm: float | None = DEFAULT_MAX_NORM, factor: float | None = None, window: int = 50,
-                 warmup: int = 10, sample_factor: float | None = DEFAULT_SAMPLE_FACTOR) -> None:
+                 warmup: int = 10, sample_factor: float | None = DEFAULT_SAMPLE_FACTOR,
+                 norm_warmup: int = NORM_WARMUP) -> None:
         for flag, value in (("--max-update-norm", max_norm), ("--norm-factor", factor), ("--sample-factor", sample_factor)):
             if value is not None and not value > 0:
                 raise ValueError(f"{flag} must be > 0, got {value}")
@@ -72,18 +79,19 @@ class NormBound:
         self.sample_factor = sample_factor
         self.window = window
         self.warmup = warmup
+        self.norm_warmup = norm_warmup
         self.recent: OrderedDict[str, tuple[float, int]] = OrderedDict()  # agent -> its newest (norm, samples)
         self._medians: dict[int, tuple[int, float]] = {}  # column -> (changes when computed, median)
         self._changes = 0
 
     def limit(self) -> float:
         """The largest norm accepted now."""
-        relative = self._relative(0, self.factor)
+        relative = self._relative(0, self.factor, self.norm_warmup)
         return min(self.max_norm if self.max_norm is not None else np.inf, relative)
 
     def sample_limit(self) -> float:
         """The largest sample count an update is weighted by now."""
-        return self._relative(1, self.sample_factor)
+        return self._relative(1, self.sample_factor, self.warmup)
 
     def typical_samples(self) -> int:
         """The lower median of the recent agents' newest (capped) sample counts, 0 before any.
@@ -92,8 +100,8 @@ class NormBound:
         """
         return int(statistics.median_low(entry[1] for entry in self.recent.values())) if self.recent else 0
 
-    def _relative(self, column: int, factor: float | None) -> float:
-        if factor is not None and len(self.recent) >= self.warmup:
+    def _relative(self, column: int, factor: float | None, warmup: int) -> float:
+        if factor is not None and len(self.recent) >= warmup:
             at, median = self._medians.get(column, (-REFRESH, 0.0))
             if self._changes - at >= REFRESH:  # a median of 50, once per REFRESH accepted updates
                 median = statistics.median(entry[column] for entry in self.recent.values())

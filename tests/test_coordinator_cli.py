@@ -112,3 +112,27 @@ def test_feature_stats_off_from_the_environment_and_refused_under_central_dp(tmp
         parse_args([*BASE_ARGS, "--model", "sgd-regressor", "--strategy", "fedbuff", "--dp-mode", "central",
                     "--dp-clip", "1", "--dp-noise", "1", "--checkpoint-dir", str(tmp_path), "--feature-stats"])
     assert "central DP refuses --feature-stats" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], 2.0),  # on by default: one sign-flipping agent of 6 must not cost the fleet (issue 18)
+    (["--norm-factor", "3"], 3.0),
+    (["--norm-factor", "0"], None),  # off, as asked
+    (["--dp-mode", "local", "--dp-clip", "1", "--dp-noise", "1"], 2.0),  # a rule over noised updates: post-processing
+    (["--strategy", "fedbuff", "--dp-mode", "central", "--dp-clip", "1", "--dp-noise", "1", "--checkpoint-dir", "CKPT"],
+     None),  # the DP clip bounds each update; a median of others' norms must not decide what is noised
+    (["--strategy", "fedbuff", "--secure-aggregation"], None),  # no update is seen alone
+])
+def test_relative_norm_bound_on_by_default_off_under_central_dp_and_secure_aggregation(extra, expected, tmp_path):
+    args = parse_args([*REQUIRED, *[str(tmp_path) if a == "CKPT" else a for a in extra]])
+    assert args.norm.factor == expected
+
+
+def test_an_explicit_norm_factor_is_refused_under_central_dp_and_a_negative_one_anywhere(tmp_path, capsys):
+    central = ["--strategy", "fedbuff", "--dp-mode", "central", "--dp-clip", "1", "--dp-noise", "1",
+               "--checkpoint-dir", str(tmp_path)]
+    for extra, message in ((central + ["--norm-factor", "2"], "central DP refuses --norm-factor"),
+                           (["--norm-factor", "-1"], "--norm-factor must be > 0, or 0 for off")):
+        with pytest.raises(SystemExit):
+            parse_args([*REQUIRED, *extra])
+        assert message in capsys.readouterr().err

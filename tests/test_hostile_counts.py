@@ -7,7 +7,9 @@ report (one vote per agent), and a fedbuff buffer takes each agent once (its upd
 buffer are averaged into one row) with a weight of at most BUFFER_WEIGHT_FACTOR x the
 buffer's median agent weight. Real mosquitto, the real coordinator and 5 real agents on
 digits; the hostile agent is a client sending, for every model, 3 updates that flip the model
-(delta = -2 x params) with 10^9 samples and eval_accuracy 0.99999.
+(delta = -2 x params) with 10^9 samples and eval_accuracy 0.99999. And with the default flags
+one real agent of 6 whose deltas are sign-flipped costs under 2 points: the relative norm bound
+is on by default.
 """
 
 from __future__ import annotations
@@ -95,3 +97,50 @@ def test_one_agent_claiming_a_billion_samples_owns_neither_the_evaluation_nor_th
     assert abs(final["fleet_eval"]["accuracy"] - final["accuracy"]) < 0.15, final
     assert final["bounded"]["repeat_agent"] > 0 and final["bounded"]["weight_cap"] > 0, final["bounded"]
     assert f'fedmq_updates_bounded_total{{fleet="{FLEET}",reason="repeat_agent"}}' in metrics
+
+
+def test_one_sign_flipping_agent_of_6_costs_the_default_fleet_under_2_points(tmp_path, mosquitto):
+    """Default flags (fedasync, the relative norm bound on): 5 honest agents and one real agent whose
+    deltas are x-4 (tests/sign_flip_agent.py) against the same 5 honest agents alone, side by side
+    on one broker. With the bound off (`--norm-factor 0`, the old default) the flip won from about
+    version 40 on: 0.538 against 0.958 over versions 20-200."""
+    ds = load_dataset("digits", seed=0)
+    parts = partition(ds.y_train, 6, "iid", seed=0)
+    for i, idx in enumerate(parts):
+        write_csv(tmp_path / f"a{i}.csv", ds.X_train[idx], ds.y_train[idx])
+    write_csv(tmp_path / "eval.csv", ds.X_test, ds.y_test)
+    window = (60, 120)  # versions compared, the same stretch in both fleets: without the bound the flip wins from ~40 on
+    watcher = TopicWatcher(mosquitto.port, "fedmq/+/coordinator/status")
+    procs = []
+    for fleet in ("honest", "flip"):
+        procs.append(spawn("coordinator", "--broker", mosquitto.url, "--fleet", fleet, "--model", "sgd-classifier",
+                           "--classes", ",".join(map(str, ds.classes)), "--n-features", ds.n_features,
+                           "--eval-csv", tmp_path / "eval.csv", "--publish-interval", "0.3",
+                           *os.environ.get("HOSTILE_TEST_COORDINATOR_ARGS", "").split(),  # seen red with "--norm-factor 0"
+                           log=tmp_path / f"{fleet}-coordinator.log"))
+        for i in range(6 if fleet == "flip" else 5):
+            procs.append(spawn("tests.sign_flip_agent" if i == 5 else "edge_agent", "--broker", mosquitto.url,
+                               "--fleet", fleet, "--id", f"a{i}", "--data", tmp_path / f"a{i}.csv",
+                               log=tmp_path / f"{fleet}-a{i}.log"))
+
+    def accuracies(fleet: str) -> list[float]:
+        statuses = [json.loads(p) for t, p in watcher.history if t == Topics(fleet).coordinator_status]
+        return [s["accuracy"] for s in statuses if window[0] <= s["version"] <= window[1] and s.get("accuracy") is not None]
+
+    def versions() -> dict:
+        return {f: (watcher.json(Topics(f).coordinator_status) or {}).get("version", 0) for f in ("honest", "flip")}
+
+    try:  # 13 processes start at once: on a loaded 2-core host their imports alone take a minute
+        watcher.wait_for(lambda: min(versions().values()) > 0, 3 * WAIT, "a first version in both fleets")
+        watcher.wait_for(lambda: min(versions().values()) > window[1], WAIT, f"both fleets past version {window[1]}")
+        flip = watcher.json(Topics("flip").coordinator_status)
+    finally:
+        for proc in procs:
+            stop(proc)
+        watcher.close()
+    honest, hostile = accuracies("honest"), accuracies("flip")
+    assert honest and hostile, "no scored status in the window"
+    print(f"\nmean accuracy over versions {window}: honest {np.mean(honest):.4f} ({len(honest)} statuses), "
+          f"with one sign-flipping agent {np.mean(hostile):.4f} ({len(hostile)}); flip fleet rejected {flip['rejected']}")
+    assert np.mean(hostile) >= np.mean(honest) - 0.02, (np.mean(honest), np.mean(hostile))
+    assert flip["rejected"].get("norm", 0) > 0, flip["rejected"]  # the bound did it, counted
