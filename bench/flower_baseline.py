@@ -5,7 +5,11 @@ Run by bench/device_bytes.py with a Python that has flwr (kept out of fedmq's de
 FedAvg over every client each round; a client continues the global SGDClassifier with one
 partial_fit call over its shuffled shard (the same local epoch as a fedmq agent) and returns
 its parameters (in --dtype: float64, NumPyClient's default for scikit-learn, or float32);
-the server scores the global model on the test set after every round.
+the server scores the global model on the test set after every round. --strategy fedprox runs
+Flower's FedProx: the client applies its proximal term mu/2 ||w - w_global||^2 as one proximal
+step after the local epoch, w = (w_local + mu w_global) / (1 + mu) (scikit-learn's partial_fit has
+no hook for a loss term). --pad makes each fit last at least that many seconds (bench/padding.py:
+a slow device, the same padding bench/async_advantage.py gives fedmq agents).
 
     python bench/flower_baseline.py server --address 127.0.0.1:PORT --data DIR --clients 20 --rounds 20
     python bench/flower_baseline.py client --address 127.0.0.1:PORT --data DIR --index I
@@ -16,12 +20,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import SGDClassifier
 
+from padding import padded
 
 
 def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -58,12 +64,19 @@ def run_client(args: argparse.Namespace) -> None:
             est.coef_, est.intercept_ = np.array(parameters[0], np.float64), np.array(parameters[1], np.float64)
             order = rng.permutation(len(y))
             est.partial_fit(X[order], y[order])
+            mu = float(config.get("proximal_mu", 0.0))  # FedProx's: the proximal step towards the global model
+            if mu > 0:
+                est.coef_ = (est.coef_ + mu * np.asarray(parameters[0], np.float64)) / (1 + mu)
+                est.intercept_ = (est.intercept_ + mu * np.asarray(parameters[1], np.float64)) / (1 + mu)
             fits[0] += 1
             print(f"fit {fits[0]}", flush=True)
             return [est.coef_.astype(args.dtype), est.intercept_.astype(args.dtype)], len(y), {}
 
         def evaluate(self, parameters, config):
             return 0.0, len(y), {}
+
+    if args.pad:
+        Client.fit = padded(Client.fit, args.pad)
 
     fl.client.start_client(server_address=args.address, client=Client().to_client(), insecure=True)
 
@@ -80,11 +93,14 @@ def run_server(args: argparse.Namespace) -> None:
         est.coef_ = np.array(parameters[0], np.float64).reshape(shapes[0])
         est.intercept_ = np.array(parameters[1], np.float64).reshape(shapes[1])
         accuracy = float(np.mean(est.predict(X_test) == y_test))
-        print(f"round {server_round} accuracy {accuracy:.4f}", flush=True)
+        print(f"round {server_round} accuracy {accuracy:.4f} time {time.time():.3f}", flush=True)
         return 0.0, {"accuracy": accuracy}
 
-    strategy = fl.server.strategy.FedAvg(
-        fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=args.clients, min_available_clients=args.clients,
+    kind, extra = fl.server.strategy.FedAvg, {}
+    if args.strategy == "fedprox":
+        kind, extra = fl.server.strategy.FedProx, {"proximal_mu": args.proximal_mu}
+    strategy = kind(
+        **extra, fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=args.clients, min_available_clients=args.clients,
         initial_parameters=fl.common.ndarrays_to_parameters([np.zeros(shapes[0], args.dtype), np.zeros(shapes[1], args.dtype)]),
         evaluate_fn=evaluate,
     )
@@ -103,6 +119,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="the parameters' type on the wire, both ways")
     p.add_argument("--classes", type=int, default=10, help="labels 0..N-1 (100 for the 1,000,100-parameter task)")
+    p.add_argument("--strategy", choices=("fedavg", "fedprox"), default="fedavg", help="Flower's FedAvg or FedProx")
+    p.add_argument("--proximal-mu", type=float, default=0.1, help="FedProx's mu")
+    p.add_argument("--pad", type=float, default=0.0, help="seconds each fit lasts at least (a slow device)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
