@@ -27,7 +27,12 @@ def spawn(module: str, *args: str, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
-def stop(proc: subprocess.Popen, timeout: float = 10) -> int:
+# Longer than an agent's own grace on SIGTERM (--stop-timeout 10 s, then up to 5 s for its offline
+# status), so a stop slowed by load ends in the process's own exit code, not in our SIGKILL.
+STOP_TIMEOUT = 20.0
+
+
+def stop(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> int:
     """SIGTERM, wait bounded, SIGKILL if needed; returns the exit code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -38,7 +43,7 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> int:
     return proc.wait(timeout)
 
 
-def stop_all(procs: Sequence[subprocess.Popen], timeout: float = 10) -> list[int]:
+def stop_all(procs: Sequence[subprocess.Popen], timeout: float = STOP_TIMEOUT) -> list[int]:
     """`stop` for several processes at once: SIGTERM to all first, so they wind down together."""
     for proc in procs:
         if proc.poll() is None:
