@@ -181,6 +181,8 @@ class Agent:
             log.info("the fleet's model spec changed at version %d; starting error feedback afresh", model.version)
             self.feedback.reset()
         self.model_ = model
+        if held is None and self.trained_version_ < 0 and (pace := self.pace) is not None:
+            self.next_round_at_ = time.monotonic() + pace.first_wait(self.pace_rng)  # a cold start: spread out
         if self.unheard_ is not None and self.unheard_[0] in (NO_MODEL, NO_PROGRESS):
             self.unheard_ = None  # a model came, or a newer one: the coordinator is there and hears the fleet
         log.debug("global model version %d received", model.version)

@@ -6,7 +6,8 @@ back), the coordinator divides a target fleet update rate among the agents onlin
 the fleet's update rate, and with it the model downloads of devices that fetch a model once
 per round, stays near the target however many devices join. A device draws each wait
 uniformly in interval * [1 - jitter, 1 + jitter] (mean: the interval), so a fleet that
-started together spreads out. `bounded` is the device's side: whatever a model message says,
+started together spreads out; its first round comes after a uniform fraction of one interval
+(`first_wait`), so even the first reports do not arrive together. `bounded` is the device's side: whatever a model message says,
 its interval and jitter stay within the device's own limits.
 """
 
@@ -34,6 +35,11 @@ class Pace:
     def wait(self, rng: random.Random) -> float:
         """One wait before the next report: uniform in interval * [1 - jitter, 1 + jitter]."""
         return self.interval * rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
+
+    def first_wait(self, rng: random.Random) -> float:
+        """Before a device's first paced round: uniform in [0, interval), so a fleet that starts (or comes
+        back) together reports spread over one interval instead of all at once."""
+        return self.interval * rng.random()
 
 
 def steer(agents: int, target_updates_per_s: float, *, min_interval: float = 1.0,

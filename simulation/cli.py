@@ -10,6 +10,7 @@ from pathlib import Path
 
 from protocol.codec import CodecSpec
 from protocol.config import CliParser, add_config_option, optional_extra, parse_layered
+from protocol.pace import Steering
 from protocol.transport import BrokerSettings
 from simulation.datasets import DATASETS, centralized_baseline, load_dataset
 from simulation.fleet import SimConfig, Simulation
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="agents are awake ON seconds, then asleep (offline) OFF seconds, from a random phase")
     p.add_argument("--network-delay", type=float, default=d.network_delay, help="extra seconds before each update is sent")
     p.add_argument("--publish-interval", type=float, default=d.publish_interval, help="coordinator's minimum seconds between models")
+    p.add_argument("--target-updates-per-s", type=float, default=d.target_updates_per_s, metavar="RATE",
+                   help="pace steering, as fedmq-coordinator's flag: updates a second wanted from the whole fleet "
+                        "(each agent reports once per agents online / RATE seconds, randomised); 0: not steered")
+    p.add_argument("--pace-min-interval", type=float, default=d.pace_min_interval, metavar="SECONDS",
+                   help="with --target-updates-per-s: the shortest report interval asked of an agent")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for data split, stragglers and training")
     p.add_argument("--json", metavar="FILE", help="write the full results (with the timeline) as JSON")
     p.add_argument("--plot", metavar="FILE.png", default="out/fedmq-sim.png", help="where to draw accuracy vs time and version")
@@ -84,6 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError("--stragglers and --dropout are fractions in [0, 1]")
         parse_speed(args.speed)
         parse_duty_cycle(args.duty_cycle)
+        if args.target_updates_per_s < 0:
+            raise ValueError("--target-updates-per-s must be >= 0 (0: not steered)")
+        if args.target_updates_per_s:
+            Steering(args.target_updates_per_s, args.pace_min_interval)  # the coordinator's own refusals
         if args.broker:
             BrokerSettings.from_url(args.broker)
     except ValueError as exc:

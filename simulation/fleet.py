@@ -23,7 +23,7 @@ from coordinator.staleness import parse_staleness
 from coordinator.statistics import FleetStatistics
 from coordinator.strategies import DEFAULT_ALPHA, make_strategy
 from coordinator.validation import NormBound, UpdateValidator
-from edge_agent.agent import Agent
+from edge_agent.agent import Agent, offline_status
 from edge_agent.data import ArraySource
 from edge_agent.trainer import LocalTrainer
 from protocol.model_spec import ModelSpec
@@ -97,6 +97,22 @@ class Traffic:
     lost_rounds: int = 0  # rounds lost to a mid-round dropout
 
 
+def say_offline(loop: ClientLoop, agents: list, timeout: float = 5.0) -> None:
+    """Every connected virtual agent of a steered fleet says offline (retained), bounded by `timeout`."""
+    infos: list = []
+    done = threading.Event()
+
+    def publish() -> None:
+        infos.extend(i for i in (va.say_offline() for va in agents) if i is not None)
+        done.set()
+
+    loop.call_soon(publish)
+    deadline = time.monotonic() + timeout
+    if done.wait(timeout):
+        while time.monotonic() < deadline and not all(i.is_published() for i in infos):
+            time.sleep(0.05)  # polling paho's publish infos that the loop thread completes
+
+
 class VirtualAgent:
     """One simulated device: an `Agent` plus its own MQTT client and a behaviour profile."""
 
@@ -125,11 +141,25 @@ class VirtualAgent:
         self.connected_once = False
         self.held: bytes | None = None
         topics = agent.topics
-        self.client = make_client(settings, f"fedmq-sim-{topics.fleet}-{agent.agent_id}", persistent=False)
+        # a steered fleet's agents say offline as real ones do: the last will when they vanish, and
+        # `say_offline` on a clean stop (the coordinator counts the fleet by these statuses)
+        will = (topics.agent_status(agent.agent_id), self._offline()) if report_status else None
+        self.client = make_client(settings, f"fedmq-sim-{topics.fleet}-{agent.agent_id}", persistent=False, will=will)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
         loop.attach(self.client)
+
+    def _offline(self) -> bytes:
+        return json.dumps(offline_status(self.agent.agent_id)).encode()
+
+    def say_offline(self):
+        """A clean stop: the retained offline status (a DISCONNECT suppresses the will); its publish info,
+        or None when not connected (loop thread)."""
+        if not self.report_status or not self.client.is_connected():
+            return None
+        return self.client.publish(self.agent.topics.agent_status(self.agent.agent_id), self._offline(), qos=1,
+                                   retain=True)
 
     def connect(self) -> None:
         """Open the connection (on the loop thread), or sleep first when the duty cycle says so."""
@@ -192,7 +222,7 @@ class VirtualAgent:
     def _on_message(self, client, userdata, msg):
         self.traffic.bytes_down += len(msg.payload)
         self.traffic.models_received += 1
-        if self.agent.on_model(msg.payload):
+        if self.agent.on_model(msg.payload) or self.agent.trained_version_ < 0:  # or a cold start's first round
             self._maybe_train()
 
     def _maybe_train(self) -> None:
@@ -219,6 +249,8 @@ class VirtualAgent:
     def _finish(self, payload: bytes | None) -> None:
         self.busy = False
         if payload is None:
+            if self.agent.pace is not None and self.agent.next_round_at_ > time.monotonic():
+                self._pause_models()  # the pace's wait (a cold start's first one): listen again when it is due
             return
         if self.asleep:  # fell asleep while training: sent on waking
             self.held = payload
@@ -347,6 +379,7 @@ class Simulation:
             wall = time.monotonic() - self.started_at
             stop.set()
             coordinator_thread.join(30)
+            say_offline(loop, agents)  # after the coordinator's last status: it reports the fleet it ran with
             stopped = loop.stop(30)  # thousands of clients: one pass of the loop can outlast a short wait
             pool.shutdown(wait=True, cancel_futures=True)
             if stopped:  # paho clients are not thread-safe: only once the loop no longer drives them

@@ -93,14 +93,14 @@ def test_the_device_bounds_absurd_values():
     assert bounded(None) is None
 
 
-def make_agent(**kwargs) -> Agent:
-    return Agent("a1", TOPICS, ArraySource(X[:100], Y[:100]), LocalTrainer(random_state=0), "int8", seed=0, **kwargs)
+def make_agent(agent_id: str = "a1", **kwargs) -> Agent:
+    return Agent(agent_id, TOPICS, ArraySource(X[:100], Y[:100]), LocalTrainer(random_state=0), "int8", seed=0, **kwargs)
 
 
 def test_the_agent_trains_no_more_often_than_the_pace_whatever_train_every_says():
     agent = make_agent(train_every=0.01)
     assert agent.on_model(model(1, Pace(10.0, 0.5)))
-    assert agent.due()  # the first round: at once
+    assert agent.due(now=agent.next_round_at_)  # the first round: after a fraction of the interval (below)
     assert agent.make_update() is not None
     start = agent.last_train_at_
     assert 5.0 <= agent.next_round_at_ - start <= 15.0
@@ -109,6 +109,24 @@ def test_the_agent_trains_no_more_often_than_the_pace_whatever_train_every_says(
     assert not agent.due(now=start + 4.9)  # newer model, new rows, train_every long passed: the pace holds it
     assert agent.due(now=agent.next_round_at_ + 0.01)
     assert agent.status()["pace"] == 10.0
+
+
+def test_a_fleet_starting_together_spreads_its_first_rounds_over_one_interval():
+    """Cold start: 200 agents get their first paced model at once; their first rounds fall uniformly
+    over one interval (10 s) instead of all at once."""
+    waits = []
+    for i in range(200):
+        agent = make_agent(agent_id=f"a{i}")
+        start = time.monotonic()
+        agent.on_model(model(1, Pace(10.0, 0.5)))
+        waits.append(agent.next_round_at_ - start)
+        assert agent.due(now=agent.next_round_at_) and (waits[-1] < 0.01 or not agent.due(now=start))
+    assert all(-0.1 <= w < 10.0 for w in waits)
+    counts = np.histogram(waits, bins=5, range=(0.0, 10.0))[0]
+    assert counts.min() >= 20, counts  # each fifth of the interval gets its share (40 expected)
+    plain = make_agent()
+    plain.on_model(model(1))
+    assert plain.due(now=time.monotonic())  # unsteered: the first round at once, as before
 
 
 def test_the_agent_caps_a_hostile_pace_and_unsteered_it_is_unchanged():

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from fleet import ROOT
+from fleet import ROOT, TopicWatcher
 from protocol.transport import BrokerSettings
 from simulation.datasets import load_dataset
 from simulation.fleet import SimConfig, Simulation
@@ -70,6 +70,14 @@ def test_simulated_agents_obey_the_coordinators_pace(mosquitto):
     assert result["accepted"] >= agents
     # and like a real agent it downloads the model once per round (its subscription paused between)
     assert result["models_received"] <= 2 * result["updates_sent"], (result["models_received"], result["updates_sent"])
+    # and on a clean stop each says offline (retained), as a real agent does: the coordinator counts none
+    # of them online afterwards (seen red without say_offline: all 20 stayed "online")
+    watcher = TopicWatcher(mosquitto.port, "fedmq/simpace/agent/+/status")
+    try:
+        states = watcher.wait_for(lambda: len(watcher.latest) == agents and watcher.latest, 10, "20 retained statuses")
+        assert {json.loads(p)["state"] for p in states.values()} == {"offline"}, states
+    finally:
+        watcher.close()
 
 
 def test_the_harder_tasks_run_in_the_simulator(mosquitto):
