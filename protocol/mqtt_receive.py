@@ -16,8 +16,10 @@ function, and is idempotent.
 
 from __future__ import annotations
 
+import struct
+
 from paho.mqtt.enums import MQTTProtocolVersion
-from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.exception import MalformedPacket, MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
@@ -26,11 +28,24 @@ try:  # paho >= 2.1
 except ImportError:  # pragma: no cover - older paho decodes inline; nothing to replace
     _packet = None
 PAHO_DECODE_PUBLISH = getattr(_packet, "decode_publish", None)  # paho's own, kept for comparison in the tests
+# what paho's decoders turn into MalformedPacket (its network loop then drops the connection and
+# reconnects); anything else raised here ends paho's network thread: a broker's garbage MQTT 5
+# properties (an unknown identifier: KeyError) would wedge the client for good
+DECODE_ERRORS = getattr(_packet, "DECODE_ERRORS", (struct.error, IndexError, KeyError, ValueError, MQTTException))
 
 
 def decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtocolVersion):
     """paho's PublishPacket for a PUBLISH whose fixed header byte is `header` and whose
-    variable header and payload are `packet`; MalformedPacket if the lengths do not fit."""
+    variable header and payload are `packet`; MalformedPacket for anything undecodable, as paho's own."""
+    try:
+        return _decode_publish(header, packet, protocol)
+    except MalformedPacket:
+        raise
+    except DECODE_ERRORS as exc:
+        raise MalformedPacket(f"PUBLISH undecodable: {exc!r}") from exc
+
+
+def _decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtocolVersion):
     qos = (header & 0x06) >> 1
     with memoryview(packet) as view:
         end = len(view)

@@ -76,3 +76,64 @@ def test_an_8_mib_publish_costs_one_copy_of_its_payload(protocol):
         tracemalloc.stop()
     assert len(result.payload) == size
     assert peak < size + 64 * 1024, f"decoding peaked at {peak / size:.2f} x the payload"
+
+
+@pytest.mark.parametrize("properties", [
+    b"\x02\xc3\x6e",  # an unknown property identifier (paho: KeyError)
+    b"\x03\x21\x00\x05",  # Receive Maximum, not a PUBLISH property (MQTTException)
+    b"\x02\x23\xf3",  # Topic Alias cut short, the packet with it (struct.error)
+])
+def test_garbage_properties_are_malformed_like_paho_not_another_exception(properties):
+    packet = publish(b"f/model", b"", properties=properties)
+    with pytest.raises(MalformedPacket):
+        PAHO_DECODE_PUBLISH(0x32, bytearray(packet), V5)
+    with pytest.raises(MalformedPacket):
+        decode_publish(0x32, packet, V5)
+
+
+def test_a_broker_sending_garbage_properties_is_left_and_reconnected_to():
+    """A raw-socket broker: CONNACK, then a PUBLISH with an unknown property. paho (installed decoder)
+    must drop the connection as malformed and reconnect, not lose its network thread."""
+    import socket
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from protocol import mqtt_receive
+
+    assert mqtt_receive.install()
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(30)
+    connections = []
+
+    def broker():
+        for _ in range(2):
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            connections.append(conn)
+            conn.recv(1024)  # CONNECT
+            conn.sendall(b"\x20\x03\x00\x00\x00")  # CONNACK, v5, no properties
+            body = publish(b"f/model", b"x", qos=0, properties=b"\x02\xc3\x6e")
+            conn.sendall(bytes([0x30, len(body)]) + body)
+
+    thread = threading.Thread(target=broker, daemon=True)
+    thread.start()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="red", protocol=mqtt.MQTTv5)
+    client.reconnect_delay_set(0.1, 0.2)
+    errors = []
+    threading.excepthook, old_hook = (lambda args: errors.append(args.exc_value)), threading.excepthook
+    try:
+        client.connect("127.0.0.1", server.getsockname()[1])
+        client.loop_start()
+        thread.join(30)
+        assert not errors, f"the network thread died: {errors[0]!r}"
+        assert len(connections) == 2, "the client never reconnected after the malformed PUBLISH"
+    finally:
+        threading.excepthook = old_hook
+        client.loop_stop()
+        server.close()
+        for conn in connections:
+            conn.close()
