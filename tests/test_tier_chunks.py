@@ -9,9 +9,7 @@ topic are dropped and counted in the worker's log, and nothing else of the fleet
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import time
 
 import msgpack
 import numpy as np
@@ -22,6 +20,7 @@ from fleet import spawn
 from protocol import chunking
 from protocol.tabular import write_csv
 from protocol.topics import Topics
+from tier_fleet import read_audit, wait_until
 
 FLEET = "chunkf"
 TOPICS = Topics(FLEET)
@@ -29,17 +28,7 @@ FEATURES = 3000
 PACKET = 1024  # the agent's --max-packet-bytes: its ~3 KB update goes as 4 chunks
 
 
-def _audit(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)  # polling files other processes write
-    return False
+_audit, _wait = read_audit, wait_until
 
 
 def test_a_chunked_update_goes_through_a_worker_and_bad_chunks_are_counted(tmp_path, nats_node):
@@ -84,3 +73,38 @@ def test_a_chunked_update_goes_through_a_worker_and_bad_chunks_are_counted(tmp_p
         for proc in (agent, worker, root):
             proc.kill()
             proc.wait(10)
+
+
+def test_a_partition_holds_every_chunk_ack_until_the_update_is_folded_and_releases_bad_ones():
+    """The worker's side without a broker: a chunk's ack reaches the partition's unacknowledged list (acked
+    only by the commit after the partial is stored) with its assembled update, never before; a malformed
+    chunk of another agent is released at once and counted. Seen red with the acks released per chunk."""
+    from types import SimpleNamespace
+
+    from coordinator.staleness import Constant
+    from edge_agent.chunks import update_packets
+    from protocol import codec
+    from protocol.messages import ModelMessage, UpdateMessage, encode_update
+    from protocol.model_spec import ModelSpec
+    from tier.worker import Partition
+
+    spec = ModelSpec("sgd-regressor", FEATURES, ())
+    worker = SimpleNamespace(topics=TOPICS, model=ModelMessage(FLEET, 0, spec, np.zeros(spec.n_params)),
+                             staleness=Constant(), max_staleness=10, max_norm=1e6, dp=None, nats=None,
+                             worker_id="w", max_held_chunks=64, chunk_timeout=60.0)
+    part = Partition(worker, 0, SimpleNamespace(epoch=1))
+    part.adopt(worker.model)
+    part.link = SimpleNamespace(connection=1)
+    delta = codec.encode(np.full(spec.n_params, 0.01), "int8", np.random.default_rng(0))
+    packets = update_packets(TOPICS, "big-1", encode_update(UpdateMessage("big-1", 1, 0, 10, delta)), PACKET)
+    assert len(packets) >= 3 and all(t == TOPICS.update_chunk("big-1") for t, _ in packets)
+    message = lambda agent, mid, payload: SimpleNamespace(topic=f"fedmq/{FLEET}/updc/0/{agent}",  # noqa: E731
+                                                          payload=payload, retain=False, mid=mid, qos=1)
+    for mid, (_, payload) in enumerate(packets[:-1], 1):
+        part._on_message(None, None, message("big-1", mid, payload))
+        assert part.unacked == [] and part.covers == []  # held with the partial set
+    part._on_message(None, None, message("bad-1", 99, b"not a chunk"))
+    assert part.unacked == [(1, 99, 1)] and part.core.rejected_["chunk"] == 1
+    part._on_message(None, None, message("big-1", len(packets), packets[-1][1]))
+    assert sorted(part.unacked) == [(1, m, 1) for m in range(1, len(packets) + 1)] + [(1, 99, 1)]
+    assert part.covers == [("big-1", 1, 0)] and part.strategy.count == 1  # folded: in the next partial

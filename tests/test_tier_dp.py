@@ -11,7 +11,6 @@ is what the single coordinator's CentralDP accountant gives for the same release
 from __future__ import annotations
 
 import collections
-import time
 
 import numpy as np
 import pytest
@@ -20,20 +19,14 @@ from coordinator.privacy import CentralDP
 from coordinator.strategies import FedBuff
 from protocol import codec
 from protocol.privacy import GaussianMechanism
-from tier_fleet import ModelWatch, Publisher, Tier, check_exactly_once, wait_folded
+from tier_fleet import ModelWatch, Publisher, Tier, check_exactly_once, wait_folded, wait_until
 
 pytest.importorskip("dp_accounting")
 
 CLIP, SIGMA, K = 1.0, 1.0, 3
 
 
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)  # polling what paho threads set
-    return False
+_wait = wait_until
 
 
 def test_central_dp_at_the_root_noises_each_release_once_and_accounts_as_the_coordinator(tmp_path, nats_cluster):

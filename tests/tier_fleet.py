@@ -196,6 +196,16 @@ def _acked(info) -> bool:
         return False
 
 
+def wait_until(cond, timeout: float) -> bool:
+    """True once cond() is (polled: what other processes write or paho threads set), False at the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)  # polling: there is no event to wait on
+    return False
+
+
 def read_audit(path: Path) -> list[dict]:
     if not path.exists():
         return []
