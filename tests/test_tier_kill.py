@@ -20,10 +20,11 @@ from tier_fleet import (ModelWatch, Publisher, Tier, check_exactly_once, check_m
 
 KILLS = 3
 RECOVERY_S = {"worker": 10.0, "root": 10.0,
-              # a NATS node's death costs a Raft election of every stream and consumer it led (not
-              # configurable in nats-server 2.15) and MQTT CONNECTs stall meanwhile (docs/architecture.md):
-              # the 10 s is not always met for this kind
-              "nats": 20.0}
+              # a node's death costs the Raft elections of what it led, 4-9 s after its last heartbeat (not
+              # configurable in nats-server 2.15); with the stalls on top of them cut, 10.29 s was the worst
+              # seen in four seeds (docs/architecture.md): the 10 s is met by most kills, not all
+              "nats": 12.0}
+START_S = 120.0  # processes importing scikit-learn on a machine at load 40 took 40 s to log a line (seen)
 SEED = int(os.environ.get("FEDMQ_KILL_SEED", random.randrange(1 << 30)))
 
 
@@ -49,10 +50,10 @@ def test_kill_nine_loses_nothing_and_counts_nothing_twice(tmp_path, nats_cluster
         for _ in range(2):
             tier.start_root()
             tier.start_worker()
-        assert watch.wait_version_above(-1, 60) is not None, "no retained model from the root\n" + tier.logs()
+        assert watch.wait_version_above(-1, START_S) is not None, "no retained model from the root\n" + tier.logs()
         publisher = Publisher(nats_cluster, watch)
         publisher.start()
-        assert watch.wait_version_above(0, 60) is not None, "the model never advanced\n" + tier.logs()
+        assert watch.wait_version_above(0, START_S) is not None, "the model never advanced\n" + tier.logs()
         recoveries = []
         for _ in range(KILLS):
             publisher.stopping.wait(rng.uniform(1.0, 4.0))  # a random moment of the run

@@ -75,36 +75,44 @@ class Tier:
 
 
 class ModelWatch:
-    """Every model version the fleet receives, in order of arrival, with its time (failover over the nodes)."""
+    """Every model version the fleet receives, with its time: one subscriber pinned to each node (no failover).
+
+    A subscriber on a surviving node sees the tier's model advance as soon as the tier publishes it; one on
+    a killed node is offline until the node is back (a device there reconnects elsewhere, after the
+    elections of the streams that node led: `reconnects` of the devices' links measure that)."""
 
     def __init__(self, cluster: NatsCluster) -> None:
-        self.versions: list[tuple[float, int]] = []
+        self.versions: list[list[tuple[float, int]]] = []  # per subscriber, in order of arrival
         self.status: dict = {}
         self.latest = None  # the newest model message received
         self.lock = threading.Lock()
-        self.link = Link(parse_urls(cluster.mqtt_urls), "test-model-watch", persistent=False,
-                         on_message=self._on_message,
-                         on_connect=lambda c, *a: c.subscribe([(TOPICS.model, 1), (TOPICS.coordinator_status, 1)]))
-        self.link.start()
+        self.links = []
+        for i, node in enumerate(parse_urls(cluster.mqtt_urls)):
+            self.versions.append([])
+            link = Link([node], f"test-model-watch-{i}", persistent=False,
+                        on_message=lambda c, u, m, i=i: self._on_message(i, m),
+                        on_connect=lambda c, *a: c.subscribe([(TOPICS.model, 1), (TOPICS.coordinator_status, 1)]))
+            link.start()
+            self.links.append(link)
 
-    def _on_message(self, client, userdata, msg) -> None:
+    def _on_message(self, i: int, msg) -> None:
         if msg.topic == TOPICS.coordinator_status:
             self.status = json.loads(msg.payload)
             return
         model = decode_model(msg.payload)
         with self.lock:
-            self.versions.append((time.monotonic(), model.version))
+            self.versions[i].append((time.monotonic(), model.version))
             if self.latest is None or model.version > self.latest.version:
                 self.latest = model
 
     @property
     def version(self) -> int:
-        """The newest version received (a stale retained copy delivered later does not lower it)."""
+        """The newest version any subscriber received (a stale retained copy delivered later does not lower it)."""
         with self.lock:
-            return max((v for _, v in self.versions), default=-1)
+            return max((v for seen in self.versions for _, v in seen), default=-1)
 
     def wait_version_above(self, version: int, timeout: float) -> float | None:
-        """Seconds until a version above `version` arrived, or None."""
+        """Seconds until a version above `version` arrived at any subscriber, or None."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             if self.version > version:
@@ -113,7 +121,8 @@ class ModelWatch:
         return None
 
     def close(self) -> None:
-        self.link.close()
+        for link in self.links:
+            link.close()
 
 
 class Publisher:
@@ -123,7 +132,7 @@ class Publisher:
     duplicates are the tier's to absorb. `sent` is every (agent, seq) made."""
 
     def __init__(self, cluster: NatsCluster, watch: ModelWatch, *, agents: int = 24, rate: float = 40.0,
-                 resend_s: float = 6.0, connections: int = 2) -> None:
+                 resend_s: float = 6.0, connections: int = 3) -> None:
         self.watch = watch
         self.agents = agents
         self.rate = rate
@@ -247,11 +256,10 @@ def check_one_owner_at_a_time(records: list[dict]) -> None:
 
 def check_monotone(records: list[dict], watch: ModelWatch) -> int:
     """The root's versions, in commit order across every failover, never go back; returns how many
-    stale retained copies the watcher was handed (a node catching up may deliver an older retained
+    stale retained copies the subscribers were handed (a node catching up may deliver an older retained
     model to a reconnecting subscriber: agents ignore a model older than theirs)."""
     versions = [r["version"] for r in records]
     assert versions, "no version in the audit log"
     assert all(b >= a for a, b in zip(versions, versions[1:])), f"a version went backwards: {versions}"
-    seen = [v for _, v in watch.versions]
-    assert seen and max(seen) >= versions[-1] - 1, "the fleet never received the newest models"
-    return sum(1 for a, b in zip(seen, seen[1:]) if b < a)
+    assert watch.version >= versions[-1] - 1, "the fleet never received the newest models"
+    return sum(1 for seen in watch.versions for (_, a), (_, b) in zip(seen, seen[1:]) if b < a)

@@ -36,6 +36,15 @@ DEFAULT_PARTITIONS = 32
 # partition whose worker died is served again within seconds by the next owner
 MQTT_ACK_WAIT = "2s"
 MQTT_MAX_ACK_PENDING = 4096
+# how long the MQTT listener waits for a JetStream API call (a session load on CONNECT, a consumer on
+# SUBSCRIBE, a retained-message store on PUBLISH; default 5 s). While a killed node's streams elect new
+# leaders (4-9 s, nats-server's Raft election timeout) such a call gets no answer: with 5 s every CONNECT,
+# SUBSCRIBE or retained publish in that window stalls its connection's read loop 5 s, and stalls queued
+# behind one another (a retained status, then the retained model) pushed recovery past 10 s. At 2 s a
+# call fails fast and the client's retry lands soon after the election. Not lower: the same timeout bounds
+# the store of a device's QoS 1 update, and the listener closes a connection whose store is not
+# acknowledged within it (at 1 s, seen closing device and root connections during an election)
+MQTT_JS_API_TIMEOUT = "2s"
 
 
 def nats_server_binary() -> str:
@@ -166,6 +175,7 @@ class NatsCluster:
                 "stream_replicas": self.replicas,
                 "ack_wait": MQTT_ACK_WAIT,
                 "max_ack_pending": MQTT_MAX_ACK_PENDING,
+                "js_api_timeout": MQTT_JS_API_TIMEOUT,
             },
             "mappings": partition_mappings(self.partitions, self.prefix),
         }

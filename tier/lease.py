@@ -20,7 +20,7 @@ import time
 import msgpack
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 
-from tier.nats_io import LEASE_TTL_S, Nats
+from tier.nats_io import JS_TIMEOUT_S, LEASE_TTL_S, Nats
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Lease:
         """Win the lease if nobody holds it; True if we now do."""
         started = time.monotonic()
         try:
-            rev = self.nats.call(lambda: self.nats.leases.create(self.key, self._value()), 5)
+            rev = self.nats.call(lambda: self.nats.leases.create(self.key, self._value()), JS_TIMEOUT_S)
         except KeyWrongLastSequenceError:
             return False
         except Exception as exc:  # a node down, no quorum for a moment: not won this time
@@ -62,7 +62,7 @@ class Lease:
     def vacant(self) -> bool:
         """Nobody holds the lease now (False when that cannot be told: a node down)."""
         try:
-            self.nats.call(lambda: self.nats.leases.get(self.key), 5)
+            self.nats.call(lambda: self.nats.leases.get(self.key), JS_TIMEOUT_S)
             return False
         except (KeyNotFoundError, KeyDeletedError):
             return True
@@ -76,7 +76,7 @@ class Lease:
         started = time.monotonic()
         try:
             self.revision = self.nats.call(
-                lambda: self.nats.leases.update(self.key, self._value(), last=self.revision), 5)
+                lambda: self.nats.leases.update(self.key, self._value(), last=self.revision), JS_TIMEOUT_S)
             self.confirmed_at = started
             return True
         except KeyWrongLastSequenceError:
@@ -102,7 +102,7 @@ class Lease:
         if self.revision is None:
             return
         try:
-            self.nats.call(lambda: self.nats.leases.delete(self.key, last=self.revision), 5)
+            self.nats.call(lambda: self.nats.leases.delete(self.key, last=self.revision), JS_TIMEOUT_S)
         except Exception as exc:  # it expires anyway
             log.debug("releasing %s: %s", self.key, exc)
         self.revision = None
@@ -116,7 +116,7 @@ class FencedRecord:
         self.key = key
         self.revision = 0  # 0: the key must not exist yet
 
-    def read(self, timeout: float = 10.0) -> dict | None:
+    def read(self, timeout: float = JS_TIMEOUT_S) -> dict | None:
         """The current record (and adopt its revision as the one we write over), or None."""
         try:
             entry = self.nats.call(lambda: self.nats.state.get(self.key), timeout)
@@ -131,13 +131,13 @@ class FencedRecord:
         body = msgpack.packb(record, use_bin_type=True)
         try:
             self.revision = self.nats.call(
-                lambda: self.nats.state.update(self.key, body, last=self.revision), 10)
+                lambda: self.nats.state.update(self.key, body, last=self.revision), JS_TIMEOUT_S)
         except KeyWrongLastSequenceError:
             raise Fenced(f"{self.key} was written by another owner") from None
         except Exception:
             # unknown outcome (a node died mid-write): it is ours only if the stored bytes are ours
             try:
-                entry = self.nats.call(lambda: self.nats.state.get(self.key), 10)
+                entry = self.nats.call(lambda: self.nats.state.get(self.key), JS_TIMEOUT_S)
             except Exception as exc:
                 raise TimeoutError(f"cannot confirm the write of {self.key}: {exc}") from None
             if entry.value == body:

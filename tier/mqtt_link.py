@@ -38,7 +38,8 @@ class Link:
         self._user_connect = on_connect
         self._user_subscribed = on_subscribed
         self.client = make_client(nodes[self.index], client_id, persistent=persistent)
-        self.client.reconnect_delay_set(min_delay=0.2, max_delay=2)
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=0.5)  # at once to the next node: a failed
+        # CONNECT during an election already took the listener's js_api_timeout
         self.client.max_inflight_messages_set(1000)
         if manual_ack:
             self.client.manual_ack_set(True)
@@ -97,12 +98,12 @@ class Link:
         log.info("%s cannot connect to %s", client._client_id.decode(), self.nodes[self.index].url)
         self._rotate()
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 5.0) -> bool:
-        """QoS 1 publish; True once the broker acknowledged it within `timeout`."""
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 5.0, qos: int = 1) -> bool:
+        """Publish; True once the broker acknowledged it (QoS 1) or it was written out (QoS 0) within `timeout`."""
         if not self.connected.is_set():
             return False
         try:
-            info = self.client.publish(topic, payload, qos=1, retain=retain)
+            info = self.client.publish(topic, payload, qos=qos, retain=retain)
             info.wait_for_publish(timeout)
             return info.is_published()
         except (RuntimeError, ValueError) as exc:

@@ -19,6 +19,10 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 log = logging.getLogger(__name__)
 
 LEASE_TTL_S = 2.0  # a dead owner's partitions are free again after this
+# a JetStream request (KV read/write, partial publish) unanswered this long is given up and retried by
+# its caller: a request sent while a stream elects a new leader (a node died) is never answered, so a
+# longer timeout only adds to the 4-9 s election before the retry that succeeds
+JS_TIMEOUT_S = 1.0
 
 
 def bucket_names(fleet: str) -> dict[str, str]:
@@ -49,7 +53,7 @@ class Nats:
             reconnect_time_wait=0.2, allow_reconnect=True,
             error_cb=self._error, disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
         ), timeout)
-        self.js = self.nc.jetstream(timeout=5)
+        self.js = self.nc.jetstream(timeout=5)  # set-up calls; the running tier's calls pass JS_TIMEOUT_S
         self.leases = self.call(lambda: self._bucket("leases", ttl=LEASE_TTL_S), timeout)
         self.state = self.call(lambda: self._bucket("state"), timeout)
         self.call(self._stream, timeout)

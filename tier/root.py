@@ -47,6 +47,13 @@ ACK_WAIT_S = 5.0
 BATCH = 256
 STANDBY_POLL_S = 0.25
 ECHO_S = 3.0  # the root subscribes to its own model: one not seen back within this is a dead connection
+# the model and the status go out at QoS 0 (retained): NATS delivers a QoS 0 publish to every subscriber
+# (the devices' QoS 1 subscriptions included) over core NATS at once, where a QoS 1 publish is first
+# stored in the $MQTT_msgs stream and reaches a subscriber through its JetStream consumer: after a node's
+# kill -9, that stream's and each consumer's leader election (4-9 s) held the new model back, and a store
+# unacknowledged within the listener's js_api_timeout closed the root's connection. Nothing is lost at
+# QoS 0: the retained copy is what a (re)connecting device gets, and a newer model replaces any missed one
+MODEL_QOS = 0
 
 
 class Root:
@@ -325,7 +332,7 @@ class Root:
             self.link.bounce()  # our own last model never came back: the connection is not carrying
             self._last_pub = time.monotonic()
             return
-        if self.link.publish(self.topics.model, body, retain=True):
+        if self.link.publish(self.topics.model, body, retain=True, qos=MODEL_QOS):
             self.published = self.version
             self._published_params = self.params.copy()
             self._last_pub = time.monotonic()
@@ -334,7 +341,7 @@ class Root:
                       "rejected": self.rejected, "partitions": len(self.hwm), "time": time.time()}
             if self.dp is not None:
                 status["privacy"] = self.dp.report()
-            self.link.publish(self.topics.coordinator_status, encode_status(status), retain=True, timeout=1)
+            self.link.publish(self.topics.coordinator_status, encode_status(status), retain=True, timeout=1, qos=MODEL_QOS)
 
 
 def build_parser() -> argparse.ArgumentParser:

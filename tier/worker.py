@@ -44,7 +44,7 @@ from tier.cli_args import add_cluster_args, connect_nats, start_logging, stop_on
 from tier.cluster import MQTT_MAX_ACK_PENDING
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, drop, parse_urls
-from tier.nats_io import Nats, partial_subject
+from tier.nats_io import JS_TIMEOUT_S, Nats, partial_subject
 from tier.partial import Partial, PartialSum, encode_partial
 from tier.privacy import PartitionDP, dp_changed
 
@@ -87,6 +87,7 @@ class Partition:
         self.rejections = RejectionLog()
         self.record = FencedRecord(worker.nats, f"p{number}")
         self.lock = threading.Lock()
+        self.commit_lock = threading.Lock()  # one commit at a time: the commit loop's, or a hand-over's
         self.covers: list = []
         self.oldest: float | None = None
         self.unacked: list = []  # (connection, mid, qos)
@@ -253,7 +254,7 @@ class Partition:
             nats = self.worker.nats
             subject = partial_subject(nats.prefix, nats.fleet, self.number)
             headers = {"Nats-Msg-Id": f"{nats.fleet}-p{self.number}-{state['seq']}"}
-            nats.call(lambda: nats.js.publish(subject, body, headers=headers, timeout=5), 8)
+            nats.call(lambda: nats.js.publish(subject, body, headers=headers), JS_TIMEOUT_S)
         for connection, mid, qos in acks:
             if connection == self.link.connection:  # a mid of an older connection is redelivered anyway
                 self.link.client.ack(mid, qos)
@@ -344,7 +345,7 @@ class Worker:
 
     def live_workers(self) -> int:
         try:
-            keys = self.nats.call(lambda: self.nats.leases.keys(), 5)
+            keys = self.nats.call(lambda: self.nats.leases.keys(), JS_TIMEOUT_S)
         except Exception:  # no keys yet, or a node down: count ourselves
             return 1
         return max(1, sum(1 for k in keys if k.startswith("w_")))
@@ -356,9 +357,10 @@ class Worker:
         for number, part in list(self.owned.items()):
             if part.lost or part.lease.revision is None:
                 log.warning("partition %d lost", number)
-                self.keeper.remove(part.lease)
-                part.stop(graceful=False)
                 del self.owned[number]
+                self.keeper.remove(part.lease)
+                with part.commit_lock:
+                    part.stop(graceful=False)
         self.follow_dp()
         share = min(self.max_partitions, math.ceil(self.partitions / self.live_workers()))
         if len(self.owned) > share:  # a worker joined: hand the highest partitions back
@@ -388,11 +390,12 @@ class Worker:
         """Commit what partition `number` holds and give its lease up."""
         part = self.owned.pop(number)
         self.keeper.remove(part.lease)
-        try:
-            part.commit()
-        except Exception as exc:  # its messages stay unacknowledged: the next owner gets them
-            log.warning("partition %d: last commit before hand-over failed: %s", number, exc)
-        part.stop(graceful=True)
+        with part.commit_lock:  # not while the commit loop commits it
+            try:
+                part.commit()
+            except Exception as exc:  # its messages stay unacknowledged: the next owner gets them
+                log.warning("partition %d: last commit before hand-over failed: %s", number, exc)
+            part.stop(graceful=True)
 
     def follow_dp(self) -> None:
         """A root that restarted with other --dp-* flags: hand every partition back, to take them again
@@ -412,6 +415,14 @@ class Worker:
             self.hand_back(number)
         self.dp = state.get("dp_config")
 
+    def _scan(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.rebalance()
+            except Exception:  # a scan that failed is the next scan's to redo
+                log.exception("ownership scan failed")
+            stop.wait(SCAN_S)
+
     def run(self, stop: threading.Event) -> None:
         self.watcher.start()
         if self.presence.acquire():
@@ -422,22 +433,24 @@ class Worker:
                 break
             log.info("waiting for the root (its retained model on %s or its checkpoint)", self.topics.model)
         self.read_dp(stop)
-        next_scan = 0.0
+        # ownership scans on their own thread: while a killed node's streams elect leaders each KV call of
+        # a scan waits out its timeout (1-3 s a scan, seen), and the commits of the partitions we hold
+        # must not wait with it
+        scans = threading.Thread(target=self._scan, args=(stop,), name="rebalance", daemon=True)
+        scans.start()
         while not stop.is_set():
-            now = time.monotonic()
-            if now >= next_scan:
-                self.rebalance()
-                next_scan = now + SCAN_S
             for number, part in list(self.owned.items()):
-                try:
-                    part.release_held()
-                    part.commit()
-                except Fenced as exc:
-                    log.warning("partition %d: %s; giving it up", number, exc)
-                    part.lost = True
-                except Exception as exc:  # a node down: the staged commit is retried
-                    log.debug("partition %d: commit retried: %s", number, exc)
+                with part.commit_lock:
+                    try:
+                        part.release_held()
+                        part.commit()
+                    except Fenced as exc:
+                        log.warning("partition %d: %s; giving it up", number, exc)
+                        part.lost = True
+                    except Exception as exc:  # a node down: the staged commit is retried
+                        log.debug("partition %d: commit retried: %s", number, exc)
             stop.wait(FLUSH_S)
+        scans.join(SUBSCRIBE_TIMEOUT_S + 10)
         for number, part in list(self.owned.items()):
             try:
                 part.commit()
