@@ -84,65 +84,155 @@ def _figures(times, rows, key) -> dict:
             "latency_p99_s": round(float(np.percentile(lat, 99)), 3) if lat else None}
 
 
-def connections(workdir: Path, n: int) -> dict:
-    with NatsCluster(workdir / "conn", 3, PARTITIONS) as cluster:
+def connections(workdir: Path, n: int, nodes: int = 3, per_generator: int = 15000) -> dict:
+    """Hold `n` idle connections into a `nodes`-node cluster from generator processes of at most
+    `per_generator` connections each (a process holds at most its file-descriptor limit), each from its
+    own source address 127.0.1.<g> so 127.0.0.1's ephemeral ports stay free for everyone else."""
+    with NatsCluster(workdir / f"conn{nodes}", nodes, PARTITIONS) as cluster:
         servers = [node.proc for node in cluster.nodes]
-        me = psutil.Process()
-        before, mine = _rss(servers), me.memory_info().rss
-        t0 = time.monotonic()
+        ports = [node.mqtt_port for node in cluster.nodes]
 
-        async def run():
-            conns = await open_many(n, [node.mqtt_port for node in cluster.nodes], "idle", timeout=120)
-            took = time.monotonic() - t0
-            await asyncio.sleep(3)
-            after, gen = _rss(servers), me.memory_info().rss
-            for c in conns:
+        async def warm():  # the first connection alone: NATS creates the account's MQTT streams on it
+            for c in await open_many(1, ports, "warm", timeout=120):
                 await c.close()
-            return took, after, gen
 
-        took, after, gen = asyncio.run(run())
-    return {"connections_held": n, "connect_s": round(took, 1),
-            "broker_bytes_per_connection": int((after - before) / n),
-            "generator_bytes_per_connection": int((gen - mine) / n)}
+        asyncio.run(warm())
+        before = _rss(servers)
+        counts = [min(per_generator, n - k) for k in range(0, n, per_generator)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        gens = [subprocess.Popen([sys.executable, "-m", "tier.loadgen", "--count", str(k), "--ports",
+                                  ",".join(map(str, ports)), "--source", f"127.0.1.{g + 1}", "--prefix", f"idle{g}"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=ROOT, text=True)
+                for g, k in enumerate(counts)]
+        try:
+            opened = [json.loads(g.stdout.readline() or "{}") for g in gens]
+            time.sleep(5)  # settled: what the brokers and generators hold now is what these connections cost
+            after = _rss(servers)
+            fds = [psutil.Process(p.pid).num_fds() for p in servers]
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            for g in gens:
+                g.stdin.close()
+            ended = [json.loads(g.stdout.readline() or "{}") for g in gens]
+        finally:
+            for g in gens:
+                try:
+                    g.wait(60)
+                except subprocess.TimeoutExpired:
+                    g.kill()
+    held = sum(o.get("alive", 0) for o in opened)
+    errors = [o["first_error"] for o in opened if o.get("first_error")]
+    return {"nats_nodes": nodes, "connections_tried": n, "connections_held": held,
+            "held_at_end": sum(e.get("alive_at_end", 0) for e in ended),
+            "failed": sum(o.get("failed", 0) for o in opened), "first_error": errors[0] if errors else None,
+            "generators": len(gens), "connect_s": max(o.get("connect_s", 0) for o in opened),
+            "broker_bytes_per_connection": int((after - before) / max(held, 1)),
+            "generator_bytes_per_connection": int(sum(o["rss_after"] - o["rss_before"] for o in opened if o)
+                                                  / max(held, 1)),
+            "broker_rss_mib": round(after / 2 ** 20), "node_fds": fds, "fd_limit_per_process": limit,
+            "load_avg_1m": round(os.getloadavg()[0], 1)}
+
+
+class _Tier:
+    """A 3-node cluster with the root and `workers` partition workers as processes, until the first model."""
+
+    def __init__(self, workdir: Path, name: str, workers: int, *worker_args) -> None:
+        self.workdir, self.name, self.audit = workdir, name, workdir / f"{name}.jsonl"
+        self.cluster = NatsCluster(workdir / name, 3, PARTITIONS).start()
+        common = ["--nats", ",".join(self.cluster.nats_urls), "--mqtt", ",".join(self.cluster.mqtt_urls),
+                  "--fleet", FLEET]
+        self.procs = [_spawn("tier.root", *common, "--partitions", PARTITIONS, "--model", "sgd-regressor",
+                             "--n-features", N_FEATURES, "--buffer-size", 50, "--audit-log", self.audit,
+                             "--log-level", "WARNING", log=workdir / f"{name}-root.log")]
+        self.procs += [_spawn("tier.worker", *common, "--partitions", PARTITIONS, "--id", f"w{k}", "--log-level",
+                              "WARNING", *worker_args, log=workdir / f"{name}-worker{k}.log") for k in range(workers)]
+        nats = Nats(self.cluster.nats_urls, FLEET, replicas=3)
+        want = {f"p{p}" for p in range(PARTITIONS)} | {"root"}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if want <= set(nats.call(lambda: nats.state.keys(), 5)):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.5)
+        nats.close()
+        time.sleep(1.5)  # the root publishes its first model once every partition is claimed
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.mqtt_port for n in self.cluster.nodes]
+
+    def rss(self) -> int:
+        return _rss(self.procs + [n.proc for n in self.cluster.nodes])
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait(10)
+        self.cluster.stop()
 
 
 def tier_run(workdir: Path, workers: int, messages, agents: int, conns: int) -> dict:
-    audit = workdir / f"tier{workers}.jsonl"
-    with NatsCluster(workdir / f"tier{workers}", 3, PARTITIONS) as cluster:
-        common = ["--nats", ",".join(cluster.nats_urls), "--mqtt", ",".join(cluster.mqtt_urls), "--fleet", FLEET]
-        procs = [_spawn("tier.root", *common, "--partitions", PARTITIONS, "--model", "sgd-regressor", "--n-features",
-                        N_FEATURES, "--buffer-size", 50, "--audit-log", audit, "--log-level", "WARNING",
-                        log=workdir / f"root{workers}.log")]
-        procs += [_spawn("tier.worker", *common, "--partitions", PARTITIONS, "--id", f"w{k}", "--log-level", "WARNING",
-                         log=workdir / f"worker{workers}-{k}.log") for k in range(workers)]
-        try:
-            nats = Nats(cluster.nats_urls, FLEET, replicas=3)
-            want = {f"p{p}" for p in range(PARTITIONS)} | {"root"}
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if want <= set(nats.call(lambda: nats.state.keys(), 5)):
-                        break
-                except Exception:
-                    pass
-                time.sleep(0.5)
-            nats.close()
-            time.sleep(1.5)  # the root publishes its first model once every partition is claimed
+    tier = _Tier(workdir, f"tier{workers}", workers)
+    try:
+        async def run():
+            cs = await open_many(conns, tier.ports, f"dev{workers}")
+            times = await send(cs, messages, window=32)
+            for c in cs:
+                await c.close()
+            return times
 
-            async def run():
-                cs = await open_many(conns, [n.mqtt_port for n in cluster.nodes], f"dev{workers}")
-                times = await send(cs, messages, window=32)
-                for c in cs:
-                    await c.close()
-                return times
+        times = asyncio.run(run())
+        rows = _wait_audit(tier.audit, len(messages), 180)
+        return dict(_figures(times, rows, lambda i: (f"d{i % agents}", i // agents + 1)), workers=workers)
+    finally:
+        tier.stop()
 
-            times = asyncio.run(run())
-            rows = _wait_audit(audit, len(messages), 180)
-            return dict(_figures(times, rows, lambda i: (f"d{i % agents}", i // agents + 1)), workers=workers)
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait(10)
+
+def sustained(workdir: Path, rate: float, seconds: float, devices: int, workers: int, conns: int) -> dict:
+    """`rate` updates/s from `devices` device ids for `seconds` through the tier: every (agent, seq) sent
+    against what the root folded (lost, counted twice), how far the folds lag the sends, the load."""
+    n = int(rate * seconds)
+    rng = np.random.default_rng(0)
+    delta = codec.encode(rng.normal(size=N_FEATURES + 1) * 0.01, "int8", rng)
+    topics = Topics(FLEET)
+
+    def messages():  # encoded as they are sent: n payloads of 10 KB would not fit in memory
+        for i in range(n):
+            agent = f"d{i % devices}"
+            yield topics.update(agent), encode_update(UpdateMessage(agent, i // devices + 1, 0, 10, delta))
+
+    load_before = os.getloadavg()[0]
+    # the updates all claim base version 0: staleness is not what this run measures
+    tier = _Tier(workdir, "sustained", workers, "--max-staleness", 10 ** 9)
+    try:
+        async def run():
+            cs = await open_many(conns, tier.ports, "sdev")
+            t0 = time.monotonic()
+            times = await send(cs, messages(), rate=rate, window=64)
+            took = time.monotonic() - t0
+            for c in cs:
+                await c.close()
+            return times, took
+
+        times, took = asyncio.run(run())
+        load_during = os.getloadavg()[0]
+        rss = tier.rss()
+        rows = _wait_audit(tier.audit, n, 600)
+        sent = {(f"d{i % devices}", i // devices + 1) for i in range(n)}
+        folded = [(r["agent"], r["seq"]) for r in rows]
+        lag = sorted(r["t"] - times[(int(r["agent"][1:]) + (r["seq"] - 1) * devices)][0] for r in rows
+                     if (r["agent"], r["seq"]) in sent)
+        return {"rate_asked": rate, "seconds_asked": seconds, "devices": devices, "workers": workers,
+                "device_connections": conns, "sent": n, "send_s": round(took, 1), "sent_per_s": round(n / took, 1),
+                "unacknowledged": sum(1 for _, a in times if not a), "folded": len(set(folded)),
+                "lost": len(sent - set(folded)), "counted_twice": len(folded) - len(set(folded)),
+                "latency_p50_s": round(float(np.percentile(lag, 50)), 3) if lag else None,
+                "latency_p99_s": round(float(np.percentile(lag, 99)), 3) if lag else None,
+                "latency_max_s": round(lag[-1], 3) if lag else None, "tier_rss_mib": round(rss / 2 ** 20),
+                "load_avg_1m_before": round(load_before, 1), "load_avg_1m_end": round(load_during, 1)}
+    finally:
+        tier.stop()
 
 
 def mosquitto_run(workdir: Path, messages, agents: int, conns: int) -> dict:
@@ -172,13 +262,21 @@ def mosquitto_run(workdir: Path, messages, agents: int, conns: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """The table docs/benchmarks.md shows (tests/test_scale_out_figures.py keeps the two equal)."""
-    c, m = result["connections"], result["coordinator_on_mosquitto"]
+    """The tables docs/benchmarks.md shows (tests/test_scale_out_figures.py keeps the two equal)."""
+    m = result["coordinator_on_mosquitto"]
     lines = [
-        f"Idle MQTT 3.1.1 connections held by the {result['nats_nodes']}-node cluster from one asyncio process: "
-        f"{c['connections_held']:,} (opened in {c['connect_s']} s), "
-        f"{c['broker_bytes_per_connection'] / 1024:.1f} KiB of broker memory and "
-        f"{c['generator_bytes_per_connection'] / 1024:.1f} KiB of generator memory per connection.",
+        "| NATS nodes | connections tried | held (at the end) | failed | generator processes | opened in | "
+        "broker memory per connection | generator memory per connection | open files per node | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["connections"]:
+        lines.append(f"| {c['nats_nodes']} | {c['connections_tried']:,} | {c['connections_held']:,} "
+                     f"({c['held_at_end']:,}) | {c['failed']:,} | {c['generators']} | {c['connect_s']} s | "
+                     f"{c['broker_bytes_per_connection'] / 1024:.1f} KiB | "
+                     f"{c['generator_bytes_per_connection'] / 1024:.1f} KiB | "
+                     f"{', '.join(f'{f:,}' for f in c['node_fds'])} of {c['fd_limit_per_process']:,} | "
+                     f"{c['load_avg_1m']} |")
+    lines += [
         "",
         "| setup | updates/s | ratio to one coordinator | p50 publish-to-fold | p99 publish-to-fold |",
         "|---|---|---|---|---|",
@@ -193,26 +291,43 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=2000, help="idle MQTT connections to hold")
+    parser.add_argument("--nats-nodes", default="3", help="cluster sizes to hold them with, comma-separated")
+    parser.add_argument("--per-generator", type=int, default=15000,
+                        help="idle connections per generator process (under its open-files limit)")
     parser.add_argument("--updates", type=int, default=2000, help="updates per throughput run")
     parser.add_argument("--agents", type=int, default=200, help="device ids the updates come from")
     parser.add_argument("--device-connections", type=int, default=50, help="connections the updates travel on")
     parser.add_argument("--workers", default="1,2,4", help="partition worker counts to run")
+    parser.add_argument("--sustain-rate", type=float, default=1667.0, help="updates/s of the sustained run")
+    parser.add_argument("--sustain-s", type=float, default=600.0, help="seconds of the sustained run")
+    parser.add_argument("--sustain-devices", type=int, default=100_000, help="device ids of the sustained run")
+    parser.add_argument("--sustain-workers", type=int, default=2, help="partition workers of the sustained run")
+    parser.add_argument("--only", choices=("connections", "throughput", "sustained"),
+                        help="run one part and keep the other parts of --out as they are")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    messages = _messages(args.updates, args.agents)
+    result = json.loads(Path(args.out).read_text()) if args.only and args.out and Path(args.out).exists() else {}
+    result.update({"machine_cores": os.cpu_count(), "n_params": N_FEATURES + 1, "codec": "int8",
+                   "partitions": PARTITIONS, "replicas": 3})
     with tempfile.TemporaryDirectory(prefix="fedmq-scale-out-") as tmp:
         workdir = Path(tmp)
-        result = {"machine_cores": os.cpu_count(), "n_params": N_FEATURES + 1, "codec": "int8",
-                  "partitions": PARTITIONS, "nats_nodes": 3, "replicas": 3,
-                  "connections": connections(workdir, args.connections),
-                  "coordinator_on_mosquitto": mosquitto_run(workdir, messages, args.agents, args.device_connections),
-                  "tier": [tier_run(workdir, int(w), messages, args.agents, args.device_connections)
-                           for w in args.workers.split(",")]}
-    base = result["coordinator_on_mosquitto"]["per_s"]
-    for row in result["tier"]:
-        row["ratio_to_coordinator"] = round(row["per_s"] / base, 2) if base else None
+        if args.only in (None, "connections"):
+            result["connections"] = [connections(workdir, args.connections, int(k), args.per_generator)
+                                     for k in args.nats_nodes.split(",")]
+        if args.only in (None, "sustained"):
+            result["sustained"] = sustained(workdir, args.sustain_rate, args.sustain_s, args.sustain_devices,
+                                            args.sustain_workers, args.device_connections)
+        if args.only in (None, "throughput"):
+            messages = _messages(args.updates, args.agents)
+            result["nats_nodes"] = 3
+            result["coordinator_on_mosquitto"] = mosquitto_run(workdir, messages, args.agents, args.device_connections)
+            result["tier"] = [tier_run(workdir, int(w), messages, args.agents, args.device_connections)
+                              for w in args.workers.split(",")]
+            base = result["coordinator_on_mosquitto"]["per_s"]
+            for row in result["tier"]:
+                row["ratio_to_coordinator"] = round(row["per_s"] / base, 2) if base else None
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

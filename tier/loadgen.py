@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from typing import Iterable
 
 
 def _remaining_length(n: int) -> bytes:
@@ -121,21 +122,24 @@ async def open_many(n: int, ports: list[int], prefix: str, host: str = "127.0.0.
     return conns
 
 
-async def send(conns: list[Connection], messages: list[tuple[str, bytes]], *, rate: float | None = None,
+async def send(conns: list[Connection], messages: Iterable[tuple[str, bytes]], *, rate: float | None = None,
                window: int = 64) -> list[tuple[float, float]]:
-    """Publish `messages` (topic, payload) round-robin over `conns`, at most `window` unacknowledged per
-    connection, at `rate`/s if given (else as fast as the acks come); (sent, acked) wall times per message."""
+    """Publish `messages` (topic, payload; a list, or an iterator that encodes them as they are sent) round-robin
+    over `conns`, at most `window` unacknowledged per connection, at `rate`/s if given (else as fast as the
+    acks come); (sent, acked) wall times per message, acked 0 for one whose connection was lost first."""
     gates = [asyncio.Semaphore(window) for _ in conns]
-    times: list[tuple[float, float]] = [(0.0, 0.0)] * len(messages)
+    times: list[tuple[float, float]] = []
     start = time.monotonic()
 
     async def track(i: int, gate: asyncio.Semaphore, future: asyncio.Future, sent: float) -> None:
         try:
             times[i] = (sent, await future)
+        except ConnectionError:
+            pass  # never acknowledged: its acked time stays 0
         finally:
             gate.release()
 
-    tasks = []
+    tasks: set[asyncio.Future] = set()  # the unacknowledged only: a long run keeps no finished task
     for i, (topic, payload) in enumerate(messages):
         if rate:
             delay = start + i / rate - time.monotonic()
@@ -144,6 +148,69 @@ async def send(conns: list[Connection], messages: list[tuple[str, bytes]], *, ra
         k = i % len(conns)
         await gates[k].acquire()
         sent = time.time()
-        tasks.append(asyncio.ensure_future(track(i, gates[k], conns[k].publish(topic, payload), sent)))
+        times.append((sent, 0.0))
+        task = asyncio.ensure_future(track(i, gates[k], conns[k].publish(topic, payload), sent))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
     await asyncio.gather(*tasks)
     return times
+
+
+async def hold(n: int, ports: list[int], prefix: str, *, host: str = "127.0.0.1", local_host: str | None = None,
+               concurrency: int = 200, timeout: float = 60.0) -> tuple[list[Connection], list[BaseException]]:
+    """Open `n` idle connections (as `open_many`, from `local_host`), keeping those that open: (open, errors)."""
+    gate = asyncio.Semaphore(concurrency)
+    conns = [Connection(f"{prefix}-{i}") for i in range(n)]
+
+    async def one(i: int, conn: Connection) -> None:
+        async with gate:
+            await conn.open(host, ports[i % len(ports)], timeout, local_host=local_host)
+
+    results = await asyncio.gather(*(one(i, c) for i, c in enumerate(conns)), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    return [c for c, r in zip(conns, results) if not isinstance(r, BaseException)], errors
+
+
+def _hold_main(argv: list[str] | None = None) -> int:
+    """`python -m tier.loadgen`: hold idle connections, print one JSON line once open, close on stdin EOF.
+
+    One process holds at most its file-descriptor limit; bench/scale_out.py starts several, each from its
+    own source address (127.0.1.x) so they do not use up 127.0.0.1's ephemeral ports."""
+    import argparse
+    import json
+    import resource
+    import sys
+
+    import psutil
+
+    parser = argparse.ArgumentParser(prog="python -m tier.loadgen", description=_hold_main.__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, required=True, help="connections to open")
+    parser.add_argument("--ports", required=True, help="comma-separated MQTT ports on --host, used round-robin")
+    parser.add_argument("--host", default="127.0.0.1", help="broker address")
+    parser.add_argument("--source", help="local address to connect from (e.g. 127.0.1.1)")
+    parser.add_argument("--prefix", default="idle", help="client id prefix")
+    args = parser.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    me = psutil.Process()
+
+    async def run() -> None:
+        before, t0 = me.memory_info().rss, time.monotonic()
+        conns, errors = await hold(args.count, [int(p) for p in args.ports.split(",")], args.prefix, host=args.host,
+                                   local_host=args.source)
+        took = time.monotonic() - t0
+        alive = sum(1 for c in conns if c.task is not None and not c.task.done())
+        print(json.dumps({"opened": len(conns), "alive": alive, "failed": len(errors), "connect_s": round(took, 1),
+                          "first_error": repr(errors[0]) if errors else None, "rss_before": before,
+                          "rss_after": me.memory_info().rss}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the bench closes stdin
+        print(json.dumps({"alive_at_end": sum(1 for c in conns if not c.task.done())}), flush=True)
+        for c in conns:
+            await c.close()
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_hold_main())
