@@ -50,6 +50,8 @@ def test_kill_nine_loses_nothing_and_counts_nothing_twice(tmp_path, nats_cluster
         for _ in range(2):
             tier.start_root()
             tier.start_worker()
+        for name in [*tier.roots, *tier.workers]:
+            assert tier.wait_up(name, START_S), f"{name} never came up\n" + tier.logs()
         assert watch.wait_version_above(-1, START_S) is not None, "no retained model from the root\n" + tier.logs()
         publisher = Publisher(nats_cluster, watch)
         publisher.start()
@@ -70,9 +72,11 @@ def test_kill_nine_loses_nothing_and_counts_nothing_twice(tmp_path, nats_cluster
             assert took is not None, f"{victim} kill: the model stayed at version {at}\n" + tier.logs()
             recoveries.append(round(took, 2))
             if victim == "worker":
-                tier.start_worker()  # capacity back: partitions are handed over to it
+                started = tier.start_worker()  # capacity back: partitions are handed over to it
             elif victim == "root":
-                tier.start_root()  # a new standby
+                started = tier.start_root()  # a new standby
+            if victim in ("worker", "root"):
+                assert tier.wait_up(started, START_S), f"{started} never came up\n" + tier.logs()
             else:
                 nats_cluster.restart(node)
         print(f"{victim}: model advancing again after {recoveries} s")

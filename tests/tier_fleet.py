@@ -59,6 +59,18 @@ class Tier:
                                   log=self.workdir / f"{wid}.log")
         return wid
 
+    def wait_up(self, name: str, timeout: float) -> bool:
+        """Until process `name` is serving (a worker holds its presence lease, a root's MQTT link is up):
+        a kill must not come while the replacement of the previous one is still importing (40 s at load 60)."""
+        mark = f"won lease w_{name}" if name in self.workers else f"fedmq-root-{FLEET}-{name} connected"
+        log = self.workdir / f"{name}.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if log.exists() and mark in log.read_text(errors="replace"):
+                return True
+            time.sleep(0.2)  # polling a log file: there is no event to wait on
+        return False
+
     def kill(self, name: str) -> None:
         """kill -9, no chance to save anything."""
         proc = self.roots.pop(name, None) or self.workers.pop(name)
