@@ -122,7 +122,11 @@ class Partition:
             drop(self.link)
             raise TimeoutError(f"no SUBACK for partition {self.number} within {SUBSCRIBE_TIMEOUT_S:g} s")
         claim = dict(state, epoch=self.lease.epoch, owner=self.worker.worker_id)
-        self.record.write(claim)  # Fenced if another owner wrote since our read
+        try:
+            self.record.write(claim)  # Fenced if another owner wrote since our read
+        except Exception:  # not taken over: the session must not stay connected, folding into nothing
+            drop(self.link)
+            raise
         if state.get("pending"):  # the previous owner's last partial may never have reached JetStream
             self.staged = (dict(claim, written=True), state["pending"], [], {})
         log.info("partition %d: epoch %d, restored %d agent(s), partial seq %d", self.number, self.lease.epoch,
