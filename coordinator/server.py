@@ -88,7 +88,7 @@ class Coordinator:
         self.version_ = 0
         self.handled_ = 0  # payloads seen, accepted or not
         self.accepted_ = 0
-        self.typical_samples_ = 0  # a checkpoint's typical update size, until this process has accepted one
+        self.typical_samples_ = 0  # a checkpoint's typical update size: it votes until the sample cap's warm-up
         self.rejected_: Counter[str] = Counter()
         self.clipped_ = 0
         self.staleness_sum_ = 0
@@ -332,7 +332,7 @@ class Coordinator:
         summed, two claims of 10^9 before the sample cap's warm-up set steps to 10^8 for good,
         and every device that started later trained with a learning rate of about zero.
         """
-        typical = self.validator.norm.typical_samples() or self.typical_samples_
+        typical = self.validator.norm.typical_samples(self.typical_samples_)
         return self.accepted_ // max(1, len(self.validator.highest_seq)) * typical
 
     def adopt(self, model: ModelMessage) -> bool:
@@ -404,7 +404,7 @@ class Coordinator:
             "buffer_timeouts": self.timeouts_,
             "audit": dict(self.audit_position_),
             "accepted": self.accepted_,
-            "typical_samples": self.validator.norm.typical_samples() or self.typical_samples_,
+            "typical_samples": self.validator.norm.typical_samples(self.typical_samples_),
             "rejected": dict(self.rejected_),
             "clipped": self.clipped_,
             "staleness_sum": self.staleness_sum_,

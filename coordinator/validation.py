@@ -93,12 +93,17 @@ class NormBound:
         """The largest sample count an update is weighted by now."""
         return self._relative(1, self.sample_factor, self.warmup)
 
-    def typical_samples(self) -> int:
+    def typical_samples(self, prior: int = 0) -> int:
         """The lower median of the recent agents' newest (capped) sample counts, 0 before any.
 
-        The lower one: with two agents, one claiming 10^9 rows, it is the other's count.
+        The lower one: with two agents, one claiming 10^9 rows, it is the other's count. `prior` (a
+        checkpoint's typical count) votes once per agent the sample cap's warm-up still lacks: after a
+        restart one device's first claim of 10^12 rows was the whole median, and the model's steps.
         """
-        return int(statistics.median_low(entry[1] for entry in self.recent.values())) if self.recent else 0
+        counts = [entry[1] for entry in self.recent.values()]
+        if prior > 0:
+            counts += [prior] * max(0, self.warmup - len(counts))
+        return int(statistics.median_low(counts)) if counts else 0
 
     def _relative(self, column: int, factor: float | None, warmup: int) -> float:
         if factor is not None and len(self.recent) >= warmup:

@@ -426,3 +426,18 @@ def test_steps_are_a_typical_agents_rows_not_the_sum_of_claims(tmp_path):
     core.checkpoint()
     resumed = make_core(resume=load_checkpoint(tmp_path))  # no update since: the checkpoint's typical count
     assert decode_model(resumed.model_payload()).steps == 2 * 30
+
+
+def test_the_first_claim_after_a_restart_does_not_set_steps_alone(tmp_path):
+    """After a restart the recent counts are empty: one device's first update (10^12 rows claimed, before
+    the sample cap's warm-up) made steps rounds x 10^12, and every device starting then trained with a
+    learning rate of about zero. The checkpoint's typical count votes with the recent ones."""
+    core = make_core(checkpoint_dir=str(tmp_path))
+    for seq in (1, 2):
+        for agent in ("a1", "a2", "a3"):
+            core.handle_update(*update(agent, seq=seq, base=core.version_, n=30))
+    core.checkpoint()
+    resumed = make_core(resume=load_checkpoint(tmp_path))
+    resumed.handle_update(*update("evil", seq=1, base=resumed.version_, n=10**12))
+    assert resumed.accepted_ == 7
+    assert decode_model(resumed.model_payload()).steps <= 2 * 30
