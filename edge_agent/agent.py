@@ -92,6 +92,8 @@ class Agent:
         self.last_train_at_ = 0.0  # monotonic
         self.last_update_time_: float | None = None  # wall clock of the last update made
         self.new_samples_ = 0
+        self.rows_polled_ = 0  # rows every poll brought, in all (the window changes only with them)
+        self._schema_rows = -1  # rows_polled_ when the schema was last looked at
         self.seq_ = first_seq()
         self.resend_after = resend_after
         self.resend_jitter = random.Random(seed).uniform(1.0, 1.5)
@@ -228,7 +230,9 @@ class Agent:
 
     def _poll(self) -> None:
         try:
-            self.new_samples_ += self.source.poll()
+            new = self.source.poll()
+            self.new_samples_ += new
+            self.rows_polled_ += new
         except DataError as exc:  # a bad appended row must not stop the device
             log.error("skipped unreadable new data: %s", exc)
 
@@ -276,9 +280,12 @@ class Agent:
 
         Private (local DP, secure aggregation): the column names only; the labels come from the
         coordinator's --classes, since the label set a device holds is data about it."""
+        if self.schema_sent_ is not None and self._schema_rows == self.rows_polled_:
+            return None  # no new rows since it was last looked at: the same window (the session calls this every wake)
         columns = self.source.columns
         if columns is None or len(self.source) == 0:
             return None
+        self._schema_rows = self.rows_polled_
         schema = Schema(tuple(columns)) if self.private else of_data(columns, self.source.data()[1])
         if schema == self.schema_sent_:
             return None

@@ -240,3 +240,24 @@ def test_a_label_that_is_a_list_or_map_is_a_protocol_error():
                                 use_bin_type=True)
         with pytest.raises(ProtocolError, match="labels must be integers"):
             decode_schema(payload)
+
+
+def test_the_agent_announces_its_schema_again_only_when_polled_rows_change_it(tmp_path):
+    """The session asks at every wake; the label set is computed only after a poll brought rows."""
+    from edge_agent.agent import Agent
+    from edge_agent.data import CSVFile
+    from edge_agent.trainer import LocalTrainer
+
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,label\n1,2,0\n3,4,1\n")
+    agent = Agent("a0", Topics("f"), CSVFile(path), LocalTrainer(), share_statistics=False)
+    agent._poll()
+    assert decode_schema(agent.schema_payload()).labels == (0, 1)
+    assert agent.schema_payload() is None
+    with path.open("a") as fh:
+        fh.write("5,6,2\n")
+    assert agent.schema_payload() is None  # not polled yet: the window is the same
+    agent._poll()
+    assert decode_schema(agent.schema_payload()).labels == (0, 1, 2)
+    agent.schema_sent_ = None  # a reconnection: said again without new rows
+    assert decode_schema(agent.schema_payload()).labels == (0, 1, 2)
