@@ -24,7 +24,7 @@ def table() -> str:
         r = json.loads((ROOT / "bench" / "results" / name).read_text())
         for system, row in r["rows"].items():
             m = row["median"]
-            lines.append(f"| {label}, load {r['load']:.0f} | {'Flower 1.41 FedAvg' if system == 'flower' else 'fedmq fedasync'} "
+            lines.append(f"| {label}, load {r['load']:.0f} | {'Flower 1.41 FedAvg (bench/flower_baseline.py)' if system == 'flower' else 'fedmq fedasync'} "
                          f"| {_spread(m['updates_after_first_s'], ' s')} | {_spread(m['to_target_after_first_s'], ' s')} "
                          f"| {_spread(m['model_downloads_per_update'], '')} "
                          f"| {_spread(m['cpu_ms_per_update_second_to_last'], ' ms')} |")
