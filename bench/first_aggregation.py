@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.async_advantage import stop  # noqa: E402  (SIGTERM, then SIGKILL after a grace)
 from bench.device_bytes import AGENTS, FLOWER_PYTHON, UPDATES, Device, cpu_figures, spawn, write_task  # noqa: E402
 from protocol.topics import Topics  # noqa: E402
 from simulation.mosquitto import Mosquitto, free_port  # noqa: E402
@@ -65,19 +65,6 @@ def sample(devices: list[Device], done, timeout: float) -> None:
         time.sleep(0.05)  # sampling /proc: there is no event to wait on
     for d in devices:
         d.sample()
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM each (agents first), then wait; one still running after 60 s is killed (a loaded machine)."""
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
 
 
 def after_first(first: float, last: float, target_at: float | None, downloads: int, updates: int) -> dict:
@@ -138,7 +125,7 @@ def run_fedmq(workdir: Path, data: Path, n_features: int, seed: int, policy: lis
 
             sample(devices, done, 900)
         finally:
-            stop([d.proc for d in devices] + [coordinator])
+            stop([d.proc for d in devices] + [coordinator], grace=60.0)
             watcher.loop_stop()
             watcher.disconnect()
     first, last = seen["updates"][0], seen["updates"][updates - 1]
