@@ -315,7 +315,7 @@ def summarize(runs: list[dict], systems: list[str]) -> dict:
     out = {}
     for name in systems:
         rows = [r for r in runs if r["system"] == name]
-        out[name] = {k: spread([r[k] for r in rows]) for k in SUMMED}
+        out[name] = {"seeds": len(rows), **{k: spread([r[k] for r in rows]) for k in SUMMED}}
         out[name]["final_vs_ceiling"] = spread([round(r["final_accuracy"] / r["ceiling"], 4) for r in rows])
     base = out.get("Flower FedAvg")
     for name in systems:
@@ -397,19 +397,28 @@ def write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     for name, row in result["summary"].items():
-        print(name, json.dumps({k: v["median"] if isinstance(v, dict) else v for k, v in row.items()}))
+        print(name, json.dumps({k: v["median"] if isinstance(v, dict) else v for k, v in row.items()}), flush=True)
 
 
 def combine(paths: list[Path], out: Path) -> None:
     """One results file from runs of the same settings on other seeds: every run, the summary over all."""
-    parts = [json.loads(p.read_text()) for p in paths]
-    result = dict(parts[0])
+    loaded = [json.loads(p.read_text()) for p in paths]
+    full = [part for part in loaded if isinstance(part, dict)]
+    if not full:
+        raise SystemExit("--combine needs at least one whole results file (the settings)")
+    # a .partial.json (the runs a cut-short run finished) is a list of runs
+    parts = full + [{"runs": part, "seconds": None, "load_average_at_end": None} for part in loaded if isinstance(part, list)]
+    result = dict(full[0])
     result["runs"] = sorted((r for part in parts for r in part["runs"]), key=lambda r: r["seed"])
     result["seeds"] = len({r["seed"] for r in result["runs"]})
-    result["seconds"] = round(sum(part["seconds"] for part in parts), 1)
+    result["seconds"] = [part["seconds"] for part in parts]
     result["load_average_at_end"] = [part["load_average_at_end"] for part in parts]
     result["combined_from"] = [f"seeds {sorted({r['seed'] for r in part['runs']})}, run in parallel" for part in parts]
-    result["summary"] = summarize(result["runs"], list(parts[0]["summary"]))
+    order = [*FLOWER_SYSTEMS, *FEDMQ_SYSTEMS]
+    names = {r["system"] for r in result["runs"]}
+    systems = [n for n in order if n in names] + sorted(names - set(order))
+    result["fedmq_systems"] = {k: v for part in full for k, v in part["fedmq_systems"].items()}
+    result["summary"] = summarize(result["runs"], systems)
     write(result, out)
 
 
