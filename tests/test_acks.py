@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 
 from coordinator.acks import PendingAcks
+from coordinator.server import Coordinator
+from coordinator.strategies import FedAsync
+from coordinator.validation import UpdateValidator
 from edge_agent.acks import AckWatch
 from protocol.acks import decode_ack, encode_ack
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, decode_model, encode_model
 from protocol.model_spec import ModelSpec
-from test_coordinator_core import make_core, update
+from test_coordinator_core import SPEC, TOPICS, make_core, update
 
 TOPIC = "fedmq/f/ack/a1"
 
@@ -97,3 +100,13 @@ def test_time_offline_does_not_count_and_the_list_is_bounded():
     assert [s for s, _ in watch.pending] == [1, 2, 3]  # the oldest wait is the one kept
     watch.resumed(50.0)  # reconnected: no ack could come while away
     assert watch.overdue(54.0, 5) is None and watch.overdue(55.0, 5) == (1, 5.0)
+
+
+def test_acks_are_bounded_by_the_agents_the_replay_state_admits():
+    """The retained acks on the broker are one per agent ever acked: only an accepted update is acked,
+    so --max-agents (too_many_agents) bounds them, not the ids a fleet of devices can name."""
+    validator = UpdateValidator(TOPICS, SPEC.n_params, max_agents=2)
+    core = Coordinator(TOPICS, SPEC, FedAsync(alpha=1.0), validator)
+    verdicts = [core.handle_update(*update(f"a{i}", seq=1, base=core.version_)) for i in range(5)]
+    assert verdicts == [None, None, "too_many_agents", "too_many_agents", "too_many_agents"]
+    assert core.acks.take() == {"a0": 1, "a1": 1}
