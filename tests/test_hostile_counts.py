@@ -24,7 +24,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet import TopicWatcher, real_fleet, write_shards
+from fleet import TopicWatcher, real_fleet, spawn, stop_all, write_shards
 from protocol import codec
 from protocol.messages import UpdateMessage, decode_model, encode_update
 from protocol.topics import Topics
@@ -106,9 +106,7 @@ def test_one_sign_flipping_agent_of_6_costs_the_default_fleet_under_2_points(tmp
     version 40 on: 0.538 against 0.958 over versions 20-200."""
     ds = load_dataset("digits", seed=0)
     parts = partition(ds.y_train, 6, "iid", seed=0)
-    for i, idx in enumerate(parts):
-        write_csv(tmp_path / f"a{i}.csv", ds.X_train[idx], ds.y_train[idx])
-    write_csv(tmp_path / "eval.csv", ds.X_test, ds.y_test)
+    write_shards(tmp_path, ds, parts)  # a0..a5.csv and eval.csv
     window = (60, 120)  # versions compared, the same stretch in both fleets: without the bound the flip wins from ~40 on
     watcher = TopicWatcher(mosquitto.port, "fedmq/+/coordinator/status")
     procs = []
@@ -135,8 +133,7 @@ def test_one_sign_flipping_agent_of_6_costs_the_default_fleet_under_2_points(tmp
         watcher.wait_for(lambda: min(versions().values()) > window[1], WAIT, f"both fleets past version {window[1]}")
         flip = watcher.json(Topics("flip").coordinator_status)
     finally:
-        for proc in procs:
-            stop(proc)
+        stop_all(procs)
         watcher.close()
     honest, hostile = accuracies("honest"), accuracies("flip")
     assert honest and hostile, "no scored status in the window"
