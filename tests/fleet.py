@@ -34,13 +34,7 @@ STOP_TIMEOUT = 20.0
 
 def stop(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> int:
     """SIGTERM, wait bounded, SIGKILL if needed; returns the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait(timeout)
+    return stop_all([proc], timeout)[0]
 
 
 def stop_all(procs: Sequence[subprocess.Popen], timeout: float = STOP_TIMEOUT) -> list[int]:
