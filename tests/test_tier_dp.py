@@ -76,7 +76,6 @@ def test_central_dp_at_the_root_noises_each_release_once_and_accounts_as_the_coo
         assert 0.35 < ratio < 1.9, f"noise rms {ratio:.2f} x the calibrated std"
     finally:
         if publisher is not None:
-            publisher.stopping.set()
             publisher.close()
         watch.close()
         tier.stop()

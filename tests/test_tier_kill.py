@@ -90,7 +90,6 @@ def test_kill_nine_loses_nothing_and_counts_nothing_twice(tmp_path, nats_cluster
         assert len(publisher.sent) >= 100
     finally:
         if publisher is not None:
-            publisher.stopping.set()
             publisher.close()
         watch.close()
         tier.stop()

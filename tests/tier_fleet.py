@@ -206,6 +206,8 @@ class Publisher:
         return not self.outstanding
 
     def close(self) -> None:
+        """Stop making updates and close the links."""
+        self.stopping.set()
         for link in self.links:
             link.close()
 
