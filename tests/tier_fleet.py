@@ -268,12 +268,15 @@ def check_one_owner_at_a_time(records: list[dict]) -> None:
         assert sorted(epochs) == list(range(1, len(epochs) + 1)), f"partition {partition}: partial seq gap"
 
 
-def check_monotone(records: list[dict], watch: ModelWatch) -> int:
-    """The root's versions, in commit order across every failover, never go back; returns how many
-    stale retained copies the subscribers were handed (a node catching up may deliver an older retained
-    model to a reconnecting subscriber: agents ignore a model older than theirs)."""
+def check_monotone(records: list[dict], watch: ModelWatch, timeout: float = 10.0) -> int:
+    """The root's versions, in commit order across every failover, never go back, and the fleet receives the
+    version the last update was folded at (waited for, bounded: the root writes the audit before it commits
+    and publishes, and the model then still crosses NATS to the watch); returns how many stale retained
+    copies the subscribers were handed (a node catching up may deliver an older retained model to a
+    reconnecting subscriber: agents ignore a model older than theirs)."""
     versions = [r["version"] for r in records]
     assert versions, "no version in the audit log"
     assert all(b >= a for a, b in zip(versions, versions[1:])), f"a version went backwards: {versions}"
-    assert watch.version >= versions[-1] - 1, "the fleet never received the newest models"
+    assert watch.wait_version_above(versions[-1] - 1, timeout) is not None, \
+        f"the fleet never received version {versions[-1]}, the last update's (newest seen: {watch.version})"
     return sum(1 for seen in watch.versions for (_, a), (_, b) in zip(seen, seen[1:]) if b < a)
