@@ -196,6 +196,9 @@ class UpdateValidator:
         # redelivers out of order (NATS JetStream after a failover) delivers them after a newer one
         self.reorder_window = reorder_window
         self.missing: dict[str, set[int]] = {}
+        # the lowest seq accepted of each agent seen lately for the first time: its own predecessors (a
+        # device's resend, a redelivery) may still arrive after it, within the window below its highest
+        self.first: dict[str, int] = {}
 
     def check(self, topic: str, payload: bytes, version: int, admit=None) -> Verdict:
         """Validate one payload against the model at `version`.
@@ -225,7 +228,8 @@ class UpdateValidator:
             return Verdict("future_base", msg)
         last = self.highest_seq.get(msg.agent_id)
         late = last is not None and msg.seq <= last and msg.seq in self.missing.get(msg.agent_id, ())
-        if last is not None and msg.seq <= last and not late:
+        head = last is not None and not late and self._head(msg.agent_id, last, msg.seq)
+        if last is not None and msg.seq <= last and not late and not head:
             return Verdict("replay", msg)
         if msg.seq > (self.clock() + self.max_seq_ahead) * 1e6:
             return Verdict("future_seq", msg)
@@ -234,10 +238,17 @@ class UpdateValidator:
         if late:  # a hole filled after all: once only
             self.missing[msg.agent_id].discard(msg.seq)
             self.gaps_ -= 1
+        elif head:  # older than anything accepted of this agent: what lies between is a hole
+            self._hole(msg.agent_id, msg.seq, self.first[msg.agent_id])
+            self.first[msg.agent_id] = msg.seq
         else:
             if last is not None:
                 self._hole(msg.agent_id, last, msg.seq)
+            elif self.reorder_window:
+                self.first[msg.agent_id] = msg.seq
             self.highest_seq[msg.agent_id] = msg.seq
+            if self.first.get(msg.agent_id, msg.seq) < msg.seq - self.reorder_window:
+                del self.first[msg.agent_id]  # nothing older can still be within the window
         staleness = version - msg.base_version
         if staleness > self.max_staleness:
             return Verdict("too_stale", msg, staleness=staleness)
@@ -268,8 +279,17 @@ class UpdateValidator:
             while len(missing) > self.reorder_window:  # the oldest count as lost for good
                 missing.discard(min(missing))
 
-    def restore(self, highest_seq: dict[str, int], gaps: int = 0, missing: dict | None = None) -> None:
-        """Take over the per-agent sequence numbers, the gap count and the open holes of a checkpoint."""
+    def _head(self, agent: str, last: int, seq: int) -> bool:
+        """`seq` is below the first one accepted of an agent seen lately, within the window below its highest:
+        an update made before that one and delivered after it, never seen here (so not a replay)."""
+        first = self.first.get(agent)
+        return first is not None and last - self.reorder_window <= seq < first
+
+    def restore(self, highest_seq: dict[str, int], gaps: int = 0, missing: dict | None = None,
+                first: dict | None = None) -> None:
+        """Take over the per-agent sequence numbers, the gap count, the open holes and the first seqs of
+        agents seen lately of a checkpoint."""
         self.highest_seq.update(highest_seq)
         self.gaps_ = gaps
         self.missing.update({agent: set(seqs) for agent, seqs in (missing or {}).items()})
+        self.first.update(first or {})

@@ -47,6 +47,30 @@ def test_the_reorder_window_is_bounded_per_agent():
     assert v.check(topic, _payload(995), 0).reason is None
 
 
+def test_an_agents_first_updates_delivered_after_a_newer_one_count_once_within_the_window():
+    """A device's resend (or a redelivery) can bring an agent's first updates after its later ones: those are
+    not replays (nothing of it was accepted below them), but an update outside the window or seen before is."""
+    v = UpdateValidator(TOPICS, 4, reorder_window=8)
+    topic = TOPICS.update("a")
+    assert v.check(topic, _payload(3), 0).reason is None  # 1 and 2 resent later
+    assert v.check(topic, _payload(4), 0).reason is None
+    assert v.check(topic, _payload(1), 0).reason is None
+    assert v.gaps_ == 1  # 2, between 1 and 3, has not arrived yet
+    assert v.check(topic, _payload(2), 0).reason is None
+    assert v.gaps_ == 0
+    for seq in (1, 2, 3, 4):
+        assert v.check(topic, _payload(seq), 0).reason == "replay"
+    restored = UpdateValidator(TOPICS, 4, reorder_window=8)  # the open head survives a change of owner
+    restored.restore({"a": 20}, first={"a": 20})
+    assert restored.check(topic, _payload(15), 0).reason is None
+    assert restored.check(topic, _payload(11), 0).reason == "replay"  # more than the window below 20
+    v.check(topic, _payload(13), 0)  # the head closes once the window has moved past it
+    assert "a" not in v.first
+    lone = UpdateValidator(TOPICS, 4)  # without a window (one coordinator, ordered broker) nothing changes
+    lone.check(topic, _payload(3), 0)
+    assert lone.check(topic, _payload(1), 0).reason == "replay" and not lone.first
+
+
 def test_partial_round_trip_and_hostile_partials():
     p = Partial(3, 7, 12, np.arange(5.0), 20.0, 2, [("a", 1, 0), ("b", 9, 1)], 1.0, 0.5)
     q = decode_partial(encode_partial(p), 5)

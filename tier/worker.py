@@ -102,7 +102,8 @@ class Partition:
 
     def start(self) -> None:
         state = self.record.read() or {}
-        self.core.validator.restore(state.get("highest_seq", {}), state.get("gaps", 0), state.get("missing"))
+        self.core.validator.restore(state.get("highest_seq", {}), state.get("gaps", 0), state.get("missing"),
+                                     state.get("first"))
         self.core.accepted_ = state.get("accepted", 0)
         self.seq = state.get("seq", 0)
         if self.dp is not None:
@@ -245,6 +246,7 @@ class Partition:
                     "epoch": self.lease.epoch, "owner": self.worker.worker_id, "seq": self.seq, "pending": body,
                     "highest_seq": dict(self.core.validator.highest_seq), "gaps": self.core.validator.gaps_,
                     "missing": {a: sorted(m) for a, m in self.core.validator.missing.items() if m},
+                    "first": dict(self.core.validator.first),
                     "accepted": self.core.accepted_,
                     "dp": self.dp.state() if self.dp else None,
                 }
