@@ -21,6 +21,15 @@ MAX_STATUS_BYTES = 16 * 1024  # an agent's status is a few hundred bytes; anythi
 MAX_AGENTS = 100_000  # agents tracked: a bound on memory against a flood of ids
 
 
+def status_state(payload: bytes) -> str | None:
+    """The `state` an agent's status names (an empty payload, a status cleared: offline); None if unreadable."""
+    try:
+        state = json.loads(payload).get("state") if payload else "offline"
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return state if isinstance(state, str) else None
+
+
 class Presence:
     """The agents whose newest status says they train, counted; refused statuses counted by reason."""
 
@@ -39,12 +48,9 @@ class Presence:
         elif len(payload) > MAX_STATUS_BYTES:
             reason = "status_oversize"
         else:
-            try:
-                state = json.loads(payload).get("state") if payload else "offline"
-            except (ValueError, AttributeError, RecursionError):
-                state = None
-            if not isinstance(state, str):  # undecodable, or a list or map (unhashable: the set lookup would raise)
-                state, reason = None, "status_decode"
+            state = status_state(payload)
+            if state is None:  # undecodable, or a list or map (unhashable: the set lookup would raise)
+                reason = "status_decode"
             if state in LIVE_STATES and (agent in self.live or len(self.live) < self.max_agents):
                 self.live.add(agent)
             else:

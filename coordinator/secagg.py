@@ -32,7 +32,6 @@ key still retained from a finished round is not taken again.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordinator.presence import MAX_STATUS_BYTES
+from coordinator.presence import MAX_STATUS_BYTES, status_state
 from coordinator.server import Coordinator, _finite_on_the_wire
 from coordinator.strategies import FedBuff, Strategy
 from protocol import accounting
@@ -304,11 +303,9 @@ class SecAggRounds:
         return None
 
     def _status(self, agent: str, payload: bytes) -> None:
-        try:
-            state = json.loads(payload).get("state") if payload else "offline"
-        except (ValueError, AttributeError, RecursionError):
-            return
-        (self.offline.add if state == "offline" else self.offline.discard)(agent)
+        state = status_state(payload)
+        if state is not None:
+            (self.offline.add if state == "offline" else self.offline.discard)(agent)
 
     def _key(self, agent: str, payload: bytes) -> None:
         if not payload:  # retained key cleared
@@ -321,6 +318,9 @@ class SecAggRounds:
         if not isinstance(version, int):
             raise sa.SecAggError("key announcement without a model version")
         self.keys[agent] = Announcement(key_id, c, s, version, b_hash)
+        r = self.round
+        if r is not None and r.stage == "shares" and agent in r.members and agent not in r.shares:
+            self._hurry(self.now_)  # a member re-keyed before sharing: it (and whoever saw its new key) will not answer
 
     def _current(self, m: dict, agent: str, stage: str) -> Round:
         r = self.round
@@ -427,15 +427,29 @@ class SecAggRounds:
         return {"shares": (set(r.shares), set(r.members)), "masked": (set(r.masked), set(r.u1)),
                 "reveal": (set(r.reveals), set(r.masked))}[r.stage]
 
+    def _rekeyed(self, r: Round) -> set[str]:
+        """Members that announced a new key before sending their shares: the model moved and they trained
+        afresh (an agent re-keys for every delta), so they never answer this cohort, and a member that
+        already holds the new key refuses the cohort as substituted. Benign, so nobody is struck for it,
+        only when the new key is for a newer model: a member re-keying on the same version is not let off."""
+        if r.stage != "shares":
+            return set()
+        return {a for a, ann in r.members.items() if a not in r.shares and a in self.keys
+                and self.keys[a].key_id != ann.key_id and self.keys[a].version > ann.version}
+
     def _hurry(self, now: float) -> None:
         """Bring the stage's deadline forward: `grace` seconds once t have answered; now if everyone
-        not yet answered is offline (a member that joined and left)."""
+        not yet answered is offline (a member that joined and left), or once members that re-keyed leave
+        fewer than t who can still answer."""
         r = self.round
         answered, expected = self._stage_sets(r)
+        rekeyed = self._rekeyed(r)
         if len(answered) >= r.threshold:
             r.deadline = min(r.deadline, now + self.grace)
-            if expected - answered <= self.offline:
+            if expected - answered <= self.offline | rekeyed:
                 r.deadline = min(r.deadline, now)
+        elif rekeyed and len(expected - rekeyed) < r.threshold:
+            r.deadline = min(r.deadline, now)
 
     def _maybe_start(self, now: float) -> None:
         ready = self.ready()
@@ -472,9 +486,16 @@ class SecAggRounds:
     def _close_shares(self, now: float) -> None:
         r = self.round
         r.u1 = sorted(r.shares)
-        self._exclude(set(r.members) - set(r.shares), "no_shares", now)
+        rekeyed = self._rekeyed(r)
+        if not rekeyed:
+            self._exclude(set(r.members) - set(r.shares), "no_shares", now)
+        else:  # the others' silence may be their refusal of its old key: not struck, and their keys, which
+            # they still hold (an agent spends its key only by sending shares), may go into the next cohort
+            self.spent -= {ann.key_id for a, ann in r.members.items() if a not in r.shares and a not in rekeyed}
         if len(r.u1) < r.threshold:
-            self._abort("too_few_shares", f"{len(r.u1)} of {len(r.members)} sent shares, {r.threshold} needed")
+            self._abort("rekeyed" if rekeyed else "too_few_shares",
+                        f"{len(r.u1)} of {len(r.members)} sent shares, {r.threshold} needed"
+                        + (f"; {', '.join(sorted(rekeyed))} announced a new key" if rekeyed else ""))
             return
         r.stage, r.deadline = "masked", now + self.timeout
         self._inboxes(r)

@@ -1079,3 +1079,35 @@ def test_real_agents_refuse_a_cohort_whose_keys_a_malicious_coordinator_substitu
         mallory.loop_stop()
         mallory.disconnect()
         watcher.close()
+
+
+def test_a_member_that_re_keys_before_sharing_closes_the_round_at_once_and_nobody_is_struck():
+    """The model moved and a member trained afresh (a new key announced) before the cohort reached it: it
+    never answers, and a member holding its new key refuses the cohort as substituted. The stage closes at
+    once (not at the timeout), aborted as `rekeyed`, and no member is left out of the next cohort."""
+    rounds, clients, deltas = _cohort(3, 2, seed=17)
+    for a, d in deltas.items():
+        announce(rounds, clients, clients[a].hold(d, 0))
+    rounds.tick(0.0)
+    cohort = rounds.take_outbox()
+    announce(rounds, clients, clients["a01"].hold(deltas["a01"] * 2, 1), now=0.3)  # a01 re-keys first
+    announce(rounds, clients, clients["a02"].hold(deltas["a02"] * 2, 1), now=0.3)  # and a02
+    _deliver(rounds, clients, cohort, now=0.4)  # a01 and a02 refuse (not their key), a00 refuses (substituted)
+    assert rounds.round is not None and rounds.round.deadline <= 0.4
+    rounds.tick(0.4)
+    assert rounds.aborted_ == {"rekeyed": 1} and rounds.banned == {} and rounds.strikes == {}
+    assert rounds.round is not None and rounds.round.stage == "shares"  # the next cohort, with the new keys
+
+
+def test_a_member_re_keying_on_the_same_model_version_is_not_let_off():
+    """A new key for the same version is no retrain: the stage waits as for any silent member, which is struck."""
+    rounds, clients, deltas = _cohort(3, 2, seed=18)
+    for a, d in deltas.items():
+        announce(rounds, clients, clients[a].hold(d, 0))
+    rounds.tick(0.0)
+    cohort = rounds.take_outbox()
+    announce(rounds, clients, clients["a01"].hold(deltas["a01"], 0), now=0.3)  # same version 0: not a retrain
+    _deliver(rounds, clients, cohort, now=0.4)
+    assert rounds.round.deadline > 0.4
+    rounds.tick(rounds.round.deadline)
+    assert "a01" in rounds.banned and rounds.banned["a01"][1] == "no_shares"
