@@ -110,24 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dp_arguments(p)
 
-    sec = p.add_argument_group("secure aggregation (fedbuff: the coordinator learns only the sum of each cohort; needs pip install 'fedmq[secagg]'; docs/security.md)")
-    sec.add_argument("--secure-aggregation", action="store_true",
-                     help="run fedbuff over masked cohorts of --buffer-size agents; updates in the clear are refused "
-                     "(the agents need --secure-aggregation too)")
-    sec.add_argument("--secagg-threshold", type=int, metavar="T",
-                     help="shares needed to unmask; fewer surviving agents abort the round (default: K // 2 + 1)")
-    _defaulted(sec, "--secagg-clip", type=float, default=10.0,
-               help="agents clip each coordinate to [-CLIP, CLIP] before quantizing: the first cohort's clip, then "
-               "adapted (--secagg-clip-target); with --dp-mode central it is --dp-clip, fixed")
-    _defaulted(sec, "--secagg-clip-target", type=float, default=0.01,
-               help="after each round the clip moves towards leaving this fraction of coordinates clipped, from the "
-               "cohort's count of clipped coordinates summed inside the mask; 0 keeps --secagg-clip fixed")
-    _defaulted(sec, "--secagg-timeout", type=float, default=10.0, help="seconds at most each stage of a round waits for answers")
-    _defaulted(sec, "--secagg-grace", type=float, default=2.0,
-               help="once T members have answered a stage, seconds it waits for the rest (at once if they are offline)")
-    _defaulted(sec, "--secagg-backoff", type=float, default=30.0,
-               help="a member that misbehaves in a round (no answer, shares that do not open, a bad reveal) is left out "
-               "of cohorts for this many seconds, doubled per further strike (at most an hour); a good round clears it")
+    add_secagg_arguments(p)
 
     pg = p.add_argument_group("pace steering (the model tells each device how often to train and report; "
                               "docs/architecture.md)")
@@ -195,6 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
                help="with --feature-stats: agents whose statistics the first model waits for (later ones refine it)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
     return p
+
+
+def add_secagg_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --secure-aggregation and --secagg-* flags (the coordinator's, and the scale-out tier root's, which
+    forms each cohort inside one partition, under the same names)."""
+    sec = parser.add_argument_group("secure aggregation (fedbuff: the coordinator learns only the sum of each cohort; needs pip install 'fedmq[secagg]'; docs/security.md)")
+    sec.add_argument("--secure-aggregation", action="store_true",
+                     help="run fedbuff over masked cohorts of --buffer-size agents; updates in the clear are refused "
+                     "(the agents need --secure-aggregation too)")
+    sec.add_argument("--secagg-threshold", type=int, metavar="T",
+                     help="shares needed to unmask; fewer surviving agents abort the round (default: K // 2 + 1)")
+    _defaulted(sec, "--secagg-clip", type=float, default=10.0,
+               help="agents clip each coordinate to [-CLIP, CLIP] before quantizing: the first cohort's clip, then "
+               "adapted (--secagg-clip-target); with --dp-mode central it is --dp-clip, fixed")
+    _defaulted(sec, "--secagg-clip-target", type=float, default=0.01,
+               help="after each round the clip moves towards leaving this fraction of coordinates clipped, from the "
+               "cohort's count of clipped coordinates summed inside the mask; 0 keeps --secagg-clip fixed")
+    _defaulted(sec, "--secagg-timeout", type=float, default=10.0, help="seconds at most each stage of a round waits for answers")
+    _defaulted(sec, "--secagg-grace", type=float, default=2.0,
+               help="once T members have answered a stage, seconds it waits for the rest (at once if they are offline)")
+    _defaulted(sec, "--secagg-backoff", type=float, default=30.0,
+               help="a member that misbehaves in a round (no answer, shares that do not open, a bad reveal) is left out "
+               "of cohorts for this many seconds, doubled per further strike (at most an hour); a good round clears it")
 
 
 def add_dp_arguments(parser: argparse.ArgumentParser) -> None:

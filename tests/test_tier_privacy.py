@@ -114,7 +114,7 @@ def test_a_partition_holds_an_agents_second_update_for_the_next_partial_rather_t
     from tier.worker import Partition
 
     worker = SimpleNamespace(topics=TOPICS, model=ModelMessage("u", 0, SPEC, np.zeros(SPEC.n_params)), staleness=Constant(),
-                             max_staleness=10, max_norm=1e6, dp=CONFIG, nats=None, worker_id="w",
+                             max_staleness=10, max_norm=1e6, dp=CONFIG, secagg=None, nats=None, worker_id="w",
                              max_held_chunks=10, chunk_timeout=60.0)
     part = Partition(worker, 0, SimpleNamespace(epoch=1))
     part.adopt(worker.model)

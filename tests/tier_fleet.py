@@ -27,9 +27,10 @@ class Tier:
     """Roots and workers of one fleet on `cluster`, each a process with its own log."""
 
     def __init__(self, cluster: NatsCluster, workdir: Path, *, partitions: int, buffer_size: int = 5,
-                 root_args: tuple = ()) -> None:
+                 root_args: tuple = (), spec_args: tuple = ("--model", "sgd-regressor", "--n-features", N_FEATURES)) -> None:
         self.cluster = cluster
         self.root_args = root_args
+        self.spec_args = spec_args
         self.workdir = Path(workdir)
         self.partitions = partitions
         self.buffer_size = buffer_size
@@ -46,8 +47,7 @@ class Tier:
     def start_root(self) -> str:
         self._n += 1
         rid = f"root{self._n}"
-        self.roots[rid] = spawn("tier.root", *self._common(), "--model", "sgd-regressor", "--n-features", N_FEATURES,
-                                "--partitions", self.partitions,
+        self.roots[rid] = spawn("tier.root", *self._common(), *self.spec_args, "--partitions", self.partitions,
                                 "--buffer-size", self.buffer_size, "--buffer-timeout", "1", "--audit-log", self.audit,
                                 "--id", rid, *self.root_args, log=self.workdir / f"{rid}.log")
         return rid

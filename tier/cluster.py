@@ -6,6 +6,12 @@ that routes every agent to a fixed partition, whatever the workers do:
 
     fedmq.<fleet>.update.<agent>        -> fedmq.<fleet>.upd.<partition(N, agent)>.<agent>
     fedmq.<fleet>.update.<agent>.chunk  -> fedmq.<fleet>.updc.<partition(N, agent)>.<agent>
+    fedmq.<fleet>.secagg.<kind>.<agent> -> fedmq.<fleet>.psecagg.<partition(N, agent)>.<kind>.<agent>
+                                           (kind: share, masked, reveal; secure aggregation, tier/secagg.py)
+
+Key announcements (`secagg/key/<agent>`, retained) are not mapped: every agent reads its peers'
+keys to check a cohort (edge_agent/secagg.py), and a mapping moves a message, it does not copy it.
+A worker reads them all and keeps its partitions' agents, by `partition_of`, the server's hash.
 
 (MQTT topic levels are NATS subject tokens: `fedmq/f/update/a` is `fedmq.f.update.a`.)
 Used by scripts/tier-cluster, the tests and bench/scale_out.py; production runs the same
@@ -81,15 +87,33 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+# the secure-aggregation messages an agent sends its coordinator, mapped to its partition like its updates
+SECAGG_MAPPED = ("share", "masked", "reveal")
+
+
 def partition_mappings(partitions: int, prefix: str = "fedmq") -> dict[str, str]:
-    """The account subject mapping: updates and update chunks to `<prefix>.<fleet>.upd[c].<P>.<agent>`."""
+    """The account subject mapping: updates and update chunks to `<prefix>.<fleet>.upd[c].<P>.<agent>`,
+    an agent's secure-aggregation shares, masked inputs and reveals to `<prefix>.<fleet>.psecagg.<P>.<kind>.<agent>`."""
     if not 1 <= partitions <= 1024:
         raise ValueError(f"partitions must be in 1..1024, got {partitions}")
-    return {
+    mappings = {
         f"{prefix}.*.update.*": f"{prefix}.{{{{wildcard(1)}}}}.upd.{{{{partition({partitions},2)}}}}.{{{{wildcard(2)}}}}",
         f"{prefix}.*.update.*.chunk":
             f"{prefix}.{{{{wildcard(1)}}}}.updc.{{{{partition({partitions},2)}}}}.{{{{wildcard(2)}}}}",
     }
+    for kind in SECAGG_MAPPED:
+        mappings[f"{prefix}.*.secagg.{kind}.*"] = \
+            f"{prefix}.{{{{wildcard(1)}}}}.psecagg.{{{{partition({partitions},2)}}}}.{kind}.{{{{wildcard(2)}}}}"
+    return mappings
+
+
+def partition_of(agent: str, partitions: int) -> int:
+    """The partition the server's mapping sends `agent` to: FNV-1a (32 bit) of its NATS subject token, mod N.
+    The MQTT listener writes a '.' of a topic level as '//' in the subject, so that is what is hashed."""
+    h = 0x811C9DC5
+    for byte in agent.replace(".", "//").encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions
 
 
 @dataclass

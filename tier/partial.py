@@ -40,6 +40,7 @@ class Partial:
     created: float = 0.0  # worker wall clock at flush (publish-to-fold latency)
     oldest: float = 0.0  # wall clock the oldest covered update arrived at the worker
     clip: float | None = None  # central DP: the C its updates were clipped to (weight 1 each); None without
+    round: bytes | None = None  # secure aggregation: the cohort's round id (the sum of its members' deltas)
 
     @property
     def msg_id(self) -> str:
@@ -51,7 +52,7 @@ def encode_partial(p: Partial) -> bytes:
         "v": 1, "partition": p.partition, "epoch": p.epoch, "seq": p.seq,
         "sum": np.ascontiguousarray(p.weighted_sum, dtype="<f8").tobytes(), "weight": float(p.weight),
         "count": int(p.count), "covers": [list(c) for c in p.covers], "created": p.created, "oldest": p.oldest,
-        "clip": p.clip,
+        "clip": p.clip, "round": p.round,
     }, use_bin_type=True)
 
 
@@ -64,7 +65,8 @@ def decode_partial(data: bytes, n_params: int) -> Partial:
         total = np.frombuffer(m["sum"], dtype="<f8")
         p = Partial(int(m["partition"]), int(m["epoch"]), int(m["seq"]), total, float(m["weight"]), int(m["count"]),
                     [(str(a), int(s), int(b)) for a, s, b in m["covers"]], float(m.get("created", 0)),
-                    float(m.get("oldest", 0)), None if m.get("clip") is None else float(m["clip"]))
+                    float(m.get("oldest", 0)), None if m.get("clip") is None else float(m["clip"]),
+                    None if m.get("round") is None else bytes(m["round"]))
     except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
         raise ProtocolError("decode", f"not a partial aggregate: {exc}") from None
     if total.shape != (n_params,) or not np.isfinite(total).all() or not np.isfinite(p.weight) or p.weight < 0 \

@@ -8,6 +8,9 @@ model with the root rule (tier/steps.py), then commits: audit lines (every (agen
 partial covers), the fenced checkpoint (model, version, high-water marks, buffer), the retained
 model over MQTT, and only then the acks of the partials. A standby that wins the lease restores
 the checkpoint and carries on at its version: versions never go backwards across a failover.
+With --secure-aggregation the partitions run masking rounds (tier/secagg.py) under the settings this
+root writes into its checkpoint, and the root folds only cohort sums: a partial without a round, or
+of fewer members than the threshold, is dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from coordinator.audit import AuditLog
-from coordinator.cli import add_dp_arguments, parse_classes
+from coordinator.cli import add_dp_arguments, add_secagg_arguments, parse_classes
 from coordinator.publish_policy import PublishPolicy, floor, publish_due, relative_change
 from coordinator.status import encode_status
 from protocol.errors import ProtocolError
@@ -61,7 +64,8 @@ class Root:
 
     def __init__(self, nats: Nats, mqtt_nodes, topics: Topics, spec: ModelSpec, rule: RootRule, *,
                  root_id: str, audit_log: str | None = None, buffer_timeout: float = 5.0,
-                 publish_interval: float = 0.2, partitions: int = 32, dp: RootDP | None = None) -> None:
+                 publish_interval: float = 0.2, partitions: int = 32, dp: RootDP | None = None,
+                 secagg: dict | None = None) -> None:
         self.nats = nats
         self.topics = topics
         self.spec = spec
@@ -75,6 +79,8 @@ class Root:
         self._published_params: np.ndarray | None = None
         self.partitions = partitions
         self.dp = dp
+        self.secagg = secagg  # the partitions' secure-aggregation settings (tier/secagg.root_config)
+        self.cohorts = 0  # cohort sums folded
         self.lease = Lease(nats, "root", root_id)
         self.keeper = Keeper()
         self.record = FencedRecord(nats, "root")
@@ -141,6 +147,7 @@ class Root:
             self.rule.restore(state["buffer"])
             self.folded, self.partials = state.get("folded", 0), state.get("partials", 0)
             self.duplicates = state.get("duplicates", 0)
+            self.cohorts = state.get("cohorts", 0)
             if self.dp is not None:  # the ledger: what each agent has spent survives the failover
                 self.dp.restore(state.get("dp"))
         if self.retained_version > self.version:  # never publish a version the fleet has already passed
@@ -264,6 +271,12 @@ class Root:
             return "fenced"
         if p.seq != self.hwm.get(key, 0) + 1:
             return "later"
+        if self.secagg is not None and (p.round is None or p.count < self.secagg["threshold"]):
+            log.error("partition %d: a partial that is not a cohort sum of at least %d (%d update(s)) under secure "
+                      "aggregation: dropped", p.partition, self.secagg["threshold"], p.count)
+            self.hwm[key] = p.seq  # the partition's next partials can be folded
+            self.rejected += 1
+            return "rejected"
         agents = [agent for agent, _, _ in p.covers]
         verdict = None if self.dp is None else self.dp.verdict(agents, p.clip)
         if verdict == "later":  # an agent of it is in the buffer: after the release (at most once per release)
@@ -280,6 +293,7 @@ class Root:
             self.buffer_since = time.monotonic()
         self.folded += p.count
         self.partials += 1
+        self.cohorts += p.round is not None
         now = round(time.time(), 3)
         for agent, seq, base in p.covers:
             lines.append(json.dumps({"t": now, "partition": p.partition, "epoch": p.epoch, "pseq": p.seq,
@@ -305,6 +319,7 @@ class Root:
             "epochs": self.epochs, "buffer": self.rule.state(), "folded": self.folded, "partials": self.partials,
             "duplicates": self.duplicates, "audit": self._audit_offset(),
             "dp": self.dp.state() if self.dp else None, "dp_config": self.dp.config() if self.dp else None,
+            "secagg_config": self.secagg, "cohorts": self.cohorts,
         }
 
     def _audit_offset(self) -> int | None:
@@ -341,6 +356,9 @@ class Root:
                       "rejected": self.rejected, "partitions": len(self.hwm), "time": time.time()}
             if self.dp is not None:
                 status["privacy"] = self.dp.report()
+            if self.secagg is not None:
+                status["secure_aggregation"] = {"k": self.secagg["k"], "threshold": self.secagg["threshold"],
+                                                "cohorts": self.cohorts}
             self.link.publish(self.topics.coordinator_status, encode_status(status), retain=True, timeout=1, qos=MODEL_QOS)
 
 
@@ -361,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--buffer-timeout", type=float, default=5.0, help="step a buffer that waited this long")
     parser.add_argument("--audit-log", help="JSON lines: every (agent, seq) folded, with its partial")
     add_dp_arguments(parser)
+    add_secagg_arguments(parser)
     return parser
 
 
@@ -374,9 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         rule = make_rule(args.strategy, spec.n_params, buffer_size=args.buffer_size, server_lr=args.server_lr,
                          alpha=args.alpha)
         dp = root_dp(args)
+        secagg = None
+        if args.secure_aggregation:  # cryptography: imported only when asked for
+            from tier.secagg import root_config
+
+            secagg = root_config(args, spec.n_params)
         nats = connect_nats(args, "root")
         root = Root(nats, parse_urls(args.mqtt), topics, spec, rule, root_id=args.id, audit_log=args.audit_log,
-                    buffer_timeout=args.buffer_timeout, partitions=args.partitions, dp=dp)
+                    buffer_timeout=args.buffer_timeout, partitions=args.partitions, dp=dp, secagg=secagg)
     except (ValueError, OSError, TimeoutError) as exc:
         print(f"tier root: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,9 @@ A crash anywhere leaves the messages unacknowledged: NATS redelivers them to the
 which restores the checkpoint (its dedup state says which are already in a partial) and
 republishes the checkpoint's partial (the root drops a (partition, seq) it already folded).
 The global version for staleness comes from the retained model (an ordinary subscription).
+Under the root's --secure-aggregation each partition runs masking rounds instead (tier/secagg.py):
+its partials are cohort sums, its checkpoint holds the round in flight, and the cohort messages of a
+round go out only after the checkpoint that holds it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import threading
 import time
 
+from coordinator.presence import MAX_STATUS_BYTES, status_state
 from coordinator.privacy import guard
 from coordinator.chunks import TIMEOUT_S as CHUNK_TIMEOUT_S
 from coordinator.chunks import UpdateChunks
@@ -41,7 +45,7 @@ from protocol.messages import ModelMessage, decode_model, decode_update
 from protocol.model_spec import ModelSpec
 from protocol.topics import Topics, check_name
 from tier.cli_args import add_cluster_args, connect_nats, start_logging, stop_on_signals
-from tier.cluster import MQTT_MAX_ACK_PENDING
+from tier.cluster import MQTT_MAX_ACK_PENDING, partition_of
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, drop, parse_urls
 from tier.nats_io import JS_TIMEOUT_S, Nats, partial_subject
@@ -76,7 +80,13 @@ class Partition:
         validator = UpdateValidator(topics, spec.n_params, max_staleness=worker.max_staleness,
                                     norm=NormBound(worker.max_norm), reorder_window=REORDER_WINDOW)
         self.dp = None
-        if worker.dp is not None:  # central DP at the root: clip to C, weight 1, once per agent per partial
+        self.secagg = None
+        if worker.secagg is not None:  # masking rounds: partials are cohort sums, no update is seen in the clear
+            from tier.secagg import CohortsOnly, PartitionRounds  # cryptography: imported only when asked for
+
+            self.strategy = CohortsOnly(spec.n_params, worker.staleness)
+            self.secagg = PartitionRounds(topics, spec.n_params, worker.secagg)
+        elif worker.dp is not None:  # central DP at the root: clip to C, weight 1, once per agent per partial
             self.strategy = self.dp = PartitionDP(self.strategy, worker.dp)
             validator = guard(validator, self.dp)
         self.core = Coordinator(topics, spec, self.strategy, validator, buffer_timeout=None, history=1)
@@ -92,7 +102,8 @@ class Partition:
         self.oldest: float | None = None
         self.unacked: list = []  # (connection, mid, qos)
         self.held: list = []  # updates on a model newer than ours: (arrived, topic, payload, retain, acks)
-        # (state, partial bytes | None, device message acks, agent -> seq to ack): written, not yet published/acked
+        # (state, partial bytes | None, device message acks, agent -> seq to ack, secure-aggregation messages):
+        # written, not yet published/acked
         self.staged: tuple | None = None
         self.seq = 0
         self.lost = False
@@ -108,6 +119,8 @@ class Partition:
         self.seq = state.get("seq", 0)
         if self.dp is not None:
             self.dp.restore(state.get("dp"))
+        if self.secagg is not None:  # the round in flight resumes; its stage's messages go out after the claim
+            self.secagg.restore(state.get("secagg"))
         self.adopt(self.worker.model)
         # the session's subscription first: NATS keeps QoS 1 messages only for subscriptions that exist,
         # and the root publishes the fleet's first model only once every partition has claimed its key
@@ -115,8 +128,7 @@ class Partition:
         subscribed = threading.Event()
         self.link = Link(self.worker.mqtt_nodes, f"agg-{fleet}-p{self.number}", persistent=True,
                          start=self.number, manual_ack=True, on_message=self._on_message,
-                         on_connect=lambda c, *a: c.subscribe([(f"{prefix}/{fleet}/upd/{self.number}/+", 1),
-                                                               (f"{prefix}/{fleet}/updc/{self.number}/+", 1)]),
+                         on_connect=lambda c, *a: c.subscribe(self._filters()),
                          on_subscribed=subscribed.set)
         self.link.start()
         if not subscribed.wait(SUBSCRIBE_TIMEOUT_S):
@@ -129,9 +141,18 @@ class Partition:
             drop(self.link)
             raise
         if state.get("pending"):  # the previous owner's last partial may never have reached JetStream
-            self.staged = (dict(claim, written=True), state["pending"], [], {})
+            self.staged = (dict(claim, written=True), state["pending"], [], {}, [])
+        if self.secagg is not None:  # claimed: the partition's agents' keys from now on
+            self.worker.seed_secagg(self)
         log.info("partition %d: epoch %d, restored %d agent(s), partial seq %d", self.number, self.lease.epoch,
                  len(self.core.validator.highest_seq), self.seq)
+
+    def _filters(self) -> list[tuple[str, int]]:
+        """The partition session's subscriptions: its updates, update chunks and (secure aggregation) the
+        shares, masked inputs and reveals the cluster maps to it."""
+        base, p = self.worker.topics.base, self.number
+        filters = [(f"{base}/upd/{p}/+", 1), (f"{base}/updc/{p}/+", 1)]
+        return filters + ([(f"{base}/psecagg/{p}/+/+", 1)] if self.secagg is not None else [])
 
     def adopt(self, model) -> None:
         if model is not None:
@@ -148,6 +169,9 @@ class Partition:
 
     def _on_message(self, client, userdata, msg) -> None:
         ack = (self.link.connection, msg.mid, msg.qos)
+        if self.secagg is not None and msg.topic.startswith(head := f"{self.worker.topics.base}/psecagg/{self.number}/"):
+            self._on_secagg(msg.topic[len(head):], msg.payload, msg.retain, ack)
+            return
         kind, agent = msg.topic.rsplit("/", 3)[-3], msg.topic.rsplit("/", 1)[-1]
         try:
             topic = self.worker.topics.update(check_name("agent id", agent))
@@ -160,6 +184,20 @@ class Partition:
                 reason = self._take(topic, msg.payload, msg.retain, [ack])
         if reason is not None:
             self.rejections(reason, msg.topic)
+
+    def _on_secagg(self, rest: str, payload: bytes, retain: bool, ack) -> None:
+        """A share, masked input or reveal (`<kind>/<agent>` of psecagg/<P>/): into the round, acknowledged
+        with the next commit, which holds the state it moved."""
+        kind, _, agent = rest.partition("/")
+        try:
+            topic = self.worker.topics.secagg(kind, check_name("agent id", agent))
+        except ValueError:
+            topic = None
+        with self.lock:
+            self.unacked.append(ack)
+            reason = "topic" if topic is None else self.secagg.handle(topic, payload, retained=retain)
+        if reason is not None:
+            self.rejections(f"secagg_{kind}" if topic else "topic", rest)
 
     def _take(self, topic: str, payload: bytes, retain: bool, acks: list) -> str | None:
         """Fold one update (or hold it: a newer model, a repeat under central DP); its acks wait for the
@@ -229,7 +267,11 @@ class Partition:
             raise TimeoutError(f"lease of partition {self.number} not confirmed lately")
         if self.staged is None:
             with self.lock:
-                if not self.unacked:
+                before = self.secagg.signature() if self.secagg is not None else None
+                result = self.secagg.tick() if self.secagg is not None else None
+                outbox = self.secagg.rounds.take_outbox() if self.secagg is not None else []
+                if not self.unacked and result is None and not outbox \
+                        and (self.secagg is None or self.secagg.signature() == before):
                     return
                 total, weight, count = self.strategy.take()
                 covers, self.covers = self.covers, []
@@ -237,7 +279,13 @@ class Partition:
                 agent_acks = self.core.acks.take()  # to the devices once the partial is stored (protocol/acks.py)
                 oldest, self.oldest = self.oldest, None
                 body = None
-                if count:
+                if result is not None:  # a cohort's sum: weight 1 per member, as the coordinator's SecureFedBuff
+                    self.seq += 1
+                    now = time.time()
+                    body = encode_partial(Partial(self.number, self.lease.epoch, self.seq, result.total,
+                                                  float(result.count), result.count, self.secagg.covers(result), now,
+                                                  now - result.seconds, self.secagg.l2_clip, result.round_id))
+                elif count:
                     self.seq += 1
                     body = encode_partial(Partial(self.number, self.lease.epoch, self.seq, total, weight, count,
                                                   covers, time.time(), oldest or time.time(),
@@ -249,18 +297,21 @@ class Partition:
                     "first": dict(self.core.validator.first),
                     "accepted": self.core.accepted_,
                     "dp": self.dp.state() if self.dp else None,
+                    "secagg": self.secagg.state() if self.secagg else None,
                 }
-            self.staged = (state, body, acks, agent_acks)
+            self.staged = (state, body, acks, agent_acks, outbox)
             self.record.write(state)
         elif not self.staged[0].get("written"):
             self.record.write(self.staged[0])
         self.staged[0]["written"] = True
-        state, body, acks, agent_acks = self.staged
+        state, body, acks, agent_acks, outbox = self.staged
         if body is not None:
             nats = self.worker.nats
             subject = partial_subject(nats.prefix, nats.fleet, self.number)
             headers = {"Nats-Msg-Id": f"{nats.fleet}-p{self.number}-{state['seq']}"}
             nats.call(lambda: nats.js.publish(subject, body, headers=headers), JS_TIMEOUT_S)
+        for topic, payload, retain in outbox:  # the round they belong to is durable now (cohort, inboxes, unmask)
+            self.link.client.publish(topic, payload, qos=1, retain=retain)
         for connection, mid, qos in acks:
             if connection == self.link.connection:  # a mid of an older connection is redelivered anyway
                 self.link.client.ack(mid, qos)
@@ -269,6 +320,7 @@ class Partition:
         self.staged = None
 
     def stop(self, graceful: bool) -> None:
+        self.worker.unseed_secagg(self)
         if self.link is not None:
             if graceful:
                 self.link.close()
@@ -299,6 +351,14 @@ class Worker:
         self.chunk_timeout = chunk_timeout
         self.model = None
         self.dp: dict | None = None  # the root's central DP settings (tier/privacy.py), from its checkpoint
+        self.secagg: dict | None = None  # the root's secure-aggregation settings (tier/secagg.py), likewise
+        # secure aggregation: every agent's retained key announcement and who is offline, read once for all
+        # partitions (fleet-wide topics) and handed to the owner of the agent's partition
+        self.sa_keys: dict[str, bytes] = {}
+        self.sa_offline: set[str] = set()
+        self.sa_parts: dict[int, Partition] = {}
+        self.sa_lock = threading.Lock()
+        self.sa_link: Link | None = None
         self.dp_checked = time.monotonic()
         self.owned: dict[int, Partition] = {}
         self.presence = Lease(nats, f"w_{worker_id}", worker_id)
@@ -321,6 +381,53 @@ class Worker:
         for part in list(self.owned.values()):
             part.adopt(model)
 
+    def _on_public(self, client, userdata, msg) -> None:
+        """A key announcement or agent status (secure aggregation): kept, and handed to its partition's rounds."""
+        kind = self.topics.secagg_of(msg.topic)
+        agent = kind[1] if kind is not None and kind[0] == "key" else self.topics.agent_of_status(msg.topic)
+        if agent is None:
+            return
+        with self.sa_lock:
+            if kind is not None:
+                if msg.payload:
+                    self.sa_keys[agent] = msg.payload
+                else:
+                    self.sa_keys.pop(agent, None)
+            elif len(msg.payload) <= MAX_STATUS_BYTES and (state := status_state(msg.payload)) is not None:
+                (self.sa_offline.add if state == "offline" else self.sa_offline.discard)(agent)
+            part = self.sa_parts.get(partition_of(agent, self.partitions))
+        if part is not None and part.secagg is not None:
+            with part.lock:
+                part.secagg.handle(msg.topic, msg.payload)
+
+    def seed_secagg(self, part: Partition) -> None:
+        """A partition taken: its agents' keys and offline statuses into its rounds; then every new one."""
+        with self.sa_lock:
+            self.sa_parts[part.number] = part
+            with part.lock:
+                for agent, payload in self.sa_keys.items():
+                    if partition_of(agent, self.partitions) == part.number:
+                        part.secagg.handle(self.topics.secagg("key", agent), payload)
+                for agent in self.sa_offline:
+                    if partition_of(agent, self.partitions) == part.number:
+                        part.secagg.handle(self.topics.agent_status(agent), b"")
+
+    def unseed_secagg(self, part: Partition) -> None:
+        with self.sa_lock:
+            if self.sa_parts.get(part.number) is part:
+                del self.sa_parts[part.number]
+
+    def start_public(self) -> None:
+        """Under secure aggregation: one subscription to every key announcement and agent status."""
+        if self.secagg is None or self.sa_link is not None:
+            return
+        topics = self.topics
+        self.sa_link = Link(self.mqtt_nodes, f"agg-{topics.fleet}-keys-{self.worker_id}", persistent=False,
+                            on_message=self._on_public,
+                            on_connect=lambda c, *a: c.subscribe([(topics.all_secagg("key"), 1),
+                                                                  (topics.all_agent_statuses, 1)]))
+        self.sa_link.start()
+
     def refresh_model(self) -> None:
         """Adopt the root's checkpointed model when it is newer than the last retained one we got."""
         try:
@@ -336,7 +443,8 @@ class Worker:
                 part.adopt(self.model)
 
     def read_dp(self, stop: threading.Event) -> None:
-        """The root's DP settings from its checkpoint (written before its first model), before any partition."""
+        """The root's DP and secure-aggregation settings from its checkpoint (written before its first model),
+        before any partition."""
         while not stop.is_set():
             try:
                 state = FencedRecord(self.nats, "root").read() or {}
@@ -345,8 +453,13 @@ class Worker:
                 stop.wait(SCAN_S)
                 continue
             self.dp = state.get("dp_config")
+            self.secagg = state.get("secagg_config")
             if self.dp:
                 log.info("central DP: updates clipped to C=%g, weight 1, one per agent per partial", self.dp["clip"])
+            if self.secagg:
+                log.info("secure aggregation: cohorts of %d agents inside each partition, threshold %d",
+                         self.secagg["k"], self.secagg["threshold"])
+                self.start_public()
             return
 
     def live_workers(self) -> int:
@@ -413,13 +526,16 @@ class Worker:
             state = FencedRecord(self.nats, "root").read(timeout=2) or {}
         except Exception:  # a node down: next time
             return
-        if "spec" not in state or not dp_changed(self.dp, state.get("dp_config")):
+        if "spec" not in state or not (dp_changed(self.dp, state.get("dp_config"))
+                                       or dp_changed(self.secagg, state.get("secagg_config"))):
             return
-        log.warning("the root's DP settings changed (%s -> %s): taking the partitions again under them",
-                    self.dp, state.get("dp_config"))
+        log.warning("the root's DP or secure-aggregation settings changed (%s, %s -> %s, %s): taking the partitions "
+                    "again under them", self.dp, self.secagg, state.get("dp_config"), state.get("secagg_config"))
         for number in list(self.owned):
             self.hand_back(number)
         self.dp = state.get("dp_config")
+        self.secagg = state.get("secagg_config")
+        self.start_public()
 
     def _scan(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -466,6 +582,8 @@ class Worker:
         self.keeper.stop()
         self.presence.release()
         self.watcher.close()
+        if self.sa_link is not None:
+            self.sa_link.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
