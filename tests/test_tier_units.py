@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
+import msgpack
 import numpy as np
 import pytest
+from nats.js.errors import KeyWrongLastSequenceError
 
 from coordinator.staleness import Polynomial
 from coordinator.strategies import FedBuff
@@ -12,6 +17,7 @@ from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import UpdateMessage, encode_update
 from protocol.topics import Topics
+from tier.lease import Fenced, FencedRecord
 from tier.partial import Partial, PartialSum, decode_partial, encode_partial
 from tier.steps import RootFedAsync, RootFedBuff
 
@@ -108,3 +114,49 @@ def test_root_fedbuff_over_partials_equals_one_coordinators_fedbuff():
     fa = RootFedAsync(6, 0.5)
     fa.add(np.full(6, 4.0), 2.0, 1)
     assert np.allclose(fa.step(np.zeros(6)), 1.0)
+
+
+class _LateKV:
+    """A KV bucket whose writes go unanswered in mode "lost" (the stream was electing a leader; the new leader
+    may still commit it: land()) or "stored" (stored, the answer lost with the node)."""
+
+    def __init__(self) -> None:
+        self.value, self.revision, self.mode, self.unanswered = None, 0, "answer", []
+
+    async def update(self, key, value, last):
+        if last != self.revision:
+            raise KeyWrongLastSequenceError()
+        if self.mode == "lost":
+            self.unanswered.append(value)
+            raise asyncio.TimeoutError()
+        self.value, self.revision = value, self.revision + 1
+        if self.mode == "stored":
+            raise asyncio.TimeoutError()
+        return self.revision
+
+    async def get(self, key):
+        return SimpleNamespace(value=self.value, revision=self.revision)
+
+    def land(self) -> None:
+        self.value, self.revision = self.unanswered.pop(), self.revision + 1
+
+
+def test_a_checkpoint_write_given_up_on_that_lands_later_is_taken_as_ours():
+    kv = _LateKV()
+    record = FencedRecord(SimpleNamespace(state=kv, call=lambda fn, timeout: asyncio.run(fn())), "p0")
+    record.write({"seq": 1})
+    kv.mode = "lost"
+    with pytest.raises(TimeoutError):  # no answer, and not stored yet: the caller retries
+        record.write({"seq": 2})
+    kv.land()  # the new leader commits what the old one had replicated
+    kv.mode = "answer"
+    with pytest.raises(TimeoutError):  # the retry finds our own earlier write there, not another owner's
+        record.write({"seq": 3})
+    record.write({"seq": 3})
+    assert msgpack.unpackb(kv.value) == {"seq": 3}
+    kv.mode = "stored"
+    record.write({"seq": 4})  # stored, answer lost: confirmed by reading it back
+    kv.mode = "answer"
+    kv.value, kv.revision = msgpack.packb({"owner": "other"}), kv.revision + 1  # another owner took it over
+    with pytest.raises(Fenced):
+        record.write({"seq": 5})

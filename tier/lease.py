@@ -24,10 +24,12 @@ from tier.nats_io import JS_TIMEOUT_S, LEASE_TTL_S, Nats
 
 log = logging.getLogger(__name__)
 
-# checkpoint reads and writes keep a long timeout, unlike the leases' JS_TIMEOUT_S: a write given up on
-# while it is still in flight can land after the read that says it did not, and the retry is then fenced.
-# With 1 s, a kill test at load 60 lost 4 updates (rejected as replays, never folded; not explained yet)
-RECORD_TIMEOUT_S = 10.0
+# checkpoint reads and writes give up after JS_TIMEOUT_S, like the leases: a request sent while the bucket's
+# stream has no leader (a node died) is never answered, and with a long timeout every commit in flight at a
+# kill waited it out after the election (nats-py's own 5 s for the write, 5 s more for the read that checks
+# it: 10 s, seen in the kill test's logs). A write given up on can still land later (the new leader commits
+# what the old one had replicated): the record remembers such writes and takes one it finds stored as its own
+MAX_UNCONFIRMED = 16
 
 
 class Fenced(RuntimeError):
@@ -120,37 +122,48 @@ class FencedRecord:
         self.nats = nats
         self.key = key
         self.revision = 0  # 0: the key must not exist yet
+        self.unconfirmed: list[bytes] = []  # our writes over `revision` given up on: they may still land
 
-    def read(self, timeout: float = RECORD_TIMEOUT_S) -> dict | None:
+    def read(self, timeout: float = JS_TIMEOUT_S) -> dict | None:
         """The current record (and adopt its revision as the one we write over), or None."""
         try:
             entry = self.nats.call(lambda: self.nats.state.get(self.key), timeout)
         except (KeyNotFoundError, KeyDeletedError) as exc:
             self.revision = getattr(getattr(exc, "entry", None), "revision", None) or 0
+            self.unconfirmed.clear()
             return None
         self.revision = entry.revision
+        self.unconfirmed.clear()
         return msgpack.unpackb(entry.value, raw=False, strict_map_key=False)
 
     def write(self, record: dict) -> None:
-        """Replace the record; Fenced if another owner wrote since our last read/write."""
+        """Replace the record; Fenced if another owner wrote since our last read/write, TimeoutError when the
+        outcome cannot be told yet (the caller retries)."""
         body = msgpack.packb(record, use_bin_type=True)
         try:
             self.revision = self.nats.call(
-                lambda: self.nats.state.update(self.key, body, last=self.revision), RECORD_TIMEOUT_S)
+                lambda: self.nats.state.update(self.key, body, last=self.revision), JS_TIMEOUT_S)
+            self.unconfirmed.clear()
+            return
         except KeyWrongLastSequenceError:
-            raise Fenced(f"{self.key} was written by another owner") from None
-        except Exception:
-            # unknown outcome (a node died mid-write): it is ours only if the stored bytes are ours
-            try:
-                entry = self.nats.call(lambda: self.nats.state.get(self.key), RECORD_TIMEOUT_S)
-            except Exception as exc:
-                raise TimeoutError(f"cannot confirm the write of {self.key}: {exc}") from None
-            if entry.value == body:
-                self.revision = entry.revision
-            elif entry.revision == self.revision:
-                raise TimeoutError(f"the write of {self.key} did not land") from None
-            else:
-                raise Fenced(f"{self.key} was written by another owner") from None
+            pass  # another owner wrote, or a write of ours given up on landed since
+        except Exception:  # unknown outcome (no answer while a node died)
+            self.unconfirmed = [*self.unconfirmed[-(MAX_UNCONFIRMED - 1):], body]
+        try:  # it is ours only if the stored bytes are ours
+            entry = self.nats.call(lambda: self.nats.state.get(self.key), JS_TIMEOUT_S)
+        except Exception as exc:
+            raise TimeoutError(f"cannot confirm the write of {self.key}: {exc}") from None
+        if entry.value == body:
+            self.revision = entry.revision
+            self.unconfirmed.clear()
+        elif entry.value in self.unconfirmed:  # an earlier write of ours landed late: write over it
+            self.revision = entry.revision
+            self.unconfirmed.clear()
+            raise TimeoutError(f"an earlier write of {self.key} landed late; writing again")
+        elif entry.revision <= self.revision:  # not landed (yet), or a replica behind the leader answered
+            raise TimeoutError(f"the write of {self.key} did not land")
+        else:
+            raise Fenced(f"{self.key} was written by another owner")
 
 
 class Vacancy:

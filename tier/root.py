@@ -87,8 +87,15 @@ class Root:
         self.retained_version = -1
         self.retained_seen = threading.Event()
         self._last_pub = 0.0
-        self.link = Link(mqtt_nodes, f"fedmq-root-{topics.fleet}-{root_id}", persistent=False,
-                         on_message=self._on_retained, on_connect=lambda c, *a: c.subscribe(topics.model, 1))
+        # two connections to two nodes (one with a single node): when a node dies the other one still carries
+        # the model at once, where a reconnect waited for the elections of the session stream (4-9 s) and then
+        # up to the listener's js_api_timeout more. Each subscribes to the model at QoS 0 (it is published at
+        # QoS 0): no JetStream consumer, so a reconnect needs no consumer to be deleted by the meta leader
+        self.links = [Link(mqtt_nodes, f"fedmq-root-{topics.fleet}-{root_id}" + ("-b" if i else ""), persistent=False,
+                           start=i, on_message=self._on_retained,
+                           on_connect=lambda c, *a: c.subscribe(topics.model, 0))
+                      for i in range(min(2, len(mqtt_nodes)))]
+        self.link = self.links[0]  # the one the last model went out on
         self.params = np.zeros(spec.n_params)
         self.version = 0
         self.published = -1
@@ -115,7 +122,8 @@ class Root:
     # life cycle ----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        self.link.start()
+        for link in self.links:
+            link.start()
         vacancy = Vacancy(grace=0.5)
         while not stop.is_set():
             if not vacancy.try_acquire(self.lease):
@@ -133,10 +141,11 @@ class Root:
             self.lease.revision = None
         self.keeper.stop()
         self.lease.release()
-        self.link.close()
+        for link in self.links:
+            link.close()
 
     def _take_over(self) -> None:
-        state = self.record.read() or {}
+        state = self._retry("reading the checkpoint", lambda: self.record.read() or {})
         if not state and self.link.wait(5):
             self.retained_seen.wait(1.0)  # no checkpoint: the broker's retained model, if there is one
         if state:
@@ -155,21 +164,27 @@ class Root:
                         self.retained_version, self.version)
             self.version = self.retained_version
         self.audit = AuditLog(self.audit_path, state.get("audit")) if self.audit_path else None
-        self.record.write(self._state())  # claim: a previous holder's next write now fails
+        self._retry("claiming the checkpoint", lambda: self.record.write(self._state()))  # a previous holder's
+        # next write now fails
         if not state:  # the workers read the spec from the claim
             self._wait_for_partitions()
         self.published = -1
         log.info("root %s active at epoch %d, version %d, %d update(s) folded so far",
                  self.root_id, self.lease.epoch, self.version, self.folded)
-        while True:  # JetStream may be electing a leader: retry while the lease holds
+        self.sub = self._retry("subscribing to the partials", lambda: self.nats.call(self._subscribe, 10))
+
+    def _retry(self, what: str, fn):
+        """fn() until it succeeds while the lease holds: JetStream may be electing a leader (a node died)."""
+        while True:
             try:
-                self.sub = self.nats.call(self._subscribe, 10)
-                break
+                return fn()
+            except Fenced:
+                raise
             except Exception as exc:
                 if self.lease.revision is None:
-                    raise Fenced("root lease lost while subscribing") from None
-                log.info("subscribing to the partials: %s; retrying", exc)
-                time.sleep(0.5)
+                    raise Fenced(f"root lease lost while {what}") from None
+                log.info("%s: %s; retrying", what, exc or type(exc).__name__)
+                time.sleep(0.2)
 
     def _wait_for_partitions(self) -> None:
         """A new fleet: publish the first model (devices start on it) only once every partition's session
@@ -347,6 +362,8 @@ class Root:
             self.link.bounce()  # our own last model never came back: the connection is not carrying
             self._last_pub = time.monotonic()
             return
+        up = [link for link in self.links if link.connected.is_set()] or [self.link]
+        self.link = up[0]
         if self.link.publish(self.topics.model, body, retain=True, qos=MODEL_QOS):
             self.published = self.version
             self._published_params = self.params.copy()
@@ -359,7 +376,9 @@ class Root:
             if self.secagg is not None:
                 status["secure_aggregation"] = {"k": self.secagg["k"], "threshold": self.secagg["threshold"],
                                                 "cohorts": self.cohorts}
-            self.link.publish(self.topics.coordinator_status, encode_status(status), retain=True, timeout=1, qos=MODEL_QOS)
+            # on the other connection when there is one: a status store waiting on an election stalls its
+            # connection's read loop up to the listener's js_api_timeout, and the next model must not wait behind it
+            up[-1].publish(self.topics.coordinator_status, encode_status(status), retain=True, timeout=1, qos=MODEL_QOS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -366,7 +366,7 @@ class Worker:
         self.vacancy = Vacancy(grace=SCAN_S)
         self.model_seen = threading.Event()
         self.watcher = Link(mqtt_nodes, f"agg-{topics.fleet}-model-{worker_id}", persistent=False,
-                            on_message=self._on_model, on_connect=lambda c, *a: c.subscribe(topics.model, 1))
+                            on_message=self._on_model, on_connect=lambda c, *a: c.subscribe(topics.model, 0))
 
     def _on_model(self, client, userdata, msg) -> None:
         try:
