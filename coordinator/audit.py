@@ -27,10 +27,14 @@ class AuditLog:
             self._truncate(committed)
         self.file = open(self.path, "a", encoding="utf-8")
 
-    def __call__(self, topic, update, reason, staleness) -> None:
+    def __call__(self, topic, update, reason, staleness, norm=None, limit=None) -> None:
         record = {"t": round(time.time(), 3), "topic": topic, "outcome": reason or "accepted"}
         if update is not None:
             record.update(agent=update.agent_id, seq=update.seq, base=update.base_version, staleness=staleness)
+        if norm is not None:  # what the norm bound judged (docs/security.md), and its bound when finite
+            record["norm"] = float(f"{norm:.6g}")
+            if limit is not None and limit != float("inf"):
+                record["norm_limit"] = float(f"{limit:.6g}")
         self._lines.append(json.dumps(record) + "\n")
 
     def take(self) -> list[str]:

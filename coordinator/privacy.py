@@ -245,9 +245,9 @@ class PrivacyGate:
         """Take over a checkpoint's sequence state."""
         self.inner.restore(*args, **kwargs)
 
-    def check(self, topic: str, payload: bytes, version: int, admit=None) -> Verdict:
+    def check(self, topic: str, payload: bytes, version: int, admit=None, distance=None) -> Verdict:
         """The wrapped validator's verdict, then the DP screen on an accepted one."""
-        verdict = self.inner.check(topic, payload, version, admit)
+        verdict = self.inner.check(topic, payload, version, admit, distance)
         if verdict.reason is not None:
             return verdict
         try:

@@ -26,7 +26,7 @@ from coordinator.statistics import FleetStatistics, Rescales
 from coordinator.status import build_status
 from coordinator.store import CheckpointError, save_checkpoint
 from coordinator.strategies import Strategy
-from coordinator.validation import UpdateValidator, Verdict
+from coordinator.validation import UpdateValidator, Verdict, l2_norm
 from protocol.codec import MODEL_CODECS, decode_params, encode_params
 from protocol.messages import ModelMessage, encode_model
 from protocol.pace import Pace, Steering
@@ -135,7 +135,7 @@ class Coordinator:
         self.handled_ += 1
         try:
             verdict = Verdict("retained") if retained else \
-                self.validator.check(topic, payload, self.version_, self.strategy.admit)
+                self.validator.check(topic, payload, self.version_, self.strategy.admit, self._distance)
             reason = verdict.reason or self._apply(verdict)
         except Exception:  # a bug of ours must not stop the network thread
             log.exception("unexpected error handling an update on %s", topic)
@@ -145,7 +145,7 @@ class Coordinator:
         else:
             self.acks.note(verdict.update.agent_id, verdict.update.seq)
         if self.audit is not None:
-            self.audit(topic, verdict.update, reason, verdict.staleness)
+            self.audit(topic, verdict.update, reason, verdict.staleness, verdict.norm, verdict.limit)
         return reason
 
     def _apply(self, verdict: Verdict) -> str | None:
@@ -166,6 +166,19 @@ class Coordinator:
         if new is not None:
             self._step(new)
         return None
+
+    def _distance(self, delta: np.ndarray, base_version: int) -> float:
+        """What the norm bound judges: how far the agent's model (its base + delta) lies from the current
+        model. An honest update from an old model carries the fleet's progress since in its delta (the
+        default bound refused late agents as `norm`); its model lands near ours all the same. The delta's
+        own norm when the base is no longer held (older than the last `history` publishes)."""
+        base = self.published_.get(base_version)
+        delta = self.rescales.catch_up(delta, base_version)
+        if base is None:
+            return l2_norm(delta)
+        local = np.add(base, delta, dtype=np.float64)
+        local -= self.params_
+        return l2_norm(local)
 
     def _step(self, new: np.ndarray) -> None:
         self.params_ = new
@@ -269,6 +282,7 @@ class Coordinator:
         if deltas:
             self.strategy.restore(dict(buffer, deltas=out[1:1 + len(deltas)]))
         self.published_ = OrderedDict((v, p) for (v, _), p in zip(history, out[1 + len(deltas):]))
+        self.validator.norm.forget_norms()  # they were measured in the old scaling's units
         self.version_ += 1
         log.info("feature scaling from %d agent(s)' statistics; model re-expressed at version %d",
                  len(self.statistics.by_agent), self.version_)

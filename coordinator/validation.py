@@ -37,6 +37,8 @@ class Verdict:
     staleness: int = 0
     clipped: bool = False
     n_samples: int = 0  # the weight to give it: its sample count, capped by the relative bound
+    norm: float | None = None  # what the norm bound judged, and the bound it was held to (the audit log's)
+    limit: float | None = None
 
 
 # The replay state (the highest seq of every agent, never forgotten) costs at most
@@ -59,11 +61,12 @@ REFRESH = 8
 class NormBound:
     """Norm limit: an absolute cap and/or `factor` x the median of recent norms; a sample cap.
 
-    The references are medians over the newest accepted update of each of the last `window`
-    distinct agents, so no agent owns them by volume: a flood from one id is one entry. The
+    The references are medians over the last `window` distinct agents, one entry each: the norm
+    of its newest update judged (accepted or not), its newest count accepted; so no agent owns
+    them by volume: a flood from one id is one entry. The
     relative norm bound starts once `norm_warmup` agents were seen (a fleet of 6 must have it),
     the sample cap once `warmup` were; both are refreshed every REFRESH
-    accepted updates (the hot path pays for a median once in that many). The sample count an update claims
+    updates judged (the hot path pays for a median once in that many). The sample count an update claims
     is capped at `sample_factor` x the median count (on by default): in a sample-weighted
     mean, and in the fleet evaluation, a count is as much influence as a norm.
     """
@@ -80,7 +83,8 @@ class NormBound:
         self.window = window
         self.warmup = warmup
         self.norm_warmup = norm_warmup
-        self.recent: OrderedDict[str, tuple[float, int]] = OrderedDict()  # agent -> its newest (norm, samples)
+        # agent -> its newest norm, agent -> its newest (capped) sample count: columns 0 and 1
+        self.recent: tuple[OrderedDict[str, float], OrderedDict[str, int]] = (OrderedDict(), OrderedDict())
         self._medians: dict[int, tuple[int, float]] = {}  # column -> (changes when computed, median)
         self._changes = 0
 
@@ -100,27 +104,46 @@ class NormBound:
         checkpoint's typical count) votes once per agent the sample cap's warm-up still lacks: after a
         restart one device's first claim of 10^12 rows was the whole median, and the model's steps.
         """
-        counts = [entry[1] for entry in self.recent.values()]
+        counts = list(self.recent[1].values())
         if prior > 0:
             counts += [prior] * max(0, self.warmup - len(counts))
         return int(statistics.median_low(counts)) if counts else 0
 
+    def forget_norms(self) -> None:
+        """Drop the norm reference: the model was re-expressed for a new feature scaling, so the norms
+        seen so far are in units no update has any more (a raw-unit fleet's refinement refused 32 of
+        147 honest updates against them); the relative bound warms up again from `norm_warmup` agents."""
+        self.recent[0].clear()
+        self._medians.pop(0, None)
+
     def _relative(self, column: int, factor: float | None, warmup: int) -> float:
-        if factor is not None and len(self.recent) >= warmup:
+        recent = self.recent[column]
+        if factor is not None and len(recent) >= warmup:
             at, median = self._medians.get(column, (-REFRESH, 0.0))
-            if self._changes - at >= REFRESH:  # a median of 50, once per REFRESH accepted updates
-                median = statistics.median(entry[column] for entry in self.recent.values())
+            if self._changes - at >= REFRESH:  # a median of 50, once per REFRESH updates judged
+                median = statistics.median(recent.values())
                 self._medians[column] = (self._changes, median)
             if median > 0:  # a fleet of zero updates must not lock out every later one
                 return factor * median
         return np.inf
 
-    def accepted(self, norm: float, n_samples: int = 1, agent: str = "") -> None:
+    def observed(self, norm: float, agent: str = "") -> None:
+        """Note the norm of an update judged, accepted or refused: a refused agent's entry kept its
+        old norm, so in a small fleet the median shrank toward the one agent still accepted, the model
+        followed that agent, and the others' norms grew: 31 of 108 honest updates of 3-4 agents refused."""
         self._changes += 1
-        self.recent[agent] = (norm, n_samples)
-        self.recent.move_to_end(agent)
-        while len(self.recent) > self.window:
-            self.recent.popitem(last=False)
+        self._note(0, agent, norm)
+
+    def accepted(self, n_samples: int = 1, agent: str = "") -> None:
+        """Note the (capped) sample count of an accepted update."""
+        self._note(1, agent, n_samples)
+
+    def _note(self, column: int, agent: str, value: float) -> None:
+        recent = self.recent[column]
+        recent[agent] = value
+        recent.move_to_end(agent)
+        while len(recent) > self.window:
+            recent.popitem(last=False)
 
 
 NORM_CHUNK = 8192  # below the length at which OpenBLAS splits a dot product over its threads
@@ -138,6 +161,11 @@ def l2_norm(x: np.ndarray) -> float:
         c = x[i:i + NORM_CHUNK]
         total += float(np.dot(c, c))
     return float(np.sqrt(total))
+
+
+def _delta_norm(delta: np.ndarray, base_version: int) -> float:
+    """The norm bound's default measure: the delta's own norm (float64: float32 squares can overflow)."""
+    return l2_norm(delta)
 
 
 def metrics_problem(metrics: dict[str, float]) -> str | None:
@@ -200,20 +228,22 @@ class UpdateValidator:
         # device's resend, a redelivery) may still arrive after it, within the window below its highest
         self.first: dict[str, int] = {}
 
-    def check(self, topic: str, payload: bytes, version: int, admit=None) -> Verdict:
+    def check(self, topic: str, payload: bytes, version: int, admit=None, distance=None) -> Verdict:
         """Validate one payload against the model at `version`.
 
         `admit(staleness) -> reason | None` lets the strategy refuse (e.g. fedavg rounds).
+        `distance(delta, base_version) -> float` is what the norm bound judges (default: the
+        delta's norm); the coordinator passes how far the agent's model lies from the current one.
         """
         try:
-            return self._check(topic, payload, version, admit)
+            return self._check(topic, payload, version, admit, distance or _delta_norm)
         except ProtocolError as exc:
             return Verdict(exc.reason)
         except Exception:  # a bug of ours must not take the coordinator down
             log.exception("unexpected error validating an update on %s", topic)
             return Verdict("internal")
 
-    def _check(self, topic, payload, version, admit) -> Verdict:
+    def _check(self, topic, payload, version, admit, distance) -> Verdict:
         agent = self.topics.agent_of_update(topic)
         if agent is None:  # the id is the topic's, which the broker's ACL ties to the sender
             return Verdict("topic")
@@ -258,17 +288,18 @@ class UpdateValidator:
             delta = codec.decode(msg.delta).astype(np.float64)
         except ProtocolError as exc:  # keep the update: the audit log names its agent and seq
             return Verdict(exc.reason, msg, staleness=staleness)
-        norm = l2_norm(delta)  # float64: float32 squares of wire values can overflow
+        norm = distance(delta, msg.base_version)
         bound = self.norm.limit()
+        self.norm.observed(norm, msg.agent_id)
         clipped = False
         if norm > bound:
             if self.norm_action == "reject":
-                return Verdict("norm", msg, staleness=staleness)
-            delta *= bound / norm
+                return Verdict("norm", msg, staleness=staleness, norm=norm, limit=bound)
+            delta *= bound / norm  # a stale update (distance from the current model) shrinks as a whole
             norm, clipped = bound, True
         n_samples = int(min(msg.n_samples, self.norm.sample_limit()))  # inf is never the min: counts are finite
-        self.norm.accepted(norm, n_samples, msg.agent_id)
-        return Verdict(None, msg, delta, staleness, clipped, n_samples)
+        self.norm.accepted(n_samples, msg.agent_id)
+        return Verdict(None, msg, delta, staleness, clipped, n_samples, norm, bound)
 
     def _hole(self, agent: str, last: int, seq: int) -> None:
         hole = missing_between(last, seq)

@@ -97,6 +97,57 @@ def test_one_agent_cannot_own_the_norm_reference_by_volume():
     assert bound.limit() < 3 * 0.1 * 1.02 ** 199 * np.sqrt(SPEC.n_params) / 10  # its 198 updates are one entry
 
 
+def _converging_fleet(core, target, rounds=12):
+    """Three agents whose local models lie around `target`: fresh updates shrink as the model gets there."""
+    noise = np.random.default_rng(1).normal(0, 0.05, (3, SPEC.n_params))
+    seq = 0
+    for _ in range(rounds):
+        base = core.version_
+        published = decode_model(core.model_payload()).params
+        for agent, local in zip(("a", "b", "c"), target + noise):
+            seq += 1
+            assert core.handle_update(*update(agent, seq=seq, base=base, delta=local - published)) is None
+
+
+def test_relative_norm_bound_judges_the_agents_model_against_the_current_one():
+    """A late agent's delta from an old model carries the fleet's progress since: its norm is far
+    above the fresh updates', its model is not (the default bound refused honest late agents)."""
+    target = np.linspace(-1.0, 1.0, SPEC.n_params)
+    core = make_core(FedAsync(alpha=0.5), max_staleness=100, norm=NormBound(max_norm=None, factor=2.0, warmup=3))
+    old = decode_model(core.model_payload())
+    _converging_fleet(core, target)
+    late = update("late", base=old.version, delta=target - old.params)  # honest, from version 0
+    assert np.linalg.norm(target - old.params) > 4 * core.validator.norm.limit()  # its delta: far beyond
+    assert core.handle_update(*late) is None
+    flipped = update("flip", base=old.version, delta=-(target - old.params))  # the same delta, sign-flipped
+    assert core.handle_update(*flipped) == "norm"
+
+
+def test_refused_norms_count_in_the_reference():
+    """A refused agent's entry must not keep its old norm: the median would shrink toward the agents
+    still accepted and lock the others out (31 of 108 honest updates of a 3-agent fleet refused)."""
+    core = make_core(max_staleness=100, norm=NormBound(max_norm=None, factor=2.0, warmup=3))
+    for seq, agent in enumerate("abc", 1):
+        assert core.handle_update(*update(agent, seq=seq, base=core.version_, delta=np.full(SPEC.n_params, 0.1))) is None
+    for seq, agent in enumerate("ab", 10):
+        assert core.handle_update(*update(agent, seq=seq, base=core.version_, delta=np.full(SPEC.n_params, 0.5))) == "norm"
+    core.validator.norm._medians.clear()  # the median's refresh, due every REFRESH updates, now
+    assert core.handle_update(*update("c", seq=20, base=core.version_, delta=np.full(SPEC.n_params, 0.5))) is None
+
+
+def test_a_new_feature_scaling_restarts_the_norm_reference():
+    bound = NormBound(max_norm=None, factor=2.0, warmup=3)
+    for agent in ("a", "b", "c"):
+        bound.observed(1.0, agent)
+        bound.accepted(10, agent)
+    assert bound.limit() == 2.0
+    bound.forget_norms()
+    assert bound.limit() == np.inf and bound.typical_samples() == 10  # sample counts keep their units
+    for agent in ("a", "b", "c"):
+        bound.observed(50.0, agent)
+    assert bound.limit() == 100.0
+
+
 def test_claimed_sample_counts_are_capped_by_default_in_the_mean_and_the_fleet_evaluation():
     core = make_core(FedBuff(buffer_size=11))
     for i in range(10):
@@ -303,7 +354,7 @@ def test_clip_uses_a_float64_norm_and_is_counted():
 def test_relative_norm_bound_ignores_a_zero_median():
     bound = NormBound(max_norm=None, factor=2.0, warmup=2)
     for agent in "abc":
-        bound.accepted(0.0, agent=agent)
+        bound.observed(0.0, agent)
     assert bound.limit() == np.inf
     with pytest.raises(ValueError, match="--norm-factor"):
         NormBound(factor=0)

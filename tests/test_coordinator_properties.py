@@ -173,7 +173,7 @@ class HostileFleet(RuleBasedStateMachine):
         assert len(core.validator.highest_seq) <= MAX_AGENTS
         assert core.strategy.pending < BUFFER
         assert len(core.published_) <= HISTORY
-        assert len(core.validator.norm.recent) <= core.validator.norm.window
+        assert all(len(recent) <= core.validator.norm.window for recent in core.validator.norm.recent)
 
 
 HostileFleet.TestCase.settings = settings(max_examples=300, stateful_step_count=50, deadline=None,

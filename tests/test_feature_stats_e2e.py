@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 
+import json
+
 import numpy as np
 
 from fleet import TopicWatcher, spawn, stop
@@ -62,6 +64,7 @@ def test_raw_units_with_gaps_learn_and_a_late_joiner_refines_the_scaling(tmp_pat
         "coordinator", "--broker", mosquitto.url, "--fleet", FLEET, "--model", "sgd-classifier",
         "--classes", "0,1,2", "--n-features", ds.n_features, "--eval-csv", eval_path, "--publish-interval", "0.3",
         "--checkpoint-dir", tmp_path / "ckpt", "--feature-stats", "--stats-min-agents", "3",
+        "--audit-log", tmp_path / "audit.jsonl",
         log=tmp_path / "coordinator.log")
     agents = [spawn("edge_agent", "--broker", mosquitto.url, "--fleet", FLEET, "--id", f"agent{i}", "--data", paths[i],
                     log=tmp_path / f"agent{i}.log") for i in range(3)]
@@ -97,3 +100,7 @@ def test_raw_units_with_gaps_learn_and_a_late_joiner_refines_the_scaling(tmp_pat
             stop(proc)
         stop(coordinator)
         watcher.close()
+    # the audit log says what the norm bound judged: the distance of each agent's model from the current one
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    judged = [r for r in records if "norm" in r]
+    assert judged and all(r["norm"] > r["norm_limit"] for r in records if r["outcome"] == "norm")

@@ -150,6 +150,8 @@ def test_the_first_model_waits_for_statistics_and_a_late_joiner_refines_them_exa
     core.params_ = rng.standard_normal(core.spec.n_params)  # as if trained
     trained = build_estimator(core.spec, core.params_).decision_function(standardize(X, first.scaling))
     version = core.version_
+    for agent in "abc":  # norms in the first scaling's units
+        core.validator.norm.observed(1.0, agent)
     assert core.handle_statistics(TOPICS.stats("c"), encode_stats(describe(X[60:]))) is None  # joins late
     assert core.handle_statistics("stats-test/stats/+", b"x") == "topic"
     assert core.publish_due()
@@ -160,6 +162,7 @@ def test_the_first_model_waits_for_statistics_and_a_late_joiner_refines_them_exa
     again = build_estimator(core.spec, core.params_).decision_function(standardize(X, refined.scaling))
     np.testing.assert_allclose(again, trained, rtol=1e-9, atol=1e-9)
     assert core.status()["statistics"]["agents"] == 3
+    assert not core.validator.norm.recent[0]  # the norm reference restarts in the new units
     # a delta trained on the older scaling is re-expressed before it is applied
     np.testing.assert_allclose(core.rescales.catch_up(np.ones(4), version),
                                reexpress(np.ones(4), core.spec.coef_shape, first.scaling, refined.scaling))
