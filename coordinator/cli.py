@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     _defaulted(v, "--max-update-norm", type=float, default=DEFAULT_MAX_NORM,
                help="absolute L2 bound on a decoded update")
     v.add_argument("--norm-factor", type=float,
-                   help="relative L2 bound: this many times the median norm of the newest accepted update of each "
-                   f"of the last 50 agents, once {NORM_WARMUP} were seen; 0: off (default {DEFAULT_NORM_FACTOR:g}; off "
+                   help="relative L2 bound on how far an update's model (its base + delta) lies from the current "
+                   "model: this many times the median of that distance for the newest update of each of the last "
+                   f"50 agents, once {NORM_WARMUP} were seen; 0: off (default {DEFAULT_NORM_FACTOR:g}; off "
                    "under --secure-aggregation, which sees no single update, and --dp-mode central, which refuses the flag)")
     _defaulted(v, "--sample-factor", type=float, default=DEFAULT_SAMPLE_FACTOR,
                help="weigh an update (in the mean and the fleet evaluation) by at most this many times the "
