@@ -19,11 +19,10 @@ from tier_fleet import (ModelWatch, Publisher, Tier, check_exactly_once, check_m
                         wait_folded)
 
 KILLS = 3
-RECOVERY_S = {"worker": 10.0, "root": 10.0,
-              # a node's death costs the Raft elections of what it led, 4-9 s after its last heartbeat (not
-              # configurable in nats-server 2.15); with the stalls on top of them cut, 10.29 s was the worst
-              # seen in four seeds (docs/architecture.md): the 10 s is met by most kills, not all
-              "nats": 12.0}
+# the bound for every kind. A node's death costs the Raft elections of what it led, 4-9 s after its
+# last heartbeat (not configurable in nats-server 2.15); what came on top of them is cut to a fraction of a
+# second (docs/architecture.md, "Recovery")
+RECOVERY_S = 10.0
 START_S = 120.0  # processes importing scikit-learn on a machine at load 40 took 40 s to log a line (seen)
 SEED = int(os.environ.get("FEDMQ_KILL_SEED", random.randrange(1 << 30)))
 
@@ -68,7 +67,7 @@ def test_kill_nine_loses_nothing_and_counts_nothing_twice(tmp_path, nats_cluster
                 nats_cluster.kill(node)
                 logging.getLogger("tier.mqtt_link").info("KILLED node %d", node)
             at = watch.version
-            took = watch.wait_version_above(at, 3 * RECOVERY_S[victim])  # measured beyond the bound, judged below
+            took = watch.wait_version_above(at, 3 * RECOVERY_S)  # measured beyond the bound, judged below
             assert took is not None, f"{victim} kill: the model stayed at version {at}\n" + tier.logs()
             recoveries.append(round(took, 2))
             if victim == "worker":
@@ -80,7 +79,7 @@ def test_kill_nine_loses_nothing_and_counts_nothing_twice(tmp_path, nats_cluster
             else:
                 nats_cluster.restart(node)
         print(f"{victim}: model advancing again after {recoveries} s")
-        assert max(recoveries) <= RECOVERY_S[victim], f"{victim} kills: model advancing again only after {recoveries} s"
+        assert max(recoveries) <= RECOVERY_S, f"{victim} kills: model advancing again only after {recoveries} s"
         assert publisher.stop_and_drain(30), f"{len(publisher.outstanding)} update(s) never acknowledged"
         records = wait_folded(tier.audit, publisher.sent, 45)
         check_exactly_once(records, publisher.sent)

@@ -43,14 +43,15 @@ DEFAULT_PARTITIONS = 32
 MQTT_ACK_WAIT = "2s"
 MQTT_MAX_ACK_PENDING = 4096
 # how long the MQTT listener waits for a JetStream API call (a session load on CONNECT, a consumer on
-# SUBSCRIBE, a retained-message store on PUBLISH; default 5 s). While a killed node's streams elect new
-# leaders (4-9 s, nats-server's Raft election timeout) such a call gets no answer: with 5 s every CONNECT,
-# SUBSCRIBE or retained publish in that window stalls its connection's read loop 5 s, and stalls queued
-# behind one another (a retained status, then the retained model) pushed recovery past 10 s. At 2 s a
-# call fails fast and the client's retry lands soon after the election. Not lower: the same timeout bounds
-# the store of a device's QoS 1 update, and the listener closes a connection whose store is not
-# acknowledged within it (at 1 s, seen closing device and root connections during an election)
-MQTT_JS_API_TIMEOUT = "2s"
+# SUBSCRIBE, a retained-message store on PUBLISH, a QoS 1 message store; default 5 s). While a killed node's
+# streams elect new leaders (4-9 s, nats-server's Raft election timeout) such a call gets no answer, and one
+# sent just before the election completes still waits it out: a retained model published then reaches the
+# devices only after the timeout (the store comes before the delivery), and a device or partition whose
+# CONNECT was in flight connects only after it. With 5 s, stalls queued behind one another (a retained status,
+# then the retained model) pushed recovery past 10 s; 1 s bounds what comes on top of the last election.
+# A store not acknowledged within it closes the device's connection (it reconnects and resends; the tier
+# drops the duplicate): that happens during every election whatever the timeout, since elections take longer
+MQTT_JS_API_TIMEOUT = "1s"
 
 
 def nats_server_binary() -> str:

@@ -263,8 +263,9 @@ class Partition:
         """One group commit (see the module docstring); retried as a whole while a step fails."""
         if self.lease.revision is None:
             raise Fenced(f"lease of partition {self.number} lost")
-        if not self.lease.valid:  # not renewed lately (JetStream electing a leader): not now
-            raise TimeoutError(f"lease of partition {self.number} not confirmed lately")
+        # a lease not renewed lately (its bucket electing a leader after a node died) does not stop the commit:
+        # the fenced checkpoint write below fails once another owner has claimed the partition, and only
+        # what that write made durable is published and acknowledged
         if self.staged is None:
             with self.lock:
                 before = self.secagg.signature() if self.secagg is not None else None
