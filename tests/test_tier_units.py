@@ -160,3 +160,46 @@ def test_a_checkpoint_write_given_up_on_that_lands_later_is_taken_as_ours():
     kv.value, kv.revision = msgpack.packb({"owner": "other"}), kv.revision + 1  # another owner took it over
     with pytest.raises(Fenced):
         record.write({"seq": 5})
+
+
+def _bare_partition(**worker_options):
+    """A worker's Partition without NATS or MQTT, as tests/test_tier_secagg.py builds one."""
+    from types import SimpleNamespace
+
+    from coordinator.staleness import Constant
+    from coordinator.validation import DEFAULT_NORM_FACTOR
+    from protocol.messages import ModelMessage
+    from protocol.model_spec import ModelSpec
+    from protocol.topics import Topics
+    from tier.worker import Partition
+
+    spec = ModelSpec("sgd-regressor", 9, ())
+    topics = Topics("normfleet")
+    options = dict(topics=topics, model=ModelMessage("normfleet", 0, spec, np.zeros(spec.n_params)),
+                   staleness=Constant(), max_staleness=10, max_norm=1e6, norm_factor=DEFAULT_NORM_FACTOR, dp=None,
+                   secagg=None, nats=SimpleNamespace(prefix="fedmq", fleet="normfleet"), worker_id="w",
+                   max_held_chunks=64, chunk_timeout=60.0)
+    options.update(worker_options)
+    part = Partition(SimpleNamespace(**options), 0, SimpleNamespace(epoch=1, revision=1, valid=True))
+    return part, spec, topics
+
+
+def test_a_partition_worker_has_the_relative_norm_bound_by_default():
+    """Issue 18 on the tier: an inflated update is refused as `norm` inside a partition as by the single
+    coordinator; no bound where the root runs secure aggregation or central DP (seen red with factor None)."""
+    from protocol import codec
+    from protocol.messages import UpdateMessage, encode_update
+
+    part, spec, topics = _bare_partition()
+    rng = np.random.default_rng(0)
+
+    def send(agent, seq, delta):
+        payload = encode_update(UpdateMessage(agent, seq, 0, 10, codec.encode(delta, "float32", rng), {}))
+        return part.core.handle_update(topics.update(agent), payload)
+
+    for seq, agent in enumerate("abc", 1):
+        assert send(agent, seq, np.full(spec.n_params, 0.1)) is None
+    assert send("x", 9, np.full(spec.n_params, -0.4)) == "norm"
+    secagg = {"k": 3, "threshold": 2, "clip": 1.0, "timeout": 5.0, "grace": 2.0, "backoff": 30.0}
+    for settings in (dict(secagg=secagg), dict(dp={"clip": 1.0, "noise": 1.0, "delta": 1e-5}), dict(norm_factor=None)):
+        assert _bare_partition(**settings)[0].core.validator.norm.factor is None

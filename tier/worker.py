@@ -36,7 +36,7 @@ from coordinator.chunks import UpdateChunks
 from coordinator.server import Coordinator
 from coordinator.session import RejectionLog
 from coordinator.staleness import parse_staleness
-from coordinator.validation import NormBound, UpdateValidator
+from coordinator.validation import DEFAULT_NORM_FACTOR, NORM_WARMUP, NormBound, UpdateValidator
 from protocol.acks import encode_ack
 from protocol.errors import ProtocolError
 import numpy as np
@@ -77,8 +77,11 @@ class Partition:
         topics = worker.topics
         spec = worker.model.spec
         self.strategy = PartialSum(spec.n_params, worker.staleness)
+        # the single coordinator's relative norm bound, per partition (its agents' references stay exact);
+        # off where no update is seen alone (secure aggregation) and under central DP (the clip bounds each)
+        factor = None if worker.secagg is not None or worker.dp is not None else worker.norm_factor
         validator = UpdateValidator(topics, spec.n_params, max_staleness=worker.max_staleness,
-                                    norm=NormBound(worker.max_norm), reorder_window=REORDER_WINDOW)
+                                    norm=NormBound(worker.max_norm, factor), reorder_window=REORDER_WINDOW)
         self.dp = None
         self.secagg = None
         if worker.secagg is not None:  # masking rounds: partials are cohort sums, no update is seen in the clear
@@ -161,7 +164,7 @@ class Partition:
 
     # network thread -----------------------------------------------------------------------
 
-    def _audit(self, topic, update, reason, staleness) -> None:
+    def _audit(self, topic, update, reason, staleness, norm=None, limit=None) -> None:
         if reason is None and update is not None:
             self.covers.append((update.agent_id, update.seq, update.base_version))
             if self.oldest is None:
@@ -336,8 +339,8 @@ class Worker:
 
     def __init__(self, nats: Nats, mqtt_nodes, topics: Topics, *, partitions: int, worker_id: str,
                  max_partitions: int | None = None, staleness: str = "constant", max_staleness: int = 1000,
-                 max_norm: float | None = None, max_held_chunks: int = MAX_HELD_CHUNKS,
-                 chunk_timeout: float = CHUNK_TIMEOUT_S) -> None:
+                 max_norm: float | None = None, norm_factor: float | None = DEFAULT_NORM_FACTOR,
+                 max_held_chunks: int = MAX_HELD_CHUNKS, chunk_timeout: float = CHUNK_TIMEOUT_S) -> None:
         self.nats = nats
         self.mqtt_nodes = mqtt_nodes
         self.topics = topics
@@ -347,6 +350,9 @@ class Worker:
         self.staleness = parse_staleness(staleness)
         self.max_staleness = max_staleness
         self.max_norm = max_norm if max_norm is not None else 1e6
+        if norm_factor is not None and norm_factor < 0:
+            raise ValueError(f"--norm-factor must be > 0, or 0 for off, got {norm_factor:g}")
+        self.norm_factor = norm_factor or None
         UpdateChunks(1, max_held=max_held_chunks, timeout=chunk_timeout)  # refuses bad bounds in one line
         self.max_held_chunks = max_held_chunks
         self.chunk_timeout = chunk_timeout
@@ -598,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--staleness", default="constant", help="constant, polynomial:A or hinge:A,B")
     parser.add_argument("--max-staleness", type=int, default=1000, help="reject updates staler than this")
     parser.add_argument("--max-update-norm", type=float, help="reject updates with a larger L2 norm")
+    parser.add_argument("--norm-factor", type=float, default=DEFAULT_NORM_FACTOR,
+                        help="reject an update whose norm is more than this many times the median of the newest "
+                             f"update of each of the partition's last 50 agents, once {NORM_WARMUP} were seen; 0: off "
+                             f"(default {DEFAULT_NORM_FACTOR:g}; off while the root runs secure aggregation or central DP)")
     parser.add_argument("--max-held-chunks", type=int, default=MAX_HELD_CHUNKS,
                         help="acks of chunked updates' chunks held back per partition until the partial covering "
                              f"their update is durable, half of it per agent (default {MAX_HELD_CHUNKS}: half the "
@@ -618,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         worker = Worker(nats, parse_urls(args.mqtt), topics, partitions=args.partitions, worker_id=args.id,
                         max_partitions=args.max_partitions, staleness=args.staleness,
                         max_staleness=args.max_staleness, max_norm=args.max_update_norm,
-                        max_held_chunks=args.max_held_chunks, chunk_timeout=args.chunk_timeout)
+                        norm_factor=args.norm_factor, max_held_chunks=args.max_held_chunks, chunk_timeout=args.chunk_timeout)
     except (ValueError, OSError, TimeoutError) as exc:
         print(f"tier worker: {exc}", file=sys.stderr)
         return 2
