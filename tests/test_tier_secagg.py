@@ -12,7 +12,9 @@ worker takes the partition over: the round state is in the checkpoint. At the en
 - the attack: no combination of everything the root received (and its audit log, which has no values)
   isolates one agent's delta, since every delta is in exactly one partial, of at least t members;
   no update travelled in the clear;
-- the model advanced (digits accuracy of the published model) and (agent, n-th cohort) is counted once.
+- the model advanced (digits accuracy of the published model) and (agent, n-th cohort) is counted once;
+- central DP keeps working: each partial names the clip C the members used, no release takes an agent
+  twice, and the root's epsilon equals the coordinator's accountant over the same releases.
 
 The partition's side alone, broker-free (the worker's Partition, real agents' SecAggClient): a round's
 messages go out only after the checkpoint holding it, and a new owner completes it from the checkpoint.
@@ -31,7 +33,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet import spawn, stop_all
+from coordinator.privacy import CentralDP
+from coordinator.strategies import FedBuff
 from protocol.model_spec import ModelSpec, build_estimator
+from protocol.privacy import GaussianMechanism
 from protocol.tabular import write_csv
 from tier.cluster import partition_of
 from tier.lease import FencedRecord
@@ -42,6 +47,7 @@ from tier_fleet import FLEET, TOPICS, ModelWatch, Tier, read_audit, wait_until
 pytest.importorskip("cryptography")
 
 K, T = 3, 2
+CLIP, SIGMA = 5.0, 0.1  # central DP at the root: the agents clip to C, the root noises each release
 
 
 def test_partition_of_is_the_servers_mapping_for_updates_and_secagg_messages(nats_node):
@@ -156,7 +162,8 @@ def test_cohorts_inside_partitions_the_root_sees_only_their_sums_and_a_takeover_
     tier = Tier(nats_cluster, tmp_path, partitions=nats_cluster.partitions, buffer_size=K,
                 spec_args=("--model", "sgd-classifier", "--n-features", ds.n_features,
                            "--classes", ",".join(map(str, spec.classes))),
-                root_args=("--secure-aggregation", "--secagg-threshold", T, "--secagg-timeout", "5"))
+                root_args=("--secure-aggregation", "--secagg-threshold", T, "--secagg-timeout", "5",
+                           "--dp-mode", "central", "--dp-clip", CLIP, "--dp-noise", SIGMA))
     watch = ModelWatch(nats_cluster)
     tap = Tap(nats_cluster.nodes[0].mqtt_port)
     nats = Nats(nats_cluster.nats_urls, FLEET, replicas=nats_cluster.replicas)
@@ -189,6 +196,15 @@ def test_cohorts_inside_partitions_the_root_sees_only_their_sums_and_a_takeover_
 
         assert wait_until(lambda: cohorts() >= at_kill + 4 and populated <= after_kill(), 180), \
             f"rounds did not go on in both partitions after the kill: {watch.status}\n" + tier.logs()
+        stop_all(procs)
+        procs = []
+
+        def settled() -> bool:  # the root's status names every release in the audit log (the last buffer's too)
+            releases = (watch.status.get("privacy") or {}).get("releases")
+            return releases is not None and releases == len({r["version"] for r in read_audit(tier.audit)})
+
+        assert wait_until(settled, 30), f"the status never caught up with the audit log: {watch.status}"
+        status = watch.status
     finally:
         stop_all(procs)
         tier.stop()
@@ -201,7 +217,7 @@ def test_cohorts_inside_partitions_the_root_sees_only_their_sums_and_a_takeover_
     assert partials, "the tap saw no partial"
     for p in partials:  # a cohort sum, of one partition's agents
         assert p.round is not None and len(p.round) == 16, p
-        assert p.count >= T and p.weight == p.count, p
+        assert p.count >= T and p.weight == p.count and p.clip == CLIP, p
         assert {partition_of(a, nats_cluster.partitions) for a, _, _ in p.covers} == {p.partition}, p.covers
     assert {p.partition for p in partials} == populated
     assert not tap.topics("upd") and not tap.topics("update"), "an update travelled in the clear"
@@ -214,6 +230,17 @@ def test_cohorts_inside_partitions_the_root_sees_only_their_sums_and_a_takeover_
     log = (tmp_path / f"{owner}.log").read_text(errors="replace")
     logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("worker*.log"))
     assert "resumed round" in logs, f"the round in flight in partition {partition_killed} was not resumed\n{log[-2000:]}"
+
+    # central DP: the root's epsilon is the coordinator's accountant over the same releases (version -> members)
+    releases = collections.defaultdict(list)
+    for r in records:
+        releases[r["version"]].append(r["agent"])
+    twin = CentralDP(FedBuff(K), GaussianMechanism(CLIP, SIGMA), 1e-5)
+    for version in sorted(releases):
+        assert len(set(releases[version])) == len(releases[version]), f"release {version} takes an agent twice"
+        twin.release(np.zeros(1), releases[version])
+    privacy = status["privacy"]
+    assert privacy["releases"] == twin.releases and privacy["epsilon"] == pytest.approx(twin.report()["epsilon"])
 
     model = watch.latest
     est = build_estimator(model.spec, model.params)
