@@ -41,7 +41,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # statistics are followed by cheaper keys (version, accepted, statistics changes); the spec is fixed.
 NOT_DURABLE_ALONE = frozenset({
     "fleet", "spec", "version", "params", "buffer", "accepted", "rejected", "clipped", "staleness_sum",
-    "staleness_max", "highest_seq", "gaps", "buffer_timeouts", "audit", "statistics",
+    "staleness_max", "highest_seq", "gaps", "buffer_timeouts", "audit", "statistics", "typical_rounds",
 })
 
 
@@ -89,6 +89,7 @@ class Coordinator:
         self.handled_ = 0  # payloads seen, accepted or not
         self.accepted_ = 0
         self.typical_samples_ = 0  # a checkpoint's typical update size: it votes until the sample cap's warm-up
+        self.typical_rounds_ = 0  # and its typical agent's accepted updates, likewise
         self.rejected_: Counter[str] = Counter()
         self.clipped_ = 0
         self.staleness_sum_ = 0
@@ -337,17 +338,18 @@ class Coordinator:
 
     @property
     def steps(self) -> int:
-        """The rows a typical agent has trained on so far: its rounds (accepted updates / agents
-        that sent them) x a typical update's rows (the lower median of the recent agents' counts).
+        """The rows a typical agent has trained on so far: a typical agent's accepted updates x a
+        typical update's rows (lower medians over the recent agents, from NORM_WARMUP agents on).
 
         A restarted device continues its learning-rate schedule from there, not from step 1
         (with the default learning_rate 'optimal', step 1 is a large step: accuracy dipped ~15
-        points for ~20 s after every restart of the agents). Claimed counts never add up here:
-        summed, two claims of 10^9 before the sample cap's warm-up set steps to 10^8 for good,
-        and every device that started later trained with a learning rate of about zero.
+        points for ~20 s after every restart of the agents). Claims never add up here: summed, two
+        claims of 10^9 before the sample cap's warm-up set steps to 10^8 for good, and every device
+        that started later trained with a learning rate of about zero; a fresh fleet's first agent
+        alone, or one agent reporting faster than the rest, moved accepted / agents the same way.
         """
-        typical = self.validator.norm.typical_samples(self.typical_samples_)
-        return self.accepted_ // max(1, len(self.validator.highest_seq)) * typical
+        norm = self.validator.norm
+        return norm.typical_rounds(self.typical_rounds_) * norm.typical_samples(self.typical_samples_)
 
     def adopt(self, model: ModelMessage) -> bool:
         """Continue from a newer model of this fleet and spec (the broker's retained one).
@@ -419,6 +421,7 @@ class Coordinator:
             "audit": dict(self.audit_position_),
             "accepted": self.accepted_,
             "typical_samples": self.validator.norm.typical_samples(self.typical_samples_),
+            "typical_rounds": self.validator.norm.typical_rounds(self.typical_rounds_),
             "rejected": dict(self.rejected_),
             "clipped": self.clipped_,
             "staleness_sum": self.staleness_sum_,
@@ -481,6 +484,8 @@ class Coordinator:
         self.audit_position_ = state.get("audit") or {}
         self.accepted_ = state.get("accepted", 0)
         self.typical_samples_ = state.get("typical_samples", 0)
+        # a checkpoint from before typical_rounds: the rounds per agent it implies
+        self.typical_rounds_ = state.get("typical_rounds", self.accepted_ // max(1, len(state.get("highest_seq", {}))))
         self.rejected_.update(state.get("rejected", {}))
         self.clipped_ = state.get("clipped", 0)
         self.staleness_sum_ = state.get("staleness_sum", 0)
