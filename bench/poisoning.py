@@ -7,6 +7,7 @@ all-honest fleet meets every defence too (the cost of a defence without an attac
 Prints JSON; docs/security.md explains the figures.
 
     python bench/poisoning.py [--updates 1000] [--seeds 5] [--buffer-size 10] [--jobs 1]
+                              [--attacks none,sign-flip] [--defences mean,trimmed-mean+norm-reject]
 
 --jobs runs the (attack, defence, seed) cells in that many processes; each run is seeded,
 so the figures are the same as one process's.
@@ -37,6 +38,17 @@ DEFENCES = {
 }
 
 
+def _names(known: list[str]):
+    """An argparse type: a comma-separated subset of `known`, in the order given."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(known)}")
+        return names
+    return parse
+
+
 def summarise(runs: list[dict]) -> dict:
     """Mean and per-seed accuracy of one (attack, defence) cell, with what got through."""
     return {
@@ -65,11 +77,17 @@ def main() -> None:
     p.add_argument("--buffer-size", type=int, default=10)
     p.add_argument("--partition", default="dirichlet:0.5")
     p.add_argument("--jobs", type=int, default=1, help="processes to run the seeded runs in (same figures)")
+    p.add_argument("--attacks", type=_names(["none", *ATTACKS]), default=["none", *ATTACKS],
+                   help="comma-separated attacks to run (default: all; `none` is the all-honest fleet)")
+    p.add_argument("--defences", type=_names(list(DEFENCES)), default=list(DEFENCES),
+                   help="comma-separated defences to run (default: all)")
     args = p.parse_args()
+    if "none" not in args.attacks or "mean" not in args.defences:
+        p.error("--attacks must include none and --defences mean: every figure is against the all-honest mean")
     options = dict(agents=args.agents, attackers=args.attackers, updates=args.updates,
                    buffer_size=args.buffer_size, scheme=args.partition)
-    results: dict[str, dict] = {attack: {} for attack in ["none", *ATTACKS]}
-    cells = [(attack, name) for attack in results for name in DEFENCES]
+    results: dict[str, dict] = {attack: {} for attack in args.attacks}
+    cells = [(attack, name) for attack in results for name in args.defences]
     with ProcessPoolExecutor(args.jobs) as pool:
         runs = pool.map(one_run, [(a, n, s, options) for a, n in cells for s in range(args.seeds)])
         for attack, name in cells:
@@ -85,7 +103,7 @@ def main() -> None:
         "buffer_size": args.buffer_size, "staleness": "polynomial:0.5", "codec": "int8",
         "accuracy": "mean test accuracy of the models published in the last 25% of the updates",
         "attacks": {name: {"delta_factor": a.factor, "claimed_samples": a.claimed_samples} for name, a in ATTACKS.items()},
-        "defences": {name: str(d) for name, d in DEFENCES.items()},
+        "defences": {name: str(DEFENCES[name]) for name in args.defences},
         "all_honest_mean_accuracy": honest,
         "results": results,
     }, indent=1))
