@@ -90,7 +90,7 @@ def test_a_partition_holds_every_chunk_ack_until_the_update_is_folded_and_releas
 
     spec = ModelSpec("sgd-regressor", FEATURES, ())
     worker = SimpleNamespace(topics=TOPICS, model=ModelMessage(FLEET, 0, spec, np.zeros(spec.n_params)),
-                             staleness=Constant(), max_staleness=10, max_norm=1e6, dp=None, secagg=None, nats=None,
+                             staleness=Constant(), max_staleness=10, max_norm=1e6, norm_factor=None, dp=None, secagg=None, nats=None,
                              worker_id="w", max_held_chunks=64, chunk_timeout=60.0)
     part = Partition(worker, 0, SimpleNamespace(epoch=1))
     part.adopt(worker.model)
