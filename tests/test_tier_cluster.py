@@ -12,6 +12,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet import ROOT
+from tier.cluster import partition_of
 
 
 def test_launcher_starts_a_partitioned_cluster_and_stops_it(tmp_path):
@@ -29,16 +30,19 @@ def test_launcher_starts_a_partitioned_cluster_and_stops_it(tmp_path):
         sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="w", protocol=mqtt.MQTTv311)
         sub.on_message = lambda c, u, m: (seen.setdefault(m.topic.split("/")[4], set()).add(m.topic.split("/")[3]),
                                           len(seen) == 12 and sum(map(len, seen.values())) == 12 and done.set())
+        subscribed = threading.Event()
+        sub.on_subscribe = lambda *a: subscribed.set()
         sub.connect("127.0.0.1", ports[2])
         sub.loop_start()
-        sub.subscribe("fedmq/f/upd/+/+", 1)[1]
+        sub.subscribe("fedmq/f/upd/+/+", 1)
+        assert subscribed.wait(20), "no SUBACK from the third node"
         pubs = []
         for port in ports[:2]:  # two nodes publish the same agents: each still lands on one partition
             p = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"p{port}", protocol=mqtt.MQTTv311)
             p.connect("127.0.0.1", port)
             p.loop_start()
             pubs.append(p)
-        for _ in range(3):  # until the subscription has spread over the routes
+        for _ in range(10):  # until the subscription has spread over the routes (seconds at load 10)
             for p in pubs:
                 for a in range(12):
                     p.publish(f"fedmq/f/update/a{a}", b"x", qos=1).wait_for_publish(10)
@@ -46,6 +50,7 @@ def test_launcher_starts_a_partitioned_cluster_and_stops_it(tmp_path):
                 break
         assert len(seen) == 12 and all(len(parts) == 1 for parts in seen.values()), seen
         assert len({next(iter(parts)) for parts in seen.values()}) == 3  # all 3 partitions used
+        assert all(parts == {str(partition_of(a, 3))} for a, parts in seen.items())  # the workers' hash agrees
         for c in (sub, *pubs):
             c.loop_stop()
             c.disconnect()
