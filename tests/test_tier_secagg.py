@@ -370,3 +370,30 @@ def test_a_partition_sends_its_rounds_messages_only_after_the_checkpoint_and_a_n
     assert p.round == state["secagg"]["rounds"]["round"]["id"] and p.count == K and p.weight == K
     assert sorted(a for a, _, _ in p.covers) == agents and {s for _, s, _ in p.covers} == {1}
     assert np.allclose(p.weighted_sum, sum(deltas.values()), atol=K / part2.secagg.rounds.scale)
+
+
+def test_a_root_under_secure_aggregation_folds_only_cohort_sums():
+    """The root's side, broker-free: a partial without a round id (a worker folding clear updates) or with
+    fewer members than the threshold is dropped, and the partition's next cohort sum is still folded."""
+    from types import SimpleNamespace
+
+    from tier.mqtt_link import parse_urls
+    from tier.partial import Partial, encode_partial
+    from tier.root import Root
+    from tier.steps import RootFedBuff
+
+    spec = ModelSpec("sgd-regressor", 9, ())
+    root = Root(SimpleNamespace(), parse_urls("mqtt://127.0.0.1:1"), TOPICS, spec, RootFedBuff(spec.n_params, K), root_id="r",
+                secagg=SECAGG)
+    n = spec.n_params
+
+    def partial(seq, count, round_id):
+        covers = [(f"a{i}", seq, 0) for i in range(count)]
+        return encode_partial(Partial(0, 1, seq, np.ones(n) * count, float(count), count, covers, round=round_id))
+
+    lines = []
+    assert root._fold(partial(1, K, None), lines) == "rejected"  # clear updates' sum: never folded
+    assert root._fold(partial(2, T - 1, b"r" * 16), lines) == "rejected"  # one member's "cohort"
+    assert root._fold(partial(3, K, b"s" * 16), lines) == "folded"
+    assert root.hwm == {"0": 3} and root.rejected == 2 and root.cohorts == 1 and root.folded == K
+    assert {line.count('"pseq": 3') for line in lines} == {1}
