@@ -413,7 +413,7 @@ def combine(paths: list[Path], out: Path) -> None:
     result["seeds"] = len({r["seed"] for r in result["runs"]})
     result["seconds"] = [part["seconds"] for part in parts]
     result["load_average_at_end"] = [part["load_average_at_end"] for part in parts]
-    result["combined_from"] = [f"seeds {sorted({r['seed'] for r in part['runs']})}, run in parallel" for part in parts]
+    result["combined_from"] = [f"seeds {sorted({r['seed'] for r in part['runs']})}" for part in parts]  # how: the doc says
     order = [*FLOWER_SYSTEMS, *FEDMQ_SYSTEMS]
     names = {r["system"] for r in result["runs"]}
     systems = [n for n in order if n in names] + sorted(names - set(order))
