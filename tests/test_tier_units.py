@@ -18,6 +18,7 @@ from protocol.errors import ProtocolError
 from protocol.messages import UpdateMessage, encode_update
 from protocol.topics import Topics
 from tier.lease import Fenced, FencedRecord
+from tier.mqtt_link import Link, parse_urls
 from tier.partial import Partial, PartialSum, decode_partial, encode_partial
 from tier.steps import RootFedAsync, RootFedBuff
 
@@ -203,3 +204,15 @@ def test_a_partition_worker_has_the_relative_norm_bound_by_default():
     secagg = {"k": 3, "threshold": 2, "clip": 1.0, "timeout": 5.0, "grace": 2.0, "backoff": 30.0}
     for settings in (dict(secagg=secagg), dict(dp={"clip": 1.0, "noise": 1.0, "delta": 1e-5}), dict(norm_factor=None)):
         assert _bare_partition(**settings)[0].core.validator.norm.factor is None
+
+
+def test_a_link_never_fails_over_to_the_node_another_link_is_on():
+    """The root's two links must stay on two nodes, or one node's death cuts both (seen: 8.92 s)."""
+    nodes = parse_urls("mqtt://127.0.0.1:1,mqtt://127.0.0.1:2,mqtt://127.0.0.1:3")
+    other = SimpleNamespace(index=1)
+    link = Link(nodes, "test-avoid", persistent=False, start=0, avoid=lambda: other.index)
+    link._rotate()
+    assert link.index == 2 and link.client._port == 3
+    other.index = 0
+    link._rotate()
+    assert link.index == 1

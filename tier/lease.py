@@ -88,12 +88,14 @@ class Lease:
             return True
         except KeyWrongLastSequenceError:
             # expired, typically while JetStream elected a new leader after a node died: win it back if
-            # nobody else did (the fenced checkpoint, not the lease, guards the state in between)
+            # nobody else did (the fenced checkpoint, not the lease, guards the state in between). The
+            # revision is dropped only once that failed: a holder reading None in between gave its
+            # partition up for nothing and took it over again through a fresh MQTT session (seen)
             old = self.epoch
-            self.revision = None
             if self.acquire():
                 log.info("%s won lease %s back (epoch %s -> %s)", self.owner, self.key, old, self.epoch)
                 return True
+            self.revision = None
             log.warning("%s lost lease %s (epoch %s)", self.owner, self.key, old)
             return False
         except Exception as exc:  # a node down: try again, fence ourselves if it lasts

@@ -30,9 +30,11 @@ class Link:
     """One MQTT connection with failover over `nodes`; `connection` counts (re)connections."""
 
     def __init__(self, nodes: list[BrokerSettings], client_id: str, *, persistent: bool, start: int = 0,
-                 on_connect=None, on_message=None, on_subscribed=None, manual_ack: bool = False) -> None:
+                 on_connect=None, on_message=None, on_subscribed=None, manual_ack: bool = False,
+                 avoid=None) -> None:
         self.nodes = nodes
         self.index = start % len(nodes)
+        self.avoid = avoid  # () -> the index of a node not to fail over to (another link's), if any
         self.connection = 0
         self.connected = threading.Event()
         self._user_connect = on_connect
@@ -61,6 +63,8 @@ class Link:
 
     def _rotate(self) -> None:
         self.index = (self.index + 1) % len(self.nodes)
+        if self.avoid is not None and len(self.nodes) > 2 and self.index == self.avoid():
+            self.index = (self.index + 1) % len(self.nodes)
         node = self.nodes[self.index]
         # paho's public host/port setters refuse while its state is not "closed", which is never the case
         # inside its own reconnect loop; its reconnect() reads these two attributes

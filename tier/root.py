@@ -87,13 +87,14 @@ class Root:
         self.retained_version = -1
         self.retained_seen = threading.Event()
         self._last_pub = 0.0
-        # two connections to two nodes (one with a single node): when a node dies the other one still carries
-        # the model at once, where a reconnect waited for the elections of the session stream (4-9 s) and then
-        # up to the listener's js_api_timeout more. Each subscribes to the model at QoS 0 (it is published at
-        # QoS 0): no JetStream consumer, so a reconnect needs no consumer to be deleted by the meta leader
+        # two connections to two nodes (one with a single node), never failing over to the other's node: when a
+        # node dies the other one still carries the model at once, where a reconnect waited for the elections of
+        # the session stream (4-9 s) and then up to the listener's js_api_timeout more. Each subscribes to the
+        # model at QoS 0 (it is published at QoS 0): no JetStream consumer, so a reconnect needs no consumer to
+        # be deleted by the meta leader
         self.links = [Link(mqtt_nodes, f"fedmq-root-{topics.fleet}-{root_id}" + ("-b" if i else ""), persistent=False,
-                           start=i, on_message=self._on_retained,
-                           on_connect=lambda c, *a: c.subscribe(topics.model, 0))
+                           start=i, on_message=self._on_retained, on_connect=lambda c, *a: c.subscribe(topics.model, 0),
+                           avoid=lambda i=i: self.links[1 - i].index)
                       for i in range(min(2, len(mqtt_nodes)))]
         self.link = self.links[0]  # the one the last model went out on
         self.params = np.zeros(spec.n_params)
