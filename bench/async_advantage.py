@@ -358,6 +358,8 @@ def main() -> None:
     fedmq = dict(FEDMQ_SYSTEMS)
     for spec in args.fedmq:
         name, _, flags = spec.partition("=")
+        if not name.strip() or not flags.split() or not flags.split()[0].startswith("--"):
+            p.error(f"--fedmq {spec!r}: give NAME=FLAGS, the flags starting with '--' (a NAME cannot hold '=')")
         fedmq[name] = flags.split()
     systems = [*FLOWER_SYSTEMS, *fedmq]
     if args.system:
