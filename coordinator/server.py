@@ -41,7 +41,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # statistics are followed by cheaper keys (version, accepted, statistics changes); the spec is fixed.
 NOT_DURABLE_ALONE = frozenset({
     "fleet", "spec", "version", "params", "buffer", "accepted", "rejected", "clipped", "staleness_sum",
-    "staleness_max", "highest_seq", "gaps", "buffer_timeouts", "audit", "statistics", "typical_rounds",
+    "staleness_max", "highest_seq", "gaps", "buffer_timeouts", "audit", "statistics",
 })
 
 
@@ -76,6 +76,10 @@ class Coordinator:
         self.publish_policy = publish_policy or PublishPolicy(max_interval=publish_interval, min_interval=0.0, kind=CLOCK)
         self.publish_interval = self.publish_policy.max_interval
         self.waiting_ = AgentsWaiting()  # agents whose update is folded and who hold nothing newer
+        # agents whose update was refused since the last step: they train again only on a newer model, so a
+        # buffer sized to the agents online must not wait for them (one refusal stalled a fleet of K for
+        # --buffer-timeout)
+        self.refused_since_step_: set[str] = set()
         self.published_params_: np.ndarray | None = None  # params_ when last published (what the change is measured from)
         self.buffer_timeout = buffer_timeout
         self.eval_data = eval_data
@@ -89,7 +93,6 @@ class Coordinator:
         self.handled_ = 0  # payloads seen, accepted or not
         self.accepted_ = 0
         self.typical_samples_ = 0  # a checkpoint's typical update size: it votes until the sample cap's warm-up
-        self.typical_rounds_ = 0  # and its typical agent's accepted updates, likewise
         self.rejected_: Counter[str] = Counter()
         self.clipped_ = 0
         self.staleness_sum_ = 0
@@ -143,6 +146,8 @@ class Coordinator:
             verdict, reason = Verdict("internal"), "internal"
         if reason is not None:
             self.rejected_[reason] += 1
+            if reason != "replay" and verdict.update is not None:
+                self._not_waiting_for(verdict.update.agent_id)
         else:
             self.acks.note(verdict.update.agent_id, verdict.update.seq)
         if self.audit is not None:
@@ -181,10 +186,26 @@ class Coordinator:
         local -= self.params_
         return l2_norm(local)
 
+    def _not_waiting_for(self, agent: str) -> None:
+        """A refused agent sends nothing more before a newer model: the buffer, sized to the agents online,
+        steps without it (one agent can only give up its own slot this way)."""
+        if self.presence is None:
+            return
+        self.refused_since_step_.add(agent)
+        if not self.strategy.pending:
+            return
+        absent = len(self.refused_since_step_ - self.strategy.buffered_agents())
+        if self.strategy.resize(max(1, self.presence.count - absent)):
+            self._flush(f"{self.presence.count} agent(s) online, {absent} refused since the last step")
+
     def _step(self, new: np.ndarray) -> None:
         self.params_ = new
         self.version_ += 1
         self.buffer_since_ = None if not self.strategy.pending else self.buffer_since_
+        if self.refused_since_step_:
+            self.refused_since_step_.clear()
+            if self.presence is not None:
+                self.strategy.resize(self.presence.count)
 
     def tick(self, now: float | None = None) -> bool:
         """Step a buffer that has waited `buffer_timeout` seconds without filling; True if it did.
@@ -338,18 +359,17 @@ class Coordinator:
 
     @property
     def steps(self) -> int:
-        """The rows a typical agent has trained on so far: a typical agent's accepted updates x a
-        typical update's rows (lower medians over the recent agents, from NORM_WARMUP agents on).
+        """The rows a typical agent has trained on so far: its rounds (accepted updates / agents
+        that sent them) x a typical update's rows (the lower median of the recent agents' counts).
 
         A restarted device continues its learning-rate schedule from there, not from step 1
         (with the default learning_rate 'optimal', step 1 is a large step: accuracy dipped ~15
-        points for ~20 s after every restart of the agents). Claims never add up here: summed, two
-        claims of 10^9 before the sample cap's warm-up set steps to 10^8 for good, and every device
-        that started later trained with a learning rate of about zero; a fresh fleet's first agent
-        alone, or one agent reporting faster than the rest, moved accepted / agents the same way.
+        points for ~20 s after every restart of the agents). Claimed counts never add up here:
+        summed, two claims of 10^9 before the sample cap's warm-up set steps to 10^8 for good,
+        and every device that started later trained with a learning rate of about zero.
         """
-        norm = self.validator.norm
-        return norm.typical_rounds(self.typical_rounds_) * norm.typical_samples(self.typical_samples_)
+        typical = self.validator.norm.typical_samples(self.typical_samples_)
+        return self.accepted_ // max(1, len(self.validator.highest_seq)) * typical
 
     def adopt(self, model: ModelMessage) -> bool:
         """Continue from a newer model of this fleet and spec (the broker's retained one).
@@ -421,7 +441,6 @@ class Coordinator:
             "audit": dict(self.audit_position_),
             "accepted": self.accepted_,
             "typical_samples": self.validator.norm.typical_samples(self.typical_samples_),
-            "typical_rounds": self.validator.norm.typical_rounds(self.typical_rounds_),
             "rejected": dict(self.rejected_),
             "clipped": self.clipped_,
             "staleness_sum": self.staleness_sum_,
@@ -484,8 +503,6 @@ class Coordinator:
         self.audit_position_ = state.get("audit") or {}
         self.accepted_ = state.get("accepted", 0)
         self.typical_samples_ = state.get("typical_samples", 0)
-        # a checkpoint from before typical_rounds: the rounds per agent it implies
-        self.typical_rounds_ = state.get("typical_rounds", self.accepted_ // max(1, len(state.get("highest_seq", {}))))
         self.rejected_.update(state.get("rejected", {}))
         self.clipped_ = state.get("clipped", 0)
         self.staleness_sum_ = state.get("staleness_sum", 0)

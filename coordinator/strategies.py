@@ -61,6 +61,10 @@ class Strategy(ABC):
         """For the status: the configured and the effective buffer size (buffered rules), else None."""
         return None
 
+    def buffered_agents(self) -> set:
+        """The agents whose update the buffer holds (buffered rules), else none."""
+        return set()
+
     def state(self) -> dict:
         """What a checkpoint must hold so that pending updates survive a crash."""
         return {}
@@ -153,6 +157,9 @@ class FedBuff(Strategy):
 
     def buffer(self) -> dict:
         return {"size": self.buffer_size, "effective": self.effective_size, "live_agents": self.live}
+
+    def buffered_agents(self) -> set:
+        return set(self._agents)
 
     def add(self, params, delta, n_samples, staleness, base=None, agent=None):
         row = self.staleness(staleness) * np.asarray(delta, dtype=np.float64)

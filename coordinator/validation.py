@@ -83,9 +83,8 @@ class NormBound:
         self.window = window
         self.warmup = warmup
         self.norm_warmup = norm_warmup
-        # agent -> its newest norm, its newest (capped) sample count, its accepted updates: columns 0, 1, 2
-        self.recent: tuple[OrderedDict[str, float], OrderedDict[str, int], OrderedDict[str, int]] = \
-            (OrderedDict(), OrderedDict(), OrderedDict())
+        # agent -> its newest norm, agent -> its newest (capped) sample count: columns 0 and 1
+        self.recent: tuple[OrderedDict[str, float], OrderedDict[str, int]] = (OrderedDict(), OrderedDict())
         self._medians: dict[int, tuple[int, float]] = {}  # column -> (changes when computed, median)
         self._changes = 0
 
@@ -99,24 +98,16 @@ class NormBound:
         return self._relative(1, self.sample_factor, self.warmup)
 
     def typical_samples(self, prior: int = 0) -> int:
-        """The lower median of the recent agents' newest (capped) sample counts; 0 before `norm_warmup` agents.
+        """The lower median of the recent agents' newest (capped) sample counts, 0 before any.
 
         The lower one: with two agents, one claiming 10^9 rows, it is the other's count. `prior` (a
         checkpoint's typical count) votes once per agent the sample cap's warm-up still lacks: after a
         restart one device's first claim of 10^12 rows was the whole median, and the model's steps.
         """
-        return self._typical(1, prior)
-
-    def typical_rounds(self, prior: int = 0) -> int:
-        """The lower median of the recent agents' accepted updates, as typical_samples: one agent that
-        reports faster (or floods) moves it no more than one vote, where accepted / agents followed it."""
-        return self._typical(2, prior)
-
-    def _typical(self, column: int, prior: int) -> int:
-        values = list(self.recent[column].values())
+        counts = list(self.recent[1].values())
         if prior > 0:
-            values += [prior] * max(0, self.warmup - len(values))
-        return int(statistics.median_low(values)) if len(values) >= self.norm_warmup else 0
+            counts += [prior] * max(0, self.warmup - len(counts))
+        return int(statistics.median_low(counts)) if counts else 0
 
     def forget_norms(self) -> None:
         """Drop the norm reference: the model was re-expressed for a new feature scaling, so the norms
@@ -144,9 +135,8 @@ class NormBound:
         self._note(0, agent, norm)
 
     def accepted(self, n_samples: int = 1, agent: str = "") -> None:
-        """Note the (capped) sample count of an accepted update, and one more accepted from `agent`."""
+        """Note the (capped) sample count of an accepted update."""
         self._note(1, agent, n_samples)
-        self._note(2, agent, self.recent[2].get(agent, 0) + 1)
 
     def _note(self, column: int, agent: str, value: float) -> None:
         recent = self.recent[column]

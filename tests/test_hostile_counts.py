@@ -21,7 +21,6 @@ import time
 import urllib.request
 
 import numpy as np
-import pytest
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -100,16 +99,12 @@ def test_one_agent_claiming_a_billion_samples_owns_neither_the_evaluation_nor_th
     assert f'fedmq_updates_bounded_total{{fleet="{FLEET}",reason="repeat_agent"}}' in metrics
 
 
-@pytest.mark.parametrize("attack, strategy, window", [("sign-flip", "fedasync", (60, 120)),
-                                                     ("inflated-flip", "fedbuff", (12, 30))])  # one step per buffer
-def test_one_sign_flipping_agent_of_6_costs_the_default_fleet_under_2_points(tmp_path, mosquitto, monkeypatch,
-                                                                              attack, strategy, window):
-    """Default flags (the relative norm bound on): 5 honest agents and one real agent whose updates
-    are distorted (tests/sign_flip_agent.py) against the same 5 honest agents alone, side by side
-    on one broker. `sign-flip` (deltas x-4) under fedasync, the default strategy: with the bound off
-    (`--norm-factor 0`, the old default) the flip won from about version 40 on: 0.538 against 0.958
-    over versions 20-200. `inflated-flip` (x-1.5, inside the bound, claiming 10^9 samples) under
-    fedbuff: the claims are capped (the sample cap, one row per agent, 2x the buffer's median)."""
+def test_one_sign_flipping_agent_of_6_costs_the_default_fleet_under_2_points(tmp_path, mosquitto, monkeypatch):
+    """Default flags (fedasync, the relative norm bound on): 5 honest agents and one real agent whose
+    deltas are x-4 (tests/sign_flip_agent.py) against the same 5 honest agents alone, side by side
+    on one broker. With the bound off (`--norm-factor 0`, the old default) the flip won from about
+    version 40 on: 0.538 against 0.958 over versions 20-200."""
+    attack, strategy, window = "sign-flip", "fedasync", (60, 120)  # versions compared, the same in both fleets
     monkeypatch.setenv("FEDMQ_TEST_ATTACK", attack)
     ds = load_dataset("digits", seed=0)
     parts = partition(ds.y_train, 6, "iid", seed=0)
@@ -148,5 +143,4 @@ def test_one_sign_flipping_agent_of_6_costs_the_default_fleet_under_2_points(tmp
           f"with one {attack} agent {np.mean(hostile):.4f} ({len(hostile)}); flip fleet rejected {flip['rejected']}, "
           f"bounded {flip.get('bounded')}")
     assert np.mean(hostile) >= np.mean(honest) - 0.02, (np.mean(honest), np.mean(hostile))
-    if attack == "sign-flip":
-        assert flip["rejected"].get("norm", 0) > 0, flip["rejected"]  # the bound did it, counted
+    assert flip["rejected"].get("norm", 0) > 0, flip["rejected"]  # the bound did it, counted

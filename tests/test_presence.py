@@ -71,3 +71,30 @@ def test_a_status_whose_state_is_no_string_is_refused_and_the_agent_not_counted(
         assert p.handle(T.agent_status("a"), payload) == "status_decode"
         assert p.count == 0
         p.handle(T.agent_status("a"), b'{"state": "online"}')
+
+
+def test_a_refused_agent_does_not_hold_up_a_buffer_sized_to_the_agents_online():
+    """5 agents online, K = 5: one update refused (as norm) and the agent trains again only on a newer model;
+    the buffer waited --buffer-timeout (30 s) for it, every time (tests/test_hostile_counts.py's honest fedbuff
+    fleet: 11 versions in 90 s). It steps with the 4 others at once, and K is back to 5 after the step."""
+    from coordinator.validation import NormBound
+    from protocol import codec
+    from protocol.messages import UpdateMessage, encode_update
+
+    spec = ModelSpec("sgd-classifier", 2, (0, 1))
+    core = Coordinator(T, spec, make_strategy("fedbuff", buffer_size=5),
+                       UpdateValidator(T, spec.n_params, norm=NormBound(max_norm=1.0)), presence=Presence(T))
+    agents = ["a", "b", "c", "d", "e"]
+    for agent in agents:
+        core.handle_agent_status(*status(agent, "training"))
+
+    def update(agent: str, value: float) -> tuple[str, bytes]:
+        enc = codec.encode(np.full(spec.n_params, value), "float32", np.random.default_rng(0))
+        return T.update(agent), encode_update(UpdateMessage(agent, 1, 0, 10, enc, {}))
+
+    for agent in agents[:4]:
+        assert core.handle_update(*update(agent, 0.1)) is None
+    assert core.version_ == 0
+    assert core.handle_update(*update("e", 100.0)) == "norm"
+    assert core.version_ == 1 and core.strategy.pending == 0
+    assert core.status()["buffer"] == {"size": 5, "effective": 5, "live_agents": 5}
