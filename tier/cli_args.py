@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 
 from tier.cluster import DEFAULT_PARTITIONS
 from tier.nats_io import Nats
@@ -59,3 +60,20 @@ def connect_nats(args: argparse.Namespace, role: str) -> Nats:
     """The NATS connection of a root or worker (`role`) parsed with add_cluster_args."""
     return Nats(args.nats.split(","), args.fleet, prefix=args.topic_prefix, replicas=args.replicas,
                 name=f"fedmq-{role}-{args.id}")
+
+
+START_PATIENCE_S = 30.0  # how long a root or worker keeps trying to start while NATS times out
+
+
+def start_with_retries(build, stop: threading.Event, role: str):
+    """build() until it stops timing out, for at most START_PATIENCE_S: a standby started while a NATS
+    node restarts (an election under way) must come up, not exit ("root3 never came up: nats: timeout")."""
+    deadline = time.monotonic() + START_PATIENCE_S
+    while True:
+        try:
+            return build()
+        except TimeoutError as exc:
+            if time.monotonic() > deadline or stop.is_set():
+                raise
+            logging.getLogger(__name__).warning("tier %s: %s while starting; retrying", role, exc or "timeout")
+            stop.wait(1.0)

@@ -35,7 +35,7 @@ from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, decode_model, encode_model
 from protocol.model_spec import ESTIMATORS, ModelSpec
 from protocol.topics import Topics
-from tier.cli_args import add_cluster_args, connect_nats, start_logging, stop_on_signals
+from tier.cli_args import add_cluster_args, connect_nats, start_logging, start_with_retries, stop_on_signals
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, parse_urls
 from tier.nats_io import Nats
@@ -418,9 +418,18 @@ def main(argv: list[str] | None = None) -> int:
             from tier.secagg import root_config
 
             secagg = root_config(args, spec.n_params)
-        nats = connect_nats(args, "root")
-        root = Root(nats, parse_urls(args.mqtt), topics, spec, rule, root_id=args.id, audit_log=args.audit_log,
-                    buffer_timeout=args.buffer_timeout, partitions=args.partitions, dp=dp, secagg=secagg)
+
+        def build():
+            nats = connect_nats(args, "root")
+            try:
+                return nats, Root(nats, parse_urls(args.mqtt), topics, spec, rule, root_id=args.id,
+                                  audit_log=args.audit_log, buffer_timeout=args.buffer_timeout,
+                                  partitions=args.partitions, dp=dp, secagg=secagg)
+            except BaseException:
+                nats.close()
+                raise
+
+        nats, root = start_with_retries(build, stop, "root")
     except (ValueError, OSError, TimeoutError) as exc:
         print(f"tier root: {exc}", file=sys.stderr)
         return 2

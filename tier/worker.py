@@ -44,7 +44,7 @@ import numpy as np
 from protocol.messages import ModelMessage, decode_model, decode_update
 from protocol.model_spec import ModelSpec
 from protocol.topics import Topics, check_name
-from tier.cli_args import add_cluster_args, connect_nats, start_logging, stop_on_signals
+from tier.cli_args import add_cluster_args, connect_nats, start_logging, start_with_retries, stop_on_signals
 from tier.cluster import MQTT_MAX_ACK_PENDING, partition_of
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, drop, parse_urls
@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = stop_on_signals()
     try:
         topics = Topics(args.fleet, args.topic_prefix)
-        nats = connect_nats(args, "worker")
+        nats = start_with_retries(lambda: connect_nats(args, "worker"), stop, "worker")
         worker = Worker(nats, parse_urls(args.mqtt), topics, partitions=args.partitions, worker_id=args.id,
                         max_partitions=args.max_partitions, staleness=args.staleness,
                         max_staleness=args.max_staleness, max_norm=args.max_update_norm,
