@@ -10,6 +10,9 @@ speeds: each device's round lasts --round-time x its slowdown exp(N(0, SIGMA^2))
 padding of each local round (bench/padding.py) in Flower clients and fedmq agents. Every device
 is its own process; fedmq runs over a real mosquitto with the real coordinator.
 
+With --dataset sensors (a regression on sixteen correlated sensor readings, scored by r2) the
+model is an SGDRegressor on both sides (fedmq's sgd-regressor) and every "accuracy" figure is r2.
+
 Per system and seed: the time from the first local round to 90% and 95% of the ceiling (the
 coordinator's status accuracy for fedmq, the server's evaluation after each round for
 Flower), updates aggregated by then, the devices' bytes by then (tcpdump on loopback: every
@@ -43,7 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.device_bytes import Capture, client_ports, spawn  # noqa: E402
+from bench.device_bytes import Capture, client_ports, pcap_bytes, spawn  # noqa: E402
 from protocol.tabular import write_csv  # noqa: E402
 from protocol.topics import Topics  # noqa: E402
 from simulation.datasets import centralized_baseline, load_dataset  # noqa: E402
@@ -83,6 +86,11 @@ class Probe:
 
     def round_starts(self) -> list[float]:
         return [float(t) for t in re.findall(r"round start ([\d.]+)", self.log.read_text(errors="replace"))]
+
+    def updates_sent(self, flower: bool) -> int:
+        """Updates this device sent (fedmq's 'sent update' log lines, a Flower client's 'fit N' lines)."""
+        return len(re.findall(r"^fit \d+" if flower else r"sent (?:held )?update:", self.log.read_text(errors="replace"),
+                              re.MULTILINE))
 
 
 def cpu_at(series: list[tuple[float, float]], t: float) -> float:
@@ -138,10 +146,35 @@ def sample_until(probes: list[Probe], server_port: int, done, timeout: float) ->
     raise RuntimeError("the run did not finish in time")
 
 
-def figures(name: str, probes: list[Probe], packets: list, server_port: int, timeline: list, ceiling: float,
+def breakdown(wire: dict[int, dict], ports: set[int], updates: int) -> dict:
+    """Where the devices' bytes went over the whole run, per update the devices sent: each kind of
+    device_bytes.pcap_bytes (MQTT packet type and topic, IP/TCP headers, TCP-only segments) summed over
+    the `ports`' connections, with its packets (segments) and, for a PUBLISH, how much of it is MQTT
+    header (fixed header, topic, packet id)."""
+    kinds: dict[str, list[int]] = {}
+    headers: dict[str, int] = {}
+    for port in ports & set(wire):
+        for kind, (nbytes, count) in wire[port]["kinds"].items():
+            k = kinds.setdefault(kind, [0, 0])
+            k[0], k[1] = k[0] + nbytes, k[1] + count
+        for kind, (nbytes, _) in wire[port].get("publish_headers", {}).items():
+            headers[kind] = headers.get(kind, 0) + nbytes
+    per = max(updates, 1)
+    out = {}
+    for kind, (nbytes, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        out[kind] = {"bytes_per_update": round(nbytes / per, 1), "packets_per_update": round(count / per, 3)}
+        if kind in headers:
+            out[kind]["mqtt_header_bytes_per_update"] = round(headers[kind] / per, 1)
+    return {"updates_sent": updates, "bytes_per_update": round(sum(k[0] for k in kinds.values()) / per, 1),
+            "kinds": out}
+
+
+def figures(name: str, probes: list[Probe], capture: Path, server_port: int, timeline: list, ceiling: float,
             end: float) -> dict:
     """The per-run figures from the devices' round starts, the accuracy timeline (wall time, accuracy,
-    updates) and the capture: times, updates, bytes and CPU to each fraction of the ceiling; finals."""
+    updates) and the capture: times, updates, bytes and CPU to each fraction of the ceiling; finals;
+    where the bytes went (`breakdown`)."""
+    packets = packet_times(capture, server_port)
     starts = [min(s) for s in (p.round_starts() for p in probes) if s]
     if not starts:
         raise RuntimeError(f"{name}: no device started a round")
@@ -165,6 +198,9 @@ def figures(name: str, probes: list[Probe], packets: list, server_port: int, tim
         out.update({f"time_to_{key}_s": round(t, 2), f"updates_to_{key}": n,
                     f"device_bytes_to_{key}": bytes_until(packets, ports, t0 + t),
                     f"device_cpu_s_to_{key}": round(sum(cpu_at(p.cpu, t0 + t) - cpu_at(p.cpu, t0) for p in probes), 3)})
+    flower = name in FLOWER_SYSTEMS
+    out["breakdown"] = breakdown(pcap_bytes(capture, server_port, mqtt=not flower), ports,
+                                 sum(p.updates_sent(flower) for p in probes))
     out["timeline"] = [[round(t, 2), round(acc, 4), n] for t, acc, n in rel]
     return out
 
@@ -173,15 +209,18 @@ def figures(name: str, probes: list[Probe], packets: list, server_port: int, tim
 class Task:
     data: Path
     n_features: int
-    classes: int
+    classes: int  # 0: a regression
     agents: int
     pads: list[float]
     ceiling: float
+    metric: str  # what the ceiling and every "accuracy" figure are: accuracy, or r2
 
 
 def write_task(workdir: Path, args: argparse.Namespace, seed: int) -> Task:
     """The seed's shards (agent<i>.csv), test.csv, device pads and ceiling."""
     ds = load_dataset(args.dataset, seed=seed)
+    if ds.task not in ("classification", "regression"):
+        raise SystemExit(f"--dataset {args.dataset}: a classification or regression task ({ds.task} is neither)")
     ceiling = centralized_baseline(ds, seed=seed)
     parts = partition(ds.y_train, args.agents, args.partition, seed=seed)
     workdir.mkdir(parents=True)
@@ -189,11 +228,19 @@ def write_task(workdir: Path, args: argparse.Namespace, seed: int) -> Task:
         write_csv(workdir / f"agent{i}.csv", ds.X_train[rows], ds.y_train[rows])
     write_csv(workdir / "test.csv", ds.X_test, ds.y_test)
     slow = slowdowns(np.random.default_rng([seed, 1]), args.agents, f"lognormal:{args.sigma}")
-    return Task(workdir, ds.n_features, len(ds.classes), args.agents, [args.round_time * s for s in slow], ceiling)
+    return Task(workdir, ds.n_features, len(ds.classes), args.agents, [args.round_time * s for s in slow], ceiling,
+                ds.metric)
+
+
+def flower_timeline(server_log: str, agents: int) -> list[tuple[float, float, int]]:
+    """(wall time, score, updates aggregated) after each round, from bench/flower_baseline.py's server log
+    (`round R accuracy A time T`, or `r2` for a regression: negative early on)."""
+    return [(float(t), float(a), int(r) * agents)
+            for r, a, t in re.findall(r"round (\d+) (?:accuracy|r2) (-?[\d.]+) time ([\d.]+)", server_log)]
 
 
 def run_flower(run_dir: Path, python: str, task: Task, strategy: str, rounds: int, mu: float) -> tuple:
-    """Flower's server and one client process per device; (probes, packets, port, timeline, end)."""
+    """Flower's server and one client process per device; (probes, capture, port, timeline, end)."""
     run_dir.mkdir()
     port = free_port()
     capture = Capture(run_dir / "capture.pcap", port)
@@ -214,15 +261,14 @@ def run_flower(run_dir: Path, python: str, task: Task, strategy: str, rounds: in
                 p.kill()
         time.sleep(0.5)  # the last packets reach the capture buffer
         capture.stop()
-    timeline = [(float(t), float(a), int(r) * task.agents) for r, a, t in
-                re.findall(r"round (\d+) accuracy ([\d.]+) time ([\d.]+)", (run_dir / "server.log").read_text())]
-    return probes, packet_times(capture.path, port), port, timeline, timeline[-1][0] if timeline else time.time()
+    timeline = flower_timeline((run_dir / "server.log").read_text(), task.agents)
+    return probes, capture.path, port, timeline, timeline[-1][0] if timeline else time.time()
 
 
 def run_fedmq(run_dir: Path, task: Task, flags: list[str], seconds: float) -> tuple:
     """mosquitto, the coordinator with `flags` (those after a `--agents` among them go to every agent)
     and one padded agent process per device, for `seconds` from the first local round;
-    (probes, packets, port, timeline, end)."""
+    (probes, capture, port, timeline, end)."""
     flags, agent_flags = (flags[:flags.index("--agents")], flags[flags.index("--agents") + 1:]) \
         if "--agents" in flags else (flags, [])
     import paho.mqtt.client as mqtt
@@ -230,35 +276,38 @@ def run_fedmq(run_dir: Path, task: Task, flags: list[str], seconds: float) -> tu
 
     run_dir.mkdir()
     broker = Mosquitto(run_dir / "broker")
-    broker.start()
+    capture = None
     topics = Topics("advantage")
     timeline: list = []
 
     def on_message(client, userdata, msg):
         status = json.loads(msg.payload)
-        if status.get("accuracy") is not None:
-            timeline.append((time.time(), float(status["accuracy"]), int(status.get("accepted") or 0)))
+        score = status.get("accuracy" if task.classes else "r2")
+        if score is not None:
+            timeline.append((time.time(), float(score), int(status.get("accepted") or 0)))
 
     watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-advantage-{os.getpid()}")
     watcher.on_message = on_message
-    watcher.connect(broker.host, broker.port)
-    watcher.subscribe(topics.coordinator_status, 0)
-    watcher.loop_start()
-    capture = Capture(run_dir / "capture.pcap", broker.port)
     probes, coordinator = [], None
-    try:
+    broker.start()
+    try:  # the broker is stopped whatever fails after it started (a missing tcpdump left it running)
+        watcher.connect(broker.host, broker.port)
+        watcher.subscribe(topics.coordinator_status, 0)
+        watcher.loop_start()
+        capture = Capture(run_dir / "capture.pcap", broker.port)
         for i, pad in enumerate(task.pads):
             log = run_dir / f"agent{i}.log"
             argv = [sys.executable, ROOT / "bench" / "padding.py", f"{pad:.4f}", "--broker", broker.url,
                     "--fleet", topics.fleet, "--id", f"agent{i}", "--data", task.data / f"agent{i}.csv",
                     "--seed", i, "--no-feature-stats", "--log-level", "INFO", *agent_flags]
             probes.append(Probe(spawn(argv, log), log))
+        model = ["--model", "sgd-classifier", "--classes", ",".join(map(str, range(task.classes)))] if task.classes \
+            else ["--model", "sgd-regressor"]
         # the coordinator starts once every agent waits for its first model, as Flower's first round waits for all
         sample_until(probes, broker.port, lambda: all("waiting for the global model" in p.log.read_text(errors="replace")
                                                       for p in probes), 600)
         coordinator = spawn([sys.executable, "-m", "coordinator", "--broker", broker.url, "--fleet", topics.fleet,
-                             "--model", "sgd-classifier", "--n-features", task.n_features,
-                             "--classes", ",".join(map(str, range(task.classes))), "--eval-csv", task.data / "test.csv",
+                             *model, "--n-features", task.n_features, "--eval-csv", task.data / "test.csv",
                              "--no-feature-stats", *[str(f).replace("{agents}", str(task.agents)) for f in flags]],
                             run_dir / "coordinator.log")
         t0: list[float] = []
@@ -277,11 +326,12 @@ def run_fedmq(run_dir: Path, task: Task, flags: list[str], seconds: float) -> tu
     finally:
         stop([p.proc for p in probes] + ([coordinator] if coordinator is not None else []))
         time.sleep(0.5)
-        capture.stop()
+        if capture is not None:
+            capture.stop()
         watcher.loop_stop()
         watcher.disconnect()
         broker.stop()
-    return probes, packet_times(capture.path, broker.port), broker.port, timeline, end
+    return probes, capture.path, broker.port, timeline, end
 
 
 def stop(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
@@ -375,8 +425,8 @@ def main() -> None:
                     out = run_flower(run_dir, args.flower_python, task, FLOWER_SYSTEMS[name], args.rounds, args.proximal_mu)
                 else:
                     out = run_fedmq(run_dir, task, fedmq[name], budget)
-                probes, packets, port, timeline, end = out
-                row = figures(name, probes, packets, port, timeline, task.ceiling, end)
+                probes, capture, port, timeline, end = out
+                row = figures(name, probes, capture, port, timeline, task.ceiling, end)
                 if name == "Flower FedAvg":
                     budget = row["seconds"]
                 row.update({"seed": seed, "ceiling": round(task.ceiling, 4)})
@@ -384,7 +434,7 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in row.items() if k != "timeline"}), flush=True)
                 args.out.with_suffix(".partial.json").write_text(json.dumps(runs) + "\n")  # a crash keeps the runs
     result = {
-        "benchmark": "async_advantage", "dataset": args.dataset, "partition": args.partition,
+        "benchmark": "async_advantage", "dataset": args.dataset, "metric": task.metric, "partition": args.partition,
         "agents": args.agents, "seeds": args.seeds, "flower_rounds": args.rounds, "round_time_s": args.round_time,
         "speed": f"lognormal:{args.sigma:g}", "proximal_mu": args.proximal_mu, "fractions_of_ceiling": list(FRACTIONS),
         "fedmq_systems": {k: v for k, v in fedmq.items() if k in systems},

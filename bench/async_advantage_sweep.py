@@ -35,8 +35,8 @@ def main() -> None:
         task = aa.write_task(Path(tmp) / "task", task_args, a.seed)
         for spec in a.config:
             name, _, flags = spec.partition("=")
-            probes, packets, port, timeline, end = aa.run_fedmq(Path(tmp) / name, task, flags.split(), a.seconds)
-            row = aa.figures(name, probes, packets, port, timeline, task.ceiling, end)
+            probes, capture, port, timeline, end = aa.run_fedmq(Path(tmp) / name, task, flags.split(), a.seconds)
+            row = aa.figures(name, probes, capture, port, timeline, task.ceiling, end)
             row.pop("timeline")
             row.update(flags=flags, seed=a.seed, ceiling=round(task.ceiling, 4), load_average=round(os.getloadavg()[0], 1))
             print(json.dumps(row), flush=True)

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -167,6 +168,8 @@ class Capture:
 
     def __init__(self, path: Path, port: int) -> None:
         self.path = path
+        if shutil.which("tcpdump") is None:
+            raise SystemExit("device bytes are counted with tcpdump, which is not installed: apt-get install tcpdump")
         self.proc = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-s", "0", "-B", "65536", "-w", str(path), f"tcp port {port}"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         line = self.proc.stderr.readline().decode()  # "listening on lo, ..." once it captures
@@ -243,10 +246,12 @@ def pcap_bytes(path: Path, server_port: int, mqtt: bool = True) -> dict[int, dic
             stream[1] += body[skip:]
             stream[0] = (seq + payload_len) & 0xFFFFFFFF
     for (port, key), (_, raw, seen) in streams.items():
-        kinds = out[port]["kinds"]
+        kinds, headers = out[port]["kinds"], out[port].setdefault("publish_headers", {})
         parsed = mqtt_packets(bytes(raw)) if mqtt else []
-        for kind, nbytes in parsed:
+        for kind, nbytes, header in parsed:
             _add(kinds, f"{key} {kind}", nbytes)
+            if kind.startswith("PUBLISH"):
+                _add(headers, f"{key} {kind}", header)
         if seen > len(raw):  # gRPC (not parsed), or segments after a gap in the capture
             _add(kinds, f"{key} {'payload (gRPC over HTTP/2)' if not mqtt else 'payload not reassembled'}",
                  seen - len(raw))
@@ -263,9 +268,10 @@ MQTT_TYPES = {1: "CONNECT", 2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 8: "SUBSCRI
               10: "UNSUBSCRIBE", 11: "UNSUBACK", 12: "PINGREQ", 13: "PINGRESP", 14: "DISCONNECT"}
 
 
-def mqtt_packets(raw: bytes) -> list[tuple[str, int]]:
-    """(kind, bytes) of each MQTT packet in one direction's stream: the type, and for a PUBLISH
-    its topic's kind (fedmq/<fleet>/<kind>/..., '-chunk' for chunk topics)."""
+def mqtt_packets(raw: bytes) -> list[tuple[str, int, int]]:
+    """(kind, bytes, header bytes) of each MQTT 3.1.1 packet in one direction's stream: the type, and for a
+    PUBLISH its topic's kind (fedmq/<fleet>/<kind>/..., '-chunk' for chunk topics, 'agent' the agent's
+    status); a PUBLISH's header is all but its payload (fixed header, topic, packet id at QoS > 0)."""
     out, pos = [], 0
     while pos < len(raw):
         start, mult, rem = pos, 1, 0
@@ -277,13 +283,15 @@ def mqtt_packets(raw: bytes) -> list[tuple[str, int]]:
             if not raw[pos - 1] & 0x80:
                 break
         kind = MQTT_TYPES.get(raw[start] >> 4, "other")
+        end = min(len(raw), pos + rem)
+        header = end - start
         if kind == "PUBLISH" and pos + 2 <= len(raw):
             tlen = struct.unpack(">H", raw[pos:pos + 2])[0]
             topic = raw[pos + 2:pos + 2 + tlen].decode(errors="replace").split("/")
             if len(topic) >= 3:
                 kind = f"PUBLISH {topic[2]}{'-chunk' if 'chunk' in topic[3:] else ''}"
-        end = min(len(raw), pos + rem)
-        out.append((kind, end - start))
+            header = min(header, pos - start + 2 + tlen + (2 if (raw[start] >> 1) & 3 else 0))
+        out.append((kind, end - start, header))
         pos = end
     return out
 
@@ -509,11 +517,13 @@ def run_flower(workdir: Path, python: str, task: Task, dtype: str = "float64") -
         time.sleep(0.5)
         capture.stop()
     figures = summarize(devices, pcap_bytes(capture.path, port, mqtt=False))
-    rounds_seen = re.findall(r"round (\d+) accuracy ([\d.]+)", (run_dir / "server.log").read_text())
+    from bench.async_advantage import flower_timeline  # here: async_advantage imports this module
+
+    timeline = flower_timeline((run_dir / "server.log").read_text(), agents)
     import importlib.metadata  # noqa: F401  (version from the venv that ran it)
     version = subprocess.run([python, "-c", "import flwr; print(flwr.__version__)"], capture_output=True,
                              text=True).stdout.strip()
-    figures.update({"flwr": version, "dtype": dtype, "rounds": rounds, "accuracy": float(rounds_seen[-1][1]) if rounds_seen else None})
+    figures.update({"flwr": version, "dtype": dtype, "rounds": rounds, "accuracy": timeline[-1][1] if timeline else None})
     return figures
 
 

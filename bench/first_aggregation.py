@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.async_advantage import stop  # noqa: E402  (SIGTERM, then SIGKILL after a grace)
+from bench.async_advantage import flower_timeline, stop  # noqa: E402  (stop: SIGTERM, then SIGKILL after a grace)
 from bench.device_bytes import AGENTS, FLOWER_PYTHON, UPDATES, Device, cpu_figures, spawn, write_task  # noqa: E402
 from protocol.topics import Topics  # noqa: E402
 from simulation.mosquitto import Mosquitto, free_port  # noqa: E402
@@ -162,9 +161,11 @@ def run_flower(workdir: Path, python: str, data: Path, seed: int, agents: int, u
         for p in [d.proc for d in devices] + [server]:
             if p.poll() is None:
                 p.kill()
-    lines = re.findall(r"round (\d+) accuracy ([\d.]+) time ([\d.]+)", (run_dir / "server.log").read_text())
-    times = {int(r): float(t) for r, _, t in lines}
-    reached = [float(t) for _, a, t in lines if float(a) >= target]
+    timeline = flower_timeline((run_dir / "server.log").read_text(), agents)  # (time, accuracy, rounds x agents)
+    if not timeline:
+        raise RuntimeError(f"Flower's server logged no round in {run_dir / 'server.log'}")
+    times = {n // agents: t for t, _, n in timeline}
+    reached = [t for t, a, _ in timeline if a >= target]
     fits = sum(d.updates for d in devices)
     return {"system": "flower", "flwr_rounds": rounds, "seed": seed,
             **after_first(times[1], times[rounds], reached[0] if reached else None, fits, fits),

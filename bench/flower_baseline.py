@@ -5,7 +5,8 @@ Run by bench/device_bytes.py with a Python that has flwr (kept out of fedmq's de
 FedAvg over every client each round; a client continues the global SGDClassifier with one
 partial_fit call over its shuffled shard (the same local epoch as a fedmq agent) and returns
 its parameters (in --dtype: float64, NumPyClient's default for scikit-learn, or float32);
-the server scores the global model on the test set after every round. --strategy fedprox runs
+the server scores the global model on the test set after every round (accuracy; with
+--classes 0 the model is fedmq's sgd-regressor, an SGDRegressor scored by r2, printed as such). --strategy fedprox runs
 Flower's FedProx: the client applies its proximal term mu/2 ||w - w_global||^2 as one proximal
 step after the local epoch, w = (w_local + mu w_global) / (1 + mu) (scikit-learn's partial_fit has
 no hook for a loss term). --pad makes each fit last at least that many seconds (bench/padding.py:
@@ -25,21 +26,25 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import SGDClassifier
+from sklearn.linear_model import SGDClassifier, SGDRegressor
 
 from padding import padded
 
 
-def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A shard written by bench/device_bytes.py: features, then the label column."""
+def load(path: Path, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A shard written by bench/device_bytes.py: features, then the label (or, with 0 classes, target) column."""
     data = np.loadtxt(path, delimiter=",", skiprows=1)
-    return data[:, :-1], data[:, -1].astype(int)
+    return data[:, :-1], data[:, -1].astype(int) if classes else data[:, -1]
 
 
-def estimator(seed: int, n_features: int, classes: int) -> SGDClassifier:
-    """fedmq's default sgd-classifier (hinge loss), with zero parameters."""
-    est = SGDClassifier(random_state=seed)
-    est.partial_fit(np.zeros((1, n_features)), np.zeros(1, dtype=int), classes=np.arange(classes))
+def estimator(seed: int, n_features: int, classes: int) -> SGDClassifier | SGDRegressor:
+    """fedmq's default sgd-classifier (hinge loss), or with 0 classes its sgd-regressor, with zero parameters."""
+    if not classes:
+        est = SGDRegressor(random_state=seed)
+        est.partial_fit(np.zeros((1, n_features)), np.zeros(1))
+    else:
+        est = SGDClassifier(random_state=seed)
+        est.partial_fit(np.zeros((1, n_features)), np.zeros(1, dtype=int), classes=np.arange(classes))
     est.coef_[:] = 0.0
     est.intercept_[:] = 0.0
     est.t_ = 1.0
@@ -50,7 +55,7 @@ def run_client(args: argparse.Namespace) -> None:
     """One device: fit from the received parameters, send them back; prints `fit N` per round."""
     import flwr as fl
 
-    X, y = load(args.data / f"agent{args.index}.csv")
+    X, y = load(args.data / f"agent{args.index}.csv", args.classes)
     est = estimator(args.index, X.shape[1], args.classes)
     rng = np.random.default_rng(args.index)
     fits = [0]
@@ -82,19 +87,20 @@ def run_client(args: argparse.Namespace) -> None:
 
 
 def run_server(args: argparse.Namespace) -> None:
-    """FedAvg over all clients for --rounds rounds; prints `round R accuracy A` after each."""
+    """FedAvg over all clients for --rounds rounds; prints `round R accuracy A` (or `r2`) after each."""
     import flwr as fl
 
-    X_test, y_test = load(args.data / "test.csv")
+    X_test, y_test = load(args.data / "test.csv", args.classes)
     est = estimator(0, X_test.shape[1], args.classes)
     shapes = [est.coef_.shape, est.intercept_.shape]
 
     def evaluate(server_round, parameters, config):
         est.coef_ = np.array(parameters[0], np.float64).reshape(shapes[0])
         est.intercept_ = np.array(parameters[1], np.float64).reshape(shapes[1])
-        accuracy = float(np.mean(est.predict(X_test) == y_test))
-        print(f"round {server_round} accuracy {accuracy:.4f} time {time.time():.3f}", flush=True)
-        return 0.0, {"accuracy": accuracy}
+        metric = "accuracy" if args.classes else "r2"
+        score = float(est.score(X_test, y_test))  # mean accuracy, or the coefficient of determination
+        print(f"round {server_round} {metric} {score:.4f} time {time.time():.3f}", flush=True)
+        return 0.0, {metric: score}
 
     kind, extra = fl.server.strategy.FedAvg, {}
     if args.strategy == "fedprox":
@@ -118,7 +124,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="the parameters' type on the wire, both ways")
-    p.add_argument("--classes", type=int, default=10, help="labels 0..N-1 (100 for the 1,000,100-parameter task)")
+    p.add_argument("--classes", type=int, default=10, help="labels 0..N-1 (100 for the 1,000,100-parameter task); 0: a regression")
     p.add_argument("--strategy", choices=("fedavg", "fedprox"), default="fedavg", help="Flower's FedAvg or FedProx")
     p.add_argument("--proximal-mu", type=float, default=0.1, help="FedProx's mu")
     p.add_argument("--pad", type=float, default=0.0, help="seconds each fit lasts at least (a slow device)")

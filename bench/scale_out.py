@@ -1,8 +1,12 @@
 """Scale-out tier benchmark: connections held, memory per connection, updates/s through the tier
 with 1, 2 and 4 partition workers beside one coordinator on mosquitto in the same run, and
-publish-to-fold latency (device send -> root fold, from the root's audit log). Prints JSON.
+publish-to-fold latency (device send -> root fold, from the root's audit log), and the kill test's
+recovery times (tests/test_tier_kill.py's scenario, tier/fleet.kill_run, several kills per kind),
+and a sustained rate from many device ids (short fixed-rate probes, then one long run), every sent
+(agent, seq) against the root's audit log. Prints JSON.
 
-    python bench/scale_out.py [--connections 2000] [--updates 2000] [--workers 1,2,4] [--out FILE]
+    python bench/scale_out.py [--connections 2000] [--updates 2000] [--workers 1,2,4] [--kills 4] [--out FILE]
+    python bench/scale_out.py --only sustained [--sustain-probes 400,800] [--sustain-rate 1667 --sustain-s 600]
 
 Everything is real: a 3-node nats-server 2.15 cluster (R3) on loopback, the root and the workers
 as processes, devices from tier/loadgen.py (asyncio MQTT 3.1.1, pre-encoded int8 updates of
@@ -13,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -33,18 +39,26 @@ from protocol.messages import UpdateMessage, encode_update  # noqa: E402
 from protocol.topics import Topics  # noqa: E402
 from simulation.mosquitto import Mosquitto  # noqa: E402
 from tier.cluster import NatsCluster  # noqa: E402
+from tier.fleet import RECOVERY_S, VICTIMS, kill_run, spawn  # noqa: E402
 from tier.loadgen import open_many, send  # noqa: E402
 from tier.nats_io import Nats  # noqa: E402
 
 FLEET = "bench"
 N_FEATURES = 9999  # 10,000 parameters with the intercept
 PARTITIONS = 8
+# how the workers' per-agent acks travel (docs/architecture.md, "Acks on the tier"): runs without the key in
+# bench/results were made when each was a retained QoS 1 MQTT message (one R3 store per update at 100,000 ids)
+AGENT_ACKS = "core NATS"
 
 
-def _spawn(module: str, *args, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+def _acks(run: dict) -> str:
+    """How a sustained run's per-agent acks travelled (runs before the key: retained QoS 1 MQTT messages)."""
+    return run.get("agent_acks", "retained QoS 1")
+
+
+def _run_key(run: dict) -> tuple:
+    """What a new probe replaces among the kept ones: the same rate, ids, length and acks."""
+    return run["rate_asked"], run["devices"], run["seconds_asked"], _acks(run)
 
 
 def _rss(procs) -> int:
@@ -140,10 +154,10 @@ class _Tier:
         self.cluster = NatsCluster(workdir / name, 3, PARTITIONS).start()
         common = ["--nats", ",".join(self.cluster.nats_urls), "--mqtt", ",".join(self.cluster.mqtt_urls),
                   "--fleet", FLEET]
-        self.procs = [_spawn("tier.root", *common, "--partitions", PARTITIONS, "--model", "sgd-regressor",
+        self.procs = [spawn("tier.root", *common, "--partitions", PARTITIONS, "--model", "sgd-regressor",
                              "--n-features", N_FEATURES, "--buffer-size", 50, "--audit-log", self.audit,
                              "--log-level", "WARNING", log=workdir / f"{name}-root.log")]
-        self.procs += [_spawn("tier.worker", *common, "--partitions", PARTITIONS, "--id", f"w{k}", "--log-level",
+        self.procs += [spawn("tier.worker", *common, "--partitions", PARTITIONS, "--id", f"w{k}", "--log-level",
                               "WARNING", *worker_args, log=workdir / f"{name}-worker{k}.log") for k in range(workers)]
         nats = Nats(self.cluster.nats_urls, FLEET, replicas=3)
         want = {f"p{p}" for p in range(PARTITIONS)} | {"root"}
@@ -189,9 +203,36 @@ def tier_run(workdir: Path, workers: int, messages, agents: int, conns: int) -> 
         tier.stop()
 
 
-def sustained(workdir: Path, rate: float, seconds: float, devices: int, workers: int, conns: int) -> dict:
+def _cpu(kinds: dict) -> dict:
+    """CPU seconds (user + system) used so far by each kind of process."""
+    def used(p) -> float:
+        try:
+            t = psutil.Process(p.pid).cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return 0.0
+    return {k: sum(used(p) for p in procs) for k, procs in kinds.items()}
+
+
+def _cuts(tier: "_Tier") -> dict:
+    """From the nodes' logs (asserted found): connections NATS closed as slow consumers, and those it closed
+    because a QoS 1 store was not confirmed within its JetStream timeout; partition sessions apart."""
+    logs = [n.log.read_text(errors="replace").splitlines() for n in tier.cluster.nodes]
+    assert all(logs), f"no NATS log under {tier.cluster.workdir}"
+    lines = [line for log in logs for line in log]
+    slow = [line for line in lines if "Slow Consumer Detected" in line]
+    store = [line for line in lines if "closing the connection" in line]
+    session = f'"agg-{FLEET}-p'
+    return {"slow_consumer_closes": len(slow), "slow_consumer_session_closes": sum(session in x for x in slow),
+            "store_timeout_closes": len(store), "store_timeout_session_closes": sum(session in x for x in store)}
+
+
+def sustained(workdir: Path, rate: float, seconds: float, devices: int, workers: int, conns: int,
+              name: str = "sustained") -> dict:
     """`rate` updates/s from `devices` device ids for `seconds` through the tier: every (agent, seq) sent
-    against what the root folded (lost, counted twice), how far the folds lag the sends, the load."""
+    against what the root folded (lost, counted twice), how far the folds lag the sends, connections NATS
+    cut, the CPU each kind of process used (cores) while sending, the load. A device connection cut before
+    its PUBACKs came is opened again and its unacknowledged updates sent again (a device's resend)."""
     n = int(rate * seconds)
     rng = np.random.default_rng(0)
     delta = codec.encode(rng.normal(size=N_FEATURES + 1) * 0.01, "int8", rng)
@@ -204,32 +245,41 @@ def sustained(workdir: Path, rate: float, seconds: float, devices: int, workers:
 
     load_before = os.getloadavg()[0]
     # the updates all claim base version 0: staleness is not what this run measures
-    tier = _Tier(workdir, "sustained", workers, "--max-staleness", 10 ** 9)
+    tier = _Tier(workdir, name, workers, "--max-staleness", 10 ** 9)
     try:
+        kinds = {"nats_servers": [n.proc for n in tier.cluster.nodes], "root": tier.procs[:1],
+                 "workers": tier.procs[1:], "loadgen": [psutil.Process()]}
+
         async def run():
             cs = await open_many(conns, tier.ports, "sdev")
-            t0 = time.monotonic()
-            times = await send(cs, messages(), rate=rate, window=64)
+            cpu0, t0 = _cpu(kinds), time.monotonic()
+            times = await send(cs, messages(), rate=rate, window=64, resend=5)
             took = time.monotonic() - t0
+            cpu = {k: round((v - cpu0[k]) / took, 2) for k, v in _cpu(kinds).items()}
             for c in cs:
                 await c.close()
-            return times, took
+            return times, took, cpu, sum(c.reopens for c in cs), sum(c.resent for c in cs)
 
-        times, took = asyncio.run(run())
+        times, took, cpu, reopens, resent = asyncio.run(run())
         load_during = os.getloadavg()[0]
         rss = tier.rss()
-        rows = _wait_audit(tier.audit, n, 600)
+        rows = _wait_audit(tier.audit, n, 120 + seconds)
         sent = {(f"d{i % devices}", i // devices + 1) for i in range(n)}
         folded = [(r["agent"], r["seq"]) for r in rows]
         lag = sorted(r["t"] - times[(int(r["agent"][1:]) + (r["seq"] - 1) * devices)][0] for r in rows
                      if (r["agent"], r["seq"]) in sent)
         return {"rate_asked": rate, "seconds_asked": seconds, "devices": devices, "workers": workers,
+                "agent_acks": AGENT_ACKS,
                 "device_connections": conns, "sent": n, "send_s": round(took, 1), "sent_per_s": round(n / took, 1),
                 "unacknowledged": sum(1 for _, a in times if not a), "folded": len(set(folded)),
+                # the last fold after the last send: the backlog the tier had at the end of the sending
+                "drain_s": round(max(r["t"] for r in rows) - max(t for t, _ in times), 1) if rows else None,
                 "lost": len(sent - set(folded)), "counted_twice": len(folded) - len(set(folded)),
                 "latency_p50_s": round(float(np.percentile(lag, 50)), 3) if lag else None,
                 "latency_p99_s": round(float(np.percentile(lag, 99)), 3) if lag else None,
                 "latency_max_s": round(lag[-1], 3) if lag else None, "tier_rss_mib": round(rss / 2 ** 20),
+                "device_reconnects": reopens, "device_resends": resent, **_cuts(tier),
+                "cpu_cores_while_sending": cpu,
                 "load_avg_1m_before": round(load_before, 1), "load_avg_1m_end": round(load_during, 1)}
     finally:
         tier.stop()
@@ -238,7 +288,7 @@ def sustained(workdir: Path, rate: float, seconds: float, devices: int, workers:
 def mosquitto_run(workdir: Path, messages, agents: int, conns: int) -> dict:
     audit = workdir / "coordinator.jsonl"
     with Mosquitto(workdir / "mosq") as broker:
-        coord = _spawn("coordinator", "--broker", broker.url, "--fleet", FLEET, "--model", "sgd-regressor",
+        coord = spawn("coordinator", "--broker", broker.url, "--fleet", FLEET, "--model", "sgd-regressor",
                        "--n-features", N_FEATURES, "--strategy", "fedbuff", "--buffer-size", 50, "--checkpoint-dir",
                        workdir / "ckpt", "--audit-log", audit, log=workdir / "coordinator.log")
         try:
@@ -259,6 +309,25 @@ def mosquitto_run(workdir: Path, messages, agents: int, conns: int) -> dict:
         finally:
             coord.kill()
             coord.wait(10)
+
+
+def kills(workdir: Path, per_kind: int, seed: int) -> dict:
+    """tests/test_tier_kill.py's scenario, `per_kind` kills -9 of each kind on a fresh 3-node cluster (4
+    partitions, 2 workers, a root and a standby): seconds until the model advanced again after each, and
+    the run's exactly-once check (the test's own, asserted) once the devices stop."""
+    out = {"kills_per_kind": per_kind, "seed": seed, "bound_s": RECOVERY_S, "partitions": 4,
+           "load_avg_1m_before": round(os.getloadavg()[0], 1)}
+    for victim in VICTIMS:
+        run_dir = workdir / f"kill-{victim}"
+        run_dir.mkdir(parents=True)
+        with NatsCluster(run_dir / "nats", 3, 4) as cluster, \
+                kill_run(cluster, run_dir, random.Random(f"{seed}-{victim}")) as run:
+            each = [run.kill(victim) for _ in range(per_kind)]
+            checked = run.verify()
+        out[victim] = {"recovery_s": each, "max_s": max(each), "median_s": round(float(np.median(each)), 2),
+                       **checked}
+    out["load_avg_1m_end"] = round(os.getloadavg()[0], 1)
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -285,6 +354,28 @@ def markdown(result: dict) -> str:
     for row in result["tier"]:
         lines.append(f"| tier, {row['workers']} worker(s), {result['partitions']} partitions | {row['per_s']:,.0f} | "
                      f"{row['ratio_to_coordinator']:.2f} | {row['latency_p50_s']} s | {row['latency_p99_s']} s |")
+    if "kills" in result:
+        k = result["kills"]
+        lines += ["", "| kill -9 of | kills | model advancing again after (each) | median | max | updates sent | "
+                      "lost | counted twice |", "|---|---|---|---|---|---|---|---|"]
+        for victim, name in (("worker", "a partition worker"), ("root", "the active root"), ("nats", "a NATS node of 3")):
+            r = k[victim]
+            lines.append(f"| {name} | {len(r['recovery_s'])} | {', '.join(f'{t} s' for t in r['recovery_s'])} | "
+                         f"{r['median_s']} s | {r['max_s']} s | {r['updates']:,} | {r['lost']} | {r['counted_twice']} |")
+    runs = [*result.get("sustained_probes", []), *([result["sustained"]] if "sustained" in result else [])]
+    if runs:
+        lines += ["", "| run | device ids | updates/s asked | sent/s | updates | lost | counted twice | p50 / p99 send-to-fold | "
+                      "backlog at the end | devices cut (store timeout), resent | partition sessions cut | "
+                      "CPU cores: nats-servers, workers, root, generator | load (1 min) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            c = r["cpu_cores_while_sending"]
+            cut = r["slow_consumer_session_closes"] + r["store_timeout_session_closes"]
+            lines.append(f"| {r['seconds_asked']:g} s, acks {_acks(r)} | {r['devices']:,} | {r['rate_asked']:,.0f} | {r['sent_per_s']:,.0f} | {r['sent']:,} | "
+                         f"{r['lost']} | {r['counted_twice']} | {r['latency_p50_s']} s / {r['latency_p99_s']} s | "
+                         f"{r['drain_s']} s | {r['device_reconnects']:,}, {r['device_resends']:,} | {cut} | "
+                         f"{c['nats_servers']}, {c['workers']}, {c['root']}, {c['loadgen']} | "
+                         f"{r['load_avg_1m_before']}-{r['load_avg_1m_end']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -302,23 +393,43 @@ def main(argv=None) -> int:
     parser.add_argument("--sustain-s", type=float, default=600.0, help="seconds of the sustained run")
     parser.add_argument("--sustain-devices", type=int, default=100_000, help="device ids of the sustained run")
     parser.add_argument("--sustain-workers", type=int, default=2, help="partition workers of the sustained run")
-    parser.add_argument("--only", choices=("connections", "throughput", "sustained"),
+    parser.add_argument("--sustain-probes", help="before the sustained run, runs of --sustain-probe-s seconds at "
+                                                 "these updates/s (comma-separated; kept as sustained_probes)")
+    parser.add_argument("--sustain-probe-s", type=float, default=60.0, help="seconds of each probe run")
+    parser.add_argument("--kills", type=int, default=4, help="kills -9 per kind (worker, root, NATS node) of the kill run")
+    parser.add_argument("--kill-seed", type=int, help="seed of the kills' moments and victims (default: random)")
+    parser.add_argument("--only", choices=("connections", "throughput", "sustained", "kills"),
                         help="run one part and keep the other parts of --out as they are")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--workdir", help="keep the runs' configs, logs and stores here (default: a temporary "
+                                          "directory, removed at the end)")
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     result = json.loads(Path(args.out).read_text()) if args.only and args.out and Path(args.out).exists() else {}
     result.update({"machine_cores": os.cpu_count(), "n_params": N_FEATURES + 1, "codec": "int8",
                    "partitions": PARTITIONS, "replicas": 3})
-    with tempfile.TemporaryDirectory(prefix="fedmq-scale-out-") as tmp:
-        workdir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(args.workdir) if args.workdir else \
+            Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmq-scale-out-")))
+        workdir.mkdir(parents=True, exist_ok=True)
         if args.only in (None, "connections"):
             result["connections"] = [connections(workdir, args.connections, int(k), args.per_generator)
                                      for k in args.nats_nodes.split(",")]
         if args.only in (None, "sustained"):
-            result["sustained"] = sustained(workdir, args.sustain_rate, args.sustain_s, args.sustain_devices,
-                                            args.sustain_workers, args.device_connections)
+            if args.sustain_probes:  # replacing the kept probes of the same rate and device ids
+                probes = [sustained(workdir, float(r), args.sustain_probe_s, args.sustain_devices, args.sustain_workers,
+                                    args.device_connections, name=f"probe{r}") for r in args.sustain_probes.split(",")]
+                done = {_run_key(p) for p in probes}
+                kept = [p for p in result.get("sustained_probes", []) if _run_key(p) not in done]
+                result["sustained_probes"] = sorted(kept + probes, key=lambda p: (-p["devices"], p["rate_asked"],
+                                                                                  p["seconds_asked"], _acks(p) == AGENT_ACKS))
+            if args.sustain_s > 0:
+                result["sustained"] = sustained(workdir, args.sustain_rate, args.sustain_s, args.sustain_devices,
+                                                args.sustain_workers, args.device_connections)
+        if args.only in (None, "kills"):
+            seed = args.kill_seed if args.kill_seed is not None else random.randrange(1 << 30)
+            result["kills"] = kills(workdir, args.kills, seed)
         if args.only in (None, "throughput"):
             messages = _messages(args.updates, args.agents)
             result["nats_nodes"] = 3

@@ -8,6 +8,22 @@ from __future__ import annotations
 import numpy as np
 
 
+def capped_weights(weights: np.ndarray) -> tuple[np.ndarray, int]:
+    """`weights` with none above their lower median (from 2 rows on), and how many were lowered.
+
+    A buffer's mean weighs each agent's row by the count it claims; capped here, no row outweighs the
+    typical one, whatever it claims: one agent of K owns at most about 1/K of a step (issue 18 point 3).
+    The lower median: of two rows, the smaller, so one of two agents cannot lift the cap.
+    """
+    if len(weights) < 2:
+        return weights, 0
+    cap = float(np.sort(weights)[(len(weights) - 1) // 2])
+    over = weights > cap
+    if cap > 0 and over.any():
+        return np.minimum(weights, cap), int(over.sum())
+    return weights, 0
+
+
 def weighted_mean(deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Sum of weights[i] * deltas[i] over sum(weights) (sample-count weights)."""
     return weights @ deltas / weights.sum()

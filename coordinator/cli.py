@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from coordinator.aggregation import parse_aggregate
+from coordinator.acks import ACK_INTERVAL_S
 from coordinator.chunks import MAX_HELD, TIMEOUT_S
 from coordinator.privacy import PrivateCoordinator, guard, make_policy
 from coordinator.rate_limit import RateLimit
@@ -36,6 +36,7 @@ from protocol.model_spec import ESTIMATORS, HYPERPARAMETERS, ModelSpec, build_es
 from protocol.privacy import GaussianMechanism
 from protocol.schema import column_order
 from protocol.stats_message import unnamed_stats_bytes
+from protocol.stopping import stop_event_on_signals
 from protocol.tabular import DataError, load_csv, read_columns
 from protocol.topics import Topics
 from protocol.transport import BrokerError, settings_from_args
@@ -80,10 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     _defaulted(a, "--buffer-timeout", type=float, default=30.0,
                help="fedbuff/fedavg: step with the updates buffered so far once the oldest waited this many "
                "seconds, so fewer live agents than K never stall the fleet; 0: wait for K")
+    _defaulted(a, "--buffer-memory", type=int, default=0, metavar="AGENTS",
+               help="fedbuff: remember the newest update of up to this many agents and aggregate all of them at "
+               "every step (MIFA), so a slow device's update is not washed out by the fast ones' between its "
+               "rounds; costs AGENTS x the model's float64 size in memory and in each checkpoint; 0: off")
     _defaulted(a, "--server-lr", type=float, default=1.0, help="server learning rate of fedbuff/fedavg steps")
     _defaulted(a, "--aggregate", default="mean",
-               help="buffered rule: mean (sample-weighted), or the coordinate-wise median or trimmed-mean:FRACTION "
-               "that resist poisoned updates")
+               help="buffered rule: mean (sample-weighted, no row above the buffer's median count), or the "
+               "coordinate-wise median or trimmed-mean:FRACTION that resist poisoned updates")
     _defaulted(a, "--max-staleness", type=int, default=1000,
                help="reject (too_stale) updates whose base is more than this many versions old")
 
@@ -92,12 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                help="absolute L2 bound on a decoded update")
     v.add_argument("--norm-factor", type=float,
                    help="relative L2 bound on how far an update's model (its base + delta) lies from the current "
-                   "model: this many times the median of that distance for the newest update of each of the last "
-                   f"50 agents, once {NORM_WARMUP} were seen; 0: off (default {DEFAULT_NORM_FACTOR:g}; off "
+                   "model: this many times the median of that distance for the newest update of each of the other "
+                   f"agents among the last 50, once {NORM_WARMUP} were seen; 0: off (default {DEFAULT_NORM_FACTOR:g}; off "
                    "under --secure-aggregation, which sees no single update, and --dp-mode central, which refuses the flag)")
     _defaulted(v, "--sample-factor", type=float, default=DEFAULT_SAMPLE_FACTOR,
                help="weigh an update (in the mean and the fleet evaluation) by at most this many times the "
-               "median sample count of the last 50 agents, once 10 were seen, whatever it claims")
+               "median sample count of the other agents among the last 50, once 10 were seen, whatever it claims")
     _defaulted(v, "--norm-action", choices=("reject", "clip"), default="reject",
                help="an update above the bound is rejected (norm) or scaled down to it (counted as clipped)")
     _defaulted(v, "--max-message-bytes", type=int, default=4 * 1024 * 1024, help="refuse larger update payloads (oversize)")
@@ -113,19 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_secagg_arguments(p)
 
-    pg = p.add_argument_group("pace steering (the model tells each device how often to train and report; "
-                              "docs/architecture.md)")
-    _defaulted(pg, "--target-updates-per-s", type=float, default=0.0, metavar="RATE",
-               help="updates a second wanted from the whole fleet: every device is asked to report once per "
-               "(agents online / RATE) seconds, randomised, so the update rate and the model downloads stay near "
-               "RATE as the fleet grows; 0: no steering, devices keep their own schedule")
-    _defaulted(pg, "--pace-min-interval", type=float, default=1.0, metavar="SECONDS",
-               help="the shortest report interval asked of a device (a small fleet is not driven faster)")
-    _defaulted(pg, "--pace-max-interval", type=float, default=DEFAULT_MAX_INTERVAL, metavar="SECONDS",
-               help="the longest report interval asked of a device (a huge fleet reports above RATE rather "
-               "than devices going silent)")
-    _defaulted(pg, "--pace-jitter", type=float, default=DEFAULT_JITTER, metavar="FRACTION",
-               help=f"devices draw each wait uniformly in interval x [1 - F, 1 + F] so they spread out; 0..{MAX_JITTER}")
+    add_pace_arguments(p)
 
     o = p.add_argument_group("publishing, durability, evaluation")
     _defaulted(o, "--publish-interval", type=float, default=1.0,
@@ -149,15 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
                help="how the model travels: float16 halves it, int8 (one scale per row) quarters it, int4 (two per "
                "byte) an eighth; the "
                "coordinator keeps float64 and takes updates against exactly what agents received")
-    o.add_argument("--max-packet-bytes", type=int, metavar="BYTES",
-                   help="the broker's packet limit (e.g. 131072 for AWS IoT Core): a larger model is sent as "
-                   "retained chunks under model/chunk/<i> with a manifest on the model topic (default: no limit)")
+    add_max_packet_argument(o)
     _defaulted(o, "--max-held-chunks", type=int, default=MAX_HELD,
                help="acknowledgements of chunked updates' chunks held back until their update is committed, in "
                "total (one agent: half); keep it below the broker's max_inflight_messages, or one agent's partial "
                "update stalls every other (past it, acks go out at once and the chunks are kept)")
     _defaulted(o, "--chunk-timeout", type=float, default=TIMEOUT_S, metavar="SECONDS",
                help="drop a chunked update not complete this many seconds after its first chunk (counted)")
+    _defaulted(o, "--ack-interval", type=float, default=ACK_INTERVAL_S, metavar="SECONDS",
+               help="an agent's ack (ack/<agent>, its highest durably accepted seq) at most once per this many "
+               "seconds, the newest seq (0: with every commit that accepted its updates)")
     o.add_argument("--checkpoint-dir",
                    help="checkpoint the model, its version and the replay state here before each publish and resume "
                    "from it on start (a newer retained model of the same spec on the broker wins: versions never go back)")
@@ -166,8 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--metrics-log", metavar="FILE.jsonl", help="append every published status as a JSON line (plot it with fedmq-report)")
     o.add_argument("--audit-log", metavar="FILE.jsonl",
                    help="append one line per received update: agent, seq and accepted or the rejection reason")
-    o.add_argument("--metrics-port", type=int,
-                   help="serve Prometheus metrics on this port at /metrics (needs prometheus-client: pip install 'fedmq[coordinator]')")
+    add_metrics_argument(o)
     s = p.add_argument_group("feature statistics (federated standardization)")
     s.add_argument("--feature-stats", action=argparse.BooleanOptionalAction,
                    help="merge the agents' per-feature statistics (stats/<agent>) and publish mean and scale with the "
@@ -228,6 +221,70 @@ def add_dp_arguments(parser: argparse.ArgumentParser) -> None:
                "moves by one less on an over-C update, an un-noised bit)")
 
 
+def int_or_off(text: str) -> int | None:
+    """An integer flag whose 0 means off (None), so a compose file can leave it off from an unset variable."""
+    try:
+        return int(text) or None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def add_max_packet_argument(parser) -> None:
+    """--max-packet-bytes (the coordinator's, and the scale-out tier root's: models over it go as chunks)."""
+    parser.add_argument("--max-packet-bytes", type=int_or_off, metavar="BYTES",
+                        help="the broker's packet limit (e.g. 131072 for AWS IoT Core): a larger model is sent as "
+                        "retained chunks under model/chunk/<i> with a manifest on the model topic (default, or 0: "
+                        "no limit)")
+
+
+def check_max_packet_bytes(limit: int | None) -> None:
+    """ValueError (one line) for a --max-packet-bytes too small for the model topic's manifest."""
+    if limit is not None and limit < MIN_PACKET_BYTES:
+        raise ValueError(f"--max-packet-bytes must be at least {MIN_PACKET_BYTES}")
+
+
+def add_metrics_argument(parser) -> None:
+    """--metrics-port (the coordinator's, and the scale-out tier root's and workers')."""
+    parser.add_argument("--metrics-port", type=int_or_off,
+                        help="serve Prometheus metrics on this port at /metrics (needs prometheus-client: pip install "
+                             "'fedmq[coordinator]'; default, or 0: none)")
+
+
+def check_metrics_port(port: int | None) -> None:
+    """ValueError (one line) for a --metrics-port outside 1..65535."""
+    if port is not None and not 0 < port < 65536:
+        raise ValueError("--metrics-port must be in 1..65535")
+
+
+def add_pace_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --target-updates-per-s and --pace-* flags (the coordinator's, and the scale-out tier root's, which
+    counts the agents online the same way, under the same names)."""
+    pg = parser.add_argument_group("pace steering (the model tells each device how often to train and report; "
+                                   "docs/architecture.md)")
+    _defaulted(pg, "--target-updates-per-s", type=float, default=0.0, metavar="RATE",
+               help="updates a second wanted from the whole fleet: every device is asked to report once per "
+               "(agents online / RATE) seconds, randomised, so the update rate and the model downloads stay near "
+               "RATE as the fleet grows; 0: no steering, devices keep their own schedule")
+    _defaulted(pg, "--pace-min-interval", type=float, default=1.0, metavar="SECONDS",
+               help="the shortest report interval asked of a device (a small fleet is not driven faster)")
+    _defaulted(pg, "--pace-max-interval", type=float, default=DEFAULT_MAX_INTERVAL, metavar="SECONDS",
+               help="the longest report interval asked of a device (a huge fleet reports above RATE rather "
+               "than devices going silent)")
+    _defaulted(pg, "--pace-jitter", type=float, default=DEFAULT_JITTER, metavar="FRACTION",
+               help=f"devices draw each wait uniformly in interval x [1 - F, 1 + F] so they spread out; 0..{MAX_JITTER}")
+
+
+def steering_from_args(args: argparse.Namespace) -> Steering | None:
+    """The pace settings of parsed --target-updates-per-s / --pace-* flags; None when not steered.
+    ValueError (one line) with --secure-aggregation, whose cohorts set their own pace, or impossible bounds."""
+    if not args.target_updates_per_s:
+        return None
+    if getattr(args, "secure_aggregation", False):
+        raise ValueError("--target-updates-per-s does not combine with --secure-aggregation: cohorts set "
+                         "their own pace")
+    return Steering(args.target_updates_per_s, args.pace_min_interval, args.pace_max_interval, args.pace_jitter)
+
+
 def _defaulted(group, *flags: str, **kwargs) -> None:
     """add_argument with the default written into the help text.
 
@@ -263,7 +320,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.strategy_obj = make_strategy(
             args.strategy, alpha=args.alpha, staleness=args.staleness_fn,
             buffer_size=args.buffer_size, server_lr=args.server_lr, aggregate=args.aggregate,
+            memory=args.buffer_memory,
         )
+        if args.buffer_memory and (args.dp_mode is not None or args.secure_aggregation):
+            raise ValueError("--buffer-memory does not combine with --dp-mode or --secure-aggregation: a remembered "
+                             "update enters many steps, which neither accounts for")
         args.strategy_obj, args.dp_policy = make_dp(args, args.strategy_obj)
         if args.dp_mode is not None:
             check_central_dp(args)
@@ -294,13 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                               l2_clip=args.dp_clip if dp else None, eligible=dp.eligible if dp else None,
                                               noise=dp.agent_noise(args.secagg_threshold) if dp else None)
             args.strategy_obj = SecureFedBuff(args.strategy_obj, dp)
-        args.steering = None
-        if args.target_updates_per_s:
-            if args.secure_aggregation:
-                raise ValueError("--target-updates-per-s does not combine with --secure-aggregation: cohorts set "
-                                 "their own pace")
-            args.steering = Steering(args.target_updates_per_s, args.pace_min_interval, args.pace_max_interval,
-                                     args.pace_jitter)
+        args.steering = steering_from_args(args)
         args.feature_stats = feature_stats_default(args)
         args.norm = NormBound(args.max_update_norm, norm_factor(args), sample_factor=args.sample_factor)
         args.rate = RateLimit(args.max_agent_rate) if args.max_agent_rate is not None else None
@@ -310,14 +365,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
         args.publish_policy_obj = PublishPolicy(args.publish_interval, args.publish_min_interval,
                                                 args.publish_min_change, args.publish_waiting_share, args.publish_policy)
-        if args.max_packet_bytes is not None and args.max_packet_bytes < MIN_PACKET_BYTES:
-            raise ValueError(f"--max-packet-bytes must be at least {MIN_PACKET_BYTES}")
+        check_max_packet_bytes(args.max_packet_bytes)
+        if args.ack_interval < 0:
+            raise ValueError(f"--ack-interval must be >= 0, got {args.ack_interval:g}")
         if args.max_held_chunks < 1 or not args.chunk_timeout > 0:
             raise ValueError("--max-held-chunks must be >= 1 and --chunk-timeout > 0")
         if args.max_staleness < 0 or args.buffer_timeout < 0:
             raise ValueError("--max-staleness and --buffer-timeout must be >= 0")
-        if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
-            raise ValueError("--metrics-port must be in 1..65535")
+        check_metrics_port(args.metrics_port)
     except ValueError as exc:
         parser.error(str(exc))
     return args
@@ -553,9 +608,13 @@ def main(argv: list[str] | None = None) -> int:
 
     A schema discovered from the fleet that loses its majority (coordinator/schema.py) is
     discovered again and the coordinator goes on with the new spec, above the old version."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop, relay = stop_event_on_signals()  # protocol/stopping.py: no lock taken in the signal handler
+    with relay:
+        return _serve(argv, stop)
+
+
+def _serve(argv: list[str] | None, stop: threading.Event) -> int:
+    """main's work: parse, build the coordinator and run its session until `stop`; main's exit status."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     on_status, after = None, None
@@ -564,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             if not resolve_spec(args, stop, from_checkpoint=after is None):
                 return 0
             core = build_coordinator(args, after=after)
+            core.acks.interval = args.ack_interval
             if on_status is None and args.metrics_port:
                 on_status = start_metrics(args.metrics_port)
             session = CoordinatorSession(core, args.settings, connect_timeout=args.connect_timeout,
@@ -592,14 +652,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def start_metrics(port: int):
-    """The Prometheus exporter's publish callback; ValueError if it cannot be started."""
+def start_metrics(port: int, collector=None):
+    """The Prometheus exporter's publish callback; ValueError if it cannot be started. `collector()`, when given,
+    makes the collector (the tier's: tier/metrics.py), imported only here, where a missing package is told."""
     try:
         from coordinator.metrics import start_metrics_server
+
+        made = collector() if collector is not None else None
     except ImportError:
         raise ValueError("--metrics-port needs prometheus-client: pip install 'fedmq[coordinator]'") from None
     try:
-        return start_metrics_server(port)
+        return start_metrics_server(port, collector=made)
     except OSError as exc:
         raise ValueError(f"--metrics-port {port}: {exc.strerror or exc}") from None
 

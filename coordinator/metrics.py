@@ -13,43 +13,58 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
-class StatusCollector:
-    """A Prometheus collector over the newest status dict (see coordinator.status)."""
+def sample(kind, name: str, doc: str, labels: dict[str, str], value: float):
+    """One family (CounterMetricFamily or GaugeMetricFamily) of one sample with `labels`."""
+    family = kind(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
 
-    def __init__(self) -> None:
+
+def by_label(kind, name: str, doc: str, labels: dict[str, str], label: str, values: dict):
+    """One family with a sample per key of `values` (a reason, a metric) under `label`, beside `labels`."""
+    family = kind(name, doc, labels=[*labels, label])
+    for key, value in values.items():
+        family.add_metric([*labels.values(), str(key)], value)
+    return family
+
+
+class StatusCollector:
+    """A Prometheus collector over the newest status dict (see coordinator.status), pushed by `update` or, with
+    `source`, read at every scrape (the scale-out tier's root and workers: tier/metrics.py)."""
+
+    def __init__(self, source: Callable[[], dict | None] | None = None) -> None:
         self._status: dict | None = None
+        self._source = source
         self._lock = threading.Lock()
 
     def update(self, status: dict) -> None:
         with self._lock:
             self._status = status
 
-    def collect(self):
+    def current(self) -> dict | None:
+        if self._source is not None:
+            return self._source()
         with self._lock:
-            status = self._status
+            return self._status
+
+    def collect(self):
+        status = self.current()
         if status is None:
             return
-        labels = ["fleet"]
-        fleet = [status["fleet"]]
+        fleet = {"fleet": status["fleet"]}
 
         def gauge(name, doc, value):
-            family = GaugeMetricFamily(name, doc, labels=labels)
-            family.add_metric(fleet, value)
-            return family
+            return sample(GaugeMetricFamily, name, doc, fleet, value)
 
         def counter(name, doc, value):
-            family = CounterMetricFamily(name, doc, labels=labels)
-            family.add_metric(fleet, value)
-            return family
+            return sample(CounterMetricFamily, name, doc, fleet, value)
 
         yield gauge("fedmq_model_version", "Version of the global model", status["version"])
         yield counter("fedmq_updates_accepted", "Updates folded into the global model", status["accepted"])
         if status["clipped"] is not None:  # null under central DP: an un-noised clip bit (coordinator/privacy.py)
             yield counter("fedmq_updates_clipped", "Accepted updates clipped to the norm bound", status["clipped"])
-        rejected = CounterMetricFamily("fedmq_updates_rejected", "Updates refused, by reason", labels=["fleet", "reason"])
-        for reason, count in status["rejected"].items():
-            rejected.add_metric([status["fleet"], reason], count)
-        yield rejected
+        yield by_label(CounterMetricFamily, "fedmq_updates_rejected", "Updates refused, by reason", fleet, "reason",
+                       status["rejected"])
         yield gauge("fedmq_updates_pending", "Accepted updates waiting in the buffer", status["pending"])
         yield gauge("fedmq_staleness_mean", "Mean staleness of accepted updates", status["staleness"]["mean"])
         yield gauge("fedmq_staleness_max", "Largest staleness of an accepted update", status["staleness"]["max"])
@@ -66,11 +81,7 @@ class StatusCollector:
             yield gauge("fedmq_buffer_effective_size", "K now: min(K, agents online) when their statuses are known",
                         buffer["effective"])
             yield gauge("fedmq_live_agents", "Agents whose retained status says they train", buffer["live_agents"])
-        pace = status.get("pace")  # --target-updates-per-s: what the model asks of every device (protocol/pace.py)
-        if isinstance(pace, dict):
-            yield gauge("fedmq_pace_interval_seconds", "Report interval the model asks of every device",
-                        pace["interval"])
-            yield gauge("fedmq_pace_agents_online", "Agents online the pace is divided among", pace["agents_online"])
+        yield from pace_metrics(status, fleet)
         if isinstance(status.get("bounded"), dict):  # fedbuff/fedavg: one agent's weight in a buffer bounded
             bounded = CounterMetricFamily("fedmq_updates_bounded", "Updates whose weight an agent's bound lowered, by reason",
                                           labels=["fleet", "reason"])
@@ -148,9 +159,22 @@ class StatusCollector:
                 yield family
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> Callable[[dict], None]:
-    """Serve /metrics on `port` in a daemon thread; returns the callback to feed it statuses."""
-    collector = StatusCollector()
+def pace_metrics(status: dict, labels: dict[str, str]):
+    """--target-updates-per-s: what the model asks of every device (protocol/pace.py), the coordinator's or the
+    tier root's status `pace`."""
+    pace = status.get("pace")
+    if isinstance(pace, dict):
+        yield sample(GaugeMetricFamily, "fedmq_pace_interval_seconds", "Report interval the model asks of every device",
+                     labels, pace["interval"])
+        yield sample(GaugeMetricFamily, "fedmq_pace_agents_online", "Agents online the pace is divided among", labels,
+                     pace["agents_online"])
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0",
+                         collector: StatusCollector | None = None) -> Callable[[dict], None]:
+    """Serve /metrics on `port` in a daemon thread; returns the callback to feed it statuses (`collector`, by
+    default a StatusCollector of the coordinator's status)."""
+    collector = collector if collector is not None else StatusCollector()
     registry = CollectorRegistry()
     registry.register(collector)
     start_http_server(port, addr=addr, registry=registry)

@@ -713,6 +713,7 @@ class SecureCoordinator(Coordinator):
             self.rejected_["non_finite_model"] += result.count
             return False
         self.accepted_ += result.count
+        self.rounds_ += result.count  # a member is in a round once
         self._step(new)
         return True
 

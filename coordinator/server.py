@@ -31,7 +31,7 @@ from protocol.codec import MODEL_CODECS, decode_params, encode_params
 from protocol.messages import ModelMessage, encode_model
 from protocol.pace import Pace, Steering
 from protocol.model_spec import ModelSpec
-from protocol.statistics import standardize
+from protocol.statistics import identity, reexpress_gain, standardize
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # statistics are followed by cheaper keys (version, accepted, statistics changes); the spec is fixed.
 NOT_DURABLE_ALONE = frozenset({
     "fleet", "spec", "version", "params", "buffer", "accepted", "rejected", "clipped", "staleness_sum",
-    "staleness_max", "highest_seq", "gaps", "buffer_timeouts", "audit", "statistics",
+    "staleness_max", "highest_seq", "gaps", "buffer_timeouts", "audit", "statistics", "rounds",
 })
 
 
@@ -92,6 +92,8 @@ class Coordinator:
         self.version_ = 0
         self.handled_ = 0  # payloads seen, accepted or not
         self.accepted_ = 0
+        self.rounds_ = 0  # accepted updates that were a round of their agent (`steps`): one per model it received
+        self.round_base_: dict[str, int] = {}  # agent -> the base version of its newest round counted
         self.typical_samples_ = 0  # a checkpoint's typical update size: it votes until the sample cap's warm-up
         self.rejected_: Counter[str] = Counter()
         self.clipped_ = 0
@@ -164,6 +166,7 @@ class Coordinator:
         if self.strategy.pending and self.buffer_since_ is None:
             self.buffer_since_ = time.monotonic()
         self.accepted_ += 1
+        self._count_round(update.agent_id, update.base_version)
         self.clipped_ += verdict.clipped
         self.staleness_sum_ += verdict.staleness
         self.staleness_max_ = max(self.staleness_max_, verdict.staleness)
@@ -172,6 +175,14 @@ class Coordinator:
         if new is not None:
             self._step(new)
         return None
+
+    def _count_round(self, agent: str, base_version: int) -> None:
+        """Count a round of `agent` for `steps`: at most one per published model it trained from (a base
+        published and newer than its last counted one). Counted per update, one fast agent sending 50
+        updates a model beside 3 honest agents made `steps` 21 rounds where each had trained 2."""
+        if base_version <= self.published_version_ and base_version > self.round_base_.get(agent, -1):
+            self.round_base_[agent] = base_version
+            self.rounds_ += 1
 
     def _distance(self, delta: np.ndarray, base_version: int) -> float:
         """What the norm bound judges: how far the agent's model (its base + delta) lies from the current
@@ -192,11 +203,20 @@ class Coordinator:
         if self.presence is None:
             return
         self.refused_since_step_.add(agent)
-        if not self.strategy.pending:
-            return
-        absent = len(self.refused_since_step_ - self.strategy.buffered_agents())
-        if self.strategy.resize(max(1, self.presence.count - absent)):
-            self._flush(f"{self.presence.count} agent(s) online, {absent} refused since the last step")
+        if self._fit_buffer():
+            self._flush(f"{self.presence.count} agent(s) online, {len(self.refused_since_step_)} refused since the last step")
+
+    def _fit_buffer(self) -> bool:
+        """Size the buffer to the agents online less those refused since the last step whose update it does
+        not hold; True when what is pending fills it. Every resize goes through here: an agent's status
+        (sent after every update) resized to all agents online and the buffer waited --buffer-timeout for
+        the refused one again (tests/test_hostile_counts.py's honest fedbuff fleet: 30 s per version)."""
+        live = self.presence.live
+        return self.strategy.resize(max(1, len(live) - self._refused_absent()) if live else 0)
+
+    def _refused_absent(self) -> int:
+        """Agents online refused since the last step whose update the buffer does not hold: K leaves them out."""
+        return len((self.refused_since_step_ & self.presence.live) - self.strategy.buffered_agents())
 
     def _step(self, new: np.ndarray) -> None:
         self.params_ = new
@@ -205,7 +225,7 @@ class Coordinator:
         if self.refused_since_step_:
             self.refused_since_step_.clear()
             if self.presence is not None:
-                self.strategy.resize(self.presence.count)
+                self._fit_buffer()
 
     def tick(self, now: float | None = None) -> bool:
         """Step a buffer that has waited `buffer_timeout` seconds without filling; True if it did.
@@ -256,7 +276,7 @@ class Coordinator:
         reason = self.presence.handle(topic, payload)
         if reason is not None:
             self.rejected_[reason] += 1
-        elif self.strategy.resize(self.presence.count):
+        elif self._fit_buffer():
             self._flush(f"{self.presence.count} agent(s) online")
         return reason
 
@@ -304,7 +324,8 @@ class Coordinator:
         if deltas:
             self.strategy.restore(dict(buffer, deltas=out[1:1 + len(deltas)]))
         self.published_ = OrderedDict((v, p) for (v, _), p in zip(history, out[1 + len(deltas):]))
-        self.validator.norm.forget_norms()  # they were measured in the old scaling's units
+        # they were measured in the old scaling's units: converted, they judge until fresh ones come in
+        self.validator.norm.forget_norms(reexpress_gain(old or identity(self.spec.n_features), new, self.rescales.shift))
         self.version_ += 1
         log.info("feature scaling from %d agent(s)' statistics; model re-expressed at version %d",
                  len(self.statistics.by_agent), self.version_)
@@ -359,8 +380,9 @@ class Coordinator:
 
     @property
     def steps(self) -> int:
-        """The rows a typical agent has trained on so far: its rounds (accepted updates / agents
-        that sent them) x a typical update's rows (the lower median of the recent agents' counts).
+        """The rows a typical agent has trained on so far: its rounds (rounds counted, at most one per
+        agent per published model, / agents that sent them) x a typical update's rows (the lower median
+        of the recent agents' counts, of two agents at least).
 
         A restarted device continues its learning-rate schedule from there, not from step 1
         (with the default learning_rate 'optimal', step 1 is a large step: accuracy dipped ~15
@@ -369,7 +391,7 @@ class Coordinator:
         and every device that started later trained with a learning rate of about zero.
         """
         typical = self.validator.norm.typical_samples(self.typical_samples_)
-        return self.accepted_ // max(1, len(self.validator.highest_seq)) * typical
+        return self.rounds_ // max(1, len(self.validator.highest_seq)) * typical
 
     def adopt(self, model: ModelMessage) -> bool:
         """Continue from a newer model of this fleet and spec (the broker's retained one).
@@ -420,6 +442,8 @@ class Coordinator:
         if isinstance(bounded := getattr(self.strategy, "bounded_", None), Counter):  # fedbuff, fedavg
             status["bounded"] = {"repeat_agent": bounded["repeat_agent"], "weight_cap": bounded["weight_cap"]}
         if (buffer := self.strategy.buffer()) is not None:
+            if self.presence is not None:  # the agents online, and those refused since the step that K leaves out
+                buffer = dict(buffer, live_agents=self.presence.count, refused_since_step=self._refused_absent())
             status["buffer"] = buffer
         if (pace := self.pace) is not None:
             status["pace"] = dict(pace.to_wire(), agents_online=self.presence.count)
@@ -440,6 +464,7 @@ class Coordinator:
             "buffer_timeouts": self.timeouts_,
             "audit": dict(self.audit_position_),
             "accepted": self.accepted_,
+            "rounds": self.rounds_,
             "typical_samples": self.validator.norm.typical_samples(self.typical_samples_),
             "rejected": dict(self.rejected_),
             "clipped": self.clipped_,
@@ -502,6 +527,7 @@ class Coordinator:
         self.timeouts_ = state.get("buffer_timeouts", 0)
         self.audit_position_ = state.get("audit") or {}
         self.accepted_ = state.get("accepted", 0)
+        self.rounds_ = state.get("rounds", self.accepted_)  # a checkpoint from before rounds were counted
         self.typical_samples_ = state.get("typical_samples", 0)
         self.rejected_.update(state.get("rejected", {}))
         self.clipped_ = state.get("clipped", 0)

@@ -99,7 +99,7 @@ class CoordinatorSession:
         self.retained_grace = retained_grace
         self.metrics_log = Path(metrics_log) if metrics_log else None
         self.on_publish = on_publish  # callback(status) after each model publish
-        self.on_status = on_status  # callback(status) after every status publish, with a model or not: metrics
+        self.on_status = on_status  # callback(status) before every status publish, with a model or not: metrics
         self.lock = threading.Lock()  # guards `core` and `_unacked` between the two threads
         position = core.audit_position_
         committed_audit = position.get("offset") if position.get("path") == _abspath(audit_log) else None
@@ -384,6 +384,8 @@ class CoordinatorSession:
             self._publish_status_if_due(status, handled, connected)
             return False
         self._status_handled, self._status_at = handled, time.monotonic()
+        if self.on_status:  # the exporter first: whoever reads the status on the broker finds /metrics as new
+            self.on_status(status)
         self._last_infos = [
             *self._publish_model(payload, status["version"]),
             self.client.publish(topics.coordinator_status, encode_status(status), qos=1, retain=True),
@@ -427,19 +429,12 @@ class CoordinatorSession:
     def _publish_model(self, payload: bytes, version: int) -> list:
         """The model on its retained topic, or over the packet limit its retained chunks, then the manifest."""
         topics = self.core.topics
-        if chunking.fits(topics.model, len(payload), self.max_packet_bytes):
-            chunks = []
-        else:
-            room = chunking.capacity(self.max_packet_bytes, topics.model_chunk(chunking.MAX_CHUNKS - 1))
-            chunks = chunking.split(payload, room)
-        infos = [self.client.publish(topics.model_chunk(i), c, qos=1, retain=True) for i, c in enumerate(chunks)]
-        for i in range(len(chunks), self._model_chunks_sent):  # a smaller model: no stale chunk stays retained
-            self.client.publish(topics.model_chunk(i), b"", qos=1, retain=True)
-        self._model_chunks_sent = len(chunks)
-        last = chunking.encode_manifest(chunking.manifest(payload, topics.fleet, version, len(chunks))) if chunks else payload
-        infos.append(self.client.publish(topics.model, last, qos=1, retain=True))
+        packets, chunks = chunking.model_packets(topics.model, topics.model_chunk, payload, topics.fleet, version,
+                                                 self.max_packet_bytes, self._model_chunks_sent)
+        self._model_chunks_sent = chunks  # a smaller model: no stale chunk stays retained
+        infos = [self.client.publish(topic, body, qos=1, retain=True) for topic, body in packets]
         if chunks:
-            log.debug("version %d in %d chunks of at most %d bytes", version, len(chunks), room)
+            log.debug("version %d in %d chunks", version, chunks)
         return infos
 
     @property
@@ -451,9 +446,9 @@ class CoordinatorSession:
         now = time.monotonic()
         if connected and (handled != self._status_handled or failing) and now - self._status_at >= self.core.publish_interval:
             self._status_handled, self._status_at = handled, now
-            self.client.publish(self.core.topics.coordinator_status, encode_status(status), qos=1, retain=True)
-            if self.on_status:
+            if self.on_status:  # before the publish, as with a model
                 self.on_status(status)
+            self.client.publish(self.core.topics.coordinator_status, encode_status(status), qos=1, retain=True)
 
     def _report_checkpoint_failure(self, exc: CheckpointError, status: dict, handled: int, connected: bool) -> None:
         now = time.monotonic()
@@ -472,8 +467,6 @@ class CoordinatorSession:
                 log.error("cannot append to the metrics log %s: %s", self.metrics_log, exc.strerror or exc)
         if self.on_publish:
             self.on_publish(status)
-        if self.on_status:
-            self.on_status(status)
         log.info(
             "published version %d (%d bytes): accepted %d, rejected %d%s",
             status["version"], size, status["accepted"], sum(status["rejected"].values()),

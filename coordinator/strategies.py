@@ -9,18 +9,16 @@ it is still collecting.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import Counter
+from collections import Counter, OrderedDict
+from itertools import count
 
 import numpy as np
 
-from coordinator.aggregation import parse_aggregate
+from coordinator.aggregation import capped_weights, parse_aggregate
 from coordinator.staleness import Constant, StalenessFn
 
 # fedasync's mixing weight: 0.6 followed the newest non-IID agent too closely (docs/benchmarks.md)
 DEFAULT_ALPHA = 0.3
-# In a buffer an agent holds one row (its newest update), and no row weighs more than this many
-# times the median row (from 3 rows on): one device cannot own a buffer (issue 18).
-BUFFER_WEIGHT_FACTOR = 2.0
 
 
 class Strategy(ABC):
@@ -109,13 +107,15 @@ class FedBuff(Strategy):
     K shrinks to the agents online when fewer are (`resize`), so a small fleet steps on
     every agent's update rather than waiting for --buffer-timeout.
 
-    x <- x + eta * sum(n_i w(s_i) delta_i) / sum(n_i)  (Nguyen et al., 2022, sample-weighted),
-    or a robust coordinate-wise median / trimmed mean of the w(s_i) delta_i.
+    x <- x + eta * sum(n_i w(s_i) delta_i) / sum(n_i), with each n_i at most the buffer's lower
+    median count (Nguyen et al., 2022 average the K rows alike; here a row below the median keeps
+    its smaller weight), or a robust coordinate-wise median / trimmed mean of the w(s_i) delta_i.
 
     One row per agent: an agent's newer update replaces its older one in the buffer
-    (`bounded_["repeat_agent"]`), and at the step no n_i exceeds BUFFER_WEIGHT_FACTOR x the
-    buffer's median (`bounded_["weight_cap"]`): one agent's claimed counts or volume cannot
-    own the mean.
+    (`bounded_["repeat_agent"]`), and at the step no n_i exceeds the buffer's lower median
+    (`bounded_["weight_cap"]`, coordinator.aggregation.capped_weights): one agent's claimed counts
+    or volume cannot own the mean. At 2x the median, one agent claiming 10^9 rows of a buffer of 5
+    held a third of every step it was in.
     """
 
     name = "fedbuff"
@@ -177,33 +177,118 @@ class FedBuff(Strategy):
     def flush(self, params):
         if not self._deltas:
             return None
-        step = self._aggregate(np.stack(self._deltas), self._capped(np.asarray(self._samples)))
+        new = self._stepped(params, self._deltas, self._samples)
         self._deltas, self._samples, self._agents = [], [], []
-        return params + self.server_lr * step
+        return new
+
+    def _stepped(self, params: np.ndarray, rows: list, samples: list) -> np.ndarray:
+        """params + server lr x the aggregate of `rows`, their sample weights capped."""
+        return params + self.server_lr * self._aggregate(np.stack(rows), self._capped(np.asarray(samples)))
 
     def _capped(self, weights: np.ndarray) -> np.ndarray:
-        """`weights` with none above BUFFER_WEIGHT_FACTOR x their median (from 3 rows on), counted."""
-        if len(weights) < 3:
-            return weights
-        cap = BUFFER_WEIGHT_FACTOR * float(np.median(weights))
-        over = weights > cap
-        if cap > 0 and over.any():
-            self.bounded_["weight_cap"] += int(over.sum())
-            return np.minimum(weights, cap)
-        return weights
+        """`weights` with none above their lower median (aggregation.capped_weights), counted."""
+        capped, lowered = capped_weights(weights)
+        if lowered:
+            self.bounded_["weight_cap"] += lowered
+        return capped
 
     def state(self) -> dict:
         # copies: a snapshot taken under the session's lock stays valid while it is written
         return {"deltas": list(self._deltas), "samples": list(self._samples), "row_agents": list(self._agents)}
 
     def restore(self, state: dict) -> None:
-        deltas, samples = state.get("deltas", []), state.get("samples", [])
-        agents = list(state.get("row_agents") or [None] * len(deltas))
-        if len(deltas) != len(samples) or len(agents) != len(deltas) or len(deltas) >= self.buffer_size:
+        deltas, samples, agents = _buffer_columns(state)
+        if "fresh" in state:  # a --buffer-memory checkpoint: its fresh rows are the buffer
+            keep = [i for i in state["fresh"] if isinstance(i, int) and 0 <= i < len(deltas)]
+            deltas, samples, agents = ([c[i] for i in keep] for c in (deltas, samples, agents))
+        if len(deltas) >= self.buffer_size:
             raise ValueError(f"buffer of {len(deltas)} updates does not fit a buffer size of {self.buffer_size}")
         self._deltas = [np.asarray(d, dtype=np.float64) for d in deltas]
         self._samples = [float(n) for n in samples]
         self._agents = [a if isinstance(a, str) else None for a in agents]
+
+
+def _buffer_columns(state: dict) -> tuple[list, list, list]:
+    """A checkpointed buffer's rows as (deltas, samples, agents), one entry each; ValueError if they differ in length."""
+    deltas, samples = state.get("deltas", []), state.get("samples", [])
+    agents = list(state.get("row_agents") or [None] * len(deltas))
+    if not len(deltas) == len(samples) == len(agents):
+        raise ValueError(f"a buffer of {len(deltas)} deltas, {len(samples)} sample counts and {len(agents)} agents "
+                         "does not fit together")
+    return deltas, samples, agents
+
+
+class FedBuffMemory(FedBuff):
+    """FedBuff that remembers each agent's newest update (Gu et al., 2021, MIFA): a step, due after K
+    fresh updates, aggregates the newest row of every agent remembered, not only the K fresh ones.
+
+    With K below the fleet the fastest agents fill every buffer, and a class held only by a slow
+    device was washed out between its rare updates (docs/benchmarks.md section 16); remembered, its
+    row takes part in every step until it sends a newer one. At most `memory` agents are held
+    (the least recently heard is forgotten first): `memory` x the model's float64 size in RAM and
+    in every checkpoint.
+    """
+
+    def __init__(self, buffer_size: int = 5, server_lr: float = 1.0, staleness: StalenessFn = Constant(),
+                 aggregate: str = "mean", memory: int = 100) -> None:
+        super().__init__(buffer_size, server_lr, staleness, aggregate)
+        if memory < 1:
+            raise ValueError(f"--buffer-memory must be >= 1, got {memory}")
+        self.memory = memory
+        self._rows: OrderedDict[object, tuple[np.ndarray, float]] = OrderedDict()  # agent -> (row, samples)
+        self._fresh: set = set()  # agents whose row arrived since the last step
+        self._anonymous = count()
+
+    @property
+    def pending(self) -> int:
+        return len(self._fresh)
+
+    def buffer(self) -> dict:
+        return dict(super().buffer(), remembered=len(self._rows), memory=self.memory)
+
+    def buffered_agents(self) -> set:
+        return set(self._fresh)
+
+    def add(self, params, delta, n_samples, staleness, base=None, agent=None):
+        key = agent if agent is not None else ("anonymous", next(self._anonymous))
+        if key in self._fresh:
+            self.bounded_["repeat_agent"] += 1
+        self._rows.pop(key, None)
+        self._rows[key] = (self.staleness(staleness) * np.asarray(delta, dtype=np.float64), float(n_samples))
+        self._fresh.add(key)
+        while len(self._rows) > self.memory:
+            self._fresh.discard(self._rows.popitem(last=False)[0])
+        if len(self._fresh) < self.effective_size:
+            return None
+        return self.flush(params)
+
+    def flush(self, params):
+        if not self._fresh:
+            return None
+        rows = list(self._rows.values())
+        self._fresh.clear()
+        return self._stepped(params, [r for r, _ in rows], [n for _, n in rows])
+
+    def state(self) -> dict:
+        keys = list(self._rows)
+        return {"deltas": [r for r, _ in self._rows.values()], "samples": [n for _, n in self._rows.values()],
+                "row_agents": [k if isinstance(k, str) else None for k in keys],
+                "fresh": [i for i, k in enumerate(keys) if k in self._fresh]}
+
+    def restore(self, state: dict) -> None:
+        deltas, samples, agents = _buffer_columns(state)
+        fresh = set(state.get("fresh", []))
+        if len(deltas) > self.memory:
+            raise ValueError(f"a memory of {len(deltas)} rows does not fit --buffer-memory {self.memory}")
+        if len(fresh) >= self.buffer_size or not fresh <= set(range(len(deltas))):
+            raise ValueError(f"{len(fresh)} fresh rows do not fit a buffer size of {self.buffer_size}")
+        self._rows = OrderedDict()
+        self._fresh = set()
+        for i, (d, n, a) in enumerate(zip(deltas, samples, agents)):
+            key = a if isinstance(a, str) else ("anonymous", next(self._anonymous))
+            self._rows[key] = (np.asarray(d, dtype=np.float64), float(n))
+            if i in fresh:
+                self._fresh.add(key)
 
 
 class FedAvg(FedBuff):
@@ -229,10 +314,15 @@ def make_strategy(
     buffer_size: int = 5,
     server_lr: float = 1.0,
     aggregate: str = "mean",
+    memory: int = 0,
 ) -> Strategy:
-    """Build a strategy by its CLI name."""
+    """Build a strategy by its CLI name (`memory` > 0: fedbuff remembers that many agents' newest rows)."""
+    if memory and name != "fedbuff":
+        raise ValueError("--buffer-memory needs --strategy fedbuff")
     if name == "fedasync":
         return FedAsync(alpha, staleness)
+    if name == "fedbuff" and memory:
+        return FedBuffMemory(buffer_size, server_lr, staleness, aggregate, memory)
     if name == "fedbuff":
         return FedBuff(buffer_size, server_lr, staleness, aggregate)
     if name == "fedavg":

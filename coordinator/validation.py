@@ -9,6 +9,7 @@ the sample count an update may claim. Nothing in a payload can raise out of
 
 from __future__ import annotations
 
+import bisect
 import logging
 import statistics
 import time
@@ -63,10 +64,14 @@ class NormBound:
 
     The references are medians over the last `window` distinct agents, one entry each: the norm
     of its newest update judged (accepted or not), its newest count accepted; so no agent owns
-    them by volume: a flood from one id is one entry. The
-    relative norm bound starts once `norm_warmup` agents were seen (a fleet of 6 must have it),
-    the sample cap once `warmup` were; both are refreshed every REFRESH
-    updates judged (the hot path pays for a median once in that many). The sample count an update claims
+    them by volume: a flood from one id is one entry. An agent is judged against the median of the
+    *other* agents' entries: a refused attacker's own huge norm (or its capped claim) would
+    otherwise lift the median that judges its next update by half a rank. The
+    relative norm bound starts once `norm_warmup` agents were seen, the judged one among them (a
+    fleet of 3 keeps it, each agent judged by its two peers: counting only the others would leave
+    a 1-of-3 sign flip unbounded), the sample cap once `warmup` were; the sorted entries are refreshed
+    every REFRESH updates judged and whenever an agent joins (the hot path pays for a sort once in
+    that many; dropping the judged agent's value is a bisect). The sample count an update claims
     is capped at `sample_factor` x the median count (on by default): in a sample-weighted
     mean, and in the fleet evaluation, a count is as much influence as a norm.
     """
@@ -85,46 +90,66 @@ class NormBound:
         self.norm_warmup = norm_warmup
         # agent -> its newest norm, agent -> its newest (capped) sample count: columns 0 and 1
         self.recent: tuple[OrderedDict[str, float], OrderedDict[str, int]] = (OrderedDict(), OrderedDict())
-        self._medians: dict[int, tuple[int, float]] = {}  # column -> (changes when computed, median)
+        # column -> (changes when taken, the entries then, their values sorted)
+        self._sorted: dict[int, tuple[int, dict[str, float], list[float]]] = {}
         self._changes = 0
+        self._converted: set[str] = set()  # agents whose norm entry predates the scaling in force (converted)
 
-    def limit(self) -> float:
-        """The largest norm accepted now."""
-        relative = self._relative(0, self.factor, self.norm_warmup)
+    def limit(self, agent: str | None = None) -> float:
+        """The largest norm accepted now from `agent` (None: from an agent not seen yet)."""
+        relative = self._relative(0, self.factor, self.norm_warmup, agent)
         return min(self.max_norm if self.max_norm is not None else np.inf, relative)
 
-    def sample_limit(self) -> float:
-        """The largest sample count an update is weighted by now."""
-        return self._relative(1, self.sample_factor, self.warmup)
+    def sample_limit(self, agent: str | None = None) -> float:
+        """The largest sample count an update of `agent` is weighted by now."""
+        return self._relative(1, self.sample_factor, self.warmup, agent)
 
     def typical_samples(self, prior: int = 0) -> int:
-        """The lower median of the recent agents' newest (capped) sample counts, 0 before any.
+        """The lower median of the recent agents' newest (capped) sample counts, 0 before two.
 
-        The lower one: with two agents, one claiming 10^9 rows, it is the other's count. `prior` (a
-        checkpoint's typical count) votes once per agent the sample cap's warm-up still lacks: after a
-        restart one device's first claim of 10^12 rows was the whole median, and the model's steps.
+        The lower one: with two agents, one claiming 10^9 rows, it is the other's count; of one agent
+        alone, 0: a fresh fleet's first update claiming 10^12 rows was the models' steps until a second
+        agent reported. `prior` (a checkpoint's typical count) votes once per agent the sample cap's
+        warm-up still lacks: after a restart one device's first claim was the whole median, and the steps.
         """
         counts = list(self.recent[1].values())
         if prior > 0:
             counts += [prior] * max(0, self.warmup - len(counts))
-        return int(statistics.median_low(counts)) if counts else 0
+        return int(statistics.median_low(counts)) if len(counts) >= 2 else 0
 
-    def forget_norms(self) -> None:
-        """Drop the norm reference: the model was re-expressed for a new feature scaling, so the norms
-        seen so far are in units no update has any more (a raw-unit fleet's refinement refused 32 of
-        147 honest updates against them); the relative bound warms up again from `norm_warmup` agents."""
-        self.recent[0].clear()
-        self._medians.pop(0, None)
+    def forget_norms(self, gain: float | None = None) -> None:
+        """The model was re-expressed for a new feature scaling: the norms seen so far are in units no
+        update has any more (a raw-unit fleet's refinement refused 32 of 147 honest updates against them).
 
-    def _relative(self, column: int, factor: float | None, warmup: int) -> float:
+        Without `gain` the reference is dropped and warms up again from `norm_warmup` agents: until then
+        nothing is bounded, and a sign-flipping agent of 6 got one x-4 update in (a distance 10x the
+        others') right after a re-expression. With `gain` (an upper bound of how much the re-expression
+        lengthens a vector, protocol.statistics.reexpress_gain) each entry is converted (x gain) and
+        judges until `norm_warmup` agents sent an entry in the new units; from then on only those do."""
+        norms = self.recent[0]
+        if gain is None or not np.isfinite(gain) or gain <= 0:
+            norms.clear()
+            self._converted = set()
+        else:
+            for agent in norms:
+                norms[agent] *= gain
+            self._converted = set(norms)
+        self._sorted.pop(0, None)
+
+    def _relative(self, column: int, factor: float | None, warmup: int, agent: str | None) -> float:
         recent = self.recent[column]
-        if factor is not None and len(recent) >= warmup:
-            at, median = self._medians.get(column, (-REFRESH, 0.0))
-            if self._changes - at >= REFRESH:  # a median of 50, once per REFRESH updates judged
-                median = statistics.median(recent.values())
-                self._medians[column] = (self._changes, median)
-            if median > 0:  # a fleet of zero updates must not lock out every later one
-                return factor * median
+        if factor is None or len(recent) < warmup:
+            return np.inf
+        # converted entries (forget_norms) judge only until `warmup` agents sent one in the scaling in force
+        stale = self._converted if column == 0 and len(recent) - len(self._converted) >= warmup else ()
+        at, entries, values = self._sorted.get(column, (-REFRESH, {}, []))
+        if self._changes - at >= REFRESH or len(entries) != len(recent) - len(stale):  # a sort of 50, once per REFRESH
+            entries = {a: v for a, v in recent.items() if a not in stale} if stale else dict(recent)
+            values = sorted(entries.values())
+            self._sorted[column] = (self._changes, entries, values)
+        median = median_without(values, entries.get(agent) if agent in entries else None)
+        if median > 0:  # a fleet of zero updates must not lock out every later one
+            return factor * median
         return np.inf
 
     def observed(self, norm: float, agent: str = "") -> None:
@@ -143,7 +168,21 @@ class NormBound:
         recent[agent] = value
         recent.move_to_end(agent)
         while len(recent) > self.window:
-            recent.popitem(last=False)
+            gone, _ = recent.popitem(last=False)
+            if column == 0:
+                self._converted.discard(gone)
+        if column == 0:
+            self._converted.discard(agent)
+
+
+def median_without(values: list[float], own: float | None) -> float:
+    """The median of sorted `values` with one occurrence of `own` left out (None: all of them); 0 if none left."""
+    skip = len(values) if own is None else bisect.bisect_left(values, own)
+    n = len(values) - (own is not None)
+    if n <= 0:
+        return 0.0
+    at = lambda k: values[k if k < skip else k + 1]  # noqa: E731
+    return at(n // 2) if n % 2 else (at(n // 2 - 1) + at(n // 2)) / 2
 
 
 NORM_CHUNK = 8192  # below the length at which OpenBLAS splits a dot product over its threads
@@ -289,7 +328,7 @@ class UpdateValidator:
         except ProtocolError as exc:  # keep the update: the audit log names its agent and seq
             return Verdict(exc.reason, msg, staleness=staleness)
         norm = distance(delta, msg.base_version)
-        bound = self.norm.limit()
+        bound = self.norm.limit(msg.agent_id)  # the others' median: its own entry does not judge it
         self.norm.observed(norm, msg.agent_id)
         clipped = False
         if norm > bound:
@@ -297,7 +336,7 @@ class UpdateValidator:
                 return Verdict("norm", msg, staleness=staleness, norm=norm, limit=bound)
             delta *= bound / norm  # a stale update (distance from the current model) shrinks as a whole
             norm, clipped = bound, True
-        n_samples = int(min(msg.n_samples, self.norm.sample_limit()))  # inf is never the min: counts are finite
+        n_samples = int(min(msg.n_samples, self.norm.sample_limit(msg.agent_id)))  # inf is never the min: counts are finite
         self.norm.accepted(n_samples, msg.agent_id)
         return Verdict(None, msg, delta, staleness, clipped, n_samples, norm, bound)
 

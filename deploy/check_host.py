@@ -31,6 +31,11 @@ PORTS = (  # (variable, its default, the variable holding the address it is publ
 )
 
 
+def image_ids() -> tuple[int, int]:
+    """The uid/gid the images are built with on this host: yours, or SERVICE_UID as root (no image runs as 0)."""
+    return (SERVICE_UID, SERVICE_UID) if os.getuid() == 0 else (os.getuid(), os.getgid())
+
+
 def read_env(path: Path) -> dict[str, str]:
     return dict(m.groups() for m in re.finditer(r"^([A-Z_][A-Z0-9_]*)=(.*)$", path.read_text(), re.M))
 
@@ -64,12 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if not env_path.is_file():
         print(f"check_host: {env_path} not found: cp .env.example .env first", file=sys.stderr)
         return 2
+    uid, gid = image_ids()
     if os.getuid() == 0:  # never an image running as root: a fixed service uid that owns the secrets
-        uid = gid = SERVICE_UID
         for secret in Path(args.secrets).glob("*.password"):
             os.chown(secret, uid, gid)
-    else:
-        uid, gid = os.getuid(), os.getgid()
     set_env(env_path, {"FEDMQ_UID": str(uid), "FEDMQ_GID": str(gid)})
     env = {**read_env(env_path), **{k: v for k, v in os.environ.items() if k.startswith("FEDMQ_")}}
     for var, default, bind_var, bind_default in PORTS:

@@ -21,6 +21,7 @@ from protocol.config import fleet_tool_parser, parse_layered, require_extra
 from protocol.pace import DEFAULT_MAX_INTERVAL
 from protocol.privacy import GaussianMechanism
 from protocol.stats_privacy import StatsMechanism, parse_bounds
+from protocol.stopping import SignalRelay
 from protocol.tabular import DataError
 from protocol.topics import Topics
 from protocol.transport import BrokerError, settings_from_args
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take a model at most this often: after one, stop listening and read the newest retained "
                    "model once this long has passed, skipping the versions between (fewer wake-ups and "
                    "downloads); 0: every version (default: 0)")
+    t.add_argument("--skip-models-in-rounds", action=argparse.BooleanOptionalAction, default=True,
+                   help="when the models a round is expected to download while it trains (the last round's time "
+                   "against the time between the models received) outweigh an unsubscribe and a resubscribe, stop "
+                   "listening for models while it trains and read the newest retained one after it, instead of "
+                   "downloading every version published meanwhile "
+                   "(default: on; without --min-model-interval and a pace, which pause on their own)")
     t.add_argument("--max-pace", type=float, default=DEFAULT_MAX_INTERVAL, metavar="SECONDS",
                    help="the longest report interval this device accepts when the coordinator steers the fleet's pace "
                    "(a model message asking for more is capped here); under a pace the device trains and reports "
@@ -256,6 +263,30 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed usage and the error (or --help)
         return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    sessions: list[AgentSession] = []  # the session once built, for the relay to wake
+    watchdog: list[threading.Timer] = []
+
+    def request_stop(signum: int) -> None:  # the relay thread (protocol/stopping.py), never the signal handler
+        stop.set()
+        for session in sessions:
+            session.wake.set()
+        if not watchdog:  # a round in progress is not interrupted; it gets --stop-timeout to finish
+            watchdog.append(threading.Timer(args.stop_timeout, exit_now, (signal.Signals(signum).name,)))
+            watchdog[0].daemon = True
+            watchdog[0].start()
+
+    def exit_now(name: str) -> None:
+        log.warning("%s: still busy after %g s (--stop-timeout), exiting in the middle of a round", name, args.stop_timeout)
+        logging.shutdown()
+        os._exit(0)  # the broker publishes the last will (offline)
+
+    with SignalRelay(request_stop):  # from here on, also while loading data and state: a stop is never lost
+        return _run(args, stop, sessions)
+
+
+def _run(args: argparse.Namespace, stop: threading.Event, sessions: list) -> int:
+    """Build the agent from `args` and run its session until `stop`; main's exit status."""
     try:
         source = open_source(args)
         rows = source.poll()
@@ -293,31 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     session = AgentSession(agent, args.settings, connect_timeout=args.connect_timeout,
                            poll_interval=args.poll_interval, status_interval=args.status_interval,
                            min_model_interval=args.min_model_interval, max_packet_bytes=args.max_packet_bytes,
+                           skip_models_in_rounds=args.skip_models_in_rounds,
                            unheard_after=args.unheard_after)
-    stop = threading.Event()
-    watchdog: list[threading.Timer] = []
-
-    def request_stop(signum, frame):
-        stop.set()
-        session.wake.set()
-        if not watchdog:  # a round in progress is not interrupted; it gets --stop-timeout to finish
-            watchdog.append(threading.Timer(args.stop_timeout, exit_now, (signal.Signals(signum).name,)))
-            watchdog[0].daemon = True
-            watchdog[0].start()
-
-    def exit_now(name: str) -> None:
-        log.warning("%s: still busy after %g s (--stop-timeout), exiting in the middle of a round", name, args.stop_timeout)
-        logging.shutdown()
-        os._exit(0)  # the broker publishes the last will (offline)
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sessions.append(session)
     try:
         session.run(stop)
     except BrokerError as exc:
         print(f"fedmq-agent: error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     log.info("stopped after %d updates", agent.updates_sent_)
     return 0

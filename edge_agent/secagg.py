@@ -13,7 +13,10 @@ never reveals both a seed share and a key share of the same agent.
 The agent reads every member's retained key announcement itself (the ACL lets only agent X
 write `secagg/key/X`) and refuses a cohort whose keys are not the announced ones: a coordinator
 that substitutes a peer's keys (to hold both ends of the pairwise masks) gets no shares and no
-masked input from it.
+masked input from it. A peer's newest announcement can reach the coordinator before this agent
+(another broker node, a retained message still replicating): a cohort naming a key id this agent
+has not read for a peer waits up to `KEY_WAIT` seconds for that peer's announcement, goes on once
+the cohort's keys have come, and is refused if they have not by then.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +39,11 @@ Message = tuple[str, bytes, bool]  # topic, payload, retain
 # At most this many peers' key announcements are held (a bound on memory against a flood of ids;
 # a cohort naming a peer not held is refused, as one naming a substituted key).
 MAX_DIRECTORY = 100_000
+
+# Seconds a cohort naming a peer key id not read yet waits for that peer's announcement (a delay of
+# the broker between two of its nodes): the coordinator's default --secagg-grace, since once t members
+# have shared, the stage closes that long after them and a member sharing later is struck anyway.
+KEY_WAIT = 2.0
 
 
 @dataclass
@@ -65,12 +74,23 @@ class _Round:
     bad: list[str] = field(default_factory=list)  # members of U1 whose share did not open (complained of)
 
 
+@dataclass
+class _Waiting:
+    """A cohort naming peer keys not read yet, held until their announcements come or `deadline`."""
+
+    cohort: dict
+    missing: dict[str, tuple[bytes, bytes, bytes]]  # peer -> the (key id, c, s) the cohort names
+    deadline: float  # monotonic
+
+
 class SecAggClient:
     """One agent's side of secure aggregation; thread-safe (training and paho's thread call it)."""
 
-    def __init__(self, agent_id: str, topics: Topics) -> None:
+    def __init__(self, agent_id: str, topics: Topics, key_wait: float = KEY_WAIT) -> None:
         self.agent_id = agent_id
         self.topics = topics
+        self.key_wait = key_wait
+        self._waiting: _Waiting | None = None
         self._lock = threading.Lock()
         self._delta: np.ndarray | None = None
         self._keys: _Keys | None = None
@@ -100,6 +120,9 @@ class SecAggClient:
         with self._lock:
             self._delta = np.asarray(delta, dtype=np.float64).copy()
             self._keys = _Keys(os.urandom(16), sa.KeyPair.generate(), sa.KeyPair.generate(), version, sa.new_seed())
+            if self._waiting is not None:  # it names the keys just replaced
+                log.info("secure aggregation: a new delta; the cohort waiting for peers' keys is dropped")
+                self._waiting = None
             return self._announcement()
 
     def announcement(self) -> Message | None:
@@ -113,16 +136,18 @@ class SecAggClient:
                 sa.encode("key", key_id=k.key_id, c=k.c.public, s=k.s.public, version=k.version,
                           b_hash=sa.seed_commitment(k.seed, k.key_id)), True)
 
-    def on_message(self, topic: str, payload: bytes) -> list[Message]:
+    def on_message(self, topic: str, payload: bytes, now: float | None = None) -> list[Message]:
         """The replies to one message; a refused message is logged and answered with nothing."""
+        now = time.monotonic() if now is None else now
         with self._lock:
+            self._expire(now)
             try:
                 kind = self.topics.secagg_of(topic)
                 if kind is not None and kind[0] == "key":
                     self._peer_key(kind[1], payload)
-                    return []
+                    return self._key_came(kind[1], now)
                 if topic == self.topics.secagg_cohort:
-                    return self._cohort(sa.decode(payload, "cohort"))
+                    return self._cohort(sa.decode(payload, "cohort"), now)
                 if topic == self.topics.secagg("inbox", self.agent_id):
                     return self._inbox(sa.decode(payload, "inbox"))
                 if topic == self.topics.secagg_unmask:
@@ -131,6 +156,33 @@ class SecAggClient:
                 self.refused_ += 1
                 log.warning("secure aggregation: refused a message on %s: %s", topic, exc)
             return []
+
+    def tick(self, now: float | None = None) -> None:
+        """Refuse a cohort whose wait for peers' keys is over (the session calls it every poll)."""
+        with self._lock:
+            self._expire(time.monotonic() if now is None else now)
+
+    def _expire(self, now: float) -> None:
+        w = self._waiting
+        if w is not None and now >= w.deadline:
+            self._waiting = None
+            self.refused_ += 1
+            log.warning("secure aggregation: refused a message on %s: the cohort's keys for %s are not the ones it "
+                        "announced (substituted; no such announcement within %g s)", self.topics.secagg_cohort,
+                        ", ".join(sorted(w.missing)), self.key_wait)
+
+    def _key_came(self, peer: str, now: float) -> list[Message]:
+        """A peer's announcement, for the waiting cohort: the cohort's key goes on (once all have come). Another
+        key changes nothing: a node can hand a subscriber an older retained announcement after the newer one,
+        and the cohort is refused at its deadline unless its key comes."""
+        w = self._waiting
+        if w is None or self._directory.get(peer) != w.missing.get(peer):
+            return []
+        del w.missing[peer]
+        if w.missing:
+            return []
+        self._waiting = None
+        return self._cohort(w.cohort, now, w.deadline)
 
     # --- the stages --------------------------------------------------------------------
 
@@ -145,7 +197,9 @@ class SecAggClient:
             raise sa.SecAggError(f"more than {MAX_DIRECTORY} peers' keys held")
         self._directory[peer] = entry
 
-    def _cohort(self, m: dict) -> list[Message]:
+    def _cohort(self, m: dict, now: float, deadline: float | None = None) -> list[Message]:
+        """Check a cohort naming this agent and send its shares; held (`_Waiting`) while peers' keys have not
+        come, until `deadline` (`key_wait` from now for a new cohort)."""
         members = m.get("members")
         if not isinstance(members, list) or not all(isinstance(e, list) and len(e) == 4 for e in members):
             raise sa.SecAggError("malformed cohort")
@@ -168,9 +222,14 @@ class SecAggClient:
         l2_clip = m.get("l2_clip")
         if l2_clip is not None and (not isinstance(l2_clip, float) or not 2 * sa.quantization_margin(n, scale) < l2_clip < 1e300):
             raise sa.SecAggError(f"cohort L2 clip {l2_clip!r} is not a usable bound")
+        missing = {}
         for e in members:
-            if e[0] != self.agent_id and self._directory.get(e[0]) != (e[1], e[2], e[3]):
+            held = self._directory.get(e[0])
+            if e[0] == self.agent_id or held == (e[1], e[2], e[3]):
+                continue
+            if held is not None and held[0] == e[1]:  # the announced key id with other keys: never a delay
                 raise sa.SecAggError(f"the cohort's keys for {e[0]} are not the ones it announced (substituted)")
+            missing[e[0]] = (e[1], e[2], e[3])
         count_clipped = m.get("count_clipped", False)
         if not isinstance(count_clipped, bool):
             raise sa.SecAggError("count_clipped must be true or false")
@@ -178,6 +237,12 @@ class SecAggClient:
         if noise is not None and (l2_clip is None or not isinstance(noise, float) or not 0 < noise * scale < 2.0**46
                                   or scale * sa.noise_room(noise, k) >= sa.MODULUS // 2):
             raise sa.SecAggError(f"cohort noise {noise!r} is not usable (it needs an L2 clip, and must fit the sum)")
+        if missing:
+            self._waiting = _Waiting(m, missing, now + self.key_wait if deadline is None else deadline)
+            log.info("secure aggregation: a cohort names keys of %s not read yet: waiting up to %g s for them",
+                     ", ".join(sorted(missing)), self._waiting.deadline - now)
+            return []
+        self._waiting = None
         r = _Round(round_id, keys, {a: (e[2], e[3]) for a, e in entry.items()}, t, scale, clip,
                    self._delta, keys.seed, l2_clip, count_clipped, noise)
         self._delta, self._keys = None, None  # spent: a new delta brings new keys

@@ -26,6 +26,12 @@ from protocol.transport import BrokerSettings, connect, make_client
 
 log = logging.getLogger(__name__)
 
+# skip_models_in_rounds: what unsubscribing and subscribing again cost (UNSUBSCRIBE, SUBSCRIBE, their acks,
+# TCP/IP headers and ACKs; bench/results/async_advantage.json's breakdown) against each model message
+# not downloaded, its payload plus its topic, MQTT and TCP/IP headers and the device's TCP ACK
+PAUSE_COST_BYTES = 500
+PER_MESSAGE_BYTES = 130
+
 
 @dataclass(frozen=True)
 class Outgoing:
@@ -50,6 +56,12 @@ class AgentSession:
     broker then sends the newest retained model, so the versions between are never downloaded.
     Under a pace (protocol/pace.py) it does the same until the agent's next round is due: one
     model download per round, the newest, just before training on it.
+
+    `skip_models_in_rounds`: without either, a round expected to outlast the model publishes enough
+    (the last round's time against the time between the models received while listening;
+    `skip_models_in_round`) runs unsubscribed, and the session subscribes again after it: the newest
+    retained model comes then, and the versions published during the round (which the agent would only
+    have replaced) are not downloaded.
     """
 
     def __init__(
@@ -65,6 +77,7 @@ class AgentSession:
         slow_round_after: float = 1.0,
         unheard_after: float = 120.0,
         version_status_bound: float = 5.0,
+        skip_models_in_rounds: bool = False,
     ) -> None:
         self.agent = agent
         self.settings = settings
@@ -88,6 +101,15 @@ class AgentSession:
         self._models_due_at = 0.0  # monotonic
         self._paused_at = 0.0  # monotonic: when the session last stopped listening for models
         self.models_taken = 0  # models handed to the agent that were newer than the one held
+        self.skip_models_in_rounds = skip_models_in_rounds
+        self.model_gap_: float | None = None  # seconds between newer models received while listening (moving mean)
+        self._model_at: float | None = None  # monotonic: the last newer model received
+        self._model_bytes = 0  # its payload's size
+        self._retained_next = True  # the next model is a (re)subscription's retained one: its gap says nothing
+        self.round_s_: float | None = None  # the last round's duration (training and whatever pads it)
+        self.rounds_unsubscribed = 0  # rounds run without listening for models (skip_models_in_rounds)
+        self._round_running = False  # train_and_send is in a round (the main thread's)
+        self._paused_for_round = False  # the pause is skip_models_in_rounds', not --min-model-interval's or a pace's
         self._said_training = False  # a slow round published "training": say when it ends
         self.wake = threading.Event()  # set by the network thread when a newer model arrived
         self._pending: Outgoing | None = None
@@ -121,10 +143,12 @@ class AgentSession:
         # QoS 0: the model is retained, so every (re)subscription brings the newest, and the
         # broker queues no stale models for an offline device (docs/architecture.md)
         if not self._models_paused:
+            self._retained_next = True
             client.subscribe(self.agent.topics.model, qos=0)
         with self._ack_lock:
             self.acks.resumed(time.monotonic())
-        client.subscribe(self.agent.topics.ack(self.agent.agent_id), qos=1)  # retained: the newest comes at once
+        # a coordinator's acks are retained (the newest comes at once); the tier's come live only
+        client.subscribe(self.agent.topics.ack(self.agent.agent_id), qos=1)
         if self.agent.secure is not None:  # secure aggregation: the cohort, the unmask requests, its own inbox
             client.subscribe([(t, 1) for t in self.agent.secure.subscriptions])
             self._publish_secagg([self.agent.secure.announcement()])
@@ -143,12 +167,14 @@ class AgentSession:
 
     def _on_message(self, client, userdata, msg) -> None:
         if self.agent.secure is not None and self.agent.secure.owns(msg.topic):
+            replies = []
             try:
-                self._publish_secagg(self.agent.secure.on_message(msg.topic, msg.payload))
+                replies = self.agent.secure.on_message(msg.topic, msg.payload)
+                self._publish_secagg(replies)
             except Exception:  # an exception here would end paho's network thread
                 log.exception("failed to take a secure-aggregation message")
             kind = self.agent.topics.secagg_of(msg.topic)
-            if kind is None or kind[0] != "key":  # a peer's key announcement changes nothing here
+            if kind is None or kind[0] != "key" or replies:  # a peer's key changes nothing, unless a cohort waited for it
                 self.wake.set()  # a delta spent in a cohort: train a fresh one
             return
         if msg.topic == self.agent.topics.ack(self.agent.agent_id):
@@ -166,9 +192,12 @@ class AgentSession:
             log.exception("failed to take a model message")
             return
         if newer:
+            self._model_arrived(len(payload))
             self.models_taken += 1
             if self.min_model_interval > 0 or self.agent.pace is not None:
                 self._pause_models()
+            elif self._trains_on_arrival() and self._skip_models_now():
+                self._pause_models(for_round=True)  # at once: by the main thread's turn more models may come
             self.wake.set()
 
     def _on_ack(self, payload: bytes) -> None:
@@ -251,9 +280,34 @@ class AgentSession:
         log.warning("%s", reason)
         self.publish_status()
 
-    def _pause_models(self) -> None:
-        """Stop listening for models until --min-model-interval has passed (network thread):
-        the model topic and a chunked model's chunks, which would otherwise keep coming."""
+    def _model_arrived(self, size: int) -> None:
+        """A newer model came (network thread): the time since the one before, unless this one is a
+        (re)subscription's retained model, goes into the moving mean of the gap between publishes."""
+        now = time.monotonic()
+        if self._model_at is not None and not self._retained_next:
+            gap = now - self._model_at
+            self.model_gap_ = gap if self.model_gap_ is None else 0.7 * self.model_gap_ + 0.3 * gap
+        self._model_at, self._model_bytes, self._retained_next = now, size, False
+
+    def _skip_models_now(self) -> bool:
+        """Run the round about to start unsubscribed: it is expected to download more models than
+        unsubscribing and subscribing again costs (`skip_models_in_round`)."""
+        if not self.skip_models_in_rounds or self.min_model_interval > 0 or self.agent.pace is not None \
+                or self.agent.secure is not None or self._models_paused or not self.client.is_connected() \
+                or not self.model_gap_ or self.round_s_ is None:
+            return False
+        return skip_models_in_round(self.round_s_, self.model_gap_, self._model_bytes)
+
+    def _trains_on_arrival(self) -> bool:
+        """A newer model starts the next round as soon as the main thread wakes: no round is running and
+        rounds wait on models only (no --min-new-samples, no --train-every)."""
+        return not self._round_running and not self.agent.min_new_samples and self.agent.train_every is None
+
+    def _pause_models(self, for_round: bool = False) -> None:
+        """Stop listening for models until --min-model-interval has passed (network thread), or for the
+        next round (`for_round`: skip_models_in_rounds): the model topic and a chunked model's chunks,
+        which would otherwise keep coming."""
+        self._paused_for_round = for_round
         self._models_paused = True
         self._paused_at = time.monotonic()
         self._models_due_at = self._paused_at + self.min_model_interval
@@ -274,6 +328,7 @@ class AgentSession:
         """Subscribe again, as on connecting: the broker sends the newest retained model (or its
         retained chunks and manifest; a device resuming mid-transfer assembles as one joining) (main thread)."""
         self._models_paused = False
+        self._retained_next = True
         if self.client.is_connected():
             self.client.subscribe([(self.agent.topics.model, 0), (self.agent.topics.all_model_chunks, 0)])
 
@@ -375,16 +430,23 @@ class AgentSession:
                 self.wake.clear()
                 if stop.is_set():
                     break
+                taken = self.models_taken  # a model taken from here on waits for the next pass (its wake is set)
                 # a chunk was dropped (not while paused: resuming fetches the retained chunks anyway):
                 if self.chunks.stalled() and self.client.is_connected() and not self._models_paused:
                     self.client.subscribe(self.agent.topics.all_model_chunks, qos=0)  # the broker resends the retained ones
                 if self._round_wants_newest():
                     self._resume_models()  # the round waits for the newest model this brings (the wake), not the held one
                 elif self.agent.due():
+                    if self._skip_models_now():  # listening again right after the round (below)
+                        self._pause_models(for_round=True)
+                    self.rounds_unsubscribed += self._models_paused and self._paused_for_round
                     self.train_and_send()
-                if self._models_paused and time.monotonic() >= self._models_resume_at():
+                # not before the round on a model that came since the wake: it would only bring that model again
+                if self._models_paused and time.monotonic() >= self._models_resume_at() and self.models_taken == taken:
                     self._resume_models()
                 self._check_heard()
+                if self.agent.secure is not None:
+                    self.agent.secure.tick()  # a cohort that waited for peers' keys in vain is refused
                 if self.status_interval and time.monotonic() - self._last_status >= self.status_interval:
                     self.publish_status()
                 elif self._version_status_due():
@@ -397,10 +459,14 @@ class AgentSession:
         slow = threading.Timer(self.slow_round_after, self._say_training)
         slow.daemon = True
         slow.start()
+        started = time.monotonic()
+        self._round_running = True
         try:
             payload = self.agent.make_update()
         finally:
+            self._round_running = False
             slow.cancel()
+            self.round_s_ = time.monotonic() - started
         if payload is not None:
             self.send(Outgoing(payload, self.agent.seq_, self.agent.base_version_, self.agent.last_metrics_))
         elif self.agent.secure is not None and self.client.is_connected():  # a delta held: announce its fresh key
@@ -441,6 +507,20 @@ class AgentSession:
                 pass
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def skip_models_in_round(round_s: float, model_gap: float, model_bytes: int) -> bool:
+    """Whether a round of `round_s` seconds, with a model published every `model_gap` seconds, costs fewer
+    device bytes unsubscribed (subscribing again after it) than listening.
+
+    Listening, the round downloads the models published during it, of which it keeps the newest: it
+    wastes E[max(N - 1, 0)] = L - 1 + P(N = 0) downloads for N publishes in the round, L = round_s /
+    model_gap on average. Unsubscribed, it pays the unsubscribe and resubscribe (`PAUSE_COST_BYTES`), and
+    the retained model it then gets is the one it already holds when nothing was published: P(N = 0)
+    wasted downloads. P(N = 0) is in both, so unsubscribing wins once (L - 1) x (model + headers) outweighs
+    the pause, whatever the publishes' spread (regular or Poisson): for a 3.5 KB model at L ~ 1.15, for a
+    400 B one at L ~ 2."""
+    return (round_s / model_gap - 1) * (model_bytes + PER_MESSAGE_BYTES) > PAUSE_COST_BYTES
 
 
 def format_metrics(metrics: dict) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent import ovr
 from protocol.messages import ModelMessage
 from protocol.model_spec import ModelSpec, build_estimator, get_flat_params, model_features, set_flat_params
 
@@ -120,6 +121,9 @@ class LocalTrainer:
         if X.ndim != 2 or X.shape[1] != spec.n_features:
             got = X.shape[1] if X.ndim == 2 else "?"
             raise ValueError(f"local data has {got} features, the fleet's model expects {spec.n_features}")
+        if not np.isfinite(X).all():  # partial_fit refuses these; edge_agent/ovr.py would train on them
+            bad = int((~np.isfinite(X)).sum())
+            raise ValueError(f"local data has {bad} NaN or infinite value(s) after imputation and scaling")
         skipped = 0
         X = model_features(spec, X)  # a one-class model sees them shifted (protocol/model_spec.py)
         if spec.is_classifier:
@@ -161,7 +165,8 @@ class LocalTrainer:
             step = self.batch_size or len(y)
             for start in range(0, len(y), step):
                 batch = order[start:start + step]
-                self.estimator_.partial_fit(X[batch], y[batch])
+                if not ovr.epoch(self.estimator_, X[batch], y[batch]):  # the same step, without the per-call checks
+                    self.estimator_.partial_fit(X[batch], y[batch])
 
     def _diverged(self, why: str) -> None:
         log.error("local training diverged (%s); not sending this round", why)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -12,6 +11,7 @@ from urllib.parse import urlsplit
 
 from monitor.report import ReportError, plot, read_log, series
 from protocol.config import CliParser, fleet_tool_parser, optional_extra, parse_layered
+from protocol.stopping import stop_event_on_signals
 from protocol.topics import Topics
 from protocol.transport import BrokerError, read_password, settings_from_args
 
@@ -112,24 +112,20 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.web is not None:  # the stdlib alone: no extra needed
-        stop = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        stop, relay = stop_event_on_signals()  # protocol/stopping.py
+        with relay:
             return run_web(args, stop)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
     try:
         from monitor import live
     except ImportError as exc:  # rich is an extra
         print(f"fedmq-monitor: error: {exc.name} is missing: pip install 'fedmq[monitor]'", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop, relay = stop_event_on_signals()
     session = live.MonitorSession(args.topics, args.settings)
     try:
         session.start(args.connect_timeout)
     except BrokerError as exc:
+        relay.close()
         print(f"fedmq-monitor: error: {exc}", file=sys.stderr)
         return 1
     try:
@@ -143,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         session.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        relay.close()
     return 0
 
 

@@ -10,7 +10,8 @@ mosquitto_sub::
 
 Coalesced: a commit that accepted ten updates of one agent sends one ack, its highest seq. A
 model message with ``"acks": true`` says its publisher sends them (protocol/messages.py), so an
-agent expects acks only from a coordinator that serves them.
+agent expects acks only from a coordinator that serves them. The scale-out tier's partition workers send the
+same payload as core NATS messages, not retained (docs/architecture.md, "Acks on the tier").
 """
 
 from __future__ import annotations

@@ -101,6 +101,22 @@ def encode_manifest(m: Manifest) -> bytes:
                           "chunks": m.chunks, "bytes": m.size, "sha256": m.digest}, use_bin_type=True)
 
 
+def model_packets(model_topic: str, chunk_topic, payload: bytes, fleet: str, version: int,
+                  max_packet_bytes: int | None, sent: int) -> tuple[list[tuple[str, bytes]], int]:
+    """The retained publications of one model, in order, and how many chunk topics they fill: the whole payload on
+    `model_topic` when it fits, else its chunks on `chunk_topic(i)` and the manifest on `model_topic` last (a device
+    that has the manifest finds every chunk retained); empty payloads clear the chunk topics of the `sent` before
+    that this one does not fill (the single coordinator's and the tier root's)."""
+    if fits(model_topic, len(payload), max_packet_bytes):
+        chunks = []
+    else:
+        chunks = split(payload, capacity(max_packet_bytes, chunk_topic(MAX_CHUNKS - 1)))
+    packets = [(chunk_topic(i), c) for i, c in enumerate(chunks)]
+    packets += [(chunk_topic(i), b"") for i in range(len(chunks), sent)]
+    last = encode_manifest(manifest(payload, fleet, version, len(chunks))) if chunks else payload
+    return packets + [(model_topic, last)], len(chunks)
+
+
 def is_manifest(payload: bytes) -> bool:
     """A payload on the model topic is a manifest (not a whole model): a cheap look at its first bytes."""
     return len(payload) > 15 and 0x80 <= payload[0] <= 0x8F and payload[1:15] == _MANIFEST_TAG

@@ -181,6 +181,17 @@ def standardize(X: np.ndarray, scaling: Scaling) -> np.ndarray:
     return (X - scaling.mean) / scaling.scale
 
 
+def reexpress_gain(old: Scaling, new: Scaling, shift: float = 0.0) -> float:
+    """An upper bound of how much `reexpress` can lengthen a parameter vector (its operator norm).
+
+    Per class the map is [[diag(r), 0], [u^T, 1]] with r = s'/s and u = (m' - m)/s + shift (1 - r):
+    at most max|r| + sqrt(|u|^2 + 1). The norm bound converts distances judged under `old` with it
+    (never below what an honest update's distance becomes, so no one is refused for the units)."""
+    r = new.scale / old.scale
+    u = (new.mean - old.mean) / old.scale + shift * (1.0 - r)
+    return float(np.max(np.abs(r), initial=0.0) + np.sqrt(np.dot(u, u) + 1.0))
+
+
 def reexpress(params: np.ndarray, coef_shape: tuple[int, ...], old: Scaling, new: Scaling,
               shift: float = 0.0) -> np.ndarray:
     """Flat linear-model parameters (coef_ then intercept_) for `new` scaling, same function.

@@ -151,13 +151,15 @@ def make_client(
     *,
     persistent: bool = True,
     will: tuple[str, bytes] | None = None,
+    own_client_id: bool = False,
 ) -> mqtt.Client:
     """A paho client configured for `settings`; not yet connected.
 
     With a username the client id is the username and `client_id` is not used: the
     production broker (`use_username_as_clientid`) names every session after its user,
     so that no credential can take over another client's session, and our clients ask
-    for the name they get. Without one (anonymous test brokers) it is `client_id`.
+    for the name they get. Without one (anonymous test brokers), or with `own_client_id`
+    (the scale-out tier's processes share one user, each with its own session), it is `client_id`.
     `persistent` asks the broker to keep the session (subscriptions and queued QoS 1
     messages) across disconnects. `will` is (topic, payload), sent QoS 1 retained.
     """
@@ -165,7 +167,7 @@ def make_client(
     mqtt_receive.install()  # one copy of each received payload, not three (protocol/mqtt_receive.py)
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
-        client_id=settings.username or client_id,
+        client_id=client_id if own_client_id else (settings.username or client_id),
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
         clean_session=None if v5 else not persistent,
     )

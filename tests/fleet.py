@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -17,14 +16,9 @@ from typing import Callable, Iterator, Sequence
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tier.fleet import spawn  # noqa: F401  (one definition, for the tests and bench/scale_out.py)
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def spawn(module: str, *args: str, log: Path) -> subprocess.Popen:
-    """Start `python -m module args...` with its output in `log`."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    fh = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 # Longer than an agent's own grace on SIGTERM (--stop-timeout 10 s, then up to 5 s for its offline
@@ -98,7 +92,8 @@ def real_fleet(broker, tmp_path: Path, fleet: str, ds, shards: Sequence[Path], *
 class TopicWatcher:
     """Subscribes to a filter and keeps the newest payload of every topic; waits on conditions."""
 
-    def __init__(self, url_port: int, topic_filter: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, url_port: int, topic_filter: str, host: str = "127.0.0.1",
+                 auth: tuple[str, str] | None = None) -> None:
         self.latest: dict[str, bytes] = {}
         self.history: list[tuple[str, bytes]] = []
         self._cond = threading.Condition()
@@ -106,6 +101,8 @@ class TopicWatcher:
         self.reconnected = threading.Event()  # set when it connected again after losing the broker
         self._connects = 0
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{os.getpid()}-{id(self)}")
+        if auth is not None:  # (username, password)
+            self.client.username_pw_set(*auth)
 
         def on_connect(client, userdata, flags, reason_code, properties):
             self._connects += 1

@@ -52,6 +52,21 @@ def test_pending_acks_coalesce_to_the_highest_seq_per_agent_and_survive_a_failed
     assert acks.take() == {"a1": 8, "a2": 1}
 
 
+def test_an_ack_interval_sends_an_agents_newest_seq_at_most_once_per_interval():
+    acks = PendingAcks(interval=1.0)
+    acks.note("a1", 5)
+    assert acks.take(now=10.0) == {"a1": 5}  # not acked before: at once
+    acks.note("a1", 6)
+    acks.note("a2", 1)
+    assert acks.take(now=10.5) == {"a2": 1}  # a1 waits; a2, never acked, goes
+    acks.note("a1", 7)
+    assert acks.take(now=10.9) == {}
+    assert acks.take(now=11.0) == {"a1": 7}  # the newest seq, once the interval has passed
+    acks.note("a1", 8)
+    acks.put_back(acks.take(now=12.5))  # a failed commit: the retry is not held back by the interval
+    assert acks.take(now=12.6) == {"a1": 8}
+
+
 def test_the_core_acks_accepted_updates_only():
     core = make_core(max_staleness=0)
     assert core.handle_update(*update("a1", seq=10)) is None  # version 1 now

@@ -8,9 +8,12 @@ import time
 
 import pytest
 
-from fleet import ROOT  # noqa: F401  (puts the repository on the path)
-from bench.async_advantage import bytes_until, cpu_at, first_at, packet_times, spread, summarize
+import sys
+
+from fleet import ROOT  # puts the repository on the path
+from bench.async_advantage import bytes_until, cpu_at, first_at, flower_timeline, packet_times, spread, summarize
 from bench.padding import padded
+from protocol.tabular import write_csv
 
 
 def test_first_at_is_the_first_point_at_or_above_the_target():
@@ -61,3 +64,22 @@ def test_a_padded_round_lasts_at_least_the_pad_and_says_when_it_started(capsys):
     started = time.monotonic()
     slow()
     assert time.monotonic() - started < 0.3 + 0.09
+
+
+def test_the_flower_side_of_the_sensors_regression(tmp_path):
+    """--dataset sensors: Flower's clients fit an SGDRegressor on float targets, its server logs r2, which
+    can be negative before the model is any good; the classifier's log reads as before."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "bench"))  # Flower's side runs as a script from bench/, in Flower's venv
+    from flower_baseline import estimator, load
+
+    write_csv(tmp_path / "agent0.csv", np.ones((3, 16)), np.array([0.25, -1.5, 2.0]))
+    X, y = load(tmp_path / "agent0.csv", 0)
+    assert X.shape == (3, 16) and list(y) == [0.25, -1.5, 2.0]
+    est = estimator(0, 16, 0)
+    assert type(est).__name__ == "SGDRegressor" and not est.coef_.any() and est.coef_.shape == (16,)
+    assert type(estimator(0, 16, 3)).__name__ == "SGDClassifier"
+    log = "round 1 r2 -0.4210 time 100.500\nround 2 r2 0.8100 time 101.000\n"
+    assert flower_timeline(log, 10) == [(100.5, -0.421, 10), (101.0, 0.81, 20)]
+    assert flower_timeline("round 3 accuracy 0.9000 time 5.000\n", 4) == [(5.0, 0.9, 12)]

@@ -1,12 +1,22 @@
-"""docs/benchmarks.md section 16 quotes bench/results/async_advantage.json exactly."""
+"""docs/benchmarks.md section 16 quotes bench/results/async_advantage.json (and the runs before: before the
+agents' skip rule, async_advantage-before-skip-rule.json; before the byte and CPU cuts, async_advantage-before.json;
+before fedbuff's memory, async_advantage-before-memory.json; and the sensors regression,
+async_advantage_sensors.json), the sweep rows and the per-device rows exactly."""
 
 from __future__ import annotations
 
 import json
+import statistics
+
+import pytest
 
 from fleet import ROOT
 
 RESULTS = ROOT / "bench/results/async_advantage.json"
+BEFORE_SKIP = ROOT / "bench/results/async_advantage-before-skip-rule.json"  # before the agents' skip rule (0696ea5)
+BEFORE = ROOT / "bench/results/async_advantage-before.json"
+BEFORE_MEMORY = ROOT / "bench/results/async_advantage-before-memory.json"
+SENSORS = ROOT / "bench/results/async_advantage_sensors.json"  # the regression: every "accuracy" is r2
 
 
 def cell(s: dict, unit: str = "", digits: int = 1, scale: float = 1.0) -> str:
@@ -21,10 +31,10 @@ def ratio(x) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
-def table(r: dict) -> str:
+def table(r: dict, source: str) -> str:
     """One row per system, as the section shows it."""
     lines = ["| system | seeds | time to 90% | time to 95% | updates to 95% | device KB to 95% | device CPU to 95% "
-             "| final accuracy | final / ceiling | time, KB, CPU to 95% vs Flower FedAvg (bench/results/async_advantage.json) |",
+             f"| final {r.get('metric', 'accuracy')} | final / ceiling | time, KB, CPU to 95% vs Flower FedAvg (bench/results/{source}) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in r["summary"].items():
         vs = " / ".join(ratio(s.get(f"{k}_vs_flower_fedavg")) for k in ("time_to_95_s", "device_bytes_to_95",
@@ -36,10 +46,11 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def test_the_async_advantage_table_is_the_results_file():
-    r = json.loads(RESULTS.read_text())
+@pytest.mark.parametrize("results", [RESULTS, BEFORE_SKIP, BEFORE, BEFORE_MEMORY, SENSORS], ids=lambda p: p.name)
+def test_the_async_advantage_table_is_the_results_file(results):
+    r = json.loads(results.read_text())
     md = (ROOT / "docs/benchmarks.md").read_text()
-    assert table(r) in md, table(r)
+    assert table(r, results.name) in md, table(r, results.name)
     assert sum(s["seeds"] for s in r["summary"].values()) == len(r["runs"])
     ceilings = sorted({run["ceiling"] for run in r["runs"]})
     assert f"ceilings {', '.join(f'{c:.4f}' for c in ceilings)}" in md
@@ -60,3 +71,129 @@ def summary_row(r: dict) -> str:
 
 def test_the_summary_row_is_the_results_file():
     assert summary_row(json.loads(RESULTS.read_text())) in (ROOT / "docs/benchmarks.md").read_text()
+
+
+SWEEP = ROOT / "bench/results/async_advantage_sweep.jsonl"
+BYTES_BEFORE = "bytes before (main d5630eb): fedbuff memory lr2 int4 topk"
+BYTES_AFTER = "bytes after (0788855): fedbuff memory lr2 int4 topk"
+
+
+def sweep_rows() -> dict:
+    return {r["system"]: r for r in map(json.loads, SWEEP.read_text().splitlines()) if "breakdown" in r}
+
+
+def bytes_table(before: dict, after: dict) -> str:
+    """Section 16's breakdown: bytes and packets per update the devices sent, by kind, before and after."""
+    kb, ka = before["breakdown"]["kinds"], after["breakdown"]["kinds"]
+    lines = ["| per update the devices sent | before: bytes | before: packets | after: bytes | after: packets |",
+             "|---|---|---|---|---|"]
+    zero = {"bytes_per_update": 0.0, "packets_per_update": 0.0}
+    for kind in sorted(set(kb) | set(ka), key=lambda k: (-kb.get(k, zero)["bytes_per_update"], k)):
+        b, a = kb.get(kind, zero), ka.get(kind, zero)
+        lines.append(f"| {kind} | {b['bytes_per_update']:,.1f} | {b['packets_per_update']:.3f} | "
+                     f"{a['bytes_per_update']:,.1f} | {a['packets_per_update']:.3f} |")
+    lines.append(f"| all | {before['breakdown']['bytes_per_update']:,.1f} | | {after['breakdown']['bytes_per_update']:,.1f} | |")
+    return "\n".join(lines)
+
+
+def test_the_bytes_breakdown_is_the_sweep_rows():
+    rows = sweep_rows()
+    md = (ROOT / "docs/benchmarks.md").read_text()
+    assert bytes_table(rows[BYTES_BEFORE], rows[BYTES_AFTER]) in md, bytes_table(rows[BYTES_BEFORE], rows[BYTES_AFTER])
+    for name, row in rows.items():  # every breakdown row the section quotes, by its bytes per update
+        if name.startswith("bytes "):
+            assert f"{row['breakdown']['bytes_per_update']:,.0f} B per update" in md, name
+
+
+def per_update_table(r: dict) -> str:
+    """Section 16's per-update costs of the newest run: medians over the seeds of each run's whole-run figures."""
+    lines = ["| system | bytes per update | model downloads per update | acks per update | device CPU per update |",
+             "|---|---|---|---|---|"]
+    names = list(r["summary"])
+    for name in names:
+        runs = [x for x in r["runs"] if x["system"] == name]
+        med = lambda f: statistics.median(f(x) for x in runs)  # noqa: E731
+        kinds = lambda x: x["breakdown"]["kinds"]  # noqa: E731
+        packets = lambda x, k: kinds(x).get(k, {}).get("packets_per_update", 0.0)  # noqa: E731
+        flower = name.startswith("Flower")
+        lines.append(f"| {name} | {med(lambda x: x['breakdown']['bytes_per_update']):,.0f} | "
+                     f"{'1 (one per fit)' if flower else format(med(lambda x: packets(x, 'down PUBLISH model')), '.2f')} | "
+                     f"{'-' if flower else format(med(lambda x: packets(x, 'down PUBLISH ack')), '.2f')} | "
+                     f"{med(lambda x: 1000 * x['device_cpu_s'] / x['breakdown']['updates_sent']):.2f} ms |")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("results", [RESULTS, BEFORE_SKIP], ids=lambda p: p.name)
+def test_the_per_update_costs_are_the_results_file(results):
+    r = json.loads(results.read_text())
+    assert per_update_table(r) in (ROOT / "docs/benchmarks.md").read_text(), per_update_table(r)
+
+
+
+REGRESSION = "main 5334ee6 "  # the sweep rows of issue 23's plain-fedbuff regression: NAME after the prefix
+REGRESSION_SETTINGS = (("defaults", "defaults (`--ack-interval 1`, `--skip-models-in-rounds`)"),
+                       ("--ack-interval 0", "`--ack-interval 0`"),
+                       ("--no-skip-models-in-rounds", "`--no-skip-models-in-rounds`"),
+                       ("--ack-interval 0 --no-skip-models-in-rounds", "both"))
+
+
+def regression_table(runs: list[dict]) -> str:
+    """Section 16's sweep of the two protocol defaults under plain fedbuff: per setting and seed, the time to 95%
+    of the ceiling and the final accuracy, and the model downloads per update."""
+    lines = ["| plain fedbuff, main 5334ee6, 60 s | seed 0: 95% / final | seed 1: 95% / final | seed 2: 95% / final "
+             "| model downloads per update (seeds 0, 1, 2) |", "|---|---|---|---|---|"]
+    for key, label in REGRESSION_SETTINGS:
+        mine = sorted((r for r in runs if r["system"] == REGRESSION + key), key=lambda r: r["seed"])
+        assert [r["seed"] for r in mine] == [0, 1, 2], key
+        reach = lambda r: "not reached" if r["time_to_95_s"] is None else f"{r['time_to_95_s']:.1f} s"  # noqa: E731
+        cells = [f"{reach(r)} / {r['final_accuracy']:.4f}" for r in mine]
+        downloads = ", ".join(f"{r['breakdown']['kinds']['down PUBLISH model']['packets_per_update']:.2f}" for r in mine)
+        lines.append(f"| {label} | {' | '.join(cells)} | {downloads} |")
+    return "\n".join(lines)
+
+
+def test_the_regression_sweep_is_the_sweep_rows():
+    runs = [r for r in map(json.loads, SWEEP.read_text().splitlines()) if r["system"].startswith(REGRESSION)]
+    assert len(runs) == 12  # 4 settings x 3 seeds, each once
+    table = regression_table(runs)
+    assert table in (ROOT / "docs/benchmarks.md").read_text(), table
+
+
+DEVICES = ROOT / "bench/results/async_advantage_devices.jsonl"
+PLAIN = "plain fedbuff, main 548c17a: "
+
+
+def slow_devices(row: dict) -> str:
+    """The devices padded beyond 2 s: 'pad s: acked / sent' each (the coordinator acks accepted updates only)."""
+    return "; ".join(f"{a['pad']:.2f} s: {a['acks']} / {a['updates']}" for a in row["agents"] if a["pad"] > 2)
+
+
+def norm_table(rows: list[dict]) -> str:
+    """Section 16's per-device view of plain fedbuff: what the slowest devices got accepted, with the relative norm
+    bound at its default, off, and clipping instead of refusing."""
+    lines = ["| plain fedbuff, main 548c17a, 60 s | seed | slowest devices (pad): updates acked / sent | rejected as norm "
+             "| time to 95% | final (best) accuracy |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        t95 = "not reached" if r["t95"] is None else f"{r['t95']:.1f} s"
+        lines.append(f"| {r['name'][len(PLAIN):]} | {r['seed']} | {slow_devices(r)} | {r['rejected_log'].get('norm', 0)} | "
+                     f"{t95} | {r['final']:.4f} ({r['best']:.4f}) |")
+    return "\n".join(lines)
+
+
+def device_download_table(row: dict) -> str:
+    """Section 16's model downloads per update of each device, one run."""
+    lines = ["| device pad | updates sent | models downloaded per update | subscribes per update |", "|---|---|---|---|"]
+    for a in sorted(row["agents"], key=lambda a: a["pad"]):
+        lines.append(f"| {a['pad']:.2f} s | {a['updates']} | {a['models'] / a['updates']:.2f} | "
+                     f"{a['subscribes'] / a['updates']:.2f} |")
+    return "\n".join(lines)
+
+
+def test_the_per_device_tables_are_the_device_rows():
+    rows = [json.loads(line) for line in DEVICES.read_text().splitlines()]
+    plain = [r for r in rows if r["name"].startswith(PLAIN)]
+    assert len(plain) == 5 and all(slow_devices(r) for r in plain)
+    md = (ROOT / "docs/benchmarks.md").read_text()
+    assert norm_table(plain) in md, norm_table(plain)
+    before = next(r for r in rows if r["name"] == "skip rule before (main 548c17a): fedbuff memory lr2")
+    assert device_download_table(before) in md, device_download_table(before)

@@ -92,8 +92,19 @@ def build_of(service: dict) -> tuple[Path, str | None]:
     return context, (str((context / dockerfile).resolve().relative_to(ROOT)) if dockerfile else None)
 
 
+def image_build(compose: dict, service: dict) -> tuple[Path, str | None]:
+    """`build_of` the service that builds the image `service` runs (itself, or the one service with a
+    `build` for that image: compose builds an image once per service that has one)."""
+    if "build" in service:
+        return build_of(service)
+    builders = [s for s in compose["services"].values() if "build" in s and s.get("image") == service.get("image")]
+    assert len(builders) == 1, f"image {service.get('image')!r} is built by {len(builders)} services, not one"
+    assert service.get("pull_policy") == "never", f"{service.get('image')}: built here, never to be pulled"
+    return build_of(builders[0])
+
+
 def our_services(compose: dict, dockerfile: str) -> dict:
-    return {name: s for name, s in compose["services"].items() if build_of(s)[1] == dockerfile}
+    return {name: s for name, s in compose["services"].items() if image_build(compose, s)[1] == dockerfile}
 
 
 def command_of(service: dict) -> list[str]:
@@ -154,7 +165,10 @@ def test_compose_has_the_fleet(compose):
     assert build_of(services["broker"])[0] == ROOT / "broker"
     assert build_of(services["coordinator"])[1] == "docker/coordinator.Dockerfile"
     for n in (1, 2, 3):
-        assert build_of(services[f"agent-{n}"])[1] == "docker/agent.Dockerfile"
+        assert image_build(compose, services[f"agent-{n}"])[1] == "docker/agent.Dockerfile"
+    # each image built once (five parallel builds of two images before, as in docker-compose.scale.yml)
+    images = [s["image"] for s in services.values() if "build" in s]
+    assert sorted(images) == sorted(set(images)) and all(image_build(compose, s) for s in services.values())
 
 
 def test_coordinator_command_parses_with_the_real_parser(compose, tmp_path):
@@ -185,7 +199,7 @@ def test_web_view_command_parses_and_stays_on_loopback(compose, tmp_path):
     import monitor.cli
 
     web = compose["services"]["web"]
-    assert build_of(web)[1] == "docker/coordinator.Dockerfile" and web["entrypoint"] == ["fedmq-monitor"]
+    assert image_build(compose, web)[1] == "docker/coordinator.Dockerfile" and web["entrypoint"] == ["fedmq-monitor"]
     cmd = command_of(web)
     args = monitor.cli.build_parser().parse_args(cmd)
     assert args.web == 8080 and args.fleet == "demo" and args.username == "web" and args.web_share_login

@@ -19,54 +19,23 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from compose_engine import REQUIRED, compose_env, containers, copy_checkout, down_after, free_port, require_engine, run
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_README = ROOT / "deploy" / "README.md"
 SERVICES = {"broker", "coordinator", "web", "agent-1", "agent-2", "agent-3"}
-REQUIRED = os.environ.get("FEDMQ_REQUIRE_COMPOSE") == "1"
-
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
-
-
-def _unavailable(reason: str):
-    if REQUIRED:
-        pytest.fail(f"FEDMQ_REQUIRE_COMPOSE=1 but {reason}")
-    pytest.skip(reason)
-
-
-def _run(cmd, *, cwd, env=None, timeout=120, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          shell=isinstance(cmd, str), executable="/bin/bash" if isinstance(cmd, str) else None)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd!r} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
 def engine():
-    if shutil.which("docker") is None:
-        _unavailable("no docker client (scripts/docker-engine installs Docker on Debian)")
-    info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=30)
-    if info.returncode != 0:
-        _unavailable("no Docker engine answers (scripts/docker-engine starts one): "
-                     + (info.stderr.strip().splitlines() or ["?"])[-1])
-    version = subprocess.run(["docker", "compose", "version", "--short"], capture_output=True, text=True, timeout=30)
-    if version.returncode != 0 or not re.match(r"v?2\.", version.stdout.strip()):
-        _unavailable("docker compose v2 is missing (scripts/docker-engine installs it)")
-    # the base images: real ones where a registry was reachable, else local stand-ins
-    proc = subprocess.run([str(ROOT / "scripts" / "docker-standins")], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        _unavailable(f"no base images: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return info.stdout.strip()
+    return require_engine()
 
 
 def readme_steps() -> list[str]:
@@ -75,23 +44,6 @@ def readme_steps() -> list[str]:
     section = text.split("## Docker Compose demo", 1)[1]
     block = section.split("```sh\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def copy_checkout(dest: Path) -> None:
-    """The files a clone would have (tracked, plus new ones not ignored): no .venv, no credentials."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=ROOT, capture_output=True, check=True, timeout=60).stdout.split(b"\0")
-    for rel in filter(None, (p.decode() for p in listed)):
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
 
 
 class StatusWatch:
@@ -169,19 +121,13 @@ def test_compose_demo_learns_and_resumes_after_down_and_up(engine, tmp_path):
     assert steps[-1] == "docker compose up --build", f"deploy/README.md's last step changed: {steps[-1]!r}"
     work = tmp_path / "fedmq"
     copy_checkout(work)
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` is fedmq's venv
-    env["DOCKER_BUILDKIT"] = "0"  # BuildKit may want a registry for the base image's metadata
-    env.pop("COMPOSE_FILE", None)
-    for name in list(env):
-        if name.startswith("FEDMQ_"):
-            env.pop(name)
+    env = compose_env()
     # this machine may run its own mosquitto on 1883: the stack's host ports go to free ones, written
     # into .env as soon as a step made it (deploy/check_host.py, the next step, checks them)
     ports = {key: free_port() for key in ("FEDMQ_BROKER_PORT", "FEDMQ_BROKER_TLS_PORT", "FEDMQ_METRICS_PORT",
                                           "FEDMQ_BROKER_WS_PORT", "FEDMQ_WEB_PORT")}
     for line in steps[:-1]:
-        _run(line, cwd=work, env=env, timeout=300)
+        run(line, cwd=work, env=env, timeout=300)
         if (work / ".env").exists() and "ports set" not in (work / ".env").read_text():
             dotenv = (work / ".env").read_text()
             for key, value in ports.items():
@@ -194,61 +140,53 @@ def test_compose_demo_learns_and_resumes_after_down_and_up(engine, tmp_path):
     compose = ["docker", "compose", "-p", project]
     password = (work / "deploy" / "credentials" / "secrets" / "monitor.password").read_text().strip()
     watch = None
-    try:
-        _run([*compose, "up", "--build", "--detach", "--wait", "--wait-timeout", "300"], cwd=work, env=env, timeout=1200)
-        ps = _run([*compose, "ps", "--format", "json"], cwd=work, env=env).stdout
-        rows = [json.loads(l) for l in ps.splitlines() if l.strip()] if not ps.lstrip().startswith("[") else json.loads(ps)
-        health = {row["Service"]: row.get("Health") for row in rows}
-        assert set(health) == SERVICES and all(h == "healthy" for h in health.values()), health
+    with down_after(compose, cwd=work, env=env):
+        try:
+            run([*compose, "up", "--build", "--detach", "--wait", "--wait-timeout", "300"], cwd=work, env=env, timeout=1200)
+            health = {row["Service"]: row.get("Health") for row in containers(compose, cwd=work, env=env)}
+            assert set(health) == SERVICES and all(h == "healthy" for h in health.values()), health
 
-        # only the broker's own certificate and key and the CA certificate reach the broker
-        listed = _run([*compose, "exec", "-T", "broker", "sh", "-c",
-                       "ls /mosquitto/config/certs /run/fedmq/certs; stat -c '%u %a %n' /mosquitto/config/passwd"
-                       " /mosquitto/config/acl /mosquitto/config/certs/server.key"], cwd=work, env=env).stdout
-        assert "ca.key" not in listed and "client-" not in listed, listed
-        assert "1883 600 /mosquitto/config/acl" in listed, listed
-        assert "1883 600 /mosquitto/config/passwd" in listed and "1883 600 /mosquitto/config/certs/server.key" in listed, listed
+            # only the broker's own certificate and key and the CA certificate reach the broker
+            listed = run([*compose, "exec", "-T", "broker", "sh", "-c",
+                          "ls /mosquitto/config/certs /run/fedmq/certs; stat -c '%u %a %n' /mosquitto/config/passwd"
+                          " /mosquitto/config/acl /mosquitto/config/certs/server.key"], cwd=work, env=env).stdout
+            assert "ca.key" not in listed and "client-" not in listed, listed
+            assert "1883 600 /mosquitto/config/acl" in listed, listed
+            assert "1883 600 /mosquitto/config/passwd" in listed and "1883 600 /mosquitto/config/certs/server.key" in listed, listed
 
-        watch = StatusWatch(ports["FEDMQ_BROKER_PORT"], password)
-        first = watch.wait_for(lambda s: (s.get("accuracy") or 0) >= 0.9, 600, "with accuracy >= 0.9")
-        before = watch.wait_for(lambda s: True, 10, "at all")  # the newest, at least as far as `first`
-        # the monitor account stays connected: 60 s of it, healthchecks (every 10 s) included (issue 22 point 2)
-        time.sleep(max(0.0, 60 - (time.monotonic() - watch.connected_at)))
-        assert not watch.disconnects, f"the monitor lost its session: {watch.disconnects}"
-        # the fleet's own accuracy before down, to set against the same number of statuses after up
-        # (the minimum of a longer window is lower by chance alone)
-        earlier = [s["accuracy"] for s in watch.statuses if s.get("started_at") == watch.statuses[-1].get("started_at")
-                   and s.get("accuracy")]
-        before = watch.statuses[-1]
-        watch.close()
-        watch = None
-        assert before["version"] >= first["version"] > 0
-        see_it_in_a_browser(f"http://localhost:{ports['FEDMQ_WEB_PORT']}/", tmp_path / "chromium")
-
-        _run([*compose, "down"], cwd=work, env=env, timeout=300)
-        # watching before `up`: the restarted coordinator's first status (it publishes one at
-        # start) carries the version it started from; later ones only grow, even from 0
-        watch = StatusWatch(ports["FEDMQ_BROKER_PORT"], password)
-        _run([*compose, "up", "--detach", "--wait", "--wait-timeout", "300"], cwd=work, env=env, timeout=600)
-        after = watch.wait_for(lambda s: s.get("started_at", 0) > before["started_at"], 300,
-                               "from the restarted coordinator", first=True)
-        assert after["version"] >= before["version"], (
-            f"restarted at version {after['version']}, was {before['version']}: not resumed from the checkpoint volume")
-        # and the restart is invisible in accuracy (issue 22 point 5): 10 more versions, none a point below
-        watch.wait_for(lambda s: s.get("started_at") == after["started_at"] and s["version"] >= after["version"] + 10,
-                       300, "10 versions after the restart")
-        resumed = [s for s in watch.statuses if s.get("started_at") == after["started_at"] and s.get("accuracy")]
-        worst = min(s["accuracy"] for s in resumed)
-        spread = min(earlier[-len(resumed):])
-        assert worst >= spread - 0.01, (f"accuracy fell from {spread:.3f} to {worst:.3f} after down + up: "
-                                        f"{[(s['version'], round(s['accuracy'], 3)) for s in resumed]}")
-    except BaseException:
-        logs = subprocess.run([*compose, "logs", "--no-color", "--tail", "40"], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=120)
-        print(logs.stdout[-12000:], logs.stderr[-2000:])
-        raise
-    finally:
-        if watch is not None:
+            watch = StatusWatch(ports["FEDMQ_BROKER_PORT"], password)
+            first = watch.wait_for(lambda s: (s.get("accuracy") or 0) >= 0.9, 600, "with accuracy >= 0.9")
+            before = watch.wait_for(lambda s: True, 10, "at all")  # the newest, at least as far as `first`
+            # the monitor account stays connected: 60 s of it, healthchecks (every 10 s) included (issue 22 point 2)
+            time.sleep(max(0.0, 60 - (time.monotonic() - watch.connected_at)))
+            assert not watch.disconnects, f"the monitor lost its session: {watch.disconnects}"
+            # the fleet's own accuracy before down, to set against the same number of statuses after up
+            # (the minimum of a longer window is lower by chance alone)
+            earlier = [s["accuracy"] for s in watch.statuses if s.get("started_at") == watch.statuses[-1].get("started_at")
+                       and s.get("accuracy")]
+            before = watch.statuses[-1]
             watch.close()
-        subprocess.run([*compose, "down", "--volumes", "--remove-orphans", "--timeout", "20"], cwd=work, env=env,
-                       capture_output=True, timeout=300)
+            watch = None
+            assert before["version"] >= first["version"] > 0
+            see_it_in_a_browser(f"http://localhost:{ports['FEDMQ_WEB_PORT']}/", tmp_path / "chromium")
+
+            run([*compose, "down"], cwd=work, env=env, timeout=300)
+            # watching before `up`: the restarted coordinator's first status (it publishes one at
+            # start) carries the version it started from; later ones only grow, even from 0
+            watch = StatusWatch(ports["FEDMQ_BROKER_PORT"], password)
+            run([*compose, "up", "--detach", "--wait", "--wait-timeout", "300"], cwd=work, env=env, timeout=600)
+            after = watch.wait_for(lambda s: s.get("started_at", 0) > before["started_at"], 300,
+                                   "from the restarted coordinator", first=True)
+            assert after["version"] >= before["version"], (
+                f"restarted at version {after['version']}, was {before['version']}: not resumed from the checkpoint volume")
+            # and the restart is invisible in accuracy (issue 22 point 5): 10 more versions, none a point below
+            watch.wait_for(lambda s: s.get("started_at") == after["started_at"] and s["version"] >= after["version"] + 10,
+                           300, "10 versions after the restart")
+            resumed = [s for s in watch.statuses if s.get("started_at") == after["started_at"] and s.get("accuracy")]
+            worst = min(s["accuracy"] for s in resumed)
+            spread = min(earlier[-len(resumed):])
+            assert worst >= spread - 0.01, (f"accuracy fell from {spread:.3f} to {worst:.3f} after down + up: "
+                                            f"{[(s['version'], round(s['accuracy'], 3)) for s in resumed]}")
+        finally:
+            if watch is not None:
+                watch.close()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from coordinator.aggregation import coordinate_median, parse_aggregate, trimmed_mean, weighted_mean
+from coordinator.aggregation import capped_weights, coordinate_median, parse_aggregate, trimmed_mean, weighted_mean
 from coordinator.staleness import Constant, Hinge, Polynomial, parse_staleness
 from coordinator.strategies import FedAsync, FedAvg, FedBuff, make_strategy
 
@@ -63,9 +63,9 @@ def test_fedbuff_waits_for_k_then_steps():
     assert s.add(x, np.array([2.0, 0.0]), n_samples=1, staleness=0) is None
     assert s.add(x, np.array([0.0, 4.0]), n_samples=2, staleness=1) is None  # weight 1/2
     assert s.pending == 2
-    out = s.add(x, np.array([6.0, 6.0]), n_samples=1, staleness=2)  # weight 1/3
-    # sum n_i w_i d_i / sum n_i = ([2,0]*1 + [0,2]*2 + [2,2]*1) / 4 = [1, 1.5]; times lr 0.5
-    np.testing.assert_allclose(out, [0.5, 0.75])
+    out = s.add(x, np.array([6.0, 6.0]), n_samples=2, staleness=2)  # weight 1/3
+    # sum n_i w_i d_i / sum n_i = ([2,0]*1 + [0,2]*2 + [2,2]*2) / 5 = [1.2, 1.6]; times lr 0.5
+    np.testing.assert_allclose(out, [0.6, 0.8])
     assert s.pending == 0
 
 
@@ -83,7 +83,24 @@ def test_fedavg_round_takes_only_fresh_updates():
     assert s.admit(0) is None
     x = np.zeros(1)
     assert s.add(x, np.array([1.0]), 1, 0) is None
-    np.testing.assert_allclose(s.add(x, np.array([3.0]), 3, 0), [2.5])
+    np.testing.assert_allclose(s.add(x, np.array([3.0]), 3, 0), [2.0])  # its 3 capped at the lower median, 1
+
+
+def test_no_row_weighs_more_than_the_buffers_lower_median_count():
+    """Issue 18 point 3: whatever one agent claims, its row weighs no more than the typical row (seen red at
+    2x the median: the liar held 1/3 of a step of 5; of 2 rows, uncapped, all of it)."""
+    np.testing.assert_array_equal(capped_weights(np.array([5.0, 1.0, 3.0, 10**9, 3.0]))[0], [3, 1, 3, 3, 3])
+    assert capped_weights(np.array([5.0, 1.0, 3.0, 10**9, 3.0]))[1] == 2  # 5 and 10^9 lowered
+    assert capped_weights(np.array([2.0, 10**9]))[1] == 1 and capped_weights(np.array([7.0]))[1] == 0
+    np.testing.assert_array_equal(capped_weights(np.array([0.0, 4.0]))[0], [0.0, 4.0])  # a zero median caps nothing
+    for rows in (2, 5):
+        s = FedBuff(buffer_size=rows)
+        x = np.zeros(1)
+        for i in range(rows - 1):
+            s.add(x, np.array([1.0]), 100, 0, agent=f"h{i}")
+        out = s.add(x, np.array([-1.5]), 10**9, 0, agent="liar")
+        np.testing.assert_allclose(out, [(rows - 1 - 1.5) / rows])  # one row of `rows`, as if it claimed 100
+        assert s.bounded_["weight_cap"] == 1
 
 
 def test_make_strategy():

@@ -80,7 +80,7 @@ class HostileFleet(RuleBasedStateMachine):
             return "too_many_agents"
         if self.core.version_ - msg.base_version > MAX_STALENESS:
             return "too_stale"
-        return "norm" if np.linalg.norm(codec.decode(msg.delta)) > validator.norm.limit() else None
+        return "norm" if np.linalg.norm(codec.decode(msg.delta)) > validator.norm.limit(msg.agent_id) else None
 
     @rule(agent=AGENTS, seq=st.integers(0, 2**62), back=st.integers(0, MAX_STALENESS + 2),
           n=st.integers(1, 10_000), values=small_vectors, quant=quantizers)

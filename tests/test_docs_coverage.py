@@ -29,8 +29,9 @@ def flags(build) -> list[str]:
 
 
 def metrics() -> list[str]:
-    """The metric family names coordinator/metrics.py exposes (counters gain _total on the wire)."""
-    source = (ROOT / "coordinator" / "metrics.py").read_text()
+    """The metric family names coordinator/metrics.py and the tier's tier/metrics.py expose (counters gain
+    _total on the wire)."""
+    source = "\n".join((ROOT / path).read_text() for path in ("coordinator/metrics.py", "tier/metrics.py"))
     names = sorted(set(re.findall(r'"(fedmq_[a-z_]+)"', source)))
     assert len(names) >= 10, f"found only {names} in coordinator/metrics.py: has it changed shape?"
     return names

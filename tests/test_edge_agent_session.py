@@ -2,6 +2,9 @@
 
 import json
 import threading
+import time
+
+import pytest
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -10,7 +13,7 @@ from sklearn.datasets import load_digits
 
 from edge_agent.agent import Agent
 from edge_agent.data import ArraySource
-from edge_agent.session import AgentSession
+from edge_agent.session import PAUSE_COST_BYTES, PER_MESSAGE_BYTES, AgentSession, skip_models_in_round
 from edge_agent.trainer import LocalTrainer
 from fleet import TopicWatcher, spawn, stop
 from protocol.messages import ModelMessage, decode_update, encode_model
@@ -117,6 +120,57 @@ def test_min_model_interval_skips_the_versions_between(tmp_path, mosquitto):
     text = log.read_text()
     assert "global model version 10 received" in text
     assert not any(f"global model version {v} received" in text for v in range(2, 10)), text
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip-models-in-rounds", "no-skip"])
+def test_a_long_round_does_not_download_the_versions_published_during_it(tmp_path, mosquitto, skip):
+    """A round padded to 2 s (bench/padding.py, as a slow device) with models coming every 0.2 s: once the agent
+    has seen a round and the gap between models, it trains unsubscribed and reads only the newest after the
+    round (the default); --no-skip-models-in-rounds receives every version."""
+    write_csv(tmp_path / "d.csv", X[:60], Y[:60])
+    watcher = TopicWatcher(mosquitto.port, TOPICS.everything)
+    log = tmp_path / "agent.log"
+    proc = spawn("bench.padding", "2.0", "--broker", mosquitto.url, "--fleet", "t", "--id", "pi-9", "--data",
+                 tmp_path / "d.csv", "--resend-after", "0", "--log-level", "DEBUG",
+                 *([] if skip else ["--no-skip-models-in-rounds"]), log=log)
+    topic = TOPICS.update("pi-9")
+    bases = lambda: [decode_update(p).base_version for t, p in watcher.history if t == topic]  # noqa: E731
+    rounds = lambda n: lambda: log.read_text().count("round start") >= n  # noqa: E731
+
+    def publish(versions) -> None:
+        for version in versions:  # the publisher's pace (a fast fleet), not a synchronisation
+            watcher.client.publish(TOPICS.model, model_bytes(version), qos=1, retain=True).wait_for_publish(5)
+            time.sleep(0.2)
+
+    try:
+        watcher.wait_for(lambda: statuses(watcher, "pi-9"), timeout=30, what="the agent to come online")
+        publish([1])
+        watcher.wait_for(rounds(1), 30, "the first round")
+        publish(range(2, 5))  # during round 1: listening (nothing known yet), the gap is learned
+        watcher.wait_for(rounds(2), 30, "the second round, on version 4")
+        publish(range(5, 11))  # during round 2
+        watcher.wait_for(lambda: len(bases()) >= 3, 30, "the third update")
+        assert bases()[:3] == [1, 4, 10]
+    finally:
+        code = stop(proc)
+    assert code == 0, log.read_text()
+    watcher.close()
+    text = log.read_text()
+    received = [v for v in range(5, 10) if f"global model version {v} received" in text]
+    assert received == ([] if skip else list(range(5, 10))), text[-3000:]
+    assert "global model version 10 received" in text
+
+
+def test_a_round_runs_unsubscribed_once_the_models_it_would_waste_outweigh_the_pause():
+    """The break-even of skip_models_in_round: (rounds / gap - 1) x (model + headers) against the pause, also for
+    a round of 1.5 publishes (a float32 model of 3.5 KB: ~1.8 KB wasted listening), which the rule of two
+    publishes left listening; never for a round shorter than the gap, however large the model."""
+    assert skip_models_in_round(0.3, 0.2, 3500)
+    assert not skip_models_in_round(0.3, 0.2, 400)  # 0.5 x 530 B: less than the pause
+    assert skip_models_in_round(0.6, 0.2, 400)  # 2 x 530 B
+    assert not skip_models_in_round(0.19, 0.2, 10 ** 6)
+    at = 1 + PAUSE_COST_BYTES / (3500 + PER_MESSAGE_BYTES)  # ~1.14 publishes a round
+    assert skip_models_in_round(0.2 * at * 1.01, 0.2, 3500) and not skip_models_in_round(0.2 * at * 0.99, 0.2, 3500)
 
 
 def test_agent_process_ignores_garbage_on_the_model_topic(tmp_path, mosquitto):

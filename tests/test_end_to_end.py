@@ -54,11 +54,11 @@ def test_five_agents_learn_digits_on_non_iid_data(tmp_path, mosquitto):
     watcher = TopicWatcher(mosquitto.port, TOPICS.everything)
     coordinator, agents = _start_fleet(tmp_path, mosquitto, ds, paths, eval_path, ["--strategy", "fedasync"])
     try:
+        # both at once: fedasync can pass 0.85 on 4 updates (fresh-clone CI did), and the fleet is 5 agents
         status = watcher.wait_for(
-            lambda: (_status(watcher).get("accuracy") or 0) >= 0.85 and _status(watcher),
-            timeout=60, what="held-out accuracy >= 0.85",
+            lambda: (s := _status(watcher)).get("accepted", 0) >= 5 and (s.get("accuracy") or 0) >= 0.85 and s,
+            timeout=60, what="held-out accuracy >= 0.85 after 5+ updates",
         )
-        assert status["accepted"] >= 5
         assert status["rejected"].get("decode", 0) == 0
         # every agent reports itself online with a readable JSON status (the fleet may reach 0.85 before
         # the last agent to start has sent its first update, after which it publishes its status)

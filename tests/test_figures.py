@@ -25,6 +25,33 @@ def results(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
 
 
+KILL_KINDS = ("worker", "root", "nats")
+
+
+def kill_row(i: int) -> str:
+    """The summary row's kill figures, 'worst W s / R s / N s (medians W / R / N s)', the i-th of them captured."""
+    fields = [r"[\d.]+"] * 6
+    fields[i] = r"([\d.]+)"
+    return r"\| worst {} s / {} s / {} s \(medians {} / {} / {} s\)".format(*fields)
+
+
+def sustained() -> dict:
+    return results("scale_out")["sustained"]
+
+
+CORE = "core NATS"  # bench/scale_out.py AGENT_ACKS: the runs with the workers' acks as core NATS messages
+
+
+def old_sustained() -> dict:
+    """The 10-minute run made while the acks were retained QoS 1 messages (kept among the probes)."""
+    return probe(400, 100_000, seconds=600.0)
+
+
+def probe(rate: float, devices: int, acks: str = "retained QoS 1", seconds: float = 60.0) -> dict:
+    return next(p for p in results("scale_out")["sustained_probes"] if p["rate_asked"] == rate and p["devices"] == devices
+                and p.get("agent_acks", "retained QoS 1") == acks and p["seconds_asked"] == seconds)
+
+
 def throughput(n_params: int) -> dict:
     return next(r for r in results("throughput")["results"] if r["n_params"] == n_params)
 
@@ -82,6 +109,50 @@ CLAIMS: list[tuple[str, str, callable]] = [
     ("docs/benchmarks.md", r"1,000 connected in ([\d.]+) s", lambda: f"{results('scale')['all_connected_after_s']:.2f}"),
     ("docs/benchmarks.md", r"connected in [\d.]+ s, ([\d,]+) updates/s", lambda: thousands(int(results("scale")["updates_per_s"]))),
     ("docs/benchmarks.md", r"updates/s, ([\d.]+) KB per agent", lambda: f"{results('scale')['memory_per_agent_kb']:.1f}"),
+    # the scale-out tier's kill recoveries (bench/scale_out.py --only kills): worst and median per kind
+    *[("docs/benchmarks.md", kill_row(i), lambda i=i: str(results("scale_out")["kills"][KILL_KINDS[i % 3]][
+        ("max_s", "median_s")[i // 3]])) for i in range(6)],
+    # the scale-out tier's sustained rate (bench/scale_out.py --only sustained): the summary row and section 13's prose
+    ("docs/benchmarks.md", r"\| ([\d,]+) updates/s for 600 s from 100,000 device ids",
+     lambda: thousands(int(sustained()["rate_asked"]))),
+    ("docs/benchmarks.md", r"for 600 s from 100,000 device ids: ([\d,]+) sent, 0 lost, 0 counted twice, 0 sessions cut",
+     lambda: thousands(sustained()["sent"])),
+    ("docs/benchmarks.md", r"The tier sustained ([\d,]+) updates/s from 100,000", lambda: thousands(int(sustained()["rate_asked"]))),
+    ("docs/benchmarks.md", r"device ids for 600 s: ([\d,]+) sent, every one folded", lambda: thousands(sustained()["sent"])),
+    ("docs/benchmarks.md", r"no partition session cut, the backlog at the end ([\d.]+) s", lambda: str(sustained()["drain_s"])),
+    ("docs/benchmarks.md", r"The 10-minute run's p99 of (\d+) s", lambda: str(round(sustained()["latency_p99_s"]))),
+    ("docs/benchmarks.md", r"device connections NATS cut in that run \(([\d,]+), at load up to [\d.]+\)",
+     lambda: thousands(sustained()["device_reconnects"])),
+    ("docs/benchmarks.md", r"device connections NATS cut in that run \([\d,]+, at load up to ([\d.]+)\)",
+     lambda: f"{sustained()['load_avg_1m_end']:.0f}"),
+    ("docs/benchmarks.md", r"at 800/s from 100,000 ids the folds fell\s+behind \(the backlog ([\d.]+) s after 60 s",
+     lambda: str(probe(800, 100_000)["drain_s"])),
+    ("docs/benchmarks.md", r"at 1,200/s asked NATS took ([\d,]+)/s", lambda: thousands(round(probe(1200, 100_000)["sent_per_s"]))),
+    ("docs/benchmarks.md", r"NATS took [\d,]+/s and cut ([\d,]+)\s+device connections",
+     lambda: thousands(probe(1200, 100_000)["device_reconnects"])),
+    ("docs/benchmarks.md", r"the same 800/s from 200 ids kept up \(backlog ([\d.]+) s", lambda: str(probe(800, 200)["drain_s"])),
+    # the acks as core NATS messages (docs/architecture.md, "Acks on the tier") against the retained 10-minute run
+    ("docs/benchmarks.md", r"at a\s+lower load, had ([\d,]+) device connections cut", lambda: thousands(old_sustained()["device_reconnects"])),
+    ("docs/benchmarks.md", r"store timeout against ([\d,]+), a p50", lambda: thousands(sustained()["device_reconnects"])),
+    ("docs/benchmarks.md", r"a p50 send-to-fold of\s+([\d.]+) s against", lambda: str(old_sustained()["latency_p50_s"])),
+    ("docs/benchmarks.md", r"s against ([\d.]+) s, and the tier's memory", lambda: str(sustained()["latency_p50_s"])),
+    ("docs/benchmarks.md", r"the tier's memory at ([\d,]+) MiB against", lambda: thousands(old_sustained()["tier_rss_mib"])),
+    ("docs/benchmarks.md", r"MiB against ([\d,]+) MiB \(the retained", lambda: thousands(sustained()["tier_rss_mib"])),
+    ("docs/benchmarks.md", r"With core NATS acks \(load up to (\d+), other",
+     lambda: f"{max(probe(r, 100_000, CORE)['load_avg_1m_end'] for r in (800, 1667)):.0f}"),
+    ("docs/benchmarks.md", r"at 800/s the tier took ([\d,]+)/s", lambda: thousands(round(probe(800, 100_000, CORE)["sent_per_s"]))),
+    ("docs/benchmarks.md", r"at 1,667/s it took ([\d,]+)/s", lambda: thousands(round(probe(1667, 100_000, CORE)["sent_per_s"]))),
+    ("docs/benchmarks.md", r"1,667/s not reached: ([\d,]+)/s taken", lambda: thousands(round(probe(1667, 100_000, CORE)["sent_per_s"]))),
+    ("docs/benchmarks.md", r"/s taken at load up to (\d+), the acks now core NATS",
+     lambda: f"{max(probe(r, 100_000, CORE)['load_avg_1m_end'] for r in (800, 1667)):.0f}"),
+    ("docs/benchmarks.md", r"from 200 ids kept up \(backlog [\d.]+ s, p99 ([\d.]+) s\)",
+     lambda: f"{probe(800, 200)['latency_p99_s']:.1f}"),
+    ("docs/architecture.md", r"advancing again at most ([\d.]+) s after a node kill",
+     lambda: str(results("scale_out")["kills"]["nats"]["max_s"])),
+    ("docs/architecture.md", r"after a node kill \(root kills ([\d.]+) s",
+     lambda: str(results("scale_out")["kills"]["root"]["max_s"])),
+    ("docs/architecture.md", r", worker kills ([\d.]+) s\); with all but",
+     lambda: str(results("scale_out")["kills"]["worker"]["max_s"])),
     # docs/models-and-data.md, the int4 model codec (bench/results/model_codec.json)
     ("docs/models-and-data.md", r"and so does int4 \(([\d,]+)\s+bytes\)",
      lambda: thousands(results("model_codec")["results"]["digits"]["int4"]["model_bytes"])),

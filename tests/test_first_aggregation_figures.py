@@ -7,7 +7,8 @@ import json
 from fleet import ROOT
 
 FILES = (("before (main at 31aac50: the 1 s publish clock)", "first_aggregation-before.json"),
-         ("after (--publish-policy change)", "first_aggregation.json"))
+         ("after (--publish-policy change)", "first_aggregation.json"),
+         ("after the byte and CPU cuts (main at 5d22046: edge_agent/ovr.py)", "first_aggregation-cuts.json"))
 
 
 def _spread(cell: dict | None, unit: str) -> str:

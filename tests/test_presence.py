@@ -58,7 +58,7 @@ def test_an_agent_leaving_steps_the_buffer_it_was_holding_up():
     assert core.version_ == 0
     core.handle_agent_status(*status("c", "offline"))
     assert core.version_ == 1 and core.strategy.pending == 0
-    assert core.status()["buffer"] == {"size": 5, "effective": 2, "live_agents": 2}
+    assert core.status()["buffer"] == {"size": 5, "effective": 2, "live_agents": 2, "refused_since_step": 0}
     assert core.handle_agent_status(T.agent_status("x"), b"{") == "status_decode"
     assert core.status()["rejected"] == {"status_decode": 1}
 
@@ -73,28 +73,57 @@ def test_a_status_whose_state_is_no_string_is_refused_and_the_agent_not_counted(
         p.handle(T.agent_status("a"), b'{"state": "online"}')
 
 
-def test_a_refused_agent_does_not_hold_up_a_buffer_sized_to_the_agents_online():
-    """5 agents online, K = 5: one update refused (as norm) and the agent trains again only on a newer model;
-    the buffer waited --buffer-timeout (30 s) for it, every time (tests/test_hostile_counts.py's honest fedbuff
-    fleet: 11 versions in 90 s). It steps with the 4 others at once, and K is back to 5 after the step."""
+AGENTS = ["a", "b", "c", "d", "e"]
+
+
+def _fedbuff_of_5_online() -> Coordinator:
+    """K = 5 with 5 agents online (statuses 'training'), an absolute norm bound of 1."""
     from coordinator.validation import NormBound
-    from protocol import codec
-    from protocol.messages import UpdateMessage, encode_update
 
     spec = ModelSpec("sgd-classifier", 2, (0, 1))
     core = Coordinator(T, spec, make_strategy("fedbuff", buffer_size=5),
                        UpdateValidator(T, spec.n_params, norm=NormBound(max_norm=1.0)), presence=Presence(T))
-    agents = ["a", "b", "c", "d", "e"]
-    for agent in agents:
+    for agent in AGENTS:
         core.handle_agent_status(*status(agent, "training"))
+    return core
 
-    def update(agent: str, value: float) -> tuple[str, bytes]:
-        enc = codec.encode(np.full(spec.n_params, value), "float32", np.random.default_rng(0))
-        return T.update(agent), encode_update(UpdateMessage(agent, 1, 0, 10, enc, {}))
 
-    for agent in agents[:4]:
-        assert core.handle_update(*update(agent, 0.1)) is None
+def _update(core: Coordinator, agent: str, value: float, seq: int = 1, base: int = 0) -> tuple[str, bytes]:
+    from protocol import codec
+    from protocol.messages import UpdateMessage, encode_update
+
+    enc = codec.encode(np.full(core.spec.n_params, value), "float32", np.random.default_rng(0))
+    return T.update(agent), encode_update(UpdateMessage(agent, seq, base, 10, enc, {}))
+
+
+def test_a_refused_agent_does_not_hold_up_a_buffer_sized_to_the_agents_online():
+    """5 agents online, K = 5: one update refused (as norm) and the agent trains again only on a newer model;
+    the buffer waited --buffer-timeout (30 s) for it, every time (tests/test_hostile_counts.py's honest fedbuff
+    fleet: 11 versions in 90 s). It steps with the 4 others at once, and K is back to 5 after the step."""
+    core = _fedbuff_of_5_online()
+    for agent in AGENTS[:4]:
+        assert core.handle_update(*_update(core, agent, 0.1)) is None
     assert core.version_ == 0
-    assert core.handle_update(*update("e", 100.0)) == "norm"
+    assert core.handle_update(*_update(core, "e", 100.0)) == "norm"
     assert core.version_ == 1 and core.strategy.pending == 0
-    assert core.status()["buffer"] == {"size": 5, "effective": 5, "live_agents": 5}
+    assert core.status()["buffer"] == {"size": 5, "effective": 5, "live_agents": 5, "refused_since_step": 0}
+
+
+def test_a_refused_agent_stays_out_of_the_buffer_s_size_until_the_step():
+    """The refused agent's slot stays given up whatever comes before the step: another agent's status (every
+    agent sends one after each update) resized K to all 5 online and the buffer waited --buffer-timeout for
+    the refused one (the honest fedbuff fleet of tests/test_hostile_counts.py: 30 s per version from version
+    27 on); and a refusal into an empty buffer gives the slot up too."""
+    core = _fedbuff_of_5_online()
+    for agent in AGENTS[:3]:
+        assert core.handle_update(*_update(core, agent, 0.1)) is None
+    assert core.handle_update(*_update(core, "e", 100.0)) == "norm"
+    core.handle_agent_status(*status("a", "idle"))  # a's status after its update
+    assert core.status()["buffer"] == {"size": 5, "effective": 4, "live_agents": 5, "refused_since_step": 1}
+    assert core.handle_update(*_update(core, "d", 0.1)) is None
+    assert core.version_ == 1 and core.strategy.pending == 0
+    assert core.status()["buffer"]["effective"] == 5  # all of them again for the next version
+    assert core.handle_update(*_update(core, "e", 100.0, seq=2, base=1)) == "norm"  # into an empty buffer
+    for agent in AGENTS[:4]:
+        assert core.handle_update(*_update(core, agent, 0.1, seq=2, base=1)) is None
+    assert core.version_ == 2

@@ -23,3 +23,13 @@ def test_benchmarks_page_shows_the_scale_out_results():
     if "sustained" in result:
         s = result["sustained"]
         assert s["lost"] == 0 and s["counted_twice"] == 0, "the sustained run's figures are of a run that lost updates"
+        assert s["slow_consumer_session_closes"] == 0 and s["store_timeout_session_closes"] == 0, \
+            "the sustained run's partition sessions were cut"
+    for p in result.get("sustained_probes", []):
+        assert p["lost"] == 0 and p["counted_twice"] == 0, f"the {p['rate_asked']:g}/s probe lost updates"
+    if "kills" in result:
+        k = result["kills"]
+        for victim in ("worker", "root", "nats"):
+            r = k[victim]
+            assert len(r["recovery_s"]) == k["kills_per_kind"] and r["max_s"] == max(r["recovery_s"]), victim
+            assert r["lost"] == 0 and r["counted_twice"] == 0, f"the {victim} kill figures are of a run that lost updates"

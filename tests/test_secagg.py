@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from coordinator.secagg import SecAggRounds
-from edge_agent.secagg import SecAggClient
+from edge_agent.secagg import KEY_WAIT, SecAggClient
 from protocol import secagg as sa
 from protocol.topics import Topics
 from simulation.secagg import announce, run_round
@@ -211,13 +211,76 @@ def test_a_coordinator_substituting_a_peers_keys_gets_no_shares_and_no_masked_in
     for a in ("a00", "a01", "a02"):
         assert clients[a].on_message(topic, forged) == [], f"{a} masked towards a substituted key"
         assert clients[a].refused_ == 1
-    # a peer whose announcement the agent never read is refused the same way
+    # a peer whose announcement the agent never read is refused the same way, once the wait for it is over
     stranger = SecAggClient("a00", TOPICS)
     stranger.on_message(*clients["a00"].announcement()[:2])
     stranger._keys, stranger._delta = clients["a00"]._keys, clients["a00"]._delta
-    assert stranger.on_message(topic, cohort) == [] and stranger.refused_ == 1
+    assert stranger.on_message(topic, cohort, now=0.0) == [] and stranger.refused_ == 0
+    stranger.tick(KEY_WAIT)
+    assert stranger.refused_ == 1
     # the genuine cohort is answered by all
     assert all(len(c.on_message(topic, cohort)) == 1 for c in clients.values())
+
+
+def _complete(rounds, clients, wire, now):
+    """Run the round on from `wire` (the coordinator's messages) to its result."""
+    for _ in range(8):
+        for topic, payload, _ in wire:
+            for c in clients.values():
+                if c.owns(topic):
+                    for tp, p, _ in c.on_message(topic, payload, now=now):
+                        rounds.handle(tp, p, now)
+        result = rounds.tick(now)
+        if result is not None:
+            return result
+        wire = rounds.take_outbox()
+    raise AssertionError("the round did not complete")
+
+
+@pytest.mark.parametrize("then", ["key", "old_key_then_key", "timeout", "other_key"])
+def test_a_cohort_that_outruns_a_peers_newest_key_waits_for_the_announcement(then):
+    """The tier's race (3 broker nodes): a02's newest key reached the coordinator, which named it in a cohort,
+    before it reached a00. a00 holds the cohort (no refusal) up to KEY_WAIT: the key comes (after an older
+    retained one, which a node can deliver late), and a00 shares and masks: the round sums all three. No
+    key by the bound, or only another one, and a00 refuses the cohort as substituted, sending nothing, and
+    its key coming later does not bring the cohort back."""
+    rounds, clients, deltas = _cohort(3, 2, seed=21)
+    for a in ("a00", "a01"):
+        announce(rounds, clients, clients[a].hold(deltas[a], 0))
+    old = clients["a02"].hold(deltas["a02"], 0)
+    for c in clients.values():  # a02's first key, which every agent read
+        c.on_message(*old[:2])
+    late = clients["a02"].hold(deltas["a02"], 1)  # re-keyed on the next model
+    rounds.handle(*late[:2], 0.0)
+    for a in ("a01", "a02"):  # a00's node has not delivered it yet
+        clients[a].on_message(*late[:2])
+    rounds.tick(0.0)
+    [cohort] = rounds.take_outbox()
+    a00 = clients["a00"]
+    assert a00.on_message(*cohort[:2], now=0.1) == [] and a00.refused_ == 0, "refused before the key could come"
+    shares = {a: clients[a].on_message(*cohort[:2], now=0.1) for a in ("a01", "a02")}
+    assert all(len(m) == 1 for m in shares.values())
+    for m in shares.values():
+        rounds.handle(*m[0][:2], 0.1)
+    if then in ("key", "old_key_then_key"):
+        if then == "old_key_then_key":
+            assert a00.on_message(*old[:2], now=0.2) == [] and a00.refused_ == 0
+        a00.tick(1.0)  # inside the bound (from 0.1), and the coordinator's grace after the other two shares
+        assert rounds.tick(1.0) is None and rounds.round.stage == "shares"
+        [(topic, payload, _)] = a00.on_message(*late[:2], now=1.0)
+        assert topic == TOPICS.secagg("share", "a00") and a00.refused_ == 0
+        rounds.handle(topic, payload, 1.0)
+        result = _complete(rounds, clients, [], 1.0)
+        assert result.count == 3
+        assert np.array_equal(result.total, _expected(rounds, deltas, clients))
+        return
+    if then == "other_key":  # a02 announces a key the cohort does not name
+        other = SecAggClient("a02", TOPICS).hold(deltas["a02"], 1)
+        assert a00.on_message(*other[:2], now=0.2) == [] and a00.refused_ == 0
+    a00.tick(0.1 + KEY_WAIT)
+    assert a00.refused_ == 1
+    assert a00.on_message(*late[:2], now=0.2 + KEY_WAIT) == [], "a cohort refused was answered after all"
+    assert a00._round is None and a00._delta is not None  # nothing spent: the delta waits for the next cohort
 
 
 def test_a_replayed_inbox_or_unmask_request_is_not_answered_twice():
@@ -1018,8 +1081,10 @@ def test_cli_takes_distributed_dp_only_with_secure_aggregation_and_central_dp():
 def test_real_agents_refuse_a_cohort_whose_keys_a_malicious_coordinator_substituted(tmp_path, mosquitto):
     """Issue 19.9 across the process boundary: three real agent processes over mosquitto, and in place of
     the coordinator a client that publishes the model, reads their key announcements and sends a cohort
-    in which a2's keys are its own. No agent sends a share (each logs the substitution); the genuine
-    cohort that follows is answered by all three, so they were listening."""
+    in which a2's keys are its own. No agent sends a share (each logs the substitution). The cohort that
+    follows names the three with their keys and a fourth member whose key announcement the broker carries
+    only half a second later (as a peer's newest key can reach the tier's worker before an agent's node): no
+    share before it, then all three share, so they were listening and the wait for a key ends with it."""
     import time
 
     import msgpack
@@ -1056,8 +1121,8 @@ def test_real_agents_refuse_a_cohort_whose_keys_a_malicious_coordinator_substitu
                 and msgpack.unpackb(p, raw=False)["round"] == round_id}
 
     def cohort(round_id, members):
-        return sa.encode("cohort", round=round_id, threshold=2, clip=10.0, scale=sa.choose_scale(10.0, 3),
-                         n=spec.n_params, members=members)
+        return sa.encode("cohort", round=round_id, threshold=len(members) // 2 + 1, clip=10.0,
+                         scale=sa.choose_scale(10.0, len(members)), n=spec.n_params, members=members)
 
     try:
         announced = watcher.wait_for(lambda: len(keys()) == 3 and keys(), 90, "three key announcements")
@@ -1070,8 +1135,13 @@ def test_real_agents_refuse_a_cohort_whose_keys_a_malicious_coordinator_substitu
         while not all("are not the ones it announced (substituted)" in p.read_text() for p in logs):
             assert time.monotonic() < deadline, "a0 and a1 did not log the substituted keys"
             time.sleep(0.1)  # polling the agents' logs: no event marks a refusal on the wire
-        mallory.publish(fleet.secagg_cohort, cohort(b"G" * 16, genuine), qos=1).wait_for_publish(5)
-        watcher.wait_for(lambda: shares(b"G" * 16) == {"a0", "a1", "a2"}, 30, "shares for the genuine cohort")
+        late = SecAggClient("a3", fleet).hold(np.zeros(spec.n_params), 1)
+        late_entry = [["a3", *(msgpack.unpackb(late[1], raw=False)[f] for f in ("key_id", "c", "s"))]]
+        mallory.publish(fleet.secagg_cohort, cohort(b"G" * 16, genuine + late_entry), qos=1).wait_for_publish(5)
+        time.sleep(0.5)  # the late key's delay (what the test is about, not a synchronisation), inside KEY_WAIT
+        assert shares(b"G" * 16) == set(), "an agent shared before the fourth member's key came"
+        mallory.publish(late[0], late[1], qos=1, retain=True).wait_for_publish(5)
+        watcher.wait_for(lambda: shares(b"G" * 16) == {"a0", "a1", "a2"}, 30, "shares once the late key came")
         assert shares(b"F" * 16) <= {"a2"}, "an agent sent shares under substituted keys"
     finally:
         for proc in agents:

@@ -14,7 +14,8 @@ from edge_agent.statistics import LocalStatistics, prepare_features
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, decode_model, encode_model
 from protocol.model_spec import ModelSpec, build_estimator
-from protocol.statistics import Scaling, describe, identity, merge, merge_all, reexpress, scaling_of, standardize
+from protocol.statistics import (Scaling, describe, identity, merge, merge_all, reexpress, reexpress_gain, scaling_of,
+                                 standardize)
 from protocol.stats_message import decode_stats, encode_stats
 from protocol.tabular import DataError, parse_rows
 from protocol.topics import Topics
@@ -94,6 +95,22 @@ def test_reexpression_computes_the_same_function_of_the_raw_features(classes):
     np.testing.assert_allclose(reexpress(params, spec.coef_shape, identity(4), identity(4)), params)
 
 
+@pytest.mark.parametrize("spec", [ModelSpec("sgd-classifier", 4, (0, 1, 2)), ModelSpec("sgd-classifier", 4, (0, 1)),
+                                  ModelSpec("sgd-regressor", 4, ()), ModelSpec("sgd-one-class-svm", 4, ())])
+def test_reexpress_gain_bounds_how_much_a_re_expression_lengthens_a_vector(spec):
+    """The norm bound converts its reference with it: below the true lengthening an honest update would be
+    refused for the units alone."""
+    rng = np.random.default_rng(5)
+    shift = 1.0 if spec.is_one_class else 0.0
+    for _ in range(20):
+        X = _raw(rng, 40, 4)
+        old, new = scaling_of(describe(X[:8])), scaling_of(describe(X))
+        gain = reexpress_gain(old, new, shift)
+        for v in (rng.standard_normal(spec.n_params), np.eye(spec.n_params)[rng.integers(spec.n_params)]):
+            assert np.linalg.norm(reexpress(v, spec.coef_shape, old, new, shift)) <= gain * np.linalg.norm(v) * (1 + 1e-12)
+    assert reexpress_gain(identity(4), identity(4)) == pytest.approx(2.0)  # 1 + sqrt(1): the bound's slack
+
+
 def test_the_model_message_carries_the_scaling_exactly():
     spec = ModelSpec("sgd-classifier", 3, (0, 1))
     scaling = Scaling(np.array([1000.123456789, -2.5, 1e-7]), np.array([317.25, 1e-3, 2.0]))
@@ -162,7 +179,9 @@ def test_the_first_model_waits_for_statistics_and_a_late_joiner_refines_them_exa
     again = build_estimator(core.spec, core.params_).decision_function(standardize(X, refined.scaling))
     np.testing.assert_allclose(again, trained, rtol=1e-9, atol=1e-9)
     assert core.status()["statistics"]["agents"] == 3
-    assert not core.validator.norm.recent[0]  # the norm reference restarts in the new units
+    # the norm reference is converted to the new units (an upper bound), not dropped: it keeps judging
+    gain = reexpress_gain(first.scaling, refined.scaling)
+    assert dict(core.validator.norm.recent[0]) == pytest.approx({agent: gain for agent in "abc"})
     # a delta trained on the older scaling is re-expressed before it is applied
     np.testing.assert_allclose(core.rescales.catch_up(np.ones(4), version),
                                reexpress(np.ones(4), core.spec.coef_shape, first.scaling, refined.scaling))

@@ -4,6 +4,7 @@ and the partition mapping, and takes it down again on SIGTERM."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -12,12 +13,16 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet import ROOT
-from tier.cluster import partition_of
+from tier.cluster import PASSWORD_ENV, TIER_USER, partition_of
+
+PASSWORD = "test-cluster-password"
 
 
 def test_launcher_starts_a_partitioned_cluster_and_stops_it(tmp_path):
-    proc = subprocess.Popen([str(ROOT / "scripts" / "tier-cluster"), "--dir", str(tmp_path / "c"), "--partitions", "3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([str(ROOT / "scripts" / "tier-cluster"), "--dir", str(tmp_path / "c"), "--partitions", "3",
+                             "--shared-device-user"],  # its publishers stand for 12 agents without credentials
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, PASSWORD_ENV: PASSWORD})
     try:
         ready = {}
         reader = threading.Thread(target=lambda: ready.update(json.loads(proc.stdout.readline() or "{}")), daemon=True)
@@ -32,10 +37,11 @@ def test_launcher_starts_a_partitioned_cluster_and_stops_it(tmp_path):
                                           len(seen) == 12 and sum(map(len, seen.values())) == 12 and done.set())
         subscribed = threading.Event()
         sub.on_subscribe = lambda *a: subscribed.set()
+        sub.username_pw_set(TIER_USER, PASSWORD)  # a device may not read the partitions' subjects
         sub.connect("127.0.0.1", ports[2])
         sub.loop_start()
         sub.subscribe("fedmq/f/upd/+/+", 1)
-        assert subscribed.wait(20), "no SUBACK from the third node"
+        assert subscribed.wait(60), "no SUBACK from the third node"  # a QoS 1 subscription is a JetStream consumer: 20 s was short at CI load
         pubs = []
         for port in ports[:2]:  # two nodes publish the same agents: each still lands on one partition
             p = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"p{port}", protocol=mqtt.MQTTv311)

@@ -19,7 +19,7 @@ from coordinator.privacy import CentralDP
 from coordinator.strategies import FedBuff
 from protocol import codec
 from protocol.privacy import GaussianMechanism
-from tier_fleet import ModelWatch, Publisher, Tier, check_exactly_once, wait_folded, wait_until
+from tier.fleet import ModelWatch, Publisher, Tier, check_exactly_once, wait_folded, wait_until
 
 pytest.importorskip("dp_accounting")
 

@@ -18,14 +18,17 @@ from protocol.messages import ModelMessage, decode_update, encode_model
 from protocol.model_spec import ModelSpec
 from protocol.tabular import write_csv
 from protocol.topics import Topics
+from tier.cluster import TIER_USER, tier_password
 
 FLEET = "natsf"
 TOPICS = Topics(FLEET)
 
 
 def _client(port: int, client_id: str, persistent: bool = False) -> mqtt.Client:
+    """A tier process's client (the tier user): it reads the partitions' subjects and owns the model."""
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent,
                     protocol=mqtt.MQTTv311)
+    c.username_pw_set(TIER_USER, tier_password())
     c.connect("127.0.0.1", port, 30)
     c.loop_start()
     return c

@@ -115,7 +115,7 @@ def test_a_partition_holds_an_agents_second_update_for_the_next_partial_rather_t
 
     worker = SimpleNamespace(topics=TOPICS, model=ModelMessage("u", 0, SPEC, np.zeros(SPEC.n_params)), staleness=Constant(),
                              max_staleness=10, max_norm=1e6, dp=CONFIG, secagg=None, nats=None, worker_id="w",
-                             max_held_chunks=10, chunk_timeout=60.0)
+                             max_held_chunks=10, chunk_timeout=60.0, partitions=1)
     part = Partition(worker, 0, SimpleNamespace(epoch=1))
     part.adopt(worker.model)
     part.link = SimpleNamespace(connection=1)
@@ -128,3 +128,37 @@ def test_a_partition_holds_an_agents_second_update_for_the_next_partial_rather_t
         assert part.strategy.take()[2] == want
         part.release_held()
     assert part.held == [] and len(part.unacked) == 3 and part.core.rejected_.get("dp_repeat", 0) == 0
+
+
+def test_the_roots_metrics_build_its_status_once_per_change_not_per_scrape():
+    """Every Prometheus scrape read Root.metrics(), which rebuilt the status and ran the accountant over every
+    agent's count (RootDP.report). Now scrapes between two changes take the same status; a fold, a release
+    or a partition's new refusal counts build it again. Seen red without the cache: 3 reports for 3 scrapes."""
+    from types import SimpleNamespace
+
+    from tier.mqtt_link import parse_urls
+    from tier.partial import Counts, Partial, encode_counts, encode_partial
+    from tier.steps import RootFedBuff
+
+    dp = RootDP(CentralDP(FedBuff(2, 1.0), GaussianMechanism(1.0, 0.8), 1e-5, rng=np.random.default_rng(1)))
+    reports = []
+    report = dp.report
+    dp.report = lambda: reports.append(1) or report()
+    root = tier_root.Root(SimpleNamespace(), parse_urls("mqtt://127.0.0.1:1"), TOPICS, SPEC, RootFedBuff(SPEC.n_params, 2),
+                          root_id="r", dp=dp)
+    n = SPEC.n_params
+
+    def partial(seq, agent):
+        return encode_partial(Partial(0, 1, seq, np.full(n, 0.1), 1.0, 1, [(agent, seq, 0)], clip=1.0))
+
+    scrapes = [root.metrics() for _ in range(3)]
+    assert len(reports) == 1 and scrapes[1] == scrapes[0] == scrapes[2]  # three scrapes, one report
+    assert root._fold(partial(1, "a"), []) == "folded"
+    assert root.metrics()["folded"] == 1 and len(reports) == 2
+    assert root._fold(partial(2, "b"), []) == "folded"
+    root._step()  # the buffer of 2 is released
+    released = root.metrics()
+    assert released["privacy"]["releases"] == 1 and released["privacy"]["agents"] == 2 and len(reports) == 3
+    assert root.metrics() == released and len(reports) == 3
+    assert root._fold(encode_counts(Counts(0, {"decode": 4}, {})), []) == "counts"
+    assert root.metrics()["updates_rejected"] == {"decode": 4} and len(reports) == 4

@@ -38,11 +38,11 @@ from coordinator.strategies import FedBuff
 from protocol.model_spec import ModelSpec, build_estimator
 from protocol.privacy import GaussianMechanism
 from protocol.tabular import write_csv
-from tier.cluster import partition_of
+from tier.cluster import TIER_USER, partition_of, tier_password
 from tier.lease import FencedRecord
 from tier.nats_io import Nats
 from tier.partial import decode_partial
-from tier_fleet import FLEET, TOPICS, ModelWatch, Tier, read_audit, wait_until
+from tier.fleet import FLEET, TOPICS, ModelWatch, Tier, read_audit, wait_until
 
 pytest.importorskip("cryptography")
 
@@ -56,6 +56,7 @@ def test_partition_of_is_the_servers_mapping_for_updates_and_secagg_messages(nat
     got, done = [], threading.Event()
     ids = [f"a{i}" for i in range(24)] + ["x.y", "dev-3.b.c", "Z_9"]
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-hash", protocol=mqtt.MQTTv311)
+    client.username_pw_set(TIER_USER, tier_password())  # reads the partitions' subjects: a tier process
 
     def on_message(c, u, msg):
         got.append(msg.topic)
@@ -102,6 +103,7 @@ class Tap:
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-tap", protocol=mqtt.MQTTv311)
+        self.client.username_pw_set(TIER_USER, tier_password())  # the tap reads everything: the tier user
         self.client.on_connect = lambda c, *a: c.subscribe(f"fedmq/{FLEET}/#", 1)
         self.client.on_subscribe = lambda *a: self.subscribed.set()
         self.client.on_message = self._on_message
@@ -116,6 +118,10 @@ class Tap:
     def topics(self, kind: str) -> list[tuple[str, bytes]]:
         with self.lock:
             return [(t, p) for t, p in self.history if t.split("/")[2] == kind]
+
+    def partials(self) -> list[tuple[str, bytes]]:
+        """The partial aggregates, not the partitions' counts beside them (partial/<P>/counts)."""
+        return [(t, p) for t, p in self.topics("partial") if not t.endswith("/counts")]
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -191,7 +197,7 @@ def test_cohorts_inside_partitions_the_root_sees_only_their_sums_and_a_takeover_
         tier.start_worker()
 
         def after_kill() -> set[int]:
-            return {q.partition for q in (decode_partial(p, spec.n_params) for _, p in tap.topics("partial"))
+            return {q.partition for q in (decode_partial(p, spec.n_params) for _, p in tap.partials())
                     if q.created > killed_at}
 
         assert wait_until(lambda: cohorts() >= at_kill + 4 and populated <= after_kill(), 180), \
@@ -212,7 +218,7 @@ def test_cohorts_inside_partitions_the_root_sees_only_their_sums_and_a_takeover_
         tap.close()
         nats.close()
 
-    partials = [decode_partial(p, spec.n_params) for _, p in tap.topics("partial")]
+    partials = [decode_partial(p, spec.n_params) for _, p in tap.partials()]
     partials = list({(p.partition, p.seq): p for p in partials}.values())  # a republished partial is one
     assert partials, "the tap saw no partial"
     for p in partials:  # a cohort sum, of one partition's agents
@@ -278,10 +284,10 @@ def _partition(partials: list, published: list):
 
     spec = ModelSpec("sgd-regressor", 9, ())
     nats = SimpleNamespace(prefix="fedmq", fleet=FLEET, call=lambda fn, timeout: fn(),
-                           js=SimpleNamespace(publish=lambda subject, body, headers: partials.append(body)))
+                           js=SimpleNamespace(publish=lambda subject, body, headers=None: partials.append(body)))
     worker = SimpleNamespace(topics=TOPICS, model=ModelMessage(FLEET, 0, spec, np.zeros(spec.n_params)),
                              staleness=Constant(), max_staleness=10, max_norm=1e6, dp=None, secagg=SECAGG, nats=nats,
-                             worker_id="w", max_held_chunks=64, chunk_timeout=60.0)
+                             worker_id="w", max_held_chunks=64, chunk_timeout=60.0, partitions=1)
     part = Partition(worker, 0, SimpleNamespace(epoch=1, revision=1, valid=True))
     part.adopt(worker.model)
     part.record = _Record()

@@ -91,11 +91,70 @@ def test_partial_round_trip_and_hostile_partials():
             decode_partial(data, 5)
 
 
+def test_a_partial_carries_its_partitions_refusals_and_the_root_sums_them_by_reason():
+    """What the partition workers refuse (device messages; secure-aggregation members left out of cohorts)
+    reaches the root's status (tests/test_tier_hostile.py, through the tier, for the first)."""
+    from tier.root import rejected_by_reason
+
+    p = Partial(3, 7, 12, np.arange(5.0), 20.0, 0, [], rejected={"norm": 2, "decode": 1}, excluded={"bad_shares": 1})
+    q = decode_partial(encode_partial(p), 5)
+    assert (q.rejected, q.excluded) == ({"norm": 2, "decode": 1}, {"bad_shares": 1})
+    old = msgpack.unpackb(encode_partial(p), raw=False)
+    del old["rejected"], old["excluded"]  # a worker from before: nothing refused said
+    q = decode_partial(msgpack.packb(old, use_bin_type=True), 5)
+    assert (q.rejected, q.excluded) == ({}, {})
+    assert rejected_by_reason({"1": {"norm": 2, "decode": 1}, "3": {"decode": 4}}) == {"decode": 5, "norm": 2}
+
+
+def test_a_partitions_counts_alone_decode_beside_partials_and_merge_without_adding_twice():
+    """A commit without a partial sends the partition's cumulative counts alone (tests/test_tier_hostile.py
+    through the tier); the root keeps the larger of each, so a repeated or an older one changes nothing."""
+    from tier.partial import Counts, decode_message, encode_counts, merge_counts
+
+    c = decode_message(encode_counts(Counts(2, {"decode": 3}, {"no_shares": 1})), 5)
+    assert c == Counts(2, {"decode": 3}, {"no_shares": 1})
+    p = Partial(3, 7, 12, np.arange(5.0), 20.0, 0, [], rejected={"norm": 2})
+    assert decode_message(encode_partial(p), 5).rejected == {"norm": 2}  # a partial still decodes as one
+    with pytest.raises(ProtocolError):
+        decode_message(msgpack.packb({"kind": "counts", "rejected": {"x": 1}}), 5)  # no partition
+    assert merge_counts({"decode": 3, "norm": 1}, {"decode": 3}) == {"decode": 3, "norm": 1}
+    assert merge_counts({"decode": 3}, {"decode": 4, "shape": 1}) == {"decode": 4, "shape": 1}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rejected", {"decode": float("inf")}), ("rejected", {"decode": 1e300}), ("rejected", {"decode": -1}),
+    ("rejected", {"decode": "7"}), ("rejected", {"decode": True}), ("rejected", {"decode": 2 ** 60}),
+    ("excluded", {"x" * 65: 1}), ("excluded", {f"r{i}": 1 for i in range(33)}), ("rejected", [1, 2]),
+    ("partition", float("inf")), ("partition", -1), ("partition", 1.5)])
+def test_counts_and_partials_with_numbers_no_worker_sends_are_refused(field, value):
+    """What the root keeps (max-merged for ever, checkpointed as msgpack) is bounded: an Inf count raised
+    OverflowError out of the root's fold (a crash loop), a 1e300 one would make its checkpoint unpackable
+    (tests/test_tier_forged_counts.py through the tier)."""
+    from tier.partial import Counts, decode_message, encode_counts
+
+    counts = msgpack.unpackb(encode_counts(Counts(1, {"decode": 1})))
+    partial = msgpack.unpackb(encode_partial(Partial(1, 1, 1, np.zeros(5), 1.0, 0, [])))
+    for message in (counts, partial):
+        if field in message:
+            with pytest.raises(ProtocolError):
+                decode_message(msgpack.packb(dict(message, **{field: value}), use_bin_type=True), 5)
+
+
+def test_subject_partition_reads_the_partials_and_the_counts_subjects():
+    from tier.partial import subject_partition
+
+    assert subject_partition("fedmq.f.partial.3") == (3, False)
+    assert subject_partition("fedmq.f.partial.12.counts") == (12, True)
+    assert subject_partition("fedmq.f.partial.x.counts") is None
+    assert subject_partition("fedmq.f.partial.3.other") is None
+    assert subject_partition("fedmq.f.upd.3") is None
+
+
 def test_root_fedbuff_over_partials_equals_one_coordinators_fedbuff():
     deltas = [RNG.normal(size=6) for _ in range(6)]
-    # counts within the core's weight cap (2 x the buffer's median, issue 18) and one row per agent: the cap and
+    # counts within the core's weight cap (the buffer's lower median, issue 18) and one row per agent: the cap and
     # the repeat rule need the whole buffer's rows, which the root does not have, so only there are the two equal
-    samples = [5, 10, 8, 5, 4, 7]
+    samples = [5, 3, 5, 5, 4, 5]
     stale = [0, 1, 3, 0, 2, 5]
     weight = Polynomial(0.5)
     single = FedBuff(6, 0.5, weight)

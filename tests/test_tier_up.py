@@ -1,17 +1,20 @@
 """Issue 20, "one documented command": scripts/tier-up brings the whole tier up from processes (3 NATS
 nodes, partition workers, the root and a standby), prints where devices connect and how to watch the
-model; real agent processes pointed at the printed URL move the retained model forward (seen through
-the printed mosquitto_sub command); SIGTERM stops it and leaves no process behind."""
+model; real agent processes pointed at the printed URL, each with its own credentials from the device store
+(`python -m tier.devices add`, the operator's documented step; tier-up --devices starts the auth service),
+move the retained model forward (seen through the printed mosquitto_sub command, as the tier user); SIGTERM
+stops it and leaves no process behind."""
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +72,39 @@ def _lines_until(stream, marker: str, timeout: float) -> list[str]:
     return lines
 
 
+def _free_ports(count: int) -> int:
+    """The first of `count` consecutive loopback ports free now."""
+    import socket
+
+    for base in range(20000 + os.getpid() % 20000, 60000, count):
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
 def test_tier_up_serves_real_agents_and_stops_clean(tmp_path):
     workdir = tmp_path / "tier"
+    store, secrets = tmp_path / "devices", tmp_path / "secrets"
+    subprocess.run([sys.executable, "-m", "tier.devices", "add", "--store", str(store), "--secrets", str(secrets),
+                    "--fleet", FLEET, "dev-0", "dev-1", "dev-2"], check=True, cwd=ROOT, timeout=60)
+    metrics = _free_ports(4)  # root1, root2, worker1, worker2
     up = subprocess.Popen([str(ROOT / "scripts" / "tier-up"), "--dir", str(workdir), "--fleet", FLEET,
+                           "--devices", str(store),
                            "--partitions", "4", "--workers", "2", "--model", "sgd-classifier", "--n-features", "3",
-                           "--classes", "0,1", "--buffer-size", "2", "--buffer-timeout", "1", "--timeout", "90"],
+                           "--classes", "0,1", "--buffer-size", "2", "--buffer-timeout", "1", "--timeout", "90",
+                           "--metrics-port", str(metrics), "--max-packet-bytes", "4096"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    agents, watch = [], None
+    agents, watch, ack_watch = [], None, None
     try:
         banner = _lines_until(up.stdout, "stops everything", 150)
         assert banner and "stops everything" in banner[-1], (banner, _exit_message(up))
@@ -84,19 +113,37 @@ def test_tier_up_serves_real_agents_and_stops_clean(tmp_path):
                  for p in children if _running(p)}
         assert sum("nats-server" in n for n in names) == 3, names
         assert sum("tier.worker" in n for n in names) == 2 and sum("tier.root" in n for n in names) == 2, names
+        assert sum("tier.auth" in n for n in names) == 1, names
+        assert all("--max-packet-bytes 4096" in n for n in names if "tier.root" in n), names
+        # every root and worker serves /metrics on the port the banner names
+        urls = next(line for line in banner if line.startswith("Prometheus /metrics: "))
+        assert [u.split()[0] for u in urls.split(": ", 1)[1].split(", ")] == ["root1", "root2", "worker1", "worker2"]
+        for i, name in enumerate(("root1", "root2", "worker1", "worker2")):
+            assert f"{name} http://127.0.0.1:{metrics + i}/metrics" in urls, urls
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics + i}/metrics", timeout=10).read().decode()
+            assert "fedmq_model_version" in body, (name, body[:500])
 
         broker = next(line.split("--broker ")[1].split()[0] for line in banner if "fedmq-agent --broker" in line)
         sub_cmd = next(line.strip() for line in banner if line.strip().startswith("mosquitto_sub "))
-        watch = subprocess.Popen(shlex.split(sub_cmd), stdout=subprocess.PIPE, text=True)
+        watch = subprocess.Popen(["bash", "-c", f"exec {sub_cmd}"], stdout=subprocess.PIPE, text=True)
         versions: list[int] = []
         threading.Thread(target=lambda: [versions.append(json.loads(line)["version"]) for line in watch.stdout],
                          daemon=True).start()
+        # the workers' per-agent acks (protocol/acks.py) reach MQTT subscribers through NATS while they listen
+        # (core NATS messages, not retained: docs/architecture.md, "Acks on the tier")
+        ack_cmd = sub_cmd.replace(f"fedmq/{FLEET}/coordinator/status", f"fedmq/{FLEET}/ack/+")
+        ack_watch = subprocess.Popen(["bash", "-c", f"exec {ack_cmd} -v"], stdout=subprocess.PIPE, text=True)
+        acked: dict[str, int] = {}
+        threading.Thread(target=lambda: [acked.__setitem__(line.split()[0].rsplit("/", 1)[1],
+                                                           json.loads(line.split(None, 1)[1])["seq"])
+                                         for line in ack_watch.stdout], daemon=True).start()
 
         rng = np.random.default_rng(0)
         for i in range(3):
             X = rng.normal(size=(60, 3))
             write_csv(tmp_path / f"dev-{i}.csv", X, (X[:, 0] > 0).astype(int))
             agents.append(spawn("edge_agent", "--broker", broker, "--fleet", FLEET, "--id", f"dev-{i}",
+                                "--username", f"dev-{i}", "--password-file", secrets / f"dev-{i}.password",
                                 "--data", tmp_path / f"dev-{i}.csv", "--train-every", "0.5",
                                 "--unheard-after", "10", log=tmp_path / f"dev-{i}.log"))
         def audit() -> list[dict]:
@@ -109,12 +156,11 @@ def test_tier_up_serves_real_agents_and_stops_clean(tmp_path):
         assert versions and max(versions) >= 3, (versions, (tmp_path / "dev-0.log").read_text()[-1500:],
                                                  (workdir / "root1.log").read_text()[-1500:])
         assert {r["agent"] for r in audit()} == {"dev-0", "dev-1", "dev-2"}  # the agents' updates made the model
-        # the workers' per-agent acks (protocol/acks.py) reach MQTT subscribers through NATS, retained
-        acks = subprocess.run([*shlex.split(sub_cmd.replace(f"fedmq/{FLEET}/coordinator/status", f"fedmq/{FLEET}/ack/+")),
-                               "-v", "-C", "3", "-W", "20"], capture_output=True, text=True, timeout=30).stdout
-        acked = {line.split()[0].rsplit("/", 1)[1]: json.loads(line.split(None, 1)[1])["seq"]
-                 for line in acks.splitlines()}
-        assert set(acked) == {"dev-0", "dev-1", "dev-2"}, acks
+        deadline = time.monotonic() + 20
+        while set(acked) != {"dev-0", "dev-1", "dev-2"} and time.monotonic() < deadline:
+            time.sleep(0.2)  # polling a dict a reader thread fills
+        acked = dict(acked)
+        assert set(acked) == {"dev-0", "dev-1", "dev-2"}, acked
         folded = lambda: {(r["agent"], r["seq"]) for r in audit()}  # noqa: E731
         deadline = time.monotonic() + 20  # an acked update's partial is stored: the root folds it soon after
         while not set(acked.items()) <= folded() and time.monotonic() < deadline:
@@ -124,7 +170,7 @@ def test_tier_up_serves_real_agents_and_stops_clean(tmp_path):
             log = (tmp_path / f"dev-{i}.log").read_text()
             assert "sent update" in log and "acknowledged no update" not in log, log[-1500:]
     finally:
-        for proc in [*agents, *([watch] if watch else [])]:
+        for proc in [*agents, *(p for p in (watch, ack_watch) if p)]:
             proc.kill()
             proc.wait(10)
         children = _descendants(up.pid) if up.poll() is None else set()

@@ -15,6 +15,8 @@ import socket
 import threading
 import time
 
+from coordinator.cli import add_metrics_argument, check_metrics_port, start_metrics
+from protocol.stopping import stop_event_on_signals
 from tier.cluster import DEFAULT_PARTITIONS
 from tier.nats_io import Nats
 
@@ -42,6 +44,22 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id", default=f"{socket.gethostname()}-{os.getpid()}",
                         help="this process's id, unique in the fleet (default: host-pid)")
     parser.add_argument("--replicas", type=int, default=3, choices=(1, 3), help="JetStream replicas of the tier's state")
+    add_metrics_argument(parser)
+
+
+def start_tier_metrics(port: int | None, source) -> None:
+    """--metrics-port of a root or worker: the coordinator's exporter over `source()` (tier/metrics.py), read at
+    every scrape; ValueError (one line) when it cannot serve."""
+    if port is None:
+        return
+    check_metrics_port(port)
+
+    def collector():
+        from tier.metrics import TierCollector  # prometheus-client: imported only when asked for
+
+        return TierCollector(source)
+
+    start_metrics(port, collector)
 
 
 def start_logging(level: str) -> None:
@@ -49,10 +67,10 @@ def start_logging(level: str) -> None:
 
 
 def stop_on_signals(signals: tuple = (signal.SIGTERM, signal.SIGINT)) -> threading.Event:
-    """An event `signals` set: the process finishes its commits and stops."""
-    stop = threading.Event()
-    for sig in signals:
-        signal.signal(sig, lambda *_: stop.set())
+    """An event `signals` set: the process finishes its commits and stops. Set by a relay thread, not in
+    the signal handler (protocol/stopping.py: a handler setting an event the main thread waits on can
+    deadlock); the relay lives as long as the process."""
+    stop, _relay = stop_event_on_signals(signals)
     return stop
 
 

@@ -48,15 +48,42 @@ class Connection:
         self.pending: dict[int, asyncio.Future] = {}
         self.next_id = 0
         self.task: asyncio.Task | None = None
+        self.lost = False  # the broker closed it: every later publish fails at once
+        self.address: tuple | None = None  # (host, port, local_host) of the last open, for `reopen`
+        self.generation = 0  # opens so far: a publish's failure names the connection it was sent on
+        self.reopens = 0
+        self.resent = 0
+        self._reopening: asyncio.Lock | None = None
 
     async def open(self, host: str, port: int, timeout: float = 30.0, local_host: str | None = None) -> None:
+        self.address = (host, port, local_host)
+        if self.writer is not None:  # a lost connection's
+            self.writer.close()
         self.reader, self.writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, local_addr=(local_host, 0) if local_host else None), timeout)
         self.writer.write(connect_packet(self.client_id))
         head = await asyncio.wait_for(self.reader.readexactly(4), timeout)
         if head[0] != 0x20 or head[3] != 0:
             raise ConnectionError(f"{self.client_id}: CONNACK refused ({head.hex()})")
+        self.generation += 1
+        self.lost = False
         self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def reopen(self, generation: int, timeout: float = 30.0, attempts: int = 20) -> None:
+        """Open again (a device reconnecting) unless that was done since open number `generation` was lost;
+        ConnectionError after `attempts` failed tries, 0.5 s apart."""
+        self._reopening = self._reopening or asyncio.Lock()
+        async with self._reopening:
+            if self.generation != generation:
+                return
+            for _ in range(attempts):
+                try:
+                    await self.open(*self.address[:2], timeout, local_host=self.address[2])
+                    self.reopens += 1
+                    return
+                except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+                    await asyncio.sleep(0.5)
+            raise ConnectionError(f"{self.client_id}: cannot connect again")
 
     async def _read(self) -> None:
         try:
@@ -75,15 +102,22 @@ class Connection:
                     if future is not None and not future.done():
                         future.set_result(time.time())
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            self.lost = True
             for future in self.pending.values():
                 if not future.done():
                     future.set_exception(ConnectionError(f"{self.client_id}: connection lost"))
             self.pending.clear()
 
     def publish(self, topic: str, payload: bytes) -> asyncio.Future:
-        """Send a QoS 1 PUBLISH; the future holds the wall-clock time its PUBACK arrived."""
-        self.next_id = self.next_id % 65535 + 1
+        """Send a QoS 1 PUBLISH; the future holds the wall-clock time its PUBACK arrived, or ConnectionError.
+
+        On a lost connection it fails at once: its PUBACK could never come, and `send`'s window for the
+        connection waited on it for ever (a sustained tier run wedged when the broker closed connections)."""
         future = asyncio.get_running_loop().create_future()
+        if self.lost:
+            future.set_exception(ConnectionError(f"{self.client_id}: connection lost"))
+            return future
+        self.next_id = self.next_id % 65535 + 1
         self.pending[self.next_id] = future
         self.writer.write(publish_packet(topic, payload, self.next_id))
         return future
@@ -123,21 +157,36 @@ async def open_many(n: int, ports: list[int], prefix: str, host: str = "127.0.0.
 
 
 async def send(conns: list[Connection], messages: Iterable[tuple[str, bytes]], *, rate: float | None = None,
-               window: int = 64) -> list[tuple[float, float]]:
+               window: int = 64, resend: int = 0) -> list[tuple[float, float]]:
     """Publish `messages` (topic, payload; a list, or an iterator that encodes them as they are sent) round-robin
     over `conns`, at most `window` unacknowledged per connection, at `rate`/s if given (else as fast as the
-    acks come); (sent, acked) wall times per message, acked 0 for one whose connection was lost first."""
+    acks come); (sent, acked) wall times per message, acked 0 for one never acknowledged. A message whose
+    connection was lost before its PUBACK is sent again after the connection is opened again (as a device
+    does), up to `resend` times (0: counted unacknowledged at once); each Connection counts its reopens and resends."""
     gates = [asyncio.Semaphore(window) for _ in conns]
     times: list[tuple[float, float]] = []
     start = time.monotonic()
 
-    async def track(i: int, gate: asyncio.Semaphore, future: asyncio.Future, sent: float) -> None:
+    async def track(i: int, k: int, topic: str, payload: bytes, future: asyncio.Future, generation: int,
+                    sent: float) -> None:
+        conn = conns[k]
         try:
-            times[i] = (sent, await future)
-        except ConnectionError:
-            pass  # never acknowledged: its acked time stays 0
+            for attempt in range(resend + 1):
+                try:
+                    times[i] = (sent, await future)
+                    return
+                except ConnectionError:
+                    if attempt == resend:
+                        return  # never acknowledged: its acked time stays 0
+                try:
+                    await conn.reopen(generation)
+                except ConnectionError:
+                    return
+                generation = conn.generation
+                conn.resent += 1
+                future = conn.publish(topic, payload)
         finally:
-            gate.release()
+            gates[k].release()
 
     tasks: set[asyncio.Future] = set()  # the unacknowledged only: a long run keeps no finished task
     for i, (topic, payload) in enumerate(messages):
@@ -149,7 +198,8 @@ async def send(conns: list[Connection], messages: Iterable[tuple[str, bytes]], *
         await gates[k].acquire()
         sent = time.time()
         times.append((sent, 0.0))
-        task = asyncio.ensure_future(track(i, gates[k], conns[k].publish(topic, payload), sent))
+        task = asyncio.ensure_future(track(i, k, topic, payload, conns[k].publish(topic, payload), conns[k].generation,
+                                           sent))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await asyncio.gather(*tasks)

@@ -8,22 +8,29 @@ the same session (and NATS closes any older connection with that id).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
 
-
 from protocol.transport import BrokerSettings, make_client
+from tier.cluster import TIER_USER, tier_password
 
 log = logging.getLogger(__name__)
 
 
 def parse_urls(urls: str | list[str]) -> list[BrokerSettings]:
-    """`mqtt://h:p,mqtt://h:p2` (or a list) -> one BrokerSettings per node, MQTT 3.1.1 (NATS refuses 5)."""
+    """`mqtt://h:p,mqtt://h:p2` (or a list) -> one BrokerSettings per node, MQTT 3.1.1 (NATS refuses 5),
+    as the tier user when FEDMQ_TIER_PASSWORD is set (else without credentials: a device's rights only)."""
     items = [u.strip() for u in (urls.split(",") if isinstance(urls, str) else urls) if u.strip()]
     if not items:
         raise ValueError("no MQTT URL given")
-    return [BrokerSettings.from_url(u, mqtt_version="3.1.1") for u in items]
+    nodes = [BrokerSettings.from_url(u, mqtt_version="3.1.1") for u in items]
+    password = tier_password()
+    if password is None:
+        log.warning("FEDMQ_TIER_PASSWORD is not set: connecting to the tier's MQTT listeners with a device's rights only")
+        return nodes
+    return [dataclasses.replace(n, username=TIER_USER, password=password) for n in nodes]
 
 
 class Link:
@@ -39,7 +46,7 @@ class Link:
         self.connected = threading.Event()
         self._user_connect = on_connect
         self._user_subscribed = on_subscribed
-        self.client = make_client(nodes[self.index], client_id, persistent=persistent)
+        self.client = make_client(nodes[self.index], client_id, persistent=persistent, own_client_id=True)
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=0.5)  # at once to the next node: a failed
         # CONNECT during an election already took the listener's js_api_timeout
         self.client.max_inflight_messages_set(1000)

@@ -16,6 +16,8 @@ import nats
 from nats.js import api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from tier.cluster import TIER_USER, tier_password
+
 log = logging.getLogger(__name__)
 
 LEASE_TTL_S = 2.0  # a dead owner's partitions are free again after this
@@ -50,7 +52,8 @@ class Nats:
         self.thread.start()
         self.nc = self.call(lambda: nats.connect(
             servers=servers, name=name, connect_timeout=min(timeout, 5), max_reconnect_attempts=-1,
-            reconnect_time_wait=0.2, allow_reconnect=True,
+            reconnect_time_wait=0.2, allow_reconnect=True, user=TIER_USER if tier_password() else None,
+            password=tier_password(),
             error_cb=self._error, disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
         ), timeout)
         self.js = self.nc.jetstream(timeout=5)  # set-up calls; the running tier's calls pass JS_TIMEOUT_S

@@ -19,6 +19,13 @@ from coordinator.strategies import Strategy
 from protocol.errors import ProtocolError
 
 MAX_PARTIAL_BYTES = 8 * 1024 * 1024
+# what a partial's or a counts message's numbers may be: the partials' subjects are reachable by whoever may
+# publish on the fleet's NATS account (a device through the MQTT listener, without authorization), and the root
+# checkpoints what it keeps (msgpack: at most 64-bit integers) and keeps the larger of each count forever
+MAX_INT = 2 ** 63 - 1  # partition, epoch, seq, covered seq and base
+MAX_COUNT = 2 ** 53  # a refusal count (exact as a float: the status's JSON, the metrics)
+MAX_REASONS = 32  # reasons per counts map (the coordinator's refusal reasons are a dozen)
+MAX_REASON_CHARS = 64
 
 
 @dataclass
@@ -41,6 +48,11 @@ class Partial:
     oldest: float = 0.0  # wall clock the oldest covered update arrived at the worker
     clip: float | None = None  # central DP: the C its updates were clipped to (weight 1 each); None without
     round: bytes | None = None  # secure aggregation: the cohort's round id (the sum of its members' deltas)
+    # the partition's device messages refused so far, by reason (cumulative across owners: its checkpoint
+    # holds them); the root's status sums the newest of each partition, so an operator sees every refusal
+    rejected: dict = field(default_factory=dict)
+    # secure aggregation: the partition's members left out of cohorts so far, by reason (cumulative likewise)
+    excluded: dict = field(default_factory=dict)
 
     @property
     def msg_id(self) -> str:
@@ -52,7 +64,8 @@ def encode_partial(p: Partial) -> bytes:
         "v": 1, "partition": p.partition, "epoch": p.epoch, "seq": p.seq,
         "sum": np.ascontiguousarray(p.weighted_sum, dtype="<f8").tobytes(), "weight": float(p.weight),
         "count": int(p.count), "covers": [list(c) for c in p.covers], "created": p.created, "oldest": p.oldest,
-        "clip": p.clip, "round": p.round,
+        "clip": p.clip, "round": p.round, "rejected": {str(k): int(v) for k, v in p.rejected.items()},
+        "excluded": {str(k): int(v) for k, v in p.excluded.items()},
     }, use_bin_type=True)
 
 
@@ -63,16 +76,86 @@ def decode_partial(data: bytes, n_params: int) -> Partial:
     try:
         m = msgpack.unpackb(data, raw=False, strict_map_key=False)
         total = np.frombuffer(m["sum"], dtype="<f8")
-        p = Partial(int(m["partition"]), int(m["epoch"]), int(m["seq"]), total, float(m["weight"]), int(m["count"]),
-                    [(str(a), int(s), int(b)) for a, s, b in m["covers"]], float(m.get("created", 0)),
+        p = Partial(_int(m["partition"]), _int(m["epoch"]), _int(m["seq"]), total, float(m["weight"]), _int(m["count"]),
+                    [(str(a), _int(s), _int(b)) for a, s, b in m["covers"]], float(m.get("created", 0)),
                     float(m.get("oldest", 0)), None if m.get("clip") is None else float(m["clip"]),
-                    None if m.get("round") is None else bytes(m["round"]))
-    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+                    None if m.get("round") is None else bytes(m["round"]),
+                    _counts(m.get("rejected")), _counts(m.get("excluded")))
+    except (ValueError, TypeError, KeyError, OverflowError, AttributeError, msgpack.UnpackException) as exc:
         raise ProtocolError("decode", f"not a partial aggregate: {exc}") from None
     if total.shape != (n_params,) or not np.isfinite(total).all() or not np.isfinite(p.weight) or p.weight < 0 \
             or p.count != len(p.covers):
         raise ProtocolError("shape", "partial aggregate with the wrong length, non-finite values or a bad count")
     return p
+
+
+@dataclass
+class Counts:
+    """A partition's refusal counts alone (cumulative, as a partial carries them), for the commits that make no
+    partial: a partition whose every device is hostile or silent still shows its refusals at the root. Being
+    cumulative, the root keeps the larger of each count, so a redelivered or repeated one is never added twice."""
+
+    partition: int
+    rejected: dict = field(default_factory=dict)
+    excluded: dict = field(default_factory=dict)
+
+
+def counts_subject(partial_subject: str) -> str:
+    """Where a partition's Counts go: under its partials' subject (the root's consumer reads both)."""
+    return f"{partial_subject}.counts"
+
+
+def _int(v, top: int = MAX_INT) -> int:
+    """An integer in 0..top, as the tier's own encoders send it: ValueError on a float, a bool, a string, out of range."""
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= top:
+        raise ValueError(f"{v!r:.40} is not an integer in 0..{top}")
+    return int(v)
+
+
+def _counts(m) -> dict[str, int]:
+    """A map of refusal reason -> count (ValueError unless at most MAX_REASONS short strings to counts)."""
+    m = m or {}
+    if not isinstance(m, dict) or len(m) > MAX_REASONS:
+        raise ValueError(f"counts must map at most {MAX_REASONS} reasons to counts")
+    if not all(isinstance(k, str) and len(k) <= MAX_REASON_CHARS for k in m):
+        raise ValueError(f"a reason must be a string of at most {MAX_REASON_CHARS} characters")
+    return {k: _int(v, MAX_COUNT) for k, v in m.items()}
+
+
+def encode_counts(c: Counts) -> bytes:
+    return msgpack.packb({"v": 1, "kind": "counts", "partition": c.partition,
+                          "rejected": {str(k): int(v) for k, v in c.rejected.items()},
+                          "excluded": {str(k): int(v) for k, v in c.excluded.items()}}, use_bin_type=True)
+
+
+def decode_message(data: bytes, n_params: int) -> Partial | Counts:
+    """A partial aggregate or a partition's counts; ProtocolError on anything else."""
+    if len(data) <= 4096:  # counts are small: a large partial is not unpacked twice
+        try:
+            m = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.UnpackException):
+            m = None
+        if isinstance(m, dict) and m.get("kind") == "counts":
+            try:
+                return Counts(_int(m["partition"]), _counts(m.get("rejected")), _counts(m.get("excluded")))
+            except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+                raise ProtocolError("decode", f"not a partition's counts: {exc}") from None
+    return decode_partial(data, n_params)
+
+
+def subject_partition(subject: str) -> tuple[int, bool] | None:
+    """The partition a message on `<prefix>.<fleet>.partial.<P>[.counts]` was sent for, and whether it is on the
+    counts subject; None for any other subject (the root checks a message's own partition against it)."""
+    head, _, tail = subject.partition(".partial.")
+    number, _, rest = tail.partition(".")
+    if not head or not number.isdigit() or rest not in ("", "counts"):
+        return None
+    return int(number), rest == "counts"
+
+
+def merge_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:
+    """Two cumulative counts of one partition: the larger of each reason (a stale or repeated one adds nothing)."""
+    return {k: max(old.get(k, 0), new.get(k, 0)) for k in sorted({*old, *new})}
 
 
 class PartialSum(Strategy):

@@ -11,11 +11,16 @@ the checkpoint and carries on at its version: versions never go backwards across
 With --secure-aggregation the partitions run masking rounds (tier/secagg.py) under the settings this
 root writes into its checkpoint, and the root folds only cohort sums: a partial without a round, or
 of fewer members than the threshold, is dropped.
+With --target-updates-per-s every root (standbys too) counts the agents online from their retained
+statuses and last wills (coordinator/presence.py, over a connection of its own), and every model the
+active one publishes carries the pace `steer` gives for that count (protocol/pace.py), as the single
+coordinator's do.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import sys
@@ -28,18 +33,23 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from coordinator.audit import AuditLog
-from coordinator.cli import add_dp_arguments, add_secagg_arguments, parse_classes
+from coordinator.cli import (add_dp_arguments, add_max_packet_argument, add_pace_arguments, add_secagg_arguments,
+                             check_max_packet_bytes, parse_classes, steering_from_args)
+from coordinator.presence import Presence
 from coordinator.publish_policy import PublishPolicy, floor, publish_due, relative_change
 from coordinator.status import encode_status
+from protocol import chunking
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, decode_model, encode_model
 from protocol.model_spec import ESTIMATORS, ModelSpec
+from protocol.pace import Pace, Steering
 from protocol.topics import Topics
-from tier.cli_args import add_cluster_args, connect_nats, start_logging, start_with_retries, stop_on_signals
+from tier.cli_args import (add_cluster_args, connect_nats, start_logging, start_tier_metrics, start_with_retries,
+                           stop_on_signals)
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, parse_urls
 from tier.nats_io import Nats
-from tier.partial import decode_partial
+from tier.partial import Counts, decode_message, merge_counts, subject_partition
 from tier.privacy import RootDP, root_dp
 from tier.steps import RootRule, make_rule
 
@@ -57,6 +67,7 @@ ECHO_S = 3.0  # the root subscribes to its own model: one not seen back within t
 # unacknowledged within the listener's js_api_timeout closed the root's connection. Nothing is lost at
 # QoS 0: the retained copy is what a (re)connecting device gets, and a newer model replaces any missed one
 MODEL_QOS = 0
+PRESENCE_WAIT_S = 5.0  # a root taking over waits this long at most for the agents' statuses to be subscribed
 
 
 class Root:
@@ -65,7 +76,8 @@ class Root:
     def __init__(self, nats: Nats, mqtt_nodes, topics: Topics, spec: ModelSpec, rule: RootRule, *,
                  root_id: str, audit_log: str | None = None, buffer_timeout: float = 5.0,
                  publish_interval: float = 0.2, partitions: int = 32, dp: RootDP | None = None,
-                 secagg: dict | None = None) -> None:
+                 secagg: dict | None = None, steering: Steering | None = None,
+                 max_packet_bytes: int | None = None) -> None:
         self.nats = nats
         self.topics = topics
         self.spec = spec
@@ -81,6 +93,9 @@ class Root:
         self.dp = dp
         self.secagg = secagg  # the partitions' secure-aggregation settings (tier/secagg.root_config)
         self.cohorts = 0  # cohort sums folded
+        self.max_packet_bytes = max_packet_bytes  # a model over it goes as retained chunks and a manifest
+        self._chunks_sent = 0  # chunk topics our last model filled (a smaller one clears the rest)
+        self.retained_chunks = 0  # chunk topics the newest retained model fills (0: whole), whoever published it
         self.lease = Lease(nats, "root", root_id)
         self.keeper = Keeper()
         self.record = FencedRecord(nats, "root")
@@ -97,6 +112,16 @@ class Root:
                            avoid=lambda i=i: self.links[1 - i].index)
                       for i in range(min(2, len(mqtt_nodes)))]
         self.link = self.links[0]  # the one the last model went out on
+        # pace steering: the agents online, from their retained statuses (replayed on every (re)subscription, so
+        # a standby or a restarted root has the count before it publishes), on a connection of their own so a
+        # fleet's statuses never queue before the model's echo. QoS 0 like the model: no JetStream consumer
+        self.steering = steering
+        self.presence = Presence(topics) if steering is not None else None
+        self.counting = threading.Event()  # the statuses' subscription acknowledged: their replay is under way
+        self.presence_link = None if steering is None else Link(
+            mqtt_nodes, f"fedmq-root-{topics.fleet}-{root_id}-presence", persistent=False, start=len(self.links),
+            on_message=lambda c, u, msg: self.presence.handle(msg.topic, msg.payload),
+            on_connect=lambda c, *a: c.subscribe(topics.all_agent_statuses, 0), on_subscribed=self.counting.set)
         self.params = np.zeros(spec.n_params)
         self.version = 0
         self.published = -1
@@ -106,15 +131,26 @@ class Root:
         self.partials = 0
         self.duplicates = 0
         self.rejected = 0
+        # per partition, its device messages refused by reason (the newest partial's cumulative counts)
+        self.updates_rejected: dict[str, dict[str, int]] = {}
+        self.secagg_excluded: dict[str, dict[str, int]] = {}  # likewise, members left out of cohorts by reason
+        self.counts_changed = False  # a count above grew since the last status
+        self._counts_serial = 0  # bumped when those counts grow (a key of the metrics' cached status)
+        self._metrics_status: tuple | None = None  # (key, status) the last scrape built
+        self._status_rejected = 0  # self.rejected as the last status showed it
+        self._last_status = 0.0
         self.buffer_since: float | None = None
         self.started_at = time.time()
         self.audit: AuditLog | None = None
         self.sub = None
 
     def _on_retained(self, client, userdata, msg) -> None:
-        try:
-            model = decode_model(msg.payload)
+        try:  # a whole model, or the manifest of a chunked one: its version is what came back
+            manifest = chunking.is_manifest(msg.payload)
+            model = chunking.decode_manifest(msg.payload) if manifest else decode_model(msg.payload)
             if model.fleet == self.topics.fleet:
+                if model.version >= self.retained_version:
+                    self.retained_chunks = model.chunks if manifest else 0
                 self.retained_version = max(self.retained_version, model.version)
                 self.retained_seen.set()
         except (ProtocolError, ValueError, TypeError):
@@ -123,7 +159,7 @@ class Root:
     # life cycle ----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        for link in self.links:
+        for link in self._all_links():
             link.start()
         vacancy = Vacancy(grace=0.5)
         while not stop.is_set():
@@ -142,13 +178,23 @@ class Root:
             self.lease.revision = None
         self.keeper.stop()
         self.lease.release()
-        for link in self.links:
+        for link in self._all_links():
             link.close()
+
+    def _all_links(self) -> list[Link]:
+        return self.links + ([self.presence_link] if self.presence_link is not None else [])
+
+    def pace(self) -> tuple[Pace, int] | None:
+        """The pace asked of every device now and the agents online it was steered for (None: not steered)."""
+        if self.steering is None:
+            return None
+        online = self.presence.count
+        return self.steering.pace(online), online
 
     def _take_over(self) -> None:
         state = self._retry("reading the checkpoint", lambda: self.record.read() or {})
-        if not state and self.link.wait(5):
-            self.retained_seen.wait(1.0)  # no checkpoint: the broker's retained model, if there is one
+        if self.link.wait(5):  # the broker's retained model, if there is one (a standby has it already): its version
+            self.retained_seen.wait(1.0)  # and its chunk count
         if state:
             self.params = np.frombuffer(state["params"], dtype="<f8").copy()
             self.version = int(state["version"])
@@ -157,17 +203,30 @@ class Root:
             self.rule.restore(state["buffer"])
             self.folded, self.partials = state.get("folded", 0), state.get("partials", 0)
             self.duplicates = state.get("duplicates", 0)
+            self.updates_rejected = dict(state.get("updates_rejected") or {})
+            self.secagg_excluded = dict(state.get("secagg_excluded") or {})
             self.cohorts = state.get("cohorts", 0)
+            self._chunks_sent = int(state.get("chunks_sent", 0))
             if self.dp is not None:  # the ledger: what each agent has spent survives the failover
                 self.dp.restore(state.get("dp"))
         if self.retained_version > self.version:  # never publish a version the fleet has already passed
             log.warning("retained model at version %d is ahead of the checkpoint (%d): continuing above it",
                         self.retained_version, self.version)
             self.version = self.retained_version
+        # every chunk topic the previous root filled is cleared or overwritten by our first model: its checkpoint says
+        # how many (as of its last commit), the retained manifest how many its last model filled (published after)
+        self._chunks_sent = min(max(self._chunks_sent, self.retained_chunks), chunking.MAX_CHUNKS)
         self.audit = AuditLog(self.audit_path, state.get("audit")) if self.audit_path else None
+        if self.presence_link is not None and not self.counting.wait(PRESENCE_WAIT_S):  # a fresh root's first model
+            log.warning("agents' statuses not subscribed within %g s: steering for %d agent(s) online until they come",
+                        PRESENCE_WAIT_S, self.presence.count)
         self._retry("claiming the checkpoint", lambda: self.record.write(self._state()))  # a previous holder's
         # next write now fails
-        if not state:  # the workers read the spec from the claim
+        # the workers read the spec from the claim; and no first model before every partition's session exists,
+        # also when the checkpoint is this fleet's first claim only (a root fenced out while it waited: its takeover
+        # found its own claim and published at once, and the devices' first updates to unsubscribed partitions
+        # were lost, seen at load 30)
+        if not self.hwm:
             self._wait_for_partitions()
         self.published = -1
         log.info("root %s active at epoch %d, version %d, %d update(s) folded so far",
@@ -225,7 +284,7 @@ class Root:
             msgs = self._fetch()
             naks, lines = [], []
             for msg in msgs:
-                verdict = self._fold(msg.data, lines)
+                verdict = self._fold(msg.data, lines, msg.subject)
                 (naks if verdict == "later" else acks).append(msg)
             while self.rule.ready():
                 self._step()
@@ -270,15 +329,25 @@ class Root:
 
     # the fold --------------------------------------------------------------------------------
 
-    def _fold(self, data: bytes, lines: list[str]) -> str:
-        """'folded', 'duplicate', 'fenced', 'rejected', or 'later' (a predecessor is missing)."""
+    def _fold(self, data: bytes, lines: list[str], subject: str | None = None) -> str:
+        """'folded', 'counts', 'duplicate', 'fenced', 'rejected', or 'later' (a predecessor is missing).
+        `subject`: the message's, whose partition (and counts or partial) the message's own must match."""
         try:
-            p = decode_partial(data, self.spec.n_params)
+            p = decode_message(data, self.spec.n_params)
         except ProtocolError as exc:
             log.warning("unreadable partial dropped: %s", exc)
             self.rejected += 1
             return "rejected"
+        sent_for = subject_partition(subject) if subject is not None else (p.partition, isinstance(p, Counts))
+        if p.partition >= self.partitions or sent_for != (p.partition, isinstance(p, Counts)):
+            log.warning("partition %d's %s on %s dropped: not that subject's or not one of the fleet's %d partitions",
+                        p.partition, "counts" if isinstance(p, Counts) else "partial", subject, self.partitions)
+            self.rejected += 1
+            return "rejected"
         key = str(p.partition)
+        if isinstance(p, Counts):  # a commit without a partial: only its refusals, merged
+            self._merge_counts(key, p)
+            return "counts"
         if p.seq <= self.hwm.get(key, 0):
             self.duplicates += 1
             return "duplicate"
@@ -287,6 +356,7 @@ class Root:
             return "fenced"
         if p.seq != self.hwm.get(key, 0) + 1:
             return "later"
+        self._merge_counts(key, p)
         if self.secagg is not None and (p.round is None or p.count < self.secagg["threshold"]):
             log.error("partition %d: a partial that is not a cohort sum of at least %d (%d update(s)) under secure "
                       "aggregation: dropped", p.partition, self.secagg["threshold"], p.count)
@@ -317,6 +387,15 @@ class Root:
                                      "arrived": round(p.oldest, 3)}) + "\n")
         return "folded"
 
+    def _merge_counts(self, key: str, p) -> None:
+        """A partition's cumulative refusal counts (from a partial or a Counts message) into the status's."""
+        rejected = merge_counts(self.updates_rejected.get(key, {}), p.rejected)
+        excluded = merge_counts(self.secagg_excluded.get(key, {}), p.excluded)
+        if rejected != self.updates_rejected.get(key, {}) or excluded != self.secagg_excluded.get(key, {}):
+            self.updates_rejected[key], self.secagg_excluded[key] = rejected, excluded
+            self.counts_changed = True
+            self._counts_serial += 1
+
     def _step(self) -> None:
         new = self.rule.step(self.params)
         if self.dp is not None:
@@ -333,9 +412,10 @@ class Root:
             "epoch": self.lease.epoch, "owner": self.root_id, "version": self.version, "spec": self.spec.to_wire(),
             "params": np.ascontiguousarray(self.params, dtype="<f8").tobytes(), "hwm": self.hwm,
             "epochs": self.epochs, "buffer": self.rule.state(), "folded": self.folded, "partials": self.partials,
-            "duplicates": self.duplicates, "audit": self._audit_offset(),
+            "duplicates": self.duplicates, "updates_rejected": self.updates_rejected,
+            "secagg_excluded": self.secagg_excluded, "audit": self._audit_offset(),
             "dp": self.dp.state() if self.dp else None, "dp_config": self.dp.config() if self.dp else None,
-            "secagg_config": self.secagg, "cohorts": self.cohorts,
+            "secagg_config": self.secagg, "cohorts": self.cohorts, "chunks_sent": self._chunks_sent,
         }
 
     def _audit_offset(self) -> int | None:
@@ -355,31 +435,84 @@ class Root:
         since = time.monotonic() - self._last_pub
         if self.version == self.published or since < floor(self.publish_policy) or not publish_due(
                 self.publish_policy, since_last=since, changed=True, change=relative_change(self.params, self._published_params)):
+            self._publish_counts()
             return
         # acks=True: the partition workers ack each device's accepted updates (tier/worker.py, protocol/acks.py)
+        steered = self.pace()
         body = encode_model(ModelMessage(self.topics.fleet, self.version, self.spec, self.params,
-                                         started_at=self.started_at, acks=True))
+                                         started_at=self.started_at, acks=True,
+                                         pace=steered[0] if steered else None))
         if self.published > self.retained_version and time.monotonic() - self._last_pub > ECHO_S:
             self.link.bounce()  # our own last model never came back: the connection is not carrying
             self._last_pub = time.monotonic()
             return
         up = [link for link in self.links if link.connected.is_set()] or [self.link]
         self.link = up[0]
-        if self.link.publish(self.topics.model, body, retain=True, qos=MODEL_QOS):
+        # over --max-packet-bytes: retained chunks, then the manifest on the model topic (the coordinator's format)
+        packets, chunks = chunking.model_packets(self.topics.model, self.topics.model_chunk, body, self.topics.fleet,
+                                                 self.version, self.max_packet_bytes, self._chunks_sent)
+        if all(self.link.publish(topic, payload, retain=True, qos=MODEL_QOS) for topic, payload in packets):
+            self._chunks_sent = chunks
             self.published = self.version
             self._published_params = self.params.copy()
             self._last_pub = time.monotonic()
-            status = {"fleet": self.topics.fleet, "role": "root", "root": self.root_id, "version": self.version,
-                      "folded": self.folded, "partials": self.partials, "duplicates": self.duplicates,
-                      "rejected": self.rejected, "partitions": len(self.hwm), "time": time.time()}
-            if self.dp is not None:
-                status["privacy"] = self.dp.report()
-            if self.secagg is not None:
-                status["secure_aggregation"] = {"k": self.secagg["k"], "threshold": self.secagg["threshold"],
-                                                "cohorts": self.cohorts}
-            # on the other connection when there is one: a status store waiting on an election stalls its
-            # connection's read loop up to the listener's js_api_timeout, and the next model must not wait behind it
-            up[-1].publish(self.topics.coordinator_status, encode_status(status), retain=True, timeout=1, qos=MODEL_QOS)
+            self._publish_status(up, steered)
+
+    def _publish_counts(self) -> None:
+        """The status alone when refusals came in without a new model (a partition of hostile or silent devices
+        folds nothing), at most once per publish interval and only after this root's first model."""
+        changed = self.counts_changed or self.rejected != self._status_rejected  # refused partials too: a forged
+        # one that fenced a partition out shows, not only with the next model
+        if not changed or self.published < 0 or time.monotonic() - self._last_status < self.publish_interval:
+            return
+        self._publish_status([link for link in self.links if link.connected.is_set()] or [self.link], self.pace())
+
+    def _publish_status(self, up: list[Link], steered) -> None:
+        self.counts_changed = False
+        self._status_rejected = self.rejected
+        self._last_status = time.monotonic()
+        # on the other connection when there is one: a status store waiting on an election stalls its
+        # connection's read loop up to the listener's js_api_timeout, and the next model must not wait behind it
+        up[-1].publish(self.topics.coordinator_status, encode_status(self.status(steered)), retain=True, timeout=1,
+                       qos=MODEL_QOS)
+
+    def status(self, steered) -> dict:
+        """The root's status document (its status topic; its metrics, tier/metrics.py), `steered` = self.pace()."""
+        status = {"fleet": self.topics.fleet, "role": "root", "root": self.root_id, "version": self.published,
+                  "folded": self.folded, "partials": self.partials, "duplicates": self.duplicates,
+                  "rejected": self.rejected, "updates_rejected": rejected_by_reason(self.updates_rejected),
+                  "partitions": len(self.hwm), "time": time.time()}
+        if self.dp is not None:
+            status["privacy"] = self.dp.report()
+        if steered is not None:  # as the coordinator's status shows it
+            status["pace"] = dict(steered[0].to_wire(), agents_online=steered[1])
+        if self.secagg is not None:
+            status["secure_aggregation"] = {"k": self.secagg["k"], "threshold": self.secagg["threshold"],
+                                            "cohorts": self.cohorts,
+                                            "excluded": rejected_by_reason(self.secagg_excluded)}
+        return status
+
+    def metrics(self) -> dict:
+        """What --metrics-port serves (read at every scrape, from the exporter's thread): the status and the lease.
+        The status is built again only when something it shows moved (a step, a fold, a refusal, a count, the
+        pace, a release), not per scrape: under DP it runs the accountant over every agent's count."""
+        steered = self.pace()
+        key = (self.published, self.version, self.folded, self.partials, self.duplicates, self.rejected, self.cohorts,
+               len(self.hwm), self._counts_serial, steered, self.dp.central.releases if self.dp is not None else None,
+               self.lease.epoch)
+        cached = self._metrics_status
+        if cached is None or cached[0] != key:
+            cached = self._metrics_status = (key, self.status(steered))
+        return dict(cached[1], active=self.lease.revision is not None, epoch=self.lease.epoch or 0)
+
+
+def rejected_by_reason(per_partition: dict[str, dict[str, int]]) -> dict[str, int]:
+    """What the partition workers refused (device messages, secure-aggregation members), by reason, summed
+    over the partitions."""
+    total: collections.Counter = collections.Counter()
+    for counts in list(per_partition.values()):  # a copy: the metrics' thread reads it while the root folds
+        total.update(counts)
+    return dict(sorted(total.items()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--audit-log", help="JSON lines: every (agent, seq) folded, with its partial")
     add_dp_arguments(parser)
     add_secagg_arguments(parser)
+    add_pace_arguments(parser)
+    add_max_packet_argument(parser)
     return parser
 
 
@@ -413,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         rule = make_rule(args.strategy, spec.n_params, buffer_size=args.buffer_size, server_lr=args.server_lr,
                          alpha=args.alpha)
         dp = root_dp(args)
+        steering = steering_from_args(args)  # refused with --secure-aggregation, as by the coordinator
+        check_max_packet_bytes(args.max_packet_bytes)
         secagg = None
         if args.secure_aggregation:  # cryptography: imported only when asked for
             from tier.secagg import root_config
@@ -424,12 +561,14 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return nats, Root(nats, parse_urls(args.mqtt), topics, spec, rule, root_id=args.id,
                                   audit_log=args.audit_log, buffer_timeout=args.buffer_timeout,
-                                  partitions=args.partitions, dp=dp, secagg=secagg)
+                                  partitions=args.partitions, dp=dp, secagg=secagg,
+                                  steering=steering, max_packet_bytes=args.max_packet_bytes)
             except BaseException:
                 nats.close()
                 raise
 
         nats, root = start_with_retries(build, stop, "root")
+        start_tier_metrics(args.metrics_port, root.metrics)
     except (ValueError, OSError, TimeoutError) as exc:
         print(f"tier root: {exc}", file=sys.stderr)
         return 2

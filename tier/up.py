@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.cli import check_max_packet_bytes, int_or_off
 from protocol.model_spec import ESTIMATORS
 from protocol.topics import Topics
 from tier.cli_args import add_fleet_args, start_logging, stop_on_signals
-from tier.cluster import NatsCluster, die_with_parent
+from tier.cluster import TIER_USER, NatsCluster, add_device_auth_args, device_store, die_with_parent
 from tier.mqtt_link import Link, parse_urls
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Tier:
     workers: int = 2
     standbys: int = 1
     prefix: str = "fedmq"
+    metrics_port: int | None = None  # the first root's --metrics-port; the other roots, then the workers, the next ones
     children: list[Child] = field(default_factory=list)
 
     def _argv(self, module: str, name: str, extra: list[str]) -> list[str]:
@@ -81,15 +83,25 @@ class Tier:
         """Start everything; returns the first retained model version (bounded by `timeout`; -1 if stopped)."""
         self.cluster.start(timeout)
         logs = self.cluster.workdir
+        ports = self.metrics_ports()
         for i in range(self.workers):
             name = f"worker{i + 1}"
-            self.children.append(Child(name, self._argv("tier.worker", name, []), logs / f"{name}.log"))
+            self.children.append(Child(name, self._argv("tier.worker", name, _metrics(ports, name)), logs / f"{name}.log"))
         for i in range(1 + self.standbys):
             name = f"root{i + 1}"
-            self.children.append(Child(name, self._argv("tier.root", name, self.root_args), logs / f"{name}.log"))
+            self.children.append(Child(name, self._argv("tier.root", name, self.root_args + _metrics(ports, name)),
+                                       logs / f"{name}.log"))
         for child in self.children:
             child.start()
         return self._wait_model(timeout, stop)
+
+    def metrics_ports(self) -> dict[str, int]:
+        """Each process's --metrics-port: root1 on `metrics_port`, the standbys and then the workers on the next
+        ports; none without it."""
+        if self.metrics_port is None:
+            return {}
+        names = [f"root{i + 1}" for i in range(1 + self.standbys)] + [f"worker{i + 1}" for i in range(self.workers)]
+        return {name: self.metrics_port + i for i, name in enumerate(names)}
 
     def _wait_model(self, timeout: float, stop: threading.Event) -> int:
         topics = Topics(self.fleet, self.prefix)
@@ -134,6 +146,7 @@ class Tier:
                         child.start()
             if not all(n.alive for n in self.cluster.nodes):
                 log.warning("a NATS node exited; see %s", self.cluster.workdir)
+            self.cluster.keep_auth()
 
     def stop(self) -> None:
         """Roots and workers first (their final commits need the cluster), then the nodes; bounded."""
@@ -151,20 +164,38 @@ class Tier:
         self.cluster.stop()
 
 
+def _metrics(ports: dict[str, int], name: str) -> list[str]:
+    return ["--metrics-port", str(ports[name])] if name in ports else []
+
+
 def banner(tier: Tier, version: int) -> str:
     """What a newcomer needs: where devices connect, how to watch the model, where the logs are."""
     c = tier.cluster
     topics = Topics(tier.fleet, tier.prefix)
     port = c.nodes[0].mqtt_port
     roots = 1 + tier.standbys
+    password = c.write_password_file().resolve()
+    if c.devices is not None:
+        store = c.devices.resolve()
+        devices = [f"devices (MQTT 3.1.1, any node; each with its own credentials from {store}): {' '.join(c.mqtt_urls)}",
+                   f"  add one: python -m tier.devices add --store {store} --secrets SECRETS --fleet {tier.fleet} dev-1",
+                   f"  fedmq-agent --broker {c.mqtt_urls[0]} --fleet {tier.fleet} --id dev-1 --username dev-1 "
+                   "--password-file SECRETS/dev-1.password --data dev-1.csv"]
+    else:
+        devices = [f"devices (MQTT 3.1.1, any node; shared device user: any device may act as any other): "
+                   f"{' '.join(c.mqtt_urls)}",
+                   f"  fedmq-agent --broker {c.mqtt_urls[0]} --fleet {tier.fleet} --id dev-1 --data dev-1.csv"]
     return "\n".join([
         f"fedmq tier up: fleet {tier.fleet!r}, {len(c.nodes)} NATS node(s), {c.partitions} partitions, "
         f"{tier.workers} worker(s), {roots} root(s) (1 active, {roots - 1} standby); model version {version} retained",
-        f"devices (MQTT 3.1.1, any node): {' '.join(c.mqtt_urls)}",
-        f"  fedmq-agent --broker {c.mqtt_urls[0]} --fleet {tier.fleet} --id dev-1 --data dev-1.csv",
-        "watch the model (the root's status, one JSON line per published version):",
-        f"  mosquitto_sub -h 127.0.0.1 -p {port} -V mqttv311 -t {topics.coordinator_status}",
+        *devices,
+        "watch the model (the root's status, one JSON line per published version; as the tier user):",
+        f"  mosquitto_sub -h 127.0.0.1 -p {port} -V mqttv311 -u {TIER_USER} -P \"$(cat {password})\" "
+        f"-t {topics.coordinator_status}",
         f"NATS (workers, root): {','.join(c.nats_urls)}",
+        *(["Prometheus /metrics: " + ", ".join(f"{name} http://127.0.0.1:{port}/metrics"
+                                                for name, port in tier.metrics_ports().items())]
+          if tier.metrics_port is not None else []),
         f"logs and JetStream stores: {c.workdir.resolve()}",
         "Ctrl-C or SIGTERM stops everything.",
     ])
@@ -192,27 +223,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer-size", type=int, default=5, help="fedbuff: updates per step (default 5)")
     p.add_argument("--buffer-timeout", type=float, default=5.0,
                    help="step a buffer that waited this many seconds (default 5)")
+    p.add_argument("--target-updates-per-s", type=float, default=0.0, metavar="RATE",
+                   help="pace steering: the root asks every device to report once per (agents online / RATE) "
+                        "seconds (python -m tier.root --help: --pace-*; default 0, not steered)")
+    p.add_argument("--max-packet-bytes", type=int_or_off, metavar="BYTES",
+                   help="the roots' --max-packet-bytes: a model over it goes as retained chunks and a manifest "
+                        "(default, or 0: no limit)")
+    p.add_argument("--metrics-port", type=int_or_off, metavar="PORT",
+                   help="Prometheus /metrics of every root and worker: root1 on PORT, the standbys and then the "
+                        "workers on the next ports, in that order (default, or 0: none)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for the first retained model before giving up (default 120)")
+    add_device_auth_args(p)
     return p
 
 
+def root_args(args: argparse.Namespace) -> list[str]:
+    """The root's own flags (beside the cluster's) from tier-up's."""
+    extra = ["--model", args.model, "--n-features", str(args.n_features), "--strategy", args.strategy,
+             "--buffer-size", str(args.buffer_size), "--buffer-timeout", str(args.buffer_timeout),
+             "--audit-log", str(Path(args.dir).resolve() / "audit.jsonl")]
+    if args.model != "sgd-regressor" and args.classes:
+        extra += ["--classes", args.classes]
+    if args.target_updates_per_s:
+        extra += ["--target-updates-per-s", str(args.target_updates_per_s)]
+    if args.max_packet_bytes:
+        extra += ["--max-packet-bytes", str(args.max_packet_bytes)]
+    return extra
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    devices = device_store(parser, args)
     start_logging(args.log_level)
     if args.workers < 1 or args.standbys < 0:
         print("tier-up: --workers must be at least 1 and --standbys at least 0", file=sys.stderr)
         return 2
-    root_args = ["--model", args.model, "--n-features", str(args.n_features), "--strategy", args.strategy,
-                 "--buffer-size", str(args.buffer_size), "--buffer-timeout", str(args.buffer_timeout),
-                 "--audit-log", str(Path(args.dir).resolve() / "audit.jsonl")]
-    if args.model != "sgd-regressor" and args.classes:
-        root_args += ["--classes", args.classes]
     stop = stop_on_signals((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     try:
+        check_max_packet_bytes(args.max_packet_bytes)
+        last = (args.metrics_port or 0) + args.workers + args.standbys
+        if args.metrics_port is not None and not (0 < args.metrics_port and last < 65536):
+            raise ValueError(f"--metrics-port {args.metrics_port}: its {args.workers + args.standbys + 1} ports "
+                             "must be in 1..65535")
         Path(args.dir).mkdir(parents=True, exist_ok=True)
-        cluster = NatsCluster(Path(args.dir), args.nodes, args.partitions, args.topic_prefix, die_with_parent=True)
-        tier = Tier(cluster, args.fleet, root_args, args.workers, args.standbys, args.topic_prefix)
+        cluster = NatsCluster(Path(args.dir), args.nodes, args.partitions, args.topic_prefix, die_with_parent=True,
+                              devices=devices)
+        tier = Tier(cluster, args.fleet, root_args(args), args.workers, args.standbys, args.topic_prefix,
+                    metrics_port=args.metrics_port)
     except (ValueError, OSError) as exc:
         print(f"tier-up: {exc}", file=sys.stderr)
         return 2

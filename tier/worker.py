@@ -9,7 +9,9 @@ strategy only sums (tier/partial.py). The group commit, every FLUSH_S:
 1. the partition checkpoint (dedup state + the new partial) is written over the revision this
    owner last saw (FencedRecord: a second owner cannot also write);
 2. the partial is published to JetStream with Nats-Msg-Id `<fleet>-p<P>-<seq>` (PubAck = stored R3);
-3. only then are the device messages it covers acknowledged over MQTT.
+3. only then are the device messages it covers acknowledged over MQTT, and each agent whose updates it
+   accepted gets its ack (protocol/acks.py): one core NATS message per agent per commit on the ack topic's
+   subject, not a retained MQTT message (docs/architecture.md, "Acks on the tier").
 
 A crash anywhere leaves the messages unacknowledged: NATS redelivers them to the next owner,
 which restores the checkpoint (its dedup state says which are already in a partial) and
@@ -37,6 +39,7 @@ from coordinator.server import Coordinator
 from coordinator.session import RejectionLog
 from coordinator.staleness import parse_staleness
 from coordinator.validation import DEFAULT_NORM_FACTOR, NORM_WARMUP, NormBound, UpdateValidator
+from protocol import chunking
 from protocol.acks import encode_ack
 from protocol.errors import ProtocolError
 import numpy as np
@@ -44,12 +47,13 @@ import numpy as np
 from protocol.messages import ModelMessage, decode_model, decode_update
 from protocol.model_spec import ModelSpec
 from protocol.topics import Topics, check_name
-from tier.cli_args import add_cluster_args, connect_nats, start_logging, start_with_retries, stop_on_signals
-from tier.cluster import MQTT_MAX_ACK_PENDING, partition_of
+from tier.cli_args import (add_cluster_args, connect_nats, start_logging, start_tier_metrics, start_with_retries,
+                           stop_on_signals)
+from tier.cluster import MQTT_MAX_ACK_PENDING, mqtt_subject, partition_of
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, drop, parse_urls
 from tier.nats_io import JS_TIMEOUT_S, Nats, partial_subject
-from tier.partial import Partial, PartialSum, encode_partial
+from tier.partial import Counts, Partial, PartialSum, counts_subject, encode_counts, encode_partial
 from tier.privacy import PartitionDP, dp_changed
 
 log = logging.getLogger(__name__)
@@ -109,6 +113,10 @@ class Partition:
         # written, not yet published/acked
         self.staged: tuple | None = None
         self.seq = 0
+        # the partition's refusal counts in its last checkpoint, and the last the root was sent (with a partial
+        # or alone: a partition that folds nothing still reports its refusals)
+        self.counts: Counts | None = None
+        self.reported: Counts | None = None
         self.lost = False
         self.link: Link | None = None
 
@@ -119,7 +127,10 @@ class Partition:
         self.core.validator.restore(state.get("highest_seq", {}), state.get("gaps", 0), state.get("missing"),
                                      state.get("first"))
         self.core.accepted_ = state.get("accepted", 0)
+        self.core.rejected_.update(state.get("rejected", {}))  # the partition's refusals, across owners
         self.seq = state.get("seq", 0)
+        if self.core.rejected_:  # the root may not have them (the previous owner died before sending them)
+            self.counts = Counts(self.number, dict(self.core.rejected_))
         if self.dp is not None:
             self.dp.restore(state.get("dp"))
         if self.secagg is not None:  # the round in flight resumes; its stage's messages go out after the claim
@@ -177,7 +188,7 @@ class Partition:
             return
         kind, agent = msg.topic.rsplit("/", 3)[-3], msg.topic.rsplit("/", 1)[-1]
         try:
-            topic = self.worker.topics.update(check_name("agent id", agent))
+            topic = self.worker.topics.update(self._own_agent(agent))
         except ValueError:
             topic, kind = msg.topic, "upd"  # the core counts it as a bad topic
         with self.lock:
@@ -188,12 +199,20 @@ class Partition:
         if reason is not None:
             self.rejections(reason, msg.topic)
 
+    def _own_agent(self, agent: str) -> str:
+        """`agent` if it is a valid id the account mapping sends to this partition, else ValueError: the mapped
+        subject is itself a topic a device can publish on, and an update sent there for another partition's
+        agent would be folded there too (its (agent, seq) dedup is per partition: counted twice)."""
+        if partition_of(check_name("agent id", agent), self.worker.partitions) != self.number:
+            raise ValueError(f"agent {agent!r} is not of partition {self.number}")
+        return agent
+
     def _on_secagg(self, rest: str, payload: bytes, retain: bool, ack) -> None:
         """A share, masked input or reveal (`<kind>/<agent>` of psecagg/<P>/): into the round, acknowledged
         with the next commit, which holds the state it moved."""
         kind, _, agent = rest.partition("/")
         try:
-            topic = self.worker.topics.secagg(kind, check_name("agent id", agent))
+            topic = self.worker.topics.secagg(kind, self._own_agent(agent))
         except ValueError:
             topic = None
         with self.lock:
@@ -276,6 +295,7 @@ class Partition:
                 outbox = self.secagg.rounds.take_outbox() if self.secagg is not None else []
                 if not self.unacked and result is None and not outbox \
                         and (self.secagg is None or self.secagg.signature() == before):
+                    self._report_counts()
                     return
                 total, weight, count = self.strategy.take()
                 covers, self.covers = self.covers, []
@@ -288,21 +308,25 @@ class Partition:
                     now = time.time()
                     body = encode_partial(Partial(self.number, self.lease.epoch, self.seq, result.total,
                                                   float(result.count), result.count, self.secagg.covers(result), now,
-                                                  now - result.seconds, self.secagg.l2_clip, result.round_id))
+                                                  now - result.seconds, self.secagg.l2_clip, result.round_id,
+                                                  dict(self.core.rejected_), dict(self.secagg.rounds.excluded_)))
                 elif count:
                     self.seq += 1
                     body = encode_partial(Partial(self.number, self.lease.epoch, self.seq, total, weight, count,
                                                   covers, time.time(), oldest or time.time(),
-                                                  self.dp.mechanism.clip_norm if self.dp else None))
+                                                  self.dp.mechanism.clip_norm if self.dp else None,
+                                                  rejected=dict(self.core.rejected_)))
                 state = {
                     "epoch": self.lease.epoch, "owner": self.worker.worker_id, "seq": self.seq, "pending": body,
                     "highest_seq": dict(self.core.validator.highest_seq), "gaps": self.core.validator.gaps_,
                     "missing": {a: sorted(m) for a, m in self.core.validator.missing.items() if m},
                     "first": dict(self.core.validator.first),
-                    "accepted": self.core.accepted_,
+                    "accepted": self.core.accepted_, "rejected": dict(self.core.rejected_),
                     "dp": self.dp.state() if self.dp else None,
                     "secagg": self.secagg.state() if self.secagg else None,
                 }
+                self.counts = Counts(self.number, dict(self.core.rejected_),
+                                     dict(self.secagg.rounds.excluded_) if self.secagg is not None else {})
             self.staged = (state, body, acks, agent_acks, outbox)
             self.record.write(state)
         elif not self.staged[0].get("written"):
@@ -314,14 +338,27 @@ class Partition:
             subject = partial_subject(nats.prefix, nats.fleet, self.number)
             headers = {"Nats-Msg-Id": f"{nats.fleet}-p{self.number}-{state['seq']}"}
             nats.call(lambda: nats.js.publish(subject, body, headers=headers), JS_TIMEOUT_S)
+            self.reported = self.counts  # a partial carries the counts of its checkpoint
         for topic, payload, retain in outbox:  # the round they belong to is durable now (cohort, inboxes, unmask)
             self.link.client.publish(topic, payload, qos=1, retain=retain)
         for connection, mid, qos in acks:
             if connection == self.link.connection:  # a mid of an older connection is redelivered anyway
                 self.link.client.ack(mid, qos)
-        for agent, seq in agent_acks.items():  # the same per-agent acks as a lone coordinator's, retained
-            self.link.client.publish(self.worker.topics.ack(agent), encode_ack(seq), qos=1, retain=True)
         self.staged = None
+        if agent_acks and not self.worker.send_acks(agent_acks):
+            with self.lock:  # the partial is durable, its acks wait for the next commit
+                self.core.acks.put_back(agent_acks)
+        self._report_counts()
+
+    def _report_counts(self) -> None:
+        """The checkpointed refusal counts no partial carried to the root yet, alone (retried with the next commit)."""
+        counts = self.counts
+        if counts is None or counts == self.reported or not (counts.rejected or counts.excluded):
+            return
+        nats = self.worker.nats
+        subject = counts_subject(partial_subject(nats.prefix, nats.fleet, self.number))
+        nats.call(lambda: nats.js.publish(subject, encode_counts(counts)), JS_TIMEOUT_S)
+        self.reported = counts
 
     def stop(self, graceful: bool) -> None:
         self.worker.unseed_secagg(self)
@@ -375,7 +412,27 @@ class Worker:
         self.watcher = Link(mqtt_nodes, f"agg-{topics.fleet}-model-{worker_id}", persistent=False,
                             on_message=self._on_model, on_connect=lambda c, *a: c.subscribe(topics.model, 0))
 
+    def send_acks(self, acks: dict[str, int]) -> bool:
+        """One commit's per-agent acks as core NATS messages on the ack topics' subjects: an MQTT subscriber of
+        its ack topic online gets each (QoS 0), nothing is stored (a retained QoS 1 ack was one R3 store per update
+        at a fleet of 100,000, what bounded the sustained rate). False when the connection did not take them."""
+        messages = [(mqtt_subject(self.topics.ack(agent)), encode_ack(seq)) for agent, seq in acks.items()]
+
+        async def publish() -> None:
+            for subject, payload in messages:
+                await self.nats.nc.publish(subject, payload)  # buffered by nats-py, flushed in the background
+
+        try:
+            self.nats.call(publish, JS_TIMEOUT_S)
+            return True
+        except Exception as exc:  # its outbound buffer full while reconnecting: the next commit sends them
+            log.debug("acks of %d agents held for the next commit: %s", len(messages), exc)
+            return False
+
     def _on_model(self, client, userdata, msg) -> None:
+        if chunking.is_manifest(msg.payload):  # a chunked model (the root's --max-packet-bytes): the root's checkpoint
+            self.refresh_model()  # holds it, written before the manifest went out
+            return
         try:
             model = decode_model(msg.payload)
         except (ProtocolError, ValueError, TypeError):
@@ -468,6 +525,14 @@ class Worker:
                          self.secagg["k"], self.secagg["threshold"])
                 self.start_public()
             return
+
+    def metrics(self) -> dict:
+        """What --metrics-port serves (tier/metrics.py), read at every scrape: per owned partition its lease epoch,
+        updates folded, refusals by reason and partials committed (cumulative across owners)."""
+        parts = {str(n): {"epoch": p.lease.epoch or 0, "accepted": p.core.accepted_, "rejected": dict(p.core.rejected_),
+                          "partials": p.seq} for n, p in list(self.owned.items())}
+        return {"fleet": self.topics.fleet, "role": "worker", "worker": self.worker_id,
+                "version": self.model.version if self.model is not None else -1, "partitions": parts}
 
     def live_workers(self) -> int:
         try:
@@ -606,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-update-norm", type=float, help="reject updates with a larger L2 norm")
     parser.add_argument("--norm-factor", type=float, default=DEFAULT_NORM_FACTOR,
                         help="reject an update whose norm is more than this many times the median of the newest "
-                             f"update of each of the partition's last 50 agents, once {NORM_WARMUP} were seen; 0: off "
+                             f"update of each of the other agents among the partition's last 50, once {NORM_WARMUP} were seen; 0: off "
                              f"(default {DEFAULT_NORM_FACTOR:g}; off while the root runs secure aggregation or central DP)")
     parser.add_argument("--max-held-chunks", type=int, default=MAX_HELD_CHUNKS,
                         help="acks of chunked updates' chunks held back per partition until the partial covering "
@@ -629,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_partitions=args.max_partitions, staleness=args.staleness,
                         max_staleness=args.max_staleness, max_norm=args.max_update_norm,
                         norm_factor=args.norm_factor, max_held_chunks=args.max_held_chunks, chunk_timeout=args.chunk_timeout)
+        start_tier_metrics(args.metrics_port, worker.metrics)
     except (ValueError, OSError, TimeoutError) as exc:
         print(f"tier worker: {exc}", file=sys.stderr)
         return 2

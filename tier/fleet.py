@@ -1,26 +1,56 @@
-"""Test tools for the scale-out tier: a NATS cluster, roots and workers as real processes, a publisher
-of pre-encoded updates that fails over between nodes, and the audit-log checks of exactly-once."""
+"""A tier of real processes for tests and benchmarks: a NATS cluster's roots and workers as processes of this
+checkout, a publisher of pre-encoded updates that fails over between nodes, the audit-log checks of exactly-once,
+and the kill -9 scenario (tests/test_tier_kill.py asserts on it, bench/scale_out.py --only kills times it).
+Here, not in tests/, so the benchmark runs it without importing the test suite."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import logging
+import os
+import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet import spawn
 from protocol import codec
 from protocol.messages import UpdateMessage, decode_model, encode_update
 from protocol.topics import Topics
 from tier.cluster import NatsCluster
 from tier.mqtt_link import Link, parse_urls
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spawn(module: str, *args, log: Path) -> subprocess.Popen:
+    """Start `python -m module args...` of this checkout with its output appended to `log` (tests/fleet.py's,
+    bench/scale_out.py's)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
 FLEET = "tierf"
 TOPICS = Topics(FLEET)
 N_FEATURES = 9
+
+
+def regression_shard(path: Path, rows: int = 60) -> Path:
+    """A real agent's data for the fleet's sgd-regressor: `rows` of N_FEATURES, y = 2 x0 + 0.5, at `path`."""
+    from protocol.tabular import write_csv
+
+    X = np.random.default_rng(0).normal(size=(rows, N_FEATURES))
+    write_csv(path, X, X[:, 0] * 2.0 + 0.5)
+    return path
 
 
 class Tier:
@@ -219,6 +249,18 @@ def _acked(info) -> bool:
         return False
 
 
+
+def device_client(client_id: str, user: str | None = None, password: str | None = None) -> tuple[mqtt.Client, threading.Event]:
+    """An MQTT 3.1.1 client as a device (with `user`, e.g. the tier's) is, not yet connected; the event follows
+    its connection."""
+    connected = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+    client.on_connect = lambda *a: connected.set()
+    client.on_disconnect = lambda *a: connected.clear()
+    if user is not None:
+        client.username_pw_set(user, password)
+    return client, connected
+
 def wait_until(cond, timeout: float) -> bool:
     """True once cond() is (polled: what other processes write or paho threads set), False at the timeout."""
     deadline = time.monotonic() + timeout
@@ -280,3 +322,94 @@ def check_monotone(records: list[dict], watch: ModelWatch, timeout: float = 10.0
     assert watch.wait_version_above(versions[-1] - 1, timeout) is not None, \
         f"the fleet never received version {versions[-1]}, the last update's (newest seen: {watch.version})"
     return sum(1 for seen in watch.versions for (_, a), (_, b) in zip(seen, seen[1:]) if b < a)
+
+
+# the issue's bound for every kind of kill. A node's death costs the Raft elections of what it led, 4-9 s after
+# its last heartbeat (not configurable in nats-server 2.15); what came on top of them is cut to a fraction of a
+# second (docs/architecture.md, "Recovery")
+RECOVERY_S = 10.0
+START_S = 120.0  # processes importing scikit-learn on a machine at load 40 took 40 s to log a line (seen)
+VICTIMS = ("worker", "root", "nats")
+
+
+class KillRun:
+    """Two roots (one active, one standby) and two partition workers on `cluster`, devices publishing
+    through its MQTT listeners, the model advancing: `kill` takes one of `VICTIMS` down with kill -9 at
+    a random moment and times the model advancing again."""
+
+    def __init__(self, cluster: NatsCluster, tier: Tier, watch: ModelWatch, publisher: Publisher,
+                 rng: random.Random) -> None:
+        self.cluster, self.tier, self.watch, self.publisher, self.rng = cluster, tier, watch, publisher, rng
+        self.recoveries: list[float] = []
+
+    def _active_root(self) -> str:
+        name = self.watch.status.get("root")
+        assert name in self.tier.roots, f"status names root {name!r}, running: {list(self.tier.roots)}"
+        return name
+
+    def kill(self, victim: str) -> float:
+        """kill -9 of a worker, the active root or a NATS node 1-4 s from now; the seconds until the model
+        advanced again (measured up to 3x RECOVERY_S, judged by the caller); then the victim's replacement
+        (a worker, a standby root, the node itself) is up, so the next kill finds the tier whole."""
+        tier = self.tier
+        self.publisher.stopping.wait(self.rng.uniform(1.0, 4.0))  # a random moment of the run
+        if victim == "worker":
+            tier.kill(self.rng.choice(sorted(tier.workers)))
+        elif victim == "root":
+            tier.kill(self._active_root())
+        else:
+            node = self.rng.randrange(3)
+            self.cluster.kill(node)
+            logging.getLogger("tier.mqtt_link").info("KILLED node %d", node)
+        at = self.watch.version
+        took = self.watch.wait_version_above(at, 3 * RECOVERY_S)
+        assert took is not None, f"{victim} kill: the model stayed at version {at}\n" + tier.logs()
+        self.recoveries.append(round(took, 2))
+        if victim == "nats":
+            self.cluster.restart(node)
+            return self.recoveries[-1]
+        started = tier.start_worker() if victim == "worker" else tier.start_root()  # capacity back / a new standby
+        assert tier.wait_up(started, START_S), f"{started} never came up\n" + tier.logs()
+        return self.recoveries[-1]
+
+    def verify(self) -> dict:
+        """Stop the devices, then every sent (agent, seq) folded exactly once, one owner per partition at a
+        time, versions monotone (asserted); what was checked: updates sent, stale retained copies seen."""
+        assert self.publisher.stop_and_drain(30), f"{len(self.publisher.outstanding)} update(s) never acknowledged"
+        records = wait_folded(self.tier.audit, self.publisher.sent, 45)
+        check_exactly_once(records, self.publisher.sent)
+        check_one_owner_at_a_time(records)
+        stale = check_monotone(records, self.watch)
+        return {"updates": len(self.publisher.sent), "lost": 0, "counted_twice": 0, "stale_copies": stale}
+
+
+@contextlib.contextmanager
+def kill_run(cluster: NatsCluster, workdir: Path, rng: random.Random) -> Iterator[KillRun]:
+    """The tier of `KillRun` up on `cluster` (processes' logs in `workdir`), the model advanced once under the
+    devices' updates; every process and connection it made is gone on exit."""
+    tier = Tier(cluster, workdir, partitions=cluster.partitions)
+    handler = logging.FileHandler(Path(workdir) / "test-links.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    links = logging.getLogger("tier.mqtt_link")
+    links.addHandler(handler)
+    links.setLevel(logging.INFO)
+    watch = ModelWatch(cluster)
+    publisher = None
+    try:
+        for _ in range(2):
+            tier.start_root()
+            tier.start_worker()
+        for name in [*tier.roots, *tier.workers]:
+            assert tier.wait_up(name, START_S), f"{name} never came up\n" + tier.logs()
+        assert watch.wait_version_above(-1, START_S) is not None, "no retained model from the root\n" + tier.logs()
+        publisher = Publisher(cluster, watch)
+        publisher.start()
+        assert watch.wait_version_above(0, START_S) is not None, "the model never advanced\n" + tier.logs()
+        yield KillRun(cluster, tier, watch, publisher, rng)
+    finally:
+        if publisher is not None:
+            publisher.close()
+        watch.close()
+        tier.stop()
+        links.removeHandler(handler)
+        handler.close()
