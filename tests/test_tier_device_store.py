@@ -74,6 +74,14 @@ def test_the_store_holds_salted_hashes_and_its_cli_adds_and_removes(tmp_path, ca
     assert live.error and "line" in live.error and "a2" in live.devices
 
 
+def test_add_creates_the_stores_directory(tmp_path):
+    """docs/security.md's own example names a store in deploy/tier-auth/, which a fresh clone does not have; seen
+    red without the mkdir: `tier.devices: [Errno 2] No such file or directory: '.../devices.tmp'`, exit 2."""
+    store = tmp_path / "tier-auth" / "devices"
+    assert devices.main(["add", "--store", str(store), "--secrets", str(tmp_path / "s"), "--fleet", "f1", "a1"]) == 0
+    assert set(devices.parse_store(store.read_text())) == {"a1"}
+
+
 @pytest.mark.parametrize("stored", ["", "md5$1$x$y", "pbkdf2-sha256$0$AA==$AA==", "pbkdf2-sha256$10$!!$AA==",
                                     "pbkdf2-sha256$x$AA==$AA=="])
 def test_a_malformed_hash_matches_no_password(stored):

@@ -137,6 +137,7 @@ def add_devices(store: Path, secrets_dir: Path, fleet: str, agents: list[str]) -
         if agent in devices and devices[agent].fleet != fleet:
             raise ValueError(f"agent {agent!r} is in fleet {devices[agent].fleet!r} (remove it first to move it)")
     secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # docs/security.md's deploy/tier-auth/devices
     written = []
     for agent in agents:
         secret = secrets_dir / f"{agent}.password"
