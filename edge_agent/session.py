@@ -147,8 +147,11 @@ class AgentSession:
             client.subscribe(self.agent.topics.model, qos=0)
         with self._ack_lock:
             self.acks.resumed(time.monotonic())
-        # a coordinator's acks are retained (the newest comes at once); the tier's come live only
-        client.subscribe(self.agent.topics.ack(self.agent.agent_id), qos=1)
+        # a coordinator's acks are retained (the newest comes at once); the tier's come live only. QoS 0: on a
+        # clean session a QoS 1 delivery lost with the connection is not resent either, and an ack is a
+        # hint (the highest seq taken, edge_agent/acks.py): a lost one is covered by the next or by the
+        # retained one on resubscribing; QoS 1 cost a PUBACK and its segment per ack
+        client.subscribe(self.agent.topics.ack(self.agent.agent_id), qos=0)
         if self.agent.secure is not None:  # secure aggregation: the cohort, the unmask requests, its own inbox
             client.subscribe([(t, 1) for t in self.agent.secure.subscriptions])
             self._publish_secagg([self.agent.secure.announcement()])

@@ -48,7 +48,7 @@ def test_int8_model_rejects_bad_scales_and_sizes():
 def test_int4_model_packs_two_per_byte_and_rejects_bad_nibbles():
     x = np.array([-7.0, -5, -3, -1, 0, 1, 3, 5, 7])  # peak 7: scale 1, every value exact
     data, scales = encode_params(x, "int4", 9)  # odd: the last byte is padded with a zero
-    assert len(data) == 5 and len(scales) == 4
+    assert len(data) == 5 and len(scales) == 2  # one float16 scale
     assert np.array_equal(decode_params(data, scales, "int4", 9, 9), x.astype(np.float32))
     with pytest.raises(ProtocolError):
         decode_params(data[:-1] + bytes([0x78]), scales, "int4", 9, 9)  # padding nibble not zero
@@ -56,6 +56,33 @@ def test_int4_model_packs_two_per_byte_and_rejects_bad_nibbles():
         decode_params(bytes([0x80]) + data[1:], scales, "int4", 9, 9)  # -8 is outside [-7, 7]
     with pytest.raises(ProtocolError):
         decode_params(data + b"\x88", scales, "int4", 9, 9)
+
+
+def test_model_scales_travel_as_float16_unless_one_is_not_a_normal_float16():
+    """Row scales are float16 (2 B a block, not 4) when every one is a normal float16; the values are quantized
+    against the float16 scale, so what the coordinator remembers is what agents decode. A row whose scale
+    is below float16's normal range sends all scales as float32; a decoder takes float32 scales as before."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=820)
+    for codec, levels in (("int8", 127), ("int4", 7)):
+        data, scales = encode_params(x, codec, 40)
+        assert len(scales) == 2 * 21
+        s = np.frombuffer(scales, dtype="<f2").astype(np.float64)
+        out = decode_params(data, scales, codec, 820, 40).astype(np.float64)
+        peaks = np.abs(np.pad(x, (0, 21 * 40 - 820))).reshape(21, 40).max(axis=1)
+        assert np.allclose(s, peaks / levels, rtol=1e-3)
+        step = np.repeat(peaks / levels, 40)[:820]
+        assert (np.abs(out - x) <= 0.5 * step * 1.001).all()
+        tiny = x * 1e-6  # peaks of ~3e-6: scales below float16's normal range
+        data, scales = encode_params(tiny, codec, 40)
+        assert len(scales) == 4 * 21
+        assert (np.abs(decode_params(data, scales, codec, 820, 40) - tiny) <= 0.5e-6 * step * 1.001).all()
+    # an older coordinator's float32 scales
+    data = bytes([0xFF]) * 4 + bytes([0x8F])  # nine int4 values of +7 (the last high nibble: the zero padding)
+    old = np.array([0.5], dtype="<f4").tobytes()
+    assert np.array_equal(decode_params(data, old, "int4", 9, 9), np.full(9, 3.5, dtype=np.float32))
+    with pytest.raises(ProtocolError, match="float16 or float32 scales"):
+        decode_params(data, old[:3], "int4", 9, 9)
 
 
 def test_float16_saturates_instead_of_inf():
