@@ -3,10 +3,12 @@
 Model (coordinator -> agents, retained, sent rarely: a self-describing map)::
 
     {"format": 2, "type": "model", "fleet": str, "version": int, "time": float,
-     "spec": {...ModelSpec...}, "params": bytes (spec.n_params values, little-endian float32
-     unless "codec" says otherwise),
+     "spec": [estimator, n_features, classes, {hyperparameters}] (+ [columns] when named; classes is
+             the count n for the classes 0..n-1, else their list; an older coordinator's map form
+             {...ModelSpec.to_wire...} is read too),
+     "params": bytes (spec.n_params values, little-endian float32 unless "codec" says otherwise),
      "codec": "float16" | "int8" | "int4" (optional, see codec.encode_params; int8 and int4 have "scales": bytes,
-              one float32 per block of spec.n_features parameters),
+              one float16 (or float32) per block of spec.n_features parameters),
      "started_at": float (optional: when the publishing coordinator started),
      "scaling": {"mean": bin, "scale": bin} (optional: the fleet's feature scaling, see
                 protocol/stats_message.py; params are for features standardized with it),
@@ -130,7 +132,7 @@ def encode_model(msg: ModelMessage) -> bytes:
             "fleet": msg.fleet,
             "version": msg.version,
             "time": msg.time,
-            "spec": msg.spec.to_wire(),
+            "spec": spec_wire(msg.spec),
             "params": params,
             **({} if msg.codec == "float32" else {"codec": msg.codec}),
             **({} if scales is None else {"scales": scales}),
@@ -155,13 +157,10 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
     if not isinstance(wire, dict):
         raise ProtocolError("schema", f"a model message must be a map, got {type(wire).__name__}")
     _check_header(wire, "model")
-    classes = wire["spec"].get("classes") if isinstance(wire.get("spec"), dict) else None
-    if isinstance(classes, list) and len(classes) > max_classes:  # the array bound admits column names too
-        raise ProtocolError("decode", f"{len(classes)} classes exceed the limit of {max_classes}")
     got_fleet = _typed(wire, "fleet", str)
     if fleet is not None and got_fleet != fleet:
         raise ProtocolError("fleet", f"message for fleet {got_fleet!r}, expected {fleet!r}")
-    spec = ModelSpec.from_wire(wire.get("spec"))
+    spec = spec_from_wire(wire.get("spec"), max_classes)
     raw = _typed(wire, "params", bytes)
     model_codec = wire.get("codec", "float32")
     scales = wire.get("scales")
@@ -181,6 +180,41 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
         pace=_pace(wire["pace"]) if "pace" in wire else None,
         acks=_typed(wire, "acks", bool) if "acks" in wire else False,
     )
+
+
+# The model message's spec: [estimator, n_features, classes, hyperparameters] and, when named, columns.
+SPEC_FIELDS = ("estimator", "n_features", "classes", "hyperparameters", "columns")
+
+
+def spec_wire(spec: ModelSpec) -> list:
+    """The spec as a model message carries it: positional, the classes 0..n-1 as their count n.
+
+    A map with the field names and twenty class labels was ~95 of an int4 model's ~700 bytes,
+    and every device downloads every model; this is ~20 (docs/architecture.md, "The model's bytes").
+    """
+    classes = spec.classes
+    wire = [spec.estimator, spec.n_features, len(classes) if classes == tuple(range(len(classes))) else list(classes),
+            dict(spec.hyperparameters)]
+    return wire + [list(spec.columns)] if spec.columns else wire
+
+
+def spec_from_wire(wire: object, max_classes: int = MAX_CLASSES) -> ModelSpec:
+    """Strictly read a model message's spec (`spec_wire`, or the map of an older coordinator) with at most
+    `max_classes` classes; a count is bounded before any class is built."""
+    if isinstance(wire, list):
+        if len(wire) not in (len(SPEC_FIELDS) - 1, len(SPEC_FIELDS)):
+            raise ProtocolError("schema", f"spec must be an array of {len(SPEC_FIELDS) - 1} or {len(SPEC_FIELDS)} "
+                                f"fields ({', '.join(SPEC_FIELDS)}), got {len(wire)}")
+        wire = dict(zip(SPEC_FIELDS, wire))
+        count = wire["classes"]
+        if isinstance(count, int) and not isinstance(count, bool):
+            if not 0 <= count <= max_classes:
+                raise ProtocolError("decode", f"{count} classes outside [0, {max_classes}]")
+            wire["classes"] = list(range(count))
+    classes = wire.get("classes") if isinstance(wire, dict) else None
+    if isinstance(classes, list) and len(classes) > max_classes:  # the array bound admits column names too
+        raise ProtocolError("decode", f"{len(classes)} classes exceed the limit of {max_classes}")
+    return ModelSpec.from_wire(wire)
 
 
 def _pace(wire: object) -> pacing.Pace:

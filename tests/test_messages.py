@@ -36,6 +36,33 @@ def test_model_round_trip():
     np.testing.assert_allclose(back.params, params, rtol=1e-6)
 
 
+def test_model_spec_travels_positional_with_classes_as_a_count():
+    """The model message's spec is [estimator, n_features, classes, hyperparameters(, columns)], the classes
+    0..n-1 as n: 20 classes and no hyperparameters take 24 bytes, not the ~95 of the named map. An older
+    coordinator's map is still read; anything else, and a count past max_classes, is refused before any class
+    is built."""
+    spec = ModelSpec("sgd-classifier", 40, tuple(range(20)), {"alpha": 1e-4})
+    wire = msgpack.unpackb(messages.encode_model(messages.ModelMessage("f", 1, spec, np.zeros(spec.n_params))))
+    assert wire["spec"] == ["sgd-classifier", 40, 20, {"alpha": 1e-4}]
+    assert len(msgpack.packb(wire["spec"])) < 35
+    for other in (ModelSpec("sgd-classifier", 2, ("b", "a"), columns=("x", "y")), ModelSpec("sgd-regressor", 3),
+                  ModelSpec("sgd-classifier", 2, (1, 2))):
+        payload = messages.encode_model(messages.ModelMessage("f", 1, other, np.zeros(other.n_params)))
+        assert messages.decode_model(payload).spec == other
+    assert msgpack.unpackb(payload)["spec"][2] == [1, 2]  # not 0..n-1: the labels themselves
+    old = msgpack.packb({**wire, "spec": spec.to_wire()}, use_bin_type=True)  # an older coordinator's map
+    assert messages.decode_model(old).spec == spec
+    for bad, reason in [(["sgd-classifier", 40, 20], "schema"), (["sgd-classifier", 40, 20, {}, ["x"] * 40, 1], "schema"),
+                        (["sgd-classifier", 40, 10**12, {}], "decode"), (["sgd-classifier", 40, -1, {}], "decode"),
+                        (["sgd-classifier", 40, True, {}], "schema"), (["svm", 40, 20, {}], "schema"),
+                        (["sgd-classifier", 40, 20, []], "schema"), ("sgd-classifier", "schema")]:
+        with pytest.raises(ProtocolError) as info:
+            messages.decode_model(msgpack.packb({**wire, "spec": bad}, use_bin_type=True))
+        assert info.value.reason == reason, bad
+    with pytest.raises(ProtocolError, match="21 classes outside"):
+        messages.decode_model(msgpack.packb({**wire, "spec": ["sgd-classifier", 40, 21, {}]}), max_classes=20)
+
+
 def test_update_round_trip():
     msg = _update()
     back = messages.decode_update(messages.encode_update(msg), "a1")
