@@ -1,4 +1,5 @@
-"""Malformed partition counts on the root's partials subjects, sent by a device over MQTT (the red team, bc04eb1).
+"""Forged counts through the tier: malformed partition counts on the root's partials subjects, sent by a device over
+MQTT (the red team, bc04eb1), and a device's inflated sample counts in its updates (issue 18 point 3).
 
 The NATS MQTT listener maps a topic to the subject of the same levels: a client's
 `fedmq/<fleet>/partial/<P>/counts` is the root's `fedmq.<fleet>.partial.<P>.counts`, stored in the partials'
@@ -16,13 +17,21 @@ raised OverflowError out of the fold, the root went back to standby, took over a
 message again (a crash loop, 33 takeovers in 90 s; the later refusal never reached the status). A 1e300 count,
 kept by the max-merge, would have made every later checkpoint unpackable (msgpack.packb raises OverflowError on
 int(1e300)), so the root would never have committed again.
+
+Inflated sample counts: 4 honest devices' updates claim 50 samples, one's 10^6 (before the partition's sample cap
+has warmed up, nothing else bounds it), its delta the honest one's opposite. The root's step may give it no more
+than one row's share of its buffer of 5, as the single coordinator's FedBuff does (the lower median caps, in the
+partial and at the root: tier/steps.py). Seen red with both caps off: its share of the step was 0.9998.
 """
 
 from __future__ import annotations
 
-
 import msgpack
+import numpy as np
+import pytest
 
+from protocol import codec
+from protocol.messages import UpdateMessage, encode_update
 from tier.cluster import TIER_USER
 from tier.fleet import FLEET, START_S, TOPICS, ModelWatch, Tier, device_client, wait_until
 
@@ -68,5 +77,37 @@ def test_forged_counts_on_the_partials_subject_are_refused_and_the_root_goes_on(
     finally:
         evil.loop_stop()
         evil.disconnect()
+        watch.close()
+        tier.stop()
+
+
+INFLATED = 10 ** 6  # the hostile device's claimed sample count; the honest devices' is 50
+
+
+def test_a_device_claiming_inflated_counts_owns_one_row_of_the_roots_step_not_the_step(tmp_path, nats_node):
+    tier = Tier(nats_node, tmp_path, partitions=nats_node.partitions, root_args=("--buffer-timeout", "60"))
+    watch = ModelWatch(nats_node)
+    devices, connected = device_client("inflating")  # the shared device user: it may publish as any agent
+    try:
+        tier.start_root()
+        tier.start_worker()
+        assert watch.wait_version_above(-1, START_S) is not None, tier.logs()
+        base = watch.latest
+        devices.connect("127.0.0.1", nats_node.nodes[0].mqtt_port, 30)
+        devices.loop_start()
+        assert connected.wait(30)
+        rng = np.random.default_rng(0)
+        honest = np.full(base.spec.n_params, 0.01)
+        sent = [("evil-1", -honest, INFLATED)] + [(f"dev-{i}", honest, 50) for i in range(4)]
+        for agent, delta, count in sent:
+            update = UpdateMessage(agent, 1, base.version, count, codec.encode(delta, "float32", rng))
+            devices.publish(TOPICS.update(agent), encode_update(update), qos=1).wait_for_publish(10)
+        assert watch.wait_version_above(base.version, 60) is not None, (watch.status, tier.logs())
+        step = watch.latest.params - base.params
+        share = float((honest @ step - honest @ honest) / (-2 * honest @ honest))  # of the hostile delta in the step
+        assert share == pytest.approx(0.2, abs=1e-4), (share, watch.status)
+    finally:
+        devices.loop_stop()
+        devices.disconnect()
         watch.close()
         tier.stop()

@@ -43,7 +43,7 @@ def test_a_partition_clips_to_c_weighs_one_and_takes_an_agent_once_per_partial()
     assert core.handle_update(TOPICS.update("a"), _update("a", 1, [3.0, 4.0, 0.0, 0.0])) is None  # norm 5 -> 1
     assert core.handle_update(TOPICS.update("b"), _update("b", 1, [0.0, 0.0, 0.5, 0.0], n=900)) is None
     assert core.handle_update(TOPICS.update("a"), _update("a", 2, [0.1, 0, 0, 0])) == "dp_repeat"
-    total, weight, count = dp.take()
+    total, weight, count, _ = dp.take()
     assert np.allclose(total, [0.6, 0.8, 0.5, 0.0]) and weight == 2 and count == 2  # clipped, one each
     assert dict(dp.contributions) == {"a": 1, "b": 1}
     assert core.handle_update(TOPICS.update("a"), _update("a", 3, [0.1, 0, 0, 0])) is None  # the next partial

@@ -152,9 +152,10 @@ def test_subject_partition_reads_the_partials_and_the_counts_subjects():
 
 def test_root_fedbuff_over_partials_equals_one_coordinators_fedbuff():
     deltas = [RNG.normal(size=6) for _ in range(6)]
-    # counts within the core's weight cap (the buffer's lower median, issue 18) and one row per agent: the cap and
-    # the repeat rule need the whole buffer's rows, which the root does not have, so only there are the two equal
-    samples = [5, 3, 5, 5, 4, 5]
+    # counts within the core's weight cap (the buffer's lower median, issue 18) and each partial's, and one row per
+    # agent: a partial caps at its own lower median, which may be below the buffer's, and the repeat rule needs the
+    # whole buffer's rows, so only there are the two equal (capped: test_one_agents_claimed_counts_...)
+    samples = [5, 3, 5, 5, 5, 5]
     stale = [0, 1, 3, 0, 2, 5]
     weight = Polynomial(0.5)
     single = FedBuff(6, 0.5, weight)
@@ -174,6 +175,74 @@ def test_root_fedbuff_over_partials_equals_one_coordinators_fedbuff():
     fa = RootFedAsync(6, 0.5)
     fa.add(np.full(6, 4.0), 2.0, 1)
     assert np.allclose(fa.step(np.zeros(6)), 1.0)
+
+
+def _share_of(step: np.ndarray, evil: np.ndarray, honest: np.ndarray) -> float:
+    """The weight of `evil` in a step that mixes it with `honest` (both unit directions, opposite)."""
+    return float((honest @ step - 1) / (honest @ evil - 1))
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_one_agents_claimed_counts_own_no_more_than_a_typical_row_of_the_roots_step(together):
+    """Issue 18 point 3 on the tier: 4 honest updates of 50 samples and one claiming 10^9 (within a sample cap
+    before its warm-up), its delta the honest one's opposite. Alone in its partial the root caps its row at the
+    buffer's lower median, in a partial with honest ones the partition does: either way it owns a fifth of the
+    step, as one of K = 5 rows of the single coordinator's FedBuff. Seen red: the root's cap off, alone 0.99999980;
+    the partition's off, together 0.39999998 (the root scales a partial as a whole); both off, 0.99999980 either way."""
+    honest, evil = np.ones(6) / np.sqrt(6), -np.ones(6) / np.sqrt(6)
+    layout = [[(evil, 10 ** 9), (honest, 50)], [(honest, 50)]] if together else [[(evil, 10 ** 9)], [(honest, 50)] * 2]
+    parts = [PartialSum(6) for _ in range(3)]
+    for part, rows in zip(parts, layout + [[(honest, 50)] * 2]):
+        for d, n in rows:
+            part.add(None, d, n, 0)
+    root = RootFedBuff(6, 5)
+    for part in parts:
+        root.add(*part.take())
+    step = root.step(np.zeros(6))
+    assert _share_of(step, evil, honest) == pytest.approx(0.2)
+    single = FedBuff(5)
+    for i, (d, n) in enumerate([(evil, 10 ** 9)] + [(honest, 50)] * 4):
+        out = single.add(np.zeros(6), d, n, 0, agent=f"a{i}")
+    assert np.allclose(step, out)  # the single coordinator's step
+    assert root.weight_capped + sum(p.weight_capped for p in parts) == 1
+
+
+def test_a_partial_without_row_weights_counts_evenly_and_a_forged_one_is_refused():
+    """A partial from a worker that sent no per-update weights counts its weight evenly over its updates; one whose
+    weights do not fit its count or weight is refused: the root caps those weights, so they must be the sum's."""
+    rows = np.array([2.0, 3.0])
+    p = Partial(1, 1, 1, np.ones(5), 5.0, 2, [("a", 1, 0), ("b", 1, 0)], rows=rows)
+    assert np.array_equal(decode_partial(encode_partial(p), 5).rows, rows)
+    old = msgpack.unpackb(encode_partial(p), raw=False)
+    del old["rows"]
+    assert decode_partial(msgpack.packb(old, use_bin_type=True), 5).rows is None
+    for bad in ([2.0, 4.0], [5.0], [6.0, -1.0], [float("inf"), 3.0], [float("nan"), 5.0]):
+        with pytest.raises(ProtocolError):
+            decode_partial(encode_partial(Partial(1, 1, 1, np.ones(5), 5.0, 2, p.covers, rows=np.array(bad))), 5)
+    root = RootFedBuff(5, 3)
+    root.add(np.full(5, 8.0), 4.0, 2)  # no rows: 2 and 2
+    root.add(np.full(5, -100.0), 100.0, 1)  # one update claiming 100: capped at the lower median, 2
+    assert np.allclose(root.step(np.zeros(5)), (8.0 - 2.0) / 6.0)
+
+
+def test_the_roots_checkpointed_buffer_is_one_partial_of_its_capped_rows():
+    """The buffer goes into the root's checkpoint the size of one partial (its rows capped as of the commit), and a
+    root that takes over steps it with the partials that follow, still bounded."""
+    honest, evil = np.ones(6) / np.sqrt(6), -np.ones(6) / np.sqrt(6)
+    root = RootFedBuff(6, 5)
+    root.add(evil * 10 ** 9, 10 ** 9, 1)
+    for _ in range(2):
+        root.add(honest * 50, 50.0, 1)
+    state = root.state()
+    assert len(state["sum"]) == 6 * 8 and state["weight"] == 150.0
+    taken = RootFedBuff(6, 5)
+    taken.restore(msgpack.unpackb(msgpack.packb(state)))
+    for _ in range(2):
+        taken.add(honest * 50, 50.0, 1)
+    assert taken.ready() and _share_of(taken.step(np.zeros(6)), evil, honest) == pytest.approx(0.2)
+    old = RootFedBuff(6, 5)  # a checkpoint from before the rows: its weight even over its count
+    old.restore({"sum": state["sum"], "weight": 150.0, "count": 3})
+    assert old.count == 3
 
 
 class _LateKV:

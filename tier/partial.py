@@ -2,9 +2,11 @@
 
 Partial sums commute with buffering: the root's FedBuff step over the union of partials equals
 the single coordinator's step over the same updates (sample-weighted mean of staleness-weighted
-deltas), whatever the flush granularity. `PartialSum` is a coordinator Strategy (one small class
-behind the same interface) that never steps: the partition's `Coordinator` core validates,
-dedups and weighs each update as the single coordinator does, and this strategy only sums.
+deltas), whatever the flush granularity, as long as no claimed count is above the lower median of its
+partial's and of the root's buffer (each caps there: issue 18 point 3, tier/steps.py). `PartialSum` is a
+coordinator Strategy (one small class behind the same interface) that never steps: the partition's
+`Coordinator` core validates, dedups and weighs each update as the single coordinator does, and this
+strategy only sums.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
+from coordinator.aggregation import capped_weights
 from coordinator.staleness import Constant, StalenessFn
 from coordinator.strategies import Strategy
 from protocol.errors import ProtocolError
@@ -53,6 +56,9 @@ class Partial:
     rejected: dict = field(default_factory=dict)
     # secure aggregation: the partition's members left out of cohorts so far, by reason (cumulative likewise)
     excluded: dict = field(default_factory=dict)
+    # each covered update's weight, in `covers` order (they sum to `weight`): the root caps each at its buffer's
+    # lower median (tier/steps.py); None from a worker that did not send them (its weight counts as even)
+    rows: np.ndarray | None = None
 
     @property
     def msg_id(self) -> str:
@@ -66,6 +72,7 @@ def encode_partial(p: Partial) -> bytes:
         "count": int(p.count), "covers": [list(c) for c in p.covers], "created": p.created, "oldest": p.oldest,
         "clip": p.clip, "round": p.round, "rejected": {str(k): int(v) for k, v in p.rejected.items()},
         "excluded": {str(k): int(v) for k, v in p.excluded.items()},
+        "rows": None if p.rows is None else np.ascontiguousarray(p.rows, dtype="<f8").tobytes(),
     }, use_bin_type=True)
 
 
@@ -80,13 +87,24 @@ def decode_partial(data: bytes, n_params: int) -> Partial:
                     [(str(a), _int(s), _int(b)) for a, s, b in m["covers"]], float(m.get("created", 0)),
                     float(m.get("oldest", 0)), None if m.get("clip") is None else float(m["clip"]),
                     None if m.get("round") is None else bytes(m["round"]),
-                    _counts(m.get("rejected")), _counts(m.get("excluded")))
+                    _counts(m.get("rejected")), _counts(m.get("excluded")),
+                    None if m.get("rows") is None else np.frombuffer(m["rows"], dtype="<f8"))
     except (ValueError, TypeError, KeyError, OverflowError, AttributeError, msgpack.UnpackException) as exc:
         raise ProtocolError("decode", f"not a partial aggregate: {exc}") from None
     if total.shape != (n_params,) or not np.isfinite(total).all() or not np.isfinite(p.weight) or p.weight < 0 \
             or p.count != len(p.covers):
         raise ProtocolError("shape", "partial aggregate with the wrong length, non-finite values or a bad count")
+    if p.rows is not None and not rows_fit(p.rows, p.weight, p.count):
+        raise ProtocolError("shape", "partial aggregate whose update weights are not its count of finite, non-negative "
+                                     "weights summing to its weight")
     return p
+
+
+def rows_fit(rows: np.ndarray, weight: float, count: int) -> bool:
+    """A partial's per-update weights are `count` finite, non-negative numbers summing to its `weight` (to rounding):
+    the root caps those, so they must be the weight the partial's sum was made with."""
+    return rows.shape == (count,) and bool(np.isfinite(rows).all()) and bool((rows >= 0).all()) \
+        and abs(float(rows.sum()) - weight) <= 1e-9 * max(1.0, weight)
 
 
 @dataclass
@@ -159,33 +177,37 @@ def merge_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:
 
 
 class PartialSum(Strategy):
-    """Sums n w(s) delta for the partition's flush; never changes the model itself."""
+    """Holds n, w(s) delta per update for the partition's flush and sums them with no n above the lower median of
+    the flush's (capped_weights, as the coordinator's FedBuff caps a buffer's rows); never changes the model itself.
+    The rows are held only until the flush (FLUSH_S, tier/worker.py): updates x parameters x 8 bytes."""
 
     name = "partial"
 
     def __init__(self, n_params: int, staleness: StalenessFn = Constant()) -> None:
         self.n_params = n_params
         self.staleness = staleness
+        self.weight_capped = 0  # updates whose weight the cap lowered (the worker's metrics)
         self.reset()
 
     def reset(self) -> None:
-        self.weighted_sum = np.zeros(self.n_params)
-        self.weight = 0.0
-        self.count = 0
+        self._deltas: list[np.ndarray] = []
+        self._counts: list[float] = []
 
     @property
     def pending(self) -> int:
-        return self.count
+        return len(self._deltas)
 
     def add(self, params, delta, n_samples, staleness, base=None, agent=None):
-        n = float(n_samples)
-        self.weighted_sum += (n * self.staleness(staleness)) * np.asarray(delta, dtype=np.float64)
-        self.weight += n
-        self.count += 1
+        self._deltas.append(self.staleness(staleness) * np.asarray(delta, dtype=np.float64))
+        self._counts.append(float(n_samples))
         return None
 
-    def take(self) -> tuple[np.ndarray, float, int]:
-        """The sums since the last take, and start again."""
-        out = (self.weighted_sum, self.weight, self.count)
+    def take(self) -> tuple[np.ndarray, float, int, np.ndarray]:
+        """The capped sum since the last take, its weight, its count and each update's (capped) weight; and
+        start again."""
+        rows, lowered = capped_weights(np.asarray(self._counts, dtype=np.float64))
+        self.weight_capped += lowered
+        total = rows @ np.stack(self._deltas) if self._deltas else np.zeros(self.n_params)
+        out = (total, float(rows.sum()), len(rows), rows)
         self.reset()
         return out

@@ -63,7 +63,7 @@ class PartitionDP(CentralDP):
         """Agents in the partial being built."""
         return self._members
 
-    def take(self) -> tuple[np.ndarray, float, int]:
+    def take(self) -> tuple[np.ndarray, float, int, np.ndarray]:
         """The partial's sums; its agents' updates now count against their budget."""
         self.contributions.update(self._members)
         self._members = []

@@ -374,7 +374,7 @@ class Root:
         if self.dp is not None:
             self.dp.add(agents)
         self.epochs[key] = p.epoch
-        self.rule.add(p.weighted_sum, p.weight, p.count)
+        self.rule.add(p.weighted_sum, p.weight, p.count, p.rows)
         if self.buffer_since is None:
             self.buffer_since = time.monotonic()
         self.folded += p.count
@@ -481,7 +481,7 @@ class Root:
         status = {"fleet": self.topics.fleet, "role": "root", "root": self.root_id, "version": self.published,
                   "folded": self.folded, "partials": self.partials, "duplicates": self.duplicates,
                   "rejected": self.rejected, "updates_rejected": rejected_by_reason(self.updates_rejected),
-                  "partitions": len(self.hwm), "time": time.time()}
+                  "partitions": len(self.hwm), "bounded": {"weight_cap": self.rule.weight_capped}, "time": time.time()}
         if self.dp is not None:
             status["privacy"] = self.dp.report()
         if steered is not None:  # as the coordinator's status shows it

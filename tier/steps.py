@@ -5,13 +5,37 @@ coordinator/strategies.py. A partial's sum is already staleness-weighted per upd
 partition worker, so the root's FedBuff step over the union of partials is the single
 coordinator's FedBuff (sample-weighted mean) over the same updates. FedAsync does not partition
 exactly: at scale it is a mix per partial (a small per-partition buffer), as PAPAYA/FedBuff do.
+
+A partial's weight is a claim: the sum of its updates' claimed sample counts (each already at most its
+partial's lower median, tier/partial.py). A partial says each update's weight (`rows`, checked against
+its weight by the decoder), so the root bounds them as the single coordinator bounds a buffer's rows:
+no update weighs more than the lower median of every update in the root's buffer
+(coordinator.aggregation.capped_weights, issue 18 point 3); a partial is scaled by its capped rows'
+weight over its own (exact for a partial of one update; of several, their mix keeps the partition's).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from coordinator.aggregation import capped_weights
 from coordinator.strategies import DEFAULT_ALPHA
+
+
+def capped_sum(sums: list[np.ndarray], rows: list[np.ndarray], n_params: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The buffered partials' sum with no update weighing more than the lower median of all their rows
+    (capped_weights), those capped rows (their sum: the buffer's weight), and how many were lowered. Partial i
+    is scaled by its capped rows' sum over its own."""
+    every = np.concatenate(rows) if rows else np.zeros(0)
+    capped, lowered = capped_weights(every)
+    if not lowered:
+        return (np.sum(sums, axis=0) if sums else np.zeros(n_params)), every, 0
+    total, start = np.zeros(n_params), 0
+    for s, r in zip(sums, rows):
+        kept, start = float(capped[start:start + len(r)].sum()), start + len(r)
+        if r.sum() > 0:
+            total += s * (kept / float(r.sum()))
+    return total, capped, lowered
 
 
 class RootRule:
@@ -19,13 +43,21 @@ class RootRule:
 
     def __init__(self, n_params: int) -> None:
         self.n_params = n_params
-        self.weighted_sum = np.zeros(n_params)
-        self.weight = 0.0
+        self.weight_capped = 0  # updates whose weight the buffer's cap lowered (the status's bounded.weight_cap)
+        self._clear()
+
+    def _clear(self) -> None:
+        self._sums: list[np.ndarray] = []
+        self._rows: list[np.ndarray] = []  # each partial's per-update weights
         self.count = 0
 
-    def add(self, weighted_sum: np.ndarray, weight: float, count: int) -> None:
-        self.weighted_sum += weighted_sum
-        self.weight += weight
+    def add(self, weighted_sum: np.ndarray, weight: float, count: int, rows=None) -> None:
+        """One partial; `rows`: its updates' weights (None, from a worker that did not send them: its weight
+        evenly over its `count` updates)."""
+        if rows is None:
+            rows = np.full(count, weight / count) if count else np.zeros(0)
+        self._sums.append(np.asarray(weighted_sum, dtype=np.float64))
+        self._rows.append(np.asarray(rows, dtype=np.float64))
         self.count += count
 
     def ready(self) -> bool:
@@ -37,25 +69,34 @@ class RootRule:
         raise NotImplementedError
 
     def _take_mean(self) -> np.ndarray:
-        mean = self.weighted_sum / self.weight if self.weight > 0 else np.zeros(self.n_params)
-        self.weighted_sum = np.zeros(self.n_params)
-        self.weight = 0.0
-        self.count = 0
-        return mean
+        total, rows, lowered = capped_sum(self._sums, self._rows, self.n_params)
+        self.weight_capped += lowered
+        self._clear()
+        weight = float(rows.sum())
+        return total / weight if weight > 0 else np.zeros(self.n_params)
 
     def state(self) -> dict:
-        return {"sum": np.ascontiguousarray(self.weighted_sum, dtype="<f8").tobytes(), "weight": self.weight,
-                "count": self.count}
+        """The buffer as one partial of its capped rows (as of now): a checkpoint the size of one partial, whatever
+        the buffer holds; after a takeover it is bounded again with the partials that follow, as a whole."""
+        total, capped, _ = capped_sum(self._sums, self._rows, self.n_params)
+        return {"sum": np.ascontiguousarray(total, dtype="<f8").tobytes(), "weight": float(capped.sum()),
+                "count": self.count, "rows": np.ascontiguousarray(capped, dtype="<f8").tobytes(),
+                "weight_capped": self.weight_capped}
 
     def restore(self, state: dict) -> None:
         total = np.frombuffer(state["sum"], dtype="<f8").copy()
         if total.shape != (self.n_params,):
             raise ValueError("checkpointed root buffer has the wrong length")
-        self.weighted_sum, self.weight, self.count = total, float(state["weight"]), int(state["count"])
+        rows = np.frombuffer(state["rows"], dtype="<f8").copy() if state.get("rows") is not None else None
+        self._clear()
+        self.weight_capped = int(state.get("weight_capped", 0))
+        if int(state["count"]) or float(state["weight"]):
+            self.add(total, float(state["weight"]), int(state["count"]), rows)
 
 
 class RootFedBuff(RootRule):
-    """x <- x + eta * sum(n_i w(s_i) delta_i) / sum(n_i) once K updates are buffered."""
+    """x <- x + eta * sum(n_i w(s_i) delta_i) / sum(n_i) once K updates are buffered, no n_i above the lower
+    median of the buffer's (the single coordinator's FedBuff)."""
 
     name = "fedbuff"
 

@@ -80,7 +80,7 @@ class Partition:
         self.lease = lease
         topics = worker.topics
         spec = worker.model.spec
-        self.strategy = PartialSum(spec.n_params, worker.staleness)
+        self.strategy = self.sum = PartialSum(spec.n_params, worker.staleness)  # self.strategy: maybe wrapped (DP)
         # the single coordinator's relative norm bound, per partition (its agents' references stay exact);
         # off where no update is seen alone (secure aggregation) and under central DP (the clip bounds each)
         factor = None if worker.secagg is not None or worker.dp is not None else worker.norm_factor
@@ -91,7 +91,7 @@ class Partition:
         if worker.secagg is not None:  # masking rounds: partials are cohort sums, no update is seen in the clear
             from tier.secagg import CohortsOnly, PartitionRounds  # cryptography: imported only when asked for
 
-            self.strategy = CohortsOnly(spec.n_params, worker.staleness)
+            self.strategy = self.sum = CohortsOnly(spec.n_params, worker.staleness)
             self.secagg = PartitionRounds(topics, spec.n_params, worker.secagg)
         elif worker.dp is not None:  # central DP at the root: clip to C, weight 1, once per agent per partial
             self.strategy = self.dp = PartitionDP(self.strategy, worker.dp)
@@ -297,7 +297,7 @@ class Partition:
                         and (self.secagg is None or self.secagg.signature() == before):
                     self._report_counts()
                     return
-                total, weight, count = self.strategy.take()
+                total, weight, count, rows = self.strategy.take()
                 covers, self.covers = self.covers, []
                 acks, self.unacked = self.unacked, []
                 agent_acks = self.core.acks.take()  # to the devices once the partial is stored (protocol/acks.py)
@@ -315,7 +315,7 @@ class Partition:
                     body = encode_partial(Partial(self.number, self.lease.epoch, self.seq, total, weight, count,
                                                   covers, time.time(), oldest or time.time(),
                                                   self.dp.mechanism.clip_norm if self.dp else None,
-                                                  rejected=dict(self.core.rejected_)))
+                                                  rejected=dict(self.core.rejected_), rows=rows))
                 state = {
                     "epoch": self.lease.epoch, "owner": self.worker.worker_id, "seq": self.seq, "pending": body,
                     "highest_seq": dict(self.core.validator.highest_seq), "gaps": self.core.validator.gaps_,
@@ -530,7 +530,7 @@ class Worker:
         """What --metrics-port serves (tier/metrics.py), read at every scrape: per owned partition its lease epoch,
         updates folded, refusals by reason and partials committed (cumulative across owners)."""
         parts = {str(n): {"epoch": p.lease.epoch or 0, "accepted": p.core.accepted_, "rejected": dict(p.core.rejected_),
-                          "partials": p.seq} for n, p in list(self.owned.items())}
+                          "partials": p.seq, "weight_capped": p.sum.weight_capped} for n, p in list(self.owned.items())}
         return {"fleet": self.topics.fleet, "role": "worker", "worker": self.worker_id,
                 "version": self.model.version if self.model is not None else -1, "partitions": parts}
 
