@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
                         help=f"N of the cluster's partition(N, agent) mapping (default {DEFAULT_PARTITIONS})")
     parser.add_argument("--id", default=f"auth-{os.getpid()}", help="this instance's name on its NATS connection")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="logging level, on stderr (default INFO)")
     return parser
 
 

@@ -33,7 +33,8 @@ def add_fleet_args(parser: argparse.ArgumentParser, *, fleet_default: str | None
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
                         help=f"N of the cluster's partition(N, agent) mapping, fixed for the life of the fleet "
                              f"(default {DEFAULT_PARTITIONS})")
-    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
+                        help="logging level of this process, on stderr (default INFO)")
 
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
