@@ -73,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", default="out/fedmq-sim.png", help="where to draw accuracy vs time and version")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
     p.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    say_defaults(p)
     return p
+
+
+def say_defaults(parser: argparse.ArgumentParser) -> None:
+    """End every flag's help with its default, so --help says what a bare run does (20 agents, 30 s, ...)."""
+    for action in parser._actions:
+        if action.help and action.default not in (None, argparse.SUPPRESS) and action.default is not False \
+                and "default" not in action.help:
+            action.help += f" (default: {action.default})".replace("%", "%%")  # the value now: parsing swaps in a sentinel (protocol/config.py)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

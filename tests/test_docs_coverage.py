@@ -15,9 +15,11 @@ from edge_agent.cli import build_parser as agent_parser
 from fleet import ROOT
 from monitor.cli import build_parser as monitor_parser
 from monitor.cli import build_report_parser
+from simulation.cli import build_parser as sim_parser
 
 PARSERS = {"fedmq-agent": agent_parser, "fedmq-coordinator": coordinator_parser,
-           "fedmq-monitor": monitor_parser, "fedmq-report": build_report_parser}
+           "fedmq-monitor": monitor_parser, "fedmq-report": build_report_parser,
+           "fedmq-sim": sim_parser}
 
 
 def docs_text() -> str:
