@@ -70,13 +70,43 @@ def test_topk_keeps_largest_coordinates(x, spec):
 
 def test_topk_index_encoding_picks_the_smaller_form():
     n = 10_000
+    single = np.array([1234])
     sparse = np.arange(0, n, 1000)
     dense = np.arange(0, n, 2)
-    assert codec.encode_index(sparse, n)[1] == "u16"
+    assert codec.encode_index(single, n)[1] == "u16"
+    assert codec.encode_index(sparse, n)[1] == "ef"  # 16 bytes, not 20
     assert codec.encode_index(dense, n)[1] == "bits"
-    for idx in (sparse, dense):
+    for idx in (single, sparse, dense):
         data, kind = codec.encode_index(idx, n)
         np.testing.assert_array_equal(codec.decode_index(data, kind, n, idx.size), idx)
+
+
+def test_topk_index_in_elias_fano_where_it_is_smallest():
+    """82 of 820 indices (the 10% top-k of issue 23's model) take 55 bytes in Elias-Fano, not the bitmap's 103;
+    every k of small and large n round-trips, and the decoder refuses set padding, a wrong count of high bits,
+    repeats, indices past n and a wrong size."""
+    rng = np.random.default_rng(5)
+    idx = np.sort(rng.choice(820, 82, replace=False))
+    data, kind = codec.encode_index(idx, 820)
+    assert (kind, len(data)) == ("ef", 55)
+    enc = codec.encode(rng.normal(size=820), "topk:0.1+int4", rng)
+    assert enc.index_kind == "ef" and codec.decode(codec.Encoded.from_wire(enc.to_wire())).size == 820
+    for n, k in [(1, 1), (7, 3), (10, 1), (820, 1), (820, 820), (70_000, 700), (70_000, 3)]:
+        idx = np.sort(rng.choice(n, k, replace=False))
+        data = codec.encode_ef(idx, n)
+        assert len(data) == codec._index_bytes("ef", n, k)
+        np.testing.assert_array_equal(codec.decode_index(data, "ef", n, k), idx)
+    good = codec.encode_ef(np.array([1, 5, 9]), 12)  # 2 low bits each (6 bits, 1 byte), then 3 + 3 + 1 = 7 high bits
+    assert len(good) == 2
+    for bad, match in [(bytes([good[0] | 0x80]) + good[1:], "padding"), (good[:1] + bytes([good[1] | 0x80]), "padding"),
+                       (good[:1] + bytes([good[1] & 0xFE]), "high bits set"),
+                       (codec.encode_ef(np.array([1, 5, 5]), 12), "increasing"),
+                       (codec.encode_ef(np.array([1, 5, 13]), 16), "below n")]:
+        with pytest.raises(ProtocolError, match=match):
+            codec.decode_index(bad, "ef", 12, 3)
+    with pytest.raises(ProtocolError) as info:
+        codec.Encoded.from_wire(["int8", 12, 1.0, b"\x01" * 3, "ef", 3, good + b"\x00"])
+    assert info.value.reason == "shape"
 
 
 def test_codec_spec_parsing():
