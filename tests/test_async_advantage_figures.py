@@ -105,6 +105,40 @@ def test_the_bytes_breakdown_is_the_sweep_rows():
             assert f"{row['breakdown']['bytes_per_update']:,.0f} B per update" in md, name
 
 
+CUTS_BEFORE, CUTS_AFTER = "main 3e28503 int4+topk", "h-bytes 73dee30 int4+topk"  # the protocol's byte cuts
+CUTS_BETWEEN = ("h-bytes daea4b3 int4+topk", "h-bytes 7d10ba4 int4+topk")  # after the first and the second landing
+
+
+def message_table(before: dict, after: dict) -> str:
+    """Section 16's protocol cuts: per kind, bytes per update the devices sent and bytes per message, before and after."""
+    kb, ka = before["breakdown"]["kinds"], after["breakdown"]["kinds"]
+    lines = ["| per update the devices sent | before: bytes | before: bytes per message | after: bytes | "
+             "after: bytes per message |", "|---|---|---|---|---|"]
+    zero = {"bytes_per_update": 0.0, "packets_per_update": 0.0}
+    each = lambda k: f"{k['bytes_per_update'] / k['packets_per_update']:,.1f}" if k["packets_per_update"] else "-"  # noqa: E731
+    for kind in sorted(set(kb) | set(ka), key=lambda k: (-kb.get(k, zero)["bytes_per_update"], k)):
+        b, a = kb.get(kind, zero), ka.get(kind, zero)
+        if b["bytes_per_update"] >= 1 or a["bytes_per_update"] >= 1:
+            lines.append(f"| {kind} | {b['bytes_per_update']:,.1f} | {each(b)} | {a['bytes_per_update']:,.1f} | {each(a)} |")
+    lines.append(f"| all | {before['breakdown']['bytes_per_update']:,.1f} | | {after['breakdown']['bytes_per_update']:,.1f} | |")
+    return "\n".join(lines)
+
+
+def test_the_protocol_cuts_table_is_the_sweep_rows():
+    rows = sweep_rows()
+    md = (ROOT / "docs/benchmarks.md").read_text()
+    table = message_table(rows[CUTS_BEFORE], rows[CUTS_AFTER])
+    assert table in md, table
+    runs = [rows[name] for name in (CUTS_BEFORE, *CUTS_BETWEEN, CUTS_AFTER)]
+    for row in runs:
+        assert f"{row['breakdown']['bytes_per_update']:,.0f} B per update" in md, row["system"]
+    times = ", ".join(f"{r['time_to_95_s']:.1f}" for r in runs[:-1]) + f" and {runs[-1]['time_to_95_s']:.1f} s"
+    finals = ", ".join(f"{r['final_accuracy']:.4f}" for r in runs[:-1]) + f" and {runs[-1]['final_accuracy']:.4f}"
+    sentence = (f"The runs reached 95% of the ceiling ({runs[0]['ceiling']:.4f}) in turn at {times} (final {finals} at "
+                f"{runs[0]['seconds']:.0f} s)")
+    assert sentence in " ".join(md.split()), sentence
+
+
 def per_update_table(r: dict) -> str:
     """Section 16's per-update costs of the newest run: medians over the seeds of each run's whole-run figures."""
     lines = ["| system | bytes per update | model downloads per update | acks per update | device CPU per update |",
