@@ -65,3 +65,44 @@ def test_a_plain_install_without_the_optional_crypto_starts(command):
     only --secure-aggregation may need it."""
     proc = run(command, ["--help"], block="cryptography")
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["tier-up", "tier-cluster"])
+def test_a_tier_launcher_without_the_tier_extra_says_so_in_one_line(tmp_path, script):
+    """After `scripts/setup` alone (the demo's set-up: no tier extra) scripts/tier-up ended in a traceback
+    ('No module named nats'); seen red without the scripts' check. A copy of the script runs against a .venv
+    whose python sees no site-packages (-S), so neither nats nor cryptography can be imported."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(Path(__file__).parents[1] / "scripts" / script, tmp_path / "scripts" / script)
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    python.chmod(0o755)
+    proc = subprocess.run([str(tmp_path / "scripts" / script), "--help"], capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [f"{script}: error: the scale-out tier's packages are not in .venv: run "
+                                        "scripts/setup --test or .venv/bin/pip install -e '.[tier]'"], proc.stderr
+
+
+@pytest.mark.parametrize("module,args,line", [
+    ("tier.up", [], "tier-up: error: choose how devices log in"),
+    ("tier.cluster", ["--nodes", "2"], "tier-cluster: error: argument --nodes: invalid choice"),
+    ("tier.root", ["--fleet", "f"], "python -m tier.root: error: the following arguments are required: --nats"),
+    ("tier.worker", [], "python -m tier.worker: error: the following arguments are required: --nats"),
+    ("tier.auth", ["--bogus", "x"], "python -m tier.auth: error: unrecognized arguments: --bogus (values not shown)"),
+    ("tier.devices", ["add", "--store", "s", "--secrets", "d", "--fleet", "f", "a.b"],
+     "python -m tier.devices: error: invalid agent id 'a.b'"),
+])
+def test_a_tier_tools_configuration_error_is_one_line(tmp_path, module, args, line):
+    """The tier's commands printed their whole usage (10-30 lines) before the error; now the fedmq commands'
+    CliParser: one line. Seen red with argparse.ArgumentParser back in tier/up.py (usage above the error)."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env={"PATH": "/usr/bin:/bin",
+                                             "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(line), proc.stderr

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from protocol.config import CliParser
 from tier.cluster import (DEFAULT_PARTITIONS, DEVICES_ENV, ISSUER_ENV, TIER_USER, device_subjects, partition_of,
                           tier_password)
 from tier.cluster import subject_token as token
@@ -229,7 +230,7 @@ def make_issuer(path: Path) -> KeyPair:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m tier.auth",
         description="The scale-out tier's device authorization (NATS auth callout): checks each MQTT device's "
                     "username (its agent id) and password against the device store and gives it the rights to "

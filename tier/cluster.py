@@ -46,6 +46,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.config import CliParser
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PARTITIONS = 32
@@ -569,7 +571,7 @@ def _listens(port: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """scripts/tier-cluster: start the cluster, print its URLs as JSON, run until Ctrl-C / SIGTERM."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="tier-cluster",
         description="Start a NATS JetStream cluster on free loopback ports with MQTT listeners and the "
                     "partition mapping of fedmq's scale-out tier; prints the URLs as one JSON line. The tier "

@@ -12,7 +12,6 @@ the 2-core test machine at load 14): a reconnect storm of 10,000 devices would h
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import hmac
@@ -23,6 +22,8 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from protocol.config import CliParser
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def remove_devices(store: Path, agents: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m tier.devices",
         description="Manage the scale-out tier's device credential store (the file tier.auth checks MQTT logins "
                     "against; a change counts from each device's next connect, nothing to restart). A device "
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             gone = remove_devices(args.store, args.agents)
             print(f"removed {len(gone)} device(s) from {args.store}")
     except (ValueError, OSError) as exc:
-        print(f"tier.devices: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -39,6 +39,7 @@ from coordinator.presence import Presence
 from coordinator.publish_policy import PublishPolicy, floor, publish_due, relative_change
 from coordinator.status import encode_status
 from protocol import chunking
+from protocol.config import CliParser
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, decode_model, encode_model
 from protocol.model_spec import ESTIMATORS, ModelSpec
@@ -516,7 +517,7 @@ def rejected_by_reason(per_partition: dict[str, dict[str, int]]) -> dict[str, in
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m tier.root",
         description="Root of fedmq's scale-out tier: one active writer (NATS KV lease, the others stand by) that "
                     "folds the partition workers' partial aggregates and publishes the retained model.",

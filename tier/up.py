@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.cli import check_max_packet_bytes, int_or_off
+from protocol.config import CliParser
 from protocol.model_spec import ESTIMATORS
 from protocol.topics import Topics
 from tier.cli_args import add_fleet_args, start_logging, stop_on_signals
@@ -202,7 +203,7 @@ def banner(tier: Tier, version: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CliParser(
         prog="tier-up",
         description="Bring fedmq's scale-out tier up on loopback from processes: a NATS JetStream cluster with "
                     "MQTT listeners, partition workers and the root with standbys; prints the MQTT URLs devices "

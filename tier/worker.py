@@ -41,6 +41,7 @@ from coordinator.staleness import parse_staleness
 from coordinator.validation import DEFAULT_NORM_FACTOR, NORM_WARMUP, NormBound, UpdateValidator
 from protocol import chunking
 from protocol.acks import encode_ack
+from protocol.config import CliParser
 from protocol.errors import ProtocolError
 import numpy as np
 
@@ -659,7 +660,7 @@ class Worker:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m tier.worker",
         description="Partition worker of fedmq's scale-out tier: owns partitions by NATS KV lease, validates and "
                     "dedups their updates with the coordinator's core and commits partial aggregates to JetStream.",
