@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-LEGEND = ("base: model version of the agent's newest update; stale: version - base; model: newest model it holds; "
+LEGEND = ("base: model version of the agent's newest update; stale: version - base; model: newest model its last status names (a status lags by up to 5 s: model < base is no fault); "
           "upd: updates seen here/sent in all; last: its newest update; rows: local samples; "
           "eval: its score of the global model on its own data")
 STATE_STYLES = {"online": "cyan", "training": "yellow", "idle": "green", "offline": "red", "error": "bold red",
