@@ -8,6 +8,7 @@ import logging
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -373,6 +374,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.max_staleness < 0 or args.buffer_timeout < 0:
             raise ValueError("--max-staleness and --buffer-timeout must be >= 0")
         check_metrics_port(args.metrics_port)
+        if args.eval_csv and not Path(args.eval_csv).is_file():  # now, not after the wait for the fleet's schema
+            raise ValueError(f"{args.eval_csv}: no such file")
     except ValueError as exc:
         parser.error(str(exc))
     return args

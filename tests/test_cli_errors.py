@@ -20,7 +20,10 @@ BAD = {
     "fedmq-agent": [([], "--broker is required"), (["--bogus"], "unrecognized arguments: --bogus"),
                     (["--broker", "mqtt://x", "--fleet", "f", "--id", "a", "--data", "x.csv", "--codec", "int9"], "int9")],
     "fedmq-coordinator": [([], "--broker is required"), (["--bogus"], "unrecognized arguments: --bogus"),
-                          (["--broker", "mqtt://x", "--fleet", "f", "--strategy", "nope"], "nope")],
+                          (["--broker", "mqtt://x", "--fleet", "f", "--strategy", "nope"], "nope"),
+                          # no --n-features: it used to wait for the fleet's schema first, then name the file
+                          (["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--model", "sgd-classifier",
+                            "--eval-csv", "no-such.csv"], "no-such.csv: no such file")],
     "fedmq-sim": [(["--bogus"], "unrecognized arguments: --bogus"), (["--agents", "x"], "invalid int value"),
                   (["--agents", "0"], "--agents must be >= 1")],
     "fedmq-monitor": [([], "--broker is required"), (["--bogus"], "unrecognized arguments: --bogus")],
