@@ -18,7 +18,8 @@ import tier.root
 import tier.worker
 from coordinator.cli import steering_from_args
 from protocol.pace import Steering
-from tier.cluster import ISSUER_ENV, ISSUER_REF, PASSWORD_ENV, PASSWORD_REF, compose_configs
+from tier.cluster import (AUTH_PASSWORD_ENV, AUTH_PASSWORD_REF, ISSUER_ENV, ISSUER_REF, PASSWORD_ENV, PASSWORD_REF,
+                          compose_configs)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.scale.yml"
@@ -38,13 +39,17 @@ def test_the_mounted_node_configs_are_what_the_cluster_module_makes():
     assert conf["cluster"]["authorization"] == {"user": "route", "password": PASSWORD_REF}
     assert conf["mqtt"]["stream_replicas"] == 3 and conf["jetstream"]["store_dir"] == "/data/js"
     # devices through the auth callout, no shared device user (docs/security.md)
-    assert conf["authorization"]["auth_callout"] == {"issuer": ISSUER_REF, "auth_users": ["tier"]}
-    assert "no_auth_user" not in conf["mqtt"] and [u["user"] for u in conf["authorization"]["users"]] == ["tier"]
+    assert conf["authorization"]["auth_callout"] == {"issuer": ISSUER_REF, "auth_users": ["tier", "auth"]}
+    assert "no_auth_user" not in conf["mqtt"] and [u["user"] for u in conf["authorization"]["users"]] == ["tier", "auth"]
+    # the logins' passwords (the nodes' requests on $SYS.REQ.USER.AUTH) for the auth user alone, its password its own
+    tier_user, auth_user = conf["authorization"]["users"]
+    assert tier_user["permissions"] == {"publish": {"deny": ["$SYS.>"]}, "subscribe": {"deny": ["$SYS.>"]}}
+    assert auth_user["password"] == AUTH_PASSWORD_REF and "$SYS.REQ.USER.AUTH" in auth_user["permissions"]["subscribe"]["allow"]
 
 
 def _node_config(text: str) -> dict:
     """A node config as JSON: its unquoted $VARIABLES (nats-server reads them from the environment) quoted."""
-    for ref in (PASSWORD_REF, ISSUER_REF):
+    for ref in (PASSWORD_REF, ISSUER_REF, AUTH_PASSWORD_REF):
         text = text.replace(ref, json.dumps(ref))
     return json.loads(text)
 
@@ -55,7 +60,8 @@ def _config(env: dict | None = None) -> dict:
         pytest.skip("no docker CLI")
     out = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--format", "json"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "FEDMQ_TIER_PASSWORD": "test-only", ISSUER_ENV: ISSUER, **(env or {})})
+                         env={**os.environ, "FEDMQ_TIER_PASSWORD": "test-only", ISSUER_ENV: ISSUER,
+                              AUTH_PASSWORD_ENV: "auth-test-only", **(env or {})})
     if out.returncode != 0 and "is not a docker command" in out.stderr:
         pytest.skip("no docker compose plugin")
     assert out.returncode == 0, out.stderr
@@ -108,6 +114,9 @@ def test_root_and_worker_commands_parse_and_agree_with_the_node_configs(resolved
     assert str(auth.devices).startswith("/auth/") and str(auth.issuer_seed_file).startswith("/auth/")
     assert services["auth"]["entrypoint"] == ["python", "-m", "tier.auth"] and services["auth"]["deploy"]["replicas"] == 2
     assert all(services[f"nats-{i}"]["environment"][ISSUER_ENV] == ISSUER for i in (1, 2, 3))
+    # the auth user's password reaches the nodes and the auth service, no root or worker
+    holders = {name for name, service in services.items() if AUTH_PASSWORD_ENV in (service.get("environment") or {})}
+    assert holders == {"nats-1", "nats-2", "nats-3", "auth"}, holders
     assert services["worker"]["entrypoint"] == ["python", "-m", "tier.worker"]
     assert all(services[f"nats-{i}"]["entrypoint"] == ["python", "-m", "tier.nats_entry"] for i in (1, 2, 3))
     assert all(services[n]["entrypoint"] == ["python", "-m", "tier.root"] for n in ("root", "root-standby"))

@@ -74,7 +74,8 @@ def test_the_tier_comes_up_with_the_documented_command_and_learns(tmp_path):
     issuer, passwords = _device_store(work, ids)
     password = secrets.token_hex(16)
     env = compose_env(**{key: str(port) for key, port in ports.items()}, **ids, FEDMQ_TIER_AUTH_ISSUER=issuer,
-                      FEDMQ_TIER_PASSWORD=password)  # required, no default (docs/security.md)
+                      FEDMQ_TIER_PASSWORD=password,
+                      FEDMQ_TIER_AUTH_PASSWORD=secrets.token_hex(16))  # required, no default (docs/security.md)
     data = tmp_path / "data"
     run([sys.executable, "deploy/make_demo_data.py", "--agents", str(AGENTS), "--out", str(data)], cwd=work, timeout=120)
 

@@ -15,13 +15,20 @@ clients (paho) with their own credentials:
   same device connects;
 - on 3 nodes, a device gets in through each (the request crosses the routes to the service), and after kill -9 of
   the node the service is connected to, through the others;
-- with a session limit (tier.auth --session-s), a device removed from the store is cut within it and refused.
+- with a session limit (tier.auth --session-s), a device removed from the store is cut within it and refused;
+- the nodes' authorization requests (each with a device's password in the clear) reach the auth user alone: the tier
+  user over NATS and over MQTT, the route credentials and a device, each subscribing to `$SYS.REQ.USER.AUTH`,
+  `$SYS.>` and `>` / `#` while a device logs in, see no request and no password (a permissions violation, a SUBACK
+  failure or a refused connect), where a subscriber as the auth user sees it. Seen red on the old config (the tier
+  user with every right): the tier user read the device's password on all three subjects, over NATS and MQTT.
 Seen red with the shared device user's allow-lists (`upd.*.*`, `ack.*`, ...) returned by the auth service: the
 forged update reached the tap as `upd/<P>/dev-victim` and the ack subscriptions were granted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
 import subprocess
 import sys
@@ -34,7 +41,8 @@ import pytest
 from fleet import spawn
 from protocol import codec
 from protocol.messages import UpdateMessage, encode_update
-from tier.cluster import AUTH_TIMEOUT_S, TIER_USER, NatsCluster, partition_of
+from tier.cluster import (AUTH_PASSWORD_ENV, AUTH_TIMEOUT_S, AUTH_USER, CALLOUT_SUBJECT, ROUTE_USER, TIER_USER,
+                          NatsCluster, partition_of)
 from tier.devices import add_devices, remove_devices
 from tier.fleet import (FLEET, N_FEATURES, ROOT, START_S, TOPICS, ModelWatch, Tier, device_client, regression_shard,
                         wait_until)
@@ -292,13 +300,98 @@ def test_with_a_session_limit_a_removed_device_is_shut_out_within_it(tmp_path, s
 
 def test_the_service_refuses_to_start_against_nodes_that_map_another_partition_count(cluster, store):
     """With another --partitions (or --topic-prefix) than the nodes' mapping, every device's updates would be refused
-    by the node without a word: the service probes the mapping as the tier user and exits with one line."""
+    by the node without a word: the service probes the mapping as the auth user and exits with one line."""
     base = [sys.executable, "-m", "tier.auth", "--nats", ",".join(cluster.nats_urls), "--devices", str(store[0]),
             "--issuer-seed-file", str(cluster.issuer_seed)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), AUTH_PASSWORD_ENV: cluster.auth_password}
     for extra, part in ((["--partitions", "5"], "--partitions 5 is not the nodes' mapping"),
                         (["--topic-prefix", "other"], "check --topic-prefix other")):
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
         assert proc.returncode == 2 and proc.stderr.strip().startswith("tier.auth: ") and part in proc.stderr, \
             proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    env.pop(AUTH_PASSWORD_ENV)  # the tier password is not the auth user's: one line, exit 2
+    proc = subprocess.run(base, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**env, "FEDMQ_TIER_PASSWORD": cluster.password})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"tier.auth: {AUTH_PASSWORD_ENV} is not set: the service connects as the auth user, the one user the nodes let "
+        "read the devices' logins"), proc.stderr
+
+
+def _holds(payload: bytes, secret: str) -> bool:
+    """`secret` is in `payload`, in the clear or inside a JWT's base64 parts (how a node's request carries it)."""
+    parts = payload.split(b".")
+    try:
+        decoded = b"".join(base64.urlsafe_b64decode(x + b"=" * (-len(x) % 4)) for x in parts[:2]) if len(parts) == 3 else b""
+    except ValueError:
+        decoded = b""
+    return secret.encode() in payload or secret.encode() in decoded
+
+
+async def _nats_tap(cluster, user: str, password: str, subjects: list[str], login) -> tuple:
+    """Subscribe as `user` over NATS to `subjects`, run `login()` (a device logging in) and flush: (messages as
+    (subscription, subject, payload), errors), or (None, [the connect error]). The node sent its request before the
+    device's CONNACK, so a copy for this connection is queued before the flush's PONG."""
+    import nats
+
+    got, errors = [], []
+
+    async def error(exc) -> None:
+        errors.append(str(exc))
+
+    try:
+        nc = await nats.connect(cluster.nats_urls, user=user, password=password, error_cb=error,
+                                allow_reconnect=False, connect_timeout=AUTH_TIMEOUT_S + 5)
+    except Exception as exc:  # refused at connect
+        return None, [f"{type(exc).__name__}: {exc}"]
+    for subject in subjects:
+        async def on(msg, subject=subject) -> None:
+            got.append((subject, msg.subject, msg.data))
+
+        await nc.subscribe(subject, cb=on)
+    await nc.flush(5)
+    await asyncio.get_running_loop().run_in_executor(None, login)
+    await nc.flush(5)
+    await nc.close()
+    return got, errors
+
+
+def test_the_nodes_authorization_requests_reach_the_auth_user_alone(cluster, store):
+    password = _password(store, OWN)
+    logins = []
+
+    def login() -> None:
+        device = _as_device(cluster, store, OWN)
+        logins.append(device.wait_answer(30) is not None and device.connected.is_set())
+        device.close()
+
+    subjects = [CALLOUT_SUBJECT, "$SYS.>", ">"]
+    # control: the auth user (the service's) reads the request and the password in it, so the check below can fail
+    got, _ = asyncio.run(_nats_tap(cluster, AUTH_USER, cluster.auth_password, [CALLOUT_SUBJECT], login))
+    assert any(_holds(data, password) for _, _, data in got), got
+    got, errors = asyncio.run(_nats_tap(cluster, TIER_USER, cluster.password, subjects, login))
+    assert got is not None and not any(_holds(data, password) for _, _, data in got), [(s, t) for s, t, _ in got]
+    assert not [t for _, t, _ in got if t.startswith("$SYS.")], [(s, t) for s, t, _ in got]
+    assert sum("permissions violation" in e for e in errors) == 2, errors  # $SYS.REQ.USER.AUTH and $SYS.>
+    got, errors = asyncio.run(_nats_tap(cluster, ROUTE_USER, cluster.password, subjects, login))
+    assert got is None and "Authorization" in errors[0], errors  # the route user is for the cluster port only
+    taps = [Device(cluster, "tier-tap", TIER_USER, cluster.password), _as_device(cluster, store, EVIL)]
+    try:
+        for tap in taps:
+            assert tap.wait_answer(30) is not None and tap.connected.is_set(), tap.connack
+            refused = [tap.subscribe(t)[0].is_failure for t in ("$SYS/REQ/USER/AUTH", "$SYS/#")]
+            assert refused == [True, True], refused
+        assert not taps[0].subscribe("#")[0].is_failure  # the tier user reads the fleet's topics, not $SYS
+        marker = TOPICS.ack(EVIL)
+        assert not taps[1].subscribe(marker)[0].is_failure
+        login()
+        # a message after the login, to both taps: what the login's request would have brought is there before it
+        taps[0].client.publish(marker, b"after the login", qos=1).wait_for_publish(10)
+        assert wait_until(lambda: all((marker, b"after the login") in tap.messages for tap in taps), 30)
+        for tap in taps:
+            assert not any(_holds(payload, password) for _, payload in tap.messages), [t for t, _ in tap.messages]
+            assert not [t for t, _ in tap.messages if t.startswith("$SYS")]
+    finally:
+        for tap in taps:
+            tap.close()
+    assert logins == [True] * 3, logins

@@ -66,10 +66,26 @@ def test_the_compose_configs_route_placeholder_is_filled_into_a_config_nats_serv
     config = compose_configs(partitions=4)["nats-1.conf"]
     assert "${%s}@nats-2:6222" % PASSWORD_ENV in config
     filled = tmp_path / "nats.conf"
-    filled.write_text(fill(config, PASSWORD))
+    filled.write_text(fill(config, PASSWORD, "auth # pw"))
     assert "route:p%2Fw%3Ax%40y%25z%201@nats-2:6222" in filled.read_text()
     assert '"password": "p/w:x@y%z 1"' in filled.read_text()  # quoted: as given (nats-server would parse $NAME's text)
+    assert '"password": "auth # pw"' in filled.read_text()  # the auth user's, likewise
     # the auth callout's issuer stays a whole-value $FEDMQ_TIER_AUTH_ISSUER (an nkey: nothing to misparse)
     check = subprocess.run([nats_server_binary(), "-c", str(filled), "-t"], capture_output=True, text=True,
                            env={ISSUER_ENV: KeyPair.create().public}, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_compose_node_without_the_auth_users_password_does_not_start(tmp_path, monkeypatch, capsys):
+    """The nodes' config names the auth user's password too: unset, the entry point says so in one line, exit 2."""
+    from tier.cluster import AUTH_PASSWORD_ENV
+    from tier.nats_entry import main
+
+    config = tmp_path / "nats.conf"
+    config.write_text(compose_configs(partitions=4)["nats-1.conf"])
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    monkeypatch.delenv(AUTH_PASSWORD_ENV, raising=False)
+    assert main([str(config), str(tmp_path / "out.conf")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"tier nats node: {AUTH_PASSWORD_ENV} is not set (the auth user's password: the device authorization service's)"]
+    assert not (tmp_path / "out.conf").exists()

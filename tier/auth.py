@@ -9,7 +9,9 @@ secure-aggregation messages (on their mapped subjects: that is what the node che
 statistics, schema and key; subscribe to the fleet's model, status, cohort and keys, its own ack and its
 own inbox. Anything else, or no answer (this service down), and the node refuses the connection:
 fail closed. Several instances may run (one queue group); each connect costs one PBKDF2 check. At start it
-checks, as the tier user, that the nodes' mapping sends agents to the partitions its --partitions computes.
+checks that the nodes' mapping sends agents to the partitions its --partitions computes. It connects as the auth
+user (FEDMQ_TIER_AUTH_PASSWORD), the only one the nodes let read their requests, which carry each device's password
+in the clear (tier/cluster.py `callout_authorization`).
 
     python -m tier.auth --nats nats://n1:4222,... --devices FILE --issuer-seed-file FILE
     python -m tier.auth --make-issuer FILE     (a new account key; prints the public key for the nodes)
@@ -27,15 +29,14 @@ import time
 from pathlib import Path
 
 from protocol.config import CliParser
-from tier.cluster import (DEFAULT_PARTITIONS, DEVICES_ENV, ISSUER_ENV, TIER_USER, device_subjects, partition_of,
-                          tier_password)
+from tier.cluster import (AUTH_PASSWORD_ENV, AUTH_USER, CALLOUT_SUBJECT, DEFAULT_PARTITIONS, DEVICES_ENV, ISSUER_ENV,
+                          PROBE_FLEET, device_subjects, partition_of)
 from tier.cluster import subject_token as token
 from tier.devices import Device, Store
 from tier.nkey import PREFIX_SERVER, PREFIX_USER, KeyPair, decode_jwt, decode_public, encode_jwt
 
 log = logging.getLogger(__name__)
 
-CALLOUT_SUBJECT = "$SYS.REQ.USER.AUTH"
 QUEUE = "fedmq-auth"
 ACCOUNT = "$G"  # devices land in the global account: the one with the partition mapping and the tier user
 SEED_ENV = "FEDMQ_TIER_AUTH_SEED_FILE"
@@ -139,7 +140,6 @@ class Service:
         return out
 
 
-PROBE_FLEET = "_fedmq_auth_probe"  # no fleet's name: no root or worker reads it
 PROBE_AGENTS = 8
 
 
@@ -148,7 +148,7 @@ class Misconfigured(Exception):
 
 
 async def check_mapping(nc, prefix: str, partitions: int, timeout: float = 5.0) -> None:
-    """Publish an update subject for a few probe agents as the tier user and read where the nodes' account mapping
+    """Publish an update subject for a few probe agents (as the auth user: PROBE_FLEET's subjects only) and read where the nodes' account mapping
     sends them: Misconfigured unless each lands in partition_of(agent, partitions). With another N every device's
     own updates would be refused by the node without a word (its allow-list names the wrong partition)."""
     got: dict[str, int] = {}
@@ -199,7 +199,7 @@ async def serve(servers: list[str], service: Service, stop: asyncio.Event, name:
     async def error(exc) -> None:
         log.debug("nats: %s", exc)
 
-    nc = await nats.connect(servers=servers, name=name, user=TIER_USER, password=tier_password(),
+    nc = await nats.connect(servers=servers, name=name, user=AUTH_USER, password=os.environ.get(AUTH_PASSWORD_ENV),
                             max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=5,
                             disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
     try:
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m tier.auth",
         description="The scale-out tier's device authorization (NATS auth callout): checks each MQTT device's "
                     "username (its agent id) and password against the device store and gives it the rights to "
-                    "its own topics only. Connects as the tier user (FEDMQ_TIER_PASSWORD). Without it running, "
+                    "its own topics only. Connects as the auth user (FEDMQ_TIER_AUTH_PASSWORD). Without it running, "
                     "no device can connect to nodes configured with the store (fail closed).")
     parser.add_argument("--nats", help="comma-separated nats:// URLs of the cluster's nodes")
     parser.add_argument("--devices", type=Path, default=os.environ.get(DEVICES_ENV),
@@ -283,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"tier.auth: {exc}", file=sys.stderr)
         return 2
-    if tier_password() is None:
-        print("tier.auth: FEDMQ_TIER_PASSWORD is not set: the service connects as the tier user", file=sys.stderr)
+    if not os.environ.get(AUTH_PASSWORD_ENV):
+        print(f"tier.auth: {AUTH_PASSWORD_ENV} is not set: the service connects as the auth user, the one user the "
+              "nodes let read the devices' logins", file=sys.stderr)
         return 2
     service = Service(store, issuer, prefix=args.topic_prefix, partitions=args.partitions, session_s=args.session_s)
 

@@ -96,6 +96,13 @@ ROUTE_PASSWORD_REF = "${" + PASSWORD_ENV + "}"
 # with a device store: the auth callout's account key (public part in the node config, seed for tier/auth.py)
 ISSUER_ENV = "FEDMQ_TIER_AUTH_ISSUER"
 ISSUER_REF = f"${ISSUER_ENV}"
+# ... and the user tier/auth.py connects as: the only one that may read the nodes' authorization requests, which
+# carry each device's password in the clear (its own password, given to the nodes and the service alone)
+AUTH_USER = "auth"
+AUTH_PASSWORD_ENV = "FEDMQ_TIER_AUTH_PASSWORD"
+AUTH_PASSWORD_REF = f"${AUTH_PASSWORD_ENV}"
+CALLOUT_SUBJECT = "$SYS.REQ.USER.AUTH"  # where a node publishes its authorization requests (in the devices' account)
+PROBE_FLEET = "_fedmq_auth_probe"  # tier/auth.py's mapping check publishes here: no fleet's name, no root or worker reads it
 AUTH_TIMEOUT_S = 5  # a connect waits this long for tier/auth.py's answer (nats-server's default 2 s: short at load)
 
 
@@ -125,11 +132,23 @@ def device_subjects(fleet: str, agent: str = "*", partition: str = "*",
     return publish, subscribe
 
 
-def callout_authorization(password: str, issuer: str) -> dict:
-    """The node config's `authorization` with a device store: the tier user, and every other client sent to the
-    auth callout whose answers `issuer` (an account public key, `A...`) signs (tier/auth.py)."""
-    return {"users": [{"user": TIER_USER, "password": password}], "timeout": AUTH_TIMEOUT_S,
-            "auth_callout": {"issuer": issuer, "auth_users": [TIER_USER]}}
+def callout_authorization(password: str, issuer: str, auth_password: str, prefix: str = "fedmq") -> dict:
+    """The node config's `authorization` with a device store: the tier user, the auth user, and every other client
+    sent to the auth callout whose answers `issuer` (an account public key, `A...`) signs (tier/auth.py).
+
+    The nodes' requests (on CALLOUT_SUBJECT, their replies on `$SYS._INBOX.<server>.<id>`) travel in the account of
+    the tier user, and each holds a device's password: the tier user may neither subscribe nor publish on `$SYS.>`
+    (a subscription to `>` is granted, the denied subjects are not delivered to it), and only the auth user, with a
+    password of its own, may read the requests; it answers them (`allow_responses`) and runs its mapping check on
+    PROBE_FLEET, nothing else (tests/test_tier_device_auth.py, seen red: the tier user read every password)."""
+    probe = f"{prefix}.{PROBE_FLEET}"
+    auth = {"user": AUTH_USER, "password": auth_password, "permissions": {
+        "publish": {"allow": [f"{probe}.upd.*.*"]}, "subscribe": {"allow": [CALLOUT_SUBJECT, f"{probe}.upd.*.*"]},
+        "allow_responses": True}}
+    tier = {"user": TIER_USER, "password": password,
+            "permissions": {"publish": {"deny": ["$SYS.>"]}, "subscribe": {"deny": ["$SYS.>"]}}}
+    return {"users": [tier, auth], "timeout": AUTH_TIMEOUT_S,
+            "auth_callout": {"issuer": issuer, "auth_users": [TIER_USER, AUTH_USER]}}
 
 
 def route_url(password: str, peer: str) -> str:
@@ -279,6 +298,8 @@ class NatsCluster:
     devices: Path | None = None
     issuer_seed: Path | None = None  # the auth callout's account key (default workdir/auth/issuer.seed, made once)
     issuer: str | None = None  # its public key (default: from issuer_seed)
+    # the auth user's password (tier/auth.py's, no other process's): given, else AUTH_PASSWORD_ENV, else a random one
+    auth_password: str | None = None
     auth_session_s: float = 0  # tier/auth.py --session-s: a device's login lasts this long (0: until it disconnects)
     nodes: list[Node] = field(default_factory=list)
     auth_proc: subprocess.Popen | None = None
@@ -295,6 +316,7 @@ class NatsCluster:
             raise ValueError(f"max_ack_pending must be in 1..65535 and max_pending at least 1 MiB, got "
                              f"{self.max_ack_pending} and {self.max_pending}")
         self.password = self.password or tier_password() or secrets.token_urlsafe(24)
+        self.auth_password = self.auth_password or os.environ.get(AUTH_PASSWORD_ENV) or secrets.token_urlsafe(24)
         if self.devices is not None:
             self.devices = Path(self.devices)
             self.issuer_seed = Path(self.issuer_seed or self.workdir / "auth" / "issuer.seed")
@@ -342,7 +364,7 @@ class NatsCluster:
             "mappings": partition_mappings(self.partitions, self.prefix),
         }
         if self.devices is not None:
-            conf["authorization"] = callout_authorization(self.password, self.issuer)
+            conf["authorization"] = callout_authorization(self.password, self.issuer, self.auth_password, self.prefix)
         else:
             conf["authorization"] = {"users": authorization_users(self.password, self.prefix)}
             conf["mqtt"]["no_auth_user"] = DEVICE_USER
@@ -387,7 +409,8 @@ class NatsCluster:
         self._auth_started = time.monotonic()
         start = self.auth_log.stat().st_size if self.auth_log.exists() else 0
         root = Path(__file__).resolve().parent.parent
-        env = {**os.environ, PASSWORD_ENV: self.password, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, AUTH_PASSWORD_ENV: self.auth_password, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
+        env.pop(PASSWORD_ENV, None)  # the service needs the auth user's rights, not the tier's
         with open(self.auth_log, "ab") as out:
             self.auth_proc = subprocess.Popen(
                 [sys.executable, "-m", "tier.auth", "--nats", ",".join(self.nats_urls), "--devices", str(self.devices),
@@ -508,15 +531,15 @@ def compose_configs(partitions: int = DEFAULT_PARTITIONS, prefix: str = "fedmq")
     """The configs of docker-compose.scale.yml's three nodes (service nats-<i>, file deploy/tier/nats-<i>.conf):
     this module's config with the standard ports inside each container, the peers by service name and the
     store on the /data volume; devices through the auth callout (the compose file's `auth` service), its issuer's
-    public key and the tier password read from the node's environment. scripts/tier-cluster
+    public key, the tier password and the auth user's read from the node's environment. scripts/tier-cluster
     --write-compose-configs DIR writes them."""
     cluster = NatsCluster(Path("/data"), 3, partitions, prefix, password=PASSWORD_REF, devices=Path("/devices"),
-                          issuer=ISSUER_REF)
+                          issuer=ISSUER_REF, auth_password=AUTH_PASSWORD_REF)
     cluster.nodes = [Node(f"n{i}", Path("/data"), 4222, 1883, 8222, 6222) for i in (1, 2, 3)]
     configs = {}
     for i, node in enumerate(cluster.nodes, 1):
         text = cluster.config(node, host="0.0.0.0", peers=[f"nats-{j}:6222" for j in (1, 2, 3) if j != i])
-        for ref in (PASSWORD_REF, ISSUER_REF):  # unquoted: nats-server takes them from the environment
+        for ref in (PASSWORD_REF, ISSUER_REF, AUTH_PASSWORD_REF):  # unquoted: taken from the node's environment
             text = text.replace(json.dumps(ref), ref)
         configs[f"nats-{i}.conf"] = text
     return configs

@@ -1,7 +1,8 @@
-"""A compose NATS node's entry point: fill the tier password into its config, then become nats-server.
+"""A compose NATS node's entry point: fill the tier and auth passwords into its config, then become nats-server.
 
-deploy/tier/nats-<i>.conf names the password, never holds it: `$FEDMQ_TIER_PASSWORD` where it is a whole value
-(the users' and the cluster port's password) and `${FEDMQ_TIER_PASSWORD}` inside the route URLs, where a listed
+deploy/tier/nats-<i>.conf names the passwords, never holds them: `$FEDMQ_TIER_PASSWORD` where it is a whole value
+(the users' and the cluster port's password; likewise `$FEDMQ_TIER_AUTH_PASSWORD`, the auth user's, which reads
+the devices' logins) and `${FEDMQ_TIER_PASSWORD}` inside the route URLs, where a listed
 route's credentials must be (tier/cluster.py `route_url`). nats-server resolves neither safely by itself: it
 substitutes nothing inside a string, and parses a whole-value variable's text as config (a password with a
 space does not start; one with `#` is cut at it). So this writes the filled config (a quoted string, a
@@ -16,12 +17,15 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-from tier.cluster import PASSWORD_ENV, PASSWORD_REF, ROUTE_PASSWORD_REF, nats_server_binary
+from tier.cluster import (AUTH_PASSWORD_ENV, AUTH_PASSWORD_REF, PASSWORD_ENV, PASSWORD_REF, ROUTE_PASSWORD_REF,
+                          nats_server_binary)
 
 
-def fill(config: str, password: str) -> str:
-    """`config` with the password in: URL-quoted inside route URLs, a JSON string where it is a whole value."""
+def fill(config: str, password: str, auth_password: str | None = None) -> str:
+    """`config` with the passwords in: URL-quoted inside route URLs, a JSON string where it is a whole value."""
     config = config.replace(ROUTE_PASSWORD_REF, urllib.parse.quote(password, safe=""))
+    if auth_password is not None:
+        config = config.replace(AUTH_PASSWORD_REF, json.dumps(auth_password))
     return config.replace(PASSWORD_REF, json.dumps(password))
 
 
@@ -37,9 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = Path(args[0]).read_text()
+        auth_password = os.environ.get(AUTH_PASSWORD_ENV)
+        if AUTH_PASSWORD_REF in config and not auth_password:
+            print(f"tier nats node: {AUTH_PASSWORD_ENV} is not set (the auth user's password: the device authorization "
+                  "service's)", file=sys.stderr)
+            return 2
         out = Path(args[1])
         out.touch(mode=0o600)
-        out.write_text(fill(config, password))
+        out.write_text(fill(config, password, auth_password))
     except OSError as exc:
         print(f"tier nats node: {exc}", file=sys.stderr)
         return 2
