@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                help="absolute L2 bound on a decoded update")
     v.add_argument("--norm-factor", type=float,
                    help="relative L2 bound on how far an update's model (its base + delta) lies from the current "
-                   "model: this many times the median of that distance for the newest update of each of the other "
+                   "model (under fedbuff/fedavg the smaller of that and the delta's norm: what the step adds): this "
+                   "many times the median of that measure for the newest update of each of the other "
                    f"agents among the last 50, once {NORM_WARMUP} were seen; 0: off (default {DEFAULT_NORM_FACTOR:g}; off "
                    "under --secure-aggregation, which sees no single update, and --dp-mode central, which refuses the flag)")
     _defaulted(v, "--sample-factor", type=float, default=DEFAULT_SAMPLE_FACTOR,

@@ -26,7 +26,7 @@ from coordinator.statistics import FleetStatistics, Rescales
 from coordinator.status import build_status
 from coordinator.store import CheckpointError, save_checkpoint
 from coordinator.strategies import Strategy
-from coordinator.validation import UpdateValidator, Verdict, l2_norm
+from coordinator.validation import UpdateValidator, Verdict, judged_norm
 from protocol.codec import MODEL_CODECS, decode_params, encode_params
 from protocol.messages import ModelMessage, encode_model
 from protocol.pace import Pace, Steering
@@ -185,17 +185,11 @@ class Coordinator:
             self.rounds_ += 1
 
     def _distance(self, delta: np.ndarray, base_version: int) -> float:
-        """What the norm bound judges: how far the agent's model (its base + delta) lies from the current
-        model. An honest update from an old model carries the fleet's progress since in its delta (the
-        default bound refused late agents as `norm`); its model lands near ours all the same. The delta's
-        own norm when the base is no longer held (older than the last `history` publishes)."""
-        base = self.published_.get(base_version)
+        """What the norm bound judges (validation.judged_norm): at most how far the agent's model (its base
+        + delta) lies from the current one, and for a strategy that adds deltas at most the delta's norm. The
+        delta's own norm when the base is no longer held (older than the last `history` publishes)."""
         delta = self.rescales.catch_up(delta, base_version)
-        if base is None:
-            return l2_norm(delta)
-        local = np.add(base, delta, dtype=np.float64)
-        local -= self.params_
-        return l2_norm(local)
+        return judged_norm(delta, self.published_.get(base_version), self.params_, self.strategy.mixes_models)
 
     def _not_waiting_for(self, agent: str) -> None:
         """A refused agent sends nothing more before a newer model: the buffer, sized to the agents online,

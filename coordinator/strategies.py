@@ -25,6 +25,9 @@ class Strategy(ABC):
     """Interface every aggregation rule implements."""
 
     name: str
+    # True: a step mixes the agent's model (base + delta) in; False: it adds the (weighted) delta.
+    # The norm bound judges what is applied (coordinator.validation.judged_norm).
+    mixes_models = False
 
     def admit(self, staleness: int) -> str | None:
         """A rejection reason for an update this strategy will not take, else None."""
@@ -80,6 +83,7 @@ class FedAsync(Strategy):
     """
 
     name = "fedasync"
+    mixes_models = True
 
     def __init__(self, alpha: float = DEFAULT_ALPHA, staleness: StalenessFn = Constant()) -> None:
         if not 0 < alpha <= 1:

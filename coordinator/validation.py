@@ -207,6 +207,26 @@ def _delta_norm(delta: np.ndarray, base_version: int) -> float:
     return l2_norm(delta)
 
 
+def judged_norm(delta: np.ndarray, base: np.ndarray | None, current: np.ndarray, mixes_models: bool) -> float:
+    """What the norm bound judges of `delta`, computed from the published `base` (None: no longer held).
+
+    Always at most the distance of the agent's model from the current one, |base + delta - current|
+    (an honest late agent whose model lands near ours passes), and never more than what the strategy
+    applies. A strategy that mixes the agent's model in (fedasync: x + a (base + delta - x)) applies that
+    distance, so it is judged alone. One that adds the delta (fedbuff, fedavg, a tier partition) applies
+    the delta: there the smaller of the delta's norm and the distance. A slow device's honest delta from a
+    base many versions old has a typical norm while its distance holds the fleet's movement since, which
+    refused every update of the slowest devices at the defaults (docs/benchmarks.md section 16). An
+    attacker gains nothing by it: a delta of norm within the bound is a row it could send from a fresh base.
+    """
+    if base is None:
+        return l2_norm(delta)
+    local = np.add(base, delta, dtype=np.float64)
+    local -= current
+    distance = l2_norm(local)
+    return distance if mixes_models else min(distance, l2_norm(delta))
+
+
 def metrics_problem(metrics: dict[str, float]) -> str | None:
     """Why reported metrics are impossible (accuracy outside [0, 1], a negative loss, r2 > 1), else None."""
     for key, value in metrics.items():
@@ -272,7 +292,7 @@ class UpdateValidator:
 
         `admit(staleness) -> reason | None` lets the strategy refuse (e.g. fedavg rounds).
         `distance(delta, base_version) -> float` is what the norm bound judges (default: the
-        delta's norm); the coordinator passes how far the agent's model lies from the current one.
+        delta's norm); the coordinator passes `judged_norm` of the update against the current model.
         """
         try:
             return self._check(topic, payload, version, admit, distance or _delta_norm)

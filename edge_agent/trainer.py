@@ -146,6 +146,8 @@ class LocalTrainer:
             self.spec_ = spec
         else:
             set_flat_params(self.estimator_, spec, model.params)
+            if model.steps:  # a slow device keeps up with the fleet's schedule, not its own few rounds'
+                self.estimator_.t_ = max(self.estimator_.t_, 1.0 + model.steps * self.local_epochs)
         metrics = evaluate(self.estimator_, spec, X, y, prefix="eval_")
         try:
             with np.errstate(all="ignore"):

@@ -123,6 +123,34 @@ def test_relative_norm_bound_judges_the_agents_model_against_the_current_one():
     assert core.handle_update(*flipped) == "norm"
 
 
+def _moving_fleet(core, steps=5):
+    """Three fresh agents pushing the model along one direction, one unit a step (buffer of 3)."""
+    u = np.eye(SPEC.n_params)[0]
+    seq = 100
+    for _ in range(steps):
+        base = decode_model(core.model_payload()).version  # published: its base is held
+        for agent, scale in zip("abc", (0.9, 1.0, 1.1)):
+            seq += 1
+            assert core.handle_update(*update(agent, seq=seq, base=base, delta=scale * u)) is None
+    return u
+
+
+@pytest.mark.parametrize("strategy, slow", [(lambda: FedBuff(buffer_size=3), None), (lambda: FedAsync(alpha=1 / 3), "norm")])
+def test_a_slow_devices_typical_delta_from_an_old_base_is_judged_by_what_the_strategy_applies(strategy, slow):
+    """A slow device's delta of a typical norm, from a base 5 versions old, in its own direction (its own
+    classes): its model lies the fleet's movement away (|w - 5u| = 5.1 under fedbuff) > 2 x 1. fedbuff adds the delta, so
+    its norm is judged (seen red with the distance: refused as norm); fedasync would mix the old model in,
+    pulling the current one back toward the base: still refused. A flip x-4 is refused under both."""
+    core = make_core(strategy(), max_staleness=100, norm=NormBound(max_norm=None, factor=2.0, warmup=3))
+    old = decode_model(core.model_payload()).version
+    u = _moving_fleet(core)
+    assert core.version_ >= old + 5 and np.linalg.norm(core.params_) > 3
+    w = np.eye(SPEC.n_params)[1]
+    assert core.handle_update(*update("slow", seq=1, base=old, delta=w)) == slow
+    assert core.handle_update(*update("flip", seq=1, base=old, delta=-4 * w)) == "norm"
+    assert core.handle_update(*update("flip", seq=2, base=old, delta=-4 * u)) == "norm"
+
+
 def test_refused_norms_count_in_the_reference():
     """A refused agent's entry must not keep its old norm: the median would shrink toward the agents
     still accepted and lock the others out (31 of 108 honest updates of a 3-agent fleet refused)."""

@@ -159,3 +159,24 @@ def test_l2_norm_in_chunks_is_the_norm():
     for n in (0, 1, NORM_CHUNK, NORM_CHUNK + 1, 100_000):
         x = rng.normal(size=n)
         assert l2_norm(x) == pytest.approx(float(np.linalg.norm(x)), rel=1e-12)
+
+
+def test_judged_norm_is_what_the_strategy_applies_never_more_than_the_distance():
+    """fedbuff adds the delta: a slow device's typical delta from an old base is judged by its own norm,
+    not by its distance from a model that moved on (that refused every update of the slowest devices,
+    docs/benchmarks.md section 16); fedasync mixes the agent's model in: the distance alone."""
+    from coordinator.validation import judged_norm
+
+    u, w = np.eye(4)[0], np.eye(4)[1]
+    base, current = np.zeros(4), 5 * u  # the fleet moved 5 along u since the device's base
+    assert judged_norm(w, base, current, mixes_models=False) == pytest.approx(1.0)  # its delta's norm
+    assert judged_norm(w, base, current, mixes_models=True) == pytest.approx(np.sqrt(26))  # |w - 5u|
+    late = 5 * u + 0.1 * w  # a late model that lands near the current one: its distance, as before
+    assert judged_norm(late, base, current, mixes_models=False) == pytest.approx(0.1)
+    assert judged_norm(-4 * w, base, current, mixes_models=False) == pytest.approx(4.0)  # a flip keeps its size
+    assert judged_norm(w, None, current, mixes_models=True) == pytest.approx(1.0)  # base no longer held
+    assert judged_norm(w, current, current, mixes_models=False) == pytest.approx(1.0)  # fresh: both the same
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # never above today's measure (the distance): no update accepted today is refused
+        d, b, c = rng.normal(size=(3, 6)) * rng.uniform(0.1, 10, 3)[:, None]
+        assert judged_norm(d, b, c, False) <= judged_norm(d, b, c, True) == pytest.approx(np.linalg.norm(b + d - c))
