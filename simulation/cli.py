@@ -11,7 +11,7 @@ from pathlib import Path
 from protocol.codec import CodecSpec
 from protocol.config import CliParser, add_config_option, optional_extra, parse_layered
 from protocol.pace import Steering
-from protocol.transport import BrokerSettings
+from protocol.transport import BrokerError, BrokerSettings, connect, make_client
 from simulation.datasets import DATASETS, centralized_baseline, load_dataset
 from simulation.fleet import SimConfig, Simulation
 from simulation.partition import parse_scheme
@@ -110,6 +110,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def reach(settings: BrokerSettings) -> None:
+    """Connect once to --broker and leave: BrokerError (one line) when it does not answer, rather than a traceback
+    from every simulated client and a summary of zeros."""
+    client = make_client(settings, "fedmq-sim-probe", persistent=False)
+    try:
+        connect(client, settings)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     fields = SimConfig.__dataclass_fields__
     return SimConfig(**{k: v for k, v in vars(args).items() if k in fields})
@@ -141,6 +152,12 @@ def main(argv=None) -> int:
         broker.start()
         url = broker.url
     settings = BrokerSettings.from_url(url, mqtt_version=args.mqtt_version)
+    if not broker:
+        try:
+            reach(settings)
+        except BrokerError as exc:
+            print(f"fedmq-sim: error: {exc}", file=sys.stderr)
+            return 1
     console.print(f"fedmq-sim: {config.agents} agents on {config.dataset} ({config.partition}), "
                   f"{config.strategy}, codec {config.codec}, broker {url}{' (embedded)' if broker else ''}")
     sim = Simulation(config, dataset, settings)

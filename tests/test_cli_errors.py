@@ -56,6 +56,16 @@ def test_help_still_shows_the_usage(command):
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {command}"), proc.stdout[:200] + proc.stderr
 
 
+def test_the_simulator_on_a_broker_that_does_not_answer_says_so_in_one_line(tmp_path):
+    """fedmq-sim --broker to a closed port printed a traceback per simulated client, then a summary of zeros, exit 0;
+    seen red without simulation.cli.reach."""
+    proc = run("fedmq-sim", ["--broker", "mqtt://127.0.0.1:1", "--duration", "1", "--no-progress",
+                             "--plot", str(tmp_path / "p.png")])
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == ["fedmq-sim: error: cannot reach broker at mqtt://127.0.0.1:1: Connection refused"], \
+        proc.stderr[-2000:]
+
+
 def test_a_missing_extra_is_named_in_one_line(tmp_path):
     proc = run("fedmq-sim", ["--duration", "1", "--no-progress", "--plot", str(tmp_path / "p.png")], block="rich")
     assert proc.returncode == 2
