@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--hyperparameters", default="{}",
         help='SGD hyperparameters as a JSON object (\'{"alpha": 1e-4, "loss": "log_loss"}\') or as '
-        "k=v pairs (alpha=1e-4,loss=log_loss); settable: " + ", ".join(sorted(HYPERPARAMETERS)),
+        "k=v pairs (alpha=1e-4,loss=log_loss); settable: " + ", ".join(sorted(HYPERPARAMETERS))
+        + " (default: none, scikit-learn's own values)",
     )
 
     a = p.add_argument_group("aggregation")
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "exceed --max-packet-bytes (what the statistics reveal: docs/security.md)")
     _defaulted(s, "--stats-min-agents", type=int, default=1,
                help="with --feature-stats: agents whose statistics the first model waits for (later ones refine it)")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="logging level (default: INFO)")
     return p
 
 

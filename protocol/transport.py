@@ -115,10 +115,10 @@ def add_broker_options(parser) -> None:
     group.add_argument(
         "--password-file", metavar="FILE", help="file holding the broker password (or set FEDMQ_PASSWORD)"
     )
-    group.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="3.1.1", help="MQTT protocol version")
-    group.add_argument("--keepalive", type=int, default=30, help="MQTT keepalive in seconds")
+    group.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="3.1.1", help="MQTT protocol version (default: 3.1.1)")
+    group.add_argument("--keepalive", type=int, default=30, help="MQTT keepalive in seconds (default: 30)")
     group.add_argument(
-        "--connect-timeout", type=float, default=10.0, help="seconds to wait for the first connection before giving up"
+        "--connect-timeout", type=float, default=10.0, help="seconds to wait for the first connection before giving up (default: 10)"
     )
 
 
