@@ -24,6 +24,10 @@ Update (agent -> coordinator, the hot path: a positional array, floats as float3
 
     [2, "update", seq, base, samples, delta (see codec.Encoded), metrics {str: float}]
 
+The federated evaluation's metrics travel under short names (`METRIC_WIRE_NAMES`: "el" for
+eval_loss, "ea" eval_accuracy, "er2" eval_r2; 18 of an int4 top-k update's ~210 bytes); the
+decoder gives the long names back, and reads the long names of an older agent too.
+
 The update carries no fleet, agent id or timestamp: the topic ``<prefix>/<fleet>/update/<agent>``
 names the first two (and the broker's ACL authenticates it), and the coordinator stamps
 arrival with its own clock. Decoders raise `ProtocolError` for anything that is not exactly this.
@@ -49,6 +53,9 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_SEQ = 2**63 - 1
 MAX_SAMPLES = 10**12
 MAX_METRICS = 16
+# The metrics every update carries, and their names on the wire (reserved: a sender's "ea" is eval_accuracy).
+METRIC_WIRE_NAMES = {"eval_loss": "el", "eval_accuracy": "ea", "eval_r2": "er2"}
+_METRIC_NAMES = {short: name for name, short in METRIC_WIRE_NAMES.items()}
 # The most classes a model message may carry (ModelSpec's own ceiling); agents accept fewer
 # (fedmq-agent --max-classes).
 MAX_CLASSES = 100_000
@@ -253,7 +260,7 @@ def encode_update(msg: UpdateMessage) -> bytes:
             msg.base_version,
             msg.n_samples,
             msg.delta.to_wire(),
-            {k: float(v) for k, v in msg.metrics.items()},
+            {METRIC_WIRE_NAMES.get(k, k): float(v) for k, v in msg.metrics.items()},
         ],
         use_bin_type=True,
         use_single_float=True,
@@ -285,7 +292,7 @@ def decode_update(payload: bytes, agent_id: str | None = None, *, max_bytes: int
         base_version=_int(wire, "base", 0, MAX_SEQ),
         n_samples=_int(wire, "samples", 1, MAX_SAMPLES),
         delta=codec.Encoded.from_wire(wire["delta"]),
-        metrics={k: float(v) for k, v in metrics.items()},
+        metrics={_METRIC_NAMES.get(k, k): float(v) for k, v in metrics.items()},
     )
 
 

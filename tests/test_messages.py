@@ -82,6 +82,21 @@ def test_whole_update_beats_float64_by_the_target_ratio(codec_name, ratio):
     assert size <= spec.n_params * 8 / ratio
 
 
+def test_evaluation_metrics_travel_under_short_names():
+    """eval_loss, eval_accuracy and eval_r2 are "el", "ea" and "er2" on the wire (18 bytes fewer an update with
+    two of them); the decoder gives back the long names, takes an older agent's long names, passes others."""
+    metrics = {"eval_loss": 0.25, "eval_accuracy": 0.5, "train_x": 1.0}
+    payload = messages.encode_update(_update(metrics=metrics))
+    assert msgpack.unpackb(payload)[-1] == {"el": 0.25, "ea": 0.5, "train_x": 1.0}
+    assert messages.decode_update(payload, "a1").metrics == metrics
+    assert messages.decode_update(_raw_update(metrics={"eval_r2": 0.5, "eval_loss": 1.0}), "a1").metrics == \
+        {"eval_r2": 0.5, "eval_loss": 1.0}
+    assert messages.decode_update(_raw_update(metrics={"er2": 0.5}), "a1").metrics == {"eval_r2": 0.5}
+    longer = msgpack.packb([*msgpack.unpackb(payload)[:-1], {"eval_loss": 0.25, "eval_accuracy": 0.5}], use_bin_type=True,
+                           use_single_float=True)
+    assert len(longer) - len(messages.encode_update(_update(metrics={"eval_loss": 0.25, "eval_accuracy": 0.5}))) == 18
+
+
 @pytest.mark.parametrize(
     "payload, reason",
     [
