@@ -35,6 +35,7 @@ arrival with its own clock. Decoders raise `ProtocolError` for anything that is 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -95,6 +96,26 @@ def model_limits(max_classes: int = MAX_CLASSES) -> WireLimits:
                       max_array=max(max_classes, MAX_COLUMNS), max_map=16)
 
 
+def _nesting_refused(limits_of):
+    """The decoder refuses what nests too deep as the structural scan names it (ProtocolError, reason decode).
+
+    Below SCAN_ABOVE_BYTES msgpack builds a payload before any depth check, up to ~1,000 nested arrays (its
+    own stack): the repr of one in an error (a quantizer, format, codec or hyperparameter nested 1,020 deep,
+    ~1 KB) raised RecursionError, which the tier worker's and an agent's `except ProtocolError` let through.
+    """
+    def wrap(decode):
+        @functools.wraps(decode)
+        def decoded(payload, *args, **kwargs):
+            try:
+                return decode(payload, *args, **kwargs)
+            except RecursionError:
+                pass
+            scan(payload, limits_of(**kwargs))
+            raise ProtocolError("decode", "msgpack nested too deep")
+        return decoded
+    return wrap
+
+
 @dataclass(frozen=True)
 class ModelMessage:
     """The global model at one version."""
@@ -153,6 +174,7 @@ def encode_model(msg: ModelMessage) -> bytes:
     )
 
 
+@_nesting_refused(lambda max_classes=MAX_CLASSES, **_: model_limits(max_classes))
 def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = MAX_MESSAGE_BYTES,
                  max_classes: int = MAX_CLASSES) -> ModelMessage:
     """Strictly decode a model message (optionally checking it is for `fleet`).
@@ -267,6 +289,7 @@ def encode_update(msg: UpdateMessage) -> bytes:
     )
 
 
+@_nesting_refused(lambda **_: UPDATE_LIMITS)
 def decode_update(payload: bytes, agent_id: str | None = None, *, max_bytes: int = MAX_MESSAGE_BYTES) -> UpdateMessage:
     """Strictly decode an update payload from agent `agent_id` (known from its topic).
 
