@@ -267,3 +267,44 @@ def test_random_fields_and_flipped_bytes_are_protocol_errors_only():
                 decode(payload)
             except ProtocolError:
                 pass
+
+
+def test_the_coordinator_counts_hostile_wire_updates_and_keeps_folding_honest_ones(mosquitto, tmp_path):
+    """A real coordinator on a real mosquitto gets a nested update (RecursionError before the fix: counted as
+    'internal', with a traceback), a bad Elias-Fano index and a NaN scale between honest top-k updates: it counts
+    each refusal under its reason in its status and accepts every honest update."""
+    from fleet import TopicWatcher, spawn, stop
+    from test_hostile_messages import publisher
+    from protocol.messages import UpdateMessage, encode_update
+    from protocol.topics import Topics
+
+    topics = Topics("hostile-wire")
+    n_params = 3 * 4 + 3  # 4 features, 3 classes
+    watcher = TopicWatcher(mosquitto.port, topics.coordinator_status)
+    coordinator = spawn("coordinator", "--broker", mosquitto.url, "--fleet", topics.fleet, "--model", "sgd-classifier",
+                        "--n-features", 4, "--classes", "0,1,2", "--publish-interval", "0.2", "--no-feature-stats",
+                        log=tmp_path / "coordinator.log")
+    client = publisher(mosquitto)
+    status = lambda: watcher.json(topics.coordinator_status) or {}  # noqa: E731
+    hostile = [HOSTILE_UPDATES["quantizer nested 1020 deep"][0],
+               update(["int8", n_params, 0.1, bytes(2), "ef", 2, ef_low(2, n=n_params) + ef_high(2, [0, 1], n=n_params)]),
+               update(["int8", n_params, float("nan"), bytes(n_params)])]
+    rng = np.random.default_rng(0)
+    try:
+        watcher.wait_for(lambda: "version" in status(), 60, "the coordinator's status")
+        for i, payload in enumerate(hostile):
+            honest = UpdateMessage(f"h{i}", 1, status()["version"], 10,
+                                   codec.encode(rng.normal(0, 0.01, n_params), "topk:0.3+int4", rng))
+            client.publish(topics.update("evil"), payload, qos=1).wait_for_publish(30)
+            client.publish(topics.update(f"h{i}"), encode_update(honest), qos=1).wait_for_publish(30)
+        seen = watcher.wait_for(lambda: (s := status()) and s.get("accepted", 0) + sum(s["rejected"].values()) >= 6
+                                and s, 60, "six updates judged")
+        assert seen["accepted"] == 3, seen
+        assert seen["rejected"] == {"decode": 1, "shape": 1, "non_finite": 1}, seen["rejected"]
+        assert coordinator.poll() is None
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        watcher.close()
+        assert stop(coordinator) == 0
+    assert "Traceback" not in (tmp_path / "coordinator.log").read_text()
