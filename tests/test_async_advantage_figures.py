@@ -105,8 +105,8 @@ def test_the_bytes_breakdown_is_the_sweep_rows():
             assert f"{row['breakdown']['bytes_per_update']:,.0f} B per update" in md, name
 
 
-CUTS_BEFORE, CUTS_AFTER = "main 3e28503 int4+topk", "h-bytes 73dee30 int4+topk"  # the protocol's byte cuts
-CUTS_BETWEEN = ("h-bytes daea4b3 int4+topk", "h-bytes 7d10ba4 int4+topk")  # after the first and the second landing
+CUTS_BEFORE, CUTS_AFTER = "main 3e28503 int4+topk", "h-bytes 09bd461 int4+topk"  # the protocol's byte cuts
+CUTS_BETWEEN = ("h-bytes daea4b3 int4+topk", "h-bytes 7d10ba4 int4+topk", "h-bytes 73dee30 int4+topk")  # each landing
 
 
 def message_table(before: dict, after: dict) -> str:
