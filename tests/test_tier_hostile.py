@@ -3,7 +3,7 @@
 A real 3-node NATS cluster, one partition worker and the root as processes, four honest real agents
 (digits, three of them in the hostile device's partition so its per-partition norm bound has
 references) and one hostile MQTT 3.1.1 client (paho, through a NATS MQTT listener) publishing on its own
-update topic: undecodable bytes, a wrong-shape delta, NaN and Inf, a payload over the listener's
+update topic: undecodable bytes, an update nested 1,020 deep, a wrong-shape delta, NaN and Inf, a payload over the listener's
 max_payload, a valid update replayed with its (agent, seq), and a huge-norm update. Checked: no tier
 process exits, the root's model keeps moving (no gap over GAP_S while the attack runs), every refusal
 the worker makes reaches the root's retained status by reason (`updates_rejected`, summed over the
@@ -26,6 +26,7 @@ from fleet import spawn, stop_all
 from protocol import codec
 from protocol.messages import UpdateMessage, encode_update
 from protocol.tabular import write_csv
+from test_hostile_wire import HOSTILE_UPDATES
 from tier.cluster import partition_of
 from tier.fleet import FLEET, START_S, TOPICS, ModelWatch, Tier, device_client, wait_until
 
@@ -35,7 +36,7 @@ GAP_S = 8.0  # longest the model may stand still while the attack runs
 BEFORE = 8  # versions of the honest fleet alone before the attack: its baseline
 ACCURACY_DROP = 0.05  # how far below the median accuracy before the attack any version after it may score
 # reason the worker counts -> how many of each the attack sends
-EXPECTED = {"decode": 1, "shape": 1, "non_finite": 2, "replay": 1, "norm": 1}
+EXPECTED = {"decode": 2, "shape": 1, "non_finite": 2, "replay": 1, "norm": 1}
 
 
 def _hostile_client(port: int) -> tuple[mqtt.Client, threading.Event]:
@@ -58,6 +59,7 @@ def _payloads(n: int, version: int) -> list[tuple[str, bytes]]:
     valid = update(1, fine)
     return [
         ("undecodable", b"\xc1 not msgpack at all"),
+        ("nested 1,020 deep", HOSTILE_UPDATES["quantizer nested 1020 deep"][0]),  # a RecursionError in paho's thread
         ("wrong shape", update(2, codec.encode(rng.normal(size=n + 7) * 0.01, "float32", rng))),
         ("NaN", update(3, nan)),
         ("Inf", update(4, inf)),
