@@ -202,16 +202,27 @@ def slow_devices(row: dict) -> str:
     return "; ".join(f"{a['pad']:.2f} s: {a['acks']} / {a['updates']}" for a in row["agents"] if a["pad"] > 2)
 
 
-def norm_table(rows: list[dict]) -> str:
+def norm_table(rows: list[dict], title: str = "plain fedbuff, main 548c17a, 60 s", prefix: str = PLAIN) -> str:
     """Section 16's per-device view of plain fedbuff: what the slowest devices got accepted, with the relative norm
-    bound at its default, off, and clipping instead of refusing."""
-    lines = ["| plain fedbuff, main 548c17a, 60 s | seed | slowest devices (pad): updates acked / sent | rejected as norm "
+    bound at its default, off, and clipping instead of refusing (or before and after the slow-device fix)."""
+    lines = [f"| {title} | seed | slowest devices (pad): updates acked / sent | rejected as norm "
              "| time to 95% | final (best) accuracy |", "|---|---|---|---|---|---|"]
     for r in rows:
         t95 = "not reached" if r["t95"] is None else f"{r['t95']:.1f} s"
-        lines.append(f"| {r['name'][len(PLAIN):]} | {r['seed']} | {slow_devices(r)} | {r['rejected_log'].get('norm', 0)} | "
+        lines.append(f"| {r['name'][len(prefix):]} | {r['seed']} | {slow_devices(r)} | {r['rejected_log'].get('norm', 0)} | "
                      f"{t95} | {r['final']:.4f} ({r['best']:.4f}) |")
     return "\n".join(lines)
+
+
+FIX = "norm fix: "
+
+
+def test_the_slow_device_fix_table_is_the_device_rows():
+    """Section 16's before and after of the slow-device fix (main 07e3c39): the slowest devices' acks, row by row."""
+    rows = [r for r in map(json.loads, DEVICES.read_text().splitlines()) if r["name"].startswith(FIX)]
+    assert len(rows) == 8 and {r["seed"] for r in rows} == {0, 2}
+    table = norm_table(rows, "plain fedbuff defaults, 60 s", FIX)
+    assert table in (ROOT / "docs/benchmarks.md").read_text(), table
 
 
 def device_download_table(row: dict) -> str:
