@@ -165,8 +165,10 @@ class Agent:
             model = decode_model(payload, fleet=self.topics.fleet)
         except ProtocolError as exc:
             self.unusable_models_ += 1
-            if str(exc) not in self.unusable_said_:  # once per reason, then only the status counter
-                self.unusable_said_.add(str(exc))
+            # once per reason code, then only the status counter: a set of every distinct message said grew without
+            # bound on a broker's models of format 1000, 1001, ... (~166 B each, tests/test_hostile_wire.py)
+            if exc.reason not in self.unusable_said_:
+                self.unusable_said_.add(exc.reason)
                 log.warning("ignoring an unusable model message: %s (said once; counted as unusable_models in the "
                             "status)", exc)
             return False

@@ -308,3 +308,22 @@ def test_the_coordinator_counts_hostile_wire_updates_and_keeps_folding_honest_on
         watcher.close()
         assert stop(coordinator) == 0
     assert "Traceback" not in (tmp_path / "coordinator.log").read_text()
+
+
+def test_an_agent_told_of_many_distinct_unusable_models_keeps_a_bounded_memory(caplog):
+    """An agent says each unusable model's reason once: it remembered every distinct message said, and a broker
+    publishing models of format 1000, 1001, ... (or a hyperparameter list ~60 KB long in each) grew that set
+    without bound (2,000 formats: 2,000 entries, ~330 KB; 200 long ones: ~12 MB). It remembers the reason codes."""
+    from edge_agent.agent import Agent
+    from edge_agent.data import ArraySource
+    from edge_agent.trainer import LocalTrainer
+    from protocol.topics import Topics
+
+    agent = Agent("a1", Topics("f"), ArraySource(np.zeros((4, 4)), np.array([0, 1, 2, 0])), LocalTrainer())
+    with caplog.at_level("WARNING", logger="edge_agent.agent"):
+        for i in range(2000):
+            assert agent.on_model(with_fields(format=1000 + i)) is False
+        assert agent.on_model(with_fields(spec=["sgd-classifier", 4, 3, {"alpha": ["x" * 250] * 200}])) is False
+    assert agent.unusable_models_ == 2001
+    assert len(agent.unusable_said_) <= 2, agent.unusable_said_
+    assert len(caplog.records) == 2 and all(len(r.getMessage()) < 1000 for r in caplog.records)
