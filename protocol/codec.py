@@ -94,7 +94,7 @@ class Encoded:
         if not isinstance(data, bytes):
             raise ProtocolError("schema", "delta.data must be bytes")
         index = wire.get("index")
-        if index is None:
+        if "index" not in wire:  # dense; a top-k array with a nil index was read as dense, its kind and k unread
             k = None
             kind = None
         else:

@@ -88,6 +88,7 @@ HOSTILE_UPDATES = {
     "n is a bool": (update(["int8", True, 1.0, b"\0"]), "schema"),
     "index kind a list": (update(["int8", 16, 0.1, bytes(2), ["ef"], 2, b""]), "codec"),
     "delta of 5 fields": (update(["int8", 16, 0.1, bytes(2), "ef"]), "schema"),
+    "top-k delta with a nil index": (update(["int8", 16, 0.1, bytes(16), ["any"], {"thing": 1}, None]), "schema"),
     # below SCAN_ABOVE_BYTES msgpack builds these before any depth check; their repr in an error overflowed
     "format nested 1020 deep": (b"\x97" + nested() + b"\xa6update\x01\x00\x0a" + pack(["int8", 1, 0.0, b"\0"]) + b"\x80",
                                 "decode"),
