@@ -24,6 +24,9 @@ from protocol.topics import Topics
 log = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 64 * 1024  # status documents are a few hundred bytes
+# known topics whose contents are the coordinator's or the tier's business: model chunks, secure-aggregation
+# messages, the tier's partial sums (the root's status counts what they folded)
+IGNORED = ("model_chunk", "secagg", "partial")
 
 
 @dataclass
@@ -93,6 +96,11 @@ class FleetView:
                 self.schema_columns[agent] = len(decode_schema(payload).columns)
             elif kind == "ack":  # the coordinator's ack to one agent (only on a broker whose ACL lets us read it)
                 decode_ack(payload)
+            elif kind == "update_chunk":  # a piece of a large update: the agent is alive, the update counts once whole
+                if agent in self.agents:
+                    self.agents[agent].last_seen = now
+            elif kind in IGNORED:
+                pass
             else:
                 self._on_agent_status(agent, payload)
             return None
@@ -137,11 +145,23 @@ class FleetView:
     # one handler per topic kind -----------------------------------------------------------
 
     def _classify(self, topic: str) -> tuple[str, str | None]:
-        """(kind, agent id) of a topic under the fleet: model, coordinator, update, status or topic (unknown)."""
+        """(kind, agent id) of a topic under the fleet: model, coordinator, update, status, ... or topic (unknown).
+        On the scale-out tier an agent's update arrives on its partition's topic (Topics.tier_topic): an update still."""
         if topic == self.topics.model:
             return "model", None
         if topic == self.topics.coordinator_status:
             return "coordinator", None
+        if topic.startswith(f"{self.topics.base}/model/chunk/"):
+            return "model_chunk", None
+        tier = self.topics.tier_topic(topic)
+        if tier is not None:
+            return tier
+        agent = self.topics.agent_of_update_chunk(topic)
+        if agent is not None:
+            return "update_chunk", agent
+        secagg = self.topics.secagg_of(topic)
+        if secagg is not None:
+            return "secagg", secagg[1]
         agent = self.topics.agent_of_update(topic)
         if agent is not None:
             return "update", agent
@@ -171,7 +191,7 @@ class FleetView:
             self.stats_rows.pop(agent, None)
         elif kind == "schema":
             self.schema_columns.pop(agent, None)
-        elif kind == "ack":
+        elif kind in ("ack", "update_chunk", *IGNORED):
             pass
         else:
             raise ProtocolError("empty", "empty update payload")
@@ -182,6 +202,8 @@ class FleetView:
 
     def _on_coordinator(self, payload: bytes) -> None:
         doc = _json_object(payload)
+        if doc.get("role") == "root":
+            doc = root_as_coordinator(doc)
         version = whole(doc, "version")
         if version is None:
             raise ProtocolError("schema", "coordinator status without an integer version")
@@ -201,6 +223,8 @@ class FleetView:
             "strategy": text(doc, "strategy"),
             "uptime_s": number(doc, "uptime_s"),
             "updated_at": number(doc, "updated_at"),
+            **({"root": text(doc, "root"), "partitions": whole(doc, "partitions"), "partials": whole(doc, "partials")}
+               if "root" in doc else {}),
         }
 
     def _on_update(self, agent_id: str, payload: bytes, now: float) -> None:
@@ -245,6 +269,15 @@ class FleetView:
             self.agents[agent].bad += 1
         log.debug("bad payload (%s): %s", key, message)
         return key
+
+
+def root_as_coordinator(doc: dict) -> dict:
+    """The scale-out tier root's status (tier/root.py `Root.status`) under the coordinator's field names: what it
+    folded is what it accepted, the devices' updates its partitions refused are the rejected, `time` is when."""
+    pace = mapping(doc, "pace")
+    return {**doc, "published_version": whole(doc, "version"), "accepted": whole(doc, "folded"),
+            "rejected": doc.get("updates_rejected"), "agents": whole(pace, "agents_online"),
+            "strategy": "tier root", "root": text(doc, "root") or "?", "updated_at": number(doc, "time")}
 
 
 def _json_object(payload: bytes) -> dict:

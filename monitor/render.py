@@ -48,8 +48,10 @@ def summary(snapshot: dict) -> Table:
         grid.add_row("staleness", Text(f"mean {_fmt(coord['staleness']['mean'])}   max {_fmt(coord['staleness']['max'])}"))
         grid.add_row("held-out", Text(scores(coord)))
         grid.add_row("fleet eval", Text(" ".join(f"{k} {_fmt(v)}" for k, v in coord["fleet_eval"].items()) or "-"))
+        tier = (f"tier root {coord['root']}   {_fmt(coord['partitions'])} partitions   {_fmt(coord['partials'])} partials"
+                if "root" in coord else f"{coord['strategy'] or '?'}")  # the scale-out tier's root, or a coordinator
         grid.add_row("coordinator", Text(
-            f"{coord['strategy'] or '?'}   {_fmt(coord['agents'])} agents   up {_duration(coord['uptime_s'])}"
+            f"{tier}   {_fmt(coord['agents'])} agents   up {_duration(coord['uptime_s'])}"
             f"   status {_ago(coord['updated_at'], snapshot['time'])}"))
     if model is not None:
         grid.add_row("model", Text(f"{model['estimator']}   {model['n_params']} params   {model['bytes']:,} bytes"

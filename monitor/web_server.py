@@ -50,7 +50,7 @@ def page_config(topics: Topics, *, ws_url: str | None, username: str | None,
     """What the page needs to find the fleet: topic patterns, the agent states and which status field says why, where the broker is.
 
     `ws_url` None: the page uses ws://<the host it was loaded from>:9001/. The patterns have
-    one `+` for the agent id (protocol/topics.py is the one place the layout is written).
+    one `+` for the agent id, the tier's a `+` for the partition too (protocol/topics.py is the one place the layout is written).
     """
     base = topics.base
     return {
@@ -66,6 +66,7 @@ def page_config(topics: Topics, *, ws_url: str | None, username: str | None,
             "stats": topics.all_stats,
             "schema": topics.all_schemas,
             "secagg": f"{base}/secagg/#",
+            **topics.tier_patterns,  # the scale-out tier's own topics (tier/cluster.py)
         },
         "states": list(STATES),
         "reason_fields": REASON_FIELDS,

@@ -185,5 +185,34 @@ class Topics:
         return None
 
 
+    # --- the scale-out tier (tier/cluster.py): its nodes map an agent's update, update chunks and secure-aggregation
+    # messages to the agent's partition, and its workers hand partial sums to the root; a subscriber of `everything`
+    # on the tier (the tier user) sees them under these names
+
+    @property
+    def tier_patterns(self) -> dict[str, str]:
+        """Filters of the tier's topics by the kind of message on them (the web view's `config.json`)."""
+        return {"tier_update": f"{self.base}/upd/+/+", "tier_update_chunk": f"{self.base}/updc/+/+",
+                "tier_secagg": f"{self.base}/psecagg/+/+/+", "tier_partial": f"{self.base}/partial/+",
+                "tier_partial_counts": f"{self.base}/partial/+/counts"}
+
+    def tier_topic(self, topic: str) -> tuple[str, str | None] | None:
+        """(kind, agent id) of a tier topic: update (`upd/<P>/<agent>`, the agent's update as it sent it),
+        update_chunk (`updc/<P>/<agent>`), secagg (`psecagg/<P>/<kind>/<agent>`) or partial (`partial/<P>[/counts]`,
+        a worker's, no agent); None for any other topic."""
+        head = f"{self.base}/"
+        levels = topic[len(head):].split("/") if topic.startswith(head) else []
+        if len(levels) < 2 or not levels[1].isdigit():
+            return None
+        kind, rest = levels[0], levels[2:]
+        if kind == "partial" and rest in ([], ["counts"]):
+            return "partial", None
+        if kind in ("upd", "updc") and len(rest) == 1 and _NAME.match(rest[0]):
+            return ("update" if kind == "upd" else "update_chunk"), rest[0]
+        if kind == "psecagg" and len(rest) == 2 and rest[0] in SECAGG_KINDS and _NAME.match(rest[1]):
+            return "secagg", rest[1]
+        return None
+
+
 # per-agent secure-aggregation topics: the agent publishes key/share/masked/reveal, reads its inbox
 SECAGG_KINDS = ("key", "share", "masked", "reveal", "inbox")

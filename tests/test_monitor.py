@@ -373,3 +373,43 @@ def test_once_shows_every_agent_state_with_its_reason(mosquitto):
         assert state in line, line
     words = " ".join(table.stdout.split())  # the reason column folds long reasons over lines
     assert "'alcohol'" in words and "(check --fleet)" in words, table.stdout
+
+
+def tier_messages() -> list[tuple[str, bytes]]:
+    """What a subscriber of the fleet's `#` on the scale-out tier gets, encoded by the tier's own code: an agent's
+    update and update chunk on its partition's topics (tier/cluster.py's mapping), a secure-aggregation share, a
+    worker's partial and counts (tier/partial.py) and the root's retained status (tier/root.py `Root.status`)."""
+    from types import SimpleNamespace
+
+    from tier.partial import Counts, Partial, encode_counts, encode_partial
+    from tier.root import Root
+
+    root = SimpleNamespace(topics=T, root_id="root7", published=6, folded=11, partials=4, duplicates=0, rejected=0,
+                           updates_rejected={"2": {"decode": 3}}, hwm={"2": 4, "3": 1}, dp=None, secagg=None,
+                           rule=SimpleNamespace(weight_capped=0))
+    partial = f"{T.base}/partial/2"
+    return [(T.coordinator_status, encode_status(Root.status(root, None))),
+            (f"{T.base}/upd/2/a1", update("a1", base=5, seq=1)), (f"{T.base}/upd/2/a1", update("a1", base=6, seq=2)),
+            (f"{T.base}/updc/2/a1", b"\x93\x01\x02\x03"), (f"{T.base}/psecagg/3/share/a2", b"\x90"),
+            (partial, encode_partial(Partial(2, 1, 4, np.ones(SPEC.n_params), 2.0, 2, [("a1", 1, 5), ("a1", 2, 6)]))),
+            (f"{partial}/counts", encode_counts(Counts(2, {"decode": 3})))]
+
+
+def test_the_tiers_topics_are_known_and_the_roots_status_is_the_coordinator_row():
+    """On the tier an update travels on upd/<P>/<agent>: counted for its agent; partials are no bad payload; the root's
+    status fills the coordinator row. Seen red without Topics.tier_topic and root_as_coordinator (topic:unknown 6,
+    upd 0, coordinator row '? - agents')."""
+    view = FleetView(T)
+    for topic, payload in tier_messages():
+        assert view.feed(topic, payload, NOW) is None, topic
+    snap = view.snapshot(NOW + 1)
+    assert snap["bad"]["count"] == 0 and snap["agents"][0]["agent"] == "a1" and len(snap["agents"]) == 1
+    assert snap["agents"][0]["updates_seen"] == 2 and snap["agents"][0]["base_version"] == 6
+    coord = snap["coordinator"]
+    assert (coord["version"], coord["accepted"], coord["rejected"], coord["partials"]) == (6, 11, {"decode": 3}, 4)
+    assert coord["updated_at"] is not None and coord["partitions"] == 2
+    text = text_of(snap)
+    assert "tier root root7   2 partitions   4 partials" in text and "accepted 11   rejected 3 (decode 3)" in text
+    assert "bad payloads" not in text
+    for topic in (f"{T.base}/upd/x/a1", f"{T.base}/partial/2/other", f"{T.base}/psecagg/3/nokind/a2"):
+        assert view.feed(topic, b"\x90", NOW) == "topic:unknown", topic  # near misses are still unknown

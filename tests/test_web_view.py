@@ -243,6 +243,32 @@ def test_the_server_hands_out_the_page_and_a_config_without_state(tmp_path):
         assert stop(web) == 0
 
 
+@needs_browser
+def test_the_page_knows_the_tiers_topics_and_the_roots_status(tmp_path, browser):
+    """fleet.js's classifier fed, in the browser, what a watcher of the scale-out tier gets (test_monitor.tier_messages,
+    the tier's own encoders): no bad payload, the agent's updates on its partition's topic counted, the root's status
+    as the coordinator's. Seen red without the tier's patterns (topic: unknown for each, no update counted)."""
+    from test_monitor import FLEET as TIER_FLEET, tier_messages
+
+    web, page = start_web(tmp_path, "web-tier", "--fleet", TIER_FLEET, "--ws-url", f"ws://127.0.0.1:{free_port()}/")
+    try:
+        config = json.load(urllib.request.urlopen(page + "config.json", timeout=10))
+        browser.open(page)
+        browser.wait_for("typeof FleetState === 'function' && typeof MessagePack === 'object'", WAIT, "fleet.js")
+        messages = json.dumps([[topic, list(payload)] for topic, payload in tier_messages()])
+        seen = browser.evaluate(f"""(() => {{
+            const s = new FleetState({json.dumps(config)}, MessagePack.decode);
+            const bad = {messages}.map(([t, b]) => s.feed(t, new Uint8Array(b), 1));
+            const c = s.coordinator;
+            return {{bad, agents: [...s.agents.values()].map(a => [a.id, a.updatesSeen, a.base]), secagg: [...s.secagg],
+                     coordinator: [c.accepted, c.rejected, c.strategy, c.updated_at !== undefined, c.version]}}; }})()""")
+    finally:
+        assert stop(web) == 0
+    assert seen["bad"] == [None] * len(tier_messages()), seen
+    assert seen["agents"] == [["a1", 2, 6]] and seen["secagg"] == [["share", 1]], seen
+    assert seen["coordinator"] == [11, {"decode": 3}, "tier root root7", True, 6], seen
+
+
 @pytest.mark.parametrize("args, message", [
     (["--web", "0"], "--web must be a port"),
     (["--web", "8080", "--ws-url", "http://x:9001"], "--ws-url 'http://x:9001' must look like ws://"),

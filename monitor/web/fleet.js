@@ -9,6 +9,17 @@
   const MAX_JSON_BYTES = 64 * 1024;  // as monitor/fleet_view.py
   const MAX_AGENTS = 10000;
 
+  // config.topics keys of the tier's topics -> the kind of message on them
+  const TIER_KINDS = [["tier_update", "update"], ["tier_update_chunk", "update_chunk"], ["tier_secagg", "secagg"],
+                      ["tier_partial", "partial"], ["tier_partial_counts", "partial"]];
+
+  // The scale-out tier root's status (tier/root.py) under the coordinator's names, as monitor/fleet_view.py reads it.
+  function rootAsCoordinator(doc) {
+    const pace = obj(doc.pace) || {};
+    return { ...doc, published_version: doc.version, accepted: doc.folded, rejected: obj(doc.updates_rejected) || {},
+             agents: pace.agents_online, strategy: `tier root ${str(doc.root, 64) || "?"}`, updated_at: doc.time };
+  }
+
   class Bad extends Error {
     constructor(reason, message) { super(message); this.reason = reason; }
   }
@@ -68,6 +79,12 @@
       const t = this.config.topics;
       if (topic === t.model) return ["model", null];
       if (topic === t.coordinator) return ["coordinator", null];
+      // the scale-out tier's own topics (protocol/topics.py Topics.tier_topic): an agent's update on its partition's
+      // topic is an update; a secure-aggregation message keeps "<kind>/<agent>"; a worker's partial sum is known, no more
+      for (const [key, kind] of TIER_KINDS) {
+        const level = plusLevel(t[key] || "", topic);
+        if (level !== null) return [kind, kind === "secagg" ? topic.split("/").slice(-2).join("/") : level];
+      }
       for (const kind of ["update_chunk", "update", "status", "stats", "schema", "model_chunk", "secagg"]) {
         const level = plusLevel(t[kind], topic);
         if (level !== null) return [kind, level];
@@ -87,7 +104,8 @@
         else if (kind === "status") this.onStatus(agent, bytes, now);
         else if (kind === "secagg") this.secagg.set(agent.split("/")[0], (this.secagg.get(agent.split("/")[0]) || 0) + 1);
         else if (kind === "update_chunk" && this.agents.has(agent)) this.agents.get(agent).lastSeen = now;
-        // stats, schema and model chunks: their presence is enough (their contents are the coordinator's)
+        // stats, schema, model chunks and the tier's partials: their presence is enough (their contents are the
+        // coordinator's or the root's, whose status counts them)
         return null;
       } catch (e) {
         const reason = e instanceof Bad ? e.reason : "internal";
@@ -126,7 +144,8 @@
     }
 
     onCoordinator(bytes, now) {
-      const doc = jsonObject(bytes);
+      let doc = jsonObject(bytes);
+      if (doc.role === "root") doc = rootAsCoordinator(doc);
       if (!isInt(doc.version)) throw new Bad("schema", "coordinator status without an integer version");
       this.coordinator = doc;
       const score = num(doc.accuracy) !== null ? num(doc.accuracy) : num(doc.r2);
