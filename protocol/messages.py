@@ -110,7 +110,7 @@ def _nesting_refused(limits_of):
                 return decode(payload, *args, **kwargs)
             except RecursionError:
                 pass
-            scan(payload, limits_of(**kwargs))
+            scan(payload, limits_of(*args, **kwargs))
             raise ProtocolError("decode", "msgpack nested too deep")
         return decoded
     return wrap
@@ -289,7 +289,7 @@ def encode_update(msg: UpdateMessage) -> bytes:
     )
 
 
-@_nesting_refused(lambda **_: UPDATE_LIMITS)
+@_nesting_refused(lambda *_, **__: UPDATE_LIMITS)
 def decode_update(payload: bytes, agent_id: str | None = None, *, max_bytes: int = MAX_MESSAGE_BYTES) -> UpdateMessage:
     """Strictly decode an update payload from agent `agent_id` (known from its topic).
 

@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 
 from protocol.errors import ProtocolError
-from protocol.messages import FORMAT_VERSION, MAX_COLUMNS, MAX_STR, WireLimits, _check_header, _unpack
+from protocol.messages import FORMAT_VERSION, MAX_COLUMNS, MAX_STR, WireLimits, _check_header, _nesting_refused, _unpack
 from protocol.model_spec import ModelSpec
 
 MAX_LABELS = 1_000  # an agent holding more distinct integer labels announces none (a regression target)
@@ -70,6 +70,7 @@ def encode_schema(schema: Schema) -> bytes:
                           "labels": None if schema.labels is None else list(schema.labels)}, use_bin_type=True)
 
 
+@_nesting_refused(lambda *_, **__: SCHEMA_LIMITS)
 def decode_schema(payload: bytes) -> Schema:
     """Strictly decode a schema payload; ProtocolError if anything is off."""
     wire = _unpack(payload, MAX_SCHEMA_BYTES, SCHEMA_LIMITS)

@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 
 from protocol.errors import ProtocolError
-from protocol.messages import FORMAT_VERSION, MAX_STR, WireLimits, _check_header, _unpack
+from protocol.messages import FORMAT_VERSION, MAX_STR, WireLimits, _check_header, _nesting_refused, _unpack
 from protocol.statistics import FeatureStats, Scaling, from_sums
 
 STATS_FIELDS = ("count", "sum", "sumsq", "min", "max")
@@ -74,6 +74,7 @@ def encode_stats(stats: FeatureStats, columns: tuple[str, ...] | None = None) ->
                           **named}, use_bin_type=True)
 
 
+@_nesting_refused(lambda *_, **__: STATS_LIMITS)
 def decode_stats(payload: bytes, n_features: int | None = None, columns: tuple[str, ...] = ()) -> FeatureStats:
     """Strictly decode a statistics payload (of `n_features` features when given).
 

@@ -328,3 +328,23 @@ def test_an_agent_told_of_many_distinct_unusable_models_keeps_a_bounded_memory(c
     assert agent.unusable_models_ == 2001
     assert len(agent.unusable_said_) <= 2, agent.unusable_said_
     assert len(caplog.records) == 2 and all(len(r.getMessage()) < 1000 for r in caplog.records)
+
+
+SCHEMA_TAIL = pack("columns") + pack(["a"]) + pack("labels") + pack(None)
+OTHER_DEVICE_MESSAGES = {  # the agent's retained schema and statistics, decoded by the coordinator: the same header check
+    "schema format nested 1020 deep": ("schema", b"\x84" + pack("format") + nested() + pack("type") + pack("schema")
+                                       + SCHEMA_TAIL),
+    "schema type nested 1020 deep": ("schema", b"\x84" + pack("format") + pack(2) + pack("type") + nested() + SCHEMA_TAIL),
+    "stats format nested 1020 deep": ("stats", b"\x82" + pack("format") + nested() + pack("type") + pack("stats")),
+    "stats type nested 1020 deep": ("stats", b"\x82" + pack("format") + pack(2) + pack("type") + nested()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_DEVICE_MESSAGES))
+def test_a_schema_or_statistics_nested_deep_is_a_protocol_error(name):
+    from protocol.schema import decode_schema
+    from protocol.stats_message import decode_stats
+
+    kind, payload = OTHER_DEVICE_MESSAGES[name]
+    error, _ = refusal(decode_schema if kind == "schema" else lambda p: decode_stats(p, 4), payload)
+    assert error.reason == "decode", error
