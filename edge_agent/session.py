@@ -137,6 +137,10 @@ class AgentSession:
             if self._connected_once:
                 log.error("broker refused the connection: %s", reason_code)
             return
+        # a reconnection: the broker may have lost the retained statistics and schema, so they go again. Not on the
+        # first connection: connect() returns on the CONNACK, before this callback, and the main thread sends them
+        # first anyway; a resend asked for here then made a second copy of each ~20 ms later (every agent's start)
+        self._stats_resend = self._connected_once
         self._connected_once = True
         if self._connected_at is None:
             self._connected_at = time.monotonic()
@@ -156,7 +160,6 @@ class AgentSession:
             client.subscribe([(t, 1) for t in self.agent.secure.subscriptions])
             self._publish_secagg([self.agent.secure.announcement()])
         client.subscribe(self.agent.topics.all_model_chunks, qos=0)  # a chunked model's (retained) chunks
-        self._stats_resend = True
         self.wake.set()
         self.publish_status()
         with self._lock:

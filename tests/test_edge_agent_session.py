@@ -68,6 +68,43 @@ def test_agent_process_sends_an_update_and_goes_offline_on_sigterm(tmp_path, mos
     assert "Traceback" not in text
 
 
+def test_statistics_and_schema_go_out_once_per_connection(tmp_path):
+    """An agent process sends its feature statistics and schema once at start and once again after a reconnection
+    (the broker may have lost them), not twice per connection. Seen red: two of each within ~20 ms at start
+    (connect() returned before the session's on_connect ran, which then asked for a resend of what the main thread
+    had just sent)."""
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    write_csv(tmp_path / "d.csv", X[:100], Y[:100])
+    watcher = proc = None
+    try:
+        watcher = TopicWatcher(broker.port, TOPICS.everything)
+        watcher.client.reconnect_delay_set(0.1, 0.5)
+        watcher.client.publish(TOPICS.model, model_bytes(5), qos=1, retain=True).wait_for_publish(5)
+        proc = spawn("edge_agent", "--broker", broker.url, "--fleet", "t", "--id", "pi-1", "--data", tmp_path / "d.csv",
+                     "--seed", "1", log=tmp_path / "agent.log")
+
+        def sent(topic: str) -> int:
+            return sum(1 for t, p in watcher.history if t == topic and p)
+
+        updates = lambda: sent(TOPICS.update("pi-1"))  # noqa: E731
+        watcher.wait_for(updates, 30, "an update")  # statistics and schema come before the first round
+        assert (sent(TOPICS.stats("pi-1")), sent(TOPICS.schema("pi-1"))) == (1, 1), watcher.history
+        broker.stop()  # not persistent: the restarted broker has lost every retained message
+        broker.start()
+        watcher.wait_for(watcher.reconnected.is_set, 30, "the watcher back")
+        watcher.client.publish(TOPICS.model, model_bytes(6), qos=1, retain=True).wait_for_publish(5)
+        watcher.wait_for(lambda: updates() >= 2 and sent(TOPICS.stats("pi-1")) >= 2 and sent(TOPICS.schema("pi-1")) >= 2,
+                         30, "the agent back, its statistics and schema sent again and an update on the new model")
+        assert (sent(TOPICS.stats("pi-1")), sent(TOPICS.schema("pi-1"))) == (2, 2), watcher.history
+    finally:
+        if proc is not None:
+            stop(proc)
+        if watcher is not None:
+            watcher.close()
+        broker.stop()
+
+
 def test_status_says_changes_not_rounds_and_metrics_travel_in_the_update(tmp_path, mosquitto):
     """Four rounds, two statuses (online, then idle after the first update) until the goodbye."""
     write_csv(tmp_path / "d.csv", X[:100], Y[:100])
