@@ -162,7 +162,8 @@ class Agent:
         and ignored: nothing on the model topic can crash the agent.
         """
         try:
-            model = decode_model(payload, fleet=self.topics.fleet)
+            limits = getattr(self.trainer, "limits", None)  # judged before the params are decoded and held
+            model = decode_model(payload, fleet=self.topics.fleet, check_spec=limits.check if limits else None)
         except ProtocolError as exc:
             self.unusable_models_ += 1
             # once per reason code, then only the status counter: a set of every distinct message said grew without

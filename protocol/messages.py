@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -176,10 +177,11 @@ def encode_model(msg: ModelMessage) -> bytes:
 
 @_nesting_refused(lambda max_classes=MAX_CLASSES, **_: model_limits(max_classes))
 def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = MAX_MESSAGE_BYTES,
-                 max_classes: int = MAX_CLASSES) -> ModelMessage:
+                 max_classes: int = MAX_CLASSES, check_spec: Callable[[ModelSpec], None] | None = None) -> ModelMessage:
     """Strictly decode a model message (optionally checking it is for `fleet`).
 
-    At most `max_bytes` of payload and `max_classes` classes; the structure is bounded
+    At most `max_bytes` of payload and `max_classes` classes, and a spec `check_spec(spec)` (if given) does not
+    refuse with ValueError (ProtocolError "limits"); the structure is bounded
     (`model_limits`) before msgpack builds any object.
     """
     wire = _unpack(payload, max_bytes, model_limits(max_classes))
@@ -190,6 +192,11 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
     if fleet is not None and got_fleet != fleet:
         raise ProtocolError("fleet", f"message for fleet {got_fleet!r}, expected {fleet!r}")
     spec = spec_from_wire(wire.get("spec"), max_classes)
+    if check_spec is not None:  # the reader's limits, before the params are decoded (int4: ~26x its bytes traced)
+        try:
+            check_spec(spec)
+        except ValueError as exc:
+            raise ProtocolError("limits", str(exc)) from None
     raw = _typed(wire, "params", bytes)
     model_codec = wire.get("codec", "float32")
     scales = wire.get("scales")

@@ -348,3 +348,28 @@ def test_a_schema_or_statistics_nested_deep_is_a_protocol_error(name):
     kind, payload = OTHER_DEVICE_MESSAGES[name]
     error, _ = refusal(decode_schema if kind == "schema" else lambda p: decode_stats(p, 4), payload)
     assert error.reason == "decode", error
+
+
+def test_an_agent_refuses_a_model_beyond_its_limits_before_decoding_its_params():
+    """A 5 MB int4 model of 10^7 features (two parameters a byte) was decoded whole, to float64 (~128 MiB traced),
+    and held, by an agent accepting 100,000 features and 4 MiB of float32 parameters: its trainer refused it only
+    at the next round. The agent's limits now judge the spec before the params are decoded."""
+    from edge_agent.agent import Agent
+    from edge_agent.data import ArraySource
+    from edge_agent.trainer import LocalTrainer
+    from protocol.topics import Topics
+
+    agent = Agent("a1", Topics("f"), ArraySource(np.zeros((4, 4)), np.zeros(4)), LocalTrainer())
+    spec = ModelSpec("sgd-regressor", 10_000_000)
+    payload = encode_model(ModelMessage(fleet="f", version=1, spec=spec, params=np.zeros(spec.n_params), codec="int4"))
+    assert len(payload) > 5_000_000
+    tracemalloc.start()
+    try:
+        assert agent.on_model(payload) is False
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(payload) + 1_000_000, f"peak {peak} B for a {len(payload)} B model"
+    assert agent.model_ is None and agent.unusable_models_ == 1
+    small = ModelSpec("sgd-regressor", 4)
+    assert agent.on_model(encode_model(ModelMessage(fleet="f", version=2, spec=small, params=np.zeros(5), codec="int4")))
