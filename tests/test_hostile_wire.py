@@ -373,3 +373,33 @@ def test_an_agent_refuses_a_model_beyond_its_limits_before_decoding_its_params()
     assert agent.model_ is None and agent.unusable_models_ == 1
     small = ModelSpec("sgd-regressor", 4)
     assert agent.on_model(encode_model(ModelMessage(fleet="f", version=2, spec=small, params=np.zeros(5), codec="int4")))
+
+
+def test_a_real_agent_counts_a_nested_and_an_oversized_model_and_trains_on_the_next(mosquitto, tmp_path):
+    """A real agent gets a model whose codec is nested 1,020 deep (before the fix: a RecursionError with a traceback,
+    not counted) and a 5 MB int4 model of 10^7 features (decoded whole and held before), then a usable one: it counts
+    the two as unusable models (said in its log), logs no traceback, and sends an update for the third."""
+    from fleet import stop
+    from test_hostile_messages import T, publisher, raw_model, start_agent
+
+    head = {"format": 2, "type": "model", "fleet": T.fleet, "version": 1, "time": 1.0, "params": bytes(20)}
+    nested_model = b"\x88" + pack(head)[1:] + SPEC_PAIR + pack("codec") + nested()
+    spec = ModelSpec("sgd-regressor", 10_000_000)
+    huge = encode_model(ModelMessage(fleet=T.fleet, version=2, spec=spec, params=np.zeros(spec.n_params), codec="int4"))
+    agent, watcher = start_agent(mosquitto, tmp_path)
+    client = publisher(mosquitto)
+    try:
+        for payload in (nested_model, huge):
+            client.publish(T.model, payload, qos=1).wait_for_publish(60)
+        client.publish(T.model, raw_model(3, [0, 1, 2], {}), qos=1).wait_for_publish(60)
+        watcher.wait_for(lambda: T.update("a1") in watcher.latest, 60, "an update for the usable model")
+        assert agent.poll() is None
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        watcher.close()
+        assert stop(agent) == 0
+    log = (tmp_path / "agent.log").read_text()
+    assert "Traceback" not in log, log
+    assert "unusable model message: decode: msgpack nested deeper than 3" in log, log
+    assert "unusable model message: limits: the model has 10000000 features" in log and "(--max-features)" in log, log
