@@ -12,7 +12,7 @@ import threading
 from edge_agent.agent import Agent
 from edge_agent.data import CallableSource, CSVDirectory, CSVFile, DataSource
 from edge_agent.privacy_state import PrivacyStore, StateError
-from edge_agent.session import AgentSession
+from edge_agent.session import NO_MODEL_WARNING_S, AgentSession
 from edge_agent.trainer import DEFAULT_MAX_CLASSES, DEFAULT_MAX_FEATURES, DEFAULT_MAX_MODEL_BYTES, LocalTrainer, ModelLimits
 from protocol.chunking import MIN_PACKET_BYTES
 from protocol.accounting import check_available
@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "it sends acks; else: no model newer than the last update's base came): its updates may never "
                    "reach the coordinator; with --mqtt-version 5 a refused update says so at once; 0: never "
                    "(default: 120)")
+    r.add_argument("--no-model-warning", type=float, default=NO_MODEL_WARNING_S, metavar="SECONDS",
+                   help="log a WARNING when no model came this long after connecting (wrong --fleet, no coordinator "
+                   "running, an ACL hiding the model), again after twice as long and so on up to 10 min apart; "
+                   f"0: never (default: {NO_MODEL_WARNING_S:g})")
     r.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="logging level (default: INFO)")
     return p
@@ -172,8 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError("--local-epochs and --batch-size must be >= 1")
         if args.min_new_samples < 0 or args.status_interval < 0 or (args.window is not None and args.window < 1):
             raise ValueError("--min-new-samples and --status-interval must be >= 0, --window >= 1")
-        if args.unheard_after < 0:
-            raise ValueError("--unheard-after must be >= 0 (0: never)")
+        if args.unheard_after < 0 or args.no_model_warning < 0:
+            raise ValueError("--unheard-after and --no-model-warning must be >= 0 (0: never)")
         if not args.max_pace >= 0:
             raise ValueError("--max-pace must be >= 0 (0: ignore the coordinator's pace)")
         if args.resend_after < 0 or args.min_model_interval < 0:
@@ -325,7 +329,7 @@ def _run(args: argparse.Namespace, stop: threading.Event, sessions: list) -> int
                            poll_interval=args.poll_interval, status_interval=args.status_interval,
                            min_model_interval=args.min_model_interval, max_packet_bytes=args.max_packet_bytes,
                            skip_models_in_rounds=args.skip_models_in_rounds,
-                           unheard_after=args.unheard_after)
+                           unheard_after=args.unheard_after, no_model_warning=args.no_model_warning)
     sessions.append(session)
     try:
         session.run(stop)

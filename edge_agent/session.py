@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # not downloaded, its payload plus its topic, MQTT and TCP/IP headers and the device's TCP ACK
 PAUSE_COST_BYTES = 500
 PER_MESSAGE_BYTES = 130
+NO_MODEL_WARNING_S = 20.0  # no model this long after connecting: a WARNING (--no-model-warning)
+NO_MODEL_WARNING_MAX_S = 600.0  # the warnings' back-off doubles up to this
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class AgentSession:
         min_model_interval: float = 0.0,
         slow_round_after: float = 1.0,
         unheard_after: float = 120.0,
+        no_model_warning: float = NO_MODEL_WARNING_S,
         version_status_bound: float = 5.0,
         skip_models_in_rounds: bool = False,
     ) -> None:
@@ -88,6 +91,9 @@ class AgentSession:
         self.slow_round_after = slow_round_after
         self.unheard_after = unheard_after  # seconds without a (newer) model before the status says unheard; 0: never
         self._connected_at: float | None = None  # monotonic, of the first connection
+        # no model this long after the first connection: a WARNING, again after twice as long, ... (0: never)
+        self.no_model_warning = no_model_warning
+        self._no_model_warned = 0  # WARNINGs said so far of no model
         self._in_flight: dict[int, str] = {}  # mid -> what was published (update seq N), for an MQTT 5 refusal
         self.acks = AckWatch()  # the coordinator's acks of our updates (protocol/acks.py); guarded by _ack_lock
         self._ack_lock = threading.Lock()
@@ -256,6 +262,22 @@ class AgentSession:
         if self.agent.set_unheard(REFUSED, reason):
             log.error("%s; nothing this agent sends reaches the coordinator", reason)
             self.publish_status()
+
+    def _warn_no_model(self) -> None:
+        """No model yet, `no_model_warning` s after connecting (then 2x, 4x, ... up to NO_MODEL_WARNING_MAX_S apart):
+        one WARNING line naming the topic waited on and the likely causes, long before --unheard-after (main thread)."""
+        if not self.no_model_warning or self._connected_at is None or self.agent.model_ is not None:
+            return
+        waited = time.monotonic() - self._connected_at
+        due = sum(min(self.no_model_warning * 2 ** i, NO_MODEL_WARNING_MAX_S) for i in range(self._no_model_warned + 1))
+        if waited < due:
+            return
+        self._no_model_warned += 1
+        topics = self.agent.topics
+        log.warning("still waiting for a model on %s after %.0f s: is --fleet %r the coordinator's fleet name, is a "
+                    "coordinator running on this broker, does its ACL let user %s read it? (next warning in %g s)",
+                    topics.model, waited, topics.fleet, self.settings.username or "(anonymous)",
+                    min(self.no_model_warning * 2 ** self._no_model_warned, NO_MODEL_WARNING_MAX_S))
 
     def _check_heard(self) -> None:
         """3.1.1 cannot say a publish was refused: no model within the bound says it, and then no ack of an
@@ -450,6 +472,7 @@ class AgentSession:
                 # not before the round on a model that came since the wake: it would only bring that model again
                 if self._models_paused and time.monotonic() >= self._models_resume_at() and self.models_taken == taken:
                     self._resume_models()
+                self._warn_no_model()
                 self._check_heard()
                 if self.agent.secure is not None:
                     self.agent.secure.tick()  # a cohort that waited for peers' keys in vain is refused

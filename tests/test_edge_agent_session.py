@@ -105,6 +105,29 @@ def test_statistics_and_schema_go_out_once_per_connection(tmp_path):
         broker.stop()
 
 
+def test_no_model_on_a_fleet_nobody_serves_is_a_warning_at_a_back_off(tmp_path, mosquitto):
+    """`--fleet other` where no coordinator serves it: a WARNING after --no-model-warning naming the topic and the
+    likely causes, then again after twice as long (1, 3, 7 s here), not silence until --unheard-after (120 s) nor a
+    line per poll. Seen red: no such line within the bound (the agent said nothing after its statistics)."""
+    write_csv(tmp_path / "d.csv", X[:100], Y[:100])
+    log = tmp_path / "agent.log"
+    proc = spawn("edge_agent", "--broker", mosquitto.url, "--fleet", "other", "--id", "pi-1", "--data",
+                 tmp_path / "d.csv", "--no-model-warning", "1", "--poll-interval", "0.2", log=log)
+    try:
+        deadline = time.monotonic() + 60
+        warnings: list[str] = []
+        while len(warnings) < 3:  # polling a log file: there is no event to wait on
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            warnings = [line for line in log.read_text().splitlines() if "still waiting for a model" in line]
+            time.sleep(0.2)
+    finally:
+        assert stop(proc) == 0
+    assert len(warnings) == 3, warnings  # at 1, 3 and 7 s: a warning per poll would be dozens
+    assert all("WARNING" in w and "fedmq/other/model" in w and "--fleet 'other'" in w and "coordinator running" in w
+               and "ACL" in w for w in warnings), warnings
+    assert [w.rsplit("next warning in ", 1)[1] for w in warnings] == ["2 s)", "4 s)", "8 s)"], warnings
+
+
 def test_status_says_changes_not_rounds_and_metrics_travel_in_the_update(tmp_path, mosquitto):
     """Four rounds, two statuses (online, then idle after the first update) until the goodbye."""
     write_csv(tmp_path / "d.csv", X[:100], Y[:100])
