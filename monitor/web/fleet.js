@@ -52,6 +52,14 @@
     return doc;
   }
 
+  // A model message's spec as a map: positional [estimator, n_features, classes (or their count n: 0..n-1),
+  // hyperparameters(, columns)] (protocol/messages.py spec_wire), or an older coordinator's map as it is.
+  function specOf(wire) {
+    if (!Array.isArray(wire)) return obj(wire) || {};
+    const classes = isInt(toInt(wire[2])) ? Array.from({ length: Math.min(toInt(wire[2]), 1 << 16) }, (_, i) => i) : wire[2];
+    return { estimator: wire[0], n_features: toInt(wire[1]), classes };
+  }
+
   // Parameters of a model spec (protocol/model_spec.py ModelSpec.n_params): rows x (features + 1).
   function nParams(spec) {
     const n = spec.n_features;
@@ -136,7 +144,7 @@
         return;
       }
       if (msg.type !== "model") throw new Bad("schema", `unexpected message type ${String(msg.type).slice(0, 32)}`);
-      const spec = obj(msg.spec) || {};
+      const spec = specOf(msg.spec);
       this.model = { version, bytes: bytes.length, codec: str(msg.codec, 32) || "float32", chunks: null,
                      estimator: str(spec.estimator, 64), nParams: nParams(spec),
                      nFeatures: isInt(spec.n_features) ? spec.n_features : null,
