@@ -15,6 +15,7 @@ import numpy as np
 from coordinator.aggregation import parse_aggregate
 from coordinator.acks import ACK_INTERVAL_S
 from coordinator.chunks import MAX_HELD, TIMEOUT_S
+from coordinator.evaluation import load_eval_set
 from coordinator.privacy import PrivateCoordinator, guard, make_policy
 from coordinator.rate_limit import RateLimit
 from coordinator.presence import Presence
@@ -35,10 +36,9 @@ from protocol.codec import MODEL_CODECS
 from protocol.config import fleet_tool_parser, parse_layered, require_extra
 from protocol.model_spec import ESTIMATORS, HYPERPARAMETERS, ModelSpec, build_estimator
 from protocol.privacy import GaussianMechanism
-from protocol.schema import column_order
 from protocol.stats_message import unnamed_stats_bytes
 from protocol.stopping import stop_event_on_signals
-from protocol.tabular import DataError, load_csv, read_columns
+from protocol.tabular import DataError
 from protocol.topics import Topics
 from protocol.transport import BrokerError, settings_from_args
 
@@ -544,25 +544,8 @@ def build_coordinator(args: argparse.Namespace, after: Rediscovery | None = None
 
     A checkpoint of another spec than a discovered one (the schema was discovered again) is
     left behind but for its version, dedup state and rediscovery count (`after`)."""
-    eval_data = load_csv(args.eval_csv, args.label_column) if args.eval_csv else None
-    if eval_data is not None:
-        X, y = eval_data
-        if args.spec.columns:  # by name, in the fleet's order
-            try:
-                order = column_order(read_columns(args.eval_csv, args.label_column), args.spec)
-            except ValueError as exc:
-                raise DataError(f"{args.eval_csv}: {exc}") from None
-            X = X if order is None else X[:, order]
-            eval_data = X, y
-        if X.shape[1] != args.spec.n_features:
-            raise DataError(f"{args.eval_csv}: {X.shape[1]} features, the model has {args.spec.n_features}")
-        if not args.feature_stats and np.isnan(X).any():
-            raise DataError(f"{args.eval_csv}: {int(np.isnan(X).sum())} missing value(s): give --feature-stats "
-                            "so they take the fleet mean")
-        if args.spec.is_classifier:
-            unknown = sorted(set(y.tolist()) - set(args.spec.classes), key=str)
-            if unknown:
-                raise DataError(f"{args.eval_csv}: labels {unknown[:5]} are not among --classes")
+    eval_data = load_eval_set(args.eval_csv, args.label_column, args.spec,
+                              feature_stats=args.feature_stats) if args.eval_csv else None
     resume = load_checkpoint(args.checkpoint_dir) if args.checkpoint_dir else None
     discovered = getattr(args, "spec_discovered", False)
     if resume is not None and resume["spec"] == args.spec:

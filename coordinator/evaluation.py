@@ -8,6 +8,32 @@ import numpy as np
 from sklearn.metrics import accuracy_score, r2_score, roc_auc_score
 
 from protocol.model_spec import ModelSpec, build_estimator, decision
+from protocol.schema import column_order
+from protocol.tabular import DataError, load_csv, read_columns
+
+
+def load_eval_set(path: str, label_column: str, spec: ModelSpec, *,
+                  feature_stats: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) of an --eval-csv for `spec` (its columns in the fleet's order when the spec names them);
+    DataError with one line when the file cannot score this model (the coordinator's and the tier root's).
+    Missing values are refused unless `feature_stats` (they take the fleet mean)."""
+    X, y = load_csv(path, label_column)
+    if spec.columns:  # by name, in the fleet's order
+        try:
+            order = column_order(read_columns(path, label_column), spec)
+        except ValueError as exc:
+            raise DataError(f"{path}: {exc}") from None
+        X = X if order is None else X[:, order]
+    if X.shape[1] != spec.n_features:
+        raise DataError(f"{path}: {X.shape[1]} features, the model has {spec.n_features}")
+    if not feature_stats and np.isnan(X).any():
+        raise DataError(f"{path}: {int(np.isnan(X).sum())} missing value(s): give --feature-stats "
+                        "so they take the fleet mean")
+    if spec.is_classifier:
+        unknown = sorted(set(y.tolist()) - set(spec.classes), key=str)
+        if unknown:
+            raise DataError(f"{path}: labels {unknown[:5]} are not among --classes")
+    return X, y
 
 
 def score(spec: ModelSpec, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict[str, float]:

@@ -28,6 +28,16 @@ def by_label(kind, name: str, doc: str, labels: dict[str, str], label: str, valu
     return family
 
 
+def eval_score(status: dict):
+    """fedmq_eval_score{metric}: the global model on --eval-csv, from a status's score fields
+    (coordinator.status.score_fields; the tier root's status has them too)."""
+    score = GaugeMetricFamily("fedmq_eval_score", "Global model on --eval-csv", labels=["fleet", "metric"])
+    for metric in ("accuracy", "r2", "roc_auc", "flagged"):
+        if status.get(metric) is not None:
+            score.add_metric([status["fleet"], metric], status[metric])
+    return score
+
+
 class StatusCollector:
     """A Prometheus collector over the newest status dict (see coordinator.status), pushed by `update` or, with
     `source`, read at every scrape (the scale-out tier's root and workers: tier/metrics.py)."""
@@ -133,11 +143,7 @@ class StatusCollector:
                 yield family
             yield gauge("fedmq_secagg_excluded_now", "Members sitting out their back-off now",
                         len(secagg.get("excluded_now") or {}))
-        score = GaugeMetricFamily("fedmq_eval_score", "Global model on --eval-csv", labels=["fleet", "metric"])
-        for metric in ("accuracy", "r2", "roc_auc", "flagged"):
-            if status.get(metric) is not None:
-                score.add_metric([status["fleet"], metric], status[metric])
-        yield score
+        yield eval_score(status)
         fleet_eval = GaugeMetricFamily(
             "fedmq_fleet_eval", "Median over agents of the metrics they report of the global model", labels=["fleet", "metric"]
         )

@@ -60,10 +60,7 @@ def build_status(
         "clipped": clipped,
         "pending": pending,
         "staleness": {"mean": staleness_sum / accepted if accepted else 0.0, "max": staleness_max},
-        "accuracy": _finite(scores.get("accuracy")) if is_classifier else None,
-        "r2": None if is_classifier else _finite(scores.get("r2")),
-        **({"roc_auc": _finite(scores.get("roc_auc")), "flagged": _finite(scores.get("flagged"))}
-           if "flagged" in scores else {}),
+        **score_fields(is_classifier, scores),
         "fleet_eval": {k: _finite(v) for k, v in sorted(fleet_eval.items())},
         "agents": agents,
         "max_agents": max_agents,
@@ -75,6 +72,17 @@ def build_status(
         "started_at": started_at,
         "uptime_s": round(now - started_at, 3),
         "updated_at": now,
+    }
+
+
+def score_fields(is_classifier: bool, scores: Mapping[str, float]) -> dict:
+    """The status's view of coordinator.evaluation.score: `accuracy` (classifier) or `r2` (regressor), None
+    until scored, and a one-class model's `roc_auc` and `flagged` (the coordinator's and the tier root's)."""
+    return {
+        "accuracy": _finite(scores.get("accuracy")) if is_classifier else None,
+        "r2": None if is_classifier else _finite(scores.get("r2")),
+        **({"roc_auc": _finite(scores.get("roc_auc")), "flagged": _finite(scores.get("flagged"))}
+           if "flagged" in scores else {}),
     }
 
 

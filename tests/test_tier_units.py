@@ -344,3 +344,23 @@ def test_a_link_never_fails_over_to_the_node_another_link_is_on():
     other.index = 0
     link._rotate()
     assert link.index == 1
+
+
+@pytest.mark.parametrize("csv, message", [
+    (None, "no-such.csv: no such file"),
+    ("a,b,label\n1,2,0\n", "2 features, the model has 3"),
+    ("a,b,c,label\n1,2,3,7\n", "labels [7] are not among --classes"),
+    ("a,b,c,y\n1,2,3,0\n", "no column 'label'"),
+])
+def test_the_roots_eval_csv_is_checked_at_the_start_in_one_line(csv, message, tmp_path, capsys):
+    """A missing or unusable --eval-csv stops the root before it connects: one line, exit 2 (the coordinator's
+    checks, coordinator.evaluation.load_eval_set; seen red with the file loaded only at the first publish)."""
+    from tier import root as tier_root
+
+    path = tmp_path / "eval.csv" if csv is not None else "no-such.csv"
+    if csv is not None:
+        path.write_text(csv)
+    code = tier_root.main(["--nats", "nats://127.0.0.1:1", "--mqtt", "mqtt://127.0.0.1:1", "--fleet", "f",
+                           "--model", "sgd-classifier", "--n-features", "3", "--classes", "0,1", "--eval-csv", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("tier root: ") and message in err and len(err.splitlines()) == 1, err

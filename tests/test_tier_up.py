@@ -3,7 +3,9 @@ nodes, partition workers, the root and a standby), prints where devices connect 
 model; real agent processes pointed at the printed URL, each with its own credentials from the device store
 (`python -m tier.devices add`, the operator's documented step; tier-up --devices starts the auth service),
 move the retained model forward (seen through the printed mosquitto_sub command, as the tier user); SIGTERM
-stops it and leaves no process behind."""
+stops it and leaves no process behind. With tier-up --eval-csv the root's status (and fedmq_eval_score) carries
+the published model's accuracy on that held-out set: the zero model's exactly, then above 0.9 as the agents
+train."""
 
 from __future__ import annotations
 
@@ -98,11 +100,16 @@ def test_tier_up_serves_real_agents_and_stops_clean(tmp_path):
     subprocess.run([sys.executable, "-m", "tier.devices", "add", "--store", str(store), "--secrets", str(secrets),
                     "--fleet", FLEET, "dev-0", "dev-1", "dev-2"], check=True, cwd=ROOT, timeout=60)
     metrics = _free_ports(4)  # root1, root2, worker1, worker2
+    rng = np.random.default_rng(0)
+    X_eval = rng.normal(size=(400, 3))
+    y_eval = (X_eval[:, 0] > 0).astype(int)
+    write_csv(tmp_path / "eval.csv", X_eval, y_eval)
     up = subprocess.Popen([str(ROOT / "scripts" / "tier-up"), "--dir", str(workdir), "--fleet", FLEET,
                            "--devices", str(store),
                            "--partitions", "4", "--workers", "2", "--model", "sgd-classifier", "--n-features", "3",
                            "--classes", "0,1", "--buffer-size", "2", "--buffer-timeout", "1", "--timeout", "90",
-                           "--metrics-port", str(metrics), "--max-packet-bytes", "4096"],
+                           "--metrics-port", str(metrics), "--max-packet-bytes", "4096",
+                           "--eval-csv", str(tmp_path / "eval.csv")],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     agents, watch, ack_watch = [], None, None
     try:
@@ -126,9 +133,10 @@ def test_tier_up_serves_real_agents_and_stops_clean(tmp_path):
         broker = next(line.split("--broker ")[1].split()[0] for line in banner if "fedmq-agent --broker" in line)
         sub_cmd = next(line.strip() for line in banner if line.strip().startswith("mosquitto_sub "))
         watch = subprocess.Popen(["bash", "-c", f"exec {sub_cmd}"], stdout=subprocess.PIPE, text=True)
+        statuses: list[dict] = []
         versions: list[int] = []
-        threading.Thread(target=lambda: [versions.append(json.loads(line)["version"]) for line in watch.stdout],
-                         daemon=True).start()
+        threading.Thread(target=lambda: [(statuses.append(json.loads(line)), versions.append(statuses[-1]["version"]))
+                                         for line in watch.stdout], daemon=True).start()
         # the workers' per-agent acks (protocol/acks.py) reach MQTT subscribers through NATS while they listen
         # (core NATS messages, not retained: docs/architecture.md, "Acks on the tier")
         ack_cmd = sub_cmd.replace(f"fedmq/{FLEET}/coordinator/status", f"fedmq/{FLEET}/ack/+")
@@ -138,7 +146,13 @@ def test_tier_up_serves_real_agents_and_stops_clean(tmp_path):
                                                            json.loads(line.split(None, 1)[1])["seq"])
                                          for line in ack_watch.stdout], daemon=True).start()
 
-        rng = np.random.default_rng(0)
+        first = int(next(line for line in banner if "model version " in line).split("model version ")[1].split()[0])
+        deadline = time.monotonic() + 20
+        while not statuses and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling a list a reader thread fills (the retained status comes on subscribing)
+        # the fresh root's model is all zeros: it says class 0 of every row, right on exactly the 0 rows
+        assert [s["accuracy"] for s in statuses if s["version"] == first][:1] == [float(np.mean(y_eval == 0))], \
+            (first, statuses[:3])
         for i in range(3):
             X = rng.normal(size=(60, 3))
             write_csv(tmp_path / f"dev-{i}.csv", X, (X[:, 0] > 0).astype(int))
@@ -151,10 +165,17 @@ def test_tier_up_serves_real_agents_and_stops_clean(tmp_path):
             return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
         deadline = time.monotonic() + 90  # under load an agent may start seconds after the others: wait for all three
-        while time.monotonic() < deadline and not (versions and max(versions) >= 3 and len({r["agent"] for r in audit()}) == 3):
+        learned = lambda: max([s["accuracy"] or 0 for s in statuses], default=0)  # noqa: E731
+        while time.monotonic() < deadline and not (versions and max(versions) >= 3 and learned() >= 0.9
+                                                   and len({r["agent"] for r in audit()}) == 3):
             time.sleep(0.2)  # polling a list a reader thread fills and a file the root appends to
         assert versions and max(versions) >= 3, (versions, (tmp_path / "dev-0.log").read_text()[-1500:],
                                                  (workdir / "root1.log").read_text()[-1500:])
+        assert learned() >= 0.9, [(s["version"], s["accuracy"]) for s in statuses]
+        # the active root's /metrics has it too (a standby has scored nothing)
+        scraped = [urllib.request.urlopen(f"http://127.0.0.1:{metrics + i}/metrics", timeout=10).read().decode()
+                   for i in (0, 1)]
+        assert any('fedmq_eval_score{fleet="upf",metric="accuracy"}' in body for body in scraped), scraped
         assert {r["agent"] for r in audit()} == {"dev-0", "dev-1", "dev-2"}  # the agents' updates made the model
         deadline = time.monotonic() + 20
         while set(acked) != {"dev-0", "dev-1", "dev-2"} and time.monotonic() < deadline:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from coordinator.metrics import StatusCollector, by_label, pace_metrics, sample
+from coordinator.metrics import StatusCollector, by_label, eval_score, pace_metrics, sample
 
 
 class TierCollector(StatusCollector):
@@ -44,6 +44,7 @@ def root_metrics(status: dict):
         yield sample(CounterMetricFamily, name, doc, fleet, status[key])
     yield sample(GaugeMetricFamily, "fedmq_tier_partitions", "Partitions with a partial folded", fleet,
                  status["partitions"])
+    yield eval_score(status)
     yield from pace_metrics(status, fleet)
 
 

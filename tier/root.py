@@ -15,6 +15,8 @@ With --target-updates-per-s every root (standbys too) counts the agents online f
 statuses and last wills (coordinator/presence.py, over a connection of its own), and every model the
 active one publishes carries the pace `steer` gives for that count (protocol/pace.py), as the single
 coordinator's do.
+With --eval-csv the active root scores every model it publishes on that held-out set, as the coordinator
+does (coordinator/evaluation.py): `accuracy` (or `r2`) in its status and its metrics.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ from nats.js.errors import NotFoundError
 from coordinator.audit import AuditLog
 from coordinator.cli import (add_dp_arguments, add_max_packet_argument, add_pace_arguments, add_secagg_arguments,
                              check_max_packet_bytes, parse_classes, steering_from_args)
+from coordinator.evaluation import load_eval_set, score
 from coordinator.presence import Presence
 from coordinator.publish_policy import PublishPolicy, floor, publish_due, relative_change
-from coordinator.status import encode_status
+from coordinator.status import encode_status, score_fields
 from protocol import chunking
 from protocol.config import CliParser
 from protocol.errors import ProtocolError
@@ -78,7 +81,7 @@ class Root:
                  root_id: str, audit_log: str | None = None, buffer_timeout: float = 5.0,
                  publish_interval: float = 0.2, partitions: int = 32, dp: RootDP | None = None,
                  secagg: dict | None = None, steering: Steering | None = None,
-                 max_packet_bytes: int | None = None) -> None:
+                 max_packet_bytes: int | None = None, eval_data: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.nats = nats
         self.topics = topics
         self.spec = spec
@@ -94,6 +97,8 @@ class Root:
         self.dp = dp
         self.secagg = secagg  # the partitions' secure-aggregation settings (tier/secagg.root_config)
         self.cohorts = 0  # cohort sums folded
+        self.eval_data = eval_data  # --eval-csv's (X, y): every published model is scored on it
+        self.scores: dict[str, float] = {}  # the published model's (coordinator.evaluation.score)
         self.max_packet_bytes = max_packet_bytes  # a model over it goes as retained chunks and a manifest
         self._chunks_sent = 0  # chunk topics our last model filled (a smaller one clears the rest)
         self.retained_chunks = 0  # chunk topics the newest retained model fills (0: whole), whoever published it
@@ -457,7 +462,19 @@ class Root:
             self.published = self.version
             self._published_params = self.params.copy()
             self._last_pub = time.monotonic()
+            self._score()
             self._publish_status(up, steered)
+
+    def _score(self) -> None:
+        """The published model on --eval-csv: once per publish, as the coordinator scores (publishes are rate-limited
+        by the publish policy, folds are not)."""
+        if self.eval_data is None:
+            return
+        try:
+            self.scores = score(self.spec, self.params, *self.eval_data)
+        except Exception:  # a score is worth a log line, not the root
+            log.exception("cannot score version %d on the eval set", self.version)
+            self.scores = {}
 
     def _publish_counts(self) -> None:
         """The status alone when refusals came in without a new model (a partition of hostile or silent devices
@@ -480,6 +497,7 @@ class Root:
     def status(self, steered) -> dict:
         """The root's status document (its status topic; its metrics, tier/metrics.py), `steered` = self.pace()."""
         status = {"fleet": self.topics.fleet, "role": "root", "root": self.root_id, "version": self.published,
+                  **score_fields(self.spec.is_classifier, self.scores),
                   "folded": self.folded, "partials": self.partials, "duplicates": self.duplicates,
                   "rejected": self.rejected, "updates_rejected": rejected_by_reason(self.updates_rejected),
                   "partitions": len(self.hwm), "bounded": {"weight_cap": self.rule.weight_capped}, "time": time.time()}
@@ -532,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.3, help="fedasync: mixing weight per partial")
     parser.add_argument("--buffer-timeout", type=float, default=5.0, help="step a buffer that waited this long")
     parser.add_argument("--audit-log", help="JSON lines: every (agent, seq) folded, with its partial")
+    parser.add_argument("--eval-csv", help="held-out CSV scored at each publish (accuracy or r2 in the status and "
+                                           "fedmq_eval_score), as the coordinator's --eval-csv")
+    parser.add_argument("--label-column", default="label", help="label column of --eval-csv (default label)")
     add_dp_arguments(parser)
     add_secagg_arguments(parser)
     add_pace_arguments(parser)
@@ -551,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         dp = root_dp(args)
         steering = steering_from_args(args)  # refused with --secure-aggregation, as by the coordinator
         check_max_packet_bytes(args.max_packet_bytes)
+        eval_data = load_eval_set(args.eval_csv, args.label_column, spec) if args.eval_csv else None
         secagg = None
         if args.secure_aggregation:  # cryptography: imported only when asked for
             from tier.secagg import root_config
@@ -563,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                 return nats, Root(nats, parse_urls(args.mqtt), topics, spec, rule, root_id=args.id,
                                   audit_log=args.audit_log, buffer_timeout=args.buffer_timeout,
                                   partitions=args.partitions, dp=dp, secagg=secagg,
-                                  steering=steering, max_packet_bytes=args.max_packet_bytes)
+                                  steering=steering, max_packet_bytes=args.max_packet_bytes, eval_data=eval_data)
             except BaseException:
                 nats.close()
                 raise

@@ -190,7 +190,8 @@ def banner(tier: Tier, version: int) -> str:
         f"fedmq tier up: fleet {tier.fleet!r}, {len(c.nodes)} NATS node(s), {c.partitions} partitions, "
         f"{tier.workers} worker(s), {roots} root(s) (1 active, {roots - 1} standby); model version {version} retained",
         *devices,
-        "watch the model (the root's status, one JSON line per published version; as the tier user):",
+        "watch the model (the root's status, one JSON line per published version"
+        + (", its accuracy or r2 on --eval-csv" if "--eval-csv" in tier.root_args else "") + "; as the tier user):",
         f"  mosquitto_sub -h 127.0.0.1 -p {port} -V mqttv311 -u {TIER_USER} -P \"$(cat {password})\" "
         f"-t {topics.coordinator_status}",
         f"NATS (workers, root): {','.join(c.nats_urls)}",
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int_or_off, metavar="PORT",
                    help="Prometheus /metrics of every root and worker: root1 on PORT, the standbys and then the "
                         "workers on the next ports, in that order (default, or 0: none)")
+    p.add_argument("--eval-csv", metavar="CSV",
+                   help="the roots' --eval-csv: a held-out CSV (label column `label`) each published model is scored "
+                        "on, accuracy or r2 in the root's status (default: none)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for the first retained model before giving up (default 120)")
     add_device_auth_args(p)
@@ -250,6 +254,8 @@ def root_args(args: argparse.Namespace) -> list[str]:
         extra += ["--target-updates-per-s", str(args.target_updates_per_s)]
     if args.max_packet_bytes:
         extra += ["--max-packet-bytes", str(args.max_packet_bytes)]
+    if args.eval_csv:
+        extra += ["--eval-csv", str(Path(args.eval_csv).resolve())]
     return extra
 
 
@@ -264,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = stop_on_signals((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     try:
         check_max_packet_bytes(args.max_packet_bytes)
+        if args.eval_csv and not Path(args.eval_csv).is_file():  # now, not once the cluster is up
+            raise ValueError(f"{args.eval_csv}: no such file")
         last = (args.metrics_port or 0) + args.workers + args.standbys
         if args.metrics_port is not None and not (0 < args.metrics_port and last < 65536):
             raise ValueError(f"--metrics-port {args.metrics_port}: its {args.workers + args.standbys + 1} ports "
