@@ -169,3 +169,21 @@ def test_the_metrics_port_and_packet_limit_are_set_by_env_and_off_by_default(res
         assert args.metrics_port == 9464, name
         if name != "worker":  # a worker publishes no model
             assert args.max_packet_bytes == 131072, name
+
+
+def test_the_roots_eval_csv_is_set_by_env_and_off_by_default(resolved, tmp_path):
+    """FEDMQ_TIER_EVAL_CSV reaches both roots' --eval-csv and FEDMQ_TIER_EVAL_DIR is mounted read-only at /eval in
+    both; unset, neither root scores (an empty --eval-csv) and the default mount is a directory of the checkout
+    (seen red with the flag left out of the standby's volumes or the command)."""
+    def roots(services) -> list[tuple[str, dict]]:
+        out = []
+        for name in ("root", "root-standby"):
+            binds = {m["target"]: m for m in services[name]["volumes"] if m["type"] == "bind"}
+            out.append((tier.root.build_parser().parse_args(services[name]["command"]).eval_csv, binds["/eval"]))
+        return out
+
+    for eval_csv, mount in roots(resolved["services"]):
+        assert eval_csv == "" and mount["read_only"] and Path(mount["source"]).is_dir(), (eval_csv, mount)
+    services = _config({"FEDMQ_TIER_EVAL_DIR": str(tmp_path), "FEDMQ_TIER_EVAL_CSV": "/eval/eval.csv"})["services"]
+    for eval_csv, mount in roots(services):
+        assert eval_csv == "/eval/eval.csv" and mount["source"] == str(tmp_path) and mount["read_only"], (eval_csv, mount)
