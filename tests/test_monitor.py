@@ -386,7 +386,7 @@ def tier_messages() -> list[tuple[str, bytes]]:
 
     root = SimpleNamespace(topics=T, root_id="root7", published=6, folded=11, partials=4, duplicates=0, rejected=0,
                            updates_rejected={"2": {"decode": 3}}, hwm={"2": 4, "3": 1}, dp=None, secagg=None,
-                           rule=SimpleNamespace(weight_capped=0))
+                           rule=SimpleNamespace(weight_capped=0), spec=SPEC, scores={"accuracy": 0.75})
     partial = f"{T.base}/partial/2"
     return [(T.coordinator_status, encode_status(Root.status(root, None))),
             (f"{T.base}/upd/2/a1", update("a1", base=5, seq=1)), (f"{T.base}/upd/2/a1", update("a1", base=6, seq=2)),
@@ -410,6 +410,7 @@ def test_the_tiers_topics_are_known_and_the_roots_status_is_the_coordinator_row(
     assert coord["updated_at"] is not None and coord["partitions"] == 2
     text = text_of(snap)
     assert "tier root root7   2 partitions   4 partials" in text and "accepted 11   rejected 3 (decode 3)" in text
+    assert coord["accuracy"] == 0.75 and "accuracy 0.7500" in text  # the root's --eval-csv score
     assert "bad payloads" not in text
     for topic in (f"{T.base}/upd/x/a1", f"{T.base}/partial/2/other", f"{T.base}/psecagg/3/nokind/a2"):
         assert view.feed(topic, b"\x90", NOW) == "topic:unknown", topic  # near misses are still unknown
