@@ -403,3 +403,35 @@ def test_a_real_agent_counts_a_nested_and_an_oversized_model_and_trains_on_the_n
     assert "Traceback" not in log, log
     assert "unusable model message: decode: msgpack nested deeper than 3" in log, log
     assert "unusable model message: limits: the model has 10000000 features" in log and "(--max-features)" in log, log
+
+
+def test_a_coordinator_refuses_a_retained_model_of_another_spec_before_decoding_its_params(mosquitto, tmp_path):
+    """A broker's retained 5 MB int4 model of 10^7 features on the coordinator's own model topic: the coordinator
+    decoded it whole (float64: ~128 MiB more) before adopt() saw the spec was not its own; it now refuses it on the
+    spec, its peak RSS under the 200 MB of one hostile message (test_hostile_messages)."""
+    from fleet import TopicWatcher, spawn, stop
+    from test_hostile_messages import peak_rss_mb, publisher
+    from protocol.topics import Topics
+
+    topics = Topics("hostile-retained")
+    spec = ModelSpec("sgd-regressor", 10_000_000)
+    huge = encode_model(ModelMessage(fleet=topics.fleet, version=9, spec=spec, params=np.zeros(spec.n_params),
+                                     codec="int4"))
+    client = publisher(mosquitto)
+    client.publish(topics.model, huge, qos=1, retain=True).wait_for_publish(60)
+    watcher = TopicWatcher(mosquitto.port, topics.coordinator_status)
+    coordinator = spawn("coordinator", "--broker", mosquitto.url, "--fleet", topics.fleet, "--model", "sgd-classifier",
+                        "--n-features", 4, "--classes", "0,1,2", "--publish-interval", "0.2", "--no-feature-stats",
+                        log=tmp_path / "coordinator.log")
+    try:
+        status = watcher.wait_for(lambda: watcher.json(topics.coordinator_status), 60, "the coordinator's status")
+        peak = peak_rss_mb(coordinator.pid)
+        assert status["version"] < 9, status
+        assert peak < 200, f"coordinator peak RSS {peak:.0f} MB after a retained {len(huge)} B model"
+    finally:
+        client.publish(topics.model, b"", qos=1, retain=True).wait_for_publish(60)
+        client.loop_stop()
+        client.disconnect()
+        watcher.close()
+        assert stop(coordinator) == 0
+    assert "ignoring the retained model" in (tmp_path / "coordinator.log").read_text()
