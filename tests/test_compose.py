@@ -183,10 +183,12 @@ def test_coordinator_command_parses_with_the_real_parser(compose, tmp_path):
         assert args.checkpoint_dir == "/data/checkpoints"
         assert args.username == "coordinator"
         assert_password_is_a_secret(service, args.password_file)
-        # the cross-field checks too, with a readable stand-in for the secret
-        secret = tmp_path / "password"
+        # the cross-field checks too, with readable stand-ins for the secret and the holdout file
+        # (parse_args checks that --eval-csv exists; the service's lives on its mount)
+        secret, holdout = tmp_path / "password", tmp_path / "eval.csv"
         secret.write_text("x\n")
-        full = coordinator.cli.parse_args(cmd + ["--password-file", str(secret)])
+        holdout.write_text("")
+        full = coordinator.cli.parse_args(cmd + ["--password-file", str(secret), "--eval-csv", str(holdout)])
         assert full.spec.n_params == 64 * 10 + 10
         # the command's paths live on the service's mounts
         assert_on_a_mount(service, args.checkpoint_dir, writable=True)
