@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.exceptions import InvalidTag
 
 from protocol.errors import ProtocolError
-from protocol.messages import MAX_STR, WireLimits, _unpack
+from protocol.messages import MAX_STR, WireLimits, _unpack, scan
 
 MODULUS_BITS = 32
 MODULUS = 2**MODULUS_BITS
@@ -435,6 +435,7 @@ def decode(payload: bytes, kind: str, *, members: int = MAX_MEMBERS, n_params: i
         raise SecAggError("not a secure-aggregation message (size)")
     try:
         message = _unpack(payload, max_bytes, bounds)
+        scan(payload, bounds)  # below SCAN_ABOVE_BYTES _unpack let ~1,000 nested arrays through (rare messages: cheap)
     except ProtocolError as exc:
         raise SecAggError(f"refused {kind} message: {exc}") from None
     if not isinstance(message, dict) or message.get("type") != kind:

@@ -435,3 +435,14 @@ def test_a_coordinator_refuses_a_retained_model_of_another_spec_before_decoding_
         watcher.close()
         assert stop(coordinator) == 0
     assert "ignoring the retained model" in (tmp_path / "coordinator.log").read_text()
+
+
+@pytest.mark.parametrize("kind", ["cohort", "key", "share", "masked"])
+def test_a_secure_aggregation_message_nested_deep_is_refused_at_decoding(kind):
+    """Below SCAN_ABOVE_BYTES a secure-aggregation message's fields could nest ~1,020 deep past `limits`' depth of 3:
+    an agent's repr of a cohort's threshold nested so raised RecursionError (a traceback in its log)."""
+    from protocol import secagg
+
+    payload = b"\x82" + pack("type") + pack(kind) + pack("threshold") + nested()
+    with pytest.raises(secagg.SecAggError, match="nested deeper than 3"):
+        secagg.decode(payload, kind, n_params=10)
