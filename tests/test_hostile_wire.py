@@ -18,10 +18,18 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocol import codec
+from edge_agent.agent import Agent
+from edge_agent.data import ArraySource
+from edge_agent.trainer import LocalTrainer
+from fleet import TopicWatcher, spawn, stop
+from protocol import codec, secagg
 from protocol.errors import ProtocolError
-from protocol.messages import ModelMessage, decode_model, decode_update, encode_model
+from protocol.messages import ModelMessage, UpdateMessage, decode_model, decode_update, encode_model, encode_update
 from protocol.model_spec import ModelSpec
+from protocol.schema import decode_schema
+from protocol.stats_message import decode_stats
+from protocol.topics import Topics
+from test_hostile_messages import T, peak_rss_mb, publisher, raw_model as raw_map_model, start_agent
 
 N = 1000  # the delta's length in the crafted updates
 DEEP = 1020  # lists nested this deep unpack (msgpack's stack is ~1,024) and overflow Python's repr
@@ -270,21 +278,28 @@ def test_random_fields_and_flipped_bytes_are_protocol_errors_only():
                 pass
 
 
+def start_coordinator(mosquitto, tmp_path, fleet: str):
+    """A real coordinator of 4 features and 3 classes (15 parameters) on `fleet`, fed by hand (no statistics)."""
+    return spawn("coordinator", "--broker", mosquitto.url, "--fleet", fleet, "--model", "sgd-classifier",
+                 "--n-features", 4, "--classes", "0,1,2", "--publish-interval", "0.2", "--no-feature-stats",
+                 log=tmp_path / "coordinator.log")
+
+
+def shut_down(client, watcher, proc) -> None:
+    client.loop_stop()
+    client.disconnect()
+    watcher.close()
+    assert stop(proc) == 0
+
+
 def test_the_coordinator_counts_hostile_wire_updates_and_keeps_folding_honest_ones(mosquitto, tmp_path):
     """A real coordinator on a real mosquitto gets a nested update (RecursionError before the fix: counted as
     'internal', with a traceback), a bad Elias-Fano index and a NaN scale between honest top-k updates: it counts
     each refusal under its reason in its status and accepts every honest update."""
-    from fleet import TopicWatcher, spawn, stop
-    from test_hostile_messages import publisher
-    from protocol.messages import UpdateMessage, encode_update
-    from protocol.topics import Topics
-
     topics = Topics("hostile-wire")
     n_params = 3 * 4 + 3  # 4 features, 3 classes
     watcher = TopicWatcher(mosquitto.port, topics.coordinator_status)
-    coordinator = spawn("coordinator", "--broker", mosquitto.url, "--fleet", topics.fleet, "--model", "sgd-classifier",
-                        "--n-features", 4, "--classes", "0,1,2", "--publish-interval", "0.2", "--no-feature-stats",
-                        log=tmp_path / "coordinator.log")
+    coordinator = start_coordinator(mosquitto, tmp_path, topics.fleet)
     client = publisher(mosquitto)
     status = lambda: watcher.json(topics.coordinator_status) or {}  # noqa: E731
     hostile = [HOSTILE_UPDATES["quantizer nested 1020 deep"][0],
@@ -304,10 +319,7 @@ def test_the_coordinator_counts_hostile_wire_updates_and_keeps_folding_honest_on
         assert seen["rejected"] == {"decode": 1, "shape": 1, "non_finite": 1}, seen["rejected"]
         assert coordinator.poll() is None
     finally:
-        client.loop_stop()
-        client.disconnect()
-        watcher.close()
-        assert stop(coordinator) == 0
+        shut_down(client, watcher, coordinator)
     assert "Traceback" not in (tmp_path / "coordinator.log").read_text()
 
 
@@ -315,10 +327,6 @@ def test_an_agent_told_of_many_distinct_unusable_models_keeps_a_bounded_memory(c
     """An agent says each unusable model's reason once: it remembered every distinct message said, and a broker
     publishing models of format 1000, 1001, ... (or a hyperparameter list ~60 KB long in each) grew that set
     without bound (2,000 formats: 2,000 entries, ~330 KB; 200 long ones: ~12 MB). It remembers the reason codes."""
-    from edge_agent.agent import Agent
-    from edge_agent.data import ArraySource
-    from edge_agent.trainer import LocalTrainer
-    from protocol.topics import Topics
 
     agent = Agent("a1", Topics("f"), ArraySource(np.zeros((4, 4)), np.array([0, 1, 2, 0])), LocalTrainer())
     with caplog.at_level("WARNING", logger="edge_agent.agent"):
@@ -342,9 +350,6 @@ OTHER_DEVICE_MESSAGES = {  # the agent's retained schema and statistics, decoded
 
 @pytest.mark.parametrize("name", sorted(OTHER_DEVICE_MESSAGES))
 def test_a_schema_or_statistics_nested_deep_is_a_protocol_error(name):
-    from protocol.schema import decode_schema
-    from protocol.stats_message import decode_stats
-
     kind, payload = OTHER_DEVICE_MESSAGES[name]
     error, _ = refusal(decode_schema if kind == "schema" else lambda p: decode_stats(p, 4), payload)
     assert error.reason == "decode", error
@@ -354,10 +359,6 @@ def test_an_agent_refuses_a_model_beyond_its_limits_before_decoding_its_params()
     """A 5 MB int4 model of 10^7 features (two parameters a byte) was decoded whole, to float64 (~128 MiB traced),
     and held, by an agent accepting 100,000 features and 4 MiB of float32 parameters: its trainer refused it only
     at the next round. The agent's limits now judge the spec before the params are decoded."""
-    from edge_agent.agent import Agent
-    from edge_agent.data import ArraySource
-    from edge_agent.trainer import LocalTrainer
-    from protocol.topics import Topics
 
     agent = Agent("a1", Topics("f"), ArraySource(np.zeros((4, 4)), np.zeros(4)), LocalTrainer())
     spec = ModelSpec("sgd-regressor", 10_000_000)
@@ -379,9 +380,6 @@ def test_a_real_agent_counts_a_nested_and_an_oversized_model_and_trains_on_the_n
     """A real agent gets a model whose codec is nested 1,020 deep (before the fix: a RecursionError with a traceback,
     not counted) and a 5 MB int4 model of 10^7 features (decoded whole and held before), then a usable one: it counts
     the two as unusable models (said in its log), logs no traceback, and sends an update for the third."""
-    from fleet import stop
-    from test_hostile_messages import T, publisher, raw_model, start_agent
-
     head = {"format": 2, "type": "model", "fleet": T.fleet, "version": 1, "time": 1.0, "params": bytes(20)}
     nested_model = b"\x88" + pack(head)[1:] + SPEC_PAIR + pack("codec") + nested()
     spec = ModelSpec("sgd-regressor", 10_000_000)
@@ -391,14 +389,11 @@ def test_a_real_agent_counts_a_nested_and_an_oversized_model_and_trains_on_the_n
     try:
         for payload in (nested_model, huge):
             client.publish(T.model, payload, qos=1).wait_for_publish(60)
-        client.publish(T.model, raw_model(3, [0, 1, 2], {}), qos=1).wait_for_publish(60)
+        client.publish(T.model, raw_map_model(3, [0, 1, 2], {}), qos=1).wait_for_publish(60)
         watcher.wait_for(lambda: T.update("a1") in watcher.latest, 60, "an update for the usable model")
         assert agent.poll() is None
     finally:
-        client.loop_stop()
-        client.disconnect()
-        watcher.close()
-        assert stop(agent) == 0
+        shut_down(client, watcher, agent)
     log = (tmp_path / "agent.log").read_text()
     assert "Traceback" not in log, log
     assert "unusable model message: decode: msgpack nested deeper than 3" in log, log
@@ -409,10 +404,6 @@ def test_a_coordinator_refuses_a_retained_model_of_another_spec_before_decoding_
     """A broker's retained 5 MB int4 model of 10^7 features on the coordinator's own model topic: the coordinator
     decoded it whole (float64: ~128 MiB more) before adopt() saw the spec was not its own; it now refuses it on the
     spec, its peak RSS under the 200 MB of one hostile message (test_hostile_messages)."""
-    from fleet import TopicWatcher, spawn, stop
-    from test_hostile_messages import peak_rss_mb, publisher
-    from protocol.topics import Topics
-
     topics = Topics("hostile-retained")
     spec = ModelSpec("sgd-regressor", 10_000_000)
     huge = encode_model(ModelMessage(fleet=topics.fleet, version=9, spec=spec, params=np.zeros(spec.n_params),
@@ -420,9 +411,7 @@ def test_a_coordinator_refuses_a_retained_model_of_another_spec_before_decoding_
     client = publisher(mosquitto)
     client.publish(topics.model, huge, qos=1, retain=True).wait_for_publish(60)
     watcher = TopicWatcher(mosquitto.port, topics.coordinator_status)
-    coordinator = spawn("coordinator", "--broker", mosquitto.url, "--fleet", topics.fleet, "--model", "sgd-classifier",
-                        "--n-features", 4, "--classes", "0,1,2", "--publish-interval", "0.2", "--no-feature-stats",
-                        log=tmp_path / "coordinator.log")
+    coordinator = start_coordinator(mosquitto, tmp_path, topics.fleet)
     try:
         status = watcher.wait_for(lambda: watcher.json(topics.coordinator_status), 60, "the coordinator's status")
         peak = peak_rss_mb(coordinator.pid)
@@ -430,10 +419,7 @@ def test_a_coordinator_refuses_a_retained_model_of_another_spec_before_decoding_
         assert peak < 200, f"coordinator peak RSS {peak:.0f} MB after a retained {len(huge)} B model"
     finally:
         client.publish(topics.model, b"", qos=1, retain=True).wait_for_publish(60)
-        client.loop_stop()
-        client.disconnect()
-        watcher.close()
-        assert stop(coordinator) == 0
+        shut_down(client, watcher, coordinator)
     assert "ignoring the retained model" in (tmp_path / "coordinator.log").read_text()
 
 
@@ -441,8 +427,6 @@ def test_a_coordinator_refuses_a_retained_model_of_another_spec_before_decoding_
 def test_a_secure_aggregation_message_nested_deep_is_refused_at_decoding(kind):
     """Below SCAN_ABOVE_BYTES a secure-aggregation message's fields could nest ~1,020 deep past `limits`' depth of 3:
     an agent's repr of a cohort's threshold nested so raised RecursionError (a traceback in its log)."""
-    from protocol import secagg
-
     payload = b"\x82" + pack("type") + pack(kind) + pack("threshold") + nested()
     with pytest.raises(secagg.SecAggError, match="nested deeper than 3"):
         secagg.decode(payload, kind, n_params=10)
