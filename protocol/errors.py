@@ -8,8 +8,9 @@ class ProtocolError(ValueError):
     """A message or payload that does not follow the fedmq protocol.
 
     `reason` is a short stable code (``decode``, ``schema``, ``shape``, ``non_finite``,
-    ``oversize``, ``codec``, ``format``, ``fleet``) that the coordinator counts rejections
-    under; the message says what exactly was wrong.
+    ``oversize``, ``codec``, ``format``, ``fleet``; ``limits``: beyond what the reader accepts, see
+    messages.decode_model's check_spec) that the coordinator counts rejections under; the message
+    says what exactly was wrong, in at most MAX_MESSAGE characters.
     """
 
     def __init__(self, reason: str, message: str) -> None:
