@@ -163,7 +163,8 @@ class Agent:
         """
         try:
             limits = getattr(self.trainer, "limits", None)  # judged before the params are decoded and held
-            model = decode_model(payload, fleet=self.topics.fleet, check_spec=limits.check if limits else None)
+            model = decode_model(payload, fleet=self.topics.fleet, check_spec=limits.check if limits else None,
+                                 check_classes=limits.check_classes if limits else None)
         except ProtocolError as exc:
             self.unusable_models_ += 1
             # once per reason code, then only the status counter: a set of every distinct message said grew without

@@ -42,11 +42,15 @@ class ModelLimits:
     max_features: int = DEFAULT_MAX_FEATURES
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
 
+    def check_classes(self, count: int) -> None:
+        """ValueError (one line, naming the flag) if `count` classes are more than this device takes."""
+        if count > self.max_classes:
+            raise ValueError(f"the model has {count} classes, this agent accepts at most {self.max_classes} "
+                             "(--max-classes)")
+
     def check(self, spec: ModelSpec) -> None:
         """ValueError (one line, naming the flag) if `spec` is beyond these limits."""
-        if len(spec.classes) > self.max_classes:
-            raise ValueError(f"the model has {len(spec.classes)} classes, this agent accepts at most "
-                             f"{self.max_classes} (--max-classes)")
+        self.check_classes(len(spec.classes))
         if spec.n_features > self.max_features:
             raise ValueError(f"the model has {spec.n_features} features, this agent accepts at most "
                              f"{self.max_features} (--max-features)")

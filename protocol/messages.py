@@ -177,11 +177,13 @@ def encode_model(msg: ModelMessage) -> bytes:
 
 @_nesting_refused(lambda max_classes=MAX_CLASSES, **_: model_limits(max_classes))
 def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = MAX_MESSAGE_BYTES,
-                 max_classes: int = MAX_CLASSES, check_spec: Callable[[ModelSpec], None] | None = None) -> ModelMessage:
+                 max_classes: int = MAX_CLASSES, check_spec: Callable[[ModelSpec], None] | None = None,
+                 check_classes: Callable[[int], None] | None = None) -> ModelMessage:
     """Strictly decode a model message (optionally checking it is for `fleet`).
 
     At most `max_bytes` of payload and `max_classes` classes, and a spec `check_spec(spec)` (if given) does not
-    refuse with ValueError (ProtocolError "limits"); the structure is bounded
+    refuse with ValueError (ProtocolError "limits"), nor its class count `check_classes(n)` (if given; asked before
+    a count's classes are built: 100,000 of them are ~11 MB from a ~100-byte model); the structure is bounded
     (`model_limits`) before msgpack builds any object.
     """
     wire = _unpack(payload, max_bytes, model_limits(max_classes))
@@ -191,12 +193,9 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
     got_fleet = _typed(wire, "fleet", str)
     if fleet is not None and got_fleet != fleet:
         raise ProtocolError("fleet", f"message for fleet {got_fleet!r}, expected {fleet!r}")
-    spec = spec_from_wire(wire.get("spec"), max_classes)
+    spec = spec_from_wire(wire.get("spec"), max_classes, check_classes)
     if check_spec is not None:  # the reader's limits, before the params are decoded (int4: ~26x its bytes traced)
-        try:
-            check_spec(spec)
-        except ValueError as exc:
-            raise ProtocolError("limits", str(exc)) from None
+        _limits(check_spec, spec)
     raw = _typed(wire, "params", bytes)
     model_codec = wire.get("codec", "float32")
     scales = wire.get("scales")
@@ -234,9 +233,11 @@ def spec_wire(spec: ModelSpec) -> list:
     return wire + [list(spec.columns)] if spec.columns else wire
 
 
-def spec_from_wire(wire: object, max_classes: int = MAX_CLASSES) -> ModelSpec:
+def spec_from_wire(wire: object, max_classes: int = MAX_CLASSES,
+                   check_classes: Callable[[int], None] | None = None) -> ModelSpec:
     """Strictly read a model message's spec (`spec_wire`, or the map of an older coordinator) with at most
-    `max_classes` classes; a count is bounded before any class is built."""
+    `max_classes` classes and a class count `check_classes` (if given) does not refuse with ValueError
+    (ProtocolError "limits"); a count is bounded before any class is built."""
     if isinstance(wire, list):
         if len(wire) not in (len(SPEC_FIELDS) - 1, len(SPEC_FIELDS)):
             raise ProtocolError("schema", f"spec must be an array of {len(SPEC_FIELDS) - 1} or {len(SPEC_FIELDS)} "
@@ -246,11 +247,21 @@ def spec_from_wire(wire: object, max_classes: int = MAX_CLASSES) -> ModelSpec:
         if isinstance(count, int) and not isinstance(count, bool):
             if not 0 <= count <= max_classes:
                 raise ProtocolError("decode", f"{count} classes outside [0, {max_classes}]")
+            if check_classes is not None:
+                _limits(check_classes, count)
             wire["classes"] = list(range(count))
     classes = wire.get("classes") if isinstance(wire, dict) else None
     if isinstance(classes, list) and len(classes) > max_classes:  # the array bound admits column names too
         raise ProtocolError("decode", f"{len(classes)} classes exceed the limit of {max_classes}")
     return ModelSpec.from_wire(wire)
+
+
+def _limits(check: Callable, value: object) -> None:
+    """The reader's `check(value)`; its ValueError is a ProtocolError "limits"."""
+    try:
+        check(value)
+    except ValueError as exc:
+        raise ProtocolError("limits", str(exc)) from None
 
 
 def _pace(wire: object) -> pacing.Pace:

@@ -355,6 +355,21 @@ def test_a_schema_or_statistics_nested_deep_is_a_protocol_error(name):
     assert error.reason == "decode", error
 
 
+def test_an_agent_refuses_a_class_count_beyond_its_max_classes_before_building_the_classes():
+    """A 96-byte model whose positional spec counts 100,000 classes built them all (~11 MB traced) before the
+    agent's --max-classes (1,000) refused the spec: the count is now judged first."""
+    agent = Agent("a1", Topics("f"), ArraySource(np.zeros((4, 4)), np.zeros(4)), LocalTrainer())
+    payload = with_fields(spec=["sgd-classifier", 4, 100_000, {}])
+    tracemalloc.start()
+    try:
+        assert agent.on_model(payload) is False
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, f"peak {peak} B for a {len(payload)} B model"
+    assert agent.model_ is None and agent.unusable_models_ == 1 and agent.unusable_said_ == {"limits"}
+
+
 def test_an_agent_refuses_a_model_beyond_its_limits_before_decoding_its_params():
     """A 5 MB int4 model of 10^7 features (two parameters a byte) was decoded whole, to float64 (~128 MiB traced),
     and held, by an agent accepting 100,000 features and 4 MiB of float32 parameters: its trainer refused it only
