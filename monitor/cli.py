@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from monitor.fleet_view import DEFAULT_MAX_MODEL_BYTES
 from monitor.report import ReportError, plot, read_log, series
 from protocol.config import CliParser, fleet_tool_parser, optional_extra, parse_layered
 from protocol.stopping import stop_event_on_signals
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", action="store_true",
                    help="print snapshots as JSON (one line each) instead of tables; without --once, one per --refresh")
     o.add_argument("--refresh", type=float, default=1.0, metavar="SECONDS", help="seconds between redraws (default: 1)")
+    o.add_argument("--max-model-bytes", type=int, default=DEFAULT_MAX_MODEL_BYTES, metavar="BYTES",
+                   help="the largest model decoded, as float32 parameter bytes (4 per parameter), judged on its spec "
+                   "before its parameters: a larger one counts as a bad payload (model:limits) and is not shown "
+                   f"(default: {DEFAULT_MAX_MODEL_BYTES}, 4Mi parameters)")
     w = p.add_argument_group("web view (docs/web-view.md)")
     w.add_argument("--web", type=int, metavar="PORT",
                    help="serve the web fleet view on this port instead of the terminal view: a page that connects "
@@ -65,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             check_web_args(args)
         else:
             args.settings = settings_from_args(args)
-        for name in ("wait", "refresh", "connect_timeout"):
+        for name in ("wait", "refresh", "connect_timeout", "max_model_bytes"):
             if not getattr(args, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     except ValueError as exc:
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmq-monitor: error: {exc.name} is missing: pip install 'fedmq[monitor]'", file=sys.stderr)
         return 2
     stop, relay = stop_event_on_signals()
-    session = live.MonitorSession(args.topics, args.settings)
+    session = live.MonitorSession(args.topics, args.settings, max_model_bytes=args.max_model_bytes)
     try:
         session.start(args.connect_timeout)
     except BrokerError as exc:

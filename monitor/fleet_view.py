@@ -16,6 +16,7 @@ from monitor.values import counts, latest, mapping, number, numbers, text, whole
 from protocol.agent_states import REASON_FIELDS, STATES
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_METRICS, decode_model, decode_update
+from protocol.model_spec import ModelSpec
 from protocol.schema import decode_schema
 from protocol.acks import decode_ack
 from protocol.stats_message import decode_stats
@@ -27,6 +28,9 @@ MAX_JSON_BYTES = 64 * 1024  # status documents are a few hundred bytes
 # known topics whose contents are the coordinator's or the tier's business: model chunks, secure-aggregation
 # messages, the tier's partial sums (the root's status counts what they folded)
 IGNORED = ("model_chunk", "secagg", "partial")
+# The largest model (float32 parameter bytes) the monitor decodes (fedmq-monitor --max-model-bytes): its spec is
+# judged before its params are decoded, which cost ~26x an int4 model's bytes (a 5 MB one: ~128 MiB traced).
+DEFAULT_MAX_MODEL_BYTES = 16 * 1024 * 1024  # 4x an agent's default (fedmq-agent --max-model-bytes)
 
 
 @dataclass
@@ -64,8 +68,9 @@ class ModelView:
 class FleetView:
     """Aggregates everything published under one fleet's topics; `snapshot()` reports it."""
 
-    def __init__(self, topics: Topics) -> None:
+    def __init__(self, topics: Topics, max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:
         self.topics = topics
+        self.max_model_bytes = max_model_bytes
         self.agents: dict[str, AgentView] = {}
         self.model: ModelView | None = None
         self.coordinator: dict | None = None
@@ -197,8 +202,14 @@ class FleetView:
             raise ProtocolError("empty", "empty update payload")
 
     def _on_model(self, payload: bytes, now: float) -> None:
-        msg = decode_model(payload, fleet=self.topics.fleet)
+        msg = decode_model(payload, fleet=self.topics.fleet, check_spec=self._check_size)
         self.model = ModelView(msg.version, msg.spec.estimator, msg.spec.n_params, len(payload), msg.time, now)
+
+    def _check_size(self, spec: ModelSpec) -> None:
+        """ValueError (one line, naming the flag) for a model beyond --max-model-bytes, before its params decode."""
+        if 4 * spec.n_params > self.max_model_bytes:
+            raise ValueError(f"the model has {spec.n_params} parameters ({4 * spec.n_params} bytes), the monitor "
+                             f"decodes at most {self.max_model_bytes} bytes (--max-model-bytes)")
 
     def _on_coordinator(self, payload: bytes) -> None:
         doc = _json_object(payload)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,25 @@ def test_coordinator_status_and_model_give_the_fleet_summary():
     assert snap["bad"]["count"] == 0 and snap["agents"] == []
     text = text_of(snap)
     assert "version 9 (published 9)" in text and "accuracy 0.9100" in text and "decode 2" in text
+
+
+def test_a_model_beyond_max_model_bytes_is_one_bad_payload_refused_before_its_params_decode():
+    """A retained 5 MB int4 model of 10^7 features was decoded whole (float64: ~128 MiB traced) only to show its
+    version: the monitor now judges its spec by --max-model-bytes first (one line, counted as a bad payload)."""
+    view = FleetView(T)
+    spec = ModelSpec("sgd-regressor", 10_000_000)
+    payload = encode_model(ModelMessage(T.fleet, 3, spec, np.zeros(spec.n_params), codec="int4"))
+    tracemalloc.start()
+    try:
+        assert view.feed(T.model, payload, NOW) == "model:limits"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(payload) + 1_000_000, f"peak {peak} B for a {len(payload)} B model"
+    assert view.model is None and view.bad == {"model:limits": 1}
+    assert "(--max-model-bytes)" in view.last_bad and "\n" not in view.last_bad, view.last_bad
+    assert view.feed(T.model, model(4), NOW) is None and view.model.version == 4  # a usable one after it is shown
+    assert FleetView(T, max_model_bytes=4 * spec.n_params).feed(T.model, payload, NOW) is None  # the flag raises it
 
 
 def test_updates_and_statuses_give_each_agent_its_staleness():
