@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from types import SimpleNamespace
 
 import msgpack
@@ -15,12 +16,14 @@ from coordinator.strategies import FedBuff
 from coordinator.validation import UpdateValidator
 from protocol import codec
 from protocol.errors import ProtocolError
-from protocol.messages import UpdateMessage, encode_update
+from protocol.messages import ModelMessage, UpdateMessage, encode_model, encode_update
+from protocol.model_spec import ModelSpec
 from protocol.topics import Topics
 from tier.lease import Fenced, FencedRecord
 from tier.mqtt_link import Link, parse_urls
 from tier.partial import Partial, PartialSum, decode_partial, encode_partial
 from tier.steps import RootFedAsync, RootFedBuff
+from tier.worker import Worker
 
 TOPICS = Topics("u")
 RNG = np.random.default_rng(0)
@@ -297,8 +300,6 @@ def _bare_partition(**worker_options):
 
     from coordinator.staleness import Constant
     from coordinator.validation import DEFAULT_NORM_FACTOR
-    from protocol.messages import ModelMessage
-    from protocol.model_spec import ModelSpec
     from protocol.topics import Topics
     from tier.worker import Partition
 
@@ -364,3 +365,29 @@ def test_the_roots_eval_csv_is_checked_at_the_start_in_one_line(csv, message, tm
                            "--model", "sgd-classifier", "--n-features", "3", "--classes", "0,1", "--eval-csv", str(path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("tier root: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_worker_judges_a_model_by_its_held_spec_before_decoding_its_params():
+    """A retained 5 MB int4 model of 10^7 features was decoded whole by every partition worker (float64: ~128 MiB
+    traced) before its spec was looked at: a model of another spec than the held one (the root's checkpoint has a
+    new spec first) is now refused on its spec, in one line, and a model of the held spec is still taken."""
+    worker = Worker(None, parse_urls("mqtt://127.0.0.1:1"), Topics("f"), partitions=1, worker_id="w")
+    spec = ModelSpec("sgd-classifier", 4, (0, 1, 2))
+    worker.model = ModelMessage("f", 1, spec, np.zeros(spec.n_params))
+    worker.refresh_model = lambda: None  # no root checkpoint here: the held model stays
+    huge = ModelSpec("sgd-regressor", 10_000_000)
+    payload = encode_model(ModelMessage("f", 2, huge, np.zeros(huge.n_params), codec="int4"))
+    many = encode_model(ModelMessage("f", 2, spec, np.zeros(spec.n_params)))
+    many = many.replace(msgpack.packb(["sgd-classifier", 4, 3])[1:], msgpack.packb(["sgd-classifier", 4, 100_000])[1:])
+    for hostile in (payload, many):
+        tracemalloc.start()
+        try:
+            worker._on_model(None, None, SimpleNamespace(payload=hostile, topic="fedmq/f/model"))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2 * len(hostile) + 1_000_000, f"peak {peak} B for a {len(hostile)} B model"
+        assert worker.model.version == 1
+    worker._on_model(None, None, SimpleNamespace(payload=encode_model(ModelMessage("f", 3, spec, np.ones(spec.n_params))),
+                                                 topic="fedmq/f/model"))
+    assert worker.model.version == 3

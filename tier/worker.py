@@ -372,6 +372,12 @@ class Partition:
             self.lease.release()
 
 
+def _same(held: object, what: str, got: object) -> None:
+    """ValueError unless a model's `got` is the held model's (a new spec comes in the root's checkpoint first)."""
+    if got != held:
+        raise ValueError(f"its {what} is not the root's checkpointed one")
+
+
 class Worker:
     """Holds up to a fair share of the fleet's partitions and serves each (see the module docstring)."""
 
@@ -434,10 +440,17 @@ class Worker:
         if chunking.is_manifest(msg.payload):  # a chunked model (the root's --max-packet-bytes): the root's checkpoint
             self.refresh_model()  # holds it, written before the manifest went out
             return
-        try:
-            model = decode_model(msg.payload)
-        except (ProtocolError, ValueError, TypeError):
-            log.warning("unreadable model on %s", msg.topic)
+        held = self.model
+        if held is None:  # the spec to judge it by: the root's checkpoint, written before its models go out
+            self.refresh_model()
+            return
+        try:  # the held spec judged before the params decode (a 5 MB int4 model of 10^7 features: ~128 MiB)
+            model = decode_model(msg.payload, check_classes=lambda n: _same(len(held.spec.classes), "class count", n),
+                                 check_spec=lambda spec: _same(held.spec, "spec", spec))
+        except (ProtocolError, ValueError, TypeError) as exc:
+            log.warning("unreadable model on %s: %s", msg.topic, exc)
+            if getattr(exc, "reason", None) == "limits":  # a new spec comes first in the root's checkpoint
+                self.refresh_model()
             return
         if model.fleet != self.topics.fleet or (self.model is not None and model.version <= self.model.version):
             return
