@@ -108,15 +108,23 @@ HOSTILE_UPDATES = {
 }
 
 
-def refusal(decode, payload: bytes) -> tuple[ProtocolError, int]:
-    """The ProtocolError `decode(payload)` raises (any other outcome fails) and tracemalloc's peak meanwhile."""
+def traced(call):
+    """`call()`'s result and tracemalloc's peak meanwhile."""
     tracemalloc.start()
     try:
-        with pytest.raises(ProtocolError) as caught:
-            decode(payload)
-        return caught.value, tracemalloc.get_traced_memory()[1]
+        result = call()
+        return result, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def refusal(decode, payload: bytes) -> tuple[ProtocolError, int]:
+    """The ProtocolError `decode(payload)` raises (any other outcome fails) and tracemalloc's peak meanwhile."""
+    def refused():
+        with pytest.raises(ProtocolError) as caught:
+            decode(payload)
+        return caught.value
+    return traced(refused)
 
 
 def decode_delta(payload: bytes) -> np.ndarray:
@@ -360,12 +368,8 @@ def test_an_agent_refuses_a_class_count_beyond_its_max_classes_before_building_t
     agent's --max-classes (1,000) refused the spec: the count is now judged first."""
     agent = Agent("a1", Topics("f"), ArraySource(np.zeros((4, 4)), np.zeros(4)), LocalTrainer())
     payload = with_fields(spec=["sgd-classifier", 4, 100_000, {}])
-    tracemalloc.start()
-    try:
-        assert agent.on_model(payload) is False
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    usable, peak = traced(lambda: agent.on_model(payload))
+    assert usable is False
     assert peak < 64 * 1024, f"peak {peak} B for a {len(payload)} B model"
     assert agent.model_ is None and agent.unusable_models_ == 1 and agent.unusable_said_ == {"limits"}
 
@@ -379,12 +383,8 @@ def test_an_agent_refuses_a_model_beyond_its_limits_before_decoding_its_params()
     spec = ModelSpec("sgd-regressor", 10_000_000)
     payload = encode_model(ModelMessage(fleet="f", version=1, spec=spec, params=np.zeros(spec.n_params), codec="int4"))
     assert len(payload) > 5_000_000
-    tracemalloc.start()
-    try:
-        assert agent.on_model(payload) is False
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    usable, peak = traced(lambda: agent.on_model(payload))
+    assert usable is False
     assert peak < 2 * len(payload) + 1_000_000, f"peak {peak} B for a {len(payload)} B model"
     assert agent.model_ is None and agent.unusable_models_ == 1
     small = ModelSpec("sgd-regressor", 4)
