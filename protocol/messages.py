@@ -256,6 +256,16 @@ def spec_from_wire(wire: object, max_classes: int = MAX_CLASSES,
     return ModelSpec.from_wire(wire)
 
 
+def only_spec(spec: ModelSpec) -> dict[str, Callable]:
+    """decode_model's checks for a reader taking models of `spec` alone (the tier's root and workers): another spec,
+    or another class count, is refused before its classes are built and its params decoded."""
+    def same(held: object, what: str, got: object) -> None:
+        if got != held:
+            raise ValueError(f"its {what} is not the one held here ({held!r:.60})")
+    return {"check_classes": lambda count: same(len(spec.classes), "class count", count),
+            "check_spec": lambda got: same(spec, "spec", got)}
+
+
 def _limits(check: Callable, value: object) -> None:
     """The reader's `check(value)`; its ValueError is a ProtocolError "limits"."""
     try:

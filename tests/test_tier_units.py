@@ -23,6 +23,7 @@ from tier.lease import Fenced, FencedRecord
 from tier.mqtt_link import Link, parse_urls
 from tier.partial import Partial, PartialSum, decode_partial, encode_partial
 from tier.steps import RootFedAsync, RootFedBuff
+from tier.root import Root
 from tier.worker import Worker
 
 TOPICS = Topics("u")
@@ -367,27 +368,52 @@ def test_the_roots_eval_csv_is_checked_at_the_start_in_one_line(csv, message, tm
     assert code == 2 and err.startswith("tier root: ") and message in err and len(err.splitlines()) == 1, err
 
 
-def test_a_worker_judges_a_model_by_its_held_spec_before_decoding_its_params():
-    """A retained 5 MB int4 model of 10^7 features was decoded whole by every partition worker (float64: ~128 MiB
-    traced) before its spec was looked at: a model of another spec than the held one (the root's checkpoint has a
-    new spec first) is now refused on its spec, in one line, and a model of the held spec is still taken."""
-    worker = Worker(None, parse_urls("mqtt://127.0.0.1:1"), Topics("f"), partitions=1, worker_id="w")
-    spec = ModelSpec("sgd-classifier", 4, (0, 1, 2))
-    worker.model = ModelMessage("f", 1, spec, np.zeros(spec.n_params))
-    worker.refresh_model = lambda: None  # no root checkpoint here: the held model stays
+
+HELD = ModelSpec("sgd-classifier", 4, (0, 1, 2))
+
+
+def hostile_models() -> list[bytes]:
+    """A 5 MB int4 model of 10^7 features (~135 MB traced decoded whole) and a model of HELD's features counting
+    100,000 classes (~11 MB built from ~150 bytes)."""
     huge = ModelSpec("sgd-regressor", 10_000_000)
-    payload = encode_model(ModelMessage("f", 2, huge, np.zeros(huge.n_params), codec="int4"))
-    many = encode_model(ModelMessage("f", 2, spec, np.zeros(spec.n_params)))
-    many = many.replace(msgpack.packb(["sgd-classifier", 4, 3])[1:], msgpack.packb(["sgd-classifier", 4, 100_000])[1:])
-    for hostile in (payload, many):
-        tracemalloc.start()
-        try:
-            worker._on_model(None, None, SimpleNamespace(payload=hostile, topic="fedmq/f/model"))
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        assert peak < 2 * len(hostile) + 1_000_000, f"peak {peak} B for a {len(hostile)} B model"
+    many = encode_model(ModelMessage("f", 2, HELD, np.zeros(HELD.n_params)))
+    return [encode_model(ModelMessage("f", 2, huge, np.zeros(huge.n_params), codec="int4")),
+            many.replace(msgpack.packb(["sgd-classifier", 4, 3])[1:], msgpack.packb(["sgd-classifier", 4, 100_000])[1:])]
+
+
+def assert_refused_in_bounded_memory(take, payload: bytes) -> None:
+    tracemalloc.start()
+    try:
+        take(SimpleNamespace(payload=payload, topic="fedmq/f/model"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(payload) + 1_000_000, f"peak {peak} B for a {len(payload)} B model"
+
+
+def test_a_worker_judges_a_model_by_its_held_spec_before_decoding_its_params():
+    """A retained 5 MB int4 model of 10^7 features was decoded whole by every partition worker before its spec was
+    looked at: a model of another spec than the held one (the root's checkpoint has a new spec first) is now refused
+    on its spec, in one line, and a model of the held spec is still taken."""
+    worker = Worker(None, parse_urls("mqtt://127.0.0.1:1"), Topics("f"), partitions=1, worker_id="w")
+    worker.model = ModelMessage("f", 1, HELD, np.zeros(HELD.n_params))
+    worker.refresh_model = lambda: None  # no root checkpoint here: the held model stays
+    for payload in hostile_models():
+        assert_refused_in_bounded_memory(lambda msg: worker._on_model(None, None, msg), payload)
         assert worker.model.version == 1
-    worker._on_model(None, None, SimpleNamespace(payload=encode_model(ModelMessage("f", 3, spec, np.ones(spec.n_params))),
+    worker._on_model(None, None, SimpleNamespace(payload=encode_model(ModelMessage("f", 3, HELD, np.ones(HELD.n_params))),
                                                  topic="fedmq/f/model"))
     assert worker.model.version == 3
+
+
+def test_the_root_judges_a_retained_model_by_its_spec_before_decoding_its_params():
+    """The root decodes every model on its topic for the version that came back (its own echo): one of another spec
+    is refused on its spec, not decoded whole; its own is still read."""
+    root = Root(SimpleNamespace(), parse_urls("mqtt://127.0.0.1:1"), Topics("f"), HELD, RootFedBuff(HELD.n_params, 2),
+                root_id="r")
+    for payload in hostile_models():
+        assert_refused_in_bounded_memory(lambda msg: root._on_retained(None, None, msg), payload)
+        assert root.retained_version == -1
+    root._on_retained(None, None, SimpleNamespace(payload=encode_model(ModelMessage("f", 3, HELD, np.ones(HELD.n_params))),
+                                                  topic="fedmq/f/model"))
+    assert root.retained_version == 3

@@ -44,7 +44,7 @@ from coordinator.status import encode_status, score_fields
 from protocol import chunking
 from protocol.config import CliParser
 from protocol.errors import ProtocolError
-from protocol.messages import ModelMessage, decode_model, encode_model
+from protocol.messages import ModelMessage, decode_model, encode_model, only_spec
 from protocol.model_spec import ESTIMATORS, ModelSpec
 from protocol.pace import Pace, Steering
 from protocol.topics import Topics
@@ -153,7 +153,8 @@ class Root:
     def _on_retained(self, client, userdata, msg) -> None:
         try:  # a whole model, or the manifest of a chunked one: its version is what came back
             manifest = chunking.is_manifest(msg.payload)
-            model = chunking.decode_manifest(msg.payload) if manifest else decode_model(msg.payload)
+            model = chunking.decode_manifest(msg.payload) if manifest else decode_model(
+                msg.payload, **only_spec(self.spec))  # another spec refused before its params are decoded
             if model.fleet == self.topics.fleet:
                 if model.version >= self.retained_version:
                     self.retained_chunks = model.chunks if manifest else 0

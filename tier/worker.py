@@ -45,7 +45,7 @@ from protocol.config import CliParser
 from protocol.errors import ProtocolError
 import numpy as np
 
-from protocol.messages import ModelMessage, decode_model, decode_update
+from protocol.messages import ModelMessage, decode_model, decode_update, only_spec
 from protocol.model_spec import ModelSpec
 from protocol.topics import Topics, check_name
 from tier.cli_args import (add_cluster_args, connect_nats, start_logging, start_tier_metrics, start_with_retries,
@@ -372,12 +372,6 @@ class Partition:
             self.lease.release()
 
 
-def _same(held: object, what: str, got: object) -> None:
-    """ValueError unless a model's `got` is the held model's (a new spec comes in the root's checkpoint first)."""
-    if got != held:
-        raise ValueError(f"its {what} is not the root's checkpointed one")
-
-
 class Worker:
     """Holds up to a fair share of the fleet's partitions and serves each (see the module docstring)."""
 
@@ -445,8 +439,7 @@ class Worker:
             self.refresh_model()
             return
         try:  # the held spec judged before the params decode (a 5 MB int4 model of 10^7 features: ~128 MiB)
-            model = decode_model(msg.payload, check_classes=lambda n: _same(len(held.spec.classes), "class count", n),
-                                 check_spec=lambda spec: _same(held.spec, "spec", spec))
+            model = decode_model(msg.payload, **only_spec(held.spec))
         except (ProtocolError, ValueError, TypeError) as exc:
             log.warning("unreadable model on %s: %s", msg.topic, exc)
             if getattr(exc, "reason", None) == "limits":  # a new spec comes first in the root's checkpoint
