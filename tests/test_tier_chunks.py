@@ -136,7 +136,7 @@ def test_a_partition_holds_every_chunk_ack_until_the_update_is_folded_and_releas
     assert part.unacked == [(1, 99, 1)] and part.core.rejected_["chunk"] == 1
     part._on_message(None, None, message("big-1", len(packets), packets[-1][1]))
     assert sorted(part.unacked) == [(1, m, 1) for m in range(1, len(packets) + 1)] + [(1, 99, 1)]
-    assert part.covers == [("big-1", 1, 0)] and part.strategy.count == 1  # folded: in the next partial
+    assert part.covers == [("big-1", 1, 0)] and part.strategy.pending == 1  # folded: in the next partial
 
 
 def _chunk_watch(port: int, client_id: str) -> tuple[mqtt.Client, dict, list]:
