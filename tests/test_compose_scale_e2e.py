@@ -88,7 +88,9 @@ def test_the_tier_comes_up_with_the_documented_command_and_learns(tmp_path):
             assert [s for s, *_ in states] == ["auth", "auth", "nats-1", "nats-2", "nats-3", "root", "root-standby",
                                                "worker", "worker"], states
             assert all(state == "running" for _, state, _ in states), states
-            assert all(health == "healthy" for s, _, health in states if s.startswith("nats-")), states
+            # the nodes, and the authorization services (their --ready-file): a device connecting before one serves
+            # is refused (the fresh-clone CI on 1d2ef03 lost agent-3 so, 'Not authorized', the callout timing out)
+            assert all(health == "healthy" for s, _, health in states if s.startswith(("nats-", "auth"))), states
 
             topics = Topics(FLEET)
             watch = TopicWatcher(ports["FEDMQ_TIER_MQTT_PORT_1"], topics.model, auth=("tier", password))

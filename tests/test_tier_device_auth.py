@@ -230,6 +230,10 @@ def test_the_auth_service_down_lets_no_device_in_and_back_up_it_serves_again(clu
     before = _as_device(cluster, store, OWN)
     assert before.wait_answer(30) is not None and before.connected.is_set(), before.connack
     before.close()
+    assert cluster.auth_ready.exists()  # the --ready-file a compose healthcheck tests: there while it serves
+    cluster.stop_auth()
+    assert not cluster.auth_ready.exists()  # and gone once it stops
+    cluster.start_auth()
     cluster.stop_auth(kill=True)  # kill -9
     down = [_as_device(cluster, store, OWN), _as_device(cluster, store, EVIL)]
     tier_user = Device(cluster, "tier-while-down", TIER_USER, cluster.password)

@@ -41,7 +41,7 @@ QUEUE = "fedmq-auth"
 ACCOUNT = "$G"  # devices land in the global account: the one with the partition mapping and the tier user
 SEED_ENV = "FEDMQ_TIER_AUTH_SEED_FILE"
 SESSION_ENV = "FEDMQ_TIER_AUTH_SESSION_S"
-READY = "serving device authorization"  # logged once subscribed: launchers and tests wait for it
+READY = "serving device authorization"  # logged once subscribed (--ready-file is what launchers wait for)
 SECAGG_MAPPED = ("share", "masked", "reveal")
 
 
@@ -178,8 +178,20 @@ async def check_mapping(nc, prefix: str, partitions: int, timeout: float = 5.0) 
                             f"{partitions} partitions would send it to {partition_of(agent, partitions)}")
 
 
-async def serve(servers: list[str], service: Service, stop: asyncio.Event, name: str) -> None:
-    """Connect, check the nodes' mapping (Misconfigured), answer requests until `stop`."""
+def mark_ready(path: Path | None, ready: bool) -> None:
+    """Create (serving) or remove (not serving) the --ready-file a container healthcheck tests."""
+    if path is None:
+        return
+    if ready:
+        path.write_text(f"{os.getpid()}\n")
+    else:
+        path.unlink(missing_ok=True)
+
+
+async def serve(servers: list[str], service: Service, stop: asyncio.Event, name: str,
+                ready_file: Path | None = None) -> None:
+    """Connect, check the nodes' mapping (Misconfigured), answer requests until `stop`; `ready_file` exists
+    while the callout subscription is in place and the connection up."""
     import nats
 
     async def on_request(msg) -> None:
@@ -190,11 +202,13 @@ async def serve(servers: list[str], service: Service, stop: asyncio.Event, name:
     closing = []  # set when this service closes its connection itself: no warning then
 
     async def disconnected() -> None:
+        mark_ready(ready_file, False)
         if not closing:
             log.warning("lost the NATS connection: devices cannot connect until it is back")
 
     async def reconnected() -> None:
         log.info("NATS connection back")
+        mark_ready(ready_file, True)
 
     async def error(exc) -> None:
         log.debug("nats: %s", exc)
@@ -212,9 +226,13 @@ async def serve(servers: list[str], service: Service, stop: asyncio.Event, name:
     await nc.flush(5)
     log.info("%s for %d device(s) of %s on %s", READY, len(service.store.devices), service.store.path,
              nc.connected_url.netloc if nc.connected_url else "?")
-    await stop.wait()
-    closing.append(1)
-    await nc.drain()
+    mark_ready(ready_file, True)
+    try:
+        await stop.wait()
+    finally:
+        mark_ready(ready_file, False)
+        closing.append(1)
+        await nc.drain()
 
 
 def make_issuer(path: Path) -> KeyPair:
@@ -253,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
                         help=f"N of the cluster's partition(N, agent) mapping (default {DEFAULT_PARTITIONS})")
     parser.add_argument("--id", default=f"auth-{os.getpid()}", help="this instance's name on its NATS connection")
+    parser.add_argument("--ready-file", type=Path, metavar="FILE",
+                        help="exists while this instance serves (subscribed, connected): a container healthcheck "
+                             "tests it, so `docker compose up --wait` returns only once devices can log in "
+                             "(default: none)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="logging level, on stderr (default INFO)")
     return parser
@@ -288,13 +310,14 @@ def main(argv: list[str] | None = None) -> int:
               "nodes let read the devices' logins", file=sys.stderr)
         return 2
     service = Service(store, issuer, prefix=args.topic_prefix, partitions=args.partitions, session_s=args.session_s)
+    mark_ready(args.ready_file, False)  # one left by a kill -9 (a restarted container keeps its /tmp)
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(args.nats.split(","), service, stop, f"fedmq-auth-{args.id}")
+        await serve(args.nats.split(","), service, stop, f"fedmq-auth-{args.id}", args.ready_file)
 
     try:
         asyncio.run(run())

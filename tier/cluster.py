@@ -401,13 +401,17 @@ class NatsCluster:
     def auth_log(self) -> Path:
         return self.workdir / "auth.log"
 
-    def start_auth(self, timeout: float = 30.0) -> None:
-        """Start tier/auth.py on the nodes (its log workdir/auth.log) and wait, bounded, until it serves."""
-        from tier.auth import READY
+    @property
+    def auth_ready(self) -> Path:
+        """tier/auth.py's --ready-file: exists while it serves."""
+        return self.workdir / "auth.ready"
 
+    def start_auth(self, timeout: float = 30.0) -> None:
+        """Start tier/auth.py on the nodes (its log workdir/auth.log) and wait, bounded, until it serves (its
+        ready file)."""
         self.stop_auth()
+        self.auth_ready.unlink(missing_ok=True)  # left by a kill -9
         self._auth_started = time.monotonic()
-        start = self.auth_log.stat().st_size if self.auth_log.exists() else 0
         root = Path(__file__).resolve().parent.parent
         env = {**os.environ, AUTH_PASSWORD_ENV: self.auth_password, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
         env.pop(PASSWORD_ENV, None)  # the service needs the auth user's rights, not the tier's
@@ -415,15 +419,16 @@ class NatsCluster:
             self.auth_proc = subprocess.Popen(
                 [sys.executable, "-m", "tier.auth", "--nats", ",".join(self.nats_urls), "--devices", str(self.devices),
                  "--issuer-seed-file", str(self.issuer_seed), "--topic-prefix", self.prefix,
-                 "--partitions", str(self.partitions), "--session-s", str(self.auth_session_s)],
+                 "--partitions", str(self.partitions), "--session-s", str(self.auth_session_s),
+                 "--ready-file", str(self.auth_ready)],
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True,
                 preexec_fn=die_with_parent if self.die_with_parent else None)
         deadline = time.monotonic() + timeout
-        while READY not in self.auth_log.read_bytes()[start:].decode(errors="replace"):
+        while not self.auth_ready.exists():
             if self.auth_proc.poll() is not None or time.monotonic() > deadline:
                 tail = self.auth_log.read_text(errors="replace")[-1500:]
                 raise RuntimeError(f"the device authorization service did not start within {timeout:g} s: {tail}")
-            time.sleep(0.1)  # polling its log: there is no event to wait on
+            time.sleep(0.1)  # polling its ready file: there is no event to wait on
 
     def keep_auth(self) -> None:
         """Start tier/auth.py again if it exited (launchers call this while they run): until then no device gets in."""
