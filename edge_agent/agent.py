@@ -137,6 +137,9 @@ class Agent:
                 self.statistics.releases_ = saved.stats_releases
                 self.statistics.sent_rows_ = saved.stats_rows
                 self.statistics.last_payload_ = saved.stats_payload
+                # a new process sends them once more, the same bytes: the broker may have lost the retained copy
+                # while it was down (the first connection no longer asks for a resend, c42354f)
+                self.statistics.resend()
 
     @property
     def private(self) -> bool:
