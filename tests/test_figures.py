@@ -64,6 +64,16 @@ def pct(x: float, digits: int = 0) -> str:
     return f"{x * 100:.{digits}f}"
 
 
+# the small-device profile of docs/architecture.md, as bench/async_advantage.py names it
+PROFILE = "fedbuff memory lr2 int4 ack5"
+
+
+def profile_vs_flower(key: str) -> float:
+    """The profile's median `key` over Flower FedAvg's, in bench/results/async_advantage.json."""
+    summary = results("async_advantage")["summary"]
+    return summary[PROFILE][key]["median"] / summary["Flower FedAvg"][key]["median"]
+
+
 # (file, pattern with the figure as group 1, expected text)
 CLAIMS: list[tuple[str, str, callable]] = [
     # README.md, Benchmarks bullet
@@ -81,6 +91,16 @@ CLAIMS: list[tuple[str, str, callable]] = [
     ("README.md", r"2-core machine at (\d+) KB each", lambda: thousands(results("scale")["memory_per_agent_kb"])),
     ("README.md", r"peaks ([\d.]+) MB above the import floor",
      lambda: f"{results('edge-x86_64')['vs_targets']['rss_over_floor_mb']:.1f}"),
+    ("README.md", r"reached (\d+)% of the centralized ceiling in",
+     lambda: pct(max(results("async_advantage")["fractions_of_ceiling"]))),
+    ("README.md", r"95% of the centralized ceiling in ([\d.]+)x Flower FedAvg's time",
+     lambda: f"{profile_vs_flower('time_to_95_s'):.2f}"),
+    ("README.md", r"Flower FedAvg's time at ([\d.]+)x its device\s+bytes",
+     lambda: f"{profile_vs_flower('device_bytes_to_95'):.2f}"),
+    ("README.md", r"final accuracy ([\d.]+) against [\d.]+ \(medians of 3 seeds",
+     lambda: f"{results('async_advantage')['summary'][PROFILE]['final_accuracy']['median']:.4f}"),
+    ("README.md", r"final accuracy [\d.]+ against ([\d.]+) \(medians of 3 seeds",
+     lambda: f"{results('async_advantage')['summary']['Flower FedAvg']['final_accuracy']['median']:.4f}"),
     # docs/protocol.md, the update format (moved from README.md)
     ("docs/protocol.md", r"a 650-parameter int8 update is about ([\d,]+) bytes",
      lambda: thousands(results("wire")["codecs"]["int8"]["bytes_per_update"])),
