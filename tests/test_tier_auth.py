@@ -17,14 +17,13 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet import spawn
 from protocol.messages import ModelMessage, encode_model
 from protocol.model_spec import ModelSpec
 from tier.cluster import partition_of
-from tier.fleet import FLEET, N_FEATURES, START_S, TOPICS, ModelWatch, Tier, regression_shard, wait_until
+from tier.fleet import (FLEET, N_FEATURES, START_S, TOPICS, ModelWatch, Tier, device_client, online, regression_shard,
+                        wait_until)
 from tier.partial import Partial, encode_partial
 
 AGENT = "dev-auth-1"
@@ -35,10 +34,9 @@ def test_a_client_without_credentials_cannot_forge_partials_or_models_nor_read_p
     tier = Tier(nats_node, tmp_path, partitions=nats_node.partitions, buffer_size=1)
     watch = ModelWatch(nats_node)  # the tier user: sees every retained model, forged or not
     partition = partition_of(AGENT, nats_node.partitions)
-    connected, subscribed = threading.Event(), threading.Event()
+    subscribed = threading.Event()
     read: list[str] = []
-    evil = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="evil-auth", protocol=mqtt.MQTTv311)
-    evil.on_connect = lambda *a: connected.set()
+    evil, connected = device_client("evil-auth")
     evil.on_subscribe = lambda *a: subscribed.set()
     evil.on_message = lambda c, u, m: read.append(m.topic)
     agent = None
@@ -47,9 +45,7 @@ def test_a_client_without_credentials_cannot_forge_partials_or_models_nor_read_p
         tier.start_worker()
         assert watch.wait_version_above(-1, START_S) is not None, tier.logs()
         start = watch.version
-        evil.connect("127.0.0.1", nats_node.nodes[0].mqtt_port, 30)
-        evil.loop_start()
-        assert connected.wait(30)
+        online(evil, connected, nats_node.nodes[0])
         evil.subscribe(f"fedmq/{FLEET}/partial/+", 0)
         assert subscribed.wait(30)
         forged = Partial(partition, 2 ** 62, 1, np.zeros(N_FEATURES + 1), 1.0, 1, [("ghost", 1, 0)])

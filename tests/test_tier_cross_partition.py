@@ -18,7 +18,7 @@ import numpy as np
 from protocol import codec
 from protocol.messages import UpdateMessage, encode_update
 from tier.cluster import partition_of
-from tier.fleet import FLEET, START_S, TOPICS, ModelWatch, Tier, device_client, wait_until
+from tier.fleet import FLEET, START_S, TOPICS, ModelWatch, Tier, device_client, online, wait_until
 
 EVIL = "evil-1"
 
@@ -31,9 +31,7 @@ def test_an_update_on_another_partitions_subject_is_refused_not_folded_twice(tmp
         tier.start_root()
         tier.start_worker()
         assert watch.wait_version_above(-1, START_S) is not None, tier.logs()
-        evil.connect("127.0.0.1", nats_node.nodes[0].mqtt_port, 30)
-        evil.loop_start()
-        assert connected.wait(30)
+        online(evil, connected, nats_node.nodes[0])
         model = watch.latest
         rng = np.random.default_rng(0)
         update = encode_update(UpdateMessage(EVIL, 1, model.version, 10,

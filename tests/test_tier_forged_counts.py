@@ -33,7 +33,7 @@ import pytest
 from protocol import codec
 from protocol.messages import UpdateMessage, encode_update
 from tier.cluster import TIER_USER
-from tier.fleet import FLEET, START_S, TOPICS, ModelWatch, Tier, device_client, wait_until
+from tier.fleet import FLEET, START_S, TOPICS, ModelWatch, Tier, device_client, online, wait_until
 
 
 def _counts(partition, rejected) -> bytes:
@@ -60,9 +60,7 @@ def test_forged_counts_on_the_partials_subject_are_refused_and_the_root_goes_on(
         tier.start_root()
         tier.start_worker()
         assert watch.wait_version_above(-1, START_S) is not None, tier.logs()
-        evil.connect("127.0.0.1", nats_node.nodes[0].mqtt_port, 30)
-        evil.loop_start()
-        assert connected.wait(30)
+        online(evil, connected, nats_node.nodes[0])
         for partition, payload in FORGED:
             evil.publish(f"fedmq/{FLEET}/partial/{partition}/counts", payload, qos=1).wait_for_publish(10)
         # refused partials alone (nothing else changed) still reach the status, within a publish interval
@@ -93,9 +91,7 @@ def test_a_device_claiming_inflated_counts_owns_one_row_of_the_roots_step_not_th
         tier.start_worker()
         assert watch.wait_version_above(-1, START_S) is not None, tier.logs()
         base = watch.latest
-        devices.connect("127.0.0.1", nats_node.nodes[0].mqtt_port, 30)
-        devices.loop_start()
-        assert connected.wait(30)
+        online(devices, connected, nats_node.nodes[0])
         rng = np.random.default_rng(0)
         honest = np.full(base.spec.n_params, 0.01)
         sent = [("evil-1", -honest, INFLATED)] + [(f"dev-{i}", honest, 50) for i in range(4)]

@@ -261,6 +261,14 @@ def device_client(client_id: str, user: str | None = None, password: str | None 
         client.username_pw_set(user, password)
     return client, connected
 
+def online(client: mqtt.Client, connected: threading.Event, node) -> None:
+    """Connect `client` (a device_client) to `node`'s MQTT listener and wait, bounded, for its CONNACK."""
+    client.connect("127.0.0.1", node.mqtt_port, 30)
+    client.loop_start()
+    if not connected.wait(30):
+        raise AssertionError(f"no CONNACK from the MQTT listener on port {node.mqtt_port} within 30 s")
+
+
 def wait_until(cond, timeout: float) -> bool:
     """True once cond() is (polled: what other processes write or paho threads set), False at the timeout."""
     deadline = time.monotonic() + timeout
