@@ -145,13 +145,13 @@ class LocalTrainer:
             return None
         if self.spec_ != spec or self.estimator_ is None:
             self.estimator_ = build_estimator(spec, model.params, random_state=self.random_state)
-            if model.steps:  # continue the fleet's learning-rate schedule, not from step 1 (a large step)
-                self.estimator_.t_ = 1.0 + model.steps * self.local_epochs
             self.spec_ = spec
         else:
             set_flat_params(self.estimator_, spec, model.params)
-            if model.steps:  # a slow device keeps up with the fleet's schedule, not its own few rounds'
-                self.estimator_.t_ = max(self.estimator_.t_, 1.0 + model.steps * self.local_epochs)
+        if model.steps:  # the fleet's learning-rate schedule: a new estimator starts there, not at step 1 (a large
+            # step), and a kept one never lags it (a slow device's own few rounds kept its rate, and deltas, high)
+            fleet_t = 1.0 + model.steps * self.local_epochs
+            self.estimator_.t_ = max(getattr(self.estimator_, "t_", 1.0), fleet_t)  # a new one has no t_ yet
         metrics = evaluate(self.estimator_, spec, X, y, prefix="eval_")
         try:
             with np.errstate(all="ignore"):

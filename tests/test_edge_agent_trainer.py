@@ -87,6 +87,14 @@ def test_a_slow_device_keeps_up_with_the_fleets_learning_rate_schedule():
     trainer.train(ModelMessage("t", 3, MULTI, np.zeros(MULTI.n_params), steps=1), X[:300], Y[:300])
     assert trainer.estimator_.t_ == pytest.approx(1.0 + 10_000 + 600)  # a fast device keeps its own
 
+
+def test_a_new_device_starts_at_the_fleets_step():
+    """A device's first model (a new estimator) continues the fleet's schedule from the model's `steps`, not
+    from step 1, whose rate would make its first delta the largest of the fleet."""
+    trainer = LocalTrainer(batch_size=100, random_state=0)
+    trainer.train(ModelMessage("t", 1, MULTI, np.zeros(MULTI.n_params), steps=5_000), X[:300], Y[:300])
+    assert trainer.estimator_.t_ == pytest.approx(1.0 + 5_000 + 300)
+
 def test_unknown_labels_are_skipped_and_counted(caplog):
     spec = ModelSpec("sgd-classifier", 64, (0, 1))
     with caplog.at_level(logging.WARNING, logger="edge_agent.trainer"):
