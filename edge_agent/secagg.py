@@ -16,7 +16,11 @@ that substitutes a peer's keys (to hold both ends of the pairwise masks) gets no
 masked input from it. A peer's newest announcement can reach the coordinator before this agent
 (another broker node, a retained message still replicating): a cohort naming a key id this agent
 has not read for a peer waits up to `KEY_WAIT` seconds for that peer's announcement, goes on once
-the cohort's keys have come, and is refused if they have not by then.
+the cohort's keys have come, and is refused if they have not by then. Waiting is not enough on a NATS
+cluster: an announcement published on one node while this agent's subscription was reaching it is never
+delivered (the node's retained store missed it at the subscription, the live route was not there yet;
+probed: 4 of 40 such races lost), so the session subscribes to each missing peer's own key topic
+(`missing_key_topics`), which brings the retained announcement again.
 """
 
 from __future__ import annotations
@@ -156,6 +160,13 @@ class SecAggClient:
                 self.refused_ += 1
                 log.warning("secure aggregation: refused a message on %s: %s", topic, exc)
             return []
+
+    def missing_key_topics(self) -> list[str]:
+        """The key topics of the peers the waiting cohort still lacks (to subscribe to: a new subscription brings
+        their retained announcements, one a node lost to a race between a publish and a subscription)."""
+        with self._lock:
+            w = self._waiting
+            return [] if w is None else [self.topics.secagg("key", peer) for peer in sorted(w.missing)]
 
     def tick(self, now: float | None = None) -> None:
         """Refuse a cohort whose wait for peers' keys is over (the session calls it every poll)."""

@@ -119,7 +119,8 @@ class AgentSession:
         self._said_training = False  # a slow round published "training": say when it ends
         self.wake = threading.Event()  # set by the network thread when a newer model arrived
         self._pending: Outgoing | None = None
-        self._lock = threading.Lock()  # guards _pending against on_connect's flush
+        self._lock = threading.Lock()  # guards _pending against on_connect's flush, and _key_fetches
+        self._key_fetches: set[str] = set()  # peers' key topics subscribed to for a waiting cohort (secure aggregation)
         self._connected_once = False  # before that, start() reports a refusal (one line)
         self._stats_resend = False  # set on (re)connection: the broker may have lost the retained statistics
         self.max_packet_bytes = max_packet_bytes  # the broker's packet limit: a larger update goes as chunks
@@ -163,7 +164,10 @@ class AgentSession:
         # retained one on resubscribing; QoS 1 cost a PUBACK and its segment per ack
         client.subscribe(self.agent.topics.ack(self.agent.agent_id), qos=0)
         if self.agent.secure is not None:  # secure aggregation: the cohort, the unmask requests, its own inbox
+            with self._lock:
+                self._key_fetches = set()  # a clean session: the broker holds none of them now
             client.subscribe([(t, 1) for t in self.agent.secure.subscriptions])
+            self._fetch_missing_keys()
             self._publish_secagg([self.agent.secure.announcement()])
         client.subscribe(self.agent.topics.all_model_chunks, qos=0)  # a chunked model's (retained) chunks
         self.wake.set()
@@ -183,6 +187,7 @@ class AgentSession:
             try:
                 replies = self.agent.secure.on_message(msg.topic, msg.payload)
                 self._publish_secagg(replies)
+                self._fetch_missing_keys()
             except Exception:  # an exception here would end paho's network thread
                 log.exception("failed to take a secure-aggregation message")
             kind = self.agent.topics.secagg_of(msg.topic)
@@ -396,6 +401,18 @@ class AgentSession:
         log.info("sent %supdate: version %d, seq %d, %d bytes, %s", "held " if held else "",
                  out.version, out.seq, len(out.payload), format_metrics(out.metrics))
 
+    def _fetch_missing_keys(self) -> None:
+        """Subscribe to the key topic of each peer a waiting cohort lacks, and drop those no longer needed: a new
+        subscription brings a retained announcement that a broker node lost to a race (edge_agent/secagg.py)."""
+        wanted = set(self.agent.secure.missing_key_topics())
+        with self._lock:
+            new, gone = sorted(wanted - self._key_fetches), sorted(self._key_fetches - wanted)
+            self._key_fetches = wanted
+        if new:
+            self.client.subscribe([(t, 1) for t in new])
+        if gone:
+            self.client.unsubscribe(gone)
+
     def _publish_secagg(self, messages) -> None:
         """Publish secure-aggregation messages (edge_agent/secagg.py) at QoS 1."""
         for message in messages:
@@ -476,6 +493,7 @@ class AgentSession:
                 self._check_heard()
                 if self.agent.secure is not None:
                     self.agent.secure.tick()  # a cohort that waited for peers' keys in vain is refused
+                    self._fetch_missing_keys()
                 if self.status_interval and time.monotonic() - self._last_status >= self.status_interval:
                     self.publish_status()
                 elif self._version_status_due():

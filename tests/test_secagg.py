@@ -1151,6 +1151,60 @@ def test_real_agents_refuse_a_cohort_whose_keys_a_malicious_coordinator_substitu
         watcher.close()
 
 
+def test_a_peer_key_the_broker_holds_but_never_delivered_is_fetched_by_subscribing_to_it(mosquitto):
+    """On a NATS cluster an announcement published on one node while an agent's subscription was reaching it is
+    never delivered (probed: 4 of 40 such races; every later cohort naming that key was refused, and no round
+    completed). Here the broker holds a1's key retained and a0's directory lacks it (the loss, the one thing made by
+    hand): a cohort naming it is answered, because a0's session subscribes to a1's own key topic and the broker sends
+    the announcement again."""
+    import time
+
+    import msgpack
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from sklearn.datasets import load_digits
+
+    from edge_agent.agent import Agent
+    from edge_agent.data import ArraySource
+    from edge_agent.session import AgentSession
+    from edge_agent.trainer import LocalTrainer
+    from fleet import TopicWatcher
+    from protocol.transport import BrokerSettings
+
+    fleet, n = Topics("fetchkey"), 650
+    X, y = load_digits(return_X_y=True)
+    agent = Agent("a0", fleet, ArraySource(X[:100], y[:100]), LocalTrainer(random_state=0), "int8", seed=0)
+    agent.secure = SecAggClient("a0", fleet)
+    own = msgpack.unpackb(agent.secure.hold(np.zeros(n), 1)[1], raw=False)
+    peer_topic, peer_key, _ = SecAggClient("a1", fleet).hold(np.zeros(n), 1)
+    peer = msgpack.unpackb(peer_key, raw=False)
+    mallory = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="mallory")
+    mallory.connect("127.0.0.1", mosquitto.port)
+    mallory.loop_start()
+    mallory.publish(peer_topic, peer_key, qos=1, retain=True).wait_for_publish(5)
+    watcher = TopicWatcher(mosquitto.port, fleet.everything)
+    session = AgentSession(agent, BrokerSettings.from_url(mosquitto.url), connect_timeout=5)
+    try:
+        session.start()
+        deadline = time.monotonic() + 10
+        while "a1" not in agent.secure._directory:
+            assert time.monotonic() < deadline, "a0 never read a1's retained key"
+            time.sleep(0.05)  # polling the agent's state: paho's thread fills it, no event marks it
+        del agent.secure._directory["a1"]  # the announcement a broker node lost
+        members = [["a0", own["key_id"], own["c"], own["s"]], ["a1", peer["key_id"], peer["c"], peer["s"]]]
+        mallory.publish(fleet.secagg_cohort, sa.encode("cohort", round=b"R" * 16, threshold=2, clip=10.0,
+                                                       scale=sa.choose_scale(10.0, 2), n=n, members=members),
+                        qos=1).wait_for_publish(5)
+        watcher.wait_for(lambda: any((fleet.secagg_of(t) or ("",))[0] == "share" for t, _ in watcher.history),
+                         KEY_WAIT, "a0's shares, sent once the key it fetched came")
+        assert agent.secure.refused_ == 0 and agent.secure.missing_key_topics() == []
+    finally:
+        session.close()
+        mallory.loop_stop()
+        mallory.disconnect()
+        watcher.close()
+
+
 def test_a_member_that_re_keys_before_sharing_closes_the_round_at_once_and_nobody_is_struck():
     """The model moved and a member trained afresh (a new key announced) before the cohort reached it: it
     never answers, and a member holding its new key refuses the cohort as substituted. The stage closes at
