@@ -154,7 +154,8 @@ def copy_sources(path: Path) -> list[str]:
 
 
 def setuptools_packages() -> list[str]:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    """The top-level directories setuptools builds from (monitor.web lies in monitor)."""
+    return sorted({p.split(".")[0] for p in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]})
 
 
 # ---------------------------------------------------------------- commands
