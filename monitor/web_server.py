@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from dataclasses import asdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from protocol.agent_states import REASON_FIELDS, STATES
+from protocol.messages import MAX_CLASSES, MAX_MESSAGE_BYTES, UPDATE_LIMITS, model_limits
+from protocol.model_spec import MAX_FEATURES
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ def page_config(topics: Topics, *, ws_url: str | None, username: str | None,
             "secagg": f"{base}/secagg/#",
             **topics.tier_patterns,  # the scale-out tier's own topics (tier/cluster.py)
         },
+        "limits": wire_limits(),
         "states": list(STATES),
         "reason_fields": REASON_FIELDS,
         "ws_url": ws_url,
@@ -75,6 +79,13 @@ def page_config(topics: Topics, *, ws_url: str | None, username: str | None,
         "username": username or "web",  # broker/acl's read-only login for the page
         **({"password": password} if password is not None else {}),
     }
+
+
+def wire_limits() -> dict:
+    """The Python decoders' bounds (protocol/messages.py), which the page checks before it decodes any msgpack:
+    a hostile retained model (8 MB of nested arrays) froze its tab for 6 s and took ~640 MB of its heap."""
+    return {"max_bytes": MAX_MESSAGE_BYTES, "max_classes": MAX_CLASSES, "max_features": MAX_FEATURES,
+            "model": asdict(model_limits()), "update": asdict(UPDATE_LIMITS)}
 
 
 def load_files() -> dict[str, tuple[bytes, str]]:

@@ -21,6 +21,7 @@ ESTIMATORS = {"sgd-classifier": SGDClassifier, "sgd-regressor": SGDRegressor, "s
 # origin sits below the fleet's mean on every feature and readings that drop toward it are
 # the ones flagged (`model_features`).
 ONE_CLASS_SHIFT = 3.0
+MAX_FEATURES = 10_000_000  # the most features a spec may have
 
 # The hyperparameters a spec may set, with the types the wire may carry for them.
 # Anything else (random_state, n_jobs, warm_start...) is the device's business.
@@ -51,8 +52,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}: use one of {sorted(ESTIMATORS)}")
-        if not isinstance(self.n_features, int) or isinstance(self.n_features, bool) or not 1 <= self.n_features <= 10_000_000:
-            raise ValueError(f"n_features must be an integer in [1, 1e7], got {self.n_features!r}")
+        if not isinstance(self.n_features, int) or isinstance(self.n_features, bool) or not 1 <= self.n_features <= MAX_FEATURES:
+            raise ValueError(f"n_features must be an integer in [1, {MAX_FEATURES}], got {self.n_features!r}")
         if self.is_classifier:
             if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
                 raise ValueError("a classifier needs at least two distinct classes")

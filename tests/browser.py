@@ -128,6 +128,14 @@ class Chromium:
                                    f"console: {self.console[-5:]}")
             time.sleep(0.2)
 
+    def heap_mb(self, collect: bool = False) -> float:
+        """The page's used JavaScript heap in MB (DevTools Performance metrics), after a full GC if `collect`."""
+        self.call("Performance.enable")
+        if collect:
+            self.call("HeapProfiler.collectGarbage")
+        metrics = {m["name"]: m["value"] for m in self.call("Performance.getMetrics")["metrics"]}
+        return metrics["JSHeapUsedSize"] / 1e6
+
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
         Path(path).write_bytes(base64.b64decode(data))

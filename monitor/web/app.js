@@ -148,6 +148,7 @@
     $("model-size").textContent = m ? bytes(m.bytes) : "–";
     $("model").textContent = m ? `v${m.version} · ${m.codec}${m.chunks ? ` · ${m.chunks} chunks` : ""}` +
       `${m.estimator ? ` · ${m.estimator}` : ""}${m.nParams ? ` · ${fmt(m.nParams)} params` : ""}${m.scaled ? " · scaled" : ""}` : "no model published";
+    if (state.modelRefused) $("model").textContent = `${m ? `v${m.version} kept; ` : ""}newest model message refused (${state.modelRefused})`;
 
     const t0 = state.history.length ? state.history[0].t : 0;
     chart($("chart-version"), state.history.map((p) => ({ x: p.t - t0, y: p.version })), "version");

@@ -3,7 +3,8 @@
 // of monitor/fleet_view.py. No MQTT and no DOM here. FleetState.feed(topic, bytes, now) takes every
 // message; nothing fed to it throws: a payload it cannot read is counted under "<kind>: <reason>".
 // The topic layout and the agent states come from the server's /config.json (protocol/topics.py,
-// protocol/agent_states.py); the msgpack decoder is passed in (@msgpack/msgpack's decode).
+// protocol/agent_states.py), and so do the Python decoders' bounds (config.limits, protocol/messages.py): every
+// msgpack payload is walked against them before the decoder passed in (@msgpack/msgpack's decode) builds anything.
 (function (root) {
   const MAX_HISTORY = 2000;  // chart points kept (one per coordinator status)
   const MAX_JSON_BYTES = 64 * 1024;  // as monitor/fleet_view.py
@@ -43,6 +44,52 @@
   const obj = (v) => (v && typeof v === "object" && !Array.isArray(v) ? v : null);
   const toInt = (v) => (typeof v === "bigint" ? Number(v) : v);  // msgpack may give a BigInt for uint64
 
+  // msgpack first bytes with a fixed-size body: the body's length; the sized ones: [width of the length, kind]
+  const FIXED = { 0xc0: 0, 0xc2: 0, 0xc3: 0, 0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8 };
+  const SIZED = { 0xd9: [1, "str"], 0xda: [2, "str"], 0xdb: [4, "str"], 0xc4: [1, "bin"], 0xc5: [2, "bin"], 0xc6: [4, "bin"],
+                  0xdc: [2, "array"], 0xdd: [4, "array"], 0xde: [2, "map"], 0xdf: [4, "map"] };
+
+  // Walk a msgpack document without building it, as protocol/messages.py scan does: Bad("decode") past any of
+  // `limits` (max_objects, max_depth, max_array, max_map, max_str, max_bin), in at most max_objects steps. The
+  // decoder allocates every declared array and nests without bound: 8 MB of nested arrays was 6 s and ~640 MB.
+  function scan(bytes, limits) {
+    const end = bytes.length, pending = [1];  // values still to read at each open level; the document is one
+    let pos = 0, objects = 0;
+    while (pending.length) {
+      const top = pending.length - 1;
+      if (pending[top] === 0) { pending.pop(); continue; }
+      pending[top] -= 1;
+      if (++objects > limits.max_objects) throw new Bad("decode", `more than ${limits.max_objects} msgpack values`);
+      if (pos >= end) throw new Bad("decode", "not valid msgpack: truncated");
+      const b = bytes[pos++];
+      let length = 0, kind;
+      if (b <= 0x7f || b >= 0xe0) continue;
+      if (b <= 0x8f) [length, kind] = [b & 0x0f, "map"];
+      else if (b <= 0x9f) [length, kind] = [b & 0x0f, "array"];
+      else if (b <= 0xbf) [length, kind] = [b & 0x1f, "str"];
+      else if (b in FIXED) { pos += FIXED[b]; continue; }
+      else if (b in SIZED) {
+        const [width, k] = SIZED[b];
+        if (pos + width > end) throw new Bad("decode", "not valid msgpack: truncated");
+        for (let i = 0; i < width; i++) length = length * 256 + bytes[pos + i];
+        pos += width;
+        kind = k;
+      } else throw new Bad("decode", `not valid msgpack: type byte 0x${b.toString(16)} at ${pos - 1} is not allowed`);
+      if (kind === "str" || kind === "bin") {
+        const limit = kind === "str" ? limits.max_str : limits.max_bin;
+        if (length > limit) throw new Bad("decode", `a ${kind} of ${length} bytes exceeds the limit of ${limit}`);
+        pos += length;
+        continue;
+      }
+      const limit = kind === "array" ? limits.max_array : limits.max_map;
+      if (length > limit) throw new Bad("decode", `a ${kind} of ${length} entries exceeds the limit of ${limit}`);
+      if (pending.length > limits.max_depth) throw new Bad("decode", `msgpack nested deeper than ${limits.max_depth}`);
+      pending.push(kind === "map" ? length * 2 : length);
+    }
+    if (pos > end) throw new Bad("decode", "not valid msgpack: truncated");
+    if (pos < end) throw new Bad("decode", `not valid msgpack: ${end - pos} bytes after the message`);
+  }
+
   function jsonObject(bytes) {
     if (bytes.length > MAX_JSON_BYTES) throw new Bad("oversize", `${bytes.length} bytes of JSON`);
     let doc;
@@ -52,21 +99,22 @@
     return doc;
   }
 
-  // A model message's spec as a map: positional [estimator, n_features, classes (or their count n: 0..n-1),
-  // hyperparameters(, columns)] (protocol/messages.py spec_wire), or an older coordinator's map as it is.
-  function specOf(wire) {
-    if (!Array.isArray(wire)) return obj(wire) || {};
-    const classes = isInt(toInt(wire[2])) ? Array.from({ length: Math.min(toInt(wire[2]), 1 << 16) }, (_, i) => i) : wire[2];
-    return { estimator: wire[0], n_features: toInt(wire[1]), classes };
+  // A model message's spec {estimator, n_features, classes: their count}: from the positional [estimator, n_features,
+  // classes (or their count n: 0..n-1), hyperparameters(, columns)] (protocol/messages.py spec_wire), or an older
+  // coordinator's map. No class is built; counts past the Python side's bounds (`limits`) are refused as there.
+  function specOf(wire, limits) {
+    const spec = Array.isArray(wire) ? { estimator: wire[0], n_features: wire[1], classes: wire[2] } : obj(wire) || {};
+    const n = toInt(spec.n_features), count = toInt(spec.classes);
+    const classes = isInt(count) ? count : Array.isArray(count) ? count.length : 0;
+    if (!(classes >= 0 && classes <= limits.max_classes)) throw new Bad("decode", `${classes} classes outside [0, ${limits.max_classes}]`);
+    if (!isInt(n) || n < 1 || n > limits.max_features) throw new Bad("schema", `spec n_features must be an integer in [1, ${limits.max_features}]`);
+    return { estimator: spec.estimator, n_features: n, classes };
   }
 
   // Parameters of a model spec (protocol/model_spec.py ModelSpec.n_params): rows x (features + 1).
   function nParams(spec) {
-    const n = spec.n_features;
-    if (!isInt(n)) return null;
-    const classes = Array.isArray(spec.classes) ? spec.classes.length : 0;
-    const rows = spec.estimator === "sgd-classifier" ? (classes === 2 ? 1 : classes) : 1;
-    return rows * n + rows;
+    const rows = spec.estimator === "sgd-classifier" ? (spec.classes === 2 ? 1 : spec.classes) : 1;
+    return rows * spec.n_features + rows;
   }
 
   class FleetState {
@@ -81,6 +129,15 @@
       this.lastBad = null;
       this.messages = 0;
       this.secagg = new Map();  // secure-aggregation messages seen, by kind
+      this.modelRefused = null;  // why the newest model message was refused, if it was
+    }
+
+    // A msgpack payload decoded once its size and structure are within `limits` (config.limits.model or .update).
+    msgpack(bytes, limits) {
+      const max = this.config.limits.max_bytes;
+      if (bytes.length > max) throw new Bad("oversize", `${bytes.length} bytes exceeds the limit of ${max}`);
+      scan(bytes, limits);
+      try { return this.decode(bytes); } catch (e) { throw new Bad("msgpack", `not msgpack: ${e.message}`); }
     }
 
     classify(topic) {
@@ -105,6 +162,7 @@
       const [kind, agent] = this.classify(topic);
       try {
         if (kind === "topic") throw new Bad("unknown", `not a topic of fleet ${this.config.fleet}`);
+        if (kind === "model") this.modelRefused = null;
         if (bytes.length === 0) { this.clear(kind, agent); return null; }
         if (kind === "model") this.onModel(bytes, now);
         else if (kind === "coordinator") this.onCoordinator(bytes, now);
@@ -120,6 +178,7 @@
         const key = `${kind}: ${reason}`;
         this.bad.set(key, (this.bad.get(key) || 0) + 1);
         this.lastBad = `${topic}: ${e.message}`.slice(0, 200);
+        if (kind === "model") this.modelRefused = `${reason}: ${e.message}`.slice(0, 160);
         if (this.agents.has(agent)) this.agents.get(agent).bad += 1;
         return key;
       }
@@ -133,8 +192,7 @@
     }
 
     onModel(bytes, now) {
-      let msg;
-      try { msg = this.decode(bytes); } catch (e) { throw new Bad("msgpack", `not msgpack: ${e.message}`); }
+      const msg = this.msgpack(bytes, this.config.limits.model);
       if (!obj(msg)) throw new Bad("schema", "the model message is not a map");
       const version = toInt(msg.version);
       if (!isInt(version)) throw new Bad("schema", "model without an integer version");
@@ -144,10 +202,10 @@
         return;
       }
       if (msg.type !== "model") throw new Bad("schema", `unexpected message type ${String(msg.type).slice(0, 32)}`);
-      const spec = specOf(msg.spec);
+      const spec = specOf(msg.spec, this.config.limits);
       this.model = { version, bytes: bytes.length, codec: str(msg.codec, 32) || "float32", chunks: null,
                      estimator: str(spec.estimator, 64), nParams: nParams(spec),
-                     nFeatures: isInt(spec.n_features) ? spec.n_features : null,
+                     nFeatures: spec.n_features,
                      scaled: obj(msg.scaling) !== null, time: num(msg.time), receivedAt: now };
     }
 
@@ -176,8 +234,7 @@
     }
 
     onUpdate(id, bytes, now) {
-      let msg;
-      try { msg = this.decode(bytes); } catch (e) { throw new Bad("msgpack", `not msgpack: ${e.message}`); }
+      const msg = this.msgpack(bytes, this.config.limits.update);
       // [format, "update", seq, base, samples, delta, metrics] (protocol/messages.py)
       if (!Array.isArray(msg) || msg.length !== 7 || msg[1] !== "update") throw new Bad("schema", "not an update array");
       const seq = toInt(msg[2]), base = toInt(msg[3]), samples = toInt(msg[4]);
