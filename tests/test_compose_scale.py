@@ -19,12 +19,13 @@ import tier.worker
 from coordinator.cli import steering_from_args
 from protocol.pace import Steering
 from tier.cluster import (AUTH_PASSWORD_ENV, AUTH_PASSWORD_REF, ISSUER_ENV, ISSUER_REF, PASSWORD_ENV, PASSWORD_REF,
-                          compose_configs)
+                          XKEY_ENV, XKEY_REF, compose_configs)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.scale.yml"
 DOCKERFILE = "docker/tier.Dockerfile"
 ISSUER = "ABJHLOVMPA4CI6R5KLNGOB4GSLNIY7IOUPAJC4YFNDLQVIOBYQGUWVLA"  # any account public key
+XKEY = "XAB3NANV3M6N7AHSQP2U5FRWKKUT7EG2ZXXABV4XVXYQRJGM4S2CZGHT"  # any xkey public key
 
 
 def test_the_mounted_node_configs_are_what_the_cluster_module_makes():
@@ -39,7 +40,9 @@ def test_the_mounted_node_configs_are_what_the_cluster_module_makes():
     assert conf["cluster"]["authorization"] == {"user": "route", "password": PASSWORD_REF}
     assert conf["mqtt"]["stream_replicas"] == 3 and conf["jetstream"]["store_dir"] == "/data/js"
     # devices through the auth callout, no shared device user (docs/security.md)
-    assert conf["authorization"]["auth_callout"] == {"issuer": ISSUER_REF, "auth_users": ["tier", "auth"]}
+    # ... each login sealed to the auth service's xkey (tier/xkey.py)
+    assert conf["authorization"]["auth_callout"] == {"issuer": ISSUER_REF, "auth_users": ["tier", "auth"],
+                                                     "xkey": XKEY_REF}
     assert "no_auth_user" not in conf["mqtt"] and [u["user"] for u in conf["authorization"]["users"]] == ["tier", "auth"]
     # the logins' passwords (the nodes' requests on $SYS.REQ.USER.AUTH) for the auth user alone, its password its own
     tier_user, auth_user = conf["authorization"]["users"]
@@ -49,7 +52,7 @@ def test_the_mounted_node_configs_are_what_the_cluster_module_makes():
 
 def _node_config(text: str) -> dict:
     """A node config as JSON: its unquoted $VARIABLES (nats-server reads them from the environment) quoted."""
-    for ref in (PASSWORD_REF, ISSUER_REF, AUTH_PASSWORD_REF):
+    for ref in (PASSWORD_REF, ISSUER_REF, XKEY_REF, AUTH_PASSWORD_REF):
         text = text.replace(ref, json.dumps(ref))
     return json.loads(text)
 
@@ -60,7 +63,7 @@ def _config(env: dict | None = None) -> dict:
         pytest.skip("no docker CLI")
     out = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--format", "json"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "FEDMQ_TIER_PASSWORD": "test-only", ISSUER_ENV: ISSUER,
+                         env={**os.environ, "FEDMQ_TIER_PASSWORD": "test-only", ISSUER_ENV: ISSUER, XKEY_ENV: XKEY,
                               AUTH_PASSWORD_ENV: "auth-test-only", **(env or {})})
     if out.returncode != 0 and "is not a docker command" in out.stderr:
         pytest.skip("no docker compose plugin")
@@ -111,9 +114,10 @@ def test_root_and_worker_commands_parse_and_agree_with_the_node_configs(resolved
     assert auth.nats.split(",") == [f"nats://nats-{i}:4222" for i in (1, 2, 3)]
     mounts = {m["target"]: m for m in services["auth"]["volumes"]}
     assert mounts["/auth"]["read_only"] and mounts["/auth"]["source"] == str(ROOT / "deploy" / "tier-auth")
-    assert str(auth.devices).startswith("/auth/") and str(auth.issuer_seed_file).startswith("/auth/")
+    assert all(str(path).startswith("/auth/") for path in (auth.devices, auth.issuer_seed_file, auth.xkey_seed_file))
     assert services["auth"]["entrypoint"] == ["python", "-m", "tier.auth"] and services["auth"]["deploy"]["replicas"] == 2
     assert all(services[f"nats-{i}"]["environment"][ISSUER_ENV] == ISSUER for i in (1, 2, 3))
+    assert all(services[name]["environment"][XKEY_ENV] == XKEY for name in ("nats-1", "nats-2", "nats-3", "auth"))
     # the auth user's password reaches the nodes and the auth service, no root or worker
     holders = {name for name, service in services.items() if AUTH_PASSWORD_ENV in (service.get("environment") or {})}
     assert holders == {"nats-1", "nats-2", "nats-3", "auth"}, holders

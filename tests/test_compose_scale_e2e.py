@@ -3,7 +3,8 @@
 README's command (`docker compose -f docker-compose.scale.yml up --build`) runs detached with `--wait`
 in a copy of the checkout, under a project name of its own and with the host ports moved to free ones:
 three NATS nodes (healthy), two partition workers, the root and its standby, two device authorization services,
-all from docker/tier.Dockerfile, after the documented set-up of the device store (an issuer key, three devices).
+all from docker/tier.Dockerfile, after the documented set-up of the device store (an issuer key and an xkey, three
+devices).
 Three real agents from this venv, each with its own credentials, one on each node's MQTT listener, train on
 deploy/make_demo_data.py's digits shards; the retained model, read from the cluster, must advance 5
 versions and score >= 0.85 on the held-out split, and the root's audit log must name all three agents;
@@ -48,20 +49,22 @@ def documented_command() -> list[str]:
     return found[0].split()
 
 
-def _device_store(work, ids: dict) -> tuple[str, object]:
-    """The compose file's FEDMQ_TIER_AUTH_DIR (deploy/tier-auth) made as its header says: an issuer key and the
-    agents' credentials (their passwords in deploy/tier-devices, not mounted); readable by the image's user (as
-    deploy/check_host.py hands the demo's secrets over). The issuer's public key and the passwords' directory."""
+def _device_store(work, ids: dict) -> tuple[dict, object]:
+    """The compose file's FEDMQ_TIER_AUTH_DIR (deploy/tier-auth) made as its header says: an issuer key, an xkey and
+    the agents' credentials (their passwords in deploy/tier-devices, not mounted); readable by the image's user (as
+    deploy/check_host.py hands the demo's secrets over). The keys' variables (their public keys) and the passwords'
+    directory."""
     auth_dir = work / "deploy" / "tier-auth"
     made = run([sys.executable, "-m", "tier.auth", "--make-issuer", str(auth_dir / "issuer.seed")], cwd=work, timeout=60)
-    issuer = made.stdout.strip().split("FEDMQ_TIER_AUTH_ISSUER=", 1)[1]
+    keys = dict(line.split("=", 1) for line in made.stdout.split())
+    assert sorted(keys) == ["FEDMQ_TIER_AUTH_ISSUER", "FEDMQ_TIER_AUTH_XKEY"], made.stdout
     devices = work / "deploy" / "tier-devices"
     run([sys.executable, "-m", "tier.devices", "add", "--store", str(auth_dir / "devices"), "--secrets", str(devices),
          "--fleet", FLEET, *(f"agent-{i}" for i in range(1, AGENTS + 1))], cwd=work, timeout=60)
     if os.getuid() == 0:
-        for path in (auth_dir, auth_dir / "issuer.seed", auth_dir / "devices"):
+        for path in (auth_dir, auth_dir / "issuer.seed", auth_dir / "xkey.seed", auth_dir / "devices"):
             os.chown(path, int(ids["FEDMQ_UID"]), int(ids["FEDMQ_GID"]))
-    return issuer, devices
+    return keys, devices
 
 
 def test_the_tier_comes_up_with_the_documented_command_and_learns(tmp_path):
@@ -71,9 +74,9 @@ def test_the_tier_comes_up_with_the_documented_command_and_learns(tmp_path):
     copy_checkout(work)
     ports = {key: free_port() for key in PORTS}
     ids = demo_image_ids()
-    issuer, passwords = _device_store(work, ids)
+    keys, passwords = _device_store(work, ids)
     password = secrets.token_hex(16)
-    env = compose_env(**{key: str(port) for key, port in ports.items()}, **ids, FEDMQ_TIER_AUTH_ISSUER=issuer,
+    env = compose_env(**{key: str(port) for key, port in ports.items()}, **ids, **keys,
                       FEDMQ_TIER_PASSWORD=password,
                       FEDMQ_TIER_AUTH_PASSWORD=secrets.token_hex(16))  # required, no default (docs/security.md)
     data = tmp_path / "data"

@@ -44,6 +44,8 @@ from protocol.messages import UpdateMessage, encode_update
 from tier.cluster import (AUTH_PASSWORD_ENV, AUTH_TIMEOUT_S, AUTH_USER, CALLOUT_SUBJECT, ROUTE_USER, TIER_USER,
                           NatsCluster, partition_of)
 from tier.devices import add_devices, remove_devices
+from tier.nkey import PREFIX_ACCOUNT, decode_jwt
+from tier.xkey import SERVER_XKEY_HEADER, VERSION, XKey
 from tier.fleet import (FLEET, N_FEATURES, ROOT, START_S, TOPICS, ModelWatch, Tier, device_client, regression_shard,
                         wait_until)
 
@@ -334,8 +336,8 @@ def _holds(payload: bytes, secret: str) -> bool:
 
 async def _nats_tap(cluster, user: str, password: str, subjects: list[str], login) -> tuple:
     """Subscribe as `user` over NATS to `subjects`, run `login()` (a device logging in) and flush: (messages as
-    (subscription, subject, payload), errors), or (None, [the connect error]). The node sent its request before the
-    device's CONNACK, so a copy for this connection is queued before the flush's PONG."""
+    (subscription, subject, payload, headers), errors), or (None, [the connect error]). The node sent its request
+    before the device's CONNACK, so a copy for this connection is queued before the flush's PONG."""
     import nats
 
     got, errors = [], []
@@ -350,7 +352,7 @@ async def _nats_tap(cluster, user: str, password: str, subjects: list[str], logi
         return None, [f"{type(exc).__name__}: {exc}"]
     for subject in subjects:
         async def on(msg, subject=subject) -> None:
-            got.append((subject, msg.subject, msg.data))
+            got.append((subject, msg.subject, msg.data, msg.headers or {}))
 
         await nc.subscribe(subject, cb=on)
     await nc.flush(5)
@@ -360,8 +362,8 @@ async def _nats_tap(cluster, user: str, password: str, subjects: list[str], logi
     return got, errors
 
 
-def test_the_nodes_authorization_requests_reach_the_auth_user_alone(cluster, store):
-    password = _password(store, OWN)
+def _login(cluster, store) -> tuple[list[bool], object]:
+    """(what each call got, a call): one login of OWN, True if the node let it in."""
     logins = []
 
     def login() -> None:
@@ -369,13 +371,20 @@ def test_the_nodes_authorization_requests_reach_the_auth_user_alone(cluster, sto
         logins.append(device.wait_answer(30) is not None and device.connected.is_set())
         device.close()
 
+    return logins, login
+
+
+def test_the_nodes_authorization_requests_reach_the_auth_user_alone(cluster, store):
+    password = _password(store, OWN)
+    logins, login = _login(cluster, store)
+
     subjects = [CALLOUT_SUBJECT, "$SYS.>", ">"]
-    # control: the auth user (the service's) reads the request and the password in it, so the check below can fail
+    # control: the auth user (the service's) gets the request, so the check below can fail
     got, _ = asyncio.run(_nats_tap(cluster, AUTH_USER, cluster.auth_password, [CALLOUT_SUBJECT], login))
-    assert any(_holds(data, password) for _, _, data in got), got
+    assert [t for _, t, _, _ in got] == [CALLOUT_SUBJECT], got
     got, errors = asyncio.run(_nats_tap(cluster, TIER_USER, cluster.password, subjects, login))
-    assert got is not None and not any(_holds(data, password) for _, _, data in got), [(s, t) for s, t, _ in got]
-    assert not [t for _, t, _ in got if t.startswith("$SYS.")], [(s, t) for s, t, _ in got]
+    assert got is not None and not any(_holds(data, password) for _, _, data, _ in got), [g[:2] for g in got]
+    assert not [t for _, t, _, _ in got if t.startswith("$SYS.")], [g[:2] for g in got]
     assert sum("permissions violation" in e for e in errors) == 2, errors  # $SYS.REQ.USER.AUTH and $SYS.>
     got, errors = asyncio.run(_nats_tap(cluster, ROUTE_USER, cluster.password, subjects, login))
     assert got is None and "Authorization" in errors[0], errors  # the route user is for the cluster port only
@@ -399,3 +408,84 @@ def test_the_nodes_authorization_requests_reach_the_auth_user_alone(cluster, sto
         for tap in taps:
             tap.close()
     assert logins == [True] * 3, logins
+
+
+def test_a_reader_of_the_requests_without_the_services_xkey_seed_sees_ciphertext_only(cluster, store):
+    """The nodes seal each request to the service's xkey (`auth_callout.xkey`): a subscriber with the auth user's
+    rights, the auth password leaked, reads no byte of the device's password, where the same request opened with
+    the service's seed (and the node's xkey from its header) holds it. Seen red with the xkey left out of the nodes'
+    config: the password in the clear in the request's JWT."""
+    password = _password(store, OWN)
+    logins, login = _login(cluster, store)
+
+    got, errors = asyncio.run(_nats_tap(cluster, AUTH_USER, cluster.auth_password, [CALLOUT_SUBJECT], login))
+    assert len(got) == 1 and not errors, (got, errors)
+    _, _, data, headers = got[0]
+    assert not _holds(data, password) and data.startswith(VERSION) and b"eyJ" not in data, data[:64]
+    assert logins == [True], logins
+    assert password.encode() not in str(headers).encode(), headers
+    opened = XKey.from_seed(cluster.xkey_seed.read_text().strip()).open(data, headers[SERVER_XKEY_HEADER])
+    assert _holds(opened, password)  # the control: this check can fail
+
+
+def test_a_garbage_or_wrongly_sealed_request_is_ignored_with_one_line_and_the_service_keeps_serving(
+        tmp_path, store, monkeypatch):
+    """The real service with its xkey on a node where the auth user may publish on the callout subject (no user of
+    the callout config may: the node writes the requests itself): requests that are not sealed to the service's
+    xkey from the node xkey in their header, or not a server's JWT inside, each cost one warning line in its log
+    and get no answer, and a good request sealed from a node xkey right after is answered, sealed to that xkey.
+    Seen red with the service's callback given the payload without its headers (every request "in the clear",
+    the good one unanswered)."""
+    from test_tier_device_store import _request  # a server's authorization request JWT, signed
+
+    from tier import cluster as cluster_module
+    from tier.auth import make_issuer, make_xkey
+
+    real = cluster_module.authorization_users
+    c = NatsCluster(tmp_path / "nats", nodes_count=1, partitions=PARTITIONS)
+    monkeypatch.setattr(cluster_module, "authorization_users",
+                        lambda *a: real(*a) + [{"user": AUTH_USER, "password": c.auth_password}])
+    with c:
+        c.devices, c.issuer_seed = store[0], tmp_path / "auth" / "issuer.seed"
+        make_issuer(c.issuer_seed)
+        service = make_xkey(c.xkey_seed).public
+        c.start_auth()
+        node, other = XKey.create(), XKey.create()
+        request = _request(OWN, _password(store, OWN), OWN, server_xkey=node.public)[0]
+        bad = [(b"\x00 not sealed", node.public), (VERSION + bytes(80), node.public),
+               (node.seal(request, other.public), node.public), (other.seal(request, service), node.public),
+               (node.seal(b"eyJ.not.a-jwt", service), node.public), (request, None)]
+        replies = asyncio.run(_requests(c, [*bad, (node.seal(request, service), node.public)]))
+        text = c.auth_log.read_text()
+        lines = [line for line in text.splitlines() if "ignored an authorization request" in line]
+        assert len(lines) == len(bad) and "Traceback" not in text and c.auth_proc.poll() is None, text[-3000:]
+        assert len(replies) == 1, replies
+        response = decode_jwt(node.open(replies[0], service).decode(), PREFIX_ACCOUNT)
+        assert decode_jwt(response["nats"]["jwt"], PREFIX_ACCOUNT)["name"] == OWN, response
+
+
+async def _requests(cluster, requests: list[tuple[bytes, str | None]]) -> list[bytes]:
+    """Publish each (payload, node xkey header) on the callout subject as the auth user with one reply subject, the
+    last a good one: the replies that came once the last one's did (bounded). The service reads its requests in
+    order, so one it answered would have been answered before the last."""
+    import nats
+
+    nc = await nats.connect(cluster.nats_urls, user=AUTH_USER, password=cluster.auth_password, allow_reconnect=False)
+    replies, last = [], asyncio.Event()
+    try:
+        inbox = nc.new_inbox()
+
+        async def on_reply(msg) -> None:
+            replies.append(msg.data)
+            last.set()
+
+        await nc.subscribe(inbox, cb=on_reply)
+        for payload, xkey in requests:
+            headers = {SERVER_XKEY_HEADER: xkey} if xkey else None
+            await nc.publish(CALLOUT_SUBJECT, payload, reply=inbox, headers=headers)
+        await nc.flush(5)
+        await asyncio.wait_for(last.wait(), 30)
+        await nc.flush(5)
+    finally:
+        await nc.close()
+    return replies

@@ -1,24 +1,31 @@
-"""The pieces of the tier's per-device identity without a server: nkey and JWT encoding (tier/nkey.py) against
-nats-server's own test keys, the device store (tier/devices.py) and its CLI, and what tier/auth.py answers
-(permissions of one agent, refusals). tests/test_tier_device_auth.py runs them against real nodes."""
+"""The pieces of the tier's per-device identity without a server: nkey, xkey and JWT encoding (tier/nkey.py,
+tier/xkey.py) against nats-server's own test keys, the device store (tier/devices.py) and its CLI, and what
+tier/auth.py answers (permissions of one agent, refusals, sealed requests). tests/test_tier_device_auth.py runs
+them against real nodes."""
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import stat
 
 import pytest
 
 from tier import auth, devices
 from tier.cluster import partition_of
-from tier.nkey import PREFIX_ACCOUNT, PREFIX_SERVER, PREFIX_USER, KeyPair, decode_jwt, encode_jwt
+from tier.nkey import (PREFIX_ACCOUNT, PREFIX_CURVE, PREFIX_SERVER, PREFIX_USER, KeyPair, decode_jwt, encode_jwt,
+                       encode_public)
+from tier.xkey import SERVER_XKEY_HEADER, VERSION, XKey
 
 # nats-server's server/auth_callout_test.go: an account seed and its public key, a user seed and its public key
 ISSUER_SEED = "SAANDLKMXL6CUS3CP52WIXBEDN6YJ545GDKC65U5JZPPV6WH6ESWUA6YAI"
 ISSUER_PUB = "ABJHLOVMPA4CI6R5KLNGOB4GSLNIY7IOUPAJC4YFNDLQVIOBYQGUWVLA"
 USER_SEED = "SUAP277QP7U4JMFFPVZHLJYEQJ2UHOTYVEIZJYAWRJXQLP4FRSEHYZJJOU"
 USER_PUB = "UBO2MQV67TQTVIRV3XFTEZOACM4WLOCMCDMAWN5QVN5PI2N6JHTVDRON"
+# ... and the xkey (curve25519) seed and public key of its encryption tests
+CURVE_SEED = "SXAAXMRAEP6JWWHNB6IKFL554IE6LZVT6EY5MBRICPILTLOPHAG73I3YX4"
+CURVE_PUB = "XAB3NANV3M6N7AHSQP2U5FRWKKUT7EG2ZXXABV4XVXYQRJGM4S2CZGHT"
 
 
 def test_nkeys_match_nats_servers_own_test_keys():
@@ -30,6 +37,25 @@ def test_nkeys_match_nats_servers_own_test_keys():
     for bad in (ISSUER_SEED[:-1] + ("A" if ISSUER_SEED[-1] != "A" else "B"), "not-a-seed", ISSUER_PUB):
         with pytest.raises(ValueError):
             KeyPair.from_seed(bad)
+
+
+def test_xkeys_match_nats_servers_own_test_key_and_seal_in_the_nkeys_framing():
+    """`xkv1`, a 24-byte nonce, then the box (16-byte tag and the ciphertext), as nkeys' Seal writes it; a test
+    against a real node's sealing is tests/test_tier_device_auth.py."""
+    key = XKey.from_seed(CURVE_SEED)
+    assert (key.public, key.seed) == (CURVE_PUB, CURVE_SEED)
+    fresh = XKey.create()
+    assert fresh.public.startswith("X") and fresh.seed.startswith("SX")
+    assert XKey.from_seed(fresh.seed).public == fresh.public
+    sealed = fresh.seal(b"a device's password", CURVE_PUB)
+    assert sealed[:4] == VERSION and len(sealed) == 4 + 24 + 16 + len(b"a device's password")
+    assert key.open(sealed, fresh.public) == b"a device's password"
+    assert fresh.seal(b"x", CURVE_PUB)[4:28] != fresh.seal(b"x", CURVE_PUB)[4:28]  # a fresh nonce each time
+    for bad in (ISSUER_SEED, "not-a-seed", CURVE_PUB):
+        with pytest.raises(ValueError):
+            XKey.from_seed(bad)
+    with pytest.raises(ValueError):  # an xkey seed is not a signing key's
+        KeyPair.from_seed(CURVE_SEED)
 
 
 def test_a_jwt_verifies_with_its_issuer_and_a_changed_one_does_not():
@@ -99,10 +125,11 @@ def test_an_agents_permissions_name_its_own_subjects_and_partition_only():
     assert not any(s.endswith(".ack.*") or s.endswith("inbox.*") for s in sub)
 
 
-def _request(user="a1", password="pw", mqtt_id="a1", kind="mqtt", server=None):
+def _request(user="a1", password="pw", mqtt_id="a1", kind="mqtt", server=None, server_xkey=None):
     server = server or KeyPair.create(PREFIX_SERVER)
+    server_id = {"id": server.public, "name": "n1", **({"xkey": server_xkey} if server_xkey else {})}
     claims = {"sub": ISSUER_PUB, "aud": "nats-authorization-request",
-              "nats": {"server_id": {"id": server.public, "name": "n1"}, "user_nkey": USER_PUB,
+              "nats": {"server_id": server_id, "user_nkey": USER_PUB,
                        "client_info": {"type": kind, "mqtt_id": mqtt_id, "kind": "Client"},
                        "connect_opts": {"user": user, "pass": password}, "type": "authorization_request", "version": 2}}
     return encode_jwt(claims, server).encode(), server
@@ -196,3 +223,50 @@ def test_a_device_authorization_service_that_cannot_start_is_retried_with_back_o
     nats._auth_retry, nats._auth_started, nats.auth_proc = (0, None), clock[0] - 3600, Exited()
     nats.keep_auth()
     assert started == [clock[0]]  # it had run an hour: at once
+
+
+def test_with_an_xkey_the_service_answers_sealed_requests_only_and_seals_its_answer(tmp_path, caplog):
+    """tier.auth --xkey-seed-file: a request sealed to the service's xkey by the node whose xkey its header names (and
+    its server signed) is answered, sealed to that node's xkey; anything else, a request in the clear, garbage, one
+    sealed to another key, from another sender than the header's, changed on the way or whose header is not its
+    server's xkey, is ignored with one log line each, and the service answers the next good request as before."""
+    store = tmp_path / "devices"
+    store.write_text(f"a1:f1:{devices.hash_password('pw')}\n")
+    service_xkey, node_xkey, other = XKey.create(), XKey.create(), XKey.create()
+    service = auth.Service(devices.Store(store), KeyPair.from_seed(ISSUER_SEED), prefix="fedmq", partitions=4,
+                           xkey=service_xkey)
+
+    def answer(data: bytes, header: str | None = node_xkey.public):
+        caplog.clear()
+        out = service.answer(data, {SERVER_XKEY_HEADER: header} if header else None)
+        return out, [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    def good() -> None:
+        data, server = _request(server_xkey=node_xkey.public)
+        out, logged = answer(node_xkey.seal(data, service_xkey.public))
+        assert logged == [] and out.startswith(VERSION) and b"eyJ" not in out
+        response = decode_jwt(node_xkey.open(out, service_xkey.public).decode(), PREFIX_ACCOUNT)
+        assert response["aud"] == server.public and "jwt" in response["nats"], response
+
+    caplog.set_level(logging.WARNING, logger="tier.auth")
+    good()
+    request = _request(server_xkey=node_xkey.public)[0]
+    sealed = node_xkey.seal(request, service_xkey.public)
+    flipped = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    for data, header, reason in (
+            (request, None, "in the clear"),
+            (b"\x00garbage" * 9, node_xkey.public, "not a sealed xkv1 message"),
+            (b"xkv1" + bytes(60), node_xkey.public, "does not open"),
+            (node_xkey.seal(request, other.public), node_xkey.public, "does not open"),
+            (other.seal(request, service_xkey.public), node_xkey.public, "does not open"),
+            (flipped, node_xkey.public, "does not open"),
+            (sealed, "not-an-xkey", "not an nkey"),
+            (sealed, encode_public(PREFIX_CURVE, bytes(32)), "does not open"),  # a low-order point: no box
+            (other.seal(request, service_xkey.public), other.public, "not the xkey its server signed")):
+        out, logged = answer(data, header)
+        assert out is None and len(logged) == 1 and "\n" not in logged[0] and reason in logged[0], (reason, logged)
+        good()
+    plain = auth.Service(devices.Store(store), KeyPair.from_seed(ISSUER_SEED), prefix="fedmq", partitions=4)
+    caplog.clear()
+    assert plain.answer(sealed, {SERVER_XKEY_HEADER: node_xkey.public}) is None
+    assert "--xkey-seed-file" in caplog.records[-1].getMessage()

@@ -13,11 +13,12 @@ import json
 import subprocess
 import urllib.request
 
-from tier.cluster import (ISSUER_ENV, PASSWORD_ENV, NatsCluster, compose_configs, free_ports, nats_server_binary,
-                          route_url)
+from tier.cluster import (ISSUER_ENV, PASSWORD_ENV, XKEY_ENV, NatsCluster, compose_configs, free_ports,
+                          nats_server_binary, route_url)
 from tier.fleet import wait_until
 from tier.nats_entry import fill
 from tier.nkey import KeyPair
+from tier.xkey import XKey
 
 PASSWORD = "p/w:x@y%z 1"  # every character a URL would misread
 
@@ -70,9 +71,9 @@ def test_the_compose_configs_route_placeholder_is_filled_into_a_config_nats_serv
     assert "route:p%2Fw%3Ax%40y%25z%201@nats-2:6222" in filled.read_text()
     assert '"password": "p/w:x@y%z 1"' in filled.read_text()  # quoted: as given (nats-server would parse $NAME's text)
     assert '"password": "auth # pw"' in filled.read_text()  # the auth user's, likewise
-    # the auth callout's issuer stays a whole-value $FEDMQ_TIER_AUTH_ISSUER (an nkey: nothing to misparse)
+    # the auth callout's issuer and xkey stay whole-value $FEDMQ_TIER_AUTH_ISSUER, _XKEY (nkeys: nothing to misparse)
     check = subprocess.run([nats_server_binary(), "-c", str(filled), "-t"], capture_output=True, text=True,
-                           env={ISSUER_ENV: KeyPair.create().public}, timeout=30)
+                           env={ISSUER_ENV: KeyPair.create().public, XKEY_ENV: XKey.create().public}, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
 
 

@@ -10,11 +10,13 @@ statistics, schema and key; subscribe to the fleet's model, status, cohort and k
 own inbox. Anything else, or no answer (this service down), and the node refuses the connection:
 fail closed. Several instances may run (one queue group); each connect costs one PBKDF2 check. At start it
 checks that the nodes' mapping sends agents to the partitions its --partitions computes. It connects as the auth
-user (FEDMQ_TIER_AUTH_PASSWORD), the only one the nodes let read their requests, which carry each device's password
-in the clear (tier/cluster.py `callout_authorization`).
+user (FEDMQ_TIER_AUTH_PASSWORD), the only one the nodes let read their requests, which carry each device's password.
+With --xkey-seed-file (the nodes' `auth_callout.xkey` its public key, tier/cluster.py `callout_authorization`) the
+requests come sealed to this service's xkey and its answers go sealed to the node's (tier/xkey.py): whoever else
+reads the subject, the auth password leaked say, sees ciphertext; a request that does not open is ignored.
 
-    python -m tier.auth --nats nats://n1:4222,... --devices FILE --issuer-seed-file FILE
-    python -m tier.auth --make-issuer FILE     (a new account key; prints the public key for the nodes)
+    python -m tier.auth --nats nats://n1:4222,... --devices FILE --issuer-seed-file FILE --xkey-seed-file FILE
+    python -m tier.auth --make-issuer FILE     (new account and xkey seeds; prints the public keys for the nodes)
 """
 
 from __future__ import annotations
@@ -30,16 +32,18 @@ from pathlib import Path
 
 from protocol.config import CliParser
 from tier.cluster import (AUTH_PASSWORD_ENV, AUTH_USER, CALLOUT_SUBJECT, DEFAULT_PARTITIONS, DEVICES_ENV, ISSUER_ENV,
-                          PROBE_FLEET, device_subjects, partition_of)
+                          PROBE_FLEET, XKEY_ENV, device_subjects, partition_of, xkey_seed_beside)
 from tier.cluster import subject_token as token
 from tier.devices import Device, Store
 from tier.nkey import PREFIX_SERVER, PREFIX_USER, KeyPair, decode_jwt, decode_public, encode_jwt
+from tier.xkey import SERVER_XKEY_HEADER, XKey
 
 log = logging.getLogger(__name__)
 
 QUEUE = "fedmq-auth"
 ACCOUNT = "$G"  # devices land in the global account: the one with the partition mapping and the tier user
 SEED_ENV = "FEDMQ_TIER_AUTH_SEED_FILE"
+XKEY_SEED_ENV = "FEDMQ_TIER_AUTH_XKEY_SEED_FILE"
 SESSION_ENV = "FEDMQ_TIER_AUTH_SESSION_S"
 READY = "serving device authorization"  # logged once subscribed (--ready-file is what launchers wait for)
 SECAGG_MAPPED = ("share", "masked", "reveal")
@@ -104,21 +108,45 @@ def respond(request: dict, issuer: KeyPair, *, device: Device | None, error: str
     return encode_jwt({"sub": user_nkey, "aud": server_id, "nats": body}, issuer).encode()
 
 
-class Service:
-    """Answers the nodes' authorization requests from the store, signed with `issuer`."""
+def _header(headers: dict | None, name: str) -> str:
+    """A message header's value, its name in any case ('' if absent)."""
+    return next((str(v) for k, v in (headers or {}).items() if str(k).lower() == name.lower()), "")
 
-    def __init__(self, store: Store, issuer: KeyPair, *, prefix: str, partitions: int, session_s: float = 0) -> None:
+
+class Service:
+    """Answers the nodes' authorization requests from the store, signed with `issuer`; with `xkey`, requests
+    sealed to it only, each answer sealed to its node's xkey."""
+
+    def __init__(self, store: Store, issuer: KeyPair, *, prefix: str, partitions: int, session_s: float = 0,
+                 xkey: XKey | None = None) -> None:
         self.store, self.issuer, self.prefix, self.partitions = store, issuer, prefix, partitions
-        self.session_s = session_s
+        self.session_s, self.xkey = session_s, xkey
         self.accepted = self.refused = 0
 
-    def answer(self, data: bytes) -> bytes | None:
-        """The response to one request's payload; None for a payload that is no node's request (no answer:
-        the node refuses at its timeout)."""
+    def _opened(self, data: bytes, server_xkey: str) -> bytes:
+        """The request JWT in `data`: opened with this service's xkey from the node's `server_xkey` if it has one,
+        as it is otherwise (ValueError: not what the nodes' config and this service's agree on)."""
+        if self.xkey is None:
+            if server_xkey:
+                raise ValueError("it is encrypted (the nodes' auth_callout has an xkey): give this service its seed, "
+                                 "--xkey-seed-file")
+            return data
+        if not server_xkey:
+            raise ValueError(f"it is in the clear, without {SERVER_XKEY_HEADER}: the nodes' auth_callout has no "
+                             "xkey, this service has one")
+        return self.xkey.open(data, server_xkey)
+
+    def answer(self, data: bytes, headers: dict | None = None) -> bytes | None:
+        """The response to one request's payload and headers; None for one that is no node's request, or not
+        sealed to this service's xkey (no answer: the node refuses at its timeout)."""
+        server_xkey = _header(headers, SERVER_XKEY_HEADER)
         try:
-            request = _dict(decode_jwt(data.decode(errors="replace"), PREFIX_SERVER).get("nats"))
+            request = _dict(decode_jwt(self._opened(data, server_xkey).decode(errors="replace"),
+                                       PREFIX_SERVER).get("nats"))
+            if server_xkey and _dict(request.get("server_id")).get("xkey") != server_xkey:
+                raise ValueError(f"its {SERVER_XKEY_HEADER} is not the xkey its server signed")
         except ValueError as exc:
-            log.warning("ignored an authorization request that is not a server's JWT: %s", exc)
+            log.warning("ignored an authorization request: %s", exc)
             return None
         try:
             self.store.refresh()
@@ -137,7 +165,7 @@ class Service:
         else:
             self.accepted += 1
             log.debug("accepted %s (fleet %s)", device.agent, device.fleet)
-        return out
+        return out if self.xkey is None else self.xkey.seal(out, server_xkey)
 
 
 PROBE_AGENTS = 8
@@ -195,7 +223,7 @@ async def serve(servers: list[str], service: Service, stop: asyncio.Event, name:
     import nats
 
     async def on_request(msg) -> None:
-        out = service.answer(msg.data)
+        out = service.answer(msg.data, msg.headers)
         if out is not None and msg.reply:
             await msg.respond(out)
 
@@ -235,16 +263,35 @@ async def serve(servers: list[str], service: Service, stop: asyncio.Event, name:
         await nc.drain()
 
 
-def make_issuer(path: Path) -> KeyPair:
-    """The account key in `path` (an nkey seed, mode 600), made there first if missing."""
+def _kept_key(path: Path, load, create):
+    """The key whose seed is in `path` (mode 600): `load(seed)`, or `create()` written there first if missing."""
     if path.exists():
-        return KeyPair.from_seed(path.read_text().strip())
+        return load(path.read_text().strip())
     path.parent.mkdir(parents=True, exist_ok=True)
-    pair = KeyPair.create()
+    pair = create()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(pair.seed + "\n")
     return pair
+
+
+def make_issuer(path: Path) -> KeyPair:
+    """The account key in `path` (an nkey seed, mode 600), made there first if missing."""
+    return _kept_key(path, KeyPair.from_seed, KeyPair.create)
+
+
+def make_xkey(path: Path) -> XKey:
+    """The xkey in `path` (an xkey seed, mode 600), made there first if missing."""
+    return _kept_key(path, XKey.from_seed, XKey.create)
+
+
+def _checked_key(key, path: Path, env: str):
+    """`key` (read from `path`) if the nodes' public key in `env` is unset or its own, else ValueError: every
+    answer would be refused by the nodes, or every request fail to open."""
+    expected = os.environ.get(env)
+    if expected and expected != key.public:
+        raise ValueError(f"{path} is the key of {key.public}, but the nodes' {env} is {expected}")
+    return key
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,9 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--issuer-seed-file", type=Path, default=os.environ.get(SEED_ENV),
                         help=f"the account nkey seed that signs the answers; the nodes' auth_callout issuer is its "
                              f"public key (env {SEED_ENV})")
+    parser.add_argument("--xkey-seed-file", type=Path, default=os.environ.get(XKEY_SEED_ENV),
+                        help="the xkey (curve25519) seed the nodes seal their requests to, each holding a device's "
+                             "password; the nodes' auth_callout xkey is its public key, and this service seals its "
+                             f"answers to the node's (env {XKEY_SEED_ENV}; default none: requests in the clear)")
     parser.add_argument("--make-issuer", type=Path, metavar="FILE",
-                        help="write a new issuer seed to FILE (mode 600; kept if present), print its public key "
-                             "as FEDMQ_TIER_AUTH_ISSUER=... (what the nodes' configs read) and exit")
+                        help="write a new issuer seed to FILE and a new xkey seed to xkey.seed beside it (mode 600; "
+                             f"each kept if present), print their public keys as {ISSUER_ENV}=... and {XKEY_ENV}=... "
+                             "(what the nodes' configs read) and exit")
     parser.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")
     parser.add_argument("--session-s", type=float, default=float(os.environ.get(SESSION_ENV, 0)), metavar="S",
                         help="a device's login lasts S seconds: then the node closes its connection and the device "
@@ -286,15 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.make_issuer:
-            print(f"FEDMQ_TIER_AUTH_ISSUER={make_issuer(args.make_issuer).public}")
+            print(f"{ISSUER_ENV}={make_issuer(args.make_issuer).public}")
+            print(f"{XKEY_ENV}={make_xkey(xkey_seed_beside(args.make_issuer)).public}")
             return 0
         if not args.nats or not args.devices or not args.issuer_seed_file:
             parser.error("--nats, --devices and --issuer-seed-file are required")
-        issuer = KeyPair.from_seed(args.issuer_seed_file.read_text().strip())
-        expected = os.environ.get(ISSUER_ENV)
-        if expected and expected != issuer.public:  # every answer would be refused by the nodes as a wrong issuer
-            raise ValueError(f"{args.issuer_seed_file} is the key of {issuer.public}, but the nodes' {ISSUER_ENV} is "
-                             f"{expected}")
+        issuer = _checked_key(KeyPair.from_seed(args.issuer_seed_file.read_text().strip()), args.issuer_seed_file,
+                              ISSUER_ENV)
+        xkey = None if args.xkey_seed_file is None else _checked_key(
+            XKey.from_seed(args.xkey_seed_file.read_text().strip()), args.xkey_seed_file, XKEY_ENV)
         store = Store(args.devices)
         if store.error:
             raise ValueError(store.error)
@@ -309,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tier.auth: {AUTH_PASSWORD_ENV} is not set: the service connects as the auth user, the one user the "
               "nodes let read the devices' logins", file=sys.stderr)
         return 2
-    service = Service(store, issuer, prefix=args.topic_prefix, partitions=args.partitions, session_s=args.session_s)
+    service = Service(store, issuer, prefix=args.topic_prefix, partitions=args.partitions, session_s=args.session_s,
+                      xkey=xkey)
     mark_ready(args.ready_file, False)  # one left by a kill -9 (a restarted container keeps its /tmp)
 
     async def run() -> None:

@@ -19,7 +19,8 @@ Authorization: the `tier` user (full rights, password PASSWORD_ENV) is what ever
 and its MQTT connection. Devices, one of two ways, chosen when the cluster is made:
 - with a device store (`devices`, tier/devices.py): per-device identity. The nodes' `auth_callout` sends every
   other client to tier/auth.py (started here beside the nodes), which checks its username and password against
-  the store and gives it its own agent's topics only; that service down, no device gets in (fail closed).
+  the store and gives it its own agent's topics only; that service down, no device gets in (fail closed). Each
+  request, a device's password inside, goes sealed to the service's xkey (tier/xkey.py).
 - without one (`devices=None`, tests and development only): the shared `device` user (`authorization_users`),
   what an MQTT client without credentials gets (`mqtt.no_auth_user`): device topics only, but any device's.
 A NATS client without credentials is refused either way.
@@ -96,8 +97,11 @@ ROUTE_PASSWORD_REF = "${" + PASSWORD_ENV + "}"
 # with a device store: the auth callout's account key (public part in the node config, seed for tier/auth.py)
 ISSUER_ENV = "FEDMQ_TIER_AUTH_ISSUER"
 ISSUER_REF = f"${ISSUER_ENV}"
+# ... its xkey (curve25519): the nodes seal their authorization requests, each with a device's password, to it
+XKEY_ENV = "FEDMQ_TIER_AUTH_XKEY"
+XKEY_REF = f"${XKEY_ENV}"
 # ... and the user tier/auth.py connects as: the only one that may read the nodes' authorization requests, which
-# carry each device's password in the clear (its own password, given to the nodes and the service alone)
+# carry each device's password (its own password, given to the nodes and the service alone)
 AUTH_USER = "auth"
 AUTH_PASSWORD_ENV = "FEDMQ_TIER_AUTH_PASSWORD"
 AUTH_PASSWORD_REF = f"${AUTH_PASSWORD_ENV}"
@@ -132,9 +136,17 @@ def device_subjects(fleet: str, agent: str = "*", partition: str = "*",
     return publish, subscribe
 
 
-def callout_authorization(password: str, issuer: str, auth_password: str, prefix: str = "fedmq") -> dict:
+def xkey_seed_beside(issuer_seed: Path) -> Path:
+    """Where the auth callout's xkey seed is kept: beside its issuer seed (tier/auth.py --make-issuer makes both)."""
+    return Path(issuer_seed).parent / "xkey.seed"
+
+
+def callout_authorization(password: str, issuer: str, auth_password: str, prefix: str = "fedmq",
+                          xkey: str | None = None) -> dict:
     """The node config's `authorization` with a device store: the tier user, the auth user, and every other client
-    sent to the auth callout whose answers `issuer` (an account public key, `A...`) signs (tier/auth.py).
+    sent to the auth callout whose answers `issuer` (an account public key, `A...`) signs (tier/auth.py); with
+    `xkey` (`X...`, the service's), each request sealed to it, so that a reader of CALLOUT_SUBJECT without its seed
+    sees ciphertext (tests/test_tier_device_auth.py, seen red without it: the auth user's rights read the password).
 
     The nodes' requests (on CALLOUT_SUBJECT, their replies on `$SYS._INBOX.<server>.<id>`) travel in the account of
     the tier user, and each holds a device's password: the tier user may neither subscribe nor publish on `$SYS.>`
@@ -147,8 +159,8 @@ def callout_authorization(password: str, issuer: str, auth_password: str, prefix
         "allow_responses": True}}
     tier = {"user": TIER_USER, "password": password,
             "permissions": {"publish": {"deny": ["$SYS.>"]}, "subscribe": {"deny": ["$SYS.>"]}}}
-    return {"users": [tier, auth], "timeout": AUTH_TIMEOUT_S,
-            "auth_callout": {"issuer": issuer, "auth_users": [TIER_USER, AUTH_USER]}}
+    callout = {"issuer": issuer, "auth_users": [TIER_USER, AUTH_USER], **({"xkey": xkey} if xkey else {})}
+    return {"users": [tier, auth], "timeout": AUTH_TIMEOUT_S, "auth_callout": callout}
 
 
 def route_url(password: str, peer: str) -> str:
@@ -298,6 +310,7 @@ class NatsCluster:
     devices: Path | None = None
     issuer_seed: Path | None = None  # the auth callout's account key (default workdir/auth/issuer.seed, made once)
     issuer: str | None = None  # its public key (default: from issuer_seed)
+    xkey: str | None = None  # the service's public xkey the nodes seal requests to (default: from xkey.seed beside)
     # the auth user's password (tier/auth.py's, no other process's): given, else AUTH_PASSWORD_ENV, else a random one
     auth_password: str | None = None
     auth_session_s: float = 0  # tier/auth.py --session-s: a device's login lasts this long (0: until it disconnects)
@@ -320,14 +333,19 @@ class NatsCluster:
         if self.devices is not None:
             self.devices = Path(self.devices)
             self.issuer_seed = Path(self.issuer_seed or self.workdir / "auth" / "issuer.seed")
-            if self.issuer is None:
-                from tier.auth import make_issuer
+            from tier.auth import make_issuer, make_xkey
 
-                self.issuer = make_issuer(self.issuer_seed).public
+            self.issuer = self.issuer or make_issuer(self.issuer_seed).public
+            self.xkey = self.xkey or make_xkey(self.xkey_seed).public
         ports = free_ports(4 * self.nodes_count)
         for i in range(self.nodes_count):
             c, m, h, r = ports[4 * i:4 * i + 4]
             self.nodes.append(Node(f"n{i + 1}", self.workdir / f"n{i + 1}", c, m, h, r))
+
+    @property
+    def xkey_seed(self) -> Path:
+        """tier/auth.py's xkey seed (made once, beside the issuer seed)."""
+        return xkey_seed_beside(self.issuer_seed)
 
     @property
     def nats_urls(self) -> list[str]:
@@ -364,7 +382,8 @@ class NatsCluster:
             "mappings": partition_mappings(self.partitions, self.prefix),
         }
         if self.devices is not None:
-            conf["authorization"] = callout_authorization(self.password, self.issuer, self.auth_password, self.prefix)
+            conf["authorization"] = callout_authorization(self.password, self.issuer, self.auth_password, self.prefix,
+                                                          self.xkey)
         else:
             conf["authorization"] = {"users": authorization_users(self.password, self.prefix)}
             conf["mqtt"]["no_auth_user"] = DEVICE_USER
@@ -418,7 +437,8 @@ class NatsCluster:
         with open(self.auth_log, "ab") as out:
             self.auth_proc = subprocess.Popen(
                 [sys.executable, "-m", "tier.auth", "--nats", ",".join(self.nats_urls), "--devices", str(self.devices),
-                 "--issuer-seed-file", str(self.issuer_seed), "--topic-prefix", self.prefix,
+                 "--issuer-seed-file", str(self.issuer_seed), "--xkey-seed-file", str(self.xkey_seed),
+                 "--topic-prefix", self.prefix,
                  "--partitions", str(self.partitions), "--session-s", str(self.auth_session_s),
                  "--ready-file", str(self.auth_ready)],
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True,
@@ -536,15 +556,15 @@ def compose_configs(partitions: int = DEFAULT_PARTITIONS, prefix: str = "fedmq")
     """The configs of docker-compose.scale.yml's three nodes (service nats-<i>, file deploy/tier/nats-<i>.conf):
     this module's config with the standard ports inside each container, the peers by service name and the
     store on the /data volume; devices through the auth callout (the compose file's `auth` service), its issuer's
-    public key, the tier password and the auth user's read from the node's environment. scripts/tier-cluster
-    --write-compose-configs DIR writes them."""
+    and its xkey's public keys, the tier password and the auth user's read from the node's environment.
+    scripts/tier-cluster --write-compose-configs DIR writes them."""
     cluster = NatsCluster(Path("/data"), 3, partitions, prefix, password=PASSWORD_REF, devices=Path("/devices"),
-                          issuer=ISSUER_REF, auth_password=AUTH_PASSWORD_REF)
+                          issuer=ISSUER_REF, xkey=XKEY_REF, auth_password=AUTH_PASSWORD_REF)
     cluster.nodes = [Node(f"n{i}", Path("/data"), 4222, 1883, 8222, 6222) for i in (1, 2, 3)]
     configs = {}
     for i, node in enumerate(cluster.nodes, 1):
         text = cluster.config(node, host="0.0.0.0", peers=[f"nats-{j}:6222" for j in (1, 2, 3) if j != i])
-        for ref in (PASSWORD_REF, ISSUER_REF, AUTH_PASSWORD_REF):  # unquoted: taken from the node's environment
+        for ref in (PASSWORD_REF, ISSUER_REF, XKEY_REF, AUTH_PASSWORD_REF):  # unquoted: from the node's environment
             text = text.replace(json.dumps(ref), ref)
         configs[f"nats-{i}.conf"] = text
     return configs

@@ -16,11 +16,12 @@ import time
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-# the nkey prefix bytes (first base32 character): S seed, A account, U user, N server
+# the nkey prefix bytes (first base32 character): S seed, A account, U user, N server, X curve (xkey, tier/xkey.py)
 PREFIX_SEED = 18 << 3
 PREFIX_ACCOUNT = 0
 PREFIX_USER = 20 << 3
 PREFIX_SERVER = 13 << 3
+PREFIX_CURVE = 23 << 3
 JWT_HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
 
 
@@ -59,6 +60,20 @@ def encode_public(prefix: int, key: bytes) -> str:
     return _b32(raw + _crc16(raw).to_bytes(2, "little"))
 
 
+def encode_seed(prefix: int, key: bytes) -> str:
+    """The nkey seed text (`S` then the kind's letter) of the 32 private bytes `key` of kind `prefix`."""
+    raw = bytes([PREFIX_SEED | (prefix >> 5), (prefix & 31) << 3]) + key
+    return _b32(raw + _crc16(raw).to_bytes(2, "little"))
+
+
+def decode_seed(text: str) -> tuple[int, bytes]:
+    """The kind prefix and the 32 private bytes of an nkey seed (ValueError if it is none)."""
+    raw = _checked(text)
+    if len(raw) != 34 or raw[0] & 0xF8 != PREFIX_SEED:
+        raise ValueError("not an nkey seed")
+    return ((raw[0] & 0x07) << 5) | ((raw[1] & 0xF8) >> 3), raw[2:]
+
+
 def decode_public(text: str, prefix: int) -> bytes:
     """The 32 key bytes of a public nkey of the given kind (ValueError otherwise)."""
     raw = _checked(text)
@@ -81,18 +96,15 @@ class KeyPair:
     @classmethod
     def from_seed(cls, seed: str) -> "KeyPair":
         """From an nkey seed (`SA...` for an account), as `nsc` and nats-server's tests write them."""
-        raw = _checked(seed)
-        if len(raw) != 34 or raw[0] & 0xF8 != PREFIX_SEED:
-            raise ValueError("not an nkey seed")
-        prefix = ((raw[0] & 0x07) << 5) | ((raw[1] & 0xF8) >> 3)
-        return cls(Ed25519PrivateKey.from_private_bytes(raw[2:]), prefix)
+        prefix, key = decode_seed(seed)
+        if prefix == PREFIX_CURVE:
+            raise ValueError("an xkey seed (curve25519, tier/xkey.py), not a signing key's")
+        return cls(Ed25519PrivateKey.from_private_bytes(key), prefix)
 
     @property
     def seed(self) -> str:
         from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
-        key = self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-        raw = bytes([PREFIX_SEED | (self.prefix >> 5), (self.prefix & 31) << 3]) + key
-        return _b32(raw + _crc16(raw).to_bytes(2, "little"))
+        return encode_seed(self.prefix, self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
 
     @property
     def public(self) -> str:
