@@ -24,6 +24,27 @@ def capped_weights(weights: np.ndarray) -> tuple[np.ndarray, int]:
     return weights, 0
 
 
+def agent_index(agents: list) -> np.ndarray:
+    """Each update's agent as a number 0..A-1, in order of first appearance; an update of no known agent (None)
+    is an agent of its own."""
+    seen: dict = {}
+    return np.array([seen.setdefault(a if a is not None else (i,), len(seen)) for i, a in enumerate(agents)], dtype=int)
+
+
+def agent_capped_weights(weights: np.ndarray, agents: list) -> tuple[np.ndarray, int]:
+    """`weights` (one per update, `agents` naming each update's agent) with no agent's total above the lower median
+    of the agents' totals (capped_weights over agents, not updates), each of its updates lowered alike; and how
+    many updates were lowered. Where an agent's many updates meet (a tier's partial or buffer) they weigh as one
+    agent's: many updates of one agent neither own the mean nor lower the median (issue 18 point 3)."""
+    index = agent_index(agents)
+    totals = np.bincount(index, weights=weights, minlength=index.max() + 1) if len(index) else np.zeros(0)
+    capped, lowered = capped_weights(totals)
+    if not lowered:
+        return weights, 0
+    factor = np.divide(capped, totals, out=np.ones_like(totals), where=totals > 0)[index]
+    return weights * factor, int((factor < 1).sum())
+
+
 def weighted_mean(deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Sum of weights[i] * deltas[i] over sum(weights) (sample-count weights)."""
     return weights @ deltas / weights.sum()

@@ -33,7 +33,8 @@ import pytest
 from protocol import codec
 from protocol.messages import UpdateMessage, encode_update
 from tier.cluster import TIER_USER
-from tier.fleet import FLEET, START_S, TOPICS, ModelWatch, Tier, device_client, online, wait_until
+from tier.fleet import (FLEET, START_S, TOPICS, ModelWatch, Tier, device_client, device_on_a_tier, online,
+                        wait_until)
 
 
 def _counts(partition, rejected) -> bytes:
@@ -83,15 +84,7 @@ INFLATED = 10 ** 6  # the hostile device's claimed sample count; the honest devi
 
 
 def test_a_device_claiming_inflated_counts_owns_one_row_of_the_roots_step_not_the_step(tmp_path, nats_node):
-    tier = Tier(nats_node, tmp_path, partitions=nats_node.partitions, root_args=("--buffer-timeout", "60"))
-    watch = ModelWatch(nats_node)
-    devices, connected = device_client("inflating")  # the shared device user: it may publish as any agent
-    try:
-        tier.start_root()
-        tier.start_worker()
-        assert watch.wait_version_above(-1, START_S) is not None, tier.logs()
-        base = watch.latest
-        online(devices, connected, nats_node.nodes[0])
+    with device_on_a_tier(nats_node, tmp_path, "inflating", ("--buffer-timeout", "60")) as (tier, watch, devices, base):
         rng = np.random.default_rng(0)
         honest = np.full(base.spec.n_params, 0.01)
         sent = [("evil-1", -honest, INFLATED)] + [(f"dev-{i}", honest, 50) for i in range(4)]
@@ -102,8 +95,3 @@ def test_a_device_claiming_inflated_counts_owns_one_row_of_the_roots_step_not_th
         step = watch.latest.params - base.params
         share = float((honest @ step - honest @ honest) / (-2 * honest @ honest))  # of the hostile delta in the step
         assert share == pytest.approx(0.2, abs=1e-4), (share, watch.status)
-    finally:
-        devices.loop_stop()
-        devices.disconnect()
-        watch.close()
-        tier.stop()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from nats.js.errors import KeyWrongLastSequenceError
 
+from coordinator.aggregation import agent_capped_weights
 from coordinator.staleness import Polynomial
 from coordinator.strategies import FedBuff
 from coordinator.validation import UpdateValidator
@@ -22,7 +23,7 @@ from protocol.topics import Topics
 from tier.lease import Fenced, FencedRecord
 from tier.mqtt_link import Link, parse_urls
 from tier.partial import Partial, PartialSum, decode_partial, encode_partial
-from tier.steps import RootFedAsync, RootFedBuff
+from tier.steps import RootFedAsync, RootFedBuff, capped_sum
 from tier.root import Root
 from tier.worker import Worker
 
@@ -247,6 +248,78 @@ def test_the_roots_checkpointed_buffer_is_one_partial_of_its_capped_rows():
     old = RootFedBuff(6, 5)  # a checkpoint from before the rows: its weight even over its count
     old.restore({"sum": state["sum"], "weight": 150.0, "count": 3})
     assert old.count == 3
+
+
+def test_one_agents_updates_across_partials_weigh_as_one_agent_and_k_counts_agents():
+    """Issue 18 point 3 (bounded per agent per buffer) on the tier: a fast agent's 6 updates land in 6 partials of one
+    root buffer of K = 5 beside 4 honest agents, its delta their opposite. The buffer steps on the fifth agent, not
+    the fifth update, and the agent owns a fifth of the step, as one row of the coordinator's FedBuff. Partials it
+    shares with an honest agent keep that agent's weight when its own partials carry its bound. Seen red counting
+    updates (ready on its 5 partials alone) and with the cap per update, not per agent (share 0.6)."""
+    honest, evil = np.ones(6) / np.sqrt(6), -np.ones(6) / np.sqrt(6)
+    root = RootFedBuff(6, 5)
+    for _ in range(5):
+        root.add(evil * 50, 50.0, 1, np.array([50.0]), ["evil"])
+    assert not root.ready() and root.count == 1 and root.repeat_agent == 4
+    root.add(evil * 50 + honest * 50, 100.0, 2, np.array([50.0, 50.0]), ["evil", "h0"])  # shared with an honest one
+    for i in range(1, 4):
+        assert not root.ready()
+        root.add(honest * 50, 50.0, 1, np.array([50.0]), [f"h{i}"])
+    assert root.ready() and root.updates == 10 and root.repeat_agent == 5
+    assert _share_of(root.step(np.zeros(6)), evil, honest) == pytest.approx(0.2)
+    assert root.weight_capped == 5 and root.count == 0  # its own partials lowered, the shared one kept
+
+
+def test_an_agents_many_updates_in_one_partial_neither_own_it_nor_lower_the_others_weight():
+    """In one partial an agent's updates share one agent's weight (agent_capped_weights): 9 updates claiming 10^9
+    each weigh as the lower median agent, and 9 claiming 1 sample do not pull an honest agent's 50 down to 1. Seen
+    red with rows capped per update: the 10^9 rows kept 10^9 each (they are the partial's lower median)."""
+    for claim, want in ((10 ** 9, [50.0 / 9] * 9 + [50.0, 50.0]), (1, [1.0] * 9 + [50.0, 50.0])):
+        part = PartialSum(3)
+        for _ in range(9):
+            part.add(None, -np.ones(3), claim, 0, agent="evil")
+        for agent in ("a", "b"):
+            part.add(None, np.ones(3), 50, 0, agent=agent)
+        total, weight, count, rows = part.take()
+        assert np.allclose(rows, want) and np.isclose(weight, sum(want)) and count == 11 and part.repeat_agent == 8
+        assert np.allclose(total, (100.0 - sum(want[:9])) * np.ones(3))
+
+
+def test_no_agent_in_several_partials_weighs_more_than_its_bound_and_no_update_gains():
+    """2,000 random buffers of 1-7 partials, 1-3 updates each of 6 agents, claims from 1 to 10^6: an agent in several
+    partials weighs at most its bound (its capped total, agent_capped_weights), and scaling never raises an update
+    (seen red with an agent's several partials unscaled: 1000010 for a bound of 10^6)."""
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        sizes = rng.integers(1, 4, size=rng.integers(1, 8))
+        rows = [rng.choice([1.0, 10.0, 50.0, 1e6], size=n) for n in sizes]
+        agents = [list(rng.choice(list("abcdef"), size=n)) for n in sizes]
+        every, who = np.concatenate(rows), [a for names in agents for a in names]
+        bound, _ = agent_capped_weights(every, who)
+        _, weighed, _ = capped_sum([RNG.normal(size=3) for _ in sizes], rows, agents, 3)
+        part = np.repeat(np.arange(len(sizes)), sizes)
+        for agent in set(who):
+            mine = np.array(who) == agent
+            if len(set(part[mine])) > 1:
+                assert weighed[mine].sum() <= bound[mine].sum() * (1 + 1e-9)
+        assert (weighed <= every * (1 + 1e-12)).all()
+
+
+def test_the_roots_checkpointed_buffer_keeps_its_agents():
+    """A root that takes over keeps the buffer's agents: the repeating agent's next partial is still its one weight,
+    and K still counts agents (seen red without the agents in the checkpoint: 3 agents restored for 2)."""
+    honest, evil = np.ones(6) / np.sqrt(6), -np.ones(6) / np.sqrt(6)
+    root = RootFedBuff(6, 5)
+    for agent, delta in (("evil", evil), ("evil", evil), ("h0", honest)):
+        root.add(delta * 50, 50.0, 1, np.array([50.0]), [agent])
+    taken = RootFedBuff(6, 5)
+    taken.restore(msgpack.unpackb(msgpack.packb(root.state())))
+    assert (taken.count, taken.updates, taken.repeat_agent) == (2, 3, 1)
+    taken.add(evil * 50, 50.0, 1, np.array([50.0]), ["evil"])
+    for i in (1, 2, 3):
+        assert not taken.ready()
+        taken.add(honest * 50, 50.0, 1, np.array([50.0]), [f"h{i}"])
+    assert taken.ready() and _share_of(taken.step(np.zeros(6)), evil, honest) == pytest.approx(0.2)
 
 
 class _LateKV:

@@ -269,6 +269,28 @@ def online(client: mqtt.Client, connected: threading.Event, node) -> None:
         raise AssertionError(f"no CONNACK from the MQTT listener on port {node.mqtt_port} within 30 s")
 
 
+@contextlib.contextmanager
+def device_on_a_tier(cluster: NatsCluster, workdir: Path, client_id: str, root_args: tuple = ()
+                     ) -> Iterator[tuple[Tier, ModelWatch, mqtt.Client, object]]:
+    """A root and a worker on `cluster`, their first model received, and a device_client of the shared device user
+    (it may publish as any agent) online: (tier, watch, client, first model); all of them stopped on exit."""
+    tier = Tier(cluster, workdir, partitions=cluster.partitions, root_args=root_args)
+    watch = ModelWatch(cluster)
+    client, connected = device_client(client_id)
+    try:
+        tier.start_root()
+        tier.start_worker()
+        assert watch.wait_version_above(-1, START_S) is not None, tier.logs()
+        base = watch.latest
+        online(client, connected, cluster.nodes[0])
+        yield tier, watch, client, base
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        watch.close()
+        tier.stop()
+
+
 def wait_until(cond, timeout: float) -> bool:
     """True once cond() is (polled: what other processes write or paho threads set), False at the timeout."""
     deadline = time.monotonic() + timeout

@@ -35,8 +35,8 @@ def root_metrics(status: dict):
                  status["folded"])
     yield by_label(CounterMetricFamily, "fedmq_updates_rejected", "Device updates the partitions refused, by reason",
                    fleet, "reason", status["updates_rejected"])
-    yield by_label(CounterMetricFamily, "fedmq_updates_bounded", "Updates whose weight the root's buffer cap lowered, "
-                   "by reason", fleet, "reason", status["bounded"])
+    yield by_label(CounterMetricFamily, "fedmq_updates_bounded", "Updates the root's buffer bounded per agent, by reason: "
+                   "repeat_agent (of an agent already in it), weight_cap (weight lowered)", fleet, "reason", status["bounded"])
     for name, key, doc in (("fedmq_tier_partials_folded", "partials", "Partial aggregates folded"),
                            ("fedmq_tier_partials_duplicates", "duplicates", "Partial aggregates dropped as repeats"),
                            ("fedmq_tier_partials_rejected", "rejected", "Partial aggregates refused (unreadable, "
@@ -65,6 +65,9 @@ def worker_metrics(status: dict):
         "weight_capped": CounterMetricFamily("fedmq_tier_weight_capped", "Updates whose weight the cap of their "
                                              "partial lowered (since this worker took the partition)",
                                              labels=["fleet", "partition"]),
+        "repeat_agent": CounterMetricFamily("fedmq_tier_repeat_agent", "Updates of an agent already in their partial, "
+                                            "sharing its one weight (since this worker took the partition)",
+                                            labels=["fleet", "partition"]),
     }
     rejected = CounterMetricFamily("fedmq_updates_rejected", "Device messages the partition refused, by reason",
                                    labels=["fleet", "partition", "reason"])

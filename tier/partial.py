@@ -3,7 +3,8 @@
 Partial sums commute with buffering: the root's FedBuff step over the union of partials equals
 the single coordinator's step over the same updates (sample-weighted mean of staleness-weighted
 deltas), whatever the flush granularity, as long as no claimed count is above the lower median of its
-partial's and of the root's buffer (each caps there: issue 18 point 3, tier/steps.py). `PartialSum` is a
+partial's and of the root's buffer and no agent sends twice into one buffer (each bounds an agent's weight there:
+issue 18 point 3, tier/steps.py). `PartialSum` is a
 coordinator Strategy (one small class behind the same interface) that never steps: the partition's
 `Coordinator` core validates, dedups and weighs each update as the single coordinator does, and this
 strategy only sums.
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from coordinator.aggregation import capped_weights
+from coordinator.aggregation import agent_capped_weights
 from coordinator.staleness import Constant, StalenessFn
 from coordinator.strategies import Strategy
 from protocol.errors import ProtocolError
@@ -177,8 +178,9 @@ def merge_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:
 
 
 class PartialSum(Strategy):
-    """Holds n, w(s) delta per update for the partition's flush and sums them with no n above the lower median of
-    the flush's (capped_weights, as the coordinator's FedBuff caps a buffer's rows); never changes the model itself.
+    """Holds n, w(s) delta per update for the partition's flush and sums them with no agent's n above the lower
+    median of the flush's agents (agent_capped_weights: an agent's several updates share one agent's weight, as the
+    coordinator's FedBuff keeps one row per agent); never changes the model itself.
     The rows are held only until the flush (FLUSH_S, tier/worker.py): updates x parameters x 8 bytes."""
 
     name = "partial"
@@ -187,11 +189,14 @@ class PartialSum(Strategy):
         self.n_params = n_params
         self.staleness = staleness
         self.weight_capped = 0  # updates whose weight the cap lowered (the worker's metrics)
+        self.repeat_agent = 0  # updates of an agent already in the partial (likewise)
         self.reset()
 
     def reset(self) -> None:
         self._deltas: list[np.ndarray] = []
         self._counts: list[float] = []
+        self._agents: list[str | None] = []
+        self._seen: set[str] = set()
 
     @property
     def pending(self) -> int:
@@ -200,12 +205,16 @@ class PartialSum(Strategy):
     def add(self, params, delta, n_samples, staleness, base=None, agent=None):
         self._deltas.append(self.staleness(staleness) * np.asarray(delta, dtype=np.float64))
         self._counts.append(float(n_samples))
+        self._agents.append(agent)
+        if agent is not None:
+            self.repeat_agent += agent in self._seen
+            self._seen.add(agent)
         return None
 
     def take(self) -> tuple[np.ndarray, float, int, np.ndarray]:
         """The capped sum since the last take, its weight, its count and each update's (capped) weight; and
         start again."""
-        rows, lowered = capped_weights(np.asarray(self._counts, dtype=np.float64))
+        rows, lowered = agent_capped_weights(np.asarray(self._counts, dtype=np.float64), self._agents)
         self.weight_capped += lowered
         total = rows @ np.stack(self._deltas) if self._deltas else np.zeros(self.n_params)
         out = (total, float(rows.sum()), len(rows), rows)

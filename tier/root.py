@@ -381,7 +381,7 @@ class Root:
         if self.dp is not None:
             self.dp.add(agents)
         self.epochs[key] = p.epoch
-        self.rule.add(p.weighted_sum, p.weight, p.count, p.rows)
+        self.rule.add(p.weighted_sum, p.weight, p.count, p.rows, agents)  # K counts agents; each one's weight bounded
         if self.buffer_since is None:
             self.buffer_since = time.monotonic()
         self.folded += p.count
@@ -501,7 +501,8 @@ class Root:
                   **score_fields(self.spec.is_classifier, self.scores),
                   "folded": self.folded, "partials": self.partials, "duplicates": self.duplicates,
                   "rejected": self.rejected, "updates_rejected": rejected_by_reason(self.updates_rejected),
-                  "partitions": len(self.hwm), "bounded": {"weight_cap": self.rule.weight_capped}, "time": time.time()}
+                  "partitions": len(self.hwm), "time": time.time(),
+                  "bounded": {"repeat_agent": self.rule.repeat_agent, "weight_cap": self.rule.weight_capped}}
         if self.dp is not None:
             status["privacy"] = self.dp.report()
         if steered is not None:  # as the coordinator's status shows it

@@ -6,36 +6,62 @@ partition worker, so the root's FedBuff step over the union of partials is the s
 coordinator's FedBuff (sample-weighted mean) over the same updates. FedAsync does not partition
 exactly: at scale it is a mix per partial (a small per-partition buffer), as PAPAYA/FedBuff do.
 
-A partial's weight is a claim: the sum of its updates' claimed sample counts (each already at most its
+A partial's weight is a claim: the sum of its updates' claimed sample counts (no agent's above its
 partial's lower median, tier/partial.py). A partial says each update's weight (`rows`, checked against
-its weight by the decoder), so the root bounds them as the single coordinator bounds a buffer's rows:
-no update weighs more than the lower median of every update in the root's buffer
-(coordinator.aggregation.capped_weights, issue 18 point 3); a partial is scaled by its capped rows'
-weight over its own (exact for a partial of one update; of several, their mix keeps the partition's).
+its weight by the decoder) and agent (`covers`), so the root bounds them as the single coordinator bounds
+a buffer's rows, per agent (issue 18 point 3: the fedbuff mean is bounded per agent per buffer): K counts
+the agents in the buffer, not updates, and no agent's updates together weigh more than the lower median
+of the agents' weights (coordinator.aggregation.agent_capped_weights). A fast agent's updates land in
+many partials of one buffer; each weighs its share of that agent's one weight. The coordinator keeps an
+agent's newest row where the root can only scale the sums it holds: a partial is scaled as a whole (exact
+for a partial of one agent's updates; capped_sum says how one shared with other agents is).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from coordinator.aggregation import capped_weights
+from coordinator.aggregation import agent_capped_weights, agent_index
 from coordinator.strategies import DEFAULT_ALPHA
 
 
-def capped_sum(sums: list[np.ndarray], rows: list[np.ndarray], n_params: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The buffered partials' sum with no update weighing more than the lower median of all their rows
-    (capped_weights), those capped rows (their sum: the buffer's weight), and how many were lowered. Partial i
-    is scaled by its capped rows' sum over its own."""
+def capped_sum(sums: list[np.ndarray], rows: list[np.ndarray], agents: list[list], n_params: int
+               ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The buffered partials' sum with no agent weighing more than the lower median of the agents' weights
+    (agent_capped_weights over every partial's rows, `agents[i]` naming partial i's), the rows as weighed (their
+    sum: the buffer's weight), and how many updates were lowered. A partial is one sum, scaled as a whole: one
+    holding a capped agent that is in no other partial by its capped rows' weight over its own (the partition's
+    mix kept); an agent in several partials to its bound exactly, its partials of its own updates alone lowered
+    first, those it shares with others only when they alone exceed its bound (the others in them lowered with it)."""
     every = np.concatenate(rows) if rows else np.zeros(0)
-    capped, lowered = capped_weights(every)
+    capped, lowered = agent_capped_weights(every, [a for names in agents for a in names])
     if not lowered:
         return (np.sum(sums, axis=0) if sums else np.zeros(n_params)), every, 0
-    total, start = np.zeros(n_params), 0
-    for s, r in zip(sums, rows):
-        kept, start = float(capped[start:start + len(r)].sum()), start + len(r)
-        if r.sum() > 0:
-            total += s * (kept / float(r.sum()))
-    return total, capped, lowered
+    index = agent_index([a for names in agents for a in names])
+    part = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+    pairs = np.unique(np.stack([index, part]), axis=1)  # each (agent, partial) once
+    spread = np.bincount(pairs[0], minlength=index.max() + 1)  # partials per agent
+    alone = np.bincount(pairs[1], minlength=len(rows)) <= 1  # partials of one agent's updates
+    over = capped < every
+    factor = np.ones(len(rows))
+    mixed = np.unique(part[over & (spread[index] == 1)])
+    factor[mixed] = np.bincount(part, weights=capped, minlength=len(rows))[mixed] / \
+        np.bincount(part, weights=every, minlength=len(rows))[mixed]
+    for agent in np.unique(index[over & (spread[index] > 1)]):
+        mine = index == agent
+        bound = float(capped[mine].sum())
+        share = np.bincount(part[mine], weights=every[mine], minlength=len(rows)) * factor  # its weight per partial
+        shared, own = float(share[~alone].sum()), float(share[alone].sum())
+        if shared + own <= bound:  # within its bound already (a partial it shares was lowered)
+            continue
+        if shared <= bound:  # its own partials carry what is left of its bound
+            factor[alone & (share > 0)] *= (bound - shared) / own
+        else:
+            factor[alone & (share > 0)] = 0.0
+            factor[~alone & (share > 0)] *= bound / shared
+    weighed = every * factor[part]
+    total = np.tensordot(factor, np.stack(sums), axes=1)
+    return total, weighed, int((weighed < every * (1 - 1e-12)).sum())
 
 
 class RootRule:
@@ -44,21 +70,37 @@ class RootRule:
     def __init__(self, n_params: int) -> None:
         self.n_params = n_params
         self.weight_capped = 0  # updates whose weight the buffer's cap lowered (the status's bounded.weight_cap)
+        self.repeat_agent = 0  # updates of an agent already in the buffer (the status's bounded.repeat_agent)
         self._clear()
 
     def _clear(self) -> None:
         self._sums: list[np.ndarray] = []
         self._rows: list[np.ndarray] = []  # each partial's per-update weights
-        self.count = 0
+        self._agents: list[list] = []  # each partial's per-update agents (None: unknown, an agent of its own)
+        self._members: set[str] = set()
+        self.updates = 0
+        self.count = 0  # agents in the buffer: K of them step it, however many updates each sent
 
-    def add(self, weighted_sum: np.ndarray, weight: float, count: int, rows=None) -> None:
+    def add(self, weighted_sum: np.ndarray, weight: float, count: int, rows=None, agents=None) -> None:
         """One partial; `rows`: its updates' weights (None, from a worker that did not send them: its weight
-        evenly over its `count` updates)."""
+        evenly over its `count` updates); `agents`: each update's agent (None: each an agent of its own)."""
         if rows is None:
             rows = np.full(count, weight / count) if count else np.zeros(0)
+        names = list(agents) if agents is not None else [None] * len(rows)
+        if len(names) != len(rows):
+            raise ValueError(f"a partial of {len(rows)} update weights names {len(names)} agents")
+        for agent in names:
+            if agent is None:
+                self.count += 1
+            elif agent in self._members:
+                self.repeat_agent += 1
+            else:
+                self._members.add(agent)
+                self.count += 1
         self._sums.append(np.asarray(weighted_sum, dtype=np.float64))
         self._rows.append(np.asarray(rows, dtype=np.float64))
-        self.count += count
+        self._agents.append(names)
+        self.updates += len(names)
 
     def ready(self) -> bool:
         """The buffer holds enough to step now."""
@@ -69,29 +111,34 @@ class RootRule:
         raise NotImplementedError
 
     def _take_mean(self) -> np.ndarray:
-        total, rows, lowered = capped_sum(self._sums, self._rows, self.n_params)
+        total, rows, lowered = capped_sum(self._sums, self._rows, self._agents, self.n_params)
         self.weight_capped += lowered
         self._clear()
         weight = float(rows.sum())
         return total / weight if weight > 0 else np.zeros(self.n_params)
 
     def state(self) -> dict:
-        """The buffer as one partial of its capped rows (as of now): a checkpoint the size of one partial, whatever
-        the buffer holds; after a takeover it is bounded again with the partials that follow, as a whole."""
-        total, capped, _ = capped_sum(self._sums, self._rows, self.n_params)
-        return {"sum": np.ascontiguousarray(total, dtype="<f8").tobytes(), "weight": float(capped.sum()),
-                "count": self.count, "rows": np.ascontiguousarray(capped, dtype="<f8").tobytes(),
-                "weight_capped": self.weight_capped}
+        """The buffer as one partial of its rows as weighed now, with their agents: a checkpoint the size of one
+        partial, whatever the buffer holds; after a takeover it is bounded again with the partials that follow,
+        as a whole."""
+        total, weighed, _ = capped_sum(self._sums, self._rows, self._agents, self.n_params)
+        return {"sum": np.ascontiguousarray(total, dtype="<f8").tobytes(), "weight": float(weighed.sum()),
+                "count": self.updates, "rows": np.ascontiguousarray(weighed, dtype="<f8").tobytes(),
+                "agents": [a for names in self._agents for a in names],
+                "weight_capped": self.weight_capped, "repeat_agent": self.repeat_agent}
 
     def restore(self, state: dict) -> None:
         total = np.frombuffer(state["sum"], dtype="<f8").copy()
         if total.shape != (self.n_params,):
             raise ValueError("checkpointed root buffer has the wrong length")
         rows = np.frombuffer(state["rows"], dtype="<f8").copy() if state.get("rows") is not None else None
+        agents = state.get("agents")  # None from a checkpoint before them: each update an agent of its own
         self._clear()
         self.weight_capped = int(state.get("weight_capped", 0))
         if int(state["count"]) or float(state["weight"]):
-            self.add(total, float(state["weight"]), int(state["count"]), rows)
+            self.add(total, float(state["weight"]), int(state["count"]), rows,
+                     None if agents is None else [a if a is None else str(a) for a in agents])
+        self.repeat_agent = int(state.get("repeat_agent", 0))  # counted when they were folded
 
 
 class RootFedBuff(RootRule):

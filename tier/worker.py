@@ -537,7 +537,8 @@ class Worker:
         """What --metrics-port serves (tier/metrics.py), read at every scrape: per owned partition its lease epoch,
         updates folded, refusals by reason and partials committed (cumulative across owners)."""
         parts = {str(n): {"epoch": p.lease.epoch or 0, "accepted": p.core.accepted_, "rejected": dict(p.core.rejected_),
-                          "partials": p.seq, "weight_capped": p.sum.weight_capped} for n, p in list(self.owned.items())}
+                          "partials": p.seq, "weight_capped": p.sum.weight_capped,
+                          "repeat_agent": p.sum.repeat_agent} for n, p in list(self.owned.items())}
         return {"fleet": self.topics.fleet, "role": "worker", "worker": self.worker_id,
                 "version": self.model.version if self.model is not None else -1, "partitions": parts}
 
