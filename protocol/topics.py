@@ -1,4 +1,9 @@
-"""Every MQTT topic name fedmq uses, built in one place."""
+"""Every MQTT topic name fedmq uses, built in one place, and the scale-out tier's subjects (TIER_SUBJECTS).
+
+The tier's subject kinds live here rather than in tier/: a device's topics are mapped onto them by the NATS nodes
+(tier/cluster.py), the monitor parses them off the wire (Topics.tier_topic) and neither should import the tier; the
+tier's own modules build and parse its NATS subjects and MQTT filters through the same table, so the nodes' mapping,
+the devices' allow-lists and the workers' and root's subscriptions cannot drift apart."""
 
 from __future__ import annotations
 
@@ -187,32 +192,78 @@ class Topics:
 
     # --- the scale-out tier (tier/cluster.py): its nodes map an agent's update, update chunks and secure-aggregation
     # messages to the agent's partition, and its workers hand partial sums to the root; a subscriber of `everything`
-    # on the tier (the tier user) sees them under these names
+    # on the tier (the tier user) sees them under these names (TIER_SUBJECTS)
 
     @property
     def tier_patterns(self) -> dict[str, str]:
         """Filters of the tier's topics by the kind of message on them (the web view's `config.json`)."""
-        return {"tier_update": f"{self.base}/upd/+/+", "tier_update_chunk": f"{self.base}/updc/+/+",
-                "tier_secagg": f"{self.base}/psecagg/+/+/+", "tier_partial": f"{self.base}/partial/+",
-                "tier_partial_counts": f"{self.base}/partial/+/counts"}
+        return {f"tier_{kind}": tier_subject(self.base, kind, fill="+", sep="/") for kind in TIER_SUBJECTS}
 
     def tier_topic(self, topic: str) -> tuple[str, str | None] | None:
         """(kind, agent id) of a tier topic: update (`upd/<P>/<agent>`, the agent's update as it sent it),
         update_chunk (`updc/<P>/<agent>`), secagg (`psecagg/<P>/<kind>/<agent>`) or partial (`partial/<P>[/counts]`,
         a worker's, no agent); None for any other topic."""
         head = f"{self.base}/"
-        levels = topic[len(head):].split("/") if topic.startswith(head) else []
-        if len(levels) < 2 or not levels[1].isdigit():
+        parsed = parse_tier(topic[len(head):].split("/")) if topic.startswith(head) else None
+        if parsed is None:
             return None
-        kind, rest = levels[0], levels[2:]
-        if kind == "partial" and rest in ([], ["counts"]):
-            return "partial", None
-        if kind in ("upd", "updc") and len(rest) == 1 and _NAME.match(rest[0]):
-            return ("update" if kind == "upd" else "update_chunk"), rest[0]
-        if kind == "psecagg" and len(rest) == 2 and rest[0] in SECAGG_KINDS and _NAME.match(rest[1]):
-            return "secagg", rest[1]
-        return None
+        kind, _, values = parsed
+        return ("partial" if kind == "partial_counts" else kind), (values[-1] if values else None)
 
 
 # per-agent secure-aggregation topics: the agent publishes key/share/masked/reveal, reads its inbox
 SECAGG_KINDS = ("key", "share", "masked", "reveal", "inbox")
+
+
+# The scale-out tier's subjects after `<prefix>.<fleet>` (NATS) or `<prefix>/<fleet>` (MQTT), by kind: literal levels
+# and placeholders. The nodes map a device's update, update chunks and secure-aggregation messages onto the first three
+# (tier/cluster.py); a partition worker sends its partial sums and, alone, its refusal counts on the last two.
+PARTITION, AGENT, SECAGG_KIND = "<partition>", "<agent>", "<secagg kind>"
+TIER_SUBJECTS: dict[str, tuple[str, ...]] = {
+    "update": ("upd", PARTITION, AGENT),
+    "update_chunk": ("updc", PARTITION, AGENT),
+    "secagg": ("psecagg", PARTITION, SECAGG_KIND, AGENT),
+    "partial": ("partial", PARTITION),
+    "partial_counts": ("partial", PARTITION, "counts"),
+}
+
+
+def tier_levels(kind: str, *values: str | int, fill: str | None = None) -> list[str]:
+    """The levels of a `kind` tier subject after the fleet, its placeholders filled in order by `values` (a value,
+    a wildcard or a mapping function), then by `fill`; without `fill` the levels stop at the first placeholder left
+    unfilled (a prefix, or a filter with `>` last). ValueError on more values than placeholders."""
+    out, rest = [], list(values)
+    for level in TIER_SUBJECTS[kind]:
+        if level.startswith("<"):
+            if not rest and fill is None:
+                break
+            level = str(rest.pop(0)) if rest else fill
+        out.append(level)
+    if rest:
+        raise ValueError(f"a {kind} tier subject has no place for {rest!r}")
+    return out
+
+
+def tier_subject(base: str, kind: str, *values: str | int, fill: str | None = None, sep: str = ".") -> str:
+    """`base` (`<prefix>.<fleet>`, or `<prefix>/<fleet>` with sep `/`) and tier_levels(kind, *values, fill=fill)."""
+    return sep.join([base, *tier_levels(kind, *values, fill=fill)])
+
+
+def _fits(shape: str, level: str) -> bool:
+    if shape == PARTITION:
+        return level.isascii() and level.isdigit()
+    if shape == AGENT:
+        return bool(_NAME.match(level))
+    if shape == SECAGG_KIND:
+        return level in SECAGG_KINDS
+    return level == shape
+
+
+def parse_tier(levels: list[str]) -> tuple[str, int, tuple[str, ...]] | None:
+    """(kind, partition, the other placeholders' values) of a tier subject's levels after the fleet, or None unless
+    they fit one of TIER_SUBJECTS (a partition number, valid agent ids, a known secure-aggregation kind)."""
+    for kind, shape in TIER_SUBJECTS.items():
+        if len(shape) == len(levels) and all(_fits(s, v) for s, v in zip(shape, levels)):
+            values = [v for s, v in zip(shape, levels) if s.startswith("<")]
+            return kind, int(values[0]), tuple(values[1:])
+    return None

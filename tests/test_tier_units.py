@@ -155,6 +155,24 @@ def test_subject_partition_reads_the_partials_and_the_counts_subjects():
     assert subject_partition("fedmq.f.upd.3") is None
 
 
+@pytest.mark.parametrize("sep", [".", "/"])
+def test_every_tier_subject_kind_round_trips_through_the_table(sep):
+    """protocol/topics.py's TIER_SUBJECTS builds and parses every tier subject: each kind built from sample values
+    reads back as that kind with those values, as a NATS subject and as an MQTT topic (seen red with updc's level
+    set to upd: update_chunk read back as update)."""
+    from protocol.topics import AGENT, PARTITION, SECAGG_KIND, TIER_SUBJECTS, parse_tier, tier_subject
+
+    sample = {PARTITION: "7", AGENT: "dev-1", SECAGG_KIND: "share"}
+    for kind, shape in TIER_SUBJECTS.items():
+        values = [sample[s] for s in shape if s in sample]
+        subject = tier_subject(f"fedmq{sep}f", kind, *values, sep=sep)
+        assert parse_tier(subject.split(sep)[2:]) == (kind, 7, tuple(values[1:])), subject
+    assert {shape[0] for shape in TIER_SUBJECTS.values()} == {"upd", "updc", "psecagg", "partial"}  # the wire's names
+    assert tier_subject("fedmq.f", "partial_counts", 3) == "fedmq.f.partial.3.counts"
+    with pytest.raises(ValueError):
+        tier_subject("fedmq.f", "partial", 3, "x")
+
+
 def test_root_fedbuff_over_partials_equals_one_coordinators_fedbuff():
     deltas = [RNG.normal(size=6) for _ in range(6)]
     # counts within the core's weight cap (the buffer's lower median, issue 18) and each partial's, and one row per
@@ -490,3 +508,4 @@ def test_the_root_judges_a_retained_model_by_its_spec_before_decoding_its_params
     root._on_retained(None, None, SimpleNamespace(payload=encode_model(ModelMessage("f", 3, HELD, np.ones(HELD.n_params))),
                                                   topic="fedmq/f/model"))
     assert root.retained_version == 3
+

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from protocol.config import CliParser
+from protocol.topics import parse_tier, tier_subject
 from tier.cluster import (AUTH_PASSWORD_ENV, AUTH_USER, CALLOUT_SUBJECT, DEFAULT_PARTITIONS, DEVICES_ENV, ISSUER_ENV,
                           PROBE_FLEET, XKEY_ENV, device_subjects, partition_of, xkey_seed_beside)
 from tier.cluster import subject_token as token
@@ -181,17 +182,19 @@ async def check_mapping(nc, prefix: str, partitions: int, timeout: float = 5.0) 
     own updates would be refused by the node without a word (its allow-list names the wrong partition)."""
     got: dict[str, int] = {}
     done = asyncio.Event()
+    fleet = f"{prefix}.{PROBE_FLEET}"
 
     async def on_mapped(msg) -> None:
-        parts = msg.subject.split(".")
-        got[parts[-1]] = int(parts[-2])
+        parsed = parse_tier(msg.subject[len(fleet) + 1:].split("."))
+        if parsed is not None:
+            got[parsed[2][0]] = parsed[1]
         if len(got) == PROBE_AGENTS:
             done.set()
 
-    sub = await nc.subscribe(f"{prefix}.{PROBE_FLEET}.upd.*.*", cb=on_mapped)
+    sub = await nc.subscribe(tier_subject(fleet, "update", fill="*"), cb=on_mapped)
     await nc.flush(timeout)
     for i in range(PROBE_AGENTS):
-        await nc.publish(f"{prefix}.{PROBE_FLEET}.update.probe-{i}", b"")
+        await nc.publish(f"{fleet}.update.probe-{i}", b"")
     try:
         await asyncio.wait_for(done.wait(), timeout)
     except asyncio.TimeoutError:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.config import CliParser
+from protocol.topics import tier_subject
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ def device_subjects(fleet: str, agent: str = "*", partition: str = "*",
     defaults any agent's (the shared `device` user), else one agent's in its own partition (tier/auth.py).
     `$MQTT.sub.>` is where the node delivers a QoS 1 subscription (an MQTT client cannot subscribe to it)."""
     f, a, p = fleet, agent, partition
-    publish = [f"{f}.upd.{p}.{a}", f"{f}.updc.{p}.{a}", *(f"{f}.psecagg.{p}.{k}.{a}" for k in secagg_kinds),
+    publish = [tier_subject(f, "update", p, a), tier_subject(f, "update_chunk", p, a),
+               *(tier_subject(f, "secagg", p, k, a) for k in secagg_kinds),
                f"{f}.secagg.key.{a}", f"{f}.agent.{a}.status", f"{f}.stats.{a}", f"{f}.schema.{a}"]
     subscribe = [f"{f}.model", f"{f}.model.chunk.*", f"{f}.ack.{a}", f"{f}.coordinator.status", f"{f}.secagg.key.*",
                  f"{f}.secagg.cohort", f"{f}.secagg.unmask", f"{f}.secagg.inbox.{a}", "$MQTT.sub.>"]
@@ -153,9 +155,9 @@ def callout_authorization(password: str, issuer: str, auth_password: str, prefix
     (a subscription to `>` is granted, the denied subjects are not delivered to it), and only the auth user, with a
     password of its own, may read the requests; it answers them (`allow_responses`) and runs its mapping check on
     PROBE_FLEET, nothing else (tests/test_tier_device_auth.py, seen red: the tier user read every password)."""
-    probe = f"{prefix}.{PROBE_FLEET}"
+    probe_updates = tier_subject(f"{prefix}.{PROBE_FLEET}", "update", fill="*")
     auth = {"user": AUTH_USER, "password": auth_password, "permissions": {
-        "publish": {"allow": [f"{probe}.upd.*.*"]}, "subscribe": {"allow": [CALLOUT_SUBJECT, f"{probe}.upd.*.*"]},
+        "publish": {"allow": [probe_updates]}, "subscribe": {"allow": [CALLOUT_SUBJECT, probe_updates]},
         "allow_responses": True}}
     tier = {"user": TIER_USER, "password": password,
             "permissions": {"publish": {"deny": ["$SYS.>"]}, "subscribe": {"deny": ["$SYS.>"]}}}
@@ -228,14 +230,11 @@ def partition_mappings(partitions: int, prefix: str = "fedmq") -> dict[str, str]
     an agent's secure-aggregation shares, masked inputs and reveals to `<prefix>.<fleet>.psecagg.<P>.<kind>.<agent>`."""
     if not 1 <= partitions <= 1024:
         raise ValueError(f"partitions must be in 1..1024, got {partitions}")
-    mappings = {
-        f"{prefix}.*.update.*": f"{prefix}.{{{{wildcard(1)}}}}.upd.{{{{partition({partitions},2)}}}}.{{{{wildcard(2)}}}}",
-        f"{prefix}.*.update.*.chunk":
-            f"{prefix}.{{{{wildcard(1)}}}}.updc.{{{{partition({partitions},2)}}}}.{{{{wildcard(2)}}}}",
-    }
+    fleet, part, agent = f"{prefix}.{{{{wildcard(1)}}}}", f"{{{{partition({partitions},2)}}}}", "{{wildcard(2)}}"
+    mappings = {f"{prefix}.*.update.*": tier_subject(fleet, "update", part, agent),
+                f"{prefix}.*.update.*.chunk": tier_subject(fleet, "update_chunk", part, agent)}
     for kind in SECAGG_MAPPED:
-        mappings[f"{prefix}.*.secagg.{kind}.*"] = \
-            f"{prefix}.{{{{wildcard(1)}}}}.psecagg.{{{{partition({partitions},2)}}}}.{kind}.{{{{wildcard(2)}}}}"
+        mappings[f"{prefix}.*.secagg.{kind}.*"] = tier_subject(fleet, "secagg", part, kind, agent)
     return mappings
 
 

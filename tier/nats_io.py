@@ -16,6 +16,7 @@ import nats
 from nats.js import api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from protocol.topics import tier_subject
 from tier.cluster import TIER_USER, tier_password
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,18 @@ def bucket_names(fleet: str) -> dict[str, str]:
     return {"leases": f"fedmq_{safe}_leases", "state": f"fedmq_{safe}_state", "partials": f"fedmq_{safe}_partials"}
 
 
-def partial_subject(prefix: str, fleet: str, partition: int) -> str:
-    return f"{prefix}.{fleet.replace('.', '_')}.partial.{int(partition)}"
+def partial_subject(prefix: str, fleet: str, partition: int, counts: bool = False) -> str:
+    """Where a partition's partial aggregates go, or (`counts`) its refusal counts alone: the root's stream holds both."""
+    return tier_subject(_fleet(prefix, fleet), "partial_counts" if counts else "partial", int(partition))
+
+
+def partials_filter(prefix: str, fleet: str) -> str:
+    """Every partition's partials and counts: the stream's subjects and the root's consumer."""
+    return tier_subject(_fleet(prefix, fleet), "partial", ">")
+
+
+def _fleet(prefix: str, fleet: str) -> str:
+    return f"{prefix}.{fleet.replace('.', '_')}"
 
 
 class Nats:
@@ -78,7 +89,7 @@ class Nats:
         """The partial aggregates: a work queue the root drains; Nats-Msg-Id dedup for 2 minutes."""
         name = self.names["partials"]
         config = api.StreamConfig(
-            name=name, subjects=[f"{self.prefix}.{self.fleet.replace('.', '_')}.partial.>"],
+            name=name, subjects=[partials_filter(self.prefix, self.fleet)],
             retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
             num_replicas=self.replicas, duplicate_window=120.0, max_msg_size=8 * 1024 * 1024,
         )

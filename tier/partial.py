@@ -21,6 +21,7 @@ from coordinator.aggregation import agent_capped_weights
 from coordinator.staleness import Constant, StalenessFn
 from coordinator.strategies import Strategy
 from protocol.errors import ProtocolError
+from protocol.topics import TIER_SUBJECTS, parse_tier
 
 MAX_PARTIAL_BYTES = 8 * 1024 * 1024
 # what a partial's or a counts message's numbers may be: the partials' subjects are reachable by whoever may
@@ -119,11 +120,6 @@ class Counts:
     excluded: dict = field(default_factory=dict)
 
 
-def counts_subject(partial_subject: str) -> str:
-    """Where a partition's Counts go: under its partials' subject (the root's consumer reads both)."""
-    return f"{partial_subject}.counts"
-
-
 def _int(v, top: int = MAX_INT) -> int:
     """An integer in 0..top, as the tier's own encoders send it: ValueError on a float, a bool, a string, out of range."""
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= top:
@@ -165,11 +161,12 @@ def decode_message(data: bytes, n_params: int) -> Partial | Counts:
 def subject_partition(subject: str) -> tuple[int, bool] | None:
     """The partition a message on `<prefix>.<fleet>.partial.<P>[.counts]` was sent for, and whether it is on the
     counts subject; None for any other subject (the root checks a message's own partition against it)."""
-    head, _, tail = subject.partition(".partial.")
-    number, _, rest = tail.partition(".")
-    if not head or not number.isdigit() or rest not in ("", "counts"):
+    level = TIER_SUBJECTS["partial"][0]
+    head, _, tail = subject.partition(f".{level}.")
+    parsed = parse_tier([level, *tail.split(".")]) if head else None
+    if parsed is None or parsed[0] not in ("partial", "partial_counts"):
         return None
-    return int(number), rest == "counts"
+    return parsed[1], parsed[0] == "partial_counts"
 
 
 def merge_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:

@@ -52,7 +52,7 @@ from tier.cli_args import (add_cluster_args, connect_nats, start_logging, start_
                            stop_on_signals)
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, parse_urls
-from tier.nats_io import Nats
+from tier.nats_io import Nats, partials_filter
 from tier.partial import Counts, decode_message, merge_counts, subject_partition
 from tier.privacy import RootDP, root_dp
 from tier.steps import RootRule, make_rule
@@ -280,8 +280,7 @@ class Root:
             pass
         config = api.ConsumerConfig(durable_name=CONSUMER, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S,
                                     max_ack_pending=20_000, deliver_policy=api.DeliverPolicy.ALL)
-        return await js.pull_subscribe(f"{self.nats.prefix}.{self.nats.fleet.replace('.', '_')}.partial.>",
-                                       durable=CONSUMER, stream=stream, config=config)
+        return await js.pull_subscribe(partials_filter(self.nats.prefix, self.nats.fleet), durable=CONSUMER, stream=stream, config=config)
 
     def _serve(self, stop: threading.Event) -> None:
         acks, dirty = [], False  # partials folded but not yet covered by a checkpoint

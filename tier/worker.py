@@ -47,14 +47,14 @@ import numpy as np
 
 from protocol.messages import ModelMessage, decode_model, decode_update, only_spec
 from protocol.model_spec import ModelSpec
-from protocol.topics import Topics, check_name
+from protocol.topics import Topics, check_name, tier_subject
 from tier.cli_args import (add_cluster_args, connect_nats, start_logging, start_tier_metrics, start_with_retries,
                            stop_on_signals)
 from tier.cluster import MQTT_MAX_ACK_PENDING, mqtt_subject, partition_of
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, drop, parse_urls
 from tier.nats_io import JS_TIMEOUT_S, Nats, partial_subject
-from tier.partial import Counts, Partial, PartialSum, counts_subject, encode_counts, encode_partial
+from tier.partial import Counts, Partial, PartialSum, encode_counts, encode_partial
 from tier.privacy import PartitionDP, dp_changed
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,8 @@ class Partition:
         """The partition session's subscriptions: its updates, update chunks and (secure aggregation) the
         shares, masked inputs and reveals the cluster maps to it."""
         base, p = self.worker.topics.base, self.number
-        filters = [(f"{base}/upd/{p}/+", 1), (f"{base}/updc/{p}/+", 1)]
-        return filters + ([(f"{base}/psecagg/{p}/+/+", 1)] if self.secagg is not None else [])
+        kinds = ["update", "update_chunk"] + (["secagg"] if self.secagg is not None else [])
+        return [(tier_subject(base, kind, p, fill="+", sep="/"), 1) for kind in kinds]
 
     def adopt(self, model) -> None:
         if model is not None:
@@ -184,16 +184,17 @@ class Partition:
 
     def _on_message(self, client, userdata, msg) -> None:
         ack = (self.link.connection, msg.mid, msg.qos)
-        if self.secagg is not None and msg.topic.startswith(head := f"{self.worker.topics.base}/psecagg/{self.number}/"):
+        head = tier_subject(self.worker.topics.base, "secagg", self.number, sep="/") + "/"
+        if self.secagg is not None and msg.topic.startswith(head):
             self._on_secagg(msg.topic[len(head):], msg.payload, msg.retain, ack)
             return
-        kind, agent = msg.topic.rsplit("/", 3)[-3], msg.topic.rsplit("/", 1)[-1]
+        kind, agent = self.worker.topics.tier_topic(msg.topic) or ("update", None)
         try:
             topic = self.worker.topics.update(self._own_agent(agent))
         except ValueError:
-            topic, kind = msg.topic, "upd"  # the core counts it as a bad topic
+            topic, kind = msg.topic, "update"  # the core counts it as a bad topic
         with self.lock:
-            if kind == "updc":
+            if kind == "update_chunk":
                 reason = self._take_chunk(agent, topic, msg.payload, msg.retain, ack)
             else:
                 reason = self._take(topic, msg.payload, msg.retain, [ack])
@@ -357,7 +358,7 @@ class Partition:
         if counts is None or counts == self.reported or not (counts.rejected or counts.excluded):
             return
         nats = self.worker.nats
-        subject = counts_subject(partial_subject(nats.prefix, nats.fleet, self.number))
+        subject = partial_subject(nats.prefix, nats.fleet, self.number, counts=True)
         nats.call(lambda: nats.js.publish(subject, encode_counts(counts)), JS_TIMEOUT_S)
         self.reported = counts
 
