@@ -4,7 +4,9 @@ One real nats-server with a device store and the real auth service, and one with
 (no store), in the same run: CONNECT to CONNACK of `--connects` devices one after another (clean sessions,
 so the session store is not in the figure), p50/p90 in ms; then a connect storm, `--storm` devices at once
 through the callout: seconds until all are in, and the auth service's CPU per connect (/proc); and how long a
-device waits for its refusal while the auth service is down (fail closed: the node's auth timeout).
+device waits for its refusal while the auth service is down (fail closed: the node's auth timeout); and, in this
+process, the service's CPU per answer with the request and answer sealed (its xkey, as the nodes' config has it)
+and in the clear, for the same device's request: what the sealing adds to the PBKDF2 check.
 
     nice python bench/tier_auth.py --out bench/results/tier_auth.json
 """
@@ -58,6 +60,32 @@ def percentiles(xs: list[float]) -> dict:
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def answer_cpu_ms(store: Path, agent: str, password: str, n: int = 200) -> dict:
+    """CPU ms per tier.auth Service.answer of `agent`'s request (a node's signed JWT), sealed (service and node
+    xkeys) and in the clear, in alternating rounds (the machine's load drifts alike for both)."""
+    from tier.auth import Service
+    from tier.devices import Store
+    from tier.nkey import PREFIX_SERVER, PREFIX_USER, KeyPair, encode_jwt
+    from tier.xkey import SERVER_XKEY_HEADER, XKey
+
+    issuer, server, node, xkey = KeyPair.create(), KeyPair.create(PREFIX_SERVER), XKey.create(), XKey.create()
+    request = encode_jwt({"sub": issuer.public, "nats": {
+        "server_id": {"id": server.public, "xkey": node.public}, "user_nkey": KeyPair.create(PREFIX_USER).public,
+        "client_info": {"type": "mqtt", "mqtt_id": agent}, "connect_opts": {"user": agent, "pass": password}}},
+        server).encode()
+    modes = {"sealed": (Service(Store(store), issuer, prefix="fedmq", partitions=32, xkey=xkey),
+                        node.seal(request, xkey.public), {SERVER_XKEY_HEADER: node.public}),
+             "plain": (Service(Store(store), issuer, prefix="fedmq", partitions=32), request, None)}
+    cpu = dict.fromkeys(modes, 0.0)
+    for _ in range(10):
+        for mode, (service, data, headers) in modes.items():
+            start = time.process_time()
+            for _ in range(n // 10):
+                assert service.answer(data, headers) is not None
+            cpu[mode] += time.process_time() - start
+    return {mode: round(1000 * s / (n // 10 * 10), 3) for mode, s in cpu.items()}
 
 
 def storm(port: int, agents: list[str], passwords: dict) -> float:
@@ -125,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             assert rc is not None and rc.is_failure, rc  # fail closed
             waits.append(round(took, 2))
         result["refused_while_auth_down_s"] = waits
+    result["answer_cpu_ms"] = answer_cpu_ms(work / "devices", agents[0], passwords[agents[0]])
     result["load_avg_1m_end"] = round(os.getloadavg()[0], 1)
     text = json.dumps(result, indent=2)
     print(text)

@@ -16,7 +16,7 @@ from tier import auth, devices
 from tier.cluster import partition_of
 from tier.nkey import (PREFIX_ACCOUNT, PREFIX_CURVE, PREFIX_SERVER, PREFIX_USER, KeyPair, decode_jwt, encode_jwt,
                        encode_public)
-from tier.xkey import SERVER_XKEY_HEADER, VERSION, XKey
+from tier.xkey import BOXES, SERVER_XKEY_HEADER, VERSION, XKey
 
 # nats-server's server/auth_callout_test.go: an account seed and its public key, a user seed and its public key
 ISSUER_SEED = "SAANDLKMXL6CUS3CP52WIXBEDN6YJ545GDKC65U5JZPPV6WH6ESWUA6YAI"
@@ -51,6 +51,9 @@ def test_xkeys_match_nats_servers_own_test_key_and_seal_in_the_nkeys_framing():
     assert sealed[:4] == VERSION and len(sealed) == 4 + 24 + 16 + len(b"a device's password")
     assert key.open(sealed, fresh.public) == b"a device's password"
     assert fresh.seal(b"x", CURVE_PUB)[4:28] != fresh.seal(b"x", CURVE_PUB)[4:28]  # a fresh nonce each time
+    peers = [XKey.create() for _ in range(BOXES + 8)]  # each peer's box is kept, a bounded number of them
+    assert [p.open(fresh.seal(b"x", p.public), fresh.public) for p in peers] == [b"x"] * len(peers)
+    assert 0 < len(fresh._boxes) <= BOXES
     for bad in (ISSUER_SEED, "not-a-seed", CURVE_PUB):
         with pytest.raises(ValueError):
             XKey.from_seed(bad)

@@ -17,6 +17,7 @@ from tier.nkey import PREFIX_CURVE, decode_public, decode_seed, encode_public, e
 VERSION = b"xkv1"  # the nkeys library's only sealing version
 NONCE_BYTES = 24
 SERVER_XKEY_HEADER = "Nats-Server-Xkey"  # the node's public xkey, beside an encrypted request
+BOXES = 64  # peers' boxes kept (a box's key exchange is most of a seal's cost); a tier has a few nodes
 
 
 class XKey:
@@ -24,6 +25,7 @@ class XKey:
 
     def __init__(self, private: PrivateKey) -> None:
         self.private = private
+        self._boxes: dict[str, Box] = {}
 
     @classmethod
     def create(cls) -> "XKey":
@@ -46,7 +48,14 @@ class XKey:
         return encode_public(PREFIX_CURVE, bytes(self.private.public_key))
 
     def _box(self, other: str) -> Box:
-        return Box(self.private, PublicKey(decode_public(other, PREFIX_CURVE)))
+        """The box with the peer xkey `other` (X...), made once: its curve25519 exchange costs more than sealing."""
+        box = self._boxes.get(other)
+        if box is None:
+            box = Box(self.private, PublicKey(decode_public(other, PREFIX_CURVE)))
+            if len(self._boxes) >= BOXES:  # headers naming ever new keys (no node's) bound it
+                self._boxes.clear()
+            self._boxes[other] = box
+        return box
 
     def seal(self, plaintext: bytes, recipient: str) -> bytes:
         """`plaintext` for the holder of the xkey `recipient` (X...) alone, from this key."""
