@@ -31,34 +31,40 @@ def capped_sum(sums: list[np.ndarray], rows: list[np.ndarray], agents: list[list
     (agent_capped_weights over every partial's rows, `agents[i]` naming partial i's), the rows as weighed (their
     sum: the buffer's weight), and how many updates were lowered. A partial is one sum, scaled as a whole: one
     holding a capped agent that is in no other partial by its capped rows' weight over its own (the partition's
-    mix kept); an agent in several partials to its bound exactly, its partials of its own updates alone lowered
-    first, those it shares with others only when they alone exceed its bound (the others in them lowered with it)."""
+    mix kept); an agent in several partials to its bound at most, its partials of its own updates alone lowered
+    first, those it shares with others only when they alone exceed its bound (the others in them lowered with it).
+    Vectorized: O(rows log rows) per call (the root's checkpoint calls it at every commit)."""
     every = np.concatenate(rows) if rows else np.zeros(0)
-    capped, lowered = agent_capped_weights(every, [a for names in agents for a in names])
+    who = [a for names in agents for a in names]
+    capped, lowered = agent_capped_weights(every, who)
     if not lowered:
         return (np.sum(sums, axis=0) if sums else np.zeros(n_params)), every, 0
-    index = agent_index([a for names in agents for a in names])
+    index = agent_index(who)
     part = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-    pairs = np.unique(np.stack([index, part]), axis=1)  # each (agent, partial) once
-    spread = np.bincount(pairs[0], minlength=index.max() + 1)  # partials per agent
-    alone = np.bincount(pairs[1], minlength=len(rows)) <= 1  # partials of one agent's updates
+    pair, at = np.unique(index * len(rows) + part, return_inverse=True)  # each (agent, partial) once
+    pair_agent, pair_part = pair // len(rows), pair % len(rows)
+    spread = np.bincount(pair_agent, minlength=index.max() + 1)  # partials per agent
+    alone = np.bincount(pair_part, minlength=len(rows)) <= 1  # partials of one agent's updates
     over = capped < every
     factor = np.ones(len(rows))
     mixed = np.unique(part[over & (spread[index] == 1)])
     factor[mixed] = np.bincount(part, weights=capped, minlength=len(rows))[mixed] / \
         np.bincount(part, weights=every, minlength=len(rows))[mixed]
-    for agent in np.unique(index[over & (spread[index] > 1)]):
-        mine = index == agent
-        bound = float(capped[mine].sum())
-        share = np.bincount(part[mine], weights=every[mine], minlength=len(rows)) * factor  # its weight per partial
-        shared, own = float(share[~alone].sum()), float(share[alone].sum())
-        if shared + own <= bound:  # within its bound already (a partial it shares was lowered)
-            continue
-        if shared <= bound:  # its own partials carry what is left of its bound
-            factor[alone & (share > 0)] *= (bound - shared) / own
-        else:
-            factor[alone & (share > 0)] = 0.0
-            factor[~alone & (share > 0)] *= bound / shared
+    # an agent in several partials, over its bound: each proposes factors for its partials, and a partial takes the
+    # smallest proposed (so each agent weighs at most what its own proposal gives it)
+    repeat = np.zeros(len(spread), dtype=bool)
+    repeat[index[over & (spread[index] > 1)]] = True
+    weight = np.bincount(at, weights=every, minlength=len(pair)) * factor[pair_part]  # per (agent, partial)
+    shared = np.bincount(pair_agent, weights=np.where(alone[pair_part], 0.0, weight), minlength=len(spread))
+    own = np.bincount(pair_agent, weights=np.where(alone[pair_part], weight, 0.0), minlength=len(spread))
+    bound = np.bincount(index, weights=capped, minlength=len(spread))
+    acts = repeat & (shared + own > bound)  # within its bound already (a partial it shares was lowered): nothing
+    fits = shared <= bound  # its own partials carry what is left of its bound, else they weigh 0 and its shared ones
+    own_factor = np.where(acts, np.where(fits, (bound - shared) / np.where(own > 0, own, 1.0), 0.0), 1.0)
+    shared_factor = np.where(acts & ~fits, bound / np.where(shared > 0, shared, 1.0), 1.0)
+    proposed = np.ones(len(rows))
+    np.minimum.at(proposed, pair_part, np.where(alone[pair_part], own_factor[pair_agent], shared_factor[pair_agent]))
+    factor *= proposed
     weighed = every * factor[part]
     total = np.tensordot(factor, np.stack(sums), axes=1)
     return total, weighed, int((weighed < every * (1 - 1e-12)).sum())
