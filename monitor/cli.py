@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from monitor.fleet_view import DEFAULT_MAX_MODEL_BYTES
+from monitor.fleet_view import DEFAULT_MAX_CLASSES, DEFAULT_MAX_MODEL_BYTES
 from monitor.report import ReportError, plot, read_log, series
 from protocol.config import CliParser, fleet_tool_parser, optional_extra, parse_layered
 from protocol.stopping import stop_event_on_signals
@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the largest model decoded, as float32 parameter bytes (4 per parameter), judged on its spec "
                    "before its parameters: a larger one counts as a bad payload (model:limits) and is not shown "
                    f"(default: {DEFAULT_MAX_MODEL_BYTES}, 4Mi parameters)")
+    o.add_argument("--max-classes", type=int, default=DEFAULT_MAX_CLASSES, metavar="N",
+                   help="the most classes of a model shown, judged on its class count before any class is built: a "
+                   f"larger one counts as a bad payload (model:limits) (default: {DEFAULT_MAX_CLASSES}, as fedmq-agent's)")
     w = p.add_argument_group("web view (docs/web-view.md)")
     w.add_argument("--web", type=int, metavar="PORT",
                    help="serve the web fleet view on this port instead of the terminal view: a page that connects "
@@ -73,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for name in ("wait", "refresh", "connect_timeout", "max_model_bytes"):
             if not getattr(args, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        if args.max_classes < 2:
+            raise ValueError(f"--max-classes must be >= 2, got {args.max_classes}")
     except ValueError as exc:
         parser.error(str(exc))
     return args
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmq-monitor: error: {exc.name} is missing: pip install 'fedmq[monitor]'", file=sys.stderr)
         return 2
     stop, relay = stop_event_on_signals()
-    session = live.MonitorSession(args.topics, args.settings, max_model_bytes=args.max_model_bytes)
+    session = live.MonitorSession(args.topics, args.settings, max_model_bytes=args.max_model_bytes,
+                                   max_classes=args.max_classes)
     try:
         session.start(args.connect_timeout)
     except BrokerError as exc:

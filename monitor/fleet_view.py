@@ -31,6 +31,9 @@ IGNORED = ("model_chunk", "secagg", "partial")
 # The largest model (float32 parameter bytes) the monitor decodes (fedmq-monitor --max-model-bytes): its spec is
 # judged before its params are decoded, which cost ~26x an int4 model's bytes (a 5 MB one: ~128 MiB traced).
 DEFAULT_MAX_MODEL_BYTES = 16 * 1024 * 1024  # 4x an agent's default (fedmq-agent --max-model-bytes)
+# The most classes of a model the monitor shows (fedmq-monitor --max-classes), an agent's default (fedmq-agent
+# --max-classes): judged on the count before any class is built; the protocol's 100,000 were ~11 MB from ~150 bytes.
+DEFAULT_MAX_CLASSES = 1000
 
 
 @dataclass
@@ -68,9 +71,11 @@ class ModelView:
 class FleetView:
     """Aggregates everything published under one fleet's topics; `snapshot()` reports it."""
 
-    def __init__(self, topics: Topics, max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:
+    def __init__(self, topics: Topics, max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+                 max_classes: int = DEFAULT_MAX_CLASSES) -> None:
         self.topics = topics
         self.max_model_bytes = max_model_bytes
+        self.max_classes = max_classes
         self.agents: dict[str, AgentView] = {}
         self.model: ModelView | None = None
         self.coordinator: dict | None = None
@@ -202,8 +207,13 @@ class FleetView:
             raise ProtocolError("empty", "empty update payload")
 
     def _on_model(self, payload: bytes, now: float) -> None:
-        msg = decode_model(payload, fleet=self.topics.fleet, check_spec=self._check_size)
+        msg = decode_model(payload, fleet=self.topics.fleet, check_spec=self._check_size, check_classes=self._check_classes)
         self.model = ModelView(msg.version, msg.spec.estimator, msg.spec.n_params, len(payload), msg.time, now)
+
+    def _check_classes(self, count: int) -> None:
+        """ValueError (one line, naming the flag) for a model of more than --max-classes classes, before they are built."""
+        if count > self.max_classes:
+            raise ValueError(f"the model has {count} classes, the monitor shows at most {self.max_classes} (--max-classes)")
 
     def _check_size(self, spec: ModelSpec) -> None:
         """ValueError (one line, naming the flag) for a model beyond --max-model-bytes, before its params decode."""

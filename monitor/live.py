@@ -17,7 +17,7 @@ from typing import Callable, TextIO
 from rich.console import Console
 from rich.live import Live
 
-from monitor.fleet_view import DEFAULT_MAX_MODEL_BYTES, FleetView
+from monitor.fleet_view import DEFAULT_MAX_CLASSES, DEFAULT_MAX_MODEL_BYTES, FleetView
 from monitor.render import render
 from protocol.topics import Topics
 from protocol.transport import BrokerSettings, connect, make_client
@@ -29,8 +29,8 @@ class MonitorSession:
     """Subscribes to ``<prefix>/<fleet>/#`` and feeds every message into a `FleetView`."""
 
     def __init__(self, topics: Topics, settings: BrokerSettings, *, clock: Callable[[], float] = time.time,
-                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:
-        self.view = FleetView(topics, max_model_bytes)
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, max_classes: int = DEFAULT_MAX_CLASSES) -> None:
+        self.view = FleetView(topics, max_model_bytes, max_classes)
         self.settings = settings
         self.clock = clock
         self.subscribed = threading.Event()

@@ -183,8 +183,8 @@ def decode_model(payload: bytes, *, fleet: str | None = None, max_bytes: int = M
 
     At most `max_bytes` of payload and `max_classes` classes, and a spec `check_spec(spec)` (if given) does not
     refuse with ValueError (ProtocolError "limits"), nor its class count `check_classes(n)` (if given; asked before
-    a count's classes are built: 100,000 of them are ~11 MB from a ~100-byte model); the structure is bounded
-    (`model_limits`) before msgpack builds any object.
+    the spec is built, for a count before its classes are: 100,000 of them are ~11 MB from a ~150-byte model); the
+    structure is bounded (`model_limits`) before msgpack builds any object.
     """
     wire = _unpack(payload, max_bytes, model_limits(max_classes))
     if not isinstance(wire, dict):
@@ -237,7 +237,7 @@ def spec_from_wire(wire: object, max_classes: int = MAX_CLASSES,
                    check_classes: Callable[[int], None] | None = None) -> ModelSpec:
     """Strictly read a model message's spec (`spec_wire`, or the map of an older coordinator) with at most
     `max_classes` classes and a class count `check_classes` (if given) does not refuse with ValueError
-    (ProtocolError "limits"); a count is bounded before any class is built."""
+    (ProtocolError "limits"); a count is bounded before any class is built, a list of labels before the spec is."""
     if isinstance(wire, list):
         if len(wire) not in (len(SPEC_FIELDS) - 1, len(SPEC_FIELDS)):
             raise ProtocolError("schema", f"spec must be an array of {len(SPEC_FIELDS) - 1} or {len(SPEC_FIELDS)} "
@@ -253,6 +253,8 @@ def spec_from_wire(wire: object, max_classes: int = MAX_CLASSES,
     classes = wire.get("classes") if isinstance(wire, dict) else None
     if isinstance(classes, list) and len(classes) > max_classes:  # the array bound admits column names too
         raise ProtocolError("decode", f"{len(classes)} classes exceed the limit of {max_classes}")
+    if isinstance(classes, list) and check_classes is not None:  # labels: the spec's tuple and set are ~6 MB at 100,000
+        _limits(check_classes, len(classes))
     return ModelSpec.from_wire(wire)
 
 

@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from coordinator.session import retained_model
 from edge_agent.agent import Agent
 from edge_agent.data import ArraySource
 from edge_agent.trainer import LocalTrainer
@@ -372,6 +373,21 @@ def test_an_agent_refuses_a_class_count_beyond_its_max_classes_before_building_t
     assert usable is False
     assert peak < 64 * 1024, f"peak {peak} B for a {len(payload)} B model"
     assert agent.model_ is None and agent.unusable_models_ == 1 and agent.unusable_said_ == {"limits"}
+
+
+def test_a_coordinator_refuses_a_retained_class_count_before_building_the_classes():
+    """At start the coordinator decodes the broker's retained model, refused unless of its own spec: a ~150-byte one
+    counting 100,000 classes built them all (~10.6 MiB traced) before the spec was compared, and a list of 100,000
+    labels (369 KB) ~10.5 MiB. The class count is judged first now: ~4 KiB, and for the list only what msgpack builds
+    of it (~3.7 MiB). Its own retained model is still taken."""
+    topics = Topics("f")
+    count = with_fields(spec=["sgd-classifier", 4, 100_000, {}])
+    labels = with_fields(spec=["sgd-classifier", 4, list(range(1, 100_001)), {}])
+    for payload, bound in ((count, 64 * 1024), (labels, 5 * 2**20)):
+        error, peak = refusal(lambda p: retained_model(p, topics, SPEC), payload)
+        assert error.reason == "limits" and "class count" in str(error), error
+        assert peak < bound, f"peak {peak} B for a {len(payload)} B model"
+    assert retained_model(with_fields(), topics, SPEC).spec == SPEC
 
 
 def test_an_agent_refuses_a_model_beyond_its_limits_before_decoding_its_params():

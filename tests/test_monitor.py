@@ -14,6 +14,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 from rich.console import Console
@@ -91,23 +92,44 @@ def test_coordinator_status_and_model_give_the_fleet_summary():
     assert "version 9 (published 9)" in text and "accuracy 0.9100" in text and "decode 2" in text
 
 
+def traced_feed(view: FleetView, payload: bytes) -> tuple[str | None, int]:
+    """view.feed of a model payload, and tracemalloc's peak meanwhile."""
+    tracemalloc.start()
+    try:
+        return view.feed(T.model, payload, NOW), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_model_beyond_max_model_bytes_is_one_bad_payload_refused_before_its_params_decode():
     """A retained 5 MB int4 model of 10^7 features was decoded whole (float64: ~128 MiB traced) only to show its
     version: the monitor now judges its spec by --max-model-bytes first (one line, counted as a bad payload)."""
     view = FleetView(T)
     spec = ModelSpec("sgd-regressor", 10_000_000)
     payload = encode_model(ModelMessage(T.fleet, 3, spec, np.zeros(spec.n_params), codec="int4"))
-    tracemalloc.start()
-    try:
-        assert view.feed(T.model, payload, NOW) == "model:limits"
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    said, peak = traced_feed(view, payload)
+    assert said == "model:limits"
     assert peak < 2 * len(payload) + 1_000_000, f"peak {peak} B for a {len(payload)} B model"
     assert view.model is None and view.bad == {"model:limits": 1}
     assert "(--max-model-bytes)" in view.last_bad and "\n" not in view.last_bad, view.last_bad
     assert view.feed(T.model, model(4), NOW) is None and view.model.version == 4  # a usable one after it is shown
     assert FleetView(T, max_model_bytes=4 * spec.n_params).feed(T.model, payload, NOW) is None  # the flag raises it
+
+
+def test_a_class_count_beyond_max_classes_is_one_bad_payload_refused_before_the_classes_are_built():
+    """A ~150-byte model whose spec counts 100,000 classes (the protocol's ceiling) built them all, ~10.6 MiB traced,
+    to show its version: the monitor now judges the count by --max-classes (an agent's default, 1,000) first."""
+    wire = msgpack.unpackb(model(3))
+    payload = msgpack.packb({**wire, "spec": ["sgd-classifier", 4, 100_000, {}]}, use_bin_type=True)
+    view = FleetView(T)
+    said, peak = traced_feed(view, payload)
+    assert said == "model:limits"
+    assert peak < 64 * 1024, f"peak {peak} B for a {len(payload)} B model"
+    assert view.model is None and view.bad == {"model:limits": 1}
+    assert view.last_bad.endswith("the model has 100000 classes, the monitor shows at most 1000 (--max-classes)")
+    assert view.feed(T.model, model(4), NOW) is None and view.model.version == 4  # a usable one after it is shown
+    assert FleetView(T, max_classes=100_000).feed(T.model, payload, NOW) == "model:shape"  # the flag raises it (its
+    # 15 params do not fit 100,000 classes, which are built to find that out)
 
 
 def test_updates_and_statuses_give_each_agent_its_staleness():
@@ -231,6 +253,7 @@ def run_monitor(*args: str, timeout: float = WAIT) -> subprocess.CompletedProces
     (["--broker", "http://x", "--fleet", "f"], "must look like mqtt://"),
     (["--broker", "mqtt://127.0.0.1:1", "--fleet", "a/b"], "invalid fleet"),
     (["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--wait", "0"], "--wait must be > 0"),
+    (["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--max-classes", "1"], "--max-classes must be >= 2, got 1"),
 ])
 def test_bad_configuration_exits_2_with_one_line(args, message, capsys):
     assert main(args) == 2
