@@ -422,6 +422,7 @@ def tier_messages() -> list[tuple[str, bytes]]:
     """What a subscriber of the fleet's `#` on the scale-out tier gets, encoded by the tier's own code: an agent's
     update and update chunk on its partition's topics (tier/cluster.py's mapping), a secure-aggregation share, a
     worker's partial and counts (tier/partial.py) and the root's retained status (tier/root.py `Root.status`)."""
+    import time
     from types import SimpleNamespace
 
     from tier.partial import Counts, Partial, encode_counts, encode_partial
@@ -429,7 +430,8 @@ def tier_messages() -> list[tuple[str, bytes]]:
 
     root = SimpleNamespace(topics=T, root_id="root7", published=6, folded=11, partials=4, duplicates=0, rejected=0,
                            updates_rejected={"2": {"decode": 3}}, hwm={"2": 4, "3": 1}, dp=None, secagg=None,
-                           rule=SimpleNamespace(weight_capped=0), spec=SPEC, scores={"accuracy": 0.75})
+                           rule=SimpleNamespace(weight_capped=0, repeat_agent=0), spec=SPEC, scores={"accuracy": 0.75},
+                           started_at=time.time() - 90)
     partial = f"{T.base}/partial/2"
     return [(T.coordinator_status, encode_status(Root.status(root, None))),
             (f"{T.base}/upd/2/a1", update("a1", base=5, seq=1)), (f"{T.base}/upd/2/a1", update("a1", base=6, seq=2)),
@@ -451,6 +453,7 @@ def test_the_tiers_topics_are_known_and_the_roots_status_is_the_coordinator_row(
     coord = snap["coordinator"]
     assert (coord["version"], coord["accepted"], coord["rejected"], coord["partials"]) == (6, 11, {"decode": 3}, 4)
     assert coord["updated_at"] is not None and coord["partitions"] == 2
+    assert coord["uptime_s"] >= 90 and "   up 1m" in text_of(snap)  # the root's own uptime_s
     text = text_of(snap)
     assert "tier root root7   2 partitions   4 partials" in text and "accepted 11   rejected 3 (decode 3)" in text
     assert coord["accuracy"] == 0.75 and "accuracy 0.7500" in text  # the root's --eval-csv score

@@ -43,6 +43,7 @@ def test_the_monitor_reads_the_tiers_topics_and_the_roots_status(tmp_path, nats_
     assert coord["root"] == "root1" and coord["strategy"] == "tier root", coord
     assert coord["accepted"] >= 2 and coord["partitions"] >= 1 and coord["partials"] >= 1, coord
     assert coord["updated_at"] is not None and coord["version"] >= 2, coord
+    assert coord["uptime_s"] > 0 and "   up -" not in table.stdout, (coord, table.stdout)  # the root's uptime_s
     rows = {a["agent"]: a for a in snap["agents"]}
     assert set(rows) <= {"dev0", "dev1", "dev2"} and sum(a["updates_seen"] for a in rows.values()) >= 2, rows
     assert "bad payloads" not in table.stdout and "tier root root1" in table.stdout, table.stdout

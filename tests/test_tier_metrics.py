@@ -69,6 +69,7 @@ def test_the_root_and_a_worker_serve_their_metrics(tmp_path, nats_node):
         assert m[("fedmq_model_version", ())] >= 3 and m[("fedmq_tier_lease_epoch", ())] >= 1
         assert m[("fedmq_updates_accepted_total", ())] >= 5 and m[("fedmq_tier_partials_folded_total", ())] >= 1
         assert m[("fedmq_tier_partials_rejected_total", ())] == 0
+        assert m[("fedmq_uptime_seconds", ())] > 0  # the root's status's uptime_s, read per scrape
 
         w = _scrape(ports["worker1"])
         owned = nats_node.partitions

@@ -509,3 +509,22 @@ def test_the_root_judges_a_retained_model_by_its_spec_before_decoding_its_params
                                                   topic="fedmq/f/model"))
     assert root.retained_version == 3
 
+
+def test_the_roots_status_and_metrics_say_its_uptime():
+    """The root's retained status has the coordinator's `uptime_s` (seconds since it started) and its metrics
+    `fedmq_uptime_seconds`, read at every scrape though the rest of the status is cached between changes (seen red
+    without the field, and with the scrape's uptime left to the cache: 100 s twice)."""
+    from tier.metrics import root_metrics
+
+    root = Root(SimpleNamespace(), parse_urls("mqtt://127.0.0.1:1"), Topics("f"), HELD, RootFedBuff(HELD.n_params, 2),
+                root_id="r")
+    root.started_at -= 100
+    status = root.status(None)
+    assert 100 <= status["uptime_s"] < 160 and status["uptime_s"] == round(status["time"] - root.started_at, 3)
+    first = root.metrics()["uptime_s"]
+    root.started_at -= 50  # nothing the cache keys on moved: the next scrape's status is the cached one
+    scraped = root.metrics()
+    assert 150 <= scraped["uptime_s"] < 210 and scraped["uptime_s"] >= first + 50
+    uptime = [f for f in root_metrics(scraped) if f.name == "fedmq_uptime_seconds"]
+    assert [s.value for s in uptime[0].samples] == [scraped["uptime_s"]]
+

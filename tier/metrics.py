@@ -46,6 +46,7 @@ def root_metrics(status: dict):
                  status["partitions"])
     yield eval_score(status)
     yield from pace_metrics(status, fleet)
+    yield sample(GaugeMetricFamily, "fedmq_uptime_seconds", "Seconds since the root started", fleet, status["uptime_s"])
 
 
 def worker_metrics(status: dict):

@@ -100,8 +100,13 @@ class Link:
             self._user_subscribed()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        """A lost connection moves to the next node; a requested one (close(), paho's "Normal disconnection")
+        is no loss: a debug line, no failover."""
         self.connection += 1
         self.connected.clear()
+        if not reason_code.is_failure:
+            log.debug("%s disconnected from %s", client._client_id.decode(), self.nodes[self.index].url)
+            return
         log.info("%s lost %s (%s)", client._client_id.decode(), self.nodes[self.index].url, reason_code)
         self._rotate()
 

@@ -496,11 +496,12 @@ class Root:
 
     def status(self, steered) -> dict:
         """The root's status document (its status topic; its metrics, tier/metrics.py), `steered` = self.pace()."""
+        now = time.time()
         status = {"fleet": self.topics.fleet, "role": "root", "root": self.root_id, "version": self.published,
                   **score_fields(self.spec.is_classifier, self.scores),
                   "folded": self.folded, "partials": self.partials, "duplicates": self.duplicates,
                   "rejected": self.rejected, "updates_rejected": rejected_by_reason(self.updates_rejected),
-                  "partitions": len(self.hwm), "time": time.time(),
+                  "partitions": len(self.hwm), "time": now, "uptime_s": round(now - self.started_at, 3),
                   "bounded": {"repeat_agent": self.rule.repeat_agent, "weight_cap": self.rule.weight_capped}}
         if self.dp is not None:
             status["privacy"] = self.dp.report()
@@ -523,7 +524,8 @@ class Root:
         cached = self._metrics_status
         if cached is None or cached[0] != key:
             cached = self._metrics_status = (key, self.status(steered))
-        return dict(cached[1], active=self.lease.revision is not None, epoch=self.lease.epoch or 0)
+        return dict(cached[1], active=self.lease.revision is not None, epoch=self.lease.epoch or 0,
+                    uptime_s=round(time.time() - self.started_at, 3))  # per scrape: the cache's is as old as it
 
 
 def rejected_by_reason(per_partition: dict[str, dict[str, int]]) -> dict[str, int]:
