@@ -528,3 +528,24 @@ def test_the_roots_status_and_metrics_say_its_uptime():
     uptime = [f for f in root_metrics(scraped) if f.name == "fedmq_uptime_seconds"]
     assert [s.value for s in uptime[0].samples] == [scraped["uptime_s"]]
 
+
+def test_a_links_requested_disconnect_is_not_logged_as_a_loss(mosquitto, caplog):
+    """scripts/tier-up's own link to the cluster logged `lost mqtt://... (Normal disconnection)` when it closed it on
+    a normal start: paho's reason for a disconnect the client asked for. Now only a real loss (the connection dropped
+    under it) is a `lost` line (seen red: the close logged it)."""
+    from tier.fleet import wait_until
+
+    caplog.set_level("DEBUG", logger="tier.mqtt_link")
+    link = Link(parse_urls(mosquitto.url), "test-normal-close", persistent=False)
+    link.start()
+    try:
+        assert link.wait(10)
+        link.bounce()  # a loss: the socket shut under paho
+        assert wait_until(lambda: any(" lost " in r.getMessage() for r in caplog.records), 10), caplog.text
+        assert link.wait(10)  # back (on the one node)
+        caplog.clear()
+    finally:
+        link.close()
+    assert not link.connected.is_set()  # on_disconnect ran for the close
+    assert not any(" lost " in r.getMessage() for r in caplog.records), caplog.text
+    assert any("disconnected from" in r.getMessage() and r.levelname == "DEBUG" for r in caplog.records), caplog.text
