@@ -12,27 +12,18 @@ Seen red before the worker checked partition_of: folded 2, no refusal.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from protocol import codec
 from protocol.messages import UpdateMessage, encode_update
 from tier.cluster import partition_of
-from tier.fleet import FLEET, START_S, TOPICS, ModelWatch, Tier, device_client, online, wait_until
+from tier.fleet import FLEET, TOPICS, device_on_a_tier, wait_until
 
 EVIL = "evil-1"
 
 
 def test_an_update_on_another_partitions_subject_is_refused_not_folded_twice(tmp_path, nats_node):
-    tier = Tier(nats_node, tmp_path, partitions=nats_node.partitions, buffer_size=1)
-    watch = ModelWatch(nats_node)
-    evil, connected = device_client(EVIL)
-    try:
-        tier.start_root()
-        tier.start_worker()
-        assert watch.wait_version_above(-1, START_S) is not None, tier.logs()
-        online(evil, connected, nats_node.nodes[0])
-        model = watch.latest
+    with device_on_a_tier(nats_node, tmp_path, EVIL, buffer_size=1) as (tier, watch, evil, model):
         rng = np.random.default_rng(0)
         update = encode_update(UpdateMessage(EVIL, 1, model.version, 10,
                                              codec.encode(rng.normal(size=model.spec.n_params) * 0.01, "float32", rng)))
@@ -45,8 +36,3 @@ def test_an_update_on_another_partitions_subject_is_refused_not_folded_twice(tmp
             (watch.status, tier.logs())
         assert watch.status["folded"] == 1, watch.status
         assert watch.status["updates_rejected"] == {"topic": 1}, watch.status
-    finally:
-        evil.loop_stop()
-        evil.disconnect()
-        watch.close()
-        tier.stop()

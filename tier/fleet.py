@@ -270,11 +270,12 @@ def online(client: mqtt.Client, connected: threading.Event, node) -> None:
 
 
 @contextlib.contextmanager
-def device_on_a_tier(cluster: NatsCluster, workdir: Path, client_id: str, root_args: tuple = ()
+def device_on_a_tier(cluster: NatsCluster, workdir: Path, client_id: str, root_args: tuple = (), **tier_args
                      ) -> Iterator[tuple[Tier, ModelWatch, mqtt.Client, object]]:
-    """A root and a worker on `cluster`, their first model received, and a device_client of the shared device user
-    (it may publish as any agent) online: (tier, watch, client, first model); all of them stopped on exit."""
-    tier = Tier(cluster, workdir, partitions=cluster.partitions, root_args=root_args)
+    """A root and a worker on `cluster` (`tier_args` for the Tier, e.g. buffer_size), their first model received,
+    and a device_client of the shared device user (it may publish as any agent) online: (tier, watch, client, first
+    model); all of them stopped on exit."""
+    tier = Tier(cluster, workdir, partitions=cluster.partitions, root_args=root_args, **tier_args)
     watch = ModelWatch(cluster)
     client, connected = device_client(client_id)
     try:
