@@ -70,6 +70,13 @@ def test_the_root_and_a_worker_serve_their_metrics(tmp_path, nats_node):
         assert m[("fedmq_updates_accepted_total", ())] >= 5 and m[("fedmq_tier_partials_folded_total", ())] >= 1
         assert m[("fedmq_tier_partials_rejected_total", ())] == 0
         assert m[("fedmq_uptime_seconds", ())] > 0  # the root's status's uptime_s, read per scrape
+        # K = 5 shrinks to the publisher's 4 agents heard (the hostile one's refused update is in no partial)
+        assert m[("fedmq_buffer_size", ())] == 5
+        def shrunk() -> bool:
+            now = _scrape(ports[active])
+            return (now.get(("fedmq_buffer_effective_size", ())), now.get(("fedmq_tier_heard_agents", ()))) == (4, 4)
+
+        assert wait_until(shrunk, 30), (_scrape(ports[active]), tier.logs())
 
         w = _scrape(ports["worker1"])
         owned = nats_node.partitions

@@ -8,7 +8,8 @@ before the next (the hostile agent at the partition's commit rate, its updates s
 device's are). Its delta is the honest one's opposite. Checked: the buffer steps once, on the fifth agent (not on
 the fifth update), the hostile agent owns a fifth of the step (one agent of 5, as the single coordinator's FedBuff
 keeps one row per agent), the status counts its 7 repeats (`bounded.repeat_agent`), and every update is in the
-audit exactly once (folded, none dropped). Seen red on the code before: the root stepped on the hostile agent's
+audit exactly once (folded, none dropped). K stays 5 throughout: the root has not yet listened for its
+--live-window (3 x --buffer-timeout 60), tests/test_tier_heard.py checks K once it has (5 agents heard, 5). Seen red on the code before: the root stepped on the hostile agent's
 4 updates and one honest one (0.8 of that step), twice in the sequence, 1.1 of the honest step length moved away.
 """
 

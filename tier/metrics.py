@@ -44,6 +44,15 @@ def root_metrics(status: dict):
         yield sample(CounterMetricFamily, name, doc, fleet, status[key])
     yield sample(GaugeMetricFamily, "fedmq_tier_partitions", "Partitions with a partial folded", fleet,
                  status["partitions"])
+    buffer = status.get("buffer")  # fedbuff: K, and K as the agents heard lately make it (tier/heard.py)
+    if isinstance(buffer, dict):
+        yield sample(GaugeMetricFamily, "fedmq_buffer_size", "K: agents per step as configured (--buffer-size)", fleet,
+                     buffer["size"])
+        yield sample(GaugeMetricFamily, "fedmq_buffer_effective_size", "K now: max(1, min(K, agents heard within "
+                     "--live-window)) once a root listened that long", fleet, buffer["effective"])
+        if buffer.get("heard_agents") is not None:
+            yield sample(GaugeMetricFamily, "fedmq_tier_heard_agents", "Agents in partials folded within --live-window "
+                         "(the newest K at most)", fleet, buffer["heard_agents"])
     yield eval_score(status)
     yield from pace_metrics(status, fleet)
     yield sample(GaugeMetricFamily, "fedmq_uptime_seconds", "Seconds since the root started", fleet, status["uptime_s"])

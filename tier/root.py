@@ -17,6 +17,9 @@ active one publishes carries the pace `steer` gives for that count (protocol/pac
 coordinator's do.
 With --eval-csv the active root scores every model it publishes on that held-out set, as the coordinator
 does (coordinator/evaluation.py): `accuracy` (or `r2`) in its status and its metrics.
+A fedbuff buffer of K steps on K agents, or on every agent the root heard from within --live-window when they are
+fewer (tier/heard.py: a fleet smaller than K steps as its agents send, not at --buffer-timeout); the status's
+`buffer` shows both.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from protocol.pace import Pace, Steering
 from protocol.topics import Topics
 from tier.cli_args import (add_cluster_args, connect_nats, start_logging, start_tier_metrics, start_with_retries,
                            stop_on_signals)
+from tier.heard import Heard
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
 from tier.mqtt_link import Link, parse_urls
 from tier.nats_io import Nats, partials_filter
@@ -71,6 +75,7 @@ ECHO_S = 3.0  # the root subscribes to its own model: one not seen back within t
 # unacknowledged within the listener's js_api_timeout closed the root's connection. Nothing is lost at
 # QoS 0: the retained copy is what a (re)connecting device gets, and a newer model replaces any missed one
 MODEL_QOS = 0
+LIVE_WINDOW_TIMEOUTS = 3  # --live-window's default, in --buffer-timeouts: an agent sending at least that often counts
 PRESENCE_WAIT_S = 5.0  # a root taking over waits this long at most for the agents' statuses to be subscribed
 
 
@@ -81,7 +86,8 @@ class Root:
                  root_id: str, audit_log: str | None = None, buffer_timeout: float = 5.0,
                  publish_interval: float = 0.2, partitions: int = 32, dp: RootDP | None = None,
                  secagg: dict | None = None, steering: Steering | None = None,
-                 max_packet_bytes: int | None = None, eval_data: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 max_packet_bytes: int | None = None, eval_data: tuple[np.ndarray, np.ndarray] | None = None,
+                 live_window: float | None = None) -> None:
         self.nats = nats
         self.topics = topics
         self.spec = spec
@@ -89,6 +95,9 @@ class Root:
         self.root_id = root_id
         self.audit_path = audit_log
         self.buffer_timeout = buffer_timeout
+        # the agents of the partials folded lately: K shrinks to them (default window: 3 buffer timeouts)
+        self.heard = Heard(LIVE_WINDOW_TIMEOUTS * buffer_timeout if live_window is None else live_window,
+                           getattr(rule, "buffer_size", 1), time.time())
         self.publish_interval = publish_interval
         # the coordinator's publish policy, by the model's change alone (partials carry no agent's waiting)
         self.publish_policy = PublishPolicy(max_interval=publish_interval, min_interval=min(0.05, publish_interval))
@@ -216,6 +225,7 @@ class Root:
             self._chunks_sent = int(state.get("chunks_sent", 0))
             if self.dp is not None:  # the ledger: what each agent has spent survives the failover
                 self.dp.restore(state.get("dp"))
+        self.heard.restore(state.get("heard"), time.time())  # a fresh fleet's (none): listening begins now
         if self.retained_version > self.version:  # never publish a version the fleet has already passed
             log.warning("retained model at version %d is ahead of the checkpoint (%d): continuing above it",
                         self.retained_version, self.version)
@@ -292,6 +302,7 @@ class Root:
             for msg in msgs:
                 verdict = self._fold(msg.data, lines, msg.subject)
                 (naks if verdict == "later" else acks).append(msg)
+            self.rule.resize(self.heard.live(time.time()))
             while self.rule.ready():
                 self._step()
                 dirty = True
@@ -381,6 +392,7 @@ class Root:
             self.dp.add(agents)
         self.epochs[key] = p.epoch
         self.rule.add(p.weighted_sum, p.weight, p.count, p.rows, agents)  # K counts agents; each one's weight bounded
+        self.heard.note(agents, time.time())
         if self.buffer_since is None:
             self.buffer_since = time.monotonic()
         self.folded += p.count
@@ -422,6 +434,7 @@ class Root:
             "secagg_excluded": self.secagg_excluded, "audit": self._audit_offset(),
             "dp": self.dp.state() if self.dp else None, "dp_config": self.dp.config() if self.dp else None,
             "secagg_config": self.secagg, "cohorts": self.cohorts, "chunks_sent": self._chunks_sent,
+            "heard": self.heard.state(time.time()),
         }
 
     def _audit_offset(self) -> int | None:
@@ -503,6 +516,8 @@ class Root:
                   "rejected": self.rejected, "updates_rejected": rejected_by_reason(self.updates_rejected),
                   "partitions": len(self.hwm), "time": now, "uptime_s": round(now - self.started_at, 3),
                   "bounded": {"repeat_agent": self.rule.repeat_agent, "weight_cap": self.rule.weight_capped}}
+        if self.rule.buffer() is not None:  # fedbuff: K, K now, and the agents heard it shrinks to (None: not yet known)
+            status["buffer"] = dict(self.rule.buffer(), window=self.heard.window)
         if self.dp is not None:
             status["privacy"] = self.dp.report()
         if steered is not None:  # as the coordinator's status shows it
@@ -520,7 +535,7 @@ class Root:
         steered = self.pace()
         key = (self.published, self.version, self.folded, self.partials, self.duplicates, self.rejected, self.cohorts,
                len(self.hwm), self._counts_serial, steered, self.dp.central.releases if self.dp is not None else None,
-               self.lease.epoch)
+               self.lease.epoch, tuple(sorted((self.rule.buffer() or {}).items())))
         cached = self._metrics_status
         if cached is None or cached[0] != key:
             cached = self._metrics_status = (key, self.status(steered))
@@ -552,6 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-lr", type=float, default=1.0, help="fedbuff: server learning rate")
     parser.add_argument("--alpha", type=float, default=0.3, help="fedasync: mixing weight per partial")
     parser.add_argument("--buffer-timeout", type=float, default=5.0, help="step a buffer that waited this long")
+    parser.add_argument("--live-window", type=float,
+                        help="fedbuff: K shrinks to the agents whose partials came within this many seconds, when "
+                             "they are fewer (default 3 x --buffer-timeout; K until a root listened that long; 0: K "
+                             "always)")
     parser.add_argument("--audit-log", help="JSON lines: every (agent, seq) folded, with its partial")
     parser.add_argument("--eval-csv", help="held-out CSV scored at each publish (accuracy or r2 in the status and "
                                            "fedmq_eval_score), as the coordinator's --eval-csv")
@@ -588,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
                 return nats, Root(nats, parse_urls(args.mqtt), topics, spec, rule, root_id=args.id,
                                   audit_log=args.audit_log, buffer_timeout=args.buffer_timeout,
                                   partitions=args.partitions, dp=dp, secagg=secagg,
-                                  steering=steering, max_packet_bytes=args.max_packet_bytes, eval_data=eval_data)
+                                  steering=steering, max_packet_bytes=args.max_packet_bytes, eval_data=eval_data,
+                                  live_window=args.live_window)
             except BaseException:
                 nats.close()
                 raise

@@ -23,6 +23,7 @@ import numpy as np
 
 from coordinator.aggregation import agent_capped_weights, agent_index
 from coordinator.strategies import DEFAULT_ALPHA
+from tier.heard import effective_k
 
 
 def capped_sum(sums: list[np.ndarray], rows: list[np.ndarray], agents: list[list], n_params: int
@@ -112,6 +113,13 @@ class RootRule:
         """The buffer holds enough to step now."""
         raise NotImplementedError
 
+    def resize(self, live: int | None) -> None:
+        """The agents the root heard from recently (tier/heard.py; None: not known yet): fedbuff's K shrinks to them."""
+
+    def buffer(self) -> dict | None:
+        """For the status: K as configured and as it is now (fedbuff), else None."""
+        return None
+
     def step(self, params: np.ndarray) -> np.ndarray:
         """The new parameters from the buffer (which is emptied)."""
         raise NotImplementedError
@@ -148,8 +156,9 @@ class RootRule:
 
 
 class RootFedBuff(RootRule):
-    """x <- x + eta * sum(n_i w(s_i) delta_i) / sum(n_i) once K updates are buffered, no n_i above the lower
-    median of the buffer's (the single coordinator's FedBuff)."""
+    """x <- x + eta * sum(n_i w(s_i) delta_i) / sum(n_i) once K agents are buffered (K shrunk to the
+    agents heard recently, tier/heard.py), no agent's n_i above the lower median agent's (the single coordinator's
+    FedBuff)."""
 
     name = "fedbuff"
 
@@ -159,9 +168,17 @@ class RootFedBuff(RootRule):
             raise ValueError("fedbuff needs a buffer size >= 1 and a server learning rate > 0")
         self.buffer_size = buffer_size
         self.server_lr = server_lr
+        self.effective = buffer_size  # K = max(1, min(K, agents heard recently)): a fleet smaller than K still steps
+        self.live: int | None = None
+
+    def resize(self, live: int | None) -> None:
+        self.live, self.effective = live, effective_k(self.buffer_size, live)
+
+    def buffer(self) -> dict:
+        return {"size": self.buffer_size, "effective": self.effective, "heard_agents": self.live}
 
     def ready(self) -> bool:
-        return self.count >= self.buffer_size
+        return self.count >= self.effective
 
     def step(self, params):
         return params + self.server_lr * self._take_mean()
