@@ -95,3 +95,13 @@ def test_the_agents_heard_survive_a_takeover_and_an_old_checkpoint_listens_again
     assert taken.live(T0 + 3 * W) is None and taken.live(T0 + 4 * W) == 0
     taken.restore(None, T0)
     assert taken.live(T0 + 1) is None
+
+
+def test_tier_up_hands_the_live_window_to_the_root():
+    """scripts/tier-up --live-window reaches the roots' own flag; without it the root's default (3 buffer timeouts)."""
+    from tier import root, up
+
+    common = ["--nats", "nats://127.0.0.1:1", "--mqtt", "mqtt://127.0.0.1:1", "--fleet", "f"]
+    given = root.build_parser().parse_args(common + up.root_args(up.build_parser().parse_args(["--live-window", "7"])))
+    assert given.live_window == 7.0
+    assert root.build_parser().parse_args(common + up.root_args(up.build_parser().parse_args([]))).live_window is None

@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer-size", type=int, default=5, help="fedbuff: updates per step (default 5)")
     p.add_argument("--buffer-timeout", type=float, default=5.0,
                    help="step a buffer that waited this many seconds (default 5)")
+    p.add_argument("--live-window", type=float, metavar="SECONDS",
+                   help="the roots' --live-window: K shrinks to the agents heard within it (default 3 x "
+                        "--buffer-timeout; 0: K always)")
     p.add_argument("--target-updates-per-s", type=float, default=0.0, metavar="RATE",
                    help="pace steering: the root asks every device to report once per (agents online / RATE) "
                         "seconds (python -m tier.root --help: --pace-*; default 0, not steered)")
@@ -250,6 +253,8 @@ def root_args(args: argparse.Namespace) -> list[str]:
              "--audit-log", str(Path(args.dir).resolve() / "audit.jsonl")]
     if args.model != "sgd-regressor" and args.classes:
         extra += ["--classes", args.classes]
+    if args.live_window is not None:
+        extra += ["--live-window", str(args.live_window)]
     if args.target_updates_per_s:
         extra += ["--target-updates-per-s", str(args.target_updates_per_s)]
     if args.max_packet_bytes:
