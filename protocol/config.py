@@ -100,6 +100,14 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def layered_parser(prog: str, purpose: str) -> CliParser:
+    """A tool's parser with --config, its description saying how options layer (`parse_layered` parses it)."""
+    parser = CliParser(prog=prog, description=f"{purpose} Every option can also be set as {ENV_PREFIX}<OPTION> in the "
+                                              "environment or in a --config TOML file.")
+    add_config_option(parser)
+    return parser
+
+
 def fleet_tool_parser(prog: str, purpose: str, fleet_help: str) -> argparse.ArgumentParser:
     """The parser every fleet tool starts from: --config, the broker connection, --fleet, --topic-prefix.
 
@@ -108,12 +116,7 @@ def fleet_tool_parser(prog: str, purpose: str, fleet_help: str) -> argparse.Argu
     """
     from protocol.transport import add_broker_options
 
-    parser = CliParser(
-        prog=prog,
-        description=f"{purpose} Every option can also be set as {ENV_PREFIX}<OPTION> in the environment "
-        "or in a --config TOML file.",
-    )
-    add_config_option(parser)
+    parser = layered_parser(prog, purpose)
     add_broker_options(parser)
     parser.add_argument("--fleet", help=f"{fleet_help} (required)")
     parser.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")

@@ -105,8 +105,8 @@ def test_a_tier_launcher_without_the_tier_extra_says_so_in_one_line(tmp_path, sc
 @pytest.mark.parametrize("module,args,line", [
     ("tier.up", [], "tier-up: error: choose how devices log in"),
     ("tier.cluster", ["--nodes", "2"], "tier-cluster: error: argument --nodes: invalid choice"),
-    ("tier.root", ["--fleet", "f"], "python -m tier.root: error: the following arguments are required: --nats"),
-    ("tier.worker", [], "python -m tier.worker: error: the following arguments are required: --nats"),
+    ("tier.root", ["--fleet", "f"], "python -m tier.root: error: --nats is required (or FEDMQ_NATS / nats in --config)"),
+    ("tier.worker", [], "python -m tier.worker: error: --nats is required (or FEDMQ_NATS / nats in --config)"),
     ("tier.auth", ["--bogus", "x"], "python -m tier.auth: error: unrecognized arguments: --bogus (values not shown)"),
     ("tier.devices", ["add", "--store", "s", "--secrets", "d", "--fleet", "f", "a.b"],
      "python -m tier.devices: error: invalid agent id 'a.b'"),

@@ -12,6 +12,10 @@ from fleet import ROOT
 from monitor.cli import build_parser as monitor_parser
 from monitor.cli import build_report_parser
 from simulation.cli import build_parser as sim_parser
+from tier.auth import build_parser as auth_parser
+from tier.root import build_parser as root_parser
+from tier.up import build_parser as up_parser
+from tier.worker import build_parser as worker_parser
 
 PARSERS = {
     "fedmq-agent": agent_parser,
@@ -19,6 +23,10 @@ PARSERS = {
     "fedmq-monitor": monitor_parser,
     "fedmq-report": build_report_parser,
     "fedmq-sim": sim_parser,
+    "tier-up": up_parser,
+    "python -m tier.root": root_parser,
+    "python -m tier.worker": worker_parser,
+    "python -m tier.auth": auth_parser,
 }
 
 
@@ -33,7 +41,7 @@ CLI_DOC = ROOT / "docs" / "cli.md"
 
 def readme_help_blocks() -> dict[str, str]:
     text = CLI_DOC.read_text()
-    return {m.group(1): m.group(0).rstrip() for m in re.finditer(r"^usage: (fedmq-[a-z]+).*?(?=^```)", text, re.M | re.S)}
+    return {m.group(1): m.group(0).rstrip() for m in re.finditer(r"^usage: (fedmq-[a-z]+|tier-up|python -m tier\.[a-z]+) .*?(?=^```)", text, re.M | re.S)}
 
 
 @pytest.mark.parametrize("tool", sorted(PARSERS))

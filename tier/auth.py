@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from protocol.config import CliParser
+from protocol.config import layered_parser, parse_layered
 from protocol.topics import parse_tier, tier_subject
 from tier.cluster import (AUTH_PASSWORD_ENV, AUTH_USER, CALLOUT_SUBJECT, DEFAULT_PARTITIONS, DEVICES_ENV, ISSUER_ENV,
                           PROBE_FLEET, XKEY_ENV, device_subjects, partition_of, xkey_seed_beside)
@@ -298,9 +298,9 @@ def _checked_key(key, path: Path, env: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CliParser(
-        prog="python -m tier.auth",
-        description="The scale-out tier's device authorization (NATS auth callout): checks each MQTT device's "
+    parser = layered_parser(
+        "python -m tier.auth",
+        "The scale-out tier's device authorization (NATS auth callout): checks each MQTT device's "
                     "username (its agent id) and password against the device store and gives it the rights to "
                     "its own topics only. Connects as the auth user (FEDMQ_TIER_AUTH_PASSWORD). Without it running, "
                     "no device can connect to nodes configured with the store (fail closed).")
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_layered(parser, argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.make_issuer:

@@ -21,12 +21,14 @@ from tier.cluster import DEFAULT_PARTITIONS
 from tier.nats_io import Nats
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+CLUSTER_REQUIRED = ("nats", "mqtt", "fleet")  # add_cluster_args' flags some layer must set
+
 
 
 def add_fleet_args(parser: argparse.ArgumentParser, *, fleet_default: str | None = None) -> None:
     """--fleet (required unless `fleet_default`), --topic-prefix, --partitions, --log-level."""
     if fleet_default is None:
-        parser.add_argument("--fleet", required=True, help="fleet name")
+        parser.add_argument("--fleet", help="fleet name (required)")
     else:
         parser.add_argument("--fleet", default=fleet_default, help=f"fleet name (default: {fleet_default})")
     parser.add_argument("--topic-prefix", default="fedmq", help="first topic level (default: fedmq)")
@@ -39,8 +41,8 @@ def add_fleet_args(parser: argparse.ArgumentParser, *, fleet_default: str | None
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     """The fleet's flags and the cluster a root or worker connects to: --nats, --mqtt, --id, --replicas."""
-    parser.add_argument("--nats", required=True, help="comma-separated nats:// URLs of the cluster's nodes")
-    parser.add_argument("--mqtt", required=True, help="comma-separated mqtt:// URLs of the nodes' MQTT listeners")
+    parser.add_argument("--nats", help="comma-separated nats:// URLs of the cluster's nodes (required)")
+    parser.add_argument("--mqtt", help="comma-separated mqtt:// URLs of the nodes' MQTT listeners (required)")
     add_fleet_args(parser)
     parser.add_argument("--id", default=f"{socket.gethostname()}-{os.getpid()}",
                         help="this process's id, unique in the fleet (default: host-pid)")

@@ -45,13 +45,13 @@ from coordinator.presence import Presence
 from coordinator.publish_policy import PublishPolicy, floor, publish_due, relative_change
 from coordinator.status import encode_status, score_fields
 from protocol import chunking
-from protocol.config import CliParser
+from protocol.config import layered_parser, parse_layered
 from protocol.errors import ProtocolError
 from protocol.messages import ModelMessage, decode_model, encode_model, only_spec
 from protocol.model_spec import ESTIMATORS, ModelSpec
 from protocol.pace import Pace, Steering
 from protocol.topics import Topics
-from tier.cli_args import (add_cluster_args, connect_nats, start_logging, start_tier_metrics, start_with_retries,
+from tier.cli_args import (CLUSTER_REQUIRED, add_cluster_args, connect_nats, start_logging, start_tier_metrics, start_with_retries,
                            stop_on_signals)
 from tier.heard import Heard
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
@@ -553,14 +553,12 @@ def rejected_by_reason(per_partition: dict[str, dict[str, int]]) -> dict[str, in
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CliParser(
-        prog="python -m tier.root",
-        description="Root of fedmq's scale-out tier: one active writer (NATS KV lease, the others stand by) that "
-                    "folds the partition workers' partial aggregates and publishes the retained model.",
-    )
+    parser = layered_parser("python -m tier.root",
+                         "Root of fedmq's scale-out tier: one active writer (NATS KV lease, the others stand by) that "
+                         "folds the partition workers' partial aggregates and publishes the retained model.")
     add_cluster_args(parser)
-    parser.add_argument("--model", required=True, choices=sorted(ESTIMATORS), help="the fleet's estimator")
-    parser.add_argument("--n-features", type=int, required=True, help="number of input features")
+    parser.add_argument("--model", choices=sorted(ESTIMATORS), help="the fleet's estimator (required)")
+    parser.add_argument("--n-features", type=int, help="number of input features (required)")
     parser.add_argument("--classes", help="comma-separated class labels (classifiers)")
     parser.add_argument("--strategy", default="fedbuff", choices=("fedbuff", "fedasync"), help="root rule")
     parser.add_argument("--buffer-size", type=int, default=5, help="fedbuff: updates per step (over all partitions)")
@@ -583,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_layered(build_parser(), argv, CLUSTER_REQUIRED + ("model", "n_features"))
     start_logging(args.log_level)
     stop = stop_on_signals()
     try:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.cli import check_max_packet_bytes, int_or_off
-from protocol.config import CliParser
+from protocol.config import layered_parser, parse_layered
 from protocol.model_spec import ESTIMATORS
 from protocol.topics import Topics
 from tier.cli_args import add_fleet_args, start_logging, stop_on_signals
@@ -204,12 +204,10 @@ def banner(tier: Tier, version: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CliParser(
-        prog="tier-up",
-        description="Bring fedmq's scale-out tier up on loopback from processes: a NATS JetStream cluster with "
+    p = layered_parser("tier-up",
+                    "Bring fedmq's scale-out tier up on loopback from processes: a NATS JetStream cluster with "
                     "MQTT listeners, partition workers and the root with standbys; prints the MQTT URLs devices "
-                    "connect to and how to watch the model; Ctrl-C or SIGTERM stops everything.",
-    )
+                    "connect to and how to watch the model; Ctrl-C or SIGTERM stops everything.")
     p.add_argument("--dir", default=os.environ.get("FEDMQ_TIER_DIR", "tier-up"),
                    help="directory for the logs, configs and JetStream stores (env FEDMQ_TIER_DIR; default tier-up)")
     add_fleet_args(p, fleet_default="demo")
@@ -266,7 +264,7 @@ def root_args(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_layered(parser, argv)
     devices = device_store(parser, args)
     start_logging(args.log_level)
     if args.workers < 1 or args.standbys < 0:

@@ -41,14 +41,14 @@ from coordinator.staleness import parse_staleness
 from coordinator.validation import DEFAULT_NORM_FACTOR, NORM_WARMUP, NormBound, UpdateValidator
 from protocol import chunking
 from protocol.acks import encode_ack
-from protocol.config import CliParser
+from protocol.config import layered_parser, parse_layered
 from protocol.errors import ProtocolError
 import numpy as np
 
 from protocol.messages import ModelMessage, decode_model, decode_update, only_spec
 from protocol.model_spec import ModelSpec
 from protocol.topics import Topics, check_name, tier_subject
-from tier.cli_args import (add_cluster_args, connect_nats, start_logging, start_tier_metrics, start_with_retries,
+from tier.cli_args import (CLUSTER_REQUIRED, add_cluster_args, connect_nats, start_logging, start_tier_metrics, start_with_retries,
                            stop_on_signals)
 from tier.cluster import MQTT_MAX_ACK_PENDING, mqtt_subject, partition_of
 from tier.lease import Fenced, FencedRecord, Keeper, Lease, Vacancy
@@ -668,11 +668,9 @@ class Worker:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CliParser(
-        prog="python -m tier.worker",
-        description="Partition worker of fedmq's scale-out tier: owns partitions by NATS KV lease, validates and "
-                    "dedups their updates with the coordinator's core and commits partial aggregates to JetStream.",
-    )
+    parser = layered_parser("python -m tier.worker",
+                         "Partition worker of fedmq's scale-out tier: owns partitions by NATS KV lease, validates and "
+                         "dedups their updates with the coordinator's core and commits partial aggregates to JetStream.")
     add_cluster_args(parser)
     parser.add_argument("--max-partitions", type=int, help="own at most this many partitions (default: fair share)")
     parser.add_argument("--staleness", default="constant", help="constant, polynomial:A or hinge:A,B")
@@ -692,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_layered(build_parser(), argv, CLUSTER_REQUIRED)
     start_logging(args.log_level)
     logging.getLogger("coordinator.server").setLevel(logging.WARNING)  # "continuing from version N" per partition
     stop = stop_on_signals()
