@@ -430,8 +430,8 @@ def tier_messages() -> list[tuple[str, bytes]]:
 
     root = SimpleNamespace(topics=T, root_id="root7", published=6, folded=11, partials=4, duplicates=0, rejected=0,
                            updates_rejected={"2": {"decode": 3}}, hwm={"2": 4, "3": 1}, dp=None, secagg=None,
-                           rule=SimpleNamespace(weight_capped=0, repeat_agent=0), spec=SPEC, scores={"accuracy": 0.75},
-                           started_at=time.time() - 90)
+                           rule=SimpleNamespace(weight_capped=0, repeat_agent=0, buffer=lambda: None), spec=SPEC,
+                           scores={"accuracy": 0.75}, started_at=time.time() - 90)
     partial = f"{T.base}/partial/2"
     return [(T.coordinator_status, encode_status(Root.status(root, None))),
             (f"{T.base}/upd/2/a1", update("a1", base=5, seq=1)), (f"{T.base}/upd/2/a1", update("a1", base=6, seq=2)),
