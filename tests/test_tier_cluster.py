@@ -38,9 +38,11 @@ def test_launcher_starts_a_partitioned_cluster_and_stops_it(tmp_path):
         subscribed = threading.Event()
         sub.on_subscribe = lambda *a: subscribed.set()
         sub.username_pw_set(TIER_USER, PASSWORD)  # a device may not read the partitions' subjects
+        # subscribed on every CONNACK: a subscribe paho sends outside a connection (one a busy node closed before its
+        # CONNACK, say) is never sent again after its reconnect; one fresh-clone CI saw no SUBACK in 60 s
+        sub.on_connect = lambda c, u, f, rc, p: rc.is_failure or c.subscribe("fedmq/f/upd/+/+", 1)
         sub.connect("127.0.0.1", ports[2])
         sub.loop_start()
-        sub.subscribe("fedmq/f/upd/+/+", 1)
         assert subscribed.wait(60), "no SUBACK from the third node"  # a QoS 1 subscription is a JetStream consumer: 20 s was short at CI load
         pubs = []
         for port in ports[:2]:  # two nodes publish the same agents: each still lands on one partition
