@@ -24,7 +24,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CLUSTER_REQUIRED = ("nats", "mqtt", "fleet")  # add_cluster_args' flags some layer must set
 
 
-
 def add_fleet_args(parser: argparse.ArgumentParser, *, fleet_default: str | None = None) -> None:
     """--fleet (required unless `fleet_default`), --topic-prefix, --partitions, --log-level."""
     if fleet_default is None:
