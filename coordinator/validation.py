@@ -138,7 +138,8 @@ class NormBound:
 
     def _relative(self, column: int, factor: float | None, warmup: int, agent: str | None) -> float:
         recent = self.recent[column]
-        if factor is None or len(recent) < warmup:
+        seen = len(recent) + (agent not in recent)  # the judged agent (None: a new one) is one of those seen
+        if factor is None or seen < warmup:
             return np.inf
         # converted entries (forget_norms) judge only until `warmup` agents sent one in the scaling in force
         stale = self._converted if column == 0 and len(recent) - len(self._converted) >= warmup else ()

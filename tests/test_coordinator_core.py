@@ -87,6 +87,19 @@ def test_relative_norm_bound_after_warmup():
     assert core.handle_update(*update("a", seq=4, base=core.version_, delta=np.full(SPEC.n_params, 5.0))) == "norm"
 
 
+def test_the_third_agent_s_first_update_is_judged_by_the_first_two():
+    """The bound starts once `warmup` agents were seen, the judged one among them: a sign-flipping
+    agent that came third in the first round got its x-4 update (3-4x its peers' norms) in, in every
+    run of the fedasync test of tests/test_hostile_counts.py, before this counted it among them."""
+    bound = NormBound(max_norm=None, factor=2.0, warmup=3)
+    core = make_core(FedAsync(alpha=0.5), norm=bound, max_staleness=100)
+    for agent in ("a", "b"):
+        assert core.handle_update(*update(agent, base=core.version_)) is None
+    assert bound.limit() == pytest.approx(2 * 0.1 * np.sqrt(SPEC.n_params), rel=1e-5)  # a new agent: 2 x their median
+    assert bound.limit("a") == np.inf  # an agent already counted: the other one alone does not judge it
+    assert core.handle_update(*update("c", base=core.version_, delta=np.full(SPEC.n_params, -0.4))) == "norm"
+
+
 def test_one_agent_cannot_own_the_norm_reference_by_volume():
     bound = NormBound(factor=3.0, warmup=3)
     core = make_core(norm=bound, max_staleness=10**6)
