@@ -44,6 +44,12 @@ def test_a_fleet_of_two_agents_with_k_5_steps_on_both_not_at_the_buffer_timeout(
         assert sorted(by_version.values(), key=sorted) == [set(AGENTS)] * ROUNDS, by_version  # each step on both
         want = {"size": 5, "effective": 2, "heard_agents": 2, "window": 3.0}
         assert wait_until(lambda: watch.status.get("buffer") == want, 10), watch.status
+        # both fall silent: once a --live-window passed without a partial of theirs, K is 1, and the retained status
+        # says so without a model to carry it (seen red when only a model or a refusal sent the status: it kept 2)
+        silent = {"size": 5, "effective": 1, "heard_agents": 0, "window": 3.0}
+        version = watch.version
+        assert wait_until(lambda: watch.status.get("buffer") == silent, 10), watch.status
+        assert watch.version == version, "a version came from no update"
 
 
 def test_a_flooding_agent_beside_four_honest_ones_never_shrinks_k_below_five(tmp_path, nats_node):

@@ -153,6 +153,7 @@ class Root:
         self._counts_serial = 0  # bumped when those counts grow (a key of the metrics' cached status)
         self._metrics_status: tuple | None = None  # (key, status) the last scrape built
         self._status_rejected = 0  # self.rejected as the last status showed it
+        self._status_buffer: dict | None = None  # self.rule.buffer() as the last status showed it
         self._last_status = 0.0
         self.buffer_since: float | None = None
         self.started_at = time.time()
@@ -491,9 +492,11 @@ class Root:
 
     def _publish_counts(self) -> None:
         """The status alone when refusals came in without a new model (a partition of hostile or silent devices
-        folds nothing), at most once per publish interval and only after this root's first model."""
-        changed = self.counts_changed or self.rejected != self._status_rejected  # refused partials too: a forged
-        # one that fenced a partition out shows, not only with the next model
+        folds nothing), or K now moved (agents fell silent: a fleet that stops sending makes no model to carry
+        it), at most once per publish interval and only after this root's first model."""
+        changed = self.counts_changed or self.rejected != self._status_rejected \
+            or self.rule.buffer() != self._status_buffer  # refused partials too: a forged one that fenced a partition
+        # out shows, not only with the next model
         if not changed or self.published < 0 or time.monotonic() - self._last_status < self.publish_interval:
             return
         self._publish_status([link for link in self.links if link.connected.is_set()] or [self.link], self.pace())
@@ -501,6 +504,7 @@ class Root:
     def _publish_status(self, up: list[Link], steered) -> None:
         self.counts_changed = False
         self._status_rejected = self.rejected
+        self._status_buffer = self.rule.buffer()
         self._last_status = time.monotonic()
         # on the other connection when there is one: a status store waiting on an election stalls its
         # connection's read loop up to the listener's js_api_timeout, and the next model must not wait behind it
