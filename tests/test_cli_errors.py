@@ -108,6 +108,8 @@ def test_a_tier_launcher_without_the_tier_extra_says_so_in_one_line(tmp_path, sc
     ("tier.root", ["--fleet", "f"], "python -m tier.root: error: --nats is required (or FEDMQ_NATS / nats in --config)"),
     ("tier.worker", [], "python -m tier.worker: error: --nats is required (or FEDMQ_NATS / nats in --config)"),
     ("tier.auth", ["--bogus", "x"], "python -m tier.auth: error: unrecognized arguments: --bogus (values not shown)"),
+    ("tier.auth", ["--nats", "nats://127.0.0.1:1", "--devices", "d", "--issuer-seed-file", "s"],
+     "python -m tier.auth: error: --xkey-seed-file is required: the nodes seal each login"),  # logins never in the clear unasked
     ("tier.devices", ["add", "--store", "s", "--secrets", "d", "--fleet", "f", "a.b"],
      "python -m tier.devices: error: invalid agent id 'a.b'"),
 ])

@@ -308,7 +308,7 @@ def test_the_service_refuses_to_start_against_nodes_that_map_another_partition_c
     """With another --partitions (or --topic-prefix) than the nodes' mapping, every device's updates would be refused
     by the node without a word: the service probes the mapping as the auth user and exits with one line."""
     base = [sys.executable, "-m", "tier.auth", "--nats", ",".join(cluster.nats_urls), "--devices", str(store[0]),
-            "--issuer-seed-file", str(cluster.issuer_seed)]
+            "--issuer-seed-file", str(cluster.issuer_seed), "--xkey-seed-file", str(cluster.xkey_seed)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), AUTH_PASSWORD_ENV: cluster.auth_password}
     for extra, part in ((["--partitions", "5"], "--partitions 5 is not the nodes' mapping"),
                         (["--topic-prefix", "other"], "check --topic-prefix other")):

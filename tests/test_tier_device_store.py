@@ -178,7 +178,7 @@ def test_a_session_limit_is_the_user_jwts_expiry(tmp_path, capsys):
     seed = tmp_path / "issuer.seed"
     seed.write_text(ISSUER_SEED + "\n")
     assert auth.main(["--nats", "nats://127.0.0.1:1", "--devices", str(store), "--issuer-seed-file", str(seed),
-                      "--session-s", "-1"]) == 2
+                      "--no-xkey", "--session-s", "-1"]) == 2
     assert "tier.auth: --session-s must be 0 (no limit) or more" in capsys.readouterr().err
 
 

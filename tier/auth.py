@@ -313,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--xkey-seed-file", type=Path, default=os.environ.get(XKEY_SEED_ENV),
                         help="the xkey (curve25519) seed the nodes seal their requests to, each holding a device's "
                              "password; the nodes' auth_callout xkey is its public key, and this service seals its "
-                             f"answers to the node's (env {XKEY_SEED_ENV}; default none: requests in the clear)")
+                             f"answers to the node's (env {XKEY_SEED_ENV}; required unless --no-xkey)")
+    parser.add_argument("--no-xkey", action="store_true",
+                        help="take the nodes' requests in the clear, for nodes whose auth_callout has no xkey: every "
+                             "device's password is then readable by whoever can read the callout subject (default: "
+                             "off, --xkey-seed-file required)")
     parser.add_argument("--make-issuer", type=Path, metavar="FILE",
                         help="write a new issuer seed to FILE and a new xkey seed to xkey.seed beside it (mode 600; "
                              f"each kept if present), print their public keys as {ISSUER_ENV}=... and {XKEY_ENV}=... "
@@ -346,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.nats or not args.devices or not args.issuer_seed_file:
             parser.error("--nats, --devices and --issuer-seed-file are required")
+        if args.xkey_seed_file is None and not args.no_xkey:
+            parser.error("--xkey-seed-file is required: the nodes seal each login, a device's password inside, to it "
+                         "(--no-xkey: take the logins in the clear)")
         issuer = _checked_key(KeyPair.from_seed(args.issuer_seed_file.read_text().strip()), args.issuer_seed_file,
                               ISSUER_ENV)
         xkey = None if args.xkey_seed_file is None else _checked_key(
