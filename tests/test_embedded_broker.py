@@ -155,3 +155,15 @@ def test_stop_twice_and_the_port_is_released():
     broker.stop()
     with socket.socket() as s:
         s.bind((broker.host, broker.port))
+
+
+def test_a_late_acknowledgement_is_not_a_warning_line_but_other_warnings_are(broker, caplog):
+    """amqtt warned "PUBACK waiter with Id '54' already done" in the README's demo when an agent's PUBACK came after
+    amqtt's own wait for it ended (the message had reached the agent). Seen red without the filter (the line came)."""
+    import logging
+
+    handler_log = logging.getLogger("amqtt.mqtt.protocol.handler")
+    with caplog.at_level(logging.WARNING):
+        handler_log.warning("PUBACK waiter with Id '54' already done")
+        handler_log.warning("Received PUBACK for unknown pending message Id: '7'")
+    assert [r.getMessage() for r in caplog.records] == ["Received PUBACK for unknown pending message Id: '7'"]
