@@ -57,6 +57,11 @@ DEFAULT_SAMPLE_FACTOR = 4.0
 DEFAULT_NORM_FACTOR = 2.0
 NORM_WARMUP = 3  # agents seen before the relative norm bound starts: no one agent owns a median of 3
 REFRESH = 8
+# An update over the relative bound that agrees with the fleet's heading is taken at the others' median norm
+# (NormBound.shrink_to; bench/results/norm_lockout.json, docs/security.md):
+HEADING_KEEP = 0.8  # the heading: an average of the accepted deltas, each new one weighing 1 - this
+HEADING_MARGIN = 0.05  # the cosine with the heading it must exceed (a sign flip's is mostly below it)
+STANDING = 6  # norm refusals in a row after which an agent's updates over the bound are refused again
 
 
 class NormBound:
@@ -74,11 +79,22 @@ class NormBound:
     that many; dropping the judged agent's value is a bisect). The sample count an update claims
     is capped at `sample_factor` x the median count (on by default): in a sample-weighted
     mean, and in the fleet evaluation, a count is as much influence as a norm.
+
+    Over the relative bound (never the absolute cap) an update is refused unless it agrees with the
+    fleet's heading (an average of the accepted deltas: cosine above `heading_margin`) and its agent was
+    not refused `standing` times in a row; then it is taken at the others' median norm, a typical update's
+    size (`shrink_to`; counted `clipped`). Why: an honest agent refused once went on being refused, its data
+    no longer in the model so its distance grew, in 3 of 10 all-honest fedasync runs on the shards of
+    tests/test_hostile_counts.py and 5 of 10 on Dirichlet(0.5) shards (bench/results/norm_lockout.json);
+    a sign flip points against the heading, and a flipper refused `standing` times in a row keeps no way
+    in. Taken at the limit rather than the median, the flips that agree cost more (docs/security.md).
+    `heading_margin` None: the old rule, every update over the bound refused.
     """
 
     def __init__(self, max_norm: float | None = DEFAULT_MAX_NORM, factor: float | None = None, window: int = 50,
                  warmup: int = 10, sample_factor: float | None = DEFAULT_SAMPLE_FACTOR,
-                 norm_warmup: int = NORM_WARMUP) -> None:
+                 norm_warmup: int = NORM_WARMUP, heading_margin: float | None = HEADING_MARGIN,
+                 standing: int = STANDING) -> None:
         for flag, value in (("--max-update-norm", max_norm), ("--norm-factor", factor), ("--sample-factor", sample_factor)):
             if value is not None and not value > 0:
                 raise ValueError(f"{flag} must be > 0, got {value}")
@@ -94,6 +110,10 @@ class NormBound:
         self._sorted: dict[int, tuple[int, dict[str, float], list[float]]] = {}
         self._changes = 0
         self._converted: set[str] = set()  # agents whose norm entry predates the scaling in force (converted)
+        self.heading_margin = heading_margin
+        self.standing = standing
+        self.heading: np.ndarray | None = None  # recent accepted deltas, averaged (`shrink_to`)
+        self.refusals: OrderedDict[str, int] = OrderedDict()  # agent -> norm refusals since its last accepted update
 
     def limit(self, agent: str | None = None) -> float:
         """The largest norm accepted now from `agent` (None: from an agent not seen yet)."""
@@ -135,6 +155,7 @@ class NormBound:
                 norms[agent] *= gain
             self._converted = set(norms)
         self._sorted.pop(0, None)
+        self.heading = None  # in units no update has any more
 
     def _relative(self, column: int, factor: float | None, warmup: int, agent: str | None) -> float:
         recent = self.recent[column]
@@ -160,9 +181,42 @@ class NormBound:
         self._changes += 1
         self._note(0, agent, norm)
 
-    def accepted(self, n_samples: int = 1, agent: str = "") -> None:
-        """Note the (capped) sample count of an accepted update."""
+    def accepted(self, n_samples: int = 1, agent: str = "", delta: np.ndarray | None = None) -> None:
+        """Note the (capped) sample count of an accepted update, and its delta in the fleet's heading."""
         self._note(1, agent, n_samples)
+        self._standing(agent, 0)
+        if delta is None:
+            return
+        if self.heading is None or self.heading.shape != delta.shape:
+            self.heading = np.array(delta, dtype=np.float64)
+        else:
+            self.heading *= HEADING_KEEP
+            self.heading += (1 - HEADING_KEEP) * delta
+
+    def refused(self, agent: str = "") -> None:
+        """Note an update of `agent` refused by the norm bound."""
+        self._standing(agent, self.refusals.get(agent, 0) + 1)
+
+    def shrink_to(self, delta: np.ndarray, norm: float, bound: float, agent: str = "") -> float | None:
+        """The norm at which an update judged `norm` over `bound` (`limit`) is accepted, or None: refused.
+
+        Only the relative bound yields, for an agent accepted within its last `standing` updates whose
+        `delta` agrees with the fleet's heading (cosine above `heading_margin`): it is taken at the others'
+        median norm, the size of a typical update."""
+        heading = self.heading
+        if self.heading_margin is None or self.factor is None or heading is None or heading.shape != delta.shape:
+            return None
+        if (self.max_norm is not None and norm > self.max_norm) or self.refusals.get(agent, 0) >= self.standing:
+            return None
+        if float(np.dot(heading, delta)) <= self.heading_margin * l2_norm(heading) * l2_norm(delta):
+            return None
+        return bound / self.factor
+
+    def _standing(self, agent: str, refusals: int) -> None:
+        self.refusals[agent] = refusals
+        self.refusals.move_to_end(agent)
+        while len(self.refusals) > self.window:
+            self.refusals.popitem(last=False)
 
     def _note(self, column: int, agent: str, value: float) -> None:
         recent = self.recent[column]
@@ -353,12 +407,14 @@ class UpdateValidator:
         self.norm.observed(norm, msg.agent_id)
         clipped = False
         if norm > bound:
-            if self.norm_action == "reject":
+            to = bound if self.norm_action == "clip" else self.norm.shrink_to(delta, norm, bound, msg.agent_id)
+            if to is None:
+                self.norm.refused(msg.agent_id)
                 return Verdict("norm", msg, staleness=staleness, norm=norm, limit=bound)
-            delta *= bound / norm  # a stale update (distance from the current model) shrinks as a whole
-            norm, clipped = bound, True
+            delta *= to / norm  # a stale update (distance from the current model) shrinks as a whole
+            norm, clipped = to, True
         n_samples = int(min(msg.n_samples, self.norm.sample_limit(msg.agent_id)))  # inf is never the min: counts are finite
-        self.norm.accepted(n_samples, msg.agent_id)
+        self.norm.accepted(n_samples, msg.agent_id, delta)
         return Verdict(None, msg, delta, staleness, clipped, n_samples, norm, bound)
 
     def _hole(self, agent: str, last: int, seq: int) -> None:

@@ -2,11 +2,13 @@
 
 Benchmarks and tests that must isolate one factor (a codec, an attack, an aggregate) use
 this loop: the bytes are exactly what would travel over MQTT, but the schedule is a
-seeded random choice of agent per step, so runs are deterministic and fast.
+seeded random choice of agent per step (`drive`), or seeded agent speeds on a publish clock
+(`drive_clocked`), so runs are deterministic and fast.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -72,4 +74,51 @@ def drive(core: Coordinator, fleet: Sequence[Agent], *, updates: int, seed: int,
             model = core.model_payload()
         if payload is not None:  # None: local training diverged, nothing sent
             yield Step(agent, payload, reason, dict(core.scores_) if published else None)
+    core.model_payload()
+
+
+def drive_clocked(core: Coordinator, fleet: Sequence[Agent], *, versions: int, seed: int, load: float = 2.0,
+                  interval: float = 1.0) -> Iterator[Step]:
+    """Agents on a clock, as a real fleet runs them, until the model reaches `versions`.
+
+    The model is published every `interval` (if it changed); each agent trains on the newest published
+    model for `load` x its own speed (0.5-1.5) x a lognormal jitter, sends its update, and starts again at
+    once if a newer model came out meanwhile, else at the next publish. Updates arrive stale by however
+    many others were folded since their base: what `drive` (one agent per step) does not show, and what
+    made an honest agent's distance cross the norm bound in the real fleets of tests/test_hostile_counts.py.
+    """
+    rng = np.random.default_rng(seed)
+    speed = rng.uniform(0.5, 1.5, len(fleet))
+    model, version = core.model_payload(), core.version_
+    pending: list[tuple[float, int, int, bytes | None]] = []  # (arrives, agent, base version, payload)
+    idle: list[int] = []
+
+    def start(i: int, now: float) -> None:
+        agent = fleet[i]
+        agent.on_model(model)
+        agent.trained_version_ = -1
+        agent.due()
+        heapq.heappush(pending, (now + load * speed[i] * rng.lognormal(0.0, 0.5), i, version, agent.make_update()))
+
+    for i in range(len(fleet)):
+        start(i, 0.0)
+    next_publish = interval
+    while core.version_ < versions:
+        if pending and pending[0][0] < next_publish:
+            now, i, base, payload = heapq.heappop(pending)
+            if payload is not None:
+                yield Step(fleet[i], payload, core.handle_update(core.topics.update(fleet[i].agent_id), payload))
+            if base < version:
+                start(i, now)
+            else:
+                idle.append(i)
+        elif core.version_ == version and not pending:  # every agent waits for a model that will not come
+            break
+        else:
+            now, next_publish = next_publish, next_publish + interval
+            if core.version_ != version:
+                model, version = core.model_payload(), core.version_
+                for i in idle:
+                    start(i, now)
+                idle.clear()
     core.model_payload()

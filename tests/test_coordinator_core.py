@@ -84,7 +84,38 @@ def test_relative_norm_bound_after_warmup():
     for agent in ("a", "b", "c"):
         assert core.handle_update(*update(agent, base=core.version_)) is None
     assert bound.limit() == pytest.approx(3 * 0.1 * np.sqrt(SPEC.n_params), rel=1e-5)
-    assert core.handle_update(*update("a", seq=4, base=core.version_, delta=np.full(SPEC.n_params, 5.0))) == "norm"
+    assert core.handle_update(*update("a", seq=4, base=core.version_, delta=np.full(SPEC.n_params, -5.0))) == "norm"
+
+
+def test_an_update_over_the_bound_along_the_fleet_s_heading_is_taken_at_the_median_norm():
+    """An honest outlier refused once went on being refused: its data left the model, so its distance grew
+    (bench/results/norm_lockout.json). Over the relative bound but along the accepted deltas' heading, from an
+    agent not refused `standing` times in a row, an update is taken at the others' median norm; against the
+    heading it is refused, as is everything over the absolute cap (seen red: all four refused as before)."""
+    bound = NormBound(max_norm=100.0, factor=2.0, warmup=3, standing=2)
+    core = make_core(FedAsync(alpha=0.5), norm=bound, max_staleness=100)
+    for agent in ("a", "b", "c"):
+        assert core.handle_update(*update(agent, base=core.version_)) is None
+    median = 0.1 * np.sqrt(SPEC.n_params)
+    along = np.full(SPEC.n_params, 1.0)
+    before = core.params_.copy()
+    assert core.handle_update(*update("a", seq=2, base=core.version_, delta=along)) is None
+    assert core.clipped_ == 1
+    np.testing.assert_allclose(np.linalg.norm(core.params_ - before), 0.5 * median, rtol=1e-5)  # alpha x the median
+    assert core.handle_update(*update("b", seq=2, base=core.version_, delta=-along)) == "norm"  # against the heading
+    assert core.handle_update(*update("c", seq=2, base=core.version_, delta=np.full(SPEC.n_params, 50.0))) == "norm"
+    assert core.handle_update(*update("b", seq=3, base=core.version_, delta=-along)) == "norm"  # b: 2 in a row
+    assert core.handle_update(*update("b", seq=4, base=core.version_, delta=along)) == "norm"  # no standing left
+    assert core.handle_update(*update("b", seq=5, base=core.version_)) is None  # within the bound: standing again
+    assert core.handle_update(*update("b", seq=6, base=core.version_, delta=along)) is None
+
+
+def test_the_old_rule_refuses_every_update_over_the_bound():
+    bound = NormBound(max_norm=None, factor=2.0, warmup=3, heading_margin=None)
+    core = make_core(FedAsync(alpha=0.5), norm=bound, max_staleness=100)
+    for agent in ("a", "b", "c"):
+        assert core.handle_update(*update(agent, base=core.version_)) is None
+    assert core.handle_update(*update("a", seq=2, base=core.version_, delta=np.full(SPEC.n_params, 1.0))) == "norm"
 
 
 def test_the_third_agent_s_first_update_is_judged_by_the_first_two():
@@ -171,7 +202,7 @@ def test_refused_norms_count_in_the_reference():
     for seq, agent in enumerate("abc", 1):
         assert core.handle_update(*update(agent, seq=seq, base=core.version_, delta=np.full(SPEC.n_params, 0.1))) is None
     for seq, agent in enumerate("ab", 10):
-        assert core.handle_update(*update(agent, seq=seq, base=core.version_, delta=np.full(SPEC.n_params, 0.5))) == "norm"
+        assert core.handle_update(*update(agent, seq=seq, base=core.version_, delta=np.full(SPEC.n_params, -0.5))) == "norm"
     core.validator.norm._sorted.clear()  # the median's refresh, due every REFRESH updates, now
     assert core.handle_update(*update("c", seq=20, base=core.version_, delta=np.full(SPEC.n_params, 0.5))) is None
 
@@ -185,13 +216,13 @@ def test_an_agent_is_judged_by_the_other_agents_norms_not_its_own():
         *update(agent, seq=seq, base=core.version_, delta=np.full(SPEC.n_params, norm * unit)))
     for agent, norm in zip("abc", (1.0, 2.0, 3.0)):
         assert send(agent, 1, norm) is None
-    assert send("x", 1, 1000.0) == "norm"  # its entry: 1000
+    assert send("x", 1, -1000.0) == "norm"  # its entry: 1000 (a flip: against the heading)
     for seq in range(2, 2 + REFRESH):  # the honest agents again, past the median's refresh
         for agent, norm in zip("abc", (1.0, 2.0, 3.0)):
             assert send(agent, seq, norm) is None
     assert core.validator.norm.limit("x") == pytest.approx(4.0)  # 2 x the median of 1, 2, 3
     assert core.validator.norm.limit() == pytest.approx(5.0)  # a newcomer's: 2 x the median of all four
-    assert send("x", 2, 4.5) == "norm"  # inside 2 x 2.5, the median with its own 1000 in it
+    assert send("x", 2, -4.5) == "norm"  # inside 2 x 2.5, the median with its own 1000 in it
     assert send("c", 20, 3.9) is None  # an honest agent: 2 x the median of 1, 2 and x's 4.5
 
 

@@ -678,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-update-norm", type=float, help="reject updates with a larger L2 norm")
     parser.add_argument("--norm-factor", type=float, default=DEFAULT_NORM_FACTOR,
                         help="reject an update whose norm is more than this many times the median of the newest "
-                             f"update of each of the other agents among the partition's last 50, once {NORM_WARMUP} were seen; 0: off "
+                             f"update of each of the other agents among the partition's last 50, once {NORM_WARMUP} were seen (one that "
+                             "agrees with the recent accepted deltas is taken at their median norm instead); 0: off "
                              f"(default {DEFAULT_NORM_FACTOR:g}; off while the root runs secure aggregation or central DP)")
     parser.add_argument("--max-held-chunks", type=int, default=MAX_HELD_CHUNKS,
                         help="acks of chunked updates' chunks held back per partition until the partial covering "
