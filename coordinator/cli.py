@@ -29,7 +29,7 @@ from coordinator.statistics import FleetStatistics
 from coordinator.store import CheckpointError, load_checkpoint
 from coordinator.strategies import DEFAULT_ALPHA, make_strategy
 from coordinator.validation import (BYTES_PER_AGENT, DEFAULT_MAX_AGENTS, DEFAULT_MAX_NORM, DEFAULT_NORM_FACTOR,
-                                   DEFAULT_SAMPLE_FACTOR, NORM_WARMUP, STANDING,
+                                   DEFAULT_SAMPLE_FACTOR, NORM_WARMUP, REACH, STANDING,
                                    REPLAY_BUDGET_BYTES, NormBound, UpdateValidator)
 from protocol.chunking import MIN_PACKET_BYTES
 from protocol.codec import MODEL_CODECS
@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                "median sample count of the other agents among the last 50, once 10 were seen, whatever it claims")
     _defaulted(v, "--norm-action", choices=("reject", "clip"), default="reject",
                help="an update above the bound is rejected (norm) or scaled down to it (counted as clipped); "
-               "under reject, one above the relative bound that agrees with the recent accepted deltas, from an "
-               f"agent not refused {STANDING} times in a row, is taken at the others' median norm (clipped)")
+               f"under reject, one above the relative bound (at most {REACH:g}x it) that agrees with the recent accepted "
+               f"deltas, from an agent not refused {STANDING} times in a row, is taken at the others' median norm (clipped)")
     _defaulted(v, "--max-message-bytes", type=int, default=4 * 1024 * 1024, help="refuse larger update payloads (oversize)")
     _defaulted(v, "--max-agents", type=int, default=DEFAULT_MAX_AGENTS,
                help="refuse (too_many_agents) updates of agents beyond this many: the replay state (each "

@@ -62,6 +62,7 @@ REFRESH = 8
 HEADING_KEEP = 0.8  # the heading: an average of the accepted deltas, each new one weighing 1 - this
 HEADING_MARGIN = 0.05  # the cosine with the heading it must exceed (a sign flip's is mostly below it)
 STANDING = 6  # norm refusals in a row after which an agent's updates over the bound are refused again
+REACH = 4.0  # over this many times the bound an update is refused whatever its heading: no honest drift
 
 
 class NormBound:
@@ -80,10 +81,10 @@ class NormBound:
     is capped at `sample_factor` x the median count (on by default): in a sample-weighted
     mean, and in the fleet evaluation, a count is as much influence as a norm.
 
-    Over the relative bound (never the absolute cap) an update is refused unless it agrees with the
-    fleet's heading (an average of the accepted deltas: cosine above `heading_margin`) and its agent was
-    not refused `standing` times in a row; then it is taken at the others' median norm, a typical update's
-    size (`shrink_to`; counted `clipped`). Why: an honest agent refused once went on being refused, its data
+    Over the relative bound (up to REACH x it, never over the absolute cap) an update is refused unless it
+    agrees with the fleet's heading (an average of the accepted deltas: cosine above `heading_margin`) and
+    its agent was not refused `standing` times in a row; then it is taken at the others' median norm, a
+    typical update's size (`shrink_to`; counted `clipped`). Why: an honest agent refused once went on being refused, its data
     no longer in the model so its distance grew, in 3 of 10 all-honest fedasync runs on the shards of
     tests/test_hostile_counts.py and 5 of 10 on Dirichlet(0.5) shards (bench/results/norm_lockout.json);
     a sign flip points against the heading, and a flipper refused `standing` times in a row keeps no way
@@ -200,13 +201,14 @@ class NormBound:
     def shrink_to(self, delta: np.ndarray, norm: float, bound: float, agent: str = "") -> float | None:
         """The norm at which an update judged `norm` over `bound` (`limit`) is accepted, or None: refused.
 
-        Only the relative bound yields, for an agent accepted within its last `standing` updates whose
-        `delta` agrees with the fleet's heading (cosine above `heading_margin`): it is taken at the others'
-        median norm, the size of a typical update."""
+        Only the relative bound yields, up to REACH x it, for an agent accepted within its last `standing`
+        updates whose `delta` agrees with the fleet's heading (cosine above `heading_margin`): it is taken at
+        the others' median norm, the size of a typical update."""
         heading = self.heading
         if self.heading_margin is None or self.factor is None or heading is None or heading.shape != delta.shape:
             return None
-        if (self.max_norm is not None and norm > self.max_norm) or self.refusals.get(agent, 0) >= self.standing:
+        if norm > REACH * bound or (self.max_norm is not None and norm > self.max_norm) \
+                or self.refusals.get(agent, 0) >= self.standing:
             return None
         if float(np.dot(heading, delta)) <= self.heading_margin * l2_norm(heading) * l2_norm(delta):
             return None

@@ -91,23 +91,28 @@ def test_an_update_over_the_bound_along_the_fleet_s_heading_is_taken_at_the_medi
     """An honest outlier refused once went on being refused: its data left the model, so its distance grew
     (bench/results/norm_lockout.json). Over the relative bound but along the accepted deltas' heading, from an
     agent not refused `standing` times in a row, an update is taken at the others' median norm; against the
-    heading it is refused, as is everything over the absolute cap (seen red: all four refused as before)."""
-    bound = NormBound(max_norm=100.0, factor=2.0, warmup=3, standing=2)
+    heading it is refused, as is one over REACH x the bound or over the absolute cap (seen red: all refused as
+    before with shrink_to refusing; with the cosine, the standing or the reach test left out)."""
+    bound = NormBound(max_norm=None, factor=2.0, warmup=3, standing=2)
     core = make_core(FedAsync(alpha=0.5), norm=bound, max_staleness=100)
     for agent in ("a", "b", "c"):
         assert core.handle_update(*update(agent, base=core.version_)) is None
     median = 0.1 * np.sqrt(SPEC.n_params)
-    along = np.full(SPEC.n_params, 1.0)
+    along = np.full(SPEC.n_params, 0.5)  # 5x the median, 2.5x the bound
     before = core.params_.copy()
     assert core.handle_update(*update("a", seq=2, base=core.version_, delta=along)) is None
     assert core.clipped_ == 1
     np.testing.assert_allclose(np.linalg.norm(core.params_ - before), 0.5 * median, rtol=1e-5)  # alpha x the median
     assert core.handle_update(*update("b", seq=2, base=core.version_, delta=-along)) == "norm"  # against the heading
-    assert core.handle_update(*update("c", seq=2, base=core.version_, delta=np.full(SPEC.n_params, 50.0))) == "norm"
+    assert core.handle_update(*update("c", seq=2, base=core.version_, delta=5 * along)) == "norm"  # over REACH x
     assert core.handle_update(*update("b", seq=3, base=core.version_, delta=-along)) == "norm"  # b: 2 in a row
     assert core.handle_update(*update("b", seq=4, base=core.version_, delta=along)) == "norm"  # no standing left
     assert core.handle_update(*update("b", seq=5, base=core.version_)) is None  # within the bound: standing again
     assert core.handle_update(*update("b", seq=6, base=core.version_, delta=along)) is None
+    capped = make_core(FedAsync(alpha=0.5), norm=NormBound(max_norm=1.0, factor=2.0, warmup=3), max_staleness=100)
+    for agent in ("a", "b", "c"):
+        assert capped.handle_update(*update(agent, base=capped.version_)) is None
+    assert capped.handle_update(*update("a", seq=2, base=capped.version_, delta=along)) == "norm"  # the absolute cap
 
 
 def test_the_old_rule_refuses_every_update_over_the_bound():
