@@ -312,6 +312,27 @@ def test_security_poisoning_table_is_the_results_file():
         assert row in text, f"docs/security.md lacks the row bench/results/poisoning.json gives: {row!r}"
 
 
+def norm_lockout_rows() -> list[str]:
+    """docs/security.md's lock-out table from bench/results/norm_lockout.json, one row per (fleet, rule)
+    (`python -c "import tests.test_figures as t; print(*t.norm_lockout_rows(), sep=chr(10))"`)."""
+    data = results("norm_lockout")
+    rows = []
+    for fleet, cells in data["results"].items():
+        for rule, c in cells.items():
+            sent = c["attack_accepted"] + c["attack_refused"]
+            attack = f"{c['attack_accepted']} of {sent}" if sent else "-"
+            rows.append(f"| {fleet} | {rule} | {c['honest_refused']:,} of {c['honest_updates']:,} | "
+                        f"{c['runs_with_an_agent_locked_out']} of {data['seeds']} | {c['shrunk']} | {attack} | {c['accuracy']:.3f} |")
+    return rows
+
+
+def test_security_lockout_table_is_the_results_file():
+    """docs/security.md's honest-outlier table is bench/results/norm_lockout.json, row by row."""
+    text = (ROOT / "docs" / "security.md").read_text()
+    for row in norm_lockout_rows():
+        assert row in text, f"docs/security.md lacks the row bench/results/norm_lockout.json gives: {row!r}"
+
+
 def pi_footprint_rows() -> list[str]:
     """docs/raspberry-pi.md's footprint table, row by row, from bench/results/edge-*.json
     (`python -c "import tests.test_figures as t; print(*t.pi_footprint_rows(), sep=chr(10))"`)."""

@@ -114,9 +114,11 @@ def test_one_sign_flipping_agent_of_6_costs_the_default_fleet_a_few_points(tmp_p
     on one broker. `sign-flip` (deltas x-4) under fedasync, the default strategy: with the bound off
     (`--norm-factor 0`, the old default) the flip won from about version 40 on: 0.538 against 0.958
     over versions 20-200; with it, over versions 60-120 the fleet lost 0.2-1.3 points in 9 runs here and
-    2.03 once in a fresh-clone CI, over 60-200 -0.15 to 1.0 in 5 (which fleet's coordinator refuses
-    honest a2's outlying shard, 20-44 of its updates, moves the two means apart by about a point; in
-    the flip fleet the flipper's refused norms lift the median that judges a2). `inflated-flip` (x-1.5, inside the bound at first, claiming 10^9 samples) under
+    2.03 once in a fresh-clone CI, over 60-200 -0.15 to 1.0 in 5 (which fleet's coordinator refused
+    honest a2's outlying shard, 20-44 of its updates, moved the two means apart by about a point; in
+    the flip fleet the flipper's refused norms lifted the median that judges a2. Since NormBound.shrink_to
+    takes an update over the bound that agrees with the fleet's heading at the median norm, a2 had 0 of 42
+    refused in the first run: bench/results/norm_lockout.json). `inflated-flip` (x-1.5, inside the bound at first, claiming 10^9 samples) under
     fedbuff: once the bound starts the flipper is refused as `norm` (its shard never enters the model, its
     honest delta grows); its cost is its 3 to 5 rows accepted in the first buffers. At 2x the buffer's median
     each held a third of a step: -1.88, -2.03, -1.42, -1.55, -3.46, -1.46 (and, with the old start order, +0.14
