@@ -63,6 +63,7 @@ HEADING_KEEP = 0.8  # the heading: an average of the accepted deltas, each new o
 HEADING_MARGIN = 0.05  # the cosine with the heading it must exceed (a sign flip's is mostly below it)
 STANDING = 6  # norm refusals in a row after which an agent's updates over the bound are refused again
 REACH = 4.0  # over this many times the bound an update is refused whatever its heading: no honest drift
+STREAKS = 4096  # agents whose refusal streak is kept (only agents refused since their last accepted update)
 
 
 class NormBound:
@@ -114,7 +115,8 @@ class NormBound:
         self.heading_margin = heading_margin
         self.standing = standing
         self.heading: np.ndarray | None = None  # recent accepted deltas, averaged (`shrink_to`)
-        self.refusals: OrderedDict[str, int] = OrderedDict()  # agent -> norm refusals since its last accepted update
+        # agent -> norm refusals since its last accepted update, for agents with one or more (the STREAKS latest)
+        self.refusals: OrderedDict[str, int] = OrderedDict()
 
     def limit(self, agent: str | None = None) -> float:
         """The largest norm accepted now from `agent` (None: from an agent not seen yet)."""
@@ -215,9 +217,14 @@ class NormBound:
         return bound / self.factor
 
     def _standing(self, agent: str, refusals: int) -> None:
+        """Only streaks are kept: bounded by the agents of the last `window` updates, a flipper's streak was gone
+        in a fleet of more than 50 before its next update came, and it had standing again at every update."""
+        if refusals == 0:
+            self.refusals.pop(agent, None)
+            return
         self.refusals[agent] = refusals
         self.refusals.move_to_end(agent)
-        while len(self.refusals) > self.window:
+        while len(self.refusals) > STREAKS:
             self.refusals.popitem(last=False)
 
     def _note(self, column: int, agent: str, value: float) -> None:

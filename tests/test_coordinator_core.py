@@ -115,6 +115,24 @@ def test_an_update_over_the_bound_along_the_fleet_s_heading_is_taken_at_the_medi
     assert capped.handle_update(*update("a", seq=2, base=capped.version_, delta=along)) == "norm"  # the absolute cap
 
 
+def test_a_refusal_streak_outlives_a_large_fleet_s_updates():
+    """An agent refused `standing` times in a row keeps no way in while 100 other agents (more than the norm
+    reference's window of 50) send accepted updates; seen red with the streaks kept for the agents of the last
+    `window` updates (its streak evicted: standing again)."""
+    bound = NormBound(max_norm=None, factor=2.0, warmup=3, standing=2)
+    for agent in ("a", "b", "c"):
+        bound.observed(1.0, agent)
+        bound.accepted(10, agent, np.ones(4))
+    bound.refused("x")
+    bound.refused("x")
+    for i in range(100):
+        bound.observed(1.0, f"h{i}")
+        bound.accepted(10, f"h{i}", np.ones(4))
+    assert bound.shrink_to(np.ones(4), 3.0, bound.limit("x"), "x") is None  # along the heading, but no standing
+    assert bound.shrink_to(np.ones(4), 3.0, bound.limit("y"), "y") == pytest.approx(1.0)  # a fresh agent: the median
+    assert len(bound.refusals) == 1  # accepted agents hold no entry
+
+
 def test_the_old_rule_refuses_every_update_over_the_bound():
     bound = NormBound(max_norm=None, factor=2.0, warmup=3, heading_margin=None)
     core = make_core(FedAsync(alpha=0.5), norm=bound, max_staleness=100)
