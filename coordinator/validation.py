@@ -188,7 +188,7 @@ class NormBound:
         """Note the (capped) sample count of an accepted update, and its delta in the fleet's heading."""
         self._note(1, agent, n_samples)
         self._standing(agent, 0)
-        if delta is None:
+        if delta is None or self.factor is None or self.heading_margin is None:  # no relative bound: no heading
             return
         if self.heading is None or self.heading.shape != delta.shape:
             self.heading = np.array(delta, dtype=np.float64)
