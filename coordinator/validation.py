@@ -206,8 +206,8 @@ class NormBound:
         Only the relative bound yields, up to REACH x it, for an agent accepted within its last `standing`
         updates whose `delta` agrees with the fleet's heading (cosine above `heading_margin`): it is taken at
         the others' median norm, the size of a typical update."""
-        heading = self.heading
-        if self.heading_margin is None or self.factor is None or heading is None or heading.shape != delta.shape:
+        heading = self.heading  # None without a relative bound or a heading margin (`accepted` keeps none then)
+        if heading is None or heading.shape != delta.shape:
             return None
         if norm > REACH * bound or (self.max_norm is not None and norm > self.max_norm) \
                 or self.refusals.get(agent, 0) >= self.standing:
